@@ -1,0 +1,235 @@
+"""Kurs settings: one module, every value from the environment (and `.env` when present).
+
+A bad value raises :class:`config.env.ConfigError` with one line naming the setting; the entry
+points (`manage.py`, `config/asgi.py`) print it and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+from pathlib import Path
+
+import dj_database_url
+from dotenv import load_dotenv
+
+from config import env
+from config.env import ConfigError
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+# The process environment wins over `.env`, so that `make` targets and CI can override it.
+load_dotenv(BASE_DIR / ".env", override=False)
+
+DEBUG = env.boolean("DJANGO_DEBUG", False)
+
+_secret = env.raw("DJANGO_SECRET_KEY")
+if _secret:
+    SECRET_KEY = _secret
+elif DEBUG:
+    # A fresh key per process: sessions do not survive a restart, which is fine for development.
+    SECRET_KEY = secrets.token_urlsafe(50)
+else:
+    raise ConfigError("DJANGO_SECRET_KEY: required when DJANGO_DEBUG is false")
+
+ALLOWED_HOSTS = env.csv("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1")
+CSRF_TRUSTED_ORIGINS = env.csv("DJANGO_CSRF_TRUSTED_ORIGINS", "")
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "ninja",
+    "django_q",
+    "items",
+    "rates",
+    "realtime",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+ASGI_APPLICATION = "config.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------------------------
+_database_url = env.string("DATABASE_URL", "sqlite:///db.sqlite3")
+if not re.match(r"^(sqlite|postgres|postgresql|pgsql)://", _database_url):
+    raise ConfigError(f"DATABASE_URL: expected sqlite:// or postgres:// URL, got {_database_url!r}")
+try:
+    _database = dj_database_url.parse(_database_url, conn_max_age=0)
+except Exception as exc:  # dj-database-url raises several types for malformed URLs
+    raise ConfigError(f"DATABASE_URL: cannot parse {_database_url!r}: {exc}") from None
+if _database["ENGINE"] == "django.db.backends.sqlite3":
+    _name = str(_database["NAME"])
+    if _name not in ("", ":memory:") and not os.path.isabs(_name):
+        _database["NAME"] = str(BASE_DIR / _name)
+    # Several processes (web, fetcher, qcluster) share the file: wait for locks instead of failing.
+    _database["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE"}
+# Parallel test runs (several developers on one machine) each name their own test database.
+_test_db_name = env.raw("KURS_TEST_DB_NAME")
+if _test_db_name:
+    _database["TEST"] = {"NAME": _test_db_name}
+DATABASES = {"default": _database}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis: cache and channel layer ---------------------------------------------------------
+REDIS_URL = env.raw("REDIS_URL") or None
+if REDIS_URL:
+    REDIS_URL = env.url("REDIS_URL", "", {"redis", "rediss", "unix"})
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "kurs",
+        }
+    }
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": "kurs"},
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# --- django-q2 ------------------------------------------------------------------------------
+Q_CLUSTER: dict[str, object] = {
+    "name": "kurs",
+    "workers": 2,
+    "timeout": 50,  # must stay below retry (STYLE 6)
+    "retry": 120,
+    "max_attempts": 1,
+    "catch_up": False,
+    "save_limit": 250,
+    "label": "Tasks",
+}
+if REDIS_URL:
+    Q_CLUSTER["redis"] = REDIS_URL
+else:
+    Q_CLUSTER["orm"] = "default"
+
+# --- NATS -----------------------------------------------------------------------------------
+NATS_SERVERS = env.url_list("NATS_URL", "nats://127.0.0.1:4222", {"nats", "tls", "ws", "wss"})
+KURS_NATS_PREFIX = env.string("KURS_NATS_PREFIX", "kurs")
+if not re.match(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", KURS_NATS_PREFIX):
+    raise ConfigError(f"KURS_NATS_PREFIX: expected NATS subject tokens, got {KURS_NATS_PREFIX!r}")
+# Names this process in the `Kurs-Origin` header, so that it can recognise its own messages.
+KURS_INSTANCE = env.string("KURS_INSTANCE", f"{socket.gethostname()}-{os.getpid()}")
+
+# --- Providers ------------------------------------------------------------------------------
+KURS_KNOWN_PROVIDERS = ("binance", "bybit", "coingecko", "cbr")
+KURS_PROVIDERS = env.csv("KURS_PROVIDERS", "binance,bybit,coingecko,cbr")
+for _provider in KURS_PROVIDERS:
+    if _provider not in KURS_KNOWN_PROVIDERS:
+        _known = ", ".join(KURS_KNOWN_PROVIDERS)
+        raise ConfigError(f"KURS_PROVIDERS: unknown provider {_provider!r} (known: {_known})")
+if not KURS_PROVIDERS:
+    raise ConfigError("KURS_PROVIDERS: name at least one provider")
+if len(set(KURS_PROVIDERS)) != len(KURS_PROVIDERS):
+    raise ConfigError("KURS_PROVIDERS: a provider is named twice")
+
+_DEFAULT_URLS = {
+    "binance": ("https://api.binance.com", "wss://stream.binance.com:9443"),
+    "bybit": ("https://api.bybit.com", "wss://stream.bybit.com"),
+    "coingecko": ("https://api.coingecko.com", None),
+    "cbr": ("https://www.cbr-xml-daily.ru", None),
+}
+KURS_PROVIDER_URLS: dict[str, dict[str, str | None]] = {}
+for _name, (_rest, _ws) in _DEFAULT_URLS.items():
+    _key = _name.upper()
+    KURS_PROVIDER_URLS[_name] = {
+        "rest": env.url(f"KURS_{_key}_REST_URL", _rest, {"http", "https"}),
+        "ws": env.url(f"KURS_{_key}_WS_URL", _ws, {"ws", "wss"}) if _ws else None,
+    }
+
+KURS_COINGECKO_API_KEY = env.raw("KURS_COINGECKO_API_KEY") or None
+KURS_POLL_INTERVAL = env.positive_float("KURS_POLL_INTERVAL", 5.0)
+KURS_USD_PROXY = env.string("KURS_USD_PROXY", "USDT").upper()
+if KURS_USD_PROXY and not re.match(r"^[A-Z0-9]{2,12}$", KURS_USD_PROXY):
+    raise ConfigError(f"KURS_USD_PROXY: expected an asset code or empty, got {KURS_USD_PROXY!r}")
+KURS_STALE_AFTER = env.positive_float("KURS_STALE_AFTER", 30.0)
+KURS_MAX_JUMP = env.positive_float("KURS_MAX_JUMP", 0.2)
+KURS_HISTORY_DAYS = env.positive_int("KURS_HISTORY_DAYS", 90)
+KURS_WS_HEARTBEAT = env.positive_float("KURS_WS_HEARTBEAT", 30.0)
+KURS_API_KEYS_REQUIRED = env.boolean("KURS_API_KEYS_REQUIRED", True)
+KURS_RATE_LIMIT = env.rate_limit("KURS_RATE_LIMIT")
+# USDTTRC and USDTERC are USDT on TRON and Ethereum; exchanges quote plain USDT (SPEC 4).
+KURS_ASSET_ALIASES = env.aliases("KURS_ASSET_ALIASES", "USDTTRC:USDT,USDTERC:USDT")
+
+# --- Logging --------------------------------------------------------------------------------
+KURS_LOG_LEVEL = env.choice(
+    "KURS_LOG_LEVEL", "INFO", {"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"}, upper=True
+)
+KURS_LOG_FORMAT = env.choice("KURS_LOG_FORMAT", "console", {"console", "json"})
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "console": {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s"},
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "rename_fields": {"asctime": "ts", "levelname": "level", "name": "logger"},
+        },
+    },
+    "handlers": {
+        "default": {"class": "logging.StreamHandler", "formatter": KURS_LOG_FORMAT},
+    },
+    "root": {"handlers": ["default"], "level": KURS_LOG_LEVEL},
+    "loggers": {
+        "django.request": {"level": "ERROR"},
+        "daphne": {"level": "WARNING"},
+        "nats": {"level": "WARNING"},
+        "httpx": {"level": "WARNING"},
+    },
+}
+
+# --- Internationalisation, static files, auth -----------------------------------------------
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+NINJA_PAGINATION_MAX_LIMIT = 500

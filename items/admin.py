@@ -1,0 +1,86 @@
+"""Admin for items and API keys. Every write goes through `items.services`, so admin changes
+produce the same events as API changes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from items import services
+from items.models import ApiKey, Item
+
+
+@admin.register(Item)
+class ItemAdmin(admin.ModelAdmin):
+    list_display = ("code", "name", "is_active", "updated_at")
+    list_filter = ("is_active", "quote", "base")
+    search_fields = ("code", "name", "base", "quote")
+    ordering = ("code",)
+    actions = ("activate", "deactivate")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Item | None = None) -> tuple[str, ...]:
+        # A pair's identity never changes: create a new item instead of renaming one.
+        readonly = ("code", "created_at", "updated_at")
+        return ("base", "quote", *readonly) if obj else readonly
+
+    def save_model(self, request: HttpRequest, obj: Item, form: Any, change: bool) -> None:
+        if change:
+            services.item_update(
+                item=obj, name=form.cleaned_data["name"], is_active=form.cleaned_data["is_active"]
+            )
+        else:
+            created = services.item_create(
+                base=obj.base, quote=obj.quote, name=obj.name, is_active=obj.is_active
+            )
+            obj.pk, obj.code = created.pk, created.code
+
+    def delete_model(self, request: HttpRequest, obj: Item) -> None:
+        services.item_delete(item=obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Item]) -> None:
+        for item in queryset:
+            services.item_delete(item=item)
+
+    @admin.action(description="Activate selected pairs")
+    def activate(self, request: HttpRequest, queryset: QuerySet[Item]) -> None:
+        for item in queryset:
+            services.item_update(item=item, is_active=True)
+        self.message_user(request, f"Activated {queryset.count()} pair(s).", messages.SUCCESS)
+
+    @admin.action(description="Deactivate selected pairs")
+    def deactivate(self, request: HttpRequest, queryset: QuerySet[Item]) -> None:
+        for item in queryset:
+            services.item_update(item=item, is_active=False)
+        self.message_user(request, f"Deactivated {queryset.count()} pair(s).", messages.SUCCESS)
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    list_display = ("name", "prefix", "created_at", "last_used_at", "revoked_at")
+    list_filter = ("revoked_at",)
+    search_fields = ("name", "prefix")
+    fields = ("name", "prefix", "created_at", "last_used_at", "revoked_at")
+    readonly_fields = ("prefix", "created_at", "last_used_at")
+    actions = ("revoke",)
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        created, raw_key = services.api_key_create(name=obj.name)
+        obj.pk = created.pk
+        # The only time the raw key is ever shown: it is not stored anywhere.
+        self.message_user(
+            request,
+            f"API key created. Copy it now, it will not be shown again: {raw_key}",
+            messages.WARNING,
+        )
+
+    @admin.action(description="Revoke selected keys")
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        for api_key in queryset:
+            services.api_key_revoke(api_key=api_key)
+        self.message_user(request, f"Revoked {queryset.count()} key(s).", messages.SUCCESS)

@@ -1,0 +1,58 @@
+"""Items endpoints: parse, call a service or selector, shape the answer."""
+
+from __future__ import annotations
+
+from asgiref.sync import sync_to_async
+from django.http import HttpRequest
+from ninja import Query, Router, Schema
+from pydantic import Field
+
+from config.api import read_throttle, write_auth
+from items import selectors, services
+from items.models import Item
+from items.schemas import ItemDetailOut, ItemIn, ItemListOut, ItemOut, ItemPatch
+
+router = Router(tags=["items"])
+
+
+class ItemListQuery(Schema):
+    is_active: bool | None = None
+    limit: int = Field(50, ge=1, le=500)
+    offset: int = Field(0, ge=0)
+
+
+@router.get("", response=ItemListOut, throttle=read_throttle)
+async def list_items(request: HttpRequest, filters: Query[ItemListQuery]) -> dict[str, object]:
+    queryset = selectors.item_list(is_active=filters.is_active)
+    count = await queryset.acount()
+    page = [item async for item in queryset[filters.offset : filters.offset + filters.limit]]
+    return {"items": page, "count": count}
+
+
+@router.get("/{int:item_id}", response=ItemDetailOut, throttle=read_throttle)
+async def get_item(request: HttpRequest, item_id: int) -> dict[str, object]:
+    item = await selectors.item_get(item_id=item_id)
+    return await selectors.item_detail(item=item)
+
+
+@router.post("", response={201: ItemOut}, auth=write_auth)
+async def create_item(request: HttpRequest, payload: ItemIn) -> tuple[int, Item]:
+    item = await sync_to_async(services.item_create)(
+        base=payload.base, quote=payload.quote, name=payload.name, is_active=payload.is_active
+    )
+    return 201, item
+
+
+@router.patch("/{int:item_id}", response=ItemOut, auth=write_auth)
+async def patch_item(request: HttpRequest, item_id: int, payload: ItemPatch) -> Item:
+    item = await selectors.item_get(item_id=item_id)
+    return await sync_to_async(services.item_update)(
+        item=item, name=payload.name, is_active=payload.is_active
+    )
+
+
+@router.delete("/{int:item_id}", response={204: None}, auth=write_auth)
+async def delete_item(request: HttpRequest, item_id: int) -> tuple[int, None]:
+    item = await selectors.item_get(item_id=item_id)
+    await sync_to_async(services.item_delete)(item=item)
+    return 204, None

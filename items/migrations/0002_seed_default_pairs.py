@@ -1,0 +1,36 @@
+"""Seed the eight default pairs: BTC, ETH, USDTTRC, USDTERC against RUB and USD (SPEC 4)."""
+
+from __future__ import annotations
+
+from django.db import migrations
+
+BASES = ("BTC", "ETH", "USDTTRC", "USDTERC")
+QUOTES = ("RUB", "USD")
+NAMES = {
+    "BTC": "Bitcoin",
+    "ETH": "Ether",
+    "USDTTRC": "Tether USDT (TRC20, TRON)",
+    "USDTERC": "Tether USDT (ERC20, Ethereum)",
+}
+
+
+def seed(apps, schema_editor):  # type: ignore[no-untyped-def]
+    Item = apps.get_model("items", "Item")
+    for base in BASES:
+        for quote in QUOTES:
+            # get_or_create: re-running or a pre-existing pair is never an error.
+            Item.objects.get_or_create(
+                code=f"{base}-{quote}",
+                defaults={"base": base, "quote": quote, "name": f"{NAMES[base]} / {quote}"},
+            )
+
+
+def unseed(apps, schema_editor):  # type: ignore[no-untyped-def]
+    Item = apps.get_model("items", "Item")
+    Item.objects.filter(code__in=[f"{b}-{q}" for b in BASES for q in QUOTES]).delete()
+
+
+class Migration(migrations.Migration):
+    dependencies = [("items", "0001_initial")]
+
+    operations = [migrations.RunPython(seed, unseed)]

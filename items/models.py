@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import re
+
+from django.core.exceptions import ValidationError
+from django.db import models
+
+ASSET_CODE_RE = re.compile(r"^[A-Z0-9]{2,12}$")
+
+
+def normalise_asset(value: str) -> str:
+    """`" btc "` -> `"BTC"`: codes are stored upper-case, without surrounding blanks."""
+    return value.strip().upper()
+
+
+def validate_asset(value: str) -> None:
+    if not ASSET_CODE_RE.match(value):
+        raise ValidationError(
+            "%(value)r is not an asset code: use 2 to 12 letters A-Z or digits",
+            params={"value": value},
+            code="invalid_asset",
+        )
+
+
+class Item(models.Model):
+    """A tracked currency pair, e.g. BTC-USD."""
+
+    base = models.CharField(max_length=12, validators=[validate_asset])
+    quote = models.CharField(max_length=12, validators=[validate_asset])
+    code = models.CharField(max_length=25, unique=True, editable=False)
+    name = models.CharField(max_length=100, blank=True, default="")
+    is_active = models.BooleanField(default=True, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=~models.Q(base=models.F("quote")), name="item_base_differs_from_quote"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.code
+
+    def save(self, *args: object, **kwargs: object) -> None:
+        # The code is derived, never typed: keep it in step with base and quote.
+        self.code = self.make_code(self.base, self.quote)
+        super().save(*args, **kwargs)  # type: ignore[arg-type]
+
+    @staticmethod
+    def make_code(base: str, quote: str) -> str:
+        return f"{base}-{quote}"
+
+    def clean(self) -> None:
+        self.base = normalise_asset(self.base or "")
+        self.quote = normalise_asset(self.quote or "")
+        if self.base and self.base == self.quote:
+            raise ValidationError({"quote": "quote must differ from base"})
+
+
+class ApiKey(models.Model):
+    """A key for the write endpoints. Only a SHA-256 hash is stored; the raw key is shown once."""
+
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=12, db_index=True, editable=False)
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None

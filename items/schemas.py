@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+from ninja import Schema
+from pydantic import ConfigDict, Field, StrictBool, StrictStr, field_validator
+
+from items.models import ASSET_CODE_RE, normalise_asset
+
+
+class RateOut(Schema):
+    provider: str
+    value: Decimal
+    bid: Decimal | None
+    ask: Decimal | None
+    source_time: datetime
+    received_at: datetime
+
+
+class ItemOut(Schema):
+    id: int
+    code: str
+    base: str
+    quote: str
+    name: str
+    is_active: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class ItemDetailOut(ItemOut):
+    latest: RateOut | None
+
+
+class ItemListOut(Schema):
+    items: list[ItemOut]
+    count: int
+
+
+class ItemIn(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+    base: StrictStr = Field(..., examples=["BTC"], description="asset code, 2-12 of A-Z 0-9")
+    quote: StrictStr = Field(..., examples=["USD"])
+    name: StrictStr = Field("", max_length=100)
+    is_active: StrictBool = True
+
+    @field_validator("base", "quote")
+    @classmethod
+    def _asset_code(cls, value: str) -> str:
+        value = normalise_asset(value)
+        if not ASSET_CODE_RE.match(value):
+            raise ValueError("use 2 to 12 letters A-Z or digits")
+        return value
+
+
+class ItemPatch(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr | None = Field(None, max_length=100)
+    is_active: StrictBool | None = None

@@ -1,0 +1,40 @@
+"""Reads of items and API keys."""
+
+from __future__ import annotations
+
+from django.db.models import QuerySet
+
+from items.exceptions import ItemNotFound
+from items.models import ApiKey, Item
+from rates.models import Rate
+
+
+def item_list(*, is_active: bool | None = None) -> QuerySet[Item]:
+    items = Item.objects.all()
+    if is_active is not None:
+        items = items.filter(is_active=is_active)
+    return items.order_by("id")
+
+
+async def item_get(*, item_id: int) -> Item:
+    try:
+        return await Item.objects.aget(pk=item_id)
+    except Item.DoesNotExist:
+        raise ItemNotFound(f"item {item_id} not found") from None
+
+
+async def api_key_get_active(*, key_hash: str) -> ApiKey | None:
+    return await ApiKey.objects.filter(key_hash=key_hash, revoked_at__isnull=True).afirst()
+
+
+async def item_latest_rate(*, item: Item) -> Rate | None:
+    return await Rate.objects.filter(item=item).order_by("-received_at", "-id").afirst()
+
+
+async def item_detail(*, item: Item) -> dict[str, object]:
+    """The item's fields with its latest accepted rate (or None before the first quote)."""
+    fields = {name: getattr(item, name) for name in _ITEM_FIELDS}
+    return {**fields, "latest": await item_latest_rate(item=item)}
+
+
+_ITEM_FIELDS = ("id", "code", "base", "quote", "name", "is_active", "created_at", "updated_at")

@@ -1,0 +1,74 @@
+"""The one way every event leaves Kurs (STYLE 1): an envelope, a subject, a publish.
+
+`publish()` builds the envelope of SPEC 7 and hands it to the process's transport. Callers in a
+transaction publish on commit (see `items.services`), never mid-transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+Envelope = dict[str, Any]
+Transport = Callable[[str, Envelope], None]
+
+# type -> subject suffix below KURS_NATS_PREFIX (SPEC 7)
+_SUBJECTS = {
+    "item.created": "items.created",
+    "item.updated": "items.updated",
+    "item.deleted": "items.deleted",
+    "fetch.completed": "fetch.completed",
+    "provider.state": "provider.state",
+}
+
+_transports: list[Transport] = []
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def make_envelope(event_type: str, data: dict[str, Any]) -> Envelope:
+    return {"type": event_type, "data": data, "ts": utc_now_iso(), "id": str(uuid.uuid4())}
+
+
+def subject_for(event_type: str, data: dict[str, Any]) -> str:
+    prefix = settings.KURS_NATS_PREFIX
+    if event_type == "rate.updated":
+        return f"{prefix}.rates.{data['direction']}"
+    try:
+        return f"{prefix}.{_SUBJECTS[event_type]}"
+    except KeyError:
+        raise ValueError(f"unknown event type {event_type!r}") from None
+
+
+def add_transport(transport: Transport) -> None:
+    """Register where envelopes go (the NATS bridge, the channel-layer fallback, a test probe)."""
+    if transport not in _transports:
+        _transports.append(transport)
+
+
+def remove_transport(transport: Transport) -> None:
+    if transport in _transports:
+        _transports.remove(transport)
+
+
+def publish(event_type: str, data: dict[str, Any]) -> Envelope:
+    """Build the envelope and hand it to every registered transport; never raises on delivery."""
+    subject = subject_for(event_type, data)
+    envelope = make_envelope(event_type, data)
+    logger.info("event %s on %s", event_type, subject, extra={"event_id": envelope["id"]})
+    for transport in list(_transports):
+        try:
+            transport(subject, envelope)
+        except Exception:
+            # A broken transport must not break the write that produced the event.
+            logger.exception("event transport %r failed for %s", transport, subject)
+    return envelope

@@ -1,0 +1,38 @@
+"""Reachability of the real test services (SPEC 10).
+
+Outside CI an absent server skips the tests that need it, with the reason; under `CI=true`
+absence is a failure, because CI promises that PostgreSQL, Redis and NATS are up.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+REDIS_URL = os.environ.get("KURS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+NATS_URL = os.environ.get("KURS_TEST_NATS_URL", "nats://127.0.0.1:4222")
+POSTGRES_URL = os.environ.get("KURS_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/test")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def require(service: str, host: str, port: int) -> None:
+    """Skip (or fail under CI) when `service` does not answer on host:port."""
+    if port_open(host, port):
+        return
+    message = f"{service} is not reachable on {host}:{port}"
+    if in_ci():
+        pytest.fail(f"{message} (CI=true: the test services must be up)")
+    pytest.skip(message)
