@@ -1,0 +1,402 @@
+"""The provider interface shared by every exchange module, and the plumbing they have in common.
+
+Everything here is plain asyncio + httpx + websockets: nothing imports Django, so providers can be
+built and tested without configured settings. Each exchange module owns the parsing of its own
+payloads; this module only turns transport-level failures into :class:`ProviderError` subclasses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any, ClassVar
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+
+logger = logging.getLogger(__name__)
+
+NAN = Decimal("NaN")
+
+# Fiat currencies never appear as the base of an exchange's crypto market. Used to refuse pairs such
+# as AUD-CAD on crypto exchanges (they would ask for a non-existent "AUDCAD" symbol, and Binance
+# answers a whole multi-symbol request with -1121 when one symbol is unknown).
+FIAT_CODES = frozenset(
+    [
+        "USD",
+        "EUR",
+        "RUB",
+        "GBP",
+        "JPY",
+        "CNY",
+        "AUD",
+        "CAD",
+        "CHF",
+        "KZT",
+        "AMD",
+        "BYN",
+        "UAH",
+        "TRY",
+        "INR",
+        "BRL",
+        "HKD",
+        "SGD",
+        "SEK",
+        "NOK",
+        "PLN",
+        "CZK",
+        "HUF",
+        "DKK",
+        "KRW",
+        "ZAR",
+        "AED",
+        "UZS",
+        "KGS",
+        "TJS",
+        "AZN",
+        "GEL",
+        "MDL",
+        "RON",
+        "BGN",
+        "NZD",
+        "THB",
+        "VND",
+        "IDR",
+        "EGP",
+        "QAR",
+        "RSD",
+    ]
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    """A pair as Kurs asks for it, in Kurs asset codes (before any alias or proxy mapping)."""
+
+    base: str
+    quote: str
+
+    @property
+    def code(self) -> str:
+        return f"{self.base}-{self.quote}"
+
+    @classmethod
+    def parse(cls, code: str) -> Pair:
+        base, sep, quote = code.strip().upper().partition("-")
+        if not sep or not base or not quote:
+            raise ValueError(f"expected BASE-QUOTE, got {code!r}")
+        return cls(base, quote)
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    provider: str
+    pair: str
+    value: Decimal
+    source_time: datetime
+    bid: Decimal | None = None
+    ask: Decimal | None = None
+    proxied: bool = False
+
+
+class ProviderError(Exception):
+    """Base of every provider failure; ``str()`` is a short human reason."""
+
+
+class ProviderTimeout(ProviderError):
+    pass
+
+
+class ProviderConnectionError(ProviderError):
+    """Connection refused or reset, DNS failure, or a WebSocket that closed under us."""
+
+
+class ProviderHTTPError(ProviderError):
+    def __init__(self, reason: str, *, status: int) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class ProviderRateLimited(ProviderHTTPError):
+    def __init__(self, reason: str, *, status: int = 429, retry_after: float | None = None) -> None:
+        super().__init__(reason, status=status)
+        self.retry_after = retry_after
+
+
+class ProviderMalformed(ProviderError):
+    """The body or frame is not the documented shape (non-JSON, wrong keys, a torn frame)."""
+
+
+def to_decimal(raw: object) -> Decimal:
+    """An exact Decimal from an exchange's string or JSON number; anything else becomes NaN.
+
+    NaN (rather than an exception) lets one bad price be rejected by validation, with a reason,
+    without throwing away the other quotes of the same payload.
+    """
+    if isinstance(raw, bool):  # bool is an int subclass; True is not a price
+        return NAN
+    if isinstance(raw, Decimal):
+        return raw
+    if isinstance(raw, int | str):
+        try:
+            return Decimal(raw)
+        except InvalidOperation:
+            return NAN
+    return NAN
+
+
+def optional_decimal(raw: object) -> Decimal | None:
+    """Like :func:`to_decimal` for optional fields (bid/ask): missing or empty stays None."""
+    if raw is None or raw == "":
+        return None
+    return to_decimal(raw)
+
+
+def from_millis(raw: object) -> datetime | None:
+    if isinstance(raw, bool) or not isinstance(raw, int | str | Decimal):
+        return None
+    try:
+        return datetime.fromtimestamp(int(raw) / 1000, tz=UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After is seconds (what exchanges send) or an HTTP date (allowed by RFC 9110)."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - utc_now()).total_seconds())
+
+
+def decode_json(text: str | bytes, *, what: str) -> Any:
+    """JSON with every number parsed as an exact Decimal (CoinGecko and CBR send JSON numbers)."""
+    try:
+        return json.loads(text, parse_float=Decimal)
+    except (ValueError, UnicodeDecodeError) as exc:
+        snippet = text[:40] if isinstance(text, str) else text[:40].decode("utf-8", "replace")
+        raise ProviderMalformed(
+            f"{what} is not JSON ({exc.__class__.__name__}: {snippet!r})"
+        ) from exc
+
+
+class Provider(ABC):
+    name: ClassVar[str]
+    supports_stream: ClassVar[bool] = False
+    freshness: ClassVar[float | None] = None
+    # Seconds after which stream() returns so the caller reconnects before the exchange cuts the
+    # connection (Binance: 24 h). None: the exchange sets no lifetime.
+    connection_lifetime: ClassVar[float | None] = None
+
+    def __init__(
+        self,
+        *,
+        rest_url: str,
+        ws_url: str | None = None,
+        client: httpx.AsyncClient,
+        aliases: Mapping[str, str] | None = None,
+        usd_proxy: str = "USDT",
+        max_connection_age: float | None = None,
+    ) -> None:
+        self.rest_url = rest_url.rstrip("/")
+        self.ws_url = ws_url.rstrip("/") if ws_url else None
+        self.client = client
+        self.aliases = {k.upper(): v.upper() for k, v in (aliases or {}).items()}
+        self.usd_proxy = usd_proxy.upper()
+        self.max_connection_age = (
+            max_connection_age if max_connection_age is not None else self.connection_lifetime
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.rest_url}>"
+
+    def asset(self, code: str) -> str:
+        """The provider-side asset for a Kurs asset code (USDTTRC/USDTERC → USDT)."""
+        return self.aliases.get(code.upper(), code.upper())
+
+    def market(self, pair: Pair, quote_assets: frozenset[str]) -> tuple[str, str, bool] | None:
+        """(base, quote, proxied) of the crypto market serving ``pair`` on a USDT-quoted exchange.
+
+        A USD pair is served by the ``usd_proxy`` market (BTC-USD ← BTCUSDT, proxied) because these
+        exchanges have no USD order books; with no proxy it is unsupported. A pair whose two legs
+        are the same asset after aliasing and proxying (USDT-USD, USDTTRC-USDT) is an identity, not
+        a market, so it is unsupported too.
+        """
+        base, quote = self.asset(pair.base), self.asset(pair.quote)
+        proxied = False
+        if quote == "USD":
+            if not self.usd_proxy:
+                return None
+            quote, proxied = self.usd_proxy, True
+        if base == quote or base in FIAT_CODES or quote not in quote_assets:
+            return None
+        return base, quote, proxied
+
+    @abstractmethod
+    def supports(self, pair: Pair) -> bool:
+        """Can this provider quote the pair directly (no cross rate)?"""
+
+    @abstractmethod
+    async def fetch(self, pairs: Sequence[Pair]) -> list[Quote]:
+        """One REST round for the supported pairs among ``pairs``; unsupported ones are skipped."""
+
+    def stream(self, pairs: Sequence[Pair]) -> AsyncIterator[Quote]:
+        """One WebSocket connection's life; streaming providers override this with a generator."""
+        raise ProviderError(f"{self.name} has no WebSocket stream")
+
+    # --- REST plumbing ----------------------------------------------------------------------
+
+    async def get_json(
+        self,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[Any, httpx.Response]:
+        """GET ``rest_url + path`` and decode JSON; every failure becomes a ProviderError."""
+        url = self.rest_url + path
+        try:
+            response = await self.client.get(url, params=params, headers=headers)
+        except httpx.TimeoutException as exc:
+            raise ProviderTimeout(f"timed out ({type(exc).__name__}) on {path}") from exc
+        except httpx.TransportError as exc:
+            raise ProviderConnectionError(
+                f"cannot reach {path}: {exc or type(exc).__name__}"
+            ) from exc
+        self.check_response(response)
+        return decode_json(response.content, what=f"{path} body"), response
+
+    def check_response(self, response: httpx.Response) -> None:
+        """Raise for a non-2xx status; providers extend this with their own error bodies."""
+        status = response.status_code
+        if status < 400:
+            return
+        detail = self.error_detail(response)
+        if status in (429, 418):
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            wait = f", retry after {retry_after:g}s" if retry_after is not None else ""
+            raise ProviderRateLimited(
+                f"HTTP {status} rate limited{wait}{detail}", status=status, retry_after=retry_after
+            )
+        raise ProviderHTTPError(f"HTTP {status}{detail}", status=status)
+
+    def error_detail(self, response: httpx.Response) -> str:
+        """A short suffix describing an error body (exchanges override for their JSON errors)."""
+        text = response.text.strip().replace("\n", " ")
+        return f": {text[:80]}" if text else ""
+
+    # --- WebSocket plumbing -----------------------------------------------------------------
+
+    async def ws_messages(
+        self,
+        url: str,
+        *,
+        subscribe: Sequence[str] = (),
+        heartbeat: tuple[float, Callable[[], str]] | None = None,
+    ) -> AsyncIterator[str | bytes]:
+        """Raw messages of one WebSocket connection, until it closes or its lifetime is over.
+
+        Protocol-level pings from the server are answered by websockets itself (it replies with a
+        pong echoing the payload, as Binance requires); ``ping_interval`` also makes us ping the
+        server so a silently dead connection is noticed within ~40 s. ``heartbeat`` adds an
+        application-level ping (Bybit's ``{"op": "ping"}``) every so many seconds.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            connection = await connect(
+                url, open_timeout=10, ping_interval=20, ping_timeout=20, close_timeout=2
+            )
+        except InvalidStatus as exc:
+            raise self.handshake_error(exc) from exc
+        except TimeoutError as exc:
+            raise ProviderTimeout(f"WebSocket handshake timed out ({url})") from exc
+        except (OSError, WebSocketException) as exc:
+            raise ProviderConnectionError(
+                f"cannot open WebSocket: {exc or type(exc).__name__}"
+            ) from exc
+        heartbeat_task: asyncio.Task[None] | None = None
+        try:
+            for message in subscribe:
+                await connection.send(message)
+            if heartbeat is not None:
+                heartbeat_task = asyncio.create_task(self._heartbeat(connection, *heartbeat))
+            deadline = (
+                None if self.max_connection_age is None else loop.time() + self.max_connection_age
+            )
+            while True:
+                timeout = None if deadline is None else deadline - loop.time()
+                if timeout is not None and timeout <= 0:
+                    logger.info("%s: connection lifetime reached, reconnecting", self.name)
+                    return
+                try:
+                    async with asyncio.timeout(timeout):
+                        message = await connection.recv()
+                except TimeoutError:
+                    continue  # the deadline check above ends the connection
+                yield message
+        except ConnectionClosed as exc:
+            raise ProviderConnectionError(f"stream closed: {describe_close(exc)}") from exc
+        finally:
+            if heartbeat_task is not None:
+                heartbeat_task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await heartbeat_task
+            await connection.close()
+
+    @staticmethod
+    async def _heartbeat(
+        connection: ClientConnection, interval: float, message: Callable[[], str]
+    ) -> None:
+        # A failed send means the connection is gone; recv() in the main loop reports why.
+        with suppress(ConnectionClosed):
+            while True:
+                await asyncio.sleep(interval)
+                await connection.send(message())
+
+    def handshake_error(self, exc: InvalidStatus) -> ProviderError:
+        """Map an HTTP answer to the WebSocket upgrade request (e.g. 429, 503) to an error."""
+        response = exc.response
+        status = response.status_code
+        body = (response.body or b"").decode("utf-8", "replace").strip()[:80]
+        detail = f": {body}" if body else ""
+        if status in (429, 418):
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            return ProviderRateLimited(
+                f"WebSocket upgrade rate limited (HTTP {status}){detail}",
+                status=status,
+                retry_after=retry_after,
+            )
+        return ProviderHTTPError(
+            f"WebSocket upgrade refused (HTTP {status}){detail}", status=status
+        )
+
+
+def describe_close(exc: ConnectionClosed) -> str:
+    frame = exc.rcvd or exc.sent
+    if frame is None:
+        return "connection lost without a close frame"
+    reason = f" {frame.reason}" if frame.reason else ""
+    return f"code {frame.code}{reason}"

@@ -1,0 +1,178 @@
+"""Binance Spot: REST ``ticker/price`` + ``ticker/bookTicker`` and WebSocket combined streams.
+
+Formats and traps: shared/reference/provider-formats.md sections 1-3. Binance has no RUB markets
+(all RUB pairs were delisted in 2023-24), and no USD ones: USD pairs are served by the
+``usd_proxy`` market (BTC-USD ← BTCUSDT, ``proxied=True``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from datetime import datetime
+from typing import Any, ClassVar
+
+import httpx
+
+from rates.providers.base import (
+    Pair,
+    Provider,
+    ProviderMalformed,
+    Quote,
+    decode_json,
+    from_millis,
+    optional_decimal,
+    to_decimal,
+    utc_now,
+)
+
+# Binance quote assets Kurs asks for. RUB is deliberately absent (delisted, see the module doc).
+QUOTE_ASSETS = frozenset({"USDT", "USDC", "FDUSD", "BTC", "ETH", "BNB", "EUR", "TRY"})
+
+
+class BinanceProvider(Provider):
+    name: ClassVar[str] = "binance"
+    supports_stream: ClassVar[bool] = True
+    freshness: ClassVar[float | None] = None
+    # "A single connection to stream.binance.com is only valid for 24 hours": leave 30 minutes of
+    # margin so our reconnect is planned rather than a cut in the middle of a burst.
+    connection_lifetime: ClassVar[float | None] = 23.5 * 3600
+
+    def supports(self, pair: Pair) -> bool:
+        return self.market(pair, QUOTE_ASSETS) is not None
+
+    def symbols_for(self, pairs: Sequence[Pair]) -> dict[str, list[tuple[Pair, bool]]]:
+        """Exchange symbol → the Kurs pairs it serves (BTC-USD and BTC-USDT share BTCUSDT)."""
+        wanted: dict[str, list[tuple[Pair, bool]]] = defaultdict(list)
+        for pair in pairs:
+            market = self.market(pair, QUOTE_ASSETS)
+            if market is not None:
+                base, quote, proxied = market
+                wanted[base + quote].append((pair, proxied))
+        return dict(wanted)
+
+    async def fetch(self, pairs: Sequence[Pair]) -> list[Quote]:
+        wanted = self.symbols_for(pairs)
+        if not wanted:
+            return []
+        # Binance rejects `symbols` with any space (server regex, error -1100): json.dumps' default
+        # separators put a space after each comma, so spell the compact form explicitly.
+        params = {"symbols": json.dumps(sorted(wanted), separators=(",", ":"))}
+        (prices, _), (books, _) = await asyncio.gather(
+            self.get_json("/api/v3/ticker/price", params=params),
+            self.get_json("/api/v3/ticker/bookTicker", params=params),
+        )
+        # ticker/price carries no timestamp; the arrival of the answer is the best bound we have
+        # (the Date header only has one-second resolution).
+        received = utc_now()
+        return parse_rest(prices, books, wanted, received)
+
+    async def stream(self, pairs: Sequence[Pair]) -> AsyncIterator[Quote]:
+        wanted = self.symbols_for(pairs)
+        if not wanted or self.ws_url is None:
+            return
+        # `<symbol>@ticker` (1 s) is the one per-symbol stream that carries the last price (`c`),
+        # an event time (`E`) and the best bid/ask (`b`/`a`): miniTicker has no bid/ask, and
+        # bookTicker has neither a last price nor an event time.
+        streams = "/".join(f"{symbol.lower()}@ticker" for symbol in sorted(wanted))
+        url = f"{self.ws_url}/stream?streams={streams}"
+        async with aclosing(self.ws_messages(url)) as messages:
+            async for raw in messages:
+                quotes = parse_stream_message(raw, wanted)
+                if quotes is None:
+                    # Binance announces a restart: end this connection, the caller reconnects.
+                    return
+                for quote in quotes:
+                    yield quote
+
+    def error_detail(self, response: httpx.Response) -> str:
+        # Binance errors are {"code": -1121, "msg": "Invalid symbol."}.
+        try:
+            body = response.json()
+        except ValueError:
+            return super().error_detail(response)
+        if isinstance(body, dict) and "msg" in body:
+            return f": {body.get('code')} {body['msg']}"
+        return super().error_detail(response)
+
+
+def _quote(
+    pair: Pair,
+    proxied: bool,
+    *,
+    price: object,
+    when: datetime,
+    bid: object = None,
+    ask: object = None,
+) -> Quote:
+    return Quote(
+        provider=BinanceProvider.name,
+        pair=pair.code,
+        value=to_decimal(price),
+        source_time=when,
+        bid=optional_decimal(bid),
+        ask=optional_decimal(ask),
+        proxied=proxied,
+    )
+
+
+def parse_rest(
+    prices: Any,
+    books: Any,
+    wanted: dict[str, list[tuple[Pair, bool]]],
+    received: datetime,
+) -> list[Quote]:
+    """Quotes from the ``ticker/price`` and ``ticker/bookTicker`` arrays (prices are strings)."""
+    if not isinstance(prices, list) or not isinstance(books, list):
+        raise ProviderMalformed("ticker/price and bookTicker must be JSON arrays")
+    book_by_symbol: dict[str, dict[str, Any]] = {}
+    for entry in books:
+        if isinstance(entry, dict) and isinstance(entry.get("symbol"), str):
+            book_by_symbol[entry["symbol"]] = entry
+    quotes: list[Quote] = []
+    for entry in prices:
+        if not isinstance(entry, dict) or "symbol" not in entry or "price" not in entry:
+            raise ProviderMalformed(f"ticker/price entry without symbol/price: {entry!r:.80}")
+        book = book_by_symbol.get(entry["symbol"], {})
+        for pair, proxied in wanted.get(entry["symbol"], ()):
+            quotes.append(
+                _quote(
+                    pair,
+                    proxied,
+                    price=entry["price"],
+                    when=received,
+                    bid=book.get("bidPrice"),
+                    ask=book.get("askPrice"),
+                )
+            )
+    return quotes
+
+
+def parse_stream_message(
+    raw: str | bytes, wanted: dict[str, list[tuple[Pair, bool]]]
+) -> list[Quote] | None:
+    """Quotes from one combined-stream message; None for a ``serverShutdown`` event.
+
+    Combined streams wrap each event as ``{"stream": ..., "data": {...}}``. Other messages on the
+    socket (``{"result": null, "id": 1}`` acks) carry no quote and are skipped.
+    """
+    message = decode_json(raw, what="stream frame")
+    if not isinstance(message, dict):
+        raise ProviderMalformed(f"stream frame is not an object: {message!r:.80}")
+    if "result" in message and "id" in message:
+        return []
+    data = message.get("data")
+    if not isinstance(data, dict):
+        raise ProviderMalformed(f"stream frame without a data object: {message!r:.80}")
+    if data.get("e") == "serverShutdown":
+        return None
+    symbol, when = data.get("s"), from_millis(data.get("E"))
+    if not isinstance(symbol, str) or when is None or "c" not in data:
+        raise ProviderMalformed(f"ticker event without s/E/c: {data!r:.80}")
+    return [
+        _quote(pair, proxied, price=data["c"], when=when, bid=data.get("b"), ask=data.get("a"))
+        for pair, proxied in wanted.get(symbol, ())
+    ]

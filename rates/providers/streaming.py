@@ -1,0 +1,121 @@
+"""Keep one provider's WebSocket stream alive: reconnect with jittered exponential back-off.
+
+The back-off is a dozen lines, so it lives here rather than adding a retry library: the loop
+also has to race every wait against ``stop`` and reset after a healthy connection, which a
+decorator-shaped retry API does not express any more simply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import aclosing, suppress
+
+from rates.providers.base import Pair, Provider, ProviderError, Quote
+
+logger = logging.getLogger(__name__)
+
+# States reported through ``on_state(state, reason)``.
+CONNECTING = "connecting"
+STREAMING = "streaming"
+DISCONNECTED = "disconnected"
+STOPPED = "stopped"
+
+
+def backoff_delay(attempt: int, *, base: float, cap: float) -> float:
+    """Equal-jitter exponential back-off: half the step fixed, half random.
+
+    The random half spreads reconnects of many processes after an exchange outage; the fixed half
+    keeps a single process from hammering a server that refuses it.
+    """
+    step = min(cap, base * 2**attempt)
+    return step / 2 + random.uniform(0, step / 2)
+
+
+async def stream_forever(
+    provider: Provider,
+    pairs: Sequence[Pair],
+    on_quote: Callable[[Quote], Awaitable[None]],
+    *,
+    stop: asyncio.Event,
+    on_state: Callable[[str, str], None] | None = None,
+    backoff_base: float = 1.0,
+    backoff_cap: float = 30.0,
+    healthy_after: float = 60.0,
+) -> None:
+    """Run ``provider.stream(pairs)`` until ``stop`` is set, reconnecting after every drop.
+
+    ``on_state(state, reason)`` hears ``connecting``, ``streaming`` (first quote of a
+    connection), ``disconnected`` (with the reason) and ``stopped``. A connection that lasted
+    ``healthy_after`` seconds resets the back-off; a planned end (connection lifetime, server
+    shutdown notice) reconnects at once. Never raises, except ``CancelledError``.
+    """
+    loop = asyncio.get_running_loop()
+
+    def report(state: str, reason: str = "") -> None:
+        if on_state is None:
+            return
+        try:
+            on_state(state, reason)
+        except Exception:
+            logger.exception("%s: on_state callback failed", provider.name)
+
+    async def one_connection() -> None:
+        report(CONNECTING)
+        async with aclosing(provider.stream(pairs)) as quotes:
+            first = True
+            async for quote in quotes:
+                if first:
+                    report(STREAMING)
+                    first = False
+                try:
+                    await on_quote(quote)
+                except Exception:
+                    # A bug in the consumer must not tear down the connection of every pair.
+                    logger.exception("%s: on_quote failed for %s", provider.name, quote.pair)
+
+    if not provider.supports_stream or not any(provider.supports(pair) for pair in pairs):
+        report(STOPPED, "nothing to stream")
+        return
+    stop_wait = asyncio.create_task(stop.wait())
+    connection: asyncio.Task[None] | None = None
+    attempt = 0
+    try:
+        while not stop.is_set():
+            started = loop.time()
+            connection = asyncio.create_task(one_connection())
+            await asyncio.wait({connection, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if not connection.done():
+                break  # stopped; the finally clause closes the connection
+            healthy = loop.time() - started >= healthy_after
+            error = connection.exception()
+            if healthy:
+                attempt = 0
+            if error is None:
+                reason = "connection ended by plan (lifetime or server shutdown)"
+                if healthy:
+                    report(DISCONNECTED, reason)
+                    logger.info("%s: %s, reconnecting", provider.name, reason)
+                    continue
+            elif isinstance(error, ProviderError):
+                reason = str(error)
+            else:
+                reason = repr(error)
+                logger.error("%s: stream crashed", provider.name, exc_info=error)
+            delay = backoff_delay(attempt, base=backoff_base, cap=backoff_cap)
+            attempt += 1
+            report(DISCONNECTED, reason)
+            logger.warning(
+                "%s: stream dropped (%s); reconnecting in %.2fs", provider.name, reason, delay
+            )
+            with suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(stop_wait), delay)
+    finally:
+        for task in (connection, stop_wait):
+            if task is not None and not task.done():
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
+    report(STOPPED)
