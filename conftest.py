@@ -1,10 +1,25 @@
-"""Repo-wide test set-up: a test configuration that never depends on a developer's `.env`."""
+"""Repo-wide fixtures. Test settings live in `config/test_settings.py`."""
 
 from __future__ import annotations
 
-import os
+from collections.abc import Iterator
+from typing import Any
 
-# Set before Django reads its settings (pytest-django imports them after this file).
-os.environ.setdefault("DJANGO_SECRET_KEY", "kurs-test-secret-key-not-for-production")
-os.environ.setdefault("DJANGO_DEBUG", "false")
-os.environ.setdefault("KURS_LOG_LEVEL", "WARNING")
+import pytest
+
+
+@pytest.fixture
+def published_events() -> Iterator[list[tuple[str, dict[str, Any]]]]:
+    """Every (subject, envelope) that `realtime.events.publish` hands to its transports."""
+    from realtime import events
+
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    def probe(subject: str, envelope: dict[str, Any]) -> None:
+        seen.append((subject, envelope))
+
+    events.add_transport(probe)
+    try:
+        yield seen
+    finally:
+        events.remove_transport(probe)

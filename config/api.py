@@ -158,7 +158,11 @@ def _field_of(loc: list[Any]) -> str:
 @api.exception_handler(ValidationError)
 def on_validation_error(request: HttpRequest, exc: ValidationError) -> HttpResponse:
     errors = [
-        {"field": _field_of(list(error.get("loc", []))), "message": error.get("msg", "invalid")}
+        {
+            "field": _field_of(list(error.get("loc", []))),
+            # pydantic prefixes messages of custom validators with "Value error, ".
+            "message": str(error.get("msg", "invalid")).removeprefix("Value error, "),
+        }
         for error in exc.errors
     ]
     detail = "; ".join(f"{error['field']}: {error['message']}" for error in errors)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from asgiref.sync import sync_to_async
 from django.http import HttpRequest
 from ninja import Query, Router, Schema
+from ninja.responses import Status
 from pydantic import Field
 
 from config.api import read_throttle, write_auth
@@ -36,11 +37,11 @@ async def get_item(request: HttpRequest, item_id: int) -> dict[str, object]:
 
 
 @router.post("", response={201: ItemOut}, auth=write_auth)
-async def create_item(request: HttpRequest, payload: ItemIn) -> tuple[int, Item]:
+async def create_item(request: HttpRequest, payload: ItemIn) -> Status[Item]:
     item = await sync_to_async(services.item_create)(
         base=payload.base, quote=payload.quote, name=payload.name, is_active=payload.is_active
     )
-    return 201, item
+    return Status(201, item)
 
 
 @router.patch("/{int:item_id}", response=ItemOut, auth=write_auth)
@@ -52,7 +53,7 @@ async def patch_item(request: HttpRequest, item_id: int, payload: ItemPatch) -> 
 
 
 @router.delete("/{int:item_id}", response={204: None}, auth=write_auth)
-async def delete_item(request: HttpRequest, item_id: int) -> tuple[int, None]:
+async def delete_item(request: HttpRequest, item_id: int) -> Status[None]:
     item = await selectors.item_get(item_id=item_id)
     await sync_to_async(services.item_delete)(item=item)
-    return 204, None
+    return Status(204, None)

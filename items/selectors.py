@@ -16,7 +16,13 @@ def item_list(*, is_active: bool | None = None) -> QuerySet[Item]:
     return items.order_by("id")
 
 
+# Ids are BigAutoField: anything larger cannot exist, and would overflow the database type.
+_MAX_ID = 2**63 - 1
+
+
 async def item_get(*, item_id: int) -> Item:
+    if not 0 < item_id <= _MAX_ID:
+        raise ItemNotFound(f"item {item_id} not found")
     try:
         return await Item.objects.aget(pk=item_id)
     except Item.DoesNotExist:

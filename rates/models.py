@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.db import models
 
 from items.models import Item
+from rates.fields import ExactDecimalField
 
 
 class Rate(models.Model):
@@ -12,9 +13,9 @@ class Rate(models.Model):
     provider = models.CharField(max_length=32)
     # Exact decimals: 20 significant integer digits and 18 fractional digits cover
     # both BTC-RUB (~10^7) and tiny altcoin prices without rounding.
-    value = models.DecimalField(max_digits=38, decimal_places=18)
-    bid = models.DecimalField(max_digits=38, decimal_places=18, null=True, blank=True)
-    ask = models.DecimalField(max_digits=38, decimal_places=18, null=True, blank=True)
+    value = ExactDecimalField(max_digits=38, decimal_places=18)
+    bid = ExactDecimalField(max_digits=38, decimal_places=18, null=True, blank=True)
+    ask = ExactDecimalField(max_digits=38, decimal_places=18, null=True, blank=True)
     source_time = models.DateTimeField()
     received_at = models.DateTimeField()
     derived = models.BooleanField(default=False)

@@ -3,6 +3,8 @@
 import django.db.models.deletion
 from django.db import migrations, models
 
+import rates.fields
+
 
 class Migration(migrations.Migration):
     initial = True
@@ -22,14 +24,14 @@ class Migration(migrations.Migration):
                     ),
                 ),
                 ("provider", models.CharField(max_length=32)),
-                ("value", models.DecimalField(decimal_places=18, max_digits=38)),
+                ("value", rates.fields.ExactDecimalField(decimal_places=18, max_digits=38)),
                 (
                     "bid",
-                    models.DecimalField(blank=True, decimal_places=18, max_digits=38, null=True),
+                    rates.fields.ExactDecimalField(blank=True, decimal_places=18, max_digits=38, null=True),
                 ),
                 (
                     "ask",
-                    models.DecimalField(blank=True, decimal_places=18, max_digits=38, null=True),
+                    rates.fields.ExactDecimalField(blank=True, decimal_places=18, max_digits=38, null=True),
                 ),
                 ("source_time", models.DateTimeField()),
                 ("received_at", models.DateTimeField()),

@@ -1,0 +1,19 @@
+"""Settings for the test suite: the real settings module, with test defaults for the env.
+
+pytest-django imports settings before any conftest runs, so the defaults are set here. A value
+already in the environment (e.g. DATABASE_URL for the PostgreSQL run) wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DJANGO_SECRET_KEY", "kurs-test-secret-key-not-for-production")
+os.environ.setdefault("DJANGO_DEBUG", "false")
+os.environ.setdefault("KURS_LOG_LEVEL", "WARNING")
+
+from config.settings import *  # noqa: F403
+
+# Tests never run collectstatic: serve static files from the apps, warn about no missing folder.
+STATIC_ROOT = None
+WHITENOISE_USE_FINDERS = True
