@@ -5,16 +5,38 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from items import services
-from items.models import ApiKey, Item
+from items.models import ApiKey, Item, normalise_asset
+
+
+class ItemForm(forms.ModelForm):
+    class Meta:
+        model = Item
+        fields = ("base", "quote", "name", "is_active")
+
+    def clean_base(self) -> str:
+        return normalise_asset(self.cleaned_data["base"])
+
+    def clean_quote(self) -> str:
+        return normalise_asset(self.cleaned_data["quote"])
+
+    def _post_clean(self) -> None:
+        # Normalise before the model's field validators see the input (`btc` -> `BTC`).
+        for field in ("base", "quote"):
+            value = self.cleaned_data.get(field)
+            if isinstance(value, str):
+                self.cleaned_data[field] = normalise_asset(value)
+        super()._post_clean()
 
 
 @admin.register(Item)
 class ItemAdmin(admin.ModelAdmin):
+    form = ItemForm
     list_display = ("code", "name", "is_active", "updated_at")
     list_filter = ("is_active", "quote", "base")
     search_fields = ("code", "name", "base", "quote")
@@ -28,8 +50,11 @@ class ItemAdmin(admin.ModelAdmin):
 
     def save_model(self, request: HttpRequest, obj: Item, form: Any, change: bool) -> None:
         if change:
+            # `obj` already holds the form's values; the service compares against the stored row.
             services.item_update(
-                item=obj, name=form.cleaned_data["name"], is_active=form.cleaned_data["is_active"]
+                item=Item.objects.get(pk=obj.pk),
+                name=form.cleaned_data["name"],
+                is_active=form.cleaned_data["is_active"],
             )
         else:
             created = services.item_create(
