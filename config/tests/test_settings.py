@@ -1,0 +1,121 @@
+"""Settings: every bad value stops start-up with one clear line naming the setting (SPEC 3)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from config import env
+from config.env import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_check(**overrides: str) -> subprocess.CompletedProcess[str]:
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("KURS_", "DJANGO_", "DATABASE_URL", "REDIS_URL", "NATS_URL"))
+    }
+    environment.update({"DJANGO_SECRET_KEY": "x" * 50, **overrides})
+    return subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_good_defaults_start() -> None:
+    result = run_check()
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("KURS_PROVIDERS", "binance,kraken"),
+        ("KURS_PROVIDERS", "binance,binance"),
+        ("KURS_POLL_INTERVAL", "-1"),
+        ("KURS_POLL_INTERVAL", "soon"),
+        ("KURS_STALE_AFTER", "0"),
+        ("KURS_MAX_JUMP", "nan"),
+        ("KURS_HISTORY_DAYS", "1.5"),
+        ("KURS_WS_HEARTBEAT", "inf"),
+        ("KURS_BINANCE_REST_URL", "ftp://example.org"),
+        ("KURS_BINANCE_WS_URL", "http://127.0.0.1:8900/binance"),
+        ("KURS_CBR_REST_URL", "not a url"),
+        ("KURS_API_KEYS_REQUIRED", "maybe"),
+        ("KURS_RATE_LIMIT", "fast"),
+        ("KURS_RATE_LIMIT", "0/s"),
+        ("KURS_LOG_LEVEL", "LOUD"),
+        ("KURS_LOG_FORMAT", "xml"),
+        ("KURS_NATS_PREFIX", "kurs.>"),
+        ("KURS_USD_PROXY", "US DT"),
+        ("KURS_ASSET_ALIASES", "USDTTRC=USDT"),
+        ("NATS_URL", "http://127.0.0.1:4222"),
+        ("DATABASE_URL", "mysql://localhost/kurs"),
+        ("REDIS_URL", "localhost:6379"),
+        ("DJANGO_DEBUG", "perhaps"),
+    ],
+)
+def test_a_bad_value_stops_start_up_with_one_line(name: str, value: str) -> None:
+    result = run_check(**{name: value})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"kurs: configuration error: {name}:")
+
+
+def test_the_secret_key_is_required_outside_debug() -> None:
+    result = run_check(DJANGO_SECRET_KEY="")
+    assert result.returncode == 2
+    assert "DJANGO_SECRET_KEY" in result.stderr
+
+
+def test_debug_runs_without_a_secret_key() -> None:
+    assert run_check(DJANGO_SECRET_KEY="", DJANGO_DEBUG="true").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("50/s", (50, 1)), ("1000/min", (1000, 60)), ("10/h", (10, 3600)), ("5/day", (5, 86400))],
+)
+def test_rate_limits_parse(monkeypatch: pytest.MonkeyPatch, value: str, expected: tuple) -> None:
+    monkeypatch.setenv("KURS_RATE_LIMIT", value)
+    assert env.rate_limit("KURS_RATE_LIMIT") == expected
+
+
+def test_an_empty_rate_limit_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KURS_RATE_LIMIT", "")
+    assert env.rate_limit("KURS_RATE_LIMIT") is None
+
+
+def test_urls_keep_their_path_prefix_without_a_trailing_slash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KURS_X_URL", "http://127.0.0.1:8900/binance/")
+    assert env.url("KURS_X_URL", "", {"http"}) == "http://127.0.0.1:8900/binance"
+
+
+def test_aliases_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KURS_ALIASES", "usdttrc:usdt, wbtc:btc")
+    assert env.aliases("KURS_ALIASES", "") == {"USDTTRC": "USDT", "WBTC": "BTC"}
+
+
+def test_nats_url_accepts_a_cluster_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NATS_URL", "nats://a:4222, nats://b:4222")
+    assert env.url_list("NATS_URL", "", {"nats"}) == ["nats://a:4222", "nats://b:4222"]
+
+
+def test_a_bad_boolean_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KURS_FLAG", "sometimes")
+    with pytest.raises(ConfigError, match=r"^KURS_FLAG: expected true or false"):
+        env.boolean("KURS_FLAG", True)
