@@ -146,7 +146,7 @@ KURS_NATS_PREFIX = env.string("KURS_NATS_PREFIX", "kurs")
 if not re.match(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", KURS_NATS_PREFIX):
     raise ConfigError(f"KURS_NATS_PREFIX: expected NATS subject tokens, got {KURS_NATS_PREFIX!r}")
 # Names this process in the `Kurs-Origin` header, so that it can recognise its own messages.
-KURS_INSTANCE = env.string("KURS_INSTANCE", f"{socket.gethostname()}-{os.getpid()}")
+KURS_INSTANCE = env.raw("KURS_INSTANCE") or f"{socket.gethostname()}-{os.getpid()}"
 
 # --- Providers ------------------------------------------------------------------------------
 KURS_KNOWN_PROVIDERS = ("binance", "bybit", "coingecko", "cbr")
