@@ -1,0 +1,286 @@
+"""The emulator's state: one price book per provider, fault switches, and a request log.
+
+Prices random-walk from realistic levels; every change (walk or control call) is pushed to the
+subscribed stream connections through per-connection queues, so a price set by hand is never
+coalesced away before it reaches the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+PROVIDERS = ("binance", "bybit", "coingecko", "cbr")
+MODES = ("ok", "slow", "down", "rate_limited", "garbage", "absurd", "drop_stream")
+GARBAGE_VARIANTS = ("text", "shape")
+
+# Crypto markets shared by Binance and Bybit: symbol → (start price, decimals).
+EXCHANGE_MARKETS: Mapping[str, tuple[str, int]] = {
+    "BTCUSDT": ("90000.00", 2),
+    "ETHUSDT": ("3000.00", 2),
+    "SOLUSDT": ("140.00", 2),
+    "BNBUSDT": ("600.0", 1),
+    "USDCUSDT": ("1.0001", 4),
+    "ETHBTC": ("0.03333", 5),
+    "BTCEUR": ("83000.00", 2),
+}
+# CoinGecko "<coin id>.<vs currency>" → (start price, decimals); RUB via USD/RUB ≈ 80.
+COINGECKO_PRICES: Mapping[str, tuple[str, int]] = {
+    "bitcoin.usd": ("90012.3456789", 7),
+    "bitcoin.rub": ("7200987.654321", 6),
+    "bitcoin.eur": ("83010.123456", 6),
+    "ethereum.usd": ("3001.23456789", 8),
+    "ethereum.rub": ("240098.7654321", 7),
+    "ethereum.eur": ("2768.1234567", 7),
+    "tether.usd": ("1.000312", 6),
+    "tether.rub": ("80.0249616", 7),
+    "tether.eur": ("0.9226", 4),
+    "usd-coin.usd": ("0.999912", 6),
+    "usd-coin.rub": ("79.992960", 6),
+    "solana.usd": ("140.123456", 6),
+    "solana.rub": ("11209.876543", 6),
+}
+# CBR daily table: code → (Value for Nominal units, Nominal, Name). JPY, KZT and AMD are per 100.
+CBR_TABLE: Mapping[str, tuple[str, int, str]] = {
+    "USD": ("80.0000", 1, "Доллар США"),
+    "EUR": ("93.1234", 1, "Евро"),
+    "GBP": ("106.5021", 1, "Фунт стерлингов"),
+    "CNY": ("11.0523", 1, "Юань"),
+    "AUD": ("52.3107", 1, "Австралийский доллар"),
+    "CAD": ("57.4012", 1, "Канадский доллар"),
+    "CHF": ("100.2045", 1, "Швейцарский франк"),
+    "JPY": ("52.8010", 100, "Японских иен"),
+    "KZT": ("15.6789", 100, "Казахстанских тенге"),
+    "AMD": ("20.6512", 100, "Армянских драмов"),
+}
+CBR_IDS: Mapping[str, tuple[str, str]] = {
+    "USD": ("R01235", "840"),
+    "EUR": ("R01239", "978"),
+    "GBP": ("R01035", "826"),
+    "CNY": ("R01375", "156"),
+    "AUD": ("R01010", "036"),
+    "CAD": ("R01350", "124"),
+    "CHF": ("R01775", "756"),
+    "JPY": ("R01820", "392"),
+    "KZT": ("R01335", "398"),
+    "AMD": ("R01060", "051"),
+}
+# Relative standard deviation of one random-walk step.
+VOLATILITY = 0.0005
+
+
+def _scaled(prices: Mapping[str, tuple[str, int]], factor: Decimal) -> dict[str, tuple[str, int]]:
+    return {
+        symbol: (str((Decimal(price) * factor).quantize(Decimal(1).scaleb(-decimals))), decimals)
+        for symbol, (price, decimals) in prices.items()
+    }
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class PriceChange:
+    symbol: str
+    price: Decimal
+    time_ms: int
+
+
+@dataclass(slots=True)
+class Fault:
+    """One provider's switch. ``delay``/``retry_after``/``status``/``factor``/``variant`` tune
+    the mode that uses them and are ignored by the others."""
+
+    mode: str = "ok"
+    delay: float = 3.0
+    retry_after: float | None = 2.0
+    status: int | None = None
+    factor: Decimal = Decimal(1000)
+    variant: str = "text"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "delay": self.delay,
+            "retry_after": self.retry_after,
+            "status": self.status,
+            "factor": str(self.factor),
+            "variant": self.variant,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Fault:
+        """Validate a control request body; raises ValueError naming the bad field."""
+        unknown = set(data) - {"mode", "delay", "retry_after", "status", "factor", "variant"}
+        if unknown:
+            raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
+        fault = cls()
+        mode = data.get("mode", "ok")
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+        fault.mode = mode
+        if "delay" in data:
+            fault.delay = _non_negative(data["delay"], "delay")
+        if "retry_after" in data:
+            raw = data["retry_after"]
+            fault.retry_after = None if raw is None else _non_negative(raw, "retry_after")
+        if "status" in data:
+            status = data["status"]
+            if status is not None and (not isinstance(status, int) or not 400 <= status <= 599):
+                raise ValueError(f"status: expected an HTTP error status, got {status!r}")
+            fault.status = status
+        if "factor" in data:
+            try:
+                fault.factor = Decimal(str(data["factor"]))
+            except InvalidOperation:
+                raise ValueError(f"factor: expected a number, got {data['factor']!r}") from None
+        if "variant" in data:
+            if data["variant"] not in GARBAGE_VARIANTS:
+                raise ValueError(f"variant: expected one of {', '.join(GARBAGE_VARIANTS)}")
+            fault.variant = data["variant"]
+        return fault
+
+
+def _non_negative(raw: object, name: str) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise ValueError(f"{name}: expected seconds, got {raw!r}")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}: expected seconds, got {raw!r}") from None
+    if not value >= 0:
+        raise ValueError(f"{name}: expected seconds >= 0, got {raw!r}")
+    return value
+
+
+def parse_fault_flag(flag: str) -> tuple[str, Fault]:
+    """``binance=down``, ``bybit=slow:delay=2``, ``coingecko=rate_limited:retry_after=5``."""
+    provider, sep, spec = flag.partition("=")
+    provider = provider.strip().lower()
+    if not sep or provider not in (*PROVIDERS, "all"):
+        raise ValueError(f"expected PROVIDER=MODE[:key=value...], got {flag!r}")
+    mode, *options = spec.split(":")
+    data: dict[str, Any] = {"mode": mode.strip()}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep:
+            raise ValueError(f"option {option!r} in {flag!r}: expected key=value")
+        data[key.strip()] = int(value) if key.strip() == "status" else value
+    return provider, Fault.from_json(data)
+
+
+class Book:
+    """One provider's prices and change times, plus its live stream subscribers."""
+
+    def __init__(self, prices: Mapping[str, tuple[str, int]], *, walks: bool = True) -> None:
+        stamp = now_ms()
+        self.decimals = {symbol: decimals for symbol, (_, decimals) in prices.items()}
+        self.prices = {symbol: Decimal(price) for symbol, (price, _) in prices.items()}
+        self.changed_ms = dict.fromkeys(prices, stamp)
+        self.walks = walks
+        # None in a queue is a wake-up: the connection re-reads its fault switch.
+        self.subscribers: set[asyncio.Queue[PriceChange | None]] = set()
+
+    def set(self, symbol: str, price: Decimal) -> PriceChange:
+        change = PriceChange(symbol, price, now_ms())
+        self.prices[symbol] = price
+        self.changed_ms[symbol] = change.time_ms
+        for queue in self.subscribers:
+            # A connection that stops reading must not grow without bound: it loses its backlog.
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(change)
+        return change
+
+    def walk(self, rng: random.Random) -> None:
+        if not self.walks:
+            return
+        for symbol, price in list(self.prices.items()):
+            step = Decimal(str(rng.gauss(0, VOLATILITY)))
+            quantum = Decimal(1).scaleb(-self.decimals[symbol])
+            moved = (price * (1 + step)).quantize(quantum)
+            if moved > 0:
+                self.set(symbol, moved)
+
+    def wake(self) -> None:
+        for queue in self.subscribers:
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(None)
+
+    def subscribe(self) -> asyncio.Queue[PriceChange | None]:
+        queue: asyncio.Queue[PriceChange | None] = asyncio.Queue(maxsize=1000)
+        self.subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[PriceChange | None]) -> None:
+        self.subscribers.discard(queue)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedRequest:
+    provider: str
+    method: str
+    path: str
+    query: str
+    time_ms: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "method": self.method,
+            "path": self.path,
+            "query": self.query,
+            "time_ms": self.time_ms,
+        }
+
+
+@dataclass
+class Market:
+    """Everything the emulator knows; one instance per emulator server."""
+
+    tick: float = 1.0
+    seed: int | None = None
+    books: dict[str, Book] = field(init=False)
+    faults: dict[str, Fault] = field(init=False)
+    requests: deque[LoggedRequest] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.books = {
+            "binance": Book(EXCHANGE_MARKETS),
+            # Bybit's book starts a hair above Binance's so failover is visible in the data.
+            "bybit": Book(_scaled(EXCHANGE_MARKETS, Decimal("1.0002"))),
+            "coingecko": Book(COINGECKO_PRICES),
+            # Official daily rates do not move within the day; only control calls change them.
+            "cbr": Book(
+                {code: (value, 4) for code, (value, _, _) in CBR_TABLE.items()}, walks=False
+            ),
+        }
+        self.faults = {provider: Fault() for provider in PROVIDERS}
+        self.requests = deque(maxlen=1000)
+        self.started_ms = now_ms()
+
+    def set_fault(self, provider: str, fault: Fault) -> None:
+        targets = PROVIDERS if provider == "all" else (provider,)
+        for name in targets:
+            self.faults[name] = dataclasses.replace(fault)
+            # Stream connections re-read their switch at once (drop_stream closes them).
+            self.books[name].wake()
+
+    def log_request(self, provider: str, method: str, path: str, query: str) -> None:
+        self.requests.append(LoggedRequest(provider, method, path, query, now_ms()))
+
+    async def run_walk(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            for book in self.books.values():
+                book.walk(self.rng)

@@ -1,0 +1,107 @@
+"""Serve :class:`~rates.emulator.app.EmulatorApp` with uvicorn, in-process or from the command."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import warnings
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import uvicorn
+from uvicorn.config import WS_PROTOCOLS
+
+from rates.emulator.app import EmulatorApp
+from rates.emulator.market import Fault, Market
+
+# uvicorn >= 0.35 drives websockets' current (sans-I/O) API; older releases only have the
+# implementation built on websockets.legacy, which warns about its own deprecation on import.
+WS_IMPLEMENTATION = "websockets-sansio" if "websockets-sansio" in WS_PROTOCOLS else "websockets"
+
+
+@dataclass(frozen=True)
+class EmulatorServer:
+    app: EmulatorApp
+    host: str
+    port: int
+
+    @property
+    def market(self) -> Market:
+        return self.app.market
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_base_url(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    def rest_url(self, provider: str) -> str:
+        """What ``KURS_<PROVIDER>_REST_URL`` should be to use this emulator."""
+        return f"{self.base_url}/{provider}"
+
+    def ws_url(self, provider: str) -> str:
+        return f"{self.ws_base_url}/{provider}"
+
+    def set_fault(self, provider: str, mode: str, **options: object) -> None:
+        """In-process shortcut for ``POST /_control/<provider>``."""
+        self.market.set_fault(provider, Fault.from_json({"mode": mode, **options}))
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+@asynccontextmanager
+async def run_emulator_server(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    tick: float = 1.0,
+    seed: int | None = None,
+    faults: Mapping[str, Fault] | None = None,
+    log_level: str = "warning",
+) -> AsyncIterator[EmulatorServer]:
+    """Run the emulator on ``host:port`` (0: a free port) for the duration of the block."""
+    market = Market(tick=tick, seed=seed)
+    for provider, fault in (faults or {}).items():
+        market.set_fault(provider, fault)
+    app = EmulatorApp(market)
+    sock = bind_socket(host, port)
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        ws=WS_IMPLEMENTATION,
+        log_level=log_level,
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=2,
+    )
+    with warnings.catch_warnings():
+        # See WS_IMPLEMENTATION: the warning concerns uvicorn's import of websockets.legacy.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"websockets\..*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"uvicorn\..*")
+        config.load()
+    server = uvicorn.Server(config)
+    server.lifespan = config.lifespan_class(config)
+    await server.startup(sockets=[sock])
+    await app.start()
+    main_loop = asyncio.create_task(server.main_loop())
+    try:
+        yield EmulatorServer(app, host, sock.getsockname()[1])
+    finally:
+        await app.stop()
+        server.should_exit = True
+        await main_loop
+        await server.shutdown(sockets=[sock])

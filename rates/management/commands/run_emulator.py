@@ -1,0 +1,94 @@
+"""``python manage.py run_emulator``: the local exchange emulator (rates/emulator/README.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from rates.emulator import PROVIDERS, Fault, parse_fault_flag, run_emulator_server
+
+logger = logging.getLogger("rates.emulator")
+
+
+class Command(BaseCommand):
+    help = (
+        "Serve every built-in provider's real REST and WebSocket API on one port, with random-walk "
+        "prices and fault switches (see rates/emulator/README.md)."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=8900)
+        parser.add_argument(
+            "--tick", type=float, default=1.0, help="seconds between price moves (default 1)"
+        )
+        parser.add_argument("--seed", type=int, default=None, help="seed of the random walk")
+        parser.add_argument(
+            "--fault",
+            action="append",
+            default=[],
+            metavar="PROVIDER=MODE[:key=value...]",
+            help="start with a fault, e.g. binance=down, bybit=slow:delay=2, all=drop_stream "
+            "(repeatable)",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if not 0 <= options["port"] <= 65535:
+            raise CommandError(f"--port: expected 0-65535, got {options['port']}")
+        if not options["tick"] > 0:
+            raise CommandError(f"--tick: expected seconds > 0, got {options['tick']}")
+        faults: dict[str, Fault] = {}
+        for flag in options["fault"]:
+            try:
+                provider, fault = parse_fault_flag(flag)
+            except ValueError as exc:
+                raise CommandError(f"--fault: {exc}") from None
+            faults.update(
+                dict.fromkeys(PROVIDERS, fault) if provider == "all" else {provider: fault}
+            )
+        try:
+            asyncio.run(
+                self.serve(
+                    options["host"], options["port"], options["tick"], options["seed"], faults
+                )
+            )
+        except OSError as exc:
+            raise CommandError(
+                f"cannot listen on {options['host']}:{options['port']}: {exc}"
+            ) from None
+
+    async def serve(
+        self, host: str, port: int, tick: float, seed: int | None, faults: dict[str, Fault]
+    ) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        started = time.monotonic()
+        async with run_emulator_server(
+            host=host, port=port, tick=tick, seed=seed, faults=faults
+        ) as emulator:
+            self.stdout.write(f"Exchange emulator on {emulator.base_url}")
+            for provider in PROVIDERS:
+                ws = f"  KURS_{provider.upper()}_WS_URL={emulator.ws_url(provider)}"
+                has_ws = provider in ("binance", "bybit")
+                self.stdout.write(
+                    f"  KURS_{provider.upper()}_REST_URL={emulator.rest_url(provider)}"
+                    + (ws if has_ws else "")
+                )
+            self.stdout.write(f"  control: {emulator.base_url}/_control   (Ctrl-C to stop)")
+            for provider, fault in faults.items():
+                self.stdout.write(f"  {provider}: {fault.mode}")
+            await stop.wait()
+            app = emulator.app
+        logger.info(
+            "emulator stopped after %.0fs: %d REST requests, %d stream connections served",
+            time.monotonic() - started,
+            app.served_requests,
+            app.served_streams,
+        )
