@@ -261,6 +261,10 @@ class EmulatorApp:
             return
         await send({"type": "websocket.accept"})
         self.served_streams += 1
+        if fault.mode == "drop_stream":
+            # A flaky load balancer: the upgrade succeeds, then the connection dies at once.
+            await send({"type": "websocket.close", "code": CLOSE_INTERNAL_ERROR})
+            return
         self.connections[provider] += 1
         try:
             await session.run(receive)

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar
 
@@ -165,7 +165,11 @@ def from_millis(raw: object) -> datetime | None:
     if isinstance(raw, bool) or not isinstance(raw, int | str | Decimal):
         return None
     try:
-        return datetime.fromtimestamp(int(raw) / 1000, tz=UTC)
+        millis = int(raw)
+        # Split seconds and milliseconds so no float rounding shifts the microseconds.
+        return datetime.fromtimestamp(millis // 1000, tz=UTC) + timedelta(
+            milliseconds=millis % 1000
+        )
     except (ValueError, OverflowError, OSError):
         return None
 
