@@ -15,9 +15,21 @@ except ConfigError as exc:
     print(f"kurs: configuration error: {exc}", file=sys.stderr)
     sys.exit(2)
 
-from channels.routing import ProtocolTypeRouter
+from channels.routing import ProtocolTypeRouter, URLRouter
+from channels.security.websocket import AllowedHostsOriginValidator
 from django.core.asgi import get_asgi_application
 
 django_asgi_app = get_asgi_application()
 
-application = ProtocolTypeRouter({"http": django_asgi_app})
+# Imported after Django is set up: the consumers use models and settings.
+from realtime.bridge import lifespan  # noqa: E402
+from realtime.routing import websocket_urlpatterns  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": AllowedHostsOriginValidator(URLRouter(websocket_urlpatterns)),
+        # uvicorn (and granian) send lifespan events: the NATS bridge starts with the server.
+        "lifespan": lifespan,
+    }
+)

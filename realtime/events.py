@@ -61,10 +61,19 @@ def remove_transport(transport: Transport) -> None:
 
 
 def publish(event_type: str, data: dict[str, Any]) -> Envelope:
-    """Build the envelope and hand it to every registered transport; never raises on delivery."""
-    subject = subject_for(event_type, data)
+    """Build the envelope and hand it to every registered transport; never raises.
+
+    Callable from sync code in any thread and from async code: transports only queue the
+    envelope (see `realtime.nats`), so the caller never waits on the network.
+    """
     envelope = make_envelope(event_type, data)
-    logger.info("event %s on %s", event_type, subject, extra={"event_id": envelope["id"]})
+    try:
+        subject = subject_for(event_type, data)
+    except (ValueError, KeyError, TypeError):
+        # A malformed event is a bug in its producer; the write that produced it still stands.
+        logger.exception("event %s not published: no subject for %r", event_type, data)
+        return envelope
+    logger.debug("event %s on %s", event_type, subject, extra={"event_id": envelope["id"]})
     for transport in list(_transports):
         try:
             transport(subject, envelope)

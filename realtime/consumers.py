@@ -1,0 +1,161 @@
+"""`/ws/items`: the push side of SPEC 8. Thin: parse, ask the snapshot, hand frames to the hub.
+
+Every frame to the client, replies included, goes through this socket's queue in the hub, so the
+order is kept and only one task ever writes to the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+from urllib.parse import parse_qs
+
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from config.api import dumps
+from rates.snapshot import snapshot
+from realtime import metrics
+from realtime.bridge import bridge
+from realtime.events import utc_now_iso
+from realtime.hub import SocketQueue, hub
+
+MAX_CLIENT_MESSAGE_BYTES = 4 * 1024
+MAX_PAIRS_PER_MESSAGE = 100
+PONG = dumps({"type": "pong"})
+
+
+def error_frame(detail: str) -> str:
+    return dumps({"type": "error", "detail": detail})
+
+
+def snapshot_frame(pairs: set[str] | None) -> str:
+    return dumps(
+        {
+            "type": "snapshot",
+            "data": {
+                "courses": snapshot.courses(pairs),
+                "pairs": None if pairs is None else sorted(pairs),
+            },
+            "ts": utc_now_iso(),
+        }
+    )
+
+
+def pairs_from_query(query_string: bytes) -> list[str] | None:
+    """`?pairs=BTC-USD,eth-rub` (or repeated) -> ["BTC-USD", "ETH-RUB"]; None when absent."""
+    values = parse_qs(query_string.decode("latin-1")).get("pairs")
+    if not values:
+        return None
+    pairs = [p.strip().upper() for value in values for p in value.split(",") if p.strip()]
+    return pairs or None
+
+
+def unknown_pairs_detail(unknown: list[str]) -> str:
+    return f"unknown pair(s): {', '.join(sorted(unknown))}"
+
+
+class ItemsConsumer(AsyncWebsocketConsumer):
+    # Sockets are fed by the hub, not by a channel-layer channel each: no per-socket layer I/O.
+    channel_layer_alias = "kurs-no-per-socket-channel"
+
+    queue: SocketQueue | None = None
+    _heartbeat: asyncio.TimerHandle | None = None
+
+    async def connect(self) -> None:
+        await bridge.ensure_started()
+        await bridge.ensure_snapshot()
+        requested = pairs_from_query(self.scope.get("query_string", b""))
+        active = snapshot.active_pairs()
+        unknown = [] if requested is None else [p for p in requested if p not in active]
+        pairs = None if requested is None else {p for p in requested if p in active}
+        await self.accept()
+        # No await from here to hub.add(): no event can slip in before the snapshot.
+        self.queue = SocketQueue(self._send_text, self._close_slow, pairs=pairs)
+        self.queue.put(snapshot_frame(pairs))
+        if unknown:
+            self.queue.put(error_frame(unknown_pairs_detail(unknown)))
+        hub.add(self.queue)
+        self.queue.start()
+        metrics.WS_CONNECTIONS.inc()
+        self._schedule_heartbeat()
+
+    async def disconnect(self, code: int) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if self.queue is not None:
+            hub.remove(self.queue)
+            metrics.WS_CONNECTIONS.dec()
+            await self.queue.stop()
+            self.queue = None
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.queue is None:
+            return
+        reply = self.answer(text_data, bytes_data)
+        for frame in reply:
+            self.queue.put(frame)
+
+    def answer(self, text_data: str | None, bytes_data: bytes | None) -> list[str]:
+        """The frames that answer one client message (errors never close the socket)."""
+        if text_data is None:
+            return [error_frame("binary messages are not supported; send JSON text")]
+        if len(text_data.encode("utf-8")) > MAX_CLIENT_MESSAGE_BYTES:
+            return [error_frame("message over 4 KiB")]
+        if text_data.strip() == "ping":
+            return [PONG]
+        try:
+            message = json.loads(text_data)
+        except ValueError:
+            return [error_frame("bad JSON")]
+        if not isinstance(message, dict):
+            return [error_frame("expected a JSON object with an action")]
+        action = message.get("action")
+        if action == "ping":
+            return [PONG]
+        if action in ("subscribe", "unsubscribe"):
+            return self._change_subscription(action, message.get("pairs"))
+        return [error_frame(f"unknown action {action!r}: use subscribe, unsubscribe or ping")]
+
+    def _change_subscription(self, action: str, raw_pairs: Any) -> list[str]:
+        assert self.queue is not None
+        if (
+            not isinstance(raw_pairs, list)
+            or not raw_pairs
+            or len(raw_pairs) > MAX_PAIRS_PER_MESSAGE
+            or not all(isinstance(p, str) for p in raw_pairs)
+        ):
+            return [error_frame(f"pairs: a list of 1 to {MAX_PAIRS_PER_MESSAGE} pair codes")]
+        active = snapshot.active_pairs()
+        asked = {p.strip().upper() for p in raw_pairs}
+        unknown = sorted(asked - active)
+        known = asked & active
+        frames = [error_frame(unknown_pairs_detail(unknown))] if unknown else []
+        if not known:
+            return frames
+        current = self.queue.pairs
+        if action == "subscribe":
+            new = None if current is None else current | known
+        else:
+            new = (set(active) if current is None else current) - known
+        hub.set_pairs(self.queue, new)
+        # The new subscription's snapshot acknowledges the change and fills in added pairs.
+        frames.append(snapshot_frame(new))
+        return frames
+
+    async def _send_text(self, frame: str) -> None:
+        await self.send(text_data=frame)
+
+    async def _close_slow(self, code: int) -> None:
+        await self.close(code=code)
+
+    def _schedule_heartbeat(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._heartbeat = loop.call_later(settings.KURS_WS_HEARTBEAT, self._tick)
+
+    def _tick(self) -> None:
+        if self.queue is None:
+            return
+        self.queue.put(dumps({"type": "tick", "data": {}, "ts": utc_now_iso()}))
+        self._schedule_heartbeat()
