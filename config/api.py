@@ -225,5 +225,9 @@ def _register_routers() -> None:
 
     api.add_router("/items", items_router)
 
+    from rates.api import router as rates_router
+
+    api.add_router("", rates_router)
+
 
 _register_routers()

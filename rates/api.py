@@ -1,0 +1,57 @@
+"""Rates endpoints: history of an item, its latest rate, providers, and a fetch cycle on demand."""
+
+from __future__ import annotations
+
+from asgiref.sync import sync_to_async
+from django.http import HttpRequest
+from ninja import Query, Router
+from ninja.errors import HttpError
+
+from config.api import read_throttle, write_auth
+from items.schemas import RateOut
+from items.selectors import item_get, item_latest_rate
+from rates import fetcher, selectors
+from rates.models import Rate
+from rates.schemas import ProviderOut, RateListOut, RateListQuery, TaskRunOut
+
+router = Router(tags=["rates"])
+
+
+@router.get("/items/{int:item_id}/rates", response=RateListOut, throttle=read_throttle)
+async def list_rates(
+    request: HttpRequest, item_id: int, filters: Query[RateListQuery]
+) -> dict[str, object]:
+    item = await item_get(item_id=item_id)
+    rates = selectors.rate_list(
+        item=item,
+        since=filters.since,
+        until=filters.until,
+        day=filters.date,
+        provider=filters.provider,
+    )
+    return {"items": [rate async for rate in rates[: filters.limit]], "count": await rates.acount()}
+
+
+@router.get(
+    "/items/{int:item_id}/rates/latest",
+    response={200: RateOut},
+    throttle=read_throttle,
+    summary="The item's latest accepted rate (404 before the first one)",
+)
+async def latest_rate(request: HttpRequest, item_id: int) -> Rate:
+    item = await item_get(item_id=item_id)
+    rate = await item_latest_rate(item=item)
+    if rate is None:
+        raise HttpError(404, f"item {item_id} has no rate yet")
+    return rate
+
+
+@router.get("/providers", response=list[ProviderOut], throttle=read_throttle)
+async def list_providers(request: HttpRequest) -> list[dict[str, object]]:
+    return await sync_to_async(fetcher.provider_statuses)()
+
+
+@router.post("/tasks/run", response=TaskRunOut, auth=write_auth)
+async def run_task(request: HttpRequest) -> dict[str, object]:
+    report = await fetcher.fetch_once()
+    return report.event()

@@ -1,0 +1,49 @@
+"""Prometheus metrics of the rates pipeline (SPEC 5 `/metrics`).
+
+They live in the default registry, so whatever serves `/metrics` in a process exports them.
+Label values are bounded: provider names (derived ones are `a+b` of two known names), rejection
+reasons from `rates.validation` (a fixed handful), and tracked pair codes.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+FETCH_CYCLES = Counter(
+    "kurs_fetch_cycles_total",
+    "REST fetch cycles run, by outcome (ok: at least one provider returned valid quotes).",
+    ["outcome"],
+)
+FETCH_DURATION = Histogram(
+    "kurs_fetch_cycle_seconds",
+    "Duration of one REST fetch cycle over every provider.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+QUOTES_ACCEPTED = Counter(
+    "kurs_quotes_accepted_total", "Quotes that passed validation, by provider.", ["provider"]
+)
+QUOTES_REJECTED = Counter(
+    "kurs_quotes_rejected_total",
+    "Quotes refused by validation, by provider and reason.",
+    ["provider", "reason"],
+)
+RATES_STORED = Counter(
+    "kurs_rates_stored_total", "Rate rows written to the history, by provider.", ["provider"]
+)
+PROVIDER_ERRORS = Counter(
+    "kurs_provider_errors_total",
+    "Failed provider calls (REST rounds and stream connections), by provider and kind.",
+    ["provider", "kind"],
+)
+CIRCUIT_STATE = Gauge(
+    "kurs_circuit_state",
+    "Circuit breaker state per provider: 0 closed, 1 half-open, 2 open.",
+    ["provider"],
+)
+RATE_AGE = Gauge(
+    "kurs_rate_age_seconds",
+    "Age of the source time of the last accepted quote per pair, when it was accepted.",
+    ["pair"],
+)
+
+CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
