@@ -221,8 +221,10 @@ def on_unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
 
 
 def _register_routers() -> None:
+    from config.health import router as health_router
     from items.api import router as items_router
 
+    api.add_router("/health", health_router)
     api.add_router("/items", items_router)
 
     from rates.api import router as rates_router

@@ -1,0 +1,150 @@
+"""`GET /api/v1/health`: each component checked for real, with a short timeout.
+
+`down` (503) when the database cannot be used: nothing can be served or stored. Any other
+failing component makes the service `degraded` (200): it still answers, from what it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.core.cache import cache
+from django.db import connection
+from django.http import HttpRequest
+from django.utils import timezone
+from ninja import Router
+from ninja.responses import Status
+
+router = Router(tags=["health"])
+
+CHECK_TIMEOUT = 2.0
+
+Check = dict[str, Any]
+
+
+def _ping_database() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
+
+
+async def check_database() -> Check:
+    await sync_to_async(_ping_database)()
+    return {"status": "ok", "vendor": connection.vendor}
+
+
+async def check_cache() -> Check:
+    key, token = f"health:{uuid.uuid4().hex}", uuid.uuid4().hex
+    await cache.aset(key, token, 10)
+    if await cache.aget(key) != token:
+        return {"status": "degraded", "detail": "the cache did not return what was stored"}
+    await cache.adelete(key)
+    return {"status": "ok", "backend": settings.CACHES["default"]["BACKEND"].rsplit(".", 1)[-1]}
+
+
+async def check_channel_layer() -> Check:
+    layer = get_channel_layer()
+    if layer is None:
+        return {"status": "degraded", "detail": "no channel layer configured"}
+    channel = await layer.new_channel()
+    token = uuid.uuid4().hex
+    await layer.send(channel, {"type": "health.probe", "token": token})
+    message = await layer.receive(channel)
+    if message.get("token") != token:
+        return {"status": "degraded", "detail": "the channel layer returned another message"}
+    return {"status": "ok", "backend": type(layer).__name__}
+
+
+async def check_nats() -> Check:
+    from realtime import nats
+
+    # Idempotent: a web process under daphne has no lifespan, so the first check may start it.
+    nats.connection.start()
+    await asyncio.to_thread(nats.connection.connected.wait, 1.0)
+    return nats.status()
+
+
+async def check_providers() -> Check:
+    from rates.fetcher import provider_statuses
+
+    statuses = await sync_to_async(provider_statuses)()
+    states = {status["name"]: status["state"] for status in statuses}
+    usable = [name for name, state in states.items() if state != "open"]
+    if not usable:
+        return {
+            "status": "degraded",
+            "detail": "every provider's circuit is open",
+            "states": states,
+        }
+    status = "ok" if len(usable) == len(states) else "degraded"
+    return {"status": status, "states": states}
+
+
+def _freshness() -> Check:
+    from items.models import Item
+    from rates.models import Rate
+
+    stale_after = settings.KURS_STALE_AFTER
+    newest = (
+        Rate.objects.filter(item__is_active=True)
+        .order_by("-received_at")
+        .values_list("received_at", flat=True)
+        .first()
+    )
+    if newest is None:
+        tracked = Item.objects.filter(is_active=True).count()
+        return {"status": "degraded", "detail": f"no rate stored yet for {tracked} active pairs"}
+    age = (timezone.now() - newest).total_seconds()
+    status = "ok" if age <= stale_after else "degraded"
+    return {"status": status, "newest_age_s": round(age, 3), "stale_after_s": stale_after}
+
+
+async def check_freshness() -> Check:
+    return await sync_to_async(_freshness)()
+
+
+CHECKS: dict[str, Callable[[], Awaitable[Check]]] = {
+    "database": check_database,
+    "cache": check_cache,
+    "channel_layer": check_channel_layer,
+    "nats": check_nats,
+    "providers": check_providers,
+    "freshness": check_freshness,
+}
+
+
+async def _run(name: str, check: Callable[[], Awaitable[Check]]) -> Check:
+    started = time.perf_counter()
+    try:
+        result = await asyncio.wait_for(check(), CHECK_TIMEOUT)
+    except TimeoutError:
+        result = {"status": "down", "detail": f"no answer within {CHECK_TIMEOUT:g} s"}
+    except Exception as exc:  # a health check reports failures, it does not raise them
+        result = {"status": "down", "detail": f"{type(exc).__name__}: {exc}"}
+    result["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
+    return result
+
+
+async def health_report() -> dict[str, Any]:
+    results = await asyncio.gather(*(_run(name, check) for name, check in CHECKS.items()))
+    components = dict(zip(CHECKS, results, strict=True))
+    if components["database"]["status"] != "ok":
+        overall = "down"
+    elif all(component["status"] == "ok" for component in components.values()):
+        overall = "ok"
+    else:
+        overall = "degraded"
+    return {"status": overall, "components": components}
+
+
+@router.get("", response={200: dict, 503: dict})
+async def health(request: HttpRequest) -> Status[dict[str, Any]]:
+    report = await health_report()
+    return Status(503 if report["status"] == "down" else 200, report)

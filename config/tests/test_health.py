@@ -1,0 +1,76 @@
+"""`GET /api/v1/health` against the real components of the test process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.test import Client
+from django.utils import timezone
+
+from config import health
+from items.models import Item
+from rates.models import Rate
+from tests.services import require
+
+pytestmark = pytest.mark.django_db
+
+COMPONENTS = {"database", "cache", "channel_layer", "nats", "providers", "freshness"}
+
+
+def test_it_reports_every_component(client: Client) -> None:
+    require("NATS", "127.0.0.1", 4222)
+    response = client.get("/api/v1/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body["components"]) == COMPONENTS
+    for name in ("database", "cache", "channel_layer", "nats", "providers"):
+        assert body["components"][name]["status"] == "ok", (name, body["components"][name])
+    # Nothing fetched yet: the service answers, but says its rates are not fresh.
+    assert body["components"]["freshness"]["status"] == "degraded"
+    assert body["status"] == "degraded"
+
+
+def test_it_is_ok_when_every_component_is(client: Client) -> None:
+    require("NATS", "127.0.0.1", 4222)
+    now = timezone.now()
+    Rate.objects.create(
+        item=Item.objects.get(code="BTC-USD"),
+        provider="binance",
+        value="90000",
+        source_time=now,
+        received_at=now,
+    )
+    body = client.get("/api/v1/health").json()
+    assert body["components"]["freshness"]["status"] == "ok"
+    assert body["status"] == "ok"
+
+
+def test_a_failing_database_is_down_with_503(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken() -> dict[str, Any]:
+        raise ConnectionError("connection refused")
+
+    monkeypatch.setitem(health.CHECKS, "database", broken)
+    response = client.get("/api/v1/health")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "down"
+    assert "connection refused" in body["components"]["database"]["detail"]
+
+
+def test_a_hanging_component_times_out_as_down(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    async def hangs() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        return {}
+
+    monkeypatch.setattr(health, "CHECK_TIMEOUT", 0.05)
+    monkeypatch.setitem(health.CHECKS, "cache", hangs)
+    body = client.get("/api/v1/health").json()
+    assert body["components"]["cache"]["status"] == "down"
+    assert body["status"] == "degraded"
