@@ -40,6 +40,9 @@ class EmulatorApp:
         # Totals for the shutdown summary line of run_emulator.
         self.served_requests = 0
         self.served_streams = 0
+        # Set when a client sends an application-level ping (Bybit's {"op": "ping"}).
+        self.pinged: dict[str, asyncio.Event] = {name: asyncio.Event() for name in PROVIDERS}
+        self.client_pings: dict[str, int] = dict.fromkeys(PROVIDERS, 0)
         self._walker: asyncio.Task[None] | None = None
         books = market.books
         self.rest: dict[tuple[str, str], RestHandler] = {
@@ -158,6 +161,7 @@ class EmulatorApp:
                 name: {
                     **self.market.faults[name].to_json(),
                     "connections": self.connections[name],
+                    "client_pings": self.client_pings[name],
                 }
                 for name in PROVIDERS
             },
@@ -423,7 +427,6 @@ class BybitSession(StreamSession):
     def __init__(self, app: EmulatorApp, send: Send) -> None:
         super().__init__(app, send)
         self.topics: set[str] = set()
-        self.pings = 0
 
     def frames(self, change: PriceChange) -> list[str]:
         if f"tickers.{change.symbol}" not in self.topics:
@@ -444,7 +447,8 @@ class BybitSession(StreamSession):
         op, req_id = request.get("op"), request.get("req_id")
         args = request.get("args") or []
         if op == "ping":
-            self.pings += 1
+            self.app.client_pings[self.provider] += 1
+            self.app.pinged[self.provider].set()
             await self.send_text(fmt.bybit_ack("ping", req_id, True, "pong"))
         elif op == "subscribe":
             await self.subscribe(args, req_id)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 from contextlib import aclosing
 from datetime import UTC, datetime
@@ -195,11 +196,12 @@ async def test_its_stream_raises_when_dropped(
 async def test_its_heartbeat_is_answered(
     emulator: EmulatorServer, emulator_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The client pings with {"op": "ping"}; the pong must not be mistaken for a ticker."""
+    """The client pings with {"op": "ping"}; the pong is not mistaken for a ticker."""
     monkeypatch.setattr("rates.providers.bybit.HEARTBEAT_SECONDS", 0.01)
     provider = bybit(emulator, emulator_client)
     async with aclosing(provider.stream([Pair("BTC", "USDT")])) as quotes:
         await next_quote(quotes)
+        await asyncio.wait_for(emulator.app.pinged["bybit"].wait(), 3)
         emulator.market.books["bybit"].set("BTCUSDT", Decimal("90002"))
         quote = await next_quote(quotes)
     assert quote.value == Decimal("90002")
