@@ -99,6 +99,9 @@ class NatsConnection:
         self._sub_lock: asyncio.Lock | None = None
         # Set while connected with every registered subscription applied.
         self.connected = threading.Event()
+        self.disconnected = threading.Event()
+        # Set once the JetStream stream was ensured, or found unsupported, on this connection.
+        self.stream_checked = threading.Event()
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -111,6 +114,12 @@ class NatsConnection:
             self._servers = list(settings.NATS_SERVERS)
             self._prefix = settings.KURS_NATS_PREFIX
             self._state = "connecting"
+            self._jetstream = None
+            self._last_error = None
+            self._last_logged_error = None
+            self._counts = dict.fromkeys(self._counts, 0)
+            self.connected.clear()
+            self.stream_checked.clear()
             loop = asyncio.new_event_loop()
             ready = threading.Event()
             thread = threading.Thread(
@@ -165,6 +174,8 @@ class NatsConnection:
         self._outbox.clear()
         self._wakeup_pending = False
         self.connected = threading.Event()
+        self.disconnected = threading.Event()
+        self.stream_checked = threading.Event()
         self._state = "not_started"
 
     async def _close(self) -> None:
@@ -220,6 +231,7 @@ class NatsConnection:
             "nats: connected to %s as %s", url.netloc if url else "?", client.options["name"]
         )
         await self._apply_subscriptions()
+        self.disconnected.clear()
         self.connected.set()
         await self._ensure_stream()
         self._kick_pump()
@@ -233,6 +245,7 @@ class NatsConnection:
 
     async def _on_disconnected(self) -> None:
         self.connected.clear()
+        self.disconnected.set()
         if self._state != "closing":
             self._state = "reconnecting"
             logger.warning("nats: disconnected; events go to the fallback bus until reconnected")
@@ -240,6 +253,7 @@ class NatsConnection:
     async def _on_reconnected(self) -> None:
         self._state = "connected"
         self._last_logged_error = None
+        self.disconnected.clear()
         self.connected.set()
         client = self._client
         url = client.connected_url if client else None
@@ -288,6 +302,7 @@ class NatsConnection:
         except Exception as exc:
             self._jetstream = False
             self._note_error(f"JetStream stream {name}: {exc}")
+        self.stream_checked.set()
 
     # --- subscriptions ----------------------------------------------------------------------
     def subscribe(self, subject: str, callback: MessageCallback) -> tuple[int, Future[None]]:
