@@ -1,0 +1,20 @@
+"""django-q2 tasks (SPEC 6): one-line wrappers around the rates services.
+
+The schedules that run them are created by migration `rates.0002_schedules`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rates import fetcher, services
+
+
+def fetch_rates() -> dict[str, Any]:
+    """One REST fetch cycle over every provider: the safety net when no `--watch` runs."""
+    return fetcher.fetch_rates()
+
+
+def prune_history() -> int:
+    """Delete Rate rows older than KURS_HISTORY_DAYS."""
+    return services.prune_history()

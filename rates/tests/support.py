@@ -1,0 +1,80 @@
+"""Fixtures and helpers shared by the rates service tests (import the fixtures you use)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from django.core.cache import cache
+from django.utils import timezone
+
+from rates import fetcher, services
+from rates.board import QuoteBoard
+from rates.emulator import EmulatorServer
+from rates.providers import Quote
+
+PROVIDERS = ["binance", "bybit", "coingecko", "cbr"]
+
+
+@pytest.fixture
+def fresh_board(monkeypatch: pytest.MonkeyPatch) -> QuoteBoard:
+    """A fresh quote board (and fresh provider monitors and status cache) for one test."""
+    fresh = QuoteBoard()
+    monkeypatch.setattr(services, "_board", fresh)
+    monkeypatch.setattr(fetcher, "_monitors", {})
+    cache.clear()
+    return fresh
+
+
+@pytest.fixture
+def rate_settings(settings: object) -> Iterator[object]:
+    settings.KURS_PROVIDERS = list(PROVIDERS)  # type: ignore[attr-defined]
+    settings.KURS_STALE_AFTER = 30.0  # type: ignore[attr-defined]
+    settings.KURS_MAX_JUMP = 0.2  # type: ignore[attr-defined]
+    settings.KURS_USD_PROXY = "USDT"  # type: ignore[attr-defined]
+    settings.KURS_ASSET_ALIASES = {"USDTTRC": "USDT", "USDTERC": "USDT"}  # type: ignore[attr-defined]
+    return settings
+
+
+def point_settings_at(settings: object, emulator: EmulatorServer) -> None:
+    """Every provider URL setting pointed at the emulator."""
+    settings.KURS_PROVIDER_URLS = {  # type: ignore[attr-defined]
+        name: {
+            "rest": emulator.rest_url(name),
+            "ws": emulator.ws_url(name) if name in ("binance", "bybit") else None,
+        }
+        for name in PROVIDERS
+    }
+
+
+def make_quote(
+    provider: str,
+    pair: str,
+    value: str | Decimal,
+    *,
+    age: float = 0.0,
+    now: datetime | None = None,
+    bid: str | None = None,
+    ask: str | None = None,
+) -> Quote:
+    now = now or timezone.now()
+    return Quote(
+        provider=provider,
+        pair=pair,
+        value=Decimal(value),
+        source_time=now - timedelta(seconds=age),
+        bid=Decimal(bid) if bid is not None else None,
+        ask=Decimal(ask) if ask is not None else None,
+    )
+
+
+def rate_events(published: list[tuple[str, dict]], pair: str | None = None) -> list[dict]:
+    """The data of every `rate.updated` seen (for one pair if given)."""
+    return [
+        envelope["data"]
+        for _, envelope in published
+        if envelope["type"] == "rate.updated"
+        and (pair is None or envelope["data"]["direction"] == pair)
+    ]

@@ -1,0 +1,319 @@
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.utils import timezone
+from prometheus_client import REGISTRY
+
+from items.models import Item
+from rates import services
+from rates.models import Rate
+from rates.tests.support import make_quote, rate_events
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("rate_settings", "fresh_board")]
+
+Events = list[tuple[str, dict[str, Any]]]
+
+
+def item(code: str, *, is_active: bool = True) -> Item:
+    base, quote = code.split("-")
+    return Item.objects.update_or_create(base=base, quote=quote, defaults={"is_active": is_active})[
+        0
+    ]
+
+
+def accept(quote: Any, capture: Any, **kwargs: Any) -> services.Acceptance:
+    with capture(execute=True):
+        return services.accept_quote(quote, **kwargs)
+
+
+def rejected(provider: str, reason: str) -> float:
+    labels = {"provider": provider, "reason": reason}
+    return REGISTRY.get_sample_value("kurs_quotes_rejected_total", labels) or 0.0
+
+
+def test_an_accepted_quote_is_stored_with_exact_decimals(
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    btc = item("BTC-USD")
+    quote = make_quote(
+        "binance",
+        "BTC-USD",
+        "54000.123456789012345678",
+        bid="54000.000000000000000001",
+        ask="54001.999999999999999999",
+    )
+    result = accept(quote, django_capture_on_commit_callbacks)
+    assert result.accepted
+    assert result.stored
+    rate = Rate.objects.get(item=btc)
+    assert rate.value == Decimal("54000.123456789012345678")
+    assert rate.bid == Decimal("54000.000000000000000001")
+    assert rate.ask == Decimal("54001.999999999999999999")
+    assert rate.provider == "binance"
+    assert rate.source_time == quote.source_time
+    assert rate.derived is False
+
+
+def test_an_unchanged_value_is_stored_again_only_after_60_seconds(
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    btc = item("BTC-USD")
+    start = timezone.now()
+    for offset, value in [(0, "100"), (30, "100"), (59, "100"), (60, "100"), (61, "100.5")]:
+        moment = start + timedelta(seconds=offset)
+        accept(
+            make_quote("binance", "BTC-USD", value, now=moment),
+            django_capture_on_commit_callbacks,
+            now=moment,
+        )
+    stored = list(Rate.objects.filter(item=btc).order_by("received_at"))
+    assert [rate.received_at - start for rate in stored] == [
+        timedelta(0),
+        timedelta(seconds=60),
+        timedelta(seconds=61),
+    ]
+    assert [rate.value for rate in stored] == [Decimal(100), Decimal(100), Decimal("100.5")]
+
+
+def test_the_60_second_rule_is_per_provider(django_capture_on_commit_callbacks: Any) -> None:
+    btc = item("BTC-USD")
+    accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
+    accept(make_quote("bybit", "BTC-USD", "100"), django_capture_on_commit_callbacks)
+    assert sorted(Rate.objects.filter(item=btc).values_list("provider", flat=True)) == [
+        "binance",
+        "bybit",
+    ]
+
+
+def test_a_lower_priority_provider_is_stored_but_not_published_while_the_first_serves(
+    django_capture_on_commit_callbacks: Any, published_events: Events
+) -> None:
+    item("BTC-USD")
+    accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
+    result = accept(make_quote("bybit", "BTC-USD", "101"), django_capture_on_commit_callbacks)
+    assert result.stored
+    assert not result.published
+    assert [event["provider"] for event in rate_events(published_events)] == ["binance"]
+
+
+def test_the_rate_updated_event_carries_the_spec_fields(
+    django_capture_on_commit_callbacks: Any, published_events: Events
+) -> None:
+    item("ETH-USD")
+    quote = make_quote("binance", "ETH-USD", "3000.10")
+    accept(quote, django_capture_on_commit_callbacks)
+    ((subject, envelope),) = published_events
+    assert subject.endswith(".rates.ETH-USD")
+    assert envelope["data"] == {
+        "direction": "ETH-USD",
+        "value": Decimal("3000.10"),
+        "provider": "binance",
+        "source_time": quote.source_time.isoformat().replace("+00:00", "Z"),
+        "derived": False,
+    }
+
+
+def test_no_event_leaves_before_the_transaction_commits(
+    django_capture_on_commit_callbacks: Any, published_events: Events
+) -> None:
+    item("ETH-USD")
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        services.accept_quote(make_quote("binance", "ETH-USD", "3000"))
+    assert published_events == []
+    assert len(callbacks) == 1
+
+
+def test_when_the_serving_provider_goes_down_the_next_one_is_published_at_once(
+    django_capture_on_commit_callbacks: Any, published_events: Events
+) -> None:
+    item("BTC-USD")
+    accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
+    accept(make_quote("bybit", "BTC-USD", "101"), django_capture_on_commit_callbacks)
+    services.provider_set_down("binance", True)
+    assert [(e["provider"], e["value"]) for e in rate_events(published_events)] == [
+        ("binance", Decimal(100)),
+        ("bybit", Decimal(101)),
+    ]
+    services.provider_set_down("binance", False)
+    accept(make_quote("binance", "BTC-USD", "100.2"), django_capture_on_commit_callbacks)
+    assert rate_events(published_events)[-1]["provider"] == "binance"
+
+
+def test_a_stale_serving_quote_hands_the_pair_to_the_next_provider(
+    django_capture_on_commit_callbacks: Any, published_events: Events
+) -> None:
+    item("BTC-USD")
+    start = timezone.now()
+    accept(
+        make_quote("binance", "BTC-USD", "100", now=start),
+        django_capture_on_commit_callbacks,
+        now=start,
+    )
+    later = start + timedelta(seconds=31)  # binance's quote is now older than KURS_STALE_AFTER
+    accept(
+        make_quote("bybit", "BTC-USD", "101", now=later),
+        django_capture_on_commit_callbacks,
+        now=later,
+    )
+    assert [e["provider"] for e in rate_events(published_events)] == ["binance", "bybit"]
+
+
+def test_an_absurd_price_is_rejected_counted_and_fails_over(
+    django_capture_on_commit_callbacks: Any, published_events: Events
+) -> None:
+    btc = item("BTC-USD")
+    accept(make_quote("binance", "BTC-USD", "90000"), django_capture_on_commit_callbacks)
+    accept(make_quote("bybit", "BTC-USD", "90010"), django_capture_on_commit_callbacks)
+    before = rejected("binance", "jump")
+    result = accept(
+        make_quote("binance", "BTC-USD", "90000000"), django_capture_on_commit_callbacks
+    )
+    assert not result.accepted
+    assert result.reason == "jump"
+    assert rejected("binance", "jump") == before + 1
+    assert not Rate.objects.filter(item=btc, value=Decimal("90000000")).exists()
+    # binance's good quote no longer speaks for the pair: bybit serves it.
+    assert rate_events(published_events)[-1]["provider"] == "bybit"
+
+
+def test_a_jump_confirmed_by_a_second_provider_is_accepted(
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    item("BTC-USD")
+    accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
+    # The market really moved 50%: the first provider to say so has no second opinion yet...
+    first = accept(make_quote("bybit", "BTC-USD", "150"), django_capture_on_commit_callbacks)
+    assert first.reason == "jump"
+    # ...the second one is confirmed by it (within KURS_MAX_JUMP of each other).
+    second = accept(make_quote("binance", "BTC-USD", "151"), django_capture_on_commit_callbacks)
+    assert second.accepted
+
+
+def test_the_jump_reference_survives_a_restart_through_the_history(
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    btc = item("BTC-USD")
+    now = timezone.now()
+    Rate.objects.create(
+        item=btc, provider="binance", value=Decimal(100), source_time=now, received_at=now
+    )
+    result = accept(make_quote("binance", "BTC-USD", "1000"), django_capture_on_commit_callbacks)
+    assert result.reason == "jump"
+
+
+@pytest.mark.parametrize(
+    ("value", "age", "reason"),
+    [
+        ("NaN", 0, "not_a_number"),
+        ("-1", 0, "not_positive"),
+        ("100", 31, "stale"),
+        ("100", -60, "future"),
+    ],
+)
+def test_invalid_quotes_are_rejected_with_their_reason_and_not_stored(
+    django_capture_on_commit_callbacks: Any, value: str, age: float, reason: str
+) -> None:
+    btc = item("BTC-USD")
+    before = rejected("bybit", reason)
+    result = accept(
+        make_quote("bybit", "BTC-USD", value, age=age), django_capture_on_commit_callbacks
+    )
+    assert result.reason == reason
+    assert rejected("bybit", reason) == before + 1
+    assert not Rate.objects.filter(item=btc).exists()
+
+
+def test_cbr_quotes_stay_fresh_for_a_day(django_capture_on_commit_callbacks: Any) -> None:
+    item("USD-RUB")
+    result = accept(
+        make_quote("cbr", "USD-RUB", "80.1234", age=20 * 3600), django_capture_on_commit_callbacks
+    )
+    assert result.accepted
+    assert result.stored
+
+
+def test_quotes_of_untracked_or_inactive_pairs_are_not_stored(
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    item("ETH-USD", is_active=False)
+    for pair in ("ETH-USD", "SOL-USD"):
+        result = accept(make_quote("binance", pair, "140"), django_capture_on_commit_callbacks)
+        assert result.accepted
+        assert not result.stored
+    assert not Rate.objects.exists()
+
+
+def test_a_rub_pair_is_derived_from_two_fresh_legs_when_no_provider_quotes_it(
+    django_capture_on_commit_callbacks: Any, published_events: Events
+) -> None:
+    btc_rub = item("BTC-RUB")
+    accept(make_quote("binance", "BTC-USD", "90000.12"), django_capture_on_commit_callbacks)
+    leg = accept(
+        make_quote("cbr", "USD-RUB", "80.1234", age=3600), django_capture_on_commit_callbacks
+    )
+    (cross,) = leg.derived
+    assert cross.accepted
+    assert cross.stored
+    rate = Rate.objects.get(item=btc_rub)
+    assert rate.value == Decimal("90000.12") * Decimal("80.1234")
+    assert rate.provider == "binance+cbr"
+    assert rate.derived is True
+    (event,) = rate_events(published_events, "BTC-RUB")
+    assert event["derived"] is True
+    assert event["provider"] == "binance+cbr"
+
+
+def test_a_direct_quote_outranks_the_cross_rate(
+    django_capture_on_commit_callbacks: Any, published_events: Events
+) -> None:
+    item("BTC-RUB")
+    accept(make_quote("binance", "BTC-USD", "90000"), django_capture_on_commit_callbacks)
+    accept(make_quote("cbr", "USD-RUB", "80", age=3600), django_capture_on_commit_callbacks)
+    accept(make_quote("coingecko", "BTC-RUB", "7200100"), django_capture_on_commit_callbacks)
+    # A later binance move updates the cross rate, which is neither published nor stored now.
+    result = accept(make_quote("binance", "BTC-USD", "90001"), django_capture_on_commit_callbacks)
+    assert not any(cross.stored or cross.published for cross in result.derived)
+    assert [(e["provider"], e["derived"]) for e in rate_events(published_events, "BTC-RUB")] == [
+        ("binance+cbr", True),
+        ("coingecko", False),
+    ]
+
+
+def test_no_cross_rate_without_a_fresh_second_leg(django_capture_on_commit_callbacks: Any) -> None:
+    item("BTC-RUB")
+    start = timezone.now()
+    accept(
+        make_quote("cbr", "USD-RUB", "80", now=start), django_capture_on_commit_callbacks, now=start
+    )
+    later = start + timedelta(days=5)  # past cbr's freshness window
+    result = accept(
+        make_quote("binance", "BTC-USD", "90000", now=later),
+        django_capture_on_commit_callbacks,
+        now=later,
+    )
+    assert result.accepted
+    assert result.derived == []
+
+
+def test_aliased_assets_cross_through_usd(django_capture_on_commit_callbacks: Any) -> None:
+    usdt_rub = item("USDTTRC-RUB")
+    accept(make_quote("coingecko", "USDTTRC-USD", "1.0003"), django_capture_on_commit_callbacks)
+    accept(make_quote("cbr", "USD-RUB", "80", age=60), django_capture_on_commit_callbacks)
+    rate = Rate.objects.get(item=usdt_rub)
+    assert (rate.provider, rate.value) == ("coingecko+cbr", Decimal("80.024"))
+
+
+def test_prune_history_deletes_rows_older_than_the_retention() -> None:
+    btc = item("BTC-USD")
+    now = timezone.now()
+    for days in (0, 89, 91):
+        moment = now - timedelta(days=days)
+        Rate.objects.create(
+            item=btc, provider="binance", value=Decimal(1), source_time=moment, received_at=moment
+        )
+    assert services.prune_history(days=90) == 1
+    assert Rate.objects.count() == 2
