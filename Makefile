@@ -34,24 +34,8 @@ install: $(STAMP)
 migrate: install
 	DJANGO_DEBUG=$${DJANGO_DEBUG:-true} $(BIN)/python manage.py migrate --no-input -v 0
 
-# Processes from the Procfile; the embedded NATS only when nothing else provides one.
-PROCESSES = web qcluster fetcher
-define start_processes
-	@mkdir -p var/nats
-	@procs="$(PROCESSES) $(1)"; \
-	if [ -z "$$NATS_URL" ] && ! $(BIN)/python scripts/port_open.py 127.0.0.1 4222; then \
-		procs="$$procs nats"; echo "NATS: embedded nats-server on nats://127.0.0.1:4222"; \
-	else echo "NATS: using $${NATS_URL:-nats://127.0.0.1:4222}"; fi; \
-	echo "Kurs web:   http://$${KURS_HOST:-127.0.0.1}:$${KURS_PORT:-8000}/  (dashboard)"; \
-	echo "API docs:   http://$${KURS_HOST:-127.0.0.1}:$${KURS_PORT:-8000}/api/v1/docs"; \
-	echo "Admin:      http://$${KURS_HOST:-127.0.0.1}:$${KURS_PORT:-8000}/admin/  (make a user: .venv/bin/python manage.py createsuperuser)"; \
-	echo "WebSocket:  ws://$${KURS_HOST:-127.0.0.1}:$${KURS_PORT:-8000}/ws/items"; \
-	echo "Starting: $$procs  (Ctrl-C stops all)"; \
-	exec $(BIN)/honcho start -f Procfile $$procs
-endef
-
 run: migrate
-	DJANGO_DEBUG=$${DJANGO_DEBUG:-true} $(call start_processes,)
+	DJANGO_DEBUG=$${DJANGO_DEBUG:-true} scripts/start.sh
 
 demo: migrate
 	@echo "Exchange emulator: $(EMULATOR)  (faults: POST $(EMULATOR)/_control/<provider>)"
@@ -59,7 +43,7 @@ demo: migrate
 	KURS_BINANCE_REST_URL=$(EMULATOR)/binance KURS_BINANCE_WS_URL=$(EMULATOR_WS)/binance \
 	KURS_BYBIT_REST_URL=$(EMULATOR)/bybit KURS_BYBIT_WS_URL=$(EMULATOR_WS)/bybit \
 	KURS_COINGECKO_REST_URL=$(EMULATOR)/coingecko KURS_CBR_REST_URL=$(EMULATOR)/cbr \
-	$(call start_processes,emulator)
+	scripts/start.sh emulator
 
 # Debian's Chromium drives the dashboard test; playwright's own browser download cannot work here.
 browser:
