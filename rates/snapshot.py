@@ -120,7 +120,7 @@ class RatesSnapshot:
         logger.info("snapshot: loaded %d active pairs, %d with a rate", len(items), len(loaded))
 
     async def aload(self) -> None:
-        await sync_to_async(self.load, thread_sensitive=False)()
+        await sync_to_async(self.load)()
 
     def apply_rate(self, data: dict[str, Any]) -> Course:
         """Apply a `rate.updated` payload: the latest accepted rate wins."""

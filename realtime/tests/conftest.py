@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import LazySettings
+from django.db import connections
 
 from rates.snapshot import snapshot
 from realtime.bridge import bridge
@@ -54,6 +56,9 @@ async def realtime_isolated(settings: LazySettings, prefix: str) -> AsyncIterato
     await bridge.stop()
     await asyncio.to_thread(connection.shutdown)
     snapshot.reset()
+    # The snapshot and the tests read the database in asgiref's sync thread: close its
+    # connection, or PostgreSQL refuses to drop the test database at the end.
+    await sync_to_async(connections.close_all)()
     assert len(hub) == 0, "a test left a socket connected: disconnect communicators"
 
 

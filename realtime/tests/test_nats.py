@@ -14,6 +14,7 @@ from decimal import Decimal
 
 import nats
 import pytest
+from asgiref.sync import sync_to_async
 from django.conf import LazySettings
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -139,7 +140,7 @@ async def test_publish_works_from_sync_threads_and_from_async_code(
 async def test_the_bridge_relays_foreign_messages_and_drops_bad_ones(
     own_nats: NatsServer, peer: Client, prefix: str
 ) -> None:
-    await asyncio.to_thread(Item.objects.get_or_create, base="BTC", quote="USD")
+    await sync_to_async(Item.objects.get_or_create)(base="BTC", quote="USD")
     ws = await connect("/ws/items?pairs=BTC-USD")
     await receive(ws)
     assert await connected()
@@ -173,7 +174,7 @@ async def test_the_bridge_relays_foreign_messages_and_drops_bad_ones(
 
 
 async def test_it_survives_a_nats_restart_mid_stream(own_nats: NatsServer, prefix: str) -> None:
-    await asyncio.to_thread(Item.objects.get_or_create, base="ETH", quote="USD")
+    await sync_to_async(Item.objects.get_or_create)(base="ETH", quote="USD")
     ws = await connect("/ws/items?pairs=ETH-USD")
     await receive(ws)
     assert await connected()
