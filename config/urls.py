@@ -4,8 +4,10 @@ from django.contrib import admin
 from django.urls import path
 
 from config.api import api
+from realtime.views import dashboard
 
 urlpatterns = [
+    path("", dashboard, name="dashboard"),
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
 ]

@@ -1,11 +1,20 @@
 from __future__ import annotations
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
+from rates.snapshot import DAILY_PROVIDERS
+
 
 @require_GET
 def dashboard(request: HttpRequest) -> HttpResponse:
-    """The live table: the page only opens /ws/items; every value arrives over the socket."""
-    return render(request, "dashboard.html", {"ws_path": "/ws/items"})
+    """The live table: the page opens /ws/items and every value arrives over the socket."""
+    config = {
+        "ws_path": "/ws/items",
+        "providers_url": "/api/v1/providers",
+        "stale_after": settings.KURS_STALE_AFTER,
+        "daily_providers": sorted(DAILY_PROVIDERS),
+    }
+    return render(request, "dashboard.html", {"config": config})
