@@ -4,12 +4,14 @@ from django.contrib import admin
 from django.urls import path
 
 from config.api import api
+from config.metrics import metrics_view
 from realtime.views import dashboard
 
 urlpatterns = [
     path("", dashboard, name="dashboard"),
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
+    path("metrics", metrics_view, name="metrics"),
 ]
 
 handler404 = "config.views.not_found"

@@ -1,0 +1,84 @@
+"""`GET /metrics` (Prometheus text) and the HTTP request metrics.
+
+Each process keeps its own metrics (the fetcher counts quotes, the web process requests and
+sockets). When `PROMETHEUS_MULTIPROC_DIR` is set — `make run` sets it for all its processes,
+docker compose shares it as a volume — `/metrics` aggregates every process's files, so one
+scrape sees the whole service; otherwise it exports this process's registry.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.http import HttpRequest, HttpResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+HTTP_REQUESTS = Counter(
+    "kurs_http_requests_total",
+    "HTTP requests by method, route and status.",
+    ["method", "route", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "kurs_http_request_seconds",
+    "HTTP request latency by method and route.",
+    ["method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+
+
+def _route(request: HttpRequest) -> str:
+    # The URL pattern, not the path, keeps label values bounded (/api/v1/items/<id>, not ids).
+    match = getattr(request, "resolver_match", None)
+    return match.route if match is not None and match.route else "unmatched"
+
+
+class HttpMetricsMiddleware:
+    async_capable = True
+    sync_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+        self._async = iscoroutinefunction(get_response)
+        if self._async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
+        if self._async:
+            return self._acall(request)
+        started = time.perf_counter()
+        response = self.get_response(request)
+        self._observe(request, response, started)
+        return response
+
+    async def _acall(self, request: HttpRequest) -> HttpResponse:
+        started = time.perf_counter()
+        response = await self.get_response(request)  # type: ignore[misc]
+        self._observe(request, response, started)
+        return response
+
+    @staticmethod
+    def _observe(request: HttpRequest, response: HttpResponse, started: float) -> None:
+        route = _route(request)
+        method = request.method or "?"
+        HTTP_REQUESTS.labels(method, route, str(response.status_code)).inc()
+        HTTP_LATENCY.labels(method, route).observe(time.perf_counter() - started)
+
+
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.test import Client
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.django_db
+
+
+def test_metrics_count_requests_by_route(client: Client) -> None:
+    assert client.get("/api/v1/items").status_code == 200
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/plain")
+    text = response.content.decode()
+    line = next(
+        line
+        for line in text.splitlines()
+        if line.startswith("kurs_http_requests_total{")
+        and 'route="api/v1/items"' in line
+        and 'status="200"' in line
+    )
+    assert float(line.rsplit(" ", 1)[1]) >= 1
+    assert "kurs_http_request_seconds_bucket" in text
+
+
+AGGREGATE = """
+import os, django
+django.setup()
+from prometheus_client import Counter
+from django.test import Client
+Counter("kurs_probe_total", "probe").inc(3)
+print(Client(HTTP_HOST="localhost").get("/metrics").content.decode())
+"""
+
+
+def test_metrics_aggregate_processes_sharing_a_directory(tmp_path: Path) -> None:
+    environment = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.test_settings",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+    }
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", AGGREGATE],
+            cwd=ROOT,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        for _ in range(2)
+    ]
+    assert all(run.returncode == 0 for run in runs), runs[-1].stderr
+    # The second process sees both processes' increments.
+    assert "kurs_probe_total 6.0" in runs[-1].stdout
