@@ -76,7 +76,11 @@ async def stream_forever(
                     # A bug in the consumer must not tear down the connection of every pair.
                     logger.exception("%s: on_quote failed for %s", provider.name, quote.pair)
 
-    if not provider.supports_stream or not any(provider.supports(pair) for pair in pairs):
+    if (
+        not provider.supports_stream
+        or provider.ws_url is None
+        or not any(provider.supports(pair) for pair in pairs)
+    ):
         report(STOPPED, "nothing to stream")
         return
     stop_wait = asyncio.create_task(stop.wait())
