@@ -39,14 +39,15 @@ class SocketQueue:
         close: Close,
         *,
         pairs: set[str] | None,
-        queue_limit: int = QUEUE_LIMIT,
-        send_timeout: float = SEND_TIMEOUT_S,
+        queue_limit: int | None = None,
+        send_timeout: float | None = None,
     ) -> None:
         self._send = send
         self._close = close
         self.pairs = pairs  # None: every active pair
-        self._queue_limit = queue_limit
-        self._send_timeout = send_timeout
+        # Read at creation, not at import: tests and benchmarks tune the module values.
+        self._queue_limit = QUEUE_LIMIT if queue_limit is None else queue_limit
+        self._send_timeout = SEND_TIMEOUT_S if send_timeout is None else send_timeout
         # Entries are either a frame (str) or a pair whose latest frame waits in _rates.
         self._queue: deque[str | tuple[str]] = deque()
         self._rates: dict[str, str] = {}

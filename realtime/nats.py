@@ -193,6 +193,7 @@ class NatsConnection:
             await client.close()
         if self._layer is not None and hasattr(self._layer, "close_pools"):
             await self._layer.close_pools()
+        self._layer = None
         logger.info(
             "nats: closed (published %d, fallback %d, dropped %d, errors %d)",
             self._counts["nats"],

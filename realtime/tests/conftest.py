@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,3 +144,98 @@ async def receive_until(
         message = await receive(communicator, wait)
         if message["type"] == kind:
             return message
+
+
+REDIS_TEST_URL = "redis://127.0.0.1:6379/5"
+
+
+@pytest.fixture(scope="session")
+def web_database(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A migrated SQLite file that the web subprocesses share (their snapshot reads it)."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('web') / 'web.sqlite3'}"
+    env = {**os.environ, "DATABASE_URL": url, "DJANGO_DEBUG": "false"}
+    env.setdefault("DJANGO_SECRET_KEY", "kurs-test-secret-key-not-for-production")
+    subprocess.run(
+        [str(REPO / ".venv" / "bin" / "python"), "manage.py", "migrate", "--noinput", "-v", "0"],
+        cwd=REPO,
+        env=env,
+        check=True,
+        timeout=120,
+    )
+    return url
+
+
+@dataclass
+class WebProcess:
+    """`uvicorn config.asgi:application` in a subprocess on a free port."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws/items"
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def web_processes(
+    web_database: str, tmp_path: Path, prefix: str
+) -> Iterator[Callable[..., list[WebProcess]]]:
+    started: list[WebProcess] = []
+
+    def start(count: int, *, nats_url: str, redis_url: str | None = None) -> list[WebProcess]:
+        batch = []
+        for n in range(count):
+            port = free_port()
+            env = {
+                **os.environ,
+                "DJANGO_DEBUG": "false",
+                "DJANGO_SECRET_KEY": "kurs-test-secret-key-not-for-production",
+                "DATABASE_URL": web_database,
+                "NATS_URL": nats_url,
+                "KURS_NATS_PREFIX": prefix,
+                "KURS_INSTANCE": f"web{n}-{prefix}",
+                "KURS_LOG_LEVEL": "INFO",
+            }
+            env.pop("REDIS_URL", None)
+            if redis_url:
+                env["REDIS_URL"] = redis_url
+            log = tmp_path / f"web{n}.log"
+            process = subprocess.Popen(
+                [
+                    str(REPO / ".venv" / "bin" / "uvicorn"),
+                    "config.asgi:application",
+                    *("--host", "127.0.0.1", "--port", str(port)),
+                    *("--lifespan", "on", "--ws", "websockets", "--no-access-log"),
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=log.open("wb"),
+                stderr=subprocess.STDOUT,
+            )
+            web = WebProcess(port=port, process=process, log=log)
+            started.append(web)
+            batch.append(web)
+        for web in batch:
+            try:
+                wait_for_port(web.port, 30.0)
+            except TimeoutError:
+                raise AssertionError(f"web process did not start:\n{web.log.read_text()}") from None
+        return batch
+
+    yield start
+    for web in started:
+        web.stop()
