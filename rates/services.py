@@ -342,14 +342,17 @@ def _publish_failover(pair: str, *, now: datetime, board: QuoteBoard) -> None:
 def provider_set_down(name: str, down: bool, *, board: QuoteBoard | None = None) -> None:
     """A provider stopped (or resumed) answering: its fresh quotes stop (or resume) serving.
 
-    Going down republishes, at once, the next provider's latest quote for every pair it served.
+    Either way the pairs it touches are re-evaluated at once: going down republishes the next
+    provider's latest quote for every pair it served; coming back republishes its own fresh
+    quotes for the pairs it outranks the current server on.
     """
     board = board or _board
-    if not board.set_down(name, down) or not down:
+    if not board.set_down(name, down):
         return
-    logger.warning("%s is down: failing over the pairs it served", name)
+    if down:
+        logger.warning("%s is down: failing over the pairs it served", name)
     now = timezone.now()
-    for pair in board.served_by(name):
+    for pair in list(board.published):
         _publish_failover(pair, now=now, board=board)
 
 

@@ -1,0 +1,271 @@
+"""Fetch cycles and the watch loop against the exchange emulator over real loopback HTTP/WS."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
+from prometheus_client import REGISTRY
+
+from items.models import Item
+from rates import fetcher
+from rates.emulator import EmulatorServer
+from rates.fetcher import Fetcher, monitor_for
+from rates.models import Rate
+from rates.providers import Provider
+from rates.tests.conftest_emulator import make_provider
+from rates.tests.support import rate_events
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("rate_settings", "fresh_board"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:websockets.legacy.*"),
+]
+
+Events = list[tuple[str, dict[str, Any]]]
+POLL = 0.5
+
+
+async def until(condition: Callable[[], bool], *, within: float = 5.0) -> None:
+    """Wait for `condition` (set by another task or thread), failing after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within}s")
+        await asyncio.sleep(0.01)
+
+
+@sync_to_async
+def track(*codes: str) -> None:
+    Item.objects.all().delete()
+    for code in codes:
+        base, quote = code.split("-")
+        Item.objects.create(base=base, quote=quote)
+
+
+@pytest.fixture(autouse=True)
+async def close_worker_connections() -> AsyncIterator[None]:
+    """sync_to_async runs the ORM on a worker thread: close its connection so that the test
+    database can be dropped (PostgreSQL refuses while a session is open)."""
+    yield
+    await sync_to_async(connections.close_all)()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(POLL)) as http:
+        yield http
+
+
+def providers(emulator: EmulatorServer, client: httpx.AsyncClient, *names: str) -> list[Provider]:
+    return [make_provider(name, emulator, client) for name in names]
+
+
+def serving(published: Events, pair: str) -> str | None:
+    events = rate_events(published, pair)
+    return events[-1]["provider"] if events else None
+
+
+async def test_a_cycle_stores_every_providers_quotes_and_reports_each(
+    emulator: EmulatorServer, client: httpx.AsyncClient, published_events: Events, settings: Any
+) -> None:
+    await track("BTC-USD", "BTC-RUB", "USDTTRC-RUB")
+    names = ("binance", "bybit", "coingecko", "cbr")
+    report = await Fetcher(providers(emulator, client, *names), poll_interval=POLL).cycle()
+    assert report.providers == dict.fromkeys(names, "ok")
+    assert report.ok
+    stored = await sync_to_async(
+        lambda: sorted(Rate.objects.values_list("item__code", "provider"))
+    )()
+    assert stored == [
+        ("BTC-RUB", "coingecko"),
+        ("BTC-USD", "binance"),
+        ("BTC-USD", "bybit"),
+        ("BTC-USD", "coingecko"),
+        ("USDTTRC-RUB", "coingecko"),
+    ]
+    assert report.stored == len(stored)
+    assert serving(published_events, "BTC-USD") == "binance"
+    (completed,) = [e["data"] for _, e in published_events if e["type"] == "fetch.completed"]
+    assert completed == report.event()
+    assert set(completed) == {"stored", "providers", "duration_ms"}
+    rows = {row["pair"]: row for row in report.rows}
+    assert rows["BTC-RUB"]["provider"] == "coingecko"
+
+
+async def test_the_stored_value_is_exactly_the_exchanges_price(
+    emulator: EmulatorServer, client: httpx.AsyncClient
+) -> None:
+    await track("BTC-USD")
+    emulator.market.books["binance"].set("BTCUSDT", Decimal("91234.56789012"))
+    await Fetcher(providers(emulator, client, "binance"), poll_interval=POLL).cycle()
+    rate = await Rate.objects.aget(provider="binance")
+    assert rate.value == Decimal("91234.56789012")
+
+
+async def test_rub_pairs_come_as_a_cross_rate_when_coingecko_is_down(
+    emulator: EmulatorServer, client: httpx.AsyncClient, published_events: Events
+) -> None:
+    await track("BTC-RUB")
+    emulator.market.books["binance"].set("BTCUSDT", Decimal("90000.5"))
+    emulator.set_fault("coingecko", "down")
+    names = ("binance", "coingecko", "cbr")
+    await Fetcher(providers(emulator, client, *names), poll_interval=POLL).cycle()
+    (event,) = rate_events(published_events, "BTC-RUB")
+    assert event["provider"] == "binance+cbr"
+    assert event["derived"] is True
+    assert event["value"] == Decimal("90000.5") * Decimal("80.0000")
+
+
+@pytest.mark.parametrize(
+    ("mode", "options"),
+    [
+        ("down", {}),
+        ("down", {"status": 500}),
+        ("slow", {"delay": 1}),
+        ("rate_limited", {"retry_after": 30}),
+        ("garbage", {}),
+        ("garbage", {"variant": "shape"}),
+        ("absurd", {}),
+    ],
+)
+async def test_it_fails_over_to_bybit_within_two_polls_when_binance_misbehaves(
+    emulator: EmulatorServer,
+    client: httpx.AsyncClient,
+    published_events: Events,
+    settings: Any,
+    mode: str,
+    options: dict[str, Any],
+) -> None:
+    settings.KURS_PROVIDERS = ["binance", "bybit"]
+    await track("BTC-USD")
+    watcher = Fetcher(providers(emulator, client, "binance", "bybit"), poll_interval=POLL)
+    await watcher.cycle()
+    assert serving(published_events, "BTC-USD") == "binance"
+    emulator.set_fault("binance", mode, **options)
+    reports = [await watcher.cycle() for _ in range(2)]
+    assert serving(published_events, "BTC-USD") == "bybit"
+    assert reports[0].providers["binance"].startswith("error: ")
+    assert reports[0].providers["bybit"] == "ok"
+    assert reports[0].ok
+    # Recovery: binance takes the pair back once it answers properly.
+    emulator.set_fault("binance", "ok")
+    monitor_for("binance").breaker.open_until = 0.0  # skip the back-off, not the probe
+    await watcher.cycle()
+    assert serving(published_events, "BTC-USD") == "binance"
+
+
+async def test_a_429_keeps_the_circuit_open_for_retry_after_and_publishes_the_state(
+    emulator: EmulatorServer, client: httpx.AsyncClient, published_events: Events
+) -> None:
+    await track("BTC-USD")
+    watcher = Fetcher(providers(emulator, client, "binance"), poll_interval=POLL)
+    emulator.set_fault("binance", "rate_limited", retry_after=30)
+    await watcher.cycle()
+    breaker = monitor_for("binance").breaker
+    assert breaker.state == "open"
+    assert breaker.retry_in() > 29
+    states = [e["data"] for _, e in published_events if e["type"] == "provider.state"]
+    assert states[-1]["name"] == "binance"
+    assert states[-1]["state"] == "open"
+    asked = len(emulator.market.requests)
+    report = await watcher.cycle()
+    assert report.providers["binance"].startswith("error: circuit open")
+    assert len(emulator.market.requests) == asked  # the open circuit spares the exchange
+    assert not report.ok
+    statuses = {status["name"]: status for status in fetcher.provider_statuses()}
+    assert statuses["binance"]["state"] == "open"
+    assert statuses["binance"]["errors_5m"] == 1
+
+
+async def test_absurd_prices_are_rejected_and_counted(
+    emulator: EmulatorServer, client: httpx.AsyncClient
+) -> None:
+    await track("ETH-USD")
+    watcher = Fetcher(providers(emulator, client, "binance", "bybit"), poll_interval=POLL)
+    await watcher.cycle()
+    labels = {"provider": "binance", "reason": "jump"}
+    before = REGISTRY.get_sample_value("kurs_quotes_rejected_total", labels) or 0.0
+    emulator.set_fault("binance", "absurd")
+    report = await watcher.cycle()
+    # One per quote: ETH-USD and ETH-USDT (the leg of ETH-USD's cross rate), both from ETHUSDT.
+    assert REGISTRY.get_sample_value("kurs_quotes_rejected_total", labels) == before + 2
+    assert "rejected (jump)" in report.providers["binance"]
+    # Compared in Python: SQLite keeps exact decimals as text, which orders as text.
+    values = await sync_to_async(lambda: list(Rate.objects.values_list("value", flat=True)))()
+    assert values
+    assert max(values) < 4000
+
+
+async def test_an_unreachable_exchange_is_reported_never_fatal(
+    client: httpx.AsyncClient, emulator: EmulatorServer
+) -> None:
+    await track("BTC-USD")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    dead = make_provider("binance", emulator, client, rest_url=f"http://127.0.0.1:{closed}")
+    report = await Fetcher([dead, *providers(emulator, client, "bybit")]).cycle()
+    assert report.providers["binance"].startswith("error: cannot reach")
+    assert report.providers["bybit"] == "ok"
+    assert report.ok
+
+
+async def test_watch_streams_prices_and_reconnects_after_a_dropped_stream(
+    emulator: EmulatorServer, client: httpx.AsyncClient, published_events: Events
+) -> None:
+    await track("BTC-USD")
+    # A long poll interval: after the first cycle, only the stream can deliver a new price.
+    watcher = Fetcher(providers(emulator, client, "binance"), poll_interval=60)
+    stop = asyncio.Event()
+    task = asyncio.create_task(watcher.watch(stop))
+    monitor = monitor_for("binance")
+    try:
+        await until(lambda: monitor.streaming and watcher.cycles == 1)
+        emulator.market.books["binance"].set("BTCUSDT", Decimal("91000.5"))
+        await until(
+            lambda: any(e["value"] == Decimal("91000.5") for e in rate_events(published_events))
+        )
+        emulator.set_fault("binance", "drop_stream")
+        await until(lambda: not monitor.streaming)
+        assert monitor.last_error is not None
+        assert monitor.last_error.startswith("stream: ")
+        emulator.set_fault("binance", "ok")
+        await until(lambda: monitor.streaming, within=10)
+        emulator.market.books["binance"].set("BTCUSDT", Decimal("91001.5"))
+        await until(
+            lambda: any(e["value"] == Decimal("91001.5") for e in rate_events(published_events))
+        )
+        values = await sync_to_async(lambda: set(Rate.objects.values_list("value", flat=True)))()
+        assert Decimal("91001.5") in values
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert watcher.cycles == 1
+
+
+async def test_watch_fails_over_within_two_poll_periods_when_binance_goes_down(
+    emulator: EmulatorServer, client: httpx.AsyncClient, published_events: Events, settings: Any
+) -> None:
+    settings.KURS_PROVIDERS = ["binance", "bybit"]
+    await track("BTC-USD")
+    watcher = Fetcher(providers(emulator, client, "binance", "bybit"), poll_interval=POLL)
+    stop = asyncio.Event()
+    task = asyncio.create_task(watcher.watch(stop))
+    try:
+        await until(lambda: serving(published_events, "BTC-USD") == "binance")
+        failed_at = time.monotonic()
+        emulator.set_fault("binance", "down")
+        await until(lambda: serving(published_events, "BTC-USD") == "bybit", within=2 * POLL + 1)
+        assert time.monotonic() - failed_at <= 2 * POLL + 0.5
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
