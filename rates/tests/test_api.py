@@ -1,0 +1,201 @@
+"""The rates endpoints, success and error paths (SPEC 5). Runs on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
+from django.test import AsyncClient, Client
+
+from items import services as item_services
+from items.models import Item
+from rates.emulator import EmulatorServer
+from rates.models import Rate
+from rates.tests.support import point_settings_at
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("rate_settings", "fresh_board")]
+
+DAY = datetime(2026, 3, 14, tzinfo=UTC)
+
+
+@pytest.fixture
+def btc() -> Item:
+    return Item.objects.get_or_create(base="BTC", quote="USD")[0]
+
+
+@pytest.fixture
+def history(btc: Item) -> Iterator[list[Rate]]:
+    """Five rates: three on DAY (binance, bybit, binance), one the day before, one after."""
+    rows = []
+    for offset, provider, value in [
+        (timedelta(hours=-2), "binance", "1.1"),
+        (timedelta(hours=1), "binance", "54000.123456789012345678"),
+        (timedelta(hours=2), "bybit", "54001"),
+        (timedelta(hours=23, minutes=59), "binance", "54002"),
+        (timedelta(days=1, hours=1), "binance", "54003"),
+    ]:
+        moment = DAY + offset
+        rows.append(
+            Rate.objects.create(
+                item=btc,
+                provider=provider,
+                value=Decimal(value),
+                bid=Decimal(value) - 1,
+                source_time=moment - timedelta(seconds=1),
+                received_at=moment,
+            )
+        )
+    return rows
+
+
+def values(response: Any) -> list[str]:
+    body = json.loads(response.content, parse_float=Decimal)
+    return [str(rate["value"]) for rate in body["items"]]
+
+
+def assert_422_naming(response: Any, field: str) -> None:
+    assert response.status_code == 422, response.content
+    body = response.json()
+    assert field in body["detail"]
+    assert any(error["field"] == field for error in body["errors"])
+
+
+def test_it_lists_an_items_rates_newest_first_with_the_count(
+    client: Client, btc: Item, history: list[Rate]
+) -> None:
+    response = client.get(f"/api/v1/items/{btc.id}/rates?limit=2")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["count"] == 5
+    assert values(response) == ["54003", "54002"]
+    assert set(body["items"][0]) == {
+        "provider",
+        "value",
+        "bid",
+        "ask",
+        "source_time",
+        "received_at",
+    }
+    assert body["items"][0]["received_at"] == "2026-03-15T01:00:00Z"
+    assert body["items"][0]["ask"] is None
+
+
+def test_rate_values_keep_every_digit_in_json(
+    client: Client, btc: Item, history: list[Rate]
+) -> None:
+    response = client.get(f"/api/v1/items/{btc.id}/rates?date=2026-03-14&provider=binance")
+    assert b'"value":54000.123456789012345678' in response.content
+
+
+def test_it_filters_by_utc_day_provider_since_and_until(
+    client: Client, btc: Item, history: list[Rate]
+) -> None:
+    path = f"/api/v1/items/{btc.id}/rates"
+    assert values(client.get(f"{path}?date=2026-03-14")) == [
+        "54002",
+        "54001",
+        "54000.123456789012345678",
+    ]
+    assert values(client.get(f"{path}?date=2026-03-14&provider=bybit")) == ["54001"]
+    since, until = "2026-03-14T01:00:00Z", "2026-03-14T23:59:00"  # no offset: UTC
+    assert values(client.get(f"{path}?since={since}&until={until}")) == [
+        "54001",
+        "54000.123456789012345678",
+    ]
+    assert client.get(f"{path}?provider=coingecko").json() == {"items": [], "count": 0}
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("limit=0", "limit"),
+        ("limit=501", "limit"),
+        ("limit=ten", "limit"),
+        ("since=yesterday", "since"),
+        ("until=2026-13-01", "until"),
+        ("date=2026-02-30", "date"),
+        ("date=14.03.2026", "date"),
+        ("since=2026-03-14T10:00:00Z&until=2026-03-14T09:00:00Z", "until"),
+        ("provider=" + "x" * 33, "provider"),
+    ],
+)
+def test_every_bad_parameter_is_a_422_naming_it(
+    client: Client, btc: Item, query: str, field: str
+) -> None:
+    assert_422_naming(client.get(f"/api/v1/items/{btc.id}/rates?{query}"), field)
+
+
+@pytest.mark.parametrize("suffix", ["rates", "rates/latest"])
+def test_an_unknown_item_is_a_404(client: Client, suffix: str) -> None:
+    response = client.get(f"/api/v1/items/999999/{suffix}")
+    assert response.status_code == 404
+    assert response.json()["detail"] == "item 999999 not found"
+
+
+def test_latest_is_the_newest_rate(client: Client, btc: Item, history: list[Rate]) -> None:
+    response = client.get(f"/api/v1/items/{btc.id}/rates/latest")
+    assert response.status_code == 200
+    assert response.json()["value"] == 54003
+    assert response.json()["provider"] == "binance"
+
+
+def test_latest_is_a_404_before_the_first_rate(client: Client, btc: Item) -> None:
+    response = client.get(f"/api/v1/items/{btc.id}/rates/latest")
+    assert response.status_code == 404
+    assert "no rate yet" in response.json()["detail"]
+
+
+def test_providers_lists_each_configured_provider_in_priority_order(client: Client) -> None:
+    response = client.get("/api/v1/providers")
+    assert response.status_code == 200
+    assert response.json() == [
+        {
+            "name": name,
+            "priority": priority,
+            "state": "closed",
+            "last_success": None,
+            "last_error": None,
+            "errors_5m": 0,
+            "streaming": False,
+        }
+        for priority, name in enumerate(["binance", "bybit", "coingecko", "cbr"])
+    ]
+
+
+def test_running_a_task_needs_an_api_key(client: Client) -> None:
+    response = client.post("/api/v1/tasks/run")
+    assert response.status_code == 401
+    assert response.json()["detail"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_running_a_task_fetches_now_and_reports_each_provider(
+    async_client: AsyncClient, emulator: EmulatorServer, settings: Any
+) -> None:
+    point_settings_at(settings, emulator)
+    emulator.set_fault("cbr", "down")
+    _, key = await sync_to_async(item_services.api_key_create)(name="tests")
+    await Item.objects.aget_or_create(base="BTC", quote="USD")
+    try:
+        response = await async_client.post("/api/v1/tasks/run", headers={"X-API-Key": key})
+        assert response.status_code == 200, response.content
+        body = response.json()
+        assert set(body) == {"stored", "providers", "duration_ms"}
+        assert body["providers"]["binance"] == "ok"
+        assert body["providers"]["cbr"].startswith("error: HTTP 503")
+        assert body["stored"] >= 3  # BTC-USD from binance, bybit and coingecko at least
+        assert await Rate.objects.filter(item__code="BTC-USD").acount() >= 3
+        assert await Rate.objects.acount() == body["stored"]
+        providers = {p["name"]: p for p in (await async_client.get("/api/v1/providers")).json()}
+        assert providers["binance"]["last_success"] is not None
+        assert providers["binance"]["streaming"] is False
+        assert providers["cbr"]["errors_5m"] == 1
+        assert providers["cbr"]["last_error"].startswith("HTTP 503")
+    finally:
+        await sync_to_async(connections.close_all)()
