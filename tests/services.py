@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,3 +39,21 @@ def require(service: str, host: str, port: int) -> None:
     if in_ci():
         pytest.fail(f"{message} (CI=true: the test services must be up)")
     pytest.skip(message)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(
+    args: list[str], env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run `python ARGS` from the project root in a fresh interpreter (settings read anew)."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

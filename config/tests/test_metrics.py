@@ -1,14 +1,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from django.test import Client
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.services import run_python
 
 pytestmark = pytest.mark.django_db
 
@@ -46,18 +44,7 @@ def test_metrics_aggregate_processes_sharing_a_directory(tmp_path: Path) -> None
         "DJANGO_SETTINGS_MODULE": "config.test_settings",
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
     }
-    runs = [
-        subprocess.run(
-            [sys.executable, "-c", AGGREGATE],
-            cwd=ROOT,
-            env=environment,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        for _ in range(2)
-    ]
+    runs = [run_python(["-c", AGGREGATE], environment) for _ in range(2)]
     assert all(run.returncode == 0 for run in runs), runs[-1].stderr
     # The second process sees both processes' increments.
     assert "kurs_probe_total 6.0" in runs[-1].stdout

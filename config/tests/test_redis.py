@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
-from tests.services import REDIS_URL, require
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.services import REDIS_URL, require, run_python
 
 pytestmark = pytest.mark.redis
 
@@ -54,15 +49,7 @@ def test_redis_url_switches_cache_and_channel_layer_to_redis() -> None:
         "DJANGO_SETTINGS_MODULE": "config.test_settings",
         "REDIS_URL": REDIS_URL,
     }
-    result = subprocess.run(
-        [sys.executable, "-c", PROBE, token],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_python(["-c", PROBE, token], environment)
     assert result.returncode == 0, result.stderr
     assert f"redis-ok {token}" in result.stdout
 

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from config import env
 from config.env import ConfigError
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.services import run_python
 
 
 def run_check(**overrides: str) -> subprocess.CompletedProcess[str]:
@@ -22,15 +19,7 @@ def run_check(**overrides: str) -> subprocess.CompletedProcess[str]:
         if not key.startswith(("KURS_", "DJANGO_", "DATABASE_URL", "REDIS_URL", "NATS_URL"))
     }
     environment.update({"DJANGO_SECRET_KEY": "x" * 50, **overrides})
-    return subprocess.run(
-        [sys.executable, "manage.py", "check"],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_python(["manage.py", "check"], environment)
 
 
 def test_good_defaults_start() -> None:

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import warnings
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import uvicorn
-from uvicorn.config import WS_PROTOCOLS
 
 from rates.emulator.app import EmulatorApp
 from rates.emulator.market import Fault, Market
 
-# uvicorn >= 0.35 drives websockets' current (sans-I/O) API; older releases only have the
-# implementation built on websockets.legacy, which warns about its own deprecation on import.
-WS_IMPLEMENTATION = "websockets-sansio" if "websockets-sansio" in WS_PROTOCOLS else "websockets"
+# uvicorn's WebSocket implementation on websockets' current (sans-I/O) API; the older one is
+# built on websockets.legacy, which is deprecated.
+WS_IMPLEMENTATION = "websockets-sansio"
 
 
 @dataclass(frozen=True)
@@ -88,11 +86,7 @@ async def run_emulator_server(
         log_config=None,
         timeout_graceful_shutdown=2,
     )
-    with warnings.catch_warnings():
-        # See WS_IMPLEMENTATION: the warning concerns uvicorn's import of websockets.legacy.
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"websockets\..*")
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"uvicorn\..*")
-        config.load()
+    config.load()
     server = uvicorn.Server(config)
     server.lifespan = config.lifespan_class(config)
     await server.startup(sockets=[sock])
