@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import queue
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -12,7 +16,7 @@ from django.utils import timezone
 
 from rates import fetcher, services
 from rates.board import QuoteBoard
-from rates.emulator import EmulatorServer
+from rates.emulator import EmulatorServer, run_emulator_server
 from rates.providers import Quote
 
 PROVIDERS = ["binance", "bybit", "coingecko", "cbr"]
@@ -78,3 +82,41 @@ def rate_events(published: list[tuple[str, dict]], pair: str | None = None) -> l
         if envelope["type"] == "rate.updated"
         and (pair is None or envelope["data"]["direction"] == pair)
     ]
+
+
+@contextmanager
+def emulator_in_thread() -> Iterator[EmulatorServer]:
+    """The emulator on its own event loop in a thread, for sync tests and subprocesses."""
+    started: queue.Queue[EmulatorServer | BaseException] = queue.Queue()
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+
+    async def serve() -> None:
+        try:
+            async with run_emulator_server(host="127.0.0.1", port=0, tick=3600, seed=7) as server:
+                started.put(server)
+                await stop.wait()
+        except BaseException as exc:  # reported to the test thread below
+            started.put(exc)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    server = started.get(timeout=10)
+    if isinstance(server, BaseException):
+        raise server
+    try:
+        yield server
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=10)
+        loop.close()
+
+
+def emulator_env(emulator: EmulatorServer) -> dict[str, str]:
+    """The environment that points a Kurs process at the emulator."""
+    env: dict[str, str] = {}
+    for name in PROVIDERS:
+        env[f"KURS_{name.upper()}_REST_URL"] = emulator.rest_url(name)
+        if name in ("binance", "bybit"):
+            env[f"KURS_{name.upper()}_WS_URL"] = emulator.ws_url(name)
+    return env
