@@ -68,15 +68,15 @@ class SocketQueue:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
 
+    def stuck(self, now: float) -> bool:
+        return self._sending_since is not None and now - self._sending_since > self._send_timeout
+
     def put(self, frame: str, pair: str | None = None) -> bool:
         """Queue a frame without waiting; False when the socket is behind and was closed."""
         if self.kicked:
             return False
-        if (
-            self._sending_since is not None
-            and self._loop.time() - self._sending_since > self._send_timeout
-        ):
-            self._kick(f"a send blocked for more than {self._send_timeout:.1f}s")
+        if self.stuck(self._loop.time()):
+            self.kick(f"a send blocked for more than {self._send_timeout:.1f}s")
             return False
         if pair is not None:
             if pair in self._rates:
@@ -85,13 +85,13 @@ class SocketQueue:
                 metrics.WS_COALESCED.inc()
                 return True
             if len(self._queue) >= self._queue_limit:
-                self._kick("queue full")
+                self.kick("queue full")
                 return False
             self._rates[pair] = frame
             self._queue.append((pair,))
         else:
             if len(self._queue) >= self._queue_limit:
-                self._kick("queue full")
+                self.kick("queue full")
                 return False
             self._queue.append(frame)
         self._ready.set()
@@ -113,7 +113,10 @@ class SocketQueue:
                 self._sending_since = None
                 self.sent += 1
 
-    def _kick(self, why: str) -> None:
+    def kick(self, why: str) -> None:
+        """Close with 1013: this socket fell behind."""
+        if self.kicked:
+            return
         self.kicked = True
         metrics.WS_SLOW_DISCONNECTS.inc()
         logger.info("ws: closing a slow client (%s, %d queued)", why, len(self._queue))
@@ -129,6 +132,7 @@ class Hub:
         self._all: set[SocketQueue] = set()
         self._wildcard: set[SocketQueue] = set()
         self._by_pair: dict[str, set[SocketQueue]] = {}
+        self._watchdog: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
         return len(self._all)
@@ -136,6 +140,22 @@ class Hub:
     def add(self, socket: SocketQueue) -> None:
         self._all.add(socket)
         self._index(socket)
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Close sockets whose send stays blocked even when no new event arrives for them.
+
+        One task per process scanning every socket a few times per send timeout: far cheaper
+        than a timer per send. It ends with the last socket and restarts with the next.
+        """
+        loop = asyncio.get_running_loop()
+        while self._all:
+            await asyncio.sleep(SEND_TIMEOUT_S / 4)
+            now = loop.time()
+            for socket in [s for s in self._all if s.stuck(now)]:
+                socket.kick(f"a send blocked for more than {SEND_TIMEOUT_S:.1f}s")
+                self.remove(socket)
 
     def remove(self, socket: SocketQueue) -> None:
         self._all.discard(socket)
