@@ -137,6 +137,9 @@ class Hub:
     def __len__(self) -> int:
         return len(self._all)
 
+    def sockets(self) -> list[SocketQueue]:
+        return list(self._all)
+
     def add(self, socket: SocketQueue) -> None:
         self._all.add(socket)
         self._index(socket)

@@ -180,8 +180,12 @@ async def test_it_filters_rate_events_by_pair_and_sends_other_events_to_all(pair
 
 async def test_subscribe_and_unsubscribe_change_what_arrives(pairs: None) -> None:
     ws = await connect("/ws/items?pairs=BTC-USD")
+    observer = await connect("/ws/items?pairs=ETH-RUB")
     await receive(ws)
+    await receive(observer)
     events.publish("rate.updated", rate_event("ETH-RUB", "1"))
+    await receive_until(observer, "rate.updated")  # the snapshot has it now
+    await observer.disconnect()
     await ws.send_to(text_data=json.dumps({"action": "subscribe", "pairs": ["eth-rub"]}))
     ack = await receive(ws)
     assert ack["type"] == "snapshot"

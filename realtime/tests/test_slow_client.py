@@ -45,7 +45,7 @@ async def server(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[int]:
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
     listener.bind(("127.0.0.1", 0))
     listener.listen()
-    config = uvicorn.Config(application, lifespan="on", ws="websockets", log_level="warning")
+    config = uvicorn.Config(application, lifespan="on", log_level="warning")
     instance = uvicorn.Server(config)
     task = asyncio.create_task(instance.serve(sockets=[listener]))
     async with asyncio.timeout(10):
