@@ -40,7 +40,7 @@ from rates.providers import (
     Quote,
     build_providers,
 )
-from rates.providers.streaming import STREAMING, stream_forever
+from rates.providers.streaming import DISCONNECTED, STREAMING, stream_forever
 from realtime import events
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class ProviderMonitor:
 
     def stream_state(self, state: str, reason: str) -> None:
         streaming = state == STREAMING
-        if reason and not streaming:
+        if state == DISCONNECTED:
             self.last_error = f"stream: {reason}"
             self.errors.append(time.time())
             metrics.PROVIDER_ERRORS.labels(self.name, "stream").inc()
@@ -303,6 +303,7 @@ class Fetcher:
                         if provider.supports_stream
                     ]
                     streamed = pairs
+                started = time.monotonic()
                 try:
                     report = await self.cycle()
                     if self.on_cycle is not None:
@@ -310,8 +311,10 @@ class Fetcher:
                 except Exception:
                     # A database hiccup ends this cycle, not the fetcher.
                     logger.exception("fetch cycle failed")
+                # A steady cadence: the next cycle starts one interval after this one started.
+                pause = max(0.0, started + self.poll_interval - time.monotonic())
                 with suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.poll_interval)
+                    await asyncio.wait_for(stop.wait(), pause)
         finally:
             await _stop_streams(streams, stream_stop)
 

@@ -286,8 +286,9 @@ def _reject(
         rejection.reason,
         rejection.detail,
     )
-    # What the provider says now is invalid: its earlier quote no longer speaks for the pair.
-    if board.withdraw(quote.pair, quote.provider):
+    # What the provider says now is wrong, so its earlier quote no longer speaks for the pair.
+    # A stale quote is only late (a replayed or slow frame): its fresher one still stands.
+    if rejection.reason != "stale" and board.withdraw(quote.pair, quote.provider):
         _publish_failover(quote.pair, now=now, board=board)
     return Acceptance(quote, accepted=False, reason=rejection.reason)
 
