@@ -39,11 +39,14 @@ CIRCUIT_STATE = Gauge(
     "kurs_circuit_state",
     "Circuit breaker state per provider: 0 closed, 1 half-open, 2 open.",
     ["provider"],
+    # Aggregated over processes (PROMETHEUS_MULTIPROC_DIR): the worst state any live one sees.
+    multiprocess_mode="livemax",
 )
 RATE_AGE = Gauge(
     "kurs_rate_age_seconds",
     "Age of the source time of the last accepted quote per pair, when it was accepted.",
     ["pair"],
+    multiprocess_mode="livemin",
 )
 
 CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
