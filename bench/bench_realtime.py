@@ -1,0 +1,496 @@
+"""Realtime benchmarks: fan-out to 1,000 sockets, publish-to-socket latency, exchange-to-socket.
+
+    .venv/bin/python bench/bench_realtime.py [--sockets 1000] [--events 50] [--repeat 3]
+
+One uvicorn web process (started here, on a free port) serves both `/ws/items` (Kurs: NATS ->
+bridge -> hub -> per-socket queues) and `/ws/baseline` (a plain Channels consumer in a group, fed
+by `group_send` over channels-redis: the textbook Channels broadcast). The clients are 1,000
+minimal WebSocket connections from this process; NATS is a nats-server started here. Everything
+shares the machine's cores, so the figures are for the whole path on one box, not the server
+alone. Needs Redis on 127.0.0.1:6379 (the baseline; DB 6) and `.venv/bin/nats-server`.
+
+Figures (medians of --repeat runs):
+1. deliveries/s to N sockets: Kurs against the group_send baseline, and the ratio (target >= 5x);
+2. latency from `events.publish()` until all N sockets have the event: median and p99
+   (target p99 < 250 ms);
+3. the full path: the emulator's Binance stream pushes a price (control call) -> `run_fetch
+   --watch` -> accept_quote -> NATS -> web -> socket: median and p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO / ".venv" / "bin"
+PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
+REDIS_URL = "redis://127.0.0.1:6379/6"
+BASELINE_GROUP = "bench-baseline"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: nothing listens on 127.0.0.1:{port}") from None
+            time.sleep(0.05)
+
+
+# --- the server process ------------------------------------------------------------------------
+def serve(port: int) -> None:
+    """`--serve PORT`: Kurs's /ws/items and the Channels baseline on one uvicorn server."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+    import django
+
+    django.setup()
+    import uvicorn
+    from channels.generic.websocket import AsyncWebsocketConsumer
+    from channels.routing import ProtocolTypeRouter, URLRouter
+    from django.core.asgi import get_asgi_application
+    from django.urls import path
+
+    from realtime.bridge import lifespan
+    from realtime.consumers import ItemsConsumer
+
+    class BaselineConsumer(AsyncWebsocketConsumer):
+        async def connect(self) -> None:
+            await self.channel_layer.group_add(BASELINE_GROUP, self.channel_name)
+            await self.accept()
+            await self.send(text_data='{"type":"joined"}')
+
+        async def disconnect(self, code: int) -> None:
+            await self.channel_layer.group_discard(BASELINE_GROUP, self.channel_name)
+
+        async def bench_event(self, event: dict[str, Any]) -> None:
+            await self.send(text_data=event["text"])
+
+    application = ProtocolTypeRouter(
+        {
+            "http": get_asgi_application(),
+            "websocket": URLRouter(
+                [
+                    path("ws/items", ItemsConsumer.as_asgi()),
+                    path("ws/baseline", BaselineConsumer.as_asgi()),
+                ]
+            ),
+            "lifespan": lifespan,
+        }
+    )
+    uvicorn.run(application, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+
+
+# --- minimal WebSocket clients -----------------------------------------------------------------
+class Client(asyncio.Protocol):
+    """Just enough WebSocket to count text frames cheaply (answers pings, so it stays open)."""
+
+    def __init__(self, port: int, path: str, on_text: Callable[[Client, bytes], None]) -> None:
+        self.port = port
+        self.path = path
+        self.on_text = on_text
+        self.buffer = bytearray()
+        self.open = False
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self.count = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(
+            (
+                f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                f"Origin: http://127.0.0.1:{self.port}\r\n\r\n"
+            ).encode()
+        )
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        if not self.open:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            if not buffer.startswith(b"HTTP/1.1 101"):
+                self.opened.set_exception(RuntimeError(bytes(buffer[:end]).decode()))
+                return
+            del buffer[: end + 4]
+            self.open = True
+            self.opened.set_result(None)
+        offset = 0
+        size = len(buffer)
+        while size - offset >= 2:
+            length = buffer[offset + 1] & 0x7F
+            start = offset + 2
+            if length == 126:
+                if size - offset < 4:
+                    break
+                length = int.from_bytes(buffer[offset + 2 : offset + 4], "big")
+                start = offset + 4
+            elif length == 127:
+                if size - offset < 10:
+                    break
+                length = int.from_bytes(buffer[offset + 2 : offset + 10], "big")
+                start = offset + 10
+            end = start + length
+            if end > size:
+                break
+            opcode = buffer[offset] & 0x0F
+            if opcode == 0x1:
+                self.count += 1
+                self.on_text(self, bytes(buffer[start:end]))
+            elif opcode == 0x9 and self.transport is not None:
+                # Pong with an all-zero mask: the payload goes as it is.
+                payload = bytes(buffer[start:end])
+                self.transport.write(bytes([0x8A, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)
+            offset = end
+        if offset:
+            del buffer[:offset]
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Fanout:
+    """N clients on one path and a counter that fires when all have `target` frames."""
+
+    def __init__(self, port: int, path: str, sockets: int) -> None:
+        self.port, self.path, self.sockets = port, path, sockets
+        self.clients: list[Client] = []
+        self.target = 0
+        self.reached = 0
+        self.done: asyncio.Event = asyncio.Event()
+        self.done_at = 0.0
+
+    def on_text(self, client: Client, frame: bytes) -> None:
+        if client.count == self.target:
+            self.reached += 1
+            if self.reached == self.sockets:
+                self.done_at = time.perf_counter()
+                self.done.set()
+
+    def expect(self, frames_each: int) -> None:
+        self.target = frames_each
+        self.reached = sum(1 for c in self.clients if c.count >= frames_each)
+        self.done = asyncio.Event()
+        if self.reached == self.sockets:
+            self.done.set()
+
+    async def connect(self, first_frames: int = 1) -> None:
+        loop = asyncio.get_running_loop()
+        self.expect(first_frames)
+        for batch_start in range(0, self.sockets, 100):
+            batch = []
+            for _ in range(batch_start, min(self.sockets, batch_start + 100)):
+                batch.append(
+                    loop.create_connection(
+                        lambda: Client(self.port, self.path, self.on_text), "127.0.0.1", self.port
+                    )
+                )
+            for _, client in await asyncio.gather(*batch):
+                self.clients.append(client)
+        await asyncio.gather(*(c.opened for c in self.clients))
+        await asyncio.wait_for(self.done.wait(), 60)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.clients.clear()
+
+
+# --- measurements -----------------------------------------------------------------------------
+async def kurs_throughput(fanout: Fanout, events: int) -> float:
+    from realtime import events as realtime_events
+
+    base = fanout.clients[0].count
+    fanout.expect(base + events)
+    started = time.perf_counter()
+    for i in range(events):
+        realtime_events.publish(
+            "fetch.completed", {"stored": i, "providers": {"binance": "ok"}, "duration_ms": 1}
+        )
+    await asyncio.wait_for(fanout.done.wait(), 120)
+    return fanout.sockets * events / (fanout.done_at - started)
+
+
+async def baseline_throughput(fanout: Fanout, events: int, layer: Any) -> float:
+    from config.api import dumps
+    from realtime.events import make_envelope
+
+    base = fanout.clients[0].count
+    fanout.expect(base + events)
+    started = time.perf_counter()
+    for i in range(events):
+        envelope = make_envelope(
+            "fetch.completed", {"stored": i, "providers": {"binance": "ok"}, "duration_ms": 1}
+        )
+        await layer.group_send(BASELINE_GROUP, {"type": "bench.event", "text": dumps(envelope)})
+    try:
+        await asyncio.wait_for(fanout.done.wait(), 300)
+    except TimeoutError:
+        got = sum(min(c.count - base, events) for c in fanout.clients)
+        total = fanout.sockets * events
+        raise SystemExit(f"bench: baseline lost messages ({got} of {total})") from None
+    return fanout.sockets * events / (fanout.done_at - started)
+
+
+async def kurs_latency(fanout: Fanout, events: int) -> list[float]:
+    from realtime import events as realtime_events
+
+    latencies = []
+    for i in range(events):
+        base = fanout.clients[0].count
+        fanout.expect(base + 1)
+        started = time.perf_counter()
+        realtime_events.publish("provider.state", {"name": "bench", "state": "closed", "reason": i})
+        await asyncio.wait_for(fanout.done.wait(), 30)
+        latencies.append(fanout.done_at - started)
+        await asyncio.sleep(0.02)  # one event at a time: latency, not queueing
+    return latencies
+
+
+async def full_path_latency(port: int, emulator_port: int, ticks: int) -> list[float]:
+    """Set BTCUSDT on the emulator; time until a socket on BTC-USD has that value."""
+    loop = asyncio.get_running_loop()
+    waiting: dict[str, asyncio.Future[float]] = {}
+
+    def on_text(client: Client, frame: bytes) -> None:
+        message = json.loads(frame)
+        if message.get("type") == "rate.updated":
+            value = str(Decimal(str(message["data"]["value"])).normalize())
+            future = waiting.pop(value, None)
+            if future is not None and not future.done():
+                future.set_result(time.perf_counter())
+
+    _, client = await loop.create_connection(
+        lambda: Client(port, "/ws/items?pairs=BTC-USD", on_text), "127.0.0.1", port
+    )
+    await client.opened
+    latencies = []
+    price = Decimal("90000")
+    try:
+        for i in range(ticks + 3):
+            price += Decimal("1.25")
+            key = str(price.normalize())
+            waiting[key] = loop.create_future()
+            started = time.perf_counter()
+            await asyncio.to_thread(set_price, emulator_port, str(price))
+            try:
+                received = await asyncio.wait_for(waiting[key], 10)
+            except TimeoutError:
+                raise SystemExit(f"bench: emulator tick {price} never reached the socket") from None
+            if i >= 3:  # the first ticks warm up the stream and the breaker
+                latencies.append(received - started)
+            await asyncio.sleep(0.1)
+    finally:
+        client.close()
+    return latencies
+
+
+def set_price(port: int, price: str) -> None:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/_control/binance/price",
+        data=json.dumps({"symbol": "BTCUSDT", "price": price}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        response.read()
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+# --- orchestration ----------------------------------------------------------------------------
+class Processes:
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            args, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+        )
+        self.started.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in reversed(self.started):
+            process.terminate()
+        for process in self.started:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> None:
+    nats_port, web_port, emulator_port = free_port(), free_port(), free_port()
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "DJANGO_DEBUG": "false",
+        "DJANGO_SECRET_KEY": "kurs-bench-secret-key-not-for-production",
+        "DATABASE_URL": f"sqlite:///{workdir / 'bench.sqlite3'}",
+        "NATS_URL": f"nats://127.0.0.1:{nats_port}",
+        "REDIS_URL": REDIS_URL,
+        "KURS_NATS_PREFIX": prefix,
+        "KURS_WS_HEARTBEAT": "3600",
+        "KURS_LOG_LEVEL": "WARNING",
+    }
+    os.environ.update(env)
+    processes.start(
+        [str(VENV_BIN / "nats-server"), "-a", "127.0.0.1", "-p", str(nats_port)],
+        env,
+        workdir / "nats.log",
+    )
+    await asyncio.to_thread(
+        subprocess.run,
+        [PYTHON, "manage.py", "migrate", "--noinput", "-v", "0"],
+        cwd=REPO,
+        env=env,
+        check=True,
+    )
+    processes.start(
+        [PYTHON, __file__, "--serve", str(web_port)],
+        {**env, "KURS_INSTANCE": "bench-web"},
+        workdir / "web.log",
+    )
+    wait_for_port(nats_port)
+    wait_for_port(web_port)
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+    import django
+
+    django.setup()
+    from channels.layers import get_channel_layer
+
+    from realtime import nats as realtime_nats
+
+    if not await asyncio.to_thread(realtime_nats.wait_connected, 10):
+        raise SystemExit("bench: cannot connect to the bench's nats-server")
+    layer = get_channel_layer()
+
+    n, m = args.sockets, args.events
+    kurs_rates, baseline_rates, latencies_runs = [], [], []
+    for run_index in range(args.repeat):
+        kurs = Fanout(web_port, "/ws/items", n)
+        await kurs.connect(first_frames=1)  # the snapshot
+        kurs_rates.append(await kurs_throughput(kurs, m))
+        latencies_runs.append(await kurs_latency(kurs, args.latency_events))
+        kurs.close()
+        baseline = Fanout(web_port, "/ws/baseline", n)
+        await baseline.connect(first_frames=1)  # "joined": in the group
+        baseline_rates.append(await baseline_throughput(baseline, m, layer))
+        baseline.close()
+        print(
+            f"  run {run_index + 1}: kurs {kurs_rates[-1]:,.0f}/s, "
+            f"group_send {baseline_rates[-1]:,.0f}/s, "
+            f"latency median {statistics.median(latencies_runs[-1]) * 1000:.1f} ms, "
+            f"p99 {percentile(latencies_runs[-1], 99) * 1000:.1f} ms",
+            flush=True,
+        )
+
+    kurs_rate = statistics.median(kurs_rates)
+    baseline_rate = statistics.median(baseline_rates)
+    medians = [statistics.median(run) * 1000 for run in latencies_runs]
+    p99s = [percentile(run, 99) * 1000 for run in latencies_runs]
+    print(f"\nfan-out to {n} sockets, {m} events per run, median of {args.repeat} runs:")
+    print(f"  kurs (NATS -> bridge -> hub)      {kurs_rate:>10,.0f} deliveries/s")
+    print(f"  baseline (Channels group_send)    {baseline_rate:>10,.0f} deliveries/s")
+    print(
+        f"  ratio                             {kurs_rate / baseline_rate:>10.1f}x  (target >= 5x)"
+    )
+    print(f"publish -> all {n} sockets, {args.latency_events} events per run:")
+    print(
+        f"  median {statistics.median(medians):.1f} ms, p99 {statistics.median(p99s):.1f} ms"
+        "  (target p99 < 250 ms)"
+    )
+
+    if args.skip_full_path:
+        return
+    processes.start(
+        [PYTHON, "manage.py", "run_emulator", "--port", str(emulator_port), "--tick", "3600"],
+        env,
+        workdir / "emulator.log",
+    )
+    wait_for_port(emulator_port)
+    emulator = f"http://127.0.0.1:{emulator_port}/binance"
+    processes.start(
+        [PYTHON, "manage.py", "run_fetch", "--watch", "--provider", "binance"],
+        {
+            **env,
+            "KURS_INSTANCE": "bench-fetcher",
+            "KURS_PROVIDERS": "binance",
+            "KURS_BINANCE_REST_URL": emulator,
+            "KURS_BINANCE_WS_URL": f"ws://127.0.0.1:{emulator_port}/binance",
+        },
+        workdir / "fetcher.log",
+    )
+    full = []
+    for _ in range(args.repeat):
+        full.append(await full_path_latency(web_port, emulator_port, args.full_path_ticks))
+    print(
+        f"emulator stream tick -> fetcher -> NATS -> web -> socket, {args.full_path_ticks} ticks:"
+    )
+    print(
+        f"  median {statistics.median(statistics.median(r) for r in full) * 1000:.1f} ms, "
+        f"p99 {statistics.median(percentile(r, 99) for r in full) * 1000:.1f} ms"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--sockets", type=int, default=1000)
+    parser.add_argument("--events", type=int, default=50, help="events per throughput run")
+    parser.add_argument("--latency-events", type=int, default=100)
+    parser.add_argument("--full-path-ticks", type=int, default=30)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--skip-full-path", action="store_true")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    if args.serve:
+        serve(args.serve)
+        return
+    processes = Processes()
+    with tempfile.TemporaryDirectory(prefix="kurs-bench-") as workdir:
+        try:
+            asyncio.run(run(args, Path(workdir), processes))
+        finally:
+            from realtime import nats as realtime_nats
+
+            realtime_nats.shutdown()
+            processes.stop_all()
+
+
+if __name__ == "__main__":
+    main()
