@@ -23,8 +23,8 @@ What happens to a quote (SPEC 4, 7, 9):
    therefore never flip between providers' slightly different prices; when the serving provider
    goes down or is rejected, the next one's latest accepted quote is published at once.
 
-Cross rates (SPEC 4): a pair is also derived as `BASE-X × X-QUOTE` through X = USD and the
-`KURS_USD_PROXY` asset (USDT) when both legs are fresh, e.g. BTC-RUB = binance BTC-USD (the BTCUSDT
+Cross rates (SPEC 4): a pair is also derived as `BASE-X × X-QUOTE` through X = USD, USDT and the
+`KURS_USD_PROXY` asset when both legs are fresh, e.g. BTC-RUB = binance BTC-USD (the BTCUSDT
 market) × cbr USD-RUB, named `binance+cbr` and marked `derived`. Legs need not be tracked items:
 the fetch asks providers for them too, and the board keeps them in memory only.
 """
@@ -113,8 +113,12 @@ def _canonical(asset: str) -> str:
 
 
 def cross_routes(pair: Pair) -> list[tuple[Pair, Pair]]:
-    """The (BASE-X, X-QUOTE) legs a pair can be derived from: X is USD and the USD proxy."""
-    vias = dict.fromkeys(["USD", settings.KURS_USD_PROXY] if settings.KURS_USD_PROXY else ["USD"])
+    """The (BASE-X, X-QUOTE) legs a pair can be derived from: X is USD, USDT and the USD proxy.
+
+    With `KURS_USD_PROXY` empty, BTC-USD thus comes from a true USD quote or from
+    BTC-USDT × USDT-USD (SPEC 3).
+    """
+    vias = dict.fromkeys(["USD", "USDT", settings.KURS_USD_PROXY or "USD"])
     assets = {_canonical(pair.base), _canonical(pair.quote)}
     return [(Pair(pair.base, via), Pair(via, pair.quote)) for via in vias if via not in assets]
 

@@ -317,3 +317,18 @@ def test_prune_history_deletes_rows_older_than_the_retention() -> None:
         )
     assert services.prune_history(days=90) == 1
     assert Rate.objects.count() == 2
+
+
+def test_without_a_usd_proxy_a_usd_pair_crosses_through_usdt_usd(
+    django_capture_on_commit_callbacks: Any, settings: Any
+) -> None:
+    settings.KURS_USD_PROXY = ""
+    btc_usd = item("BTC-USD")
+    accept(make_quote("binance", "BTC-USDT", "90000"), django_capture_on_commit_callbacks)
+    accept(make_quote("coingecko", "USDT-USD", "1.0002"), django_capture_on_commit_callbacks)
+    rate = Rate.objects.get(item=btc_usd)
+    assert (rate.provider, rate.value, rate.derived) == (
+        "binance+coingecko",
+        Decimal("90018"),
+        True,
+    )
