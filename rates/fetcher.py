@@ -323,7 +323,7 @@ class Fetcher:
         accept = sync_to_async(services.accept_quote)
 
         async def on_quote(quote: Quote) -> None:
-            await accept(quote)
+            self.stored += (await accept(quote)).stored_count
 
         try:
             await stream_forever(
