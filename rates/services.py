@@ -101,6 +101,12 @@ def provider_priority(name: str) -> tuple[int, ...]:
 
 
 def provider_freshness(name: str) -> float:
+    """Seconds a quote of `name` stays fresh: its own window, else KURS_STALE_AFTER.
+
+    A cross rate `a+b` is as fresh as its least fresh leg allows.
+    """
+    if DERIVED_SEPARATOR in name:
+        return min(provider_freshness(leg) for leg in name.split(DERIVED_SEPARATOR))
     cls = PROVIDER_CLASSES.get(name)
     if cls is not None and cls.freshness is not None:
         return cls.freshness

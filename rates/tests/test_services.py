@@ -332,3 +332,10 @@ def test_without_a_usd_proxy_a_usd_pair_crosses_through_usdt_usd(
         Decimal("90018"),
         True,
     )
+
+
+def test_each_provider_has_its_freshness_window(settings: Any) -> None:
+    settings.KURS_STALE_AFTER = 30.0
+    assert services.provider_freshness("binance") == 30.0
+    assert services.provider_freshness("cbr") >= 86400
+    assert services.provider_freshness("binance+cbr") == 30.0
