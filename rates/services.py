@@ -41,7 +41,7 @@ from functools import partial
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from items.models import Item
@@ -180,7 +180,16 @@ def accept_quote(
 
 
 def accept_quotes(quotes: Iterable[Quote], *, board: QuoteBoard | None = None) -> list[Acceptance]:
-    return [accept_quote(quote, board=board) for quote in quotes]
+    """`accept_quote` for each quote of a REST round; one failing quote spares the others."""
+    results = []
+    for quote in quotes:
+        try:
+            results.append(accept_quote(quote, board=board))
+        except Exception:
+            # A database outage or a bug: log it with the quote, keep the round going.
+            logger.exception("cannot accept %s quote for %s", quote.provider, quote.pair)
+            results.append(Acceptance(quote, accepted=False, reason="error"))
+    return results
 
 
 def _accept(
@@ -234,7 +243,11 @@ def _accept(
     publish = serving and board.should_publish(pair, entry, heartbeat=_heartbeat())
     stored = False
     if serving or not derived:
-        stored = _store(item_id, entry, now=now)
+        try:
+            stored = _store(item_id, entry, now=now)
+        except DatabaseError:
+            # The quote is still valid and still served; only its history row is lost.
+            logger.exception("cannot store the %s rate of %s", name, pair)
     if publish:
         board.mark_published(pair, entry)
         transaction.on_commit(partial(events.publish, "rate.updated", rate_event(pair, entry)))

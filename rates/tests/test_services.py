@@ -5,6 +5,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from django.db import OperationalError
 from django.utils import timezone
 from prometheus_client import REGISTRY
 
@@ -339,3 +340,40 @@ def test_each_provider_has_its_freshness_window(settings: Any) -> None:
     assert services.provider_freshness("binance") == 30.0
     assert services.provider_freshness("cbr") >= 86400
     assert services.provider_freshness("binance+cbr") == 30.0
+
+
+def test_a_database_error_loses_the_row_not_the_rate(
+    django_capture_on_commit_callbacks: Any,
+    published_events: Events,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    item("BTC-USD")
+
+    def locked(**fields: Any) -> Rate:
+        raise OperationalError("database is locked")
+
+    monkeypatch.setattr(Rate.objects, "create", locked)
+    result = accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
+    assert result.accepted
+    assert not result.stored
+    assert [event["value"] for event in rate_events(published_events)] == [Decimal(100)]
+
+
+def test_one_failing_quote_does_not_stop_the_rest_of_a_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    item("BTC-USD")
+    item("ETH-USD")
+    real = services.accept_quote
+
+    def flaky(quote: Any, **kwargs: Any) -> services.Acceptance:
+        if quote.pair == "BTC-USD":
+            raise OperationalError("connection lost")
+        return real(quote, **kwargs)
+
+    monkeypatch.setattr(services, "accept_quote", flaky)
+    results = services.accept_quotes(
+        [make_quote("binance", "BTC-USD", "100"), make_quote("binance", "ETH-USD", "3000")]
+    )
+    assert [(r.accepted, r.reason) for r in results] == [(False, "error"), (True, None)]
+    assert Rate.objects.get().item.code == "ETH-USD"
