@@ -47,6 +47,11 @@ logger = logging.getLogger(__name__)
 
 STATUS_KEY = "rates:provider:{name}"
 ERROR_WINDOW = 300.0  # errors_5m
+# Providers with a freshness window of their own (CoinGecko's 60 s cache, CBR's daily table)
+# are polled every quarter of that window in --watch, at most hourly: their data cannot change
+# faster, and CoinGecko's public API rate-limits a 5 s poll.
+PACE_FRACTION = 0.25
+MAX_PACE = 3600.0
 # A REST round that outlives this is abandoned as a timeout, so one slow provider cannot hold
 # a cycle (and with it the failover to the next provider) longer than one poll period.
 MAX_ROUND_SECONDS = 10.0
@@ -203,18 +208,30 @@ class Fetcher:
         self.round_timeout = round_timeout or min(MAX_ROUND_SECONDS, self.poll_interval)
         self.cycles = 0
         self.stored = 0
+        self._polled_ok: dict[str, float] = {}  # provider -> monotonic time of its last good round
 
     async def pairs(self) -> list[Pair]:
         items = await sync_to_async(services.active_items)()
         return services.wanted_pairs(items)
 
-    async def cycle(self) -> CycleReport:
-        """One REST round over every provider, concurrently; publishes `fetch.completed`."""
+    def due(self, provider: Provider) -> bool:
+        """Is a paced provider's data old enough to ask again (see PACE_FRACTION)?"""
+        last = self._polled_ok.get(provider.name)
+        if provider.freshness is None or last is None:
+            return True
+        gap = max(self.poll_interval, min(MAX_PACE, provider.freshness * PACE_FRACTION))
+        return time.monotonic() - last >= gap - self.poll_interval / 10
+
+    async def cycle(self, *, pace: bool = False) -> CycleReport:
+        """One REST round over every provider, concurrently; publishes `fetch.completed`.
+
+        With `pace`, providers whose data is still recent (see `due`) sit the cycle out and are
+        left out of the report.
+        """
         started = time.perf_counter()
         pairs = await self.pairs()
-        rounds = await asyncio.gather(
-            *(self._round(provider, pairs) for provider in self.providers)
-        )
+        polled = [provider for provider in self.providers if not pace or self.due(provider)]
+        rounds = await asyncio.gather(*(self._round(provider, pairs) for provider in polled))
         duration = time.perf_counter() - started
         report = CycleReport(
             stored=sum(item.stored for item in rounds),
@@ -268,6 +285,7 @@ class Fetcher:
             reason = f"all {len(quotes)} quotes rejected ({', '.join(reasons)})"
             return self._failed(monitor, reason, "rejected", stored=stored)
         monitor.succeeded()
+        self._polled_ok[name] = time.monotonic()
         return ProviderRound(name, "ok", valid=valid, stored=stored)
 
     @staticmethod
@@ -305,7 +323,7 @@ class Fetcher:
                     streamed = pairs
                 started = time.monotonic()
                 try:
-                    report = await self.cycle()
+                    report = await self.cycle(pace=True)
                     if self.on_cycle is not None:
                         self.on_cycle(report)
                 except Exception:

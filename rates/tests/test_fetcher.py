@@ -269,3 +269,20 @@ async def test_watch_fails_over_within_two_poll_periods_when_binance_goes_down(
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
+
+
+async def test_watch_paces_providers_whose_data_changes_slowly(
+    emulator: EmulatorServer, client: httpx.AsyncClient
+) -> None:
+    await track("BTC-RUB", "BTC-USD")
+    watcher = Fetcher(providers(emulator, client, "binance", "coingecko", "cbr"), poll_interval=1)
+    first = await watcher.cycle(pace=True)
+    second = await watcher.cycle(pace=True)
+    assert list(first.providers) == ["binance", "coingecko", "cbr"]
+    # CoinGecko caches for 60 s and CBR publishes daily: asking again at once would only spend
+    # their rate limits. Binance is asked every poll.
+    assert list(second.providers) == ["binance"]
+    unpaced = await watcher.cycle()
+    assert list(unpaced.providers) == ["binance", "coingecko", "cbr"]
+    asked = [request.provider for request in emulator.market.requests]
+    assert asked.count("cbr") == 2
