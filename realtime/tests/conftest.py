@@ -8,6 +8,7 @@ accident and events take the fallback path; tests that need a real NATS ask for 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -19,16 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import LazySettings
 from django.db import connections
+from nats.js.errors import NotFoundError
 
 from rates.snapshot import snapshot
 from realtime.bridge import bridge
 from realtime.hub import hub
-from realtime.nats import connection
+from realtime.nats import connection, stream_name
 from tests.services import NATS_URL, require
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,12 +70,20 @@ async def realtime_isolated(settings: LazySettings, prefix: str) -> AsyncIterato
 
 
 @pytest.fixture
-def machine_nats(settings: LazySettings) -> str:
-    """The machine's NATS with JetStream (SPEC 10); skipped, or failed under CI, when absent."""
+async def machine_nats(settings: LazySettings, prefix: str) -> AsyncIterator[str]:
+    """The machine's NATS with JetStream (SPEC 10); skipped, or failed under CI, when absent.
+
+    The connection ensures a stream for this test's prefix there: it is deleted afterwards.
+    """
     host, port = NATS_URL.removeprefix("nats://").split(":")
     require("NATS", host, int(port))
     settings.NATS_SERVERS = [NATS_URL]
-    return NATS_URL
+    yield NATS_URL
+    await asyncio.to_thread(connection.shutdown)
+    client = await nats.connect(NATS_URL, name="kurs-test-cleanup")
+    with contextlib.suppress(NotFoundError):
+        await client.jetstream().delete_stream(stream_name(prefix))
+    await client.close()
 
 
 @dataclass

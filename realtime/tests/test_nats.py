@@ -91,20 +91,17 @@ async def test_it_ensures_the_jetstream_stream_where_the_server_has_it(
     assert await connected()
     js = peer.jetstream()
     name = stream_name(prefix)
-    try:
-        assert await wait_for(connection.stream_checked)
-        assert realtime_nats.status()["jetstream"] is True
-        info = await js.stream_info(name)
-        assert info.config.subjects == [f"{prefix}.>"]
-        assert info.config.max_age == 24 * 3600
-        events.publish("provider.state", {"name": "cbr", "state": "open", "reason": "timeout"})
-        # Another service replays the stream from its start.
-        replay = await js.subscribe(f"{prefix}.provider.state", ordered_consumer=True)
-        replayed = await replay.next_msg(timeout=5)
-        assert json.loads(replayed.data)["data"]["name"] == "cbr"
-        await replay.unsubscribe()
-    finally:
-        await js.delete_stream(name)
+    assert await wait_for(connection.stream_checked)
+    assert realtime_nats.status()["jetstream"] is True
+    info = await js.stream_info(name)
+    assert info.config.subjects == [f"{prefix}.>"]
+    assert info.config.max_age == 24 * 3600
+    events.publish("provider.state", {"name": "cbr", "state": "open", "reason": "timeout"})
+    # Another service replays the stream from its start.
+    replay = await js.subscribe(f"{prefix}.provider.state", ordered_consumer=True)
+    replayed = await replay.next_msg(timeout=5)
+    assert json.loads(replayed.data)["data"]["name"] == "cbr"
+    await replay.unsubscribe()
 
 
 async def test_a_server_without_jetstream_is_fine(own_nats: NatsServer, peer: Client) -> None:
