@@ -55,6 +55,7 @@ class SocketQueue:
         self._sending_since: float | None = None
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
         self.coalesced = 0
         self.sent = 0
         self.kicked = False
@@ -122,7 +123,8 @@ class SocketQueue:
         logger.info("ws: closing a slow client (%s, %d queued)", why, len(self._queue))
         if self._task is not None:
             self._task.cancel()
-        self._loop.create_task(self._close(CLOSE_TRY_AGAIN_LATER))
+        # Keep a reference: the loop holds tasks weakly, and the close must not be collected.
+        self._closing = self._loop.create_task(self._close(CLOSE_TRY_AGAIN_LATER))
 
 
 class Hub:

@@ -198,3 +198,17 @@ async def test_it_survives_a_nats_restart_mid_stream(own_nats: NatsServer, prefi
     await ws.send_to(text_data="ping")
     assert await receive_until(ws, "pong") == {"type": "pong"}
     await ws.disconnect()
+
+
+async def test_shutdown_flushes_the_outbox_and_drains(
+    own_nats: NatsServer, peer: Client, prefix: str
+) -> None:
+    queue = await collect(peer, f"{prefix}.provider.state")
+    assert await connected()
+    for i in range(200):
+        events.publish("provider.state", {"name": "cbr", "state": "open", "reason": str(i)})
+    # A management command ending right after it published: nothing queued may be lost.
+    await asyncio.to_thread(connection.shutdown)
+    reasons = [json.loads((await asyncio.wait_for(queue.get(), 5)).data) for _ in range(200)]
+    assert [r["data"]["reason"] for r in reasons] == [str(i) for i in range(200)]
+    assert realtime_nats.status()["state"] == "closed"
