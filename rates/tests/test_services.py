@@ -377,3 +377,19 @@ def test_one_failing_quote_does_not_stop_the_rest_of_a_round(
     )
     assert [(r.accepted, r.reason) for r in results] == [(False, "error"), (True, None)]
     assert Rate.objects.get().item.code == "ETH-USD"
+
+
+def test_a_cross_rate_is_rounded_once_and_stored_exactly_as_published(
+    django_capture_on_commit_callbacks: Any, published_events: Events
+) -> None:
+    item("ETH-RUB")
+    accept(
+        make_quote("binance", "ETH-USD", "3000.123456789012"), django_capture_on_commit_callbacks
+    )
+    accept(make_quote("cbr", "USD-RUB", "80.1234567891"), django_capture_on_commit_callbacks)
+    exact = Decimal("3000.123456789012") * Decimal("80.1234567891")  # 22 decimal places
+    rate = Rate.objects.get(item__code="ETH-RUB")
+    assert rate.value == exact.quantize(Decimal("1E-18"))
+    assert rate.value != exact
+    (event,) = rate_events(published_events, "ETH-RUB")
+    assert event["value"] == rate.value
