@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import random
 import statistics
@@ -75,7 +74,10 @@ class EmulatorThread:
         self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self._serve(),))
 
     async def _serve(self) -> None:
-        async with run_emulator_server(host="127.0.0.1", port=0, tick=3600, seed=1) as server:
+        # log_level: the emulator refuses upgrades while binance is down, and uvicorn logs each.
+        async with run_emulator_server(
+            host="127.0.0.1", port=0, tick=3600, seed=1, log_level="critical"
+        ) as server:
             self.server = server
             self.ready.set()
             await self.stop.wait()
@@ -338,8 +340,6 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--poll", type=float, default=1.0, help="poll interval for failover")
     args = parser.parse_args()
-    # The emulator refuses upgrades while binance is down, as intended; uvicorn logs each one.
-    logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
     call_command("migrate", verbosity=0)
     Item.objects.filter(code="BTC-USD").update(is_active=True)
     settings.KURS_PROVIDERS = ["binance", "bybit"]
