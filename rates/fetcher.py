@@ -341,6 +341,8 @@ class Fetcher:
         accept = sync_to_async(services.accept_quote)
 
         async def on_quote(quote: Quote) -> None:
+            # A delivered quote is a success; it reaches the cache with the next save.
+            monitor.last_success = timezone.now()
             self.stored += (await accept(quote)).stored_count
 
         try:
