@@ -62,6 +62,17 @@ def inbound_frame(subject: str, payload: Any) -> str:
     )
 
 
+def origin_of(headers: dict[str, str] | None) -> str | None:
+    """The `Kurs-Origin` header, whatever case another client's library gave it."""
+    if not headers:
+        return None
+    origin = headers.get(ORIGIN_HEADER)
+    if origin is None:
+        wanted = ORIGIN_HEADER.lower()
+        origin = next((v for k, v in headers.items() if k.lower() == wanted), None)
+    return origin
+
+
 class Bridge:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -157,8 +168,7 @@ class Bridge:
 
     async def _on_nats_message(self, msg: Msg) -> None:
         # Runs in the NATS thread; the snapshot and the hub belong to the web server's loop.
-        origin = msg.headers.get(ORIGIN_HEADER) if msg.headers else None
-        self._call_in_loop(msg.subject, origin, msg.data)
+        self._call_in_loop(msg.subject, origin_of(msg.headers), msg.data)
 
     def deliver_threadsafe(self, subject: str, payload: bytes) -> None:
         """The in-memory fallback: an event this process could not send over NATS."""

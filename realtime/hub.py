@@ -110,7 +110,13 @@ class SocketQueue:
                 entry = queue.popleft()
                 frame = rates.pop(entry[0]) if isinstance(entry, tuple) else entry
                 self._sending_since = self._loop.time()
-                await self._send(frame)
+                try:
+                    await self._send(frame)
+                except Exception as exc:
+                    # The client went away mid-send; its disconnect event follows and cleans up.
+                    logger.debug("ws: send failed, socket gone: %r", exc)
+                    self.kicked = True
+                    return
                 self._sending_since = None
                 self.sent += 1
 

@@ -167,6 +167,15 @@ async def test_the_bridge_relays_foreign_messages_and_drops_bad_ones(
     )
     event = await receive(ws)
     assert (event["type"], event["data"]["value"]) == ("rate.updated", 1.5)
+    # Header names are compared without case: another client library may lower-case them.
+    data["value"] = 1.75
+    await peer.publish(
+        f"{prefix}.rates.BTC-USD",
+        json.dumps({**other, "data": data, "id": "e2"}).encode(),
+        headers={"kurs-origin": "a-go-service-relaying-kurs"},
+    )
+    event = await receive(ws)
+    assert (event["type"], event["data"]["value"]) == ("rate.updated", 1.75)
     await ws.disconnect()
 
 
