@@ -22,12 +22,10 @@ async def list_rates(
     request: HttpRequest, item_id: int, filters: Query[RateListQuery]
 ) -> dict[str, object]:
     item = await item_get(item_id=item_id)
+    # Cross rates are named `binance+cbr`; an unencoded `+` in a query string arrives as a space.
+    provider = filters.provider.replace(" ", "+") if filters.provider else None
     rates = selectors.rate_list(
-        item=item,
-        since=filters.since,
-        until=filters.until,
-        day=filters.date,
-        provider=filters.provider,
+        item=item, since=filters.since, until=filters.until, day=filters.date, provider=provider
     )
     return {"items": [rate async for rate in rates[: filters.limit]], "count": await rates.acount()}
 

@@ -199,3 +199,20 @@ async def test_running_a_task_fetches_now_and_reports_each_provider(
         assert providers["cbr"]["last_error"].startswith("HTTP 503")
     finally:
         await sync_to_async(connections.close_all)()
+
+
+@pytest.mark.parametrize("spelled", ["binance+cbr", "binance%2Bcbr"])
+def test_the_provider_filter_finds_cross_rates_however_the_plus_is_sent(
+    client: Client, spelled: str
+) -> None:
+    btc_rub = Item.objects.get_or_create(base="BTC", quote="RUB")[0]
+    Rate.objects.create(
+        item=btc_rub,
+        provider="binance+cbr",
+        value=Decimal("7200000.5"),
+        source_time=DAY,
+        received_at=DAY,
+        derived=True,
+    )
+    response = client.get(f"/api/v1/items/{btc_rub.id}/rates?provider={spelled}")
+    assert response.json()["count"] == 1
