@@ -26,10 +26,22 @@ class RateListQuery(Schema):
 
     @field_validator("since", "until")
     @classmethod
-    def _aware(cls, value: datetime | None) -> datetime | None:
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
         # A time without an offset is read as UTC, the only zone Kurs speaks.
-        if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:  # e.g. 0001-01-01T00:00+01:00 is before year 1 in UTC
+            raise ValueError("out of range") from None
+
+    @field_validator("date")
+    @classmethod
+    def _whole_day(cls, value: dt.date | None) -> dt.date | None:
+        if value is not None and value >= dt.date.max:
+            raise ValueError("out of range: the day must end before year 10000")
         return value
 
     @field_validator("until")

@@ -123,6 +123,9 @@ def test_it_filters_by_utc_day_provider_since_and_until(
         ("date=14.03.2026", "date"),
         ("since=2026-03-14T10:00:00Z&until=2026-03-14T09:00:00Z", "until"),
         ("provider=" + "x" * 33, "provider"),
+        ("since=0001-01-01T00:00:00%2B01:00", "since"),  # before year 1 in UTC
+        ("until=9999-12-31T23:59:59-01:00", "until"),  # after year 9999 in UTC
+        ("date=9999-12-31", "date"),  # the day would end in year 10000
     ],
 )
 def test_every_bad_parameter_is_a_422_naming_it(
