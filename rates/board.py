@@ -14,10 +14,17 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
+from rates.validation import relative_change
+
 DERIVED_SEPARATOR = "+"
+
+
+def agrees(value: Decimal, other: Decimal, *, max_jump: float) -> bool:
+    """Two values within the jump limit of each other (relative to the second)."""
+    return other > 0 and relative_change(value, other) <= Decimal(str(max_jump))
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +61,8 @@ class QuoteBoard:
     accepted: dict[str, dict[str, Entry]] = field(default_factory=dict)
     references: dict[str, Decimal] = field(default_factory=dict)
     seeded: set[str] = field(default_factory=set)
+    # (pair, provider) -> (level, since): an unconfirmed jump being held (see `held`).
+    pending: dict[tuple[str, str], tuple[Decimal, datetime]] = field(default_factory=dict)
     published: dict[str, _Published] = field(default_factory=dict)
     down: set[str] = field(default_factory=set)
     # Active items: code -> id, refreshed by rates.services when older than its TTL.
@@ -99,6 +108,24 @@ class QuoteBoard:
             for other in others
             if other.fresh_until >= now and not set(other.sources) & set(entry.sources)
         ]
+
+    def held(
+        self, pair: str, entry: Entry, *, now: datetime, hold: timedelta, max_jump: float
+    ) -> bool:
+        """Has `entry`'s provider kept reporting this level (within `max_jump`) for `hold`?
+
+        Each call records the level; one that moves away starts the clock again.
+        """
+        key = (pair, entry.provider)
+        with self._lock:
+            since = self.pending.get(key)
+            if since is None or not agrees(entry.value, since[0], max_jump=max_jump):
+                self.pending[key] = (entry.value, now)
+                return False
+            if now - since[1] < hold:
+                return False
+            del self.pending[key]
+            return True
 
     def withdraw(self, pair: str, provider: str) -> bool:
         """Drop a provider's accepted quote for a pair (it just sent an invalid one)."""

@@ -7,8 +7,11 @@ What happens to a quote (SPEC 4, 7, 9):
    window (`Provider.freshness`, else `KURS_STALE_AFTER`; cbr's daily rates get days, CoinGecko
    its 60 s cache plus margin), and no move of more than `KURS_MAX_JUMP` from the pair's last
    accepted value unless another provider's fresh quote (or a cross rate not built from the same
-   provider) agrees within that limit. A rejected quote is logged and counted with its reason,
-   and withdraws that provider's earlier quote for the pair from serving.
+   provider) agrees within that limit. When no other provider has a fresh quote for the pair
+   (it has a single source), the jump is accepted once that source has held the new level for
+   `JUMP_HOLD` (5 minutes); while any other provider disagrees, it never is. A rejected quote
+   is logged and counted with its reason, and withdraws that provider's earlier quote for the
+   pair from serving.
 2. Failover: the pair is served by the highest-priority (`KURS_PROVIDERS` order) provider whose
    latest accepted quote is still fresh and which is not down (its last REST round failed and it
    has no live stream). Direct quotes outrank cross rates.
@@ -55,6 +58,10 @@ logger = logging.getLogger(__name__)
 
 # SPEC 4: a rate is stored when its value changed or the last stored one is this old.
 STORE_EVERY = timedelta(seconds=60)
+# A jump no other provider can confirm or contradict (a pair with one source, e.g. USD-RUB from
+# cbr) is accepted once that source has held the new level this long: a real crash must not
+# freeze such a pair forever, while a glitch rarely repeats itself for minutes.
+JUMP_HOLD = timedelta(minutes=5)
 # Active items are re-read at most this often (and at once after an item event in this process).
 ITEMS_TTL = 5.0
 
@@ -224,15 +231,25 @@ def _accept(
     )
     board.offer(pair, entry)
     item_id = active_items(board=board).get(pair)
+    confirmations = board.confirmations(pair, entry, now=now)
+    max_jump = settings.KURS_MAX_JUMP
     try:
         validation.check_jump(
             value,
             reference=_reference(pair, item_id, board=board),
-            confirmations=board.confirmations(pair, entry, now=now),
-            max_jump=settings.KURS_MAX_JUMP,
+            confirmations=confirmations,
+            max_jump=max_jump,
         )
     except validation.QuoteRejected as exc:
-        return _reject(quote, exc, now=now, board=board)
+        if confirmations or not board.held(pair, entry, now=now, hold=JUMP_HOLD, max_jump=max_jump):
+            return _reject(quote, exc, now=now, board=board)
+        logger.warning(
+            "accepting %s's new level for %s: the only source held it for %ss (%s)",
+            name,
+            pair,
+            JUMP_HOLD.total_seconds(),
+            exc.detail,
+        )
     board.accept(pair, entry)
     metrics.QUOTES_ACCEPTED.labels(name).inc()
     if item_id is None:

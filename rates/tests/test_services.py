@@ -393,3 +393,37 @@ def test_a_cross_rate_is_rounded_once_and_stored_exactly_as_published(
     assert rate.value != exact
     (event,) = rate_events(published_events, "ETH-RUB")
     assert event["value"] == rate.value
+
+
+def test_a_sole_sources_jump_is_accepted_once_held_for_the_hold_period(
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    item("USD-RUB")
+    start = timezone.now()
+
+    def cbr(value: str, after: timedelta) -> services.Acceptance:
+        moment = start + after
+        quote = make_quote("cbr", "USD-RUB", value, now=moment)
+        return accept(quote, django_capture_on_commit_callbacks, now=moment)
+
+    assert cbr("80", timedelta(0)).accepted
+    # A 30% move with nobody to confirm or contradict it: held, not believed at once...
+    assert cbr("104", timedelta(minutes=1)).reason == "jump"
+    assert cbr("104.5", timedelta(minutes=4)).reason == "jump"
+    # ...and believed once the only source has kept saying so for JUMP_HOLD.
+    assert cbr("104.2", timedelta(minutes=6)).accepted
+    assert cbr("104.3", timedelta(minutes=7)).accepted
+
+
+def test_a_jump_another_provider_contradicts_is_never_accepted(
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    item("BTC-USD")
+    start = timezone.now()
+    for minute in range(0, 11):
+        moment = start + timedelta(minutes=minute)
+        bybit = make_quote("bybit", "BTC-USD", "90010", now=moment)
+        accept(bybit, django_capture_on_commit_callbacks, now=moment)
+        binance = make_quote("binance", "BTC-USD", "90" if minute else "90000", now=moment)
+        result = accept(binance, django_capture_on_commit_callbacks, now=moment)
+        assert result.accepted == (minute == 0)
