@@ -27,6 +27,7 @@ import httpx
 from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
 from django.core.cache import cache
+from django.db import close_old_connections
 from django.utils import timezone
 
 from rates import metrics, services
@@ -211,8 +212,7 @@ class Fetcher:
         self._polled_ok: dict[str, float] = {}  # provider -> monotonic time of its last good round
 
     async def pairs(self) -> list[Pair]:
-        items = await sync_to_async(services.active_items)()
-        return services.wanted_pairs(items)
+        return await sync_to_async(_wanted_pairs)()
 
     def due(self, provider: Provider) -> bool:
         """Is a paced provider's data old enough to ask again (see PACE_FRACTION)?"""
@@ -222,14 +222,17 @@ class Fetcher:
         gap = max(self.poll_interval, min(MAX_PACE, provider.freshness * PACE_FRACTION))
         return time.monotonic() - last >= gap - self.poll_interval / 10
 
-    async def cycle(self, *, pace: bool = False) -> CycleReport:
+    async def cycle(
+        self, *, pace: bool = False, pairs: Sequence[Pair] | None = None
+    ) -> CycleReport:
         """One REST round over every provider, concurrently; publishes `fetch.completed`.
 
         With `pace`, providers whose data is still recent (see `due`) sit the cycle out and are
         left out of the report.
         """
         started = time.perf_counter()
-        pairs = await self.pairs()
+        if pairs is None:
+            pairs = await self.pairs()
         polled = [provider for provider in self.providers if not pace or self.due(provider)]
         rounds = await asyncio.gather(*(self._round(provider, pairs) for provider in polled))
         duration = time.perf_counter() - started
@@ -311,23 +314,23 @@ class Fetcher:
         streamed: list[Pair] = []
         try:
             while not stop.is_set():
-                pairs = await self.pairs()
-                if pairs != streamed:
-                    await _stop_streams(streams, stream_stop)
-                    stream_stop = asyncio.Event()
-                    streams = [
-                        asyncio.create_task(self._stream(provider, pairs, stream_stop))
-                        for provider in self.providers
-                        if provider.supports_stream
-                    ]
-                    streamed = pairs
                 started = time.monotonic()
                 try:
-                    report = await self.cycle(pace=True)
+                    pairs = await self.pairs()
+                    if pairs != streamed:
+                        await _stop_streams(streams, stream_stop)
+                        stream_stop = asyncio.Event()
+                        streams = [
+                            asyncio.create_task(self._stream(provider, pairs, stream_stop))
+                            for provider in self.providers
+                            if provider.supports_stream
+                        ]
+                        streamed = pairs
+                    report = await self.cycle(pace=True, pairs=pairs)
                     if self.on_cycle is not None:
                         self.on_cycle(report)
                 except Exception:
-                    # A database hiccup ends this cycle, not the fetcher.
+                    # A database outage ends this cycle, not the fetcher: the next one retries.
                     logger.exception("fetch cycle failed")
                 # A steady cadence: the next cycle starts one interval after this one started.
                 pause = max(0.0, started + self.poll_interval - time.monotonic())
@@ -357,6 +360,14 @@ async def _stop_streams(streams: list[asyncio.Task[None]], stop: asyncio.Event) 
     stop.set()
     if streams:
         await asyncio.gather(*streams, return_exceptions=True)
+
+
+def _wanted_pairs() -> list[Pair]:
+    # A long-running fetcher outlives database restarts: drop a broken (or, with CONN_MAX_AGE
+    # 0, any) connection once per cycle, as Django does between requests, so the next query
+    # reconnects instead of failing forever.
+    close_old_connections()
+    return services.wanted_pairs(services.active_items())
 
 
 def _table_rows() -> list[dict[str, Any]]:

@@ -44,7 +44,7 @@ from functools import partial
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, close_old_connections, transaction
 from django.utils import timezone
 
 from items.models import Item
@@ -263,8 +263,10 @@ def _accept(
         try:
             stored = _store(item_id, entry, now=now)
         except DatabaseError:
-            # The quote is still valid and still served; only its history row is lost.
+            # The quote is still valid and still served; only its history row is lost. A broken
+            # connection is dropped so that the next quote reconnects (streams never pause).
             logger.exception("cannot store the %s rate of %s", name, pair)
+            close_old_connections()
     if publish:
         board.mark_published(pair, entry)
         transaction.on_commit(partial(events.publish, "rate.updated", rate_event(pair, entry)))

@@ -185,6 +185,7 @@ async def test_running_a_task_fetches_now_and_reports_each_provider(
     emulator.set_fault("cbr", "down")
     _, key = await sync_to_async(item_services.api_key_create)(name="tests")
     await Item.objects.aget_or_create(base="BTC", quote="USD")
+    await Item.objects.aget_or_create(base="BTC", quote="RUB")  # cbr is asked for its USD-RUB leg
     try:
         response = await async_client.post("/api/v1/tasks/run", headers={"X-API-Key": key})
         assert response.status_code == 200, response.content

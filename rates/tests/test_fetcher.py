@@ -10,9 +10,10 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from asgiref.sync import sync_to_async
-from django.db import connections
+from django.db import connection, connections
 from prometheus_client import REGISTRY
 
 from items.models import Item
@@ -286,3 +287,32 @@ async def test_watch_paces_providers_whose_data_changes_slowly(
     assert list(unpaced.providers) == ["binance", "coingecko", "cbr"]
     asked = [request.provider for request in emulator.market.requests]
     assert asked.count("cbr") == 2
+
+
+def _backend_pid() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return int(cursor.fetchone()[0])
+
+
+def _terminate(pid: int) -> None:
+    """Kill one server session from outside, as a PostgreSQL restart or failover would."""
+    params = connection.get_connection_params()
+    with psycopg.connect(**params, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+
+@pytest.mark.postgres
+async def test_the_fetcher_reconnects_after_the_database_dropped_its_connection(
+    emulator: EmulatorServer, client: httpx.AsyncClient
+) -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL only (run with DATABASE_URL=postgres://...)")
+    await track("BTC-USD")
+    watcher = Fetcher(providers(emulator, client, "binance"), poll_interval=POLL)
+    await watcher.cycle()
+    await sync_to_async(_terminate)(await sync_to_async(_backend_pid)())
+    emulator.market.books["binance"].set("BTCUSDT", Decimal("91111"))
+    report = await watcher.cycle()
+    assert report.providers["binance"] == "ok"
+    assert report.stored == 1
