@@ -393,7 +393,7 @@ def http_client(timeout: float) -> httpx.AsyncClient:
     """The providers' HTTP client: one connection pool, bounded waits, a recognisable agent."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(timeout),
-        headers={"User-Agent": "kurs (+https://github.com/kurs)"},
+        headers={"User-Agent": "kurs"},
         follow_redirects=False,
     )
 
