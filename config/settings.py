@@ -108,13 +108,12 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 REDIS_URL = env.raw("REDIS_URL") or None
 if REDIS_URL:
     REDIS_URL = env.url("REDIS_URL", "", {"redis", "rediss", "unix"})
-    CACHES = {
-        "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": REDIS_URL,
-            "KEY_PREFIX": "kurs",
-        }
+    _redis_cache = {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "kurs",
     }
+    CACHES = {"default": _redis_cache, "shared": _redis_cache}
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
@@ -122,7 +121,15 @@ if REDIS_URL:
         }
     }
 else:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        # State that every local process must see (the fetcher's provider status read by the
+        # web process): files beside the project, since the default cache is per process.
+        "shared": {
+            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+            "LOCATION": env.string("KURS_SHARED_CACHE_DIR", str(BASE_DIR / "var" / "cache")),
+        },
+    }
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 # --- django-q2 ------------------------------------------------------------------------------

@@ -13,7 +13,14 @@ os.environ.setdefault("DJANGO_DEBUG", "false")
 os.environ.setdefault("KURS_LOG_LEVEL", "WARNING")
 
 from config.settings import *  # noqa: F403
+from config.settings import CACHES
 
 # Tests never run collectstatic: serve static files from the apps, warn about no missing folder.
 STATIC_ROOT = None
 WHITENOISE_USE_FINDERS = True
+
+# Tests share state within one process; a file cache would leak between runs.
+CACHES["shared"] = {
+    "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+    "LOCATION": "shared",
+}

@@ -4,9 +4,8 @@ One `Fetcher` drives a list of providers. Each provider has a `ProviderMonitor` 
 breaker, last success and error, recent errors, stream state) that lives for the whole process,
 so breakers keep their state across the minute cycles of a django-q2 worker as well as in
 `run_fetch --watch`. Monitors publish `provider.state` on every breaker transition and save a
-status snapshot in the Django cache, where `GET /api/v1/providers` reads it: with REDIS_URL the
-web processes see the fetcher's view; with the default local-memory cache each process only sees
-its own (the web process then shows what its own `POST /tasks/run` cycles saw).
+status snapshot in the "shared" cache (Redis with REDIS_URL, files under var/ otherwise), where
+`GET /api/v1/providers` in any web process reads the fetcher's view.
 
 A failing provider is never fatal: its error is recorded, the others go on, and the cycle ends.
 """
@@ -26,7 +25,7 @@ from typing import Any
 import httpx
 from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
-from django.core.cache import cache
+from django.core.cache import caches
 from django.db import close_old_connections
 from django.utils import timezone
 
@@ -129,7 +128,9 @@ class ProviderMonitor:
         order = settings.KURS_PROVIDERS
         priority = order.index(self.name) if self.name in order else len(order)
         try:
-            cache.set(STATUS_KEY.format(name=self.name), self.status(priority=priority), None)
+            caches["shared"].set(
+                STATUS_KEY.format(name=self.name), self.status(priority=priority), None
+            )
         except Exception:
             # The status page is a convenience: a cache outage must not stop fetching.
             logger.exception("cannot save %s status to the cache", self.name)
@@ -148,7 +149,7 @@ def monitor_for(name: str) -> ProviderMonitor:
 def provider_statuses() -> list[dict[str, Any]]:
     """Each configured provider's status as the fetching process last saved it (SPEC 5)."""
     names = list(settings.KURS_PROVIDERS)
-    saved = cache.get_many([STATUS_KEY.format(name=name) for name in names])
+    saved = caches["shared"].get_many([STATUS_KEY.format(name=name) for name in names])
     cutoff = time.time() - ERROR_WINDOW
     statuses = []
     for priority, name in enumerate(names):

@@ -27,11 +27,15 @@ class Migration(migrations.Migration):
                 ("value", rates.fields.ExactDecimalField(decimal_places=18, max_digits=38)),
                 (
                     "bid",
-                    rates.fields.ExactDecimalField(blank=True, decimal_places=18, max_digits=38, null=True),
+                    rates.fields.ExactDecimalField(
+                        blank=True, decimal_places=18, max_digits=38, null=True
+                    ),
                 ),
                 (
                     "ask",
-                    rates.fields.ExactDecimalField(blank=True, decimal_places=18, max_digits=38, null=True),
+                    rates.fields.ExactDecimalField(
+                        blank=True, decimal_places=18, max_digits=38, null=True
+                    ),
                 ),
                 ("source_time", models.DateTimeField()),
                 ("received_at", models.DateTimeField()),

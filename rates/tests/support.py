@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from django.core.cache import cache
+from django.core.cache import caches
 from django.utils import timezone
 
 from rates import fetcher, services
@@ -28,7 +28,7 @@ def fresh_board(monkeypatch: pytest.MonkeyPatch) -> QuoteBoard:
     fresh = QuoteBoard()
     monkeypatch.setattr(services, "_board", fresh)
     monkeypatch.setattr(fetcher, "_monitors", {})
-    cache.clear()
+    caches["shared"].clear()
     return fresh
 
 

@@ -1,0 +1,54 @@
+"""The fetcher's provider status reaches a web process through the shared cache (no Redis)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tests.services import run_python
+
+WRITER = """
+import django
+django.setup()
+from rates.fetcher import monitor_for
+monitor = monitor_for("bybit")
+monitor.failed("HTTP 503 from /v5/market/tickers", kind="http")
+monitor.stream_state("streaming", "connected")
+monitor.save()
+"""
+
+READER = """
+import json, django
+django.setup()
+from rates.fetcher import provider_statuses
+print(json.dumps(provider_statuses()))
+"""
+
+
+def test_a_web_process_sees_the_fetchers_provider_status(tmp_path: Path) -> None:
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("KURS_", "REDIS_URL", "DATABASE_URL"))
+    }
+    environment.update(
+        {
+            # The real settings: local-memory default cache, file-backed shared cache.
+            "DJANGO_SETTINGS_MODULE": "config.settings",
+            "DJANGO_SECRET_KEY": "x" * 50,
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+            "KURS_SHARED_CACHE_DIR": str(tmp_path / "cache"),
+            "KURS_LOG_LEVEL": "CRITICAL",
+            "NATS_URL": "nats://127.0.0.1:1",  # events are beside the point here
+        }
+    )
+    writer = run_python(["-c", WRITER], environment)
+    assert writer.returncode == 0, writer.stderr
+    reader = run_python(["-c", READER], environment)
+    assert reader.returncode == 0, reader.stderr
+    statuses = {status["name"]: status for status in json.loads(reader.stdout)}
+    assert statuses["bybit"]["last_error"] == "HTTP 503 from /v5/market/tickers"
+    assert statuses["bybit"]["errors_5m"] == 1
+    assert statuses["bybit"]["streaming"] is True
+    assert statuses["binance"]["last_error"] is None
