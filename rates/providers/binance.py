@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
@@ -20,6 +22,7 @@ import httpx
 from rates.providers.base import (
     Pair,
     Provider,
+    ProviderHTTPError,
     ProviderMalformed,
     Quote,
     decode_json,
@@ -29,8 +32,12 @@ from rates.providers.base import (
     utc_now,
 )
 
+logger = logging.getLogger(__name__)
+
 # Binance quote assets Kurs asks for. RUB is deliberately absent (delisted, see the module doc).
 QUOTE_ASSETS = frozenset({"USDT", "USDC", "FDUSD", "BTC", "ETH", "BNB", "EUR", "TRY"})
+# A symbol Binance does not list is left out of requests for this long, then tried again.
+UNLISTED_RETRY_AFTER = 3600.0
 
 
 class BinanceProvider(Provider):
@@ -40,6 +47,10 @@ class BinanceProvider(Provider):
     # "A single connection to stream.binance.com is only valid for 24 hours": leave 30 minutes of
     # margin so our reconnect is planned rather than a cut in the middle of a burst.
     connection_lifetime: ClassVar[float | None] = 23.5 * 3600
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._unlisted: dict[str, float] = {}  # symbol -> monotonic time to ask again
 
     def supports(self, pair: Pair) -> bool:
         return self.market(pair, QUOTE_ASSETS) is not None
@@ -56,19 +67,42 @@ class BinanceProvider(Provider):
 
     async def fetch(self, pairs: Sequence[Pair]) -> list[Quote]:
         wanted = self.symbols_for(pairs)
-        if not wanted:
+        now = time.monotonic()
+        self._unlisted = {sym: until for sym, until in self._unlisted.items() if until > now}
+        asked = sorted(symbol for symbol in wanted if symbol not in self._unlisted)
+        if not asked:
             return []
         # Binance rejects `symbols` with any space (server regex, error -1100): json.dumps' default
         # separators put a space after each comma, so spell the compact form explicitly.
-        params = {"symbols": json.dumps(sorted(wanted), separators=(",", ":"))}
-        (prices, _), (books, _) = await asyncio.gather(
-            self.get_json("/api/v3/ticker/price", params=params),
-            self.get_json("/api/v3/ticker/bookTicker", params=params),
-        )
+        params: dict[str, str] | None = {"symbols": json.dumps(asked, separators=(",", ":"))}
+        try:
+            prices, books = await self._tickers(params)
+        except ProviderHTTPError as exc:
+            # One symbol Binance does not list fails the whole request (-1121 Invalid symbol):
+            # ask for every ticker once, keep ours, and leave the unlisted ones out for a while,
+            # so that one odd item never costs the other pairs their Binance quotes.
+            if exc.status != 400 or "-1121" not in str(exc):
+                raise
+            params = None
+            prices, books = await self._tickers(params)
+            listed = {entry.get("symbol") for entry in prices if isinstance(entry, dict)}
+            missing = [symbol for symbol in asked if symbol not in listed]
+            for symbol in missing:
+                self._unlisted[symbol] = now + UNLISTED_RETRY_AFTER
+            logger.warning("binance does not list %s; left out for an hour", ", ".join(missing))
         # ticker/price carries no timestamp; the arrival of the answer is the best bound we have
         # (the Date header only has one-second resolution).
         received = utc_now()
         return parse_rest(prices, books, wanted, received)
+
+    async def _tickers(self, params: dict[str, str] | None) -> tuple[Any, Any]:
+        (prices, _), (books, _) = await asyncio.gather(
+            self.get_json("/api/v3/ticker/price", params=params),
+            self.get_json("/api/v3/ticker/bookTicker", params=params),
+        )
+        if not isinstance(prices, list):
+            raise ProviderMalformed("ticker/price must be a JSON array")
+        return prices, books
 
     async def stream(self, pairs: Sequence[Pair]) -> AsyncIterator[Quote]:
         wanted = self.symbols_for(pairs)

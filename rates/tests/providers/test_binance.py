@@ -191,9 +191,11 @@ async def test_it_names_binance_errors_from_their_body(
     emulator: EmulatorServer, emulator_client: httpx.AsyncClient
 ) -> None:
     provider = binance(emulator, emulator_client)
-    with pytest.raises(ProviderHTTPError, match=r"-1121 Invalid symbol") as caught:
-        await provider.fetch([Pair("XYZ", "USDT")])
-    assert caught.value.status == 400
+    response = await emulator_client.get(
+        f"{emulator.rest_url('binance')}/api/v3/ticker/price", params={"symbol": "XYZUSDT"}
+    )
+    assert response.status_code == 400
+    assert provider.error_detail(response) == ": -1121 Invalid symbol."
 
 
 async def test_its_stream_yields_quotes_and_a_price_set_on_the_exchange(
@@ -278,3 +280,19 @@ async def test_websockets_answers_server_pings_for_us(
         pong_waiter = await ws.ping(b"kurs")
         await asyncio.wait_for(pong_waiter, 2)  # the round trip works both ways
         assert ws.ping_interval == 20
+
+
+async def test_an_unlisted_symbol_does_not_cost_the_other_pairs_their_quotes(
+    emulator: EmulatorServer, emulator_client: httpx.AsyncClient
+) -> None:
+    provider = make_provider("binance", emulator, emulator_client)
+    pairs = [Pair("BTC", "USD"), Pair("NOPE", "USD")]
+    quotes = await provider.fetch(pairs)
+    assert [quote.pair for quote in quotes] == ["BTC-USD"]
+    # Next round: the unlisted symbol is left out, so one request per endpoint succeeds.
+    emulator.market.requests.clear()
+    quotes = await provider.fetch(pairs)
+    assert [quote.pair for quote in quotes] == ["BTC-USD"]
+    asked = [r for r in emulator.market.requests if r.path.endswith("ticker/price")]
+    assert len(asked) == 1
+    assert parse_qs(asked[0].query)["symbols"] == ['["BTCUSDT"]']
