@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from asgiref.sync import sync_to_async
 from django.db.models import QuerySet
 
 from items.exceptions import ItemNotFound
 from items.models import ApiKey, Item
 from rates.models import Rate
+from rates.selectors import rate_current
 
 
 def item_list(*, is_active: bool | None = None) -> QuerySet[Item]:
@@ -34,7 +36,7 @@ async def api_key_get_active(*, key_hash: str) -> ApiKey | None:
 
 
 async def item_latest_rate(*, item: Item) -> Rate | None:
-    return await Rate.objects.filter(item=item).order_by("-received_at", "-id").afirst()
+    return await sync_to_async(rate_current)(item=item)
 
 
 async def item_detail(*, item: Item) -> dict[str, object]:

@@ -86,9 +86,12 @@ def test_it_rejects_bad_list_parameters(client: Client, query: str, field: str) 
 def test_it_gets_an_item_with_its_latest_rate(client: Client) -> None:
     item = Item.objects.get(code="BTC-USD")
     now = timezone.now()
+    long_ago = now - timezone.timedelta(minutes=10)
+    # binance (first priority) has been silent for 10 minutes: bybit serves the pair.
     Rate.objects.create(
-        item=item, provider="binance", value="54000.000123", source_time=now, received_at=now
-    )
+        item=item, provider="binance", value="54000.000123", source_time=long_ago,
+        received_at=long_ago,
+    )  # fmt: skip
     Rate.objects.create(
         item=item,
         provider="bybit",
