@@ -112,7 +112,12 @@ class Bridge:
             logger.warning("bridge: NATS subscriptions not confirmed yet: %s", exc)
         layer = get_channel_layer()
         if layer is not None and not isinstance(layer, InMemoryChannelLayer):
-            self._listener = asyncio.get_running_loop().create_task(self._listen(layer))
+            joined = asyncio.Event()
+            self._listener = asyncio.get_running_loop().create_task(self._listen(layer, joined))
+            try:
+                await asyncio.wait_for(joined.wait(), SUBSCRIBE_TIMEOUT_S)
+            except TimeoutError:
+                logger.warning("bridge: not in the fallback group yet; still trying")
         try:
             await snapshot.aload()
         except Exception:
@@ -137,7 +142,7 @@ class Bridge:
         self._start_task = None
         self._loop = None
 
-    async def _listen(self, layer: Any) -> None:
+    async def _listen(self, layer: Any, joined: asyncio.Event) -> None:
         """The fallback bus: this process's channel in the group every bridge joins."""
         group = fallback_group()
         channel = await layer.new_channel()
@@ -149,6 +154,7 @@ class Bridge:
                     if loop.time() - joined_at >= GROUP_REFRESH_S:
                         await layer.group_add(group, channel)
                         joined_at = loop.time()
+                        joined.set()
                     message = await asyncio.wait_for(layer.receive(channel), GROUP_REFRESH_S)
                 except TimeoutError:
                     continue

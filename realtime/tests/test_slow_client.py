@@ -25,7 +25,9 @@ from websockets.uri import parse_uri
 
 from items.models import Item
 from realtime import events, hub
+from realtime import nats as realtime_nats
 from realtime.hub import CLOSE_TRY_AGAIN_LATER
+from realtime.tests.conftest import NatsServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -34,7 +36,8 @@ UPDATES = 3000
 
 
 @pytest.fixture
-async def server(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[int]:
+async def server(monkeypatch: pytest.MonkeyPatch, own_nats: NatsServer) -> AsyncIterator[int]:
+    """uvicorn serving Kurs in this process; events travel over a real NATS."""
     from config.asgi import application
 
     monkeypatch.setattr(hub, "SEND_TIMEOUT_S", 0.5)
@@ -45,7 +48,9 @@ async def server(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[int]:
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
     listener.bind(("127.0.0.1", 0))
     listener.listen()
-    config = uvicorn.Config(application, lifespan="on", log_level="warning")
+    config = uvicorn.Config(
+        application, lifespan="on", log_level="warning", timeout_graceful_shutdown=5
+    )
     instance = uvicorn.Server(config)
     task = asyncio.create_task(instance.serve(sockets=[listener]))
     async with asyncio.timeout(10):
@@ -133,46 +138,53 @@ async def test_a_slow_client_is_coalesced_then_closed_while_a_fast_one_keeps_up(
         origin=f"http://127.0.0.1:{server}",  # type: ignore[arg-type]
     )
     slow = SlowClient(server)
-    await slow.connect()
-    assert json.loads(await fast.recv())["type"] == "snapshot"
-    latencies: list[float] = []
-    values: list[int] = []
-    last = asyncio.Event()
+    reader: asyncio.Task[None] | None = None
+    try:
+        await slow.connect()
+        assert json.loads(await fast.recv())["type"] == "snapshot"
+        assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
+        latencies: list[float] = []
+        values: list[int] = []
+        last = asyncio.Event()
 
-    async def read_fast() -> None:
-        async for raw in fast:
-            message = json.loads(raw)
-            if message["type"] != "rate.updated":
-                continue
-            sent = datetime.fromisoformat(message["ts"]).timestamp()
-            latencies.append(time.time() - sent)
-            values.append(message["data"]["value"])
-            if message["data"]["value"] == UPDATES - 1:
-                last.set()
+        async def read_fast() -> None:
+            async for raw in fast:
+                message = json.loads(raw)
+                if message["type"] != "rate.updated":
+                    continue
+                sent = datetime.fromisoformat(message["ts"]).timestamp()
+                latencies.append(time.time() - sent)
+                values.append(message["data"]["value"])
+                if message["data"]["value"] == UPDATES - 1:
+                    last.set()
 
-    reader = asyncio.create_task(read_fast())
-    publisher = threading.Thread(target=publish_updates)
-    publisher.start()
-    async with asyncio.timeout(30):
-        await last.wait()
-    publisher.join()
+        reader = asyncio.create_task(read_fast())
+        publisher = threading.Thread(target=publish_updates)
+        publisher.start()
+        async with asyncio.timeout(30):
+            await last.wait()
+        publisher.join()
 
-    # The fast client got the latest value quickly; coalescing may skip values, never reorder.
-    assert values == sorted(values)
-    p99 = statistics.quantiles(latencies, n=100)[98]
-    assert p99 < 0.25, f"fast client p99 latency {p99 * 1000:.0f} ms"
+        # The fast client got the latest value quickly; coalescing may skip values, never reorder.
+        assert values == sorted(values)
+        p99 = statistics.quantiles(latencies, n=100)[98]
+        assert p99 < 0.25, f"fast client p99 latency {p99 * 1000:.0f} ms"
 
-    # Now the slow client reads what reached it: coalesced updates, then the 1013 close.
-    async with asyncio.timeout(20):
-        close_code = await slow.read_until_closed()
-    slow.close()
-    assert close_code == CLOSE_TRY_AGAIN_LATER
-    slow_values = [
-        m["data"]["value"] for m in map(json.loads, slow.messages) if m["type"] == "rate.updated"
-    ]
-    assert json.loads(slow.messages[0])["type"] == "snapshot"
-    assert slow_values == sorted(slow_values)
-    assert len(slow_values) < UPDATES - 1, "the slow client should have missed coalesced updates"
-    assert slow_values[-1] < UPDATES - 1, "it was closed before it caught up"
-    reader.cancel()
-    await fast.close()
+        # Now the slow client reads what reached it: coalesced updates, then the 1013 close.
+        async with asyncio.timeout(20):
+            close_code = await slow.read_until_closed()
+        assert close_code == CLOSE_TRY_AGAIN_LATER
+        slow_values = [
+            m["data"]["value"]
+            for m in map(json.loads, slow.messages)
+            if m["type"] == "rate.updated"
+        ]
+        assert json.loads(slow.messages[0])["type"] == "snapshot"
+        assert slow_values == sorted(slow_values)
+        assert len(slow_values) < UPDATES - 1, "the slow client should have missed updates"
+        assert slow_values[-1] < UPDATES - 1, "it was closed before it caught up"
+    finally:
+        if reader is not None:
+            reader.cancel()
+        slow.close()
+        await fast.close()
