@@ -17,13 +17,9 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.conf import settings
-from django.db.models import OuterRef, Subquery
+from django.utils import timezone
 
 logger = logging.getLogger(__name__)
-
-# CBR publishes daily rates: a day is its freshness window, not KURS_STALE_AFTER (SPEC 9).
-DAILY_PROVIDERS = frozenset({"cbr"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,15 +31,17 @@ class Course:
     derived: bool
 
     def to_dict(self, now: datetime) -> dict[str, Any]:
+        # One home for the freshness rule (daily CBR rates, cross rates): the rates services.
+        from rates.services import provider_freshness
+
         age_s = max(0.0, (now - self.source_time).total_seconds())
-        window = 86400.0 if self.provider in DAILY_PROVIDERS else settings.KURS_STALE_AFTER
         return {
             "direction": self.direction,
             "value": self.value,
             "provider": self.provider,
             "source_time": self.source_time.isoformat().replace("+00:00", "Z"),
             "derived": self.derived,
-            "stale": age_s > window,
+            "stale": age_s > provider_freshness(self.provider),
             "age_s": round(age_s, 3),
         }
 
@@ -86,30 +84,29 @@ class RatesSnapshot:
         return self._version
 
     def load(self) -> None:
-        """Read the active items and the latest Rate of each from the database (sync)."""
-        from items.models import Item
-        from rates.models import Rate
+        """Read the active items and the current Rate of each from the database (sync).
 
-        latest = Rate.objects.filter(item=OuterRef("pk")).order_by("-received_at", "-id")
-        items = list(
-            Item.objects.filter(is_active=True)
-            .annotate(latest_rate_id=Subquery(latest.values("id")[:1]))
-            .values_list("code", "latest_rate_id")
-        )
-        rate_ids = [rate_id for _, rate_id in items if rate_id is not None]
-        rates = Rate.objects.filter(id__in=rate_ids).select_related("item")
-        loaded = {
-            rate.item.code: Course(
-                direction=rate.item.code,
-                value=rate.value,
-                provider=rate.provider,
-                source_time=rate.source_time,
-                derived=rate.derived,
-            )
-            for rate in rates
-        }
+        "Current" is `rates.selectors.rate_current`: failover applied to the history, the same
+        rate the REST API stands behind.
+        """
+        from items.models import Item
+        from rates.selectors import rate_current
+
+        now = timezone.now()
+        items = list(Item.objects.filter(is_active=True))
+        loaded: dict[str, Course] = {}
+        for item in items:
+            rate = rate_current(item=item, now=now)
+            if rate is not None:
+                loaded[item.code] = Course(
+                    direction=item.code,
+                    value=rate.value,
+                    provider=rate.provider,
+                    source_time=rate.source_time,
+                    derived=rate.derived,
+                )
         with self._lock:
-            self._active = {code for code, _ in items}
+            self._active = {item.code for item in items}
             for code, course in loaded.items():
                 current = self._courses.get(code)
                 # An event that arrived while we were reading is newer than the database row.

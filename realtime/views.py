@@ -5,7 +5,8 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
-from rates.snapshot import DAILY_PROVIDERS
+from rates.board import DERIVED_SEPARATOR
+from rates.services import provider_freshness
 
 
 @require_GET
@@ -15,6 +16,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "ws_path": "/ws/items",
         "providers_url": "/api/v1/providers",
         "stale_after": settings.KURS_STALE_AFTER,
-        "daily_providers": sorted(DAILY_PROVIDERS),
+        # Each provider's freshness window; a cross rate "a+b" takes its legs' smallest.
+        "freshness": {name: provider_freshness(name) for name in settings.KURS_PROVIDERS},
+        "derived_separator": DERIVED_SEPARATOR,
     }
     return render(request, "dashboard.html", {"config": config})

@@ -30,10 +30,11 @@ def store(code: str, provider: str, value: str, *, age_s: float, active: bool = 
     )
 
 
-def test_it_loads_the_latest_rate_of_each_active_item() -> None:
+def test_it_loads_the_current_rate_of_each_active_item() -> None:
     Item.objects.all().delete()
-    store("BTC-USD", "coingecko", "53000", age_s=20)
-    store("BTC-USD", "binance", "54000.000000000000000001", age_s=2)
+    # Failover on the history: the fresh higher-priority provider wins over a newer row.
+    store("BTC-USD", "binance", "54000.000000000000000001", age_s=5)
+    store("BTC-USD", "coingecko", "53000", age_s=2)
     store("ETH-USD", "binance", "3000", age_s=2, active=False)
     snapshot = RatesSnapshot()
     snapshot.load()
@@ -74,7 +75,7 @@ def test_staleness_follows_the_provider_freshness_window(settings: LazySettings)
             {"direction": direction, "value": 80, "provider": provider, "source_time": old}
         )
     stale = {c["direction"]: c["stale"] for c in snapshot.courses()}
-    assert stale == {"USD-RUB": False, "BTC-RUB": True}  # CBR rates are daily
+    assert stale == {"USD-RUB": False, "BTC-RUB": True}  # CBR rates are daily, CoinGecko's not
 
 
 def test_item_events_change_the_active_pairs_and_bump_the_version() -> None:

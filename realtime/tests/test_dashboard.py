@@ -83,7 +83,7 @@ async def test_the_dashboard_shows_a_published_rate_change(
 
             events.publish("rate.updated", rate("BTC-USD", "54321.000123", "binance"))
             events.publish("rate.updated", rate("ETH-USD", "3012.5", "binance"))
-            events.publish("rate.updated", rate("BTC-RUB", "5012345.67", "coingecko", age_s=95))
+            events.publish("rate.updated", rate("BTC-RUB", "5012345.67", "coingecko", age_s=300))
             events.publish("rate.updated", rate("ETH-RUB", "278000.1", "binance+cbr", derived=True))
             events.publish("provider.state", {"name": "binance", "state": "closed", "reason": ""})
             events.publish(
