@@ -481,6 +481,10 @@ def main() -> None:
     if args.serve:
         serve(args.serve)
         return
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
+    except OSError:
+        raise SystemExit("bench: the baseline needs Redis on 127.0.0.1:6379") from None
     processes = Processes()
     with tempfile.TemporaryDirectory(prefix="kurs-bench-") as workdir:
         try:
