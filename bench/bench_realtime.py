@@ -429,7 +429,7 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
     print(
         f"  ratio                             {kurs_rate / baseline_rate:>10.1f}x  (target >= 5x)"
     )
-    print(f"publish -> all {n} sockets, {args.latency_events} events per run:")
+    print(f"publish -> all {n} sockets, {args.latency_events} events per run, median of runs:")
     print(
         f"  median {statistics.median(medians):.1f} ms, p99 {statistics.median(p99s):.1f} ms"
         "  (target p99 < 250 ms)"
@@ -459,7 +459,8 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
     for _ in range(args.repeat):
         full.append(await full_path_latency(web_port, emulator_port, args.full_path_ticks))
     print(
-        f"emulator stream tick -> fetcher -> NATS -> web -> socket, {args.full_path_ticks} ticks:"
+        "emulator stream tick -> fetcher -> NATS -> web -> socket, "
+        f"{args.full_path_ticks} ticks per run, median of {args.repeat} runs:"
     )
     print(
         f"  median {statistics.median(statistics.median(r) for r in full) * 1000:.1f} ms, "
