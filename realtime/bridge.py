@@ -79,7 +79,6 @@ class Bridge:
         self._start_task: asyncio.Task[None] | None = None
         self._sub_ids: list[int] = []
         self._listener: asyncio.Task[None] | None = None
-        self.counts = {"events": 0, "inbound": 0, "dropped": 0}
 
     @property
     def running(self) -> bool:
@@ -200,7 +199,6 @@ class Bridge:
             return
         if origin is None:
             logger.info("bridge: inbound message on %s (%d bytes)", subject, len(payload))
-            self.counts["inbound"] += 1
             metrics.NATS_INBOUND.labels(outcome="relayed").inc()
             hub.publish(inbound_frame(subject, message))
             return
@@ -211,7 +209,6 @@ class Bridge:
         ):
             self._drop(subject, "a Kurs message that is not an event envelope")
             return
-        self.counts["events"] += 1
         event_type, data = message["type"], message["data"]
         if event_type == "rate.updated":
             try:
@@ -226,7 +223,6 @@ class Bridge:
         hub.publish(text)
 
     def _drop(self, subject: str, why: str) -> None:
-        self.counts["dropped"] += 1
         metrics.NATS_INBOUND.labels(outcome="dropped").inc()
         logger.warning("bridge: dropped a message on %s: %s", subject, why)
 

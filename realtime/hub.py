@@ -98,9 +98,6 @@ class SocketQueue:
         self._ready.set()
         return True
 
-    def __len__(self) -> int:
-        return len(self._queue)
-
     async def _drain(self) -> None:
         queue, rates = self._queue, self._rates
         while True:
