@@ -397,6 +397,9 @@ class NatsConnection:
             await self._publish_fallback(subject, payload)
 
     async def _publish_fallback(self, subject: str, payload: bytes) -> None:
+        # Counted before the hand-over: the event may reach a socket before this line resumes.
+        self._counts["fallback"] += 1
+        metrics.NATS_PUBLISHES.labels(path="fallback").inc()
         try:
             layer = self._fallback_layer()
             if isinstance(layer, InMemoryChannelLayer) or layer is None:
@@ -407,8 +410,6 @@ class NatsConnection:
                     fallback_group(),
                     {"type": FALLBACK_MESSAGE_TYPE, "subject": subject, "payload": payload},
                 )
-            self._counts["fallback"] += 1
-            metrics.NATS_PUBLISHES.labels(path="fallback").inc()
         except Exception as exc:
             self._counts["dropped"] += 1
             self._note_error(f"fallback for {subject} failed, event dropped: {exc}")
