@@ -11,6 +11,9 @@ import os
 os.environ.setdefault("DJANGO_SECRET_KEY", "kurs-test-secret-key-not-for-production")
 os.environ.setdefault("DJANGO_DEBUG", "false")
 os.environ.setdefault("KURS_LOG_LEVEL", "WARNING")
+# Events of a test run stay off the real `kurs.>` subjects (and the KURS stream) of the machine's
+# NATS, and parallel runs do not hear each other.
+os.environ.setdefault("KURS_NATS_PREFIX", f"kurstest{os.getpid()}")
 
 from config.settings import *  # noqa: F403
 from config.settings import CACHES

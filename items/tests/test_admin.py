@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.contrib.messages import get_messages
 from django.test import Client
 
@@ -12,6 +13,9 @@ from items import services
 from items.models import ApiKey, Item
 
 pytestmark = pytest.mark.django_db
+
+# Test runs publish under their own prefix (config/test_settings.py).
+PREFIX = settings.KURS_NATS_PREFIX
 
 Events = list[tuple[str, dict[str, Any]]]
 
@@ -51,7 +55,7 @@ def test_adding_an_item_in_the_admin_normalises_and_publishes(
     assert response.status_code == 302, response.content
     item = Item.objects.get(code="SOL-USD")
     assert item.name == "Solana"
-    assert [subject for subject, _ in published_events] == ["kurs.items.created"]
+    assert [subject for subject, _ in published_events] == [f"{PREFIX}.items.created"]
 
 
 def test_the_admin_refuses_an_invalid_item(admin_client: Client) -> None:
@@ -74,7 +78,7 @@ def test_editing_an_item_in_the_admin_publishes_an_update(
     item.refresh_from_db()
     assert (item.name, item.is_active) == ("Ether in roubles", False)  # unchecked box = False
     [(subject, envelope)] = published_events
-    assert subject == "kurs.items.updated"
+    assert subject == f"{PREFIX}.items.updated"
     assert envelope["data"]["name"] == "Ether in roubles"
 
 
@@ -88,7 +92,7 @@ def test_the_deactivate_action_publishes_per_item(
         )
     assert response.status_code == 302
     assert not Item.objects.filter(id__in=ids, is_active=True).exists()
-    assert [subject for subject, _ in published_events] == ["kurs.items.updated"] * len(ids)
+    assert [subject for subject, _ in published_events] == [f"{PREFIX}.items.updated"] * len(ids)
 
 
 def test_deleting_in_the_admin_publishes_a_deletion(

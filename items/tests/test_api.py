@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.core.cache import cache
 from django.test import Client
 from django.utils import timezone
@@ -15,6 +16,9 @@ from items.models import Item
 from rates.models import Rate
 
 pytestmark = pytest.mark.django_db
+
+# Test runs publish under their own prefix (config/test_settings.py).
+PREFIX = settings.KURS_NATS_PREFIX
 
 Events = list[tuple[str, dict[str, Any]]]
 
@@ -145,7 +149,7 @@ def test_it_creates_an_item(
     )
     assert body["is_active"] is True
     assert Item.objects.filter(code="SOL-USD").exists()
-    assert [subject for subject, _ in published_events] == ["kurs.items.created"]
+    assert [subject for subject, _ in published_events] == [f"{PREFIX}.items.created"]
 
 
 def test_it_creates_an_inactive_item(client: Client, auth: dict[str, str]) -> None:
@@ -256,7 +260,7 @@ def test_it_patches_name_and_is_active(
     assert (response.json()["name"], response.json()["is_active"]) == ("Ether", False)
     item.refresh_from_db()
     assert (item.name, item.is_active) == ("Ether", False)
-    assert [subject for subject, _ in published_events] == ["kurs.items.updated"]
+    assert [subject for subject, _ in published_events] == [f"{PREFIX}.items.updated"]
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from django.conf import settings
 
 from items import services
 from items.exceptions import InvalidItem, ItemAlreadyExists
@@ -10,6 +11,9 @@ from items.models import ApiKey, Item
 from rates.models import Rate
 
 pytestmark = pytest.mark.django_db
+
+# Test runs publish under their own prefix (config/test_settings.py).
+PREFIX = settings.KURS_NATS_PREFIX
 
 Events = list[tuple[str, dict[str, Any]]]
 
@@ -24,7 +28,7 @@ def test_it_creates_a_normalised_item_and_publishes_after_commit(
     assert len(callbacks) == 1
     assert (item.base, item.quote, item.code, item.name) == ("SOL", "USD", "SOL-USD", "Solana")
     [(subject, envelope)] = published_events
-    assert subject == "kurs.items.created"
+    assert subject == f"{PREFIX}.items.created"
     assert envelope["type"] == "item.created"
     assert envelope["data"]["code"] == "SOL-USD"
     assert envelope["data"]["id"] == item.id
@@ -62,7 +66,7 @@ def test_it_updates_only_what_changed(
     item.refresh_from_db()
     assert item.is_active is False
     [(subject, envelope)] = published_events
-    assert subject == "kurs.items.updated"
+    assert subject == f"{PREFIX}.items.updated"
     assert envelope["data"]["is_active"] is False
 
 
@@ -82,7 +86,7 @@ def test_it_deletes_an_item_with_its_history(
     assert not Item.objects.filter(pk=item_id).exists()
     assert not Rate.objects.filter(item_id=item_id).exists()
     assert published_events[-1] == (
-        "kurs.items.deleted",
+        f"{PREFIX}.items.deleted",
         {**published_events[-1][1], "data": {"id": item_id, "code": "ADA-USD"}},
     )
 
