@@ -44,6 +44,7 @@ def test_good_defaults_start() -> None:
         ("KURS_API_KEYS_REQUIRED", "maybe"),
         ("KURS_RATE_LIMIT", "fast"),
         ("KURS_RATE_LIMIT", "0/s"),
+        ("KURS_NUM_PROXIES", "-1"),
         ("KURS_LOG_LEVEL", "LOUD"),
         ("KURS_LOG_FORMAT", "xml"),
         ("KURS_NATS_PREFIX", "kurs.>"),
