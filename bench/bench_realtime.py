@@ -314,6 +314,28 @@ async def full_path_latency(port: int, emulator_port: int, ticks: int) -> list[f
     return latencies
 
 
+async def bare_stream_latency(emulator_port: int, ticks: int, start: Decimal) -> list[float]:
+    """Baseline for the full path: the same price change, read straight off the emulator's
+    Binance stream by a bare websockets client (the exchange side alone, no Kurs)."""
+    import websockets
+
+    url = f"ws://127.0.0.1:{emulator_port}/binance/stream?streams=btcusdt@ticker"
+    latencies = []
+    price = start
+    async with websockets.connect(url) as stream:
+        for i in range(ticks + 3):
+            price += Decimal("1.25")
+            started = time.perf_counter()
+            await asyncio.to_thread(set_price, emulator_port, str(price))
+            while True:
+                frame = json.loads(await asyncio.wait_for(stream.recv(), 10))
+                if Decimal(frame["data"]["c"]) == price:
+                    break
+            if i >= 3:
+                latencies.append(time.perf_counter() - started)
+    return latencies
+
+
 def set_price(port: int, price: str) -> None:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/_control/binance/price",
@@ -455,16 +477,24 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
         },
         workdir / "fetcher.log",
     )
-    full = []
-    for _ in range(args.repeat):
+    full, bare = [], []
+    for run in range(args.repeat):
         full.append(await full_path_latency(web_port, emulator_port, args.full_path_ticks))
+        start = Decimal(95000 + 1000 * run)
+        bare.append(await bare_stream_latency(emulator_port, args.full_path_ticks, start))
+    full_p50 = statistics.median(statistics.median(r) for r in full) * 1000
+    full_p99 = statistics.median(percentile(r, 99) for r in full) * 1000
+    bare_p50 = statistics.median(statistics.median(r) for r in bare) * 1000
+    bare_p99 = statistics.median(percentile(r, 99) for r in bare) * 1000
     print(
         "emulator stream tick -> fetcher -> NATS -> web -> socket, "
         f"{args.full_path_ticks} ticks per run, median of {args.repeat} runs:"
     )
+    print(f"  kurs                              median {full_p50:.1f} ms, p99 {full_p99:.1f} ms")
+    print(f"  baseline (bare client on stream)  median {bare_p50:.1f} ms, p99 {bare_p99:.1f} ms")
     print(
-        f"  median {statistics.median(statistics.median(r) for r in full) * 1000:.1f} ms, "
-        f"p99 {statistics.median(percentile(r, 99) for r in full) * 1000:.1f} ms"
+        f"  ratio                             {full_p50 / bare_p50:.1f}x median, "
+        f"{full_p99 / bare_p99:.1f}x p99"
     )
 
 
