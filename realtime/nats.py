@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import random
@@ -53,6 +54,10 @@ CONNECT_TIMEOUT_S = 2
 # Bounded memory when both NATS and the fallback stall: the oldest events are dropped first.
 OUTBOX_LIMIT = 10_000
 SHUTDOWN_TIMEOUT_S = 5.0
+# While the first connection is being made, events wait this long for it before they take the
+# fallback bus: a one-shot command or a fresh worker publishes right after start-up, and its
+# in-memory fallback would reach no one.
+FIRST_CONNECT_GRACE_S = 2.0
 
 MessageCallback = Callable[[Msg], Awaitable[None]]
 
@@ -135,6 +140,8 @@ class NatsConnection:
         asyncio.set_event_loop(loop)
         self._wake = asyncio.Event()
         self._sub_lock = asyncio.Lock()
+        self._first_attempt = asyncio.Event()
+        self._first_attempt_deadline = loop.time() + FIRST_CONNECT_GRACE_S
         self._tasks = [loop.create_task(self._connect()), loop.create_task(self._pump())]
         loop.call_soon(ready.set)
         try:
@@ -221,10 +228,12 @@ class NatsConnection:
                 closed_cb=self._on_closed,
             )
         except asyncio.CancelledError:
+            self._first_attempt.set()  # shutting down: nothing to wait for any more
             raise
         except Exception as exc:
             self._state = "closed"
             self._note_error(f"cannot connect: {exc}")
+            self._first_attempt.set()
             return
         self._state = "connected"
         url = client.connected_url
@@ -234,6 +243,7 @@ class NatsConnection:
         await self._apply_subscriptions()
         self.disconnected.clear()
         self.connected.set()
+        self._first_attempt.set()
         await self._ensure_stream()
         self._kick_pump()
 
@@ -243,6 +253,10 @@ class NatsConnection:
 
     async def _on_error(self, exc: Exception) -> None:
         self._note_error(str(exc) or type(exc).__name__)
+        if self._state == "connecting":
+            # A first attempt failed (refused, timed out): NATS is not there now, so events
+            # need not wait for it; they take the fallback until it connects.
+            self._first_attempt.set()
 
     async def _on_disconnected(self) -> None:
         self.connected.clear()
@@ -382,6 +396,10 @@ class NatsConnection:
 
     async def _flush_outbox(self) -> None:
         self._wakeup_pending = False
+        if not self._first_attempt.is_set():
+            remaining = self._first_attempt_deadline - asyncio.get_running_loop().time()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._first_attempt.wait(), max(0.0, remaining))
         outbox = self._outbox
         while outbox:
             subject, payload, headers = outbox.popleft()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -24,6 +25,7 @@ from realtime import events
 from realtime import nats as realtime_nats
 from realtime.nats import connection, stream_name
 from realtime.tests.conftest import NatsServer, connect, receive, receive_until
+from tests.services import run_python
 
 pytestmark = [pytest.mark.nats, pytest.mark.django_db(transaction=True)]
 
@@ -221,3 +223,30 @@ async def test_shutdown_flushes_the_outbox_and_drains(
     reasons = [json.loads((await asyncio.wait_for(queue.get(), 5)).data) for _ in range(200)]
     assert [r["data"]["reason"] for r in reasons] == [str(i) for i in range(200)]
     assert realtime_nats.status()["state"] == "closed"
+
+
+ONE_SHOT = """
+import django
+django.setup()
+from realtime import events
+# Published at once, while the first connection is still being made, then the process exits.
+events.publish("fetch.completed", {"stored": 7, "providers": {}, "duration_ms": 1})
+"""
+
+
+async def test_a_one_shot_process_publishes_to_nats_not_to_its_dead_fallback(
+    own_nats: NatsServer, peer: Client, prefix: str
+) -> None:
+    queue = await collect(peer, f"{prefix}.fetch.completed")
+    environment = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.test_settings",
+        "NATS_URL": own_nats.url,
+        "KURS_NATS_PREFIX": prefix,
+        "KURS_LOG_LEVEL": "INFO",
+    }
+    result = await asyncio.to_thread(run_python, ["-c", ONE_SHOT], environment)
+    assert result.returncode == 0, result.stderr
+    message = await asyncio.wait_for(queue.get(), 5)
+    assert json.loads(message.data)["data"]["stored"] == 7
+    assert "published 1, fallback 0" in result.stderr
