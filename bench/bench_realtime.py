@@ -37,28 +37,15 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+# Run as a script from bench/: the project's packages come from the repository root.
+sys.path.insert(0, str(REPO))
+
+from tests.services import free_port, wait_for_port  # noqa: E402
+
 VENV_BIN = REPO / ".venv" / "bin"
 PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 REDIS_URL = "redis://127.0.0.1:6379/6"
 BASELINE_GROUP = "bench-baseline"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"bench: nothing listens on 127.0.0.1:{port}") from None
-            time.sleep(0.05)
 
 
 # --- the server process ------------------------------------------------------------------------
@@ -406,8 +393,8 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
         {**env, "KURS_INSTANCE": "bench-web"},
         workdir / "web.log",
     )
-    wait_for_port(nats_port)
-    wait_for_port(web_port)
+    wait_for_port(nats_port, 30.0)
+    wait_for_port(web_port, 30.0)
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     import django
@@ -464,7 +451,7 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
         env,
         workdir / "emulator.log",
     )
-    wait_for_port(emulator_port)
+    wait_for_port(emulator_port, 30.0)
     emulator = f"http://127.0.0.1:{emulator_port}/binance"
     processes.start(
         [PYTHON, "manage.py", "run_fetch", "--watch", "--provider", "binance"],
@@ -508,7 +495,6 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-full-path", action="store_true")
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
     if args.serve:
         serve(args.serve)
         return

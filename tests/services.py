@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,19 @@ def run_python(
         timeout=timeout,
         check=False,
     )
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float) -> None:
+    """Block until 127.0.0.1:port accepts connections; TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not port_open("127.0.0.1", port, timeout=0.2):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+        time.sleep(0.02)

