@@ -19,7 +19,8 @@ router = Router(tags=["items"])
 class ItemListQuery(Schema):
     is_active: bool | None = None
     limit: int = Field(50, ge=1, le=500)
-    offset: int = Field(0, ge=0)
+    # Bounded so that no database is asked for an offset beyond its integer type.
+    offset: int = Field(0, ge=0, le=1_000_000_000)
 
 
 @router.get("", response=ItemListOut, throttle=read_throttle)

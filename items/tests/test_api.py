@@ -78,7 +78,8 @@ def test_it_filters_items_by_is_active(client: Client) -> None:
 @pytest.mark.parametrize(
     ("query", "field"),
     [("limit=0", "limit"), ("limit=501", "limit"), ("limit=abc", "limit"),
-     ("offset=-1", "offset"), ("is_active=maybe", "is_active")],
+     ("offset=-1", "offset"), ("offset=11174710960812527190016", "offset"),
+     ("is_active=maybe", "is_active")],
 )  # fmt: skip
 def test_it_rejects_bad_list_parameters(client: Client, query: str, field: str) -> None:
     body = assert_error(client.get(f"/api/v1/items?{query}"), 422)
