@@ -44,6 +44,10 @@ def prefix() -> str:
 
 @pytest.fixture(autouse=True)
 async def realtime_isolated(settings: LazySettings, prefix: str) -> AsyncIterator[None]:
+    # A connection left by tests of other apps (a fetch publishes events) still points at the
+    # servers of their settings: start every realtime test from none.
+    await bridge.stop()
+    await asyncio.to_thread(connection.shutdown)
     settings.KURS_NATS_PREFIX = prefix
     settings.NATS_SERVERS = [f"nats://127.0.0.1:{free_port()}"]  # nobody listens there
     settings.KURS_INSTANCE = f"test-{prefix}"
