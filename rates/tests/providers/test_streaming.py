@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from rates.emulator import EmulatorServer
-from rates.providers import Pair, Quote
+from rates.providers import Pair, Provider, Quote
 from rates.providers.streaming import (
     CONNECTING,
     DISCONNECTED,
@@ -40,6 +40,16 @@ class Recorder:
     def event(self, state: str) -> asyncio.Event:
         return self.seen.setdefault(state, asyncio.Event())
 
+    def stream(
+        self, provider: Provider, pair: Pair, stop: asyncio.Event, **options: float
+    ) -> asyncio.Task[None]:
+        """`stream_forever` for one pair in a task, reporting to this recorder."""
+        return asyncio.create_task(
+            stream_forever(
+                provider, [pair], self.on_quote, stop=stop, on_state=self.on_state, **options
+            )
+        )
+
     async def quote_where(self, value: Decimal) -> Quote:
         async def scan() -> Quote:
             while True:
@@ -57,16 +67,7 @@ async def test_it_reconnects_after_a_drop_and_resumes_when_cleared(
     provider = make_provider(name, emulator, emulator_client)
     symbol = "BTCUSDT"
     recorder, stop = Recorder(), asyncio.Event()
-    task = asyncio.create_task(
-        stream_forever(
-            provider,
-            [Pair("BTC", "USD")],
-            recorder.on_quote,
-            stop=stop,
-            on_state=recorder.on_state,
-            **FAST,
-        )
-    )
+    task = recorder.stream(provider, Pair("BTC", "USD"), stop, **FAST)
     await asyncio.wait_for(recorder.event(STREAMING).wait(), WAIT)
     emulator.set_fault(name, "drop_stream")
     await asyncio.wait_for(recorder.event(DISCONNECTED).wait(), WAIT)
@@ -88,16 +89,7 @@ async def test_it_keeps_trying_while_the_exchange_refuses(
     provider = make_provider("binance", emulator, emulator_client)
     emulator.set_fault("binance", "down")
     recorder, stop = Recorder(), asyncio.Event()
-    task = asyncio.create_task(
-        stream_forever(
-            provider,
-            [Pair("ETH", "USDT")],
-            recorder.on_quote,
-            stop=stop,
-            on_state=recorder.on_state,
-            **FAST,
-        )
-    )
+    task = recorder.stream(provider, Pair("ETH", "USDT"), stop, **FAST)
     await asyncio.wait_for(recorder.event(DISCONNECTED).wait(), WAIT)
     assert "503" in recorder.states[-1][1]
     emulator.set_fault("binance", "ok")
@@ -112,16 +104,7 @@ async def test_it_returns_promptly_when_stopped_mid_backoff(
     provider = make_provider("bybit", emulator, emulator_client)
     emulator.set_fault("bybit", "down")
     recorder, stop = Recorder(), asyncio.Event()
-    task = asyncio.create_task(
-        stream_forever(
-            provider,
-            [Pair("ETH", "USDT")],
-            recorder.on_quote,
-            stop=stop,
-            on_state=recorder.on_state,
-            backoff_base=60,
-        )
-    )
+    task = recorder.stream(provider, Pair("ETH", "USDT"), stop, backoff_base=60)
     await asyncio.wait_for(recorder.event(DISCONNECTED).wait(), WAIT)
     stop.set()
     await asyncio.wait_for(task, 1)  # a 30-60 s back-off must not delay the stop
@@ -178,15 +161,7 @@ async def test_it_can_be_cancelled(
 ) -> None:
     provider = make_provider("binance", emulator, emulator_client)
     recorder = Recorder()
-    task = asyncio.create_task(
-        stream_forever(
-            provider,
-            [Pair("BTC", "USDT")],
-            recorder.on_quote,
-            stop=asyncio.Event(),
-            on_state=recorder.on_state,
-        )
-    )
+    task = recorder.stream(provider, Pair("BTC", "USDT"), asyncio.Event())
     await asyncio.wait_for(recorder.event(STREAMING).wait(), WAIT)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
