@@ -228,7 +228,7 @@ async def kurs_throughput(fanout: Fanout, events: int) -> float:
 
 
 async def baseline_throughput(fanout: Fanout, events: int, layer: Any) -> float:
-    from config.api import dumps
+    from config.jsonenc import dumps
     from realtime.events import make_envelope
 
     base = fanout.clients[0].count

@@ -8,7 +8,7 @@ from ninja import Query, Router, Schema
 from ninja.responses import Status
 from pydantic import Field
 
-from config.api import read_throttle, write_auth
+from config.security import read_throttle, write_auth
 from items import selectors, services
 from items.models import Item
 from items.schemas import ItemDetailOut, ItemIn, ItemListOut, ItemOut, ItemPatch

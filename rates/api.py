@@ -7,7 +7,7 @@ from django.http import HttpRequest
 from ninja import Query, Router
 from ninja.errors import HttpError
 
-from config.api import read_throttle, write_auth
+from config.security import read_throttle, write_auth
 from items.schemas import RateOut
 from items.selectors import item_get, item_latest_rate
 from rates import fetcher, selectors

@@ -28,6 +28,7 @@ from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
 from nats.aio.msg import Msg
 
+from config.jsonenc import dumps
 from rates.snapshot import snapshot
 from realtime import metrics
 from realtime.events import utc_now_iso
@@ -50,8 +51,6 @@ FALLBACK_ORIGIN = "fallback"
 
 
 def inbound_frame(subject: str, payload: Any) -> str:
-    from config.api import dumps
-
     return dumps(
         {
             "type": "nats.inbound",

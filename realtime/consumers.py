@@ -14,7 +14,7 @@ from urllib.parse import parse_qs
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from config.api import dumps
+from config.jsonenc import dumps
 from rates.snapshot import snapshot
 from realtime import metrics
 from realtime.bridge import bridge

@@ -35,6 +35,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 
+from config.jsonenc import dumps
 from realtime import metrics
 
 logger = logging.getLogger(__name__)
@@ -466,7 +467,6 @@ os.register_at_fork(after_in_child=connection._forget_after_fork)
 
 def transport(subject: str, envelope: dict[str, Any]) -> None:
     """The `realtime.events` transport: serialise in the caller's thread, queue, return."""
-    from config.api import dumps  # Decimal-exact JSON, the same bytes as the REST API
 
     connection.publish(subject, dumps(envelope).encode(), envelope.get("id"))
 

@@ -13,7 +13,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from config.api import dumps
+from config.jsonenc import dumps
 from rates.fetcher import MAX_ROUND_SECONDS, CycleReport, Fetcher, http_client
 from rates.providers import PROVIDER_CLASSES, build_providers
 

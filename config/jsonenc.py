@@ -1,0 +1,43 @@
+"""The one JSON encoder (STYLE): Decimals as exact JSON numbers, UTC times as ISO-8601 with `Z`.
+
+REST answers, NATS payloads, WebSocket frames and command output all use `dumps`, so the same
+value has the same bytes on every surface. It imports nothing of the apps: anything may use it.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+import simplejson
+
+
+def _plain_decimal(value: Decimal) -> Decimal:
+    """54000.000123000 -> 54000.000123; 5.4E+4 -> 54000: numbers as people write them."""
+    return Decimal(format(value.normalize(), "f")) if value.is_finite() else value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, date):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def dumps(data: Any) -> str:
+    """JSON with Decimals as exact JSON numbers (SPEC 5: full precision, never floats)."""
+    return simplejson.dumps(
+        _normalise(data), use_decimal=True, default=_json_default, separators=(",", ":")
+    )
+
+
+def _normalise(data: Any) -> Any:
+    if isinstance(data, Decimal):
+        return _plain_decimal(data)
+    if isinstance(data, dict):
+        return {key: _normalise(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [_normalise(value) for value in data]
+    return data
