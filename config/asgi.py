@@ -1,4 +1,5 @@
-"""ASGI entry point: HTTP through Django, WebSocket through Channels."""
+"""ASGI entry point: HTTP through Django (`/courses` first through its fast path), WebSocket
+through Channels, lifespan to the NATS bridge."""
 
 from __future__ import annotations
 
@@ -22,12 +23,18 @@ from django.core.asgi import get_asgi_application
 django_asgi_app = get_asgi_application()
 
 # Imported after Django is set up: the consumers use models and settings.
+from config.fastpath import CoursesFastPath  # noqa: E402
+from rates.courses import courses_cache  # noqa: E402
+from rates.snapshot import snapshot  # noqa: E402
 from realtime.bridge import lifespan  # noqa: E402
 from realtime.routing import websocket_urlpatterns  # noqa: E402
 
+# `GET /api/v1/courses` is answered from the snapshot before Django (config/fastpath.py).
+http_app = CoursesFastPath(django_asgi_app, cache=courses_cache, snapshot=snapshot)
+
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": http_app,
         "websocket": AllowedHostsOriginValidator(URLRouter(websocket_urlpatterns)),
         # uvicorn (and granian) send lifespan events: the NATS bridge starts with the server.
         "lifespan": lifespan,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from asgiref.sync import sync_to_async
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from ninja import Query, Router
 from ninja.errors import HttpError
 
@@ -11,10 +11,45 @@ from config.security import read_throttle, write_auth
 from items.schemas import RateOut
 from items.selectors import item_get, item_latest_rate
 from rates import fetcher, selectors
+from rates.courses import courses_cache
 from rates.models import Rate
-from rates.schemas import ProviderOut, RateListOut, RateListQuery, TaskRunOut
+from rates.schemas import (
+    CoursesOut,
+    CoursesQueryIn,
+    ProviderOut,
+    RateListOut,
+    RateListQuery,
+    TaskRunOut,
+    ValidationErrorOut,
+)
+from rates.snapshot import snapshot
 
 router = Router(tags=["rates"])
+
+
+@router.get(
+    "/courses",
+    response={200: CoursesOut, 304: None, 422: ValidationErrorOut},
+    throttle=read_throttle,
+    summary="The current course of each pair (the seed format), with ETag",
+)
+async def list_courses(request: HttpRequest, filters: Query[CoursesQueryIn]) -> HttpResponse:
+    """From the in-process snapshot; `config/fastpath.py` serves the same bytes before Django.
+
+    A stale course keeps its last value and says `"stale": true`; a pair never quoted is left
+    out. `If-None-Match` with the current ETag answers 304 with no body.
+    """
+    if not snapshot.loaded:
+        await snapshot.aload()
+    answer = courses_cache.answer(
+        filters.direction, filters.exchanger, request.headers.get("If-None-Match")
+    )
+    response = HttpResponse(answer.body, status=answer.status)
+    if answer.status == 304:
+        del response["Content-Type"]
+    for name, value in answer.headers:
+        response[name] = value
+    return response
 
 
 @router.get("/items/{int:item_id}/rates", response=RateListOut, throttle=read_throttle)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import datetime as dt
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Literal
 
 from ninja import Schema
@@ -67,3 +68,48 @@ class ProviderOut(Schema):
     last_error: str | None
     errors_5m: int
     streaming: bool
+
+
+class CoursesQueryIn(Schema):
+    """The filters of `/courses`; `rates.courses.parse_query` validates and normalises them."""
+
+    direction: list[str] = Field(
+        default_factory=list,
+        description="a pair, e.g. BTC-USD (repeatable, or comma-separated); none: all active pairs",
+        examples=[["BTC-USD", "ETH-RUB"]],
+    )
+    exchanger: str | None = Field(
+        None,
+        description="a configured provider: only the courses it serves now",
+        examples=["binance"],
+    )
+
+
+class CourseOut(Schema):
+    direction: str = Field(..., examples=["BTC-USD"])
+    value: Decimal = Field(..., examples=[54000.000123])
+    exchanger: str | None = Field(
+        None, description="the course's provider; only when the answer's exchanger is `mixed`"
+    )
+    stale: bool | None = Field(
+        None, description="`true` when no fresh quote serves the pair (the last value is kept)"
+    )
+
+
+class CoursesOut(Schema):
+    exchanger: str | None = Field(
+        ...,
+        description="the provider that served every course, `mixed`, or null with no course",
+        examples=["binance"],
+    )
+    courses: list[CourseOut]
+
+
+class FieldErrorOut(Schema):
+    field: str
+    message: str
+
+
+class ValidationErrorOut(Schema):
+    detail: str
+    errors: list[FieldErrorOut]

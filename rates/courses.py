@@ -1,0 +1,250 @@
+"""`GET /api/v1/courses`: the seed's answer, built once per snapshot state and filter (SPEC 5).
+
+Both doors use this module: the ninja route (`rates.api`, the documented definition) and the
+thin ASGI path in `config/fastpath.py` that answers before Django. Each hands in the raw query
+values and the `If-None-Match` header and sends the `CoursesAnswer` it gets back as it is, so
+the two cannot disagree on a byte.
+
+A body depends on the snapshot (its `version` bumps on every change) and on time: a fresh course
+turns stale when its provider's freshness window passes, without any event. So a cached body is
+reused only while the snapshot version is unchanged and the earliest such flip among its courses
+has not come; `MAX_REUSE_S` bounds the reuse as well, so even a staleness rule this module does
+not know about (the read model's) shows within a second, the `max-age` the answer advertises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from django.conf import settings
+
+from config.jsonenc import dumps
+from rates.services import provider_freshness
+from rates.snapshot import snapshot
+
+CONTENT_TYPE = "application/json; charset=utf-8"
+CACHE_CONTROL = "max-age=1"
+MAX_DIRECTIONS = 100
+MAX_REUSE_S = 1.0
+# Distinct filter combinations kept per snapshot version; past it the cache starts over, so a
+# client walking through combinations costs rebuilds, never memory.
+MAX_ENTRIES = 512
+# Echoed input is cut to this length: an error never repeats a megabyte back.
+ECHO_CHARS = 40
+DERIVED_SEPARATOR = "+"
+
+PAIR_RE = re.compile(r"^[A-Z0-9]{2,12}-[A-Z0-9]{2,12}$")
+
+
+class CourseSource(Protocol):
+    """What the builder reads: `rates.snapshot.RatesSnapshot` (a fake in tests)."""
+
+    @property
+    def version(self) -> int: ...
+
+    def active_pairs(self) -> frozenset[str]: ...
+
+    def courses(self, pairs: Iterable[str] | None = None) -> list[dict[str, Any]]: ...
+
+
+class InvalidCoursesQuery(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True)
+class CoursesQuery:
+    """A normalised filter: `directions` None means every active pair."""
+
+    directions: tuple[str, ...] | None
+    exchanger: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CoursesAnswer:
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...]
+
+
+@dataclass(slots=True)
+class _Built:
+    body: bytes
+    etag: str
+    valid_until: float
+    ok: tuple[tuple[str, str], ...] = field(init=False)
+    not_modified: tuple[tuple[str, str], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ok = (
+            ("Content-Type", CONTENT_TYPE),
+            ("ETag", self.etag),
+            ("Cache-Control", CACHE_CONTROL),
+        )
+        self.not_modified = (("ETag", self.etag), ("Cache-Control", CACHE_CONTROL))
+
+
+def _echo(value: str) -> str:
+    return repr(value if len(value) <= ECHO_CHARS else value[:ECHO_CHARS] + "…")
+
+
+def parse_query(
+    directions: Sequence[str], exchanger: str | None, *, providers: Sequence[str]
+) -> CoursesQuery:
+    """Normalise the raw query values; InvalidCoursesQuery names the field at fault.
+
+    `direction` may repeat and may hold a comma-separated list; codes are normalised like item
+    codes (`btc-usd` -> `BTC-USD`), duplicates dropped, the order kept. Empty values are absent.
+    `exchanger` is a configured provider, or a cross-rate name of configured providers
+    (`binance+cbr`; an unencoded `+` arrives as a space).
+    """
+    wanted: list[str] = []
+    for raw in directions:
+        for part in raw.split(","):
+            code = part.strip().upper()
+            if not code:
+                continue
+            if not PAIR_RE.match(code):
+                message = f"{_echo(part.strip())} is not a pair: use BASE-QUOTE, e.g. BTC-USD"
+                raise InvalidCoursesQuery("direction", message)
+            if code not in wanted:
+                wanted.append(code)
+                if len(wanted) > MAX_DIRECTIONS:
+                    raise InvalidCoursesQuery(
+                        "direction", f"at most {MAX_DIRECTIONS} pairs in one request"
+                    )
+    name = (exchanger or "").strip().lower().replace(" ", DERIVED_SEPARATOR) or None
+    if name is not None and not all(leg in providers for leg in name.split(DERIVED_SEPARATOR)):
+        configured = ", ".join(providers)
+        raise InvalidCoursesQuery(
+            "exchanger", f"unknown provider {_echo(name)} (configured: {configured})"
+        )
+    return CoursesQuery(directions=tuple(wanted) or None, exchanger=name)
+
+
+def error_answer(exc: InvalidCoursesQuery) -> CoursesAnswer:
+    """422 in the API's one validation-error shape (config.api.on_validation_error)."""
+    body = dumps(
+        {"detail": f"{exc.field}: {exc}", "errors": [{"field": exc.field, "message": str(exc)}]}
+    )
+    return CoursesAnswer(422, body.encode(), (("Content-Type", CONTENT_TYPE),))
+
+
+def etag_matches(if_none_match: str, etag: str) -> bool:
+    """RFC 9110 13.1.2: `*` or any listed tag, compared weakly (a `W/` prefix is ignored)."""
+    if if_none_match.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == etag for tag in if_none_match.split(","))
+
+
+def render(courses: list[dict[str, Any]], exchanger: str | None) -> bytes:
+    """The seed format: one `exchanger`, or `"mixed"` and each course naming its own."""
+    if exchanger is None:
+        providers = {course["provider"] for course in courses}
+        exchanger = providers.pop() if len(providers) == 1 else ("mixed" if providers else None)
+    mixed = exchanger == "mixed"
+    out = []
+    for course in courses:
+        item: dict[str, Any] = {"direction": course["direction"], "value": course["value"]}
+        if mixed:
+            item["exchanger"] = course["provider"]
+        if course["stale"]:
+            item["stale"] = True
+        out.append(item)
+    return dumps({"exchanger": exchanger, "courses": out}).encode()
+
+
+def _next_flip(courses: list[dict[str, Any]], now: float) -> float:
+    """When the first fresh course among these turns stale (infinity when none is fresh)."""
+    flips = [
+        now + provider_freshness(course["provider"]) - float(course["age_s"])
+        for course in courses
+        if not course["stale"]
+    ]
+    # A millisecond past the flip: `age_s` is rounded to one, and `stale` is a strict `>`.
+    return min(flips, default=float("inf")) + 0.001
+
+
+class CoursesCache:
+    """Precomputed bodies per filter, valid for one snapshot version until the next flip."""
+
+    def __init__(
+        self,
+        source: CourseSource,
+        *,
+        providers: Callable[[], Sequence[str]],
+        clock: Callable[[], float] = time.time,
+        max_reuse_s: float = MAX_REUSE_S,
+        max_entries: int = MAX_ENTRIES,
+    ) -> None:
+        self._source = source
+        self._providers = providers
+        self._clock = clock
+        self._max_reuse_s = max_reuse_s
+        self._max_entries = max_entries
+        self._version = -1
+        self._built: dict[CoursesQuery, _Built] = {}
+        self.builds = 0  # how many bodies were rendered: tests watch reuse with it
+
+    def answer(
+        self, directions: Sequence[str], exchanger: str | None, if_none_match: str | None
+    ) -> CoursesAnswer:
+        try:
+            query = parse_query(directions, exchanger, providers=self._providers())
+            built = self._get(query)
+        except InvalidCoursesQuery as exc:
+            return error_answer(exc)
+        if if_none_match is not None and etag_matches(if_none_match, built.etag):
+            return CoursesAnswer(304, b"", built.not_modified)
+        return CoursesAnswer(200, built.body, built.ok)
+
+    def clear(self) -> None:
+        self._built.clear()
+
+    def _get(self, query: CoursesQuery) -> _Built:
+        version = self._source.version
+        now = self._clock()
+        if version != self._version or len(self._built) >= self._max_entries:
+            self._built.clear()
+            self._version = version
+        built = self._built.get(query)
+        if built is None or now >= built.valid_until:
+            built = self._build(query, now)
+            self._built[query] = built
+        return built
+
+    def _build(self, query: CoursesQuery, now: float) -> _Built:
+        self.builds += 1
+        if query.directions is None:
+            courses = self._source.courses()
+        else:
+            active = self._source.active_pairs()
+            unknown = [code for code in query.directions if code not in active]
+            if unknown:
+                # Not cached: the message echoes the input, and the pair may be added any time.
+                raise InvalidCoursesQuery(
+                    "direction", f"unknown pair {_echo(unknown[0])}: not an active item"
+                )
+            found = self._source.courses(query.directions)
+            by_code = {course["direction"]: course for course in found}
+            courses = [by_code[code] for code in query.directions if code in by_code]
+        if query.exchanger is not None:
+            courses = [course for course in courses if course["provider"] == query.exchanger]
+        body = render(courses, query.exchanger)
+        etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+        valid_until = min(_next_flip(courses, now), now + self._max_reuse_s)
+        return _Built(body=body, etag=etag, valid_until=valid_until)
+
+
+def _configured_providers() -> Sequence[str]:
+    return settings.KURS_PROVIDERS
+
+
+# The process's one cache, shared by the ninja route and the ASGI fast path.
+courses_cache = CoursesCache(snapshot, providers=_configured_providers)
