@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
+from django.test.signals import setting_changed
 
 from config.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from rates.courses import CoursesAnswer, CoursesCache
@@ -38,10 +40,26 @@ PATH = "/api/v1/courses"
 ROUTE = "api/v1/courses"
 MAX_QUERY_BYTES = 4096
 MAX_KNOWN_HOSTS = 64
+MAX_MEMO = 1024
 
 
-def _security_headers() -> list[tuple[bytes, bytes]]:
-    """What SecurityMiddleware adds to every response (after CommonMiddleware's length)."""
+@dataclass(frozen=True, slots=True)
+class _Memo:
+    built: Any  # rates.courses._Built, or None for an error
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+def _outer_headers() -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+    """What Django's middleware adds around the view's headers: before and after the length.
+
+    XFrameOptionsMiddleware (innermost) adds its header first; CommonMiddleware the length;
+    SecurityMiddleware (outermost) the rest.
+    """
+    inner = []
+    if settings.X_FRAME_OPTIONS:
+        inner.append((b"X-Frame-Options", settings.X_FRAME_OPTIONS.upper().encode()))
     headers = []
     if settings.SECURE_CONTENT_TYPE_NOSNIFF:
         headers.append((b"X-Content-Type-Options", b"nosniff"))
@@ -52,11 +70,16 @@ def _security_headers() -> list[tuple[bytes, bytes]]:
     if settings.SECURE_CROSS_ORIGIN_OPENER_POLICY:
         coop = settings.SECURE_CROSS_ORIGIN_OPENER_POLICY
         headers.append((b"Cross-Origin-Opener-Policy", coop.encode("latin-1")))
-    return headers
+    return inner, headers
 
 
 class CoursesFastPath:
-    """ASGI middleware: serve `/courses` from `cache`, pass everything else to `app`."""
+    """ASGI middleware: serve `/courses` from `cache`, pass everything else to `app`.
+
+    Per request it does a few dict lookups: the ASGI messages of an answer are memoised per
+    (query string, If-None-Match) for as long as the cache says that answer stands, and the
+    settings it depends on are read once (again when a test overrides one).
+    """
 
     def __init__(self, app: ASGIApp, *, cache: CoursesCache, snapshot: RatesSnapshot) -> None:
         self.app = app
@@ -64,7 +87,23 @@ class CoursesFastPath:
         self.snapshot = snapshot
         self.enabled = True  # tests switch it off to hear Django's answer to the same request
         self._known_hosts: set[bytes] = set()
-        self._outer: list[tuple[bytes, bytes]] | None = None
+        self._memo: dict[tuple[bytes, bytes | None], _Memo] = {}
+        self._requests = {
+            status: HTTP_REQUESTS.labels("GET", ROUTE, str(status)) for status in (200, 304, 422)
+        }
+        self._latency = HTTP_LATENCY.labels("GET", ROUTE)
+        self._read_settings()
+        setting_changed.connect(self._on_setting_changed, weak=False)
+
+    def _read_settings(self) -> None:
+        self._open = settings.KURS_RATE_LIMIT is None and not settings.USE_X_FORWARDED_HOST
+        self._hsts = bool(settings.SECURE_HSTS_SECONDS)
+        self._outer = _outer_headers()
+        self._known_hosts.clear()
+        self._memo.clear()
+
+    def _on_setting_changed(self, **kwargs: Any) -> None:
+        self._read_settings()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == PATH and self._serves(scope):
@@ -73,22 +112,20 @@ class CoursesFastPath:
         await self.app(scope, receive, send)
 
     def _serves(self, scope: Scope) -> bool:
-        query = scope.get("query_string", b"")
+        query = scope["query_string"]
         return (
             self.enabled
+            and self._open
             and scope["method"] == "GET"
-            and not scope.get("root_path")
-            and settings.KURS_RATE_LIMIT is None
             and self.snapshot.loaded
+            and not scope.get("root_path")
             and len(query) <= MAX_QUERY_BYTES
             and query.isascii()
-            and not (scope.get("scheme") == "https" and settings.SECURE_HSTS_SECONDS)
+            and not (self._hsts and scope.get("scheme") == "https")
             and self._host_allowed(scope)
         )
 
     def _host_allowed(self, scope: Scope) -> bool:
-        if settings.USE_X_FORWARDED_HOST:
-            return False
         host = next((value for name, value in scope["headers"] if name == b"host"), None)
         if host is None:
             return False
@@ -106,33 +143,42 @@ class CoursesFastPath:
 
     async def _answer(self, scope: Scope, send: Send) -> None:
         started = time.perf_counter()
+        if_none_match: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"if-none-match":  # several headers are one list, as Django joins them
+                if_none_match = value if if_none_match is None else if_none_match + b"," + value
+        key = (scope["query_string"], if_none_match)
+        memo = self._memo.get(key)
+        if memo is None or not self.cache.is_current(memo.built):
+            memo = self._compute(key)
+        await send({"type": "http.response.start", "status": memo.status, "headers": memo.headers})
+        await send({"type": "http.response.body", "body": memo.body, "more_body": False})
+        self._requests[memo.status].inc()
+        self._latency.observe(time.perf_counter() - started)
+
+    def _compute(self, key: tuple[bytes, bytes | None]) -> _Memo:
+        query, if_none_match = key
         directions: list[str] = []
         exchanger: str | None = None
         # As Django's QueryDict: blank values kept, `&` only, the last `exchanger` wins.
-        for key, value in parse_qsl(scope.get("query_string", b"").decode("ascii"), True):
-            if key == "direction":
+        for name, value in parse_qsl(query.decode("ascii"), keep_blank_values=True):
+            if name == "direction":
                 directions.append(value)
-            elif key == "exchanger":
+            elif name == "exchanger":
                 exchanger = value
-        if_none_match = [value for name, value in scope["headers"] if name == b"if-none-match"]
-        answer = self.cache.answer(
-            directions,
-            exchanger,
-            ",".join(value.decode("latin-1") for value in if_none_match) if if_none_match else None,
-        )
-        headers = self._headers(answer)
-        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
-        await send({"type": "http.response.body", "body": answer.body, "more_body": False})
-        HTTP_REQUESTS.labels("GET", ROUTE, str(answer.status)).inc()
-        HTTP_LATENCY.labels("GET", ROUTE).observe(time.perf_counter() - started)
+        tags = None if if_none_match is None else if_none_match.decode("latin-1")
+        answer = self.cache.answer(directions, exchanger, tags)
+        memo = _Memo(answer.built, answer.status, self._headers(answer), answer.body)
+        if answer.built is not None:  # errors echo their input: not worth keeping
+            if len(self._memo) >= MAX_MEMO:
+                self._memo.clear()
+            self._memo[key] = memo
+        return memo
 
     def _headers(self, answer: CoursesAnswer) -> list[tuple[bytes, bytes]]:
         # In the order Django's middleware stack adds them, innermost first.
-        if self._outer is None:
-            self._outer = _security_headers()
         headers = [(name.encode(), value.encode("latin-1")) for name, value in answer.headers]
-        if settings.X_FRAME_OPTIONS:
-            headers.append((b"X-Frame-Options", settings.X_FRAME_OPTIONS.upper().encode()))
+        headers.extend(self._outer[0])
         headers.append((b"Content-Length", str(len(answer.body)).encode()))
-        headers.extend(self._outer)
+        headers.extend(self._outer[1])
         return headers

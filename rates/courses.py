@@ -66,18 +66,12 @@ class CoursesQuery:
     exchanger: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class CoursesAnswer:
-    status: int
-    body: bytes
-    headers: tuple[tuple[str, str], ...]
-
-
 @dataclass(slots=True)
 class _Built:
     body: bytes
     etag: str
     valid_until: float
+    stamp: tuple[int, int]  # (snapshot version, cache generation) it was built for
     ok: tuple[tuple[str, str], ...] = field(init=False)
     not_modified: tuple[tuple[str, str], ...] = field(init=False)
 
@@ -88,6 +82,16 @@ class _Built:
             ("Cache-Control", CACHE_CONTROL),
         )
         self.not_modified = (("ETag", self.etag), ("Cache-Control", CACHE_CONTROL))
+
+
+@dataclass(frozen=True, slots=True)
+class CoursesAnswer:
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...]
+    # The cached body behind a 200 or 304 (None for an error): `CoursesCache.is_current` tells
+    # a caller that memoises what it sent whether the answer still stands.
+    built: _Built | None = None
 
 
 def _echo(value: str) -> str:
@@ -189,6 +193,7 @@ class CoursesCache:
         self._max_reuse_s = max_reuse_s
         self._max_entries = max_entries
         self._version = -1
+        self._generation = 0
         self._built: dict[CoursesQuery, _Built] = {}
         self.builds = 0  # how many bodies were rendered: tests watch reuse with it
 
@@ -201,25 +206,32 @@ class CoursesCache:
         except InvalidCoursesQuery as exc:
             return error_answer(exc)
         if if_none_match is not None and etag_matches(if_none_match, built.etag):
-            return CoursesAnswer(304, b"", built.not_modified)
-        return CoursesAnswer(200, built.body, built.ok)
+            return CoursesAnswer(304, b"", built.not_modified, built)
+        return CoursesAnswer(200, built.body, built.ok, built)
+
+    def is_current(self, built: _Built) -> bool:
+        """Whether `answer` would still give this body (no change, no flip, no clear since)."""
+        return built.stamp == (self._source.version, self._generation) and (
+            self._clock() < built.valid_until
+        )
 
     def clear(self) -> None:
         self._built.clear()
+        self._generation += 1
 
     def _get(self, query: CoursesQuery) -> _Built:
         version = self._source.version
         now = self._clock()
         if version != self._version or len(self._built) >= self._max_entries:
-            self._built.clear()
+            self.clear()
             self._version = version
         built = self._built.get(query)
         if built is None or now >= built.valid_until:
-            built = self._build(query, now)
+            built = self._build(query, now, (version, self._generation))
             self._built[query] = built
         return built
 
-    def _build(self, query: CoursesQuery, now: float) -> _Built:
+    def _build(self, query: CoursesQuery, now: float, stamp: tuple[int, int]) -> _Built:
         self.builds += 1
         if query.directions is None:
             courses = self._source.courses()
@@ -239,7 +251,7 @@ class CoursesCache:
         body = render(courses, query.exchanger)
         etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
         valid_until = min(_next_flip(courses, now), now + self._max_reuse_s)
-        return _Built(body=body, etag=etag, valid_until=valid_until)
+        return _Built(body=body, etag=etag, valid_until=valid_until, stamp=stamp)
 
 
 def _configured_providers() -> Sequence[str]:

@@ -277,3 +277,21 @@ async def test_before_the_snapshot_is_loaded_django_loads_it_and_answers(
     finally:
         snapshot.reset()
         courses_cache.clear()
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("courses")
+async def test_the_fast_path_never_answers_from_a_memo_the_snapshot_has_moved_past() -> None:
+    query = b"direction=BTC-USD"
+    [start, body] = await call(query)
+    etag = dict(start["headers"])[b"ETag"]
+    assert (await call(query, [(b"if-none-match", etag)]))[0]["status"] == 304
+    put("BTC-USD", "54001.5", "bybit")
+    fast, slow = await both(query, [(b"if-none-match", etag)])
+    assert fast == slow
+    assert fast[0]["status"] == 200
+    assert json.loads(fast[1]["body"]) == {
+        "exchanger": "bybit",
+        "courses": [{"direction": "BTC-USD", "value": 54001.5}],
+    }
+    assert body["body"] != fast[1]["body"]

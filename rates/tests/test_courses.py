@@ -232,7 +232,9 @@ def test_a_body_is_reused_until_the_snapshot_changes(source: FakeSource, clock: 
     clock.now += 10
     assert cache.answer([], None, None) == first
     assert cache.builds == 1
+    assert cache.is_current(first.built)
     source.put("BTC-USD", "54001", "binance")
+    assert not cache.is_current(first.built)
     assert b"54001" in cache.answer([], None, None).body
     assert cache.builds == 2
 
@@ -266,7 +268,9 @@ def test_reuse_is_bounded_even_when_no_course_would_flip(source: FakeSource, clo
     assert cache.builds == 1
     clock.now += 0.2
     # Rebuilt, and the same bytes keep the same ETag: clients' 304s survive the rebuild.
-    assert cache.answer([], None, None) == first
+    again = cache.answer([], None, None)
+    assert (again.body, again.headers) == (first.body, first.headers)
+    assert not cache.is_current(first.built)
     assert cache.builds == 2
 
 

@@ -1,0 +1,394 @@
+"""`/courses` and item detail under load, each next to an in-run baseline serving the same bytes.
+
+    .venv/bin/python bench/bench_courses.py [--duration 4] [--repeats 3] [--connections 64]
+    .venv/bin/python bench/bench_courses.py --servers    # uvicorn against granian (the choice)
+
+The web server is the production one (`scripts/serve.sh`'s: uvicorn with uvloop and httptools)
+on a free port, production settings (DEBUG off), SQLite on a temporary file, with the project's
+own `config.asgi:application`; load comes from wrk (`-t1 -c64`, keep-alive) on 127.0.0.1.
+Figures are medians of --repeats runs of --duration seconds, each printed with its baseline:
+
+1. `GET /api/v1/courses` (the fast path in `config/fastpath.py`) with 1 and 2 workers, against a
+   minimal FastAPI app on uvicorn (same flags, same workers) and nginx serving the same bytes as
+   a static file (same worker count): targets >= 2x FastAPI, >= 0.25x nginx;
+2. the 304 path (`If-None-Match` with the current ETag), against the 200 path;
+3. `GET /api/v1/items/1` against a plain django-ninja endpoint on the same server returning the
+   same bytes (`bench/plain_urls.py`): the floor of Django's request path (target >= 1.3x later).
+
+`--servers` measures `/courses` and item detail on uvicorn and granian with 1 and 2 workers: the
+measurement behind the server `make run` uses (README, "Serving").
+
+wrk, the servers and every other session on this machine share its cores: the load average and
+the busiest other processes are printed with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.services import free_port, wait_for_port  # noqa: E402
+
+VENV_BIN = REPO / ".venv" / "bin"
+PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
+COURSES = "/api/v1/courses"
+ITEM = "/api/v1/items/1"
+PLAIN = "/bench/plain/item"
+START_TIMEOUT = 60.0
+
+SEED_RATES = textwrap.dedent(
+    """
+    from datetime import UTC, datetime
+    from decimal import Decimal
+    from items.models import Item
+    from rates.models import Rate
+    now = datetime.now(UTC)
+    for n, item in enumerate(Item.objects.filter(is_active=True).order_by("id")):
+        provider = "coingecko" if item.quote == "RUB" else "binance"
+        value = Decimal("54000.000123") / (n + 1)
+        Rate.objects.create(
+            item=item, provider=provider, value=value, source_time=now, received_at=now
+        )
+    """
+)
+
+
+# --- load ------------------------------------------------------------------------------------
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wrk(
+    url: str, duration: float, connections: int, header: str | None = None
+) -> tuple[float, float]:
+    """One wrk run: (requests/s, p99 latency in ms). Non-2xx/3xx answers fail the bench."""
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", url]
+    if header:
+        cmd[1:1] = ["-H", header]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=duration + 30)
+    text = out.stdout
+    if "Non-2xx or 3xx responses" in text:
+        raise SystemExit(f"bench: errors from {url}:\n{text}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
+    value, unit = re.search(r"\s99%\s+([\d.]+)(us|ms|s)\b", text).groups()  # type: ignore[union-attr]
+    return rps, float(value) * _UNITS[unit]
+
+
+def measure(url: str, args: argparse.Namespace, header: str | None = None) -> tuple[float, float]:
+    runs = [wrk(url, args.duration, args.connections, header) for _ in range(args.repeats)]
+    return statistics.median(r for r, _ in runs), statistics.median(p for _, p in runs)
+
+
+def get(url: str, header: tuple[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=dict([header]) if header else {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return (
+                response.status,
+                {k.lower(): v for k, v in response.headers.items()},
+                response.read(),
+            )
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+# --- servers ---------------------------------------------------------------------------------
+def server_env(tmp: Path) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("KURS_", "DJANGO_")) and key != "DATABASE_URL"
+    }
+    env.update(
+        DJANGO_SETTINGS_MODULE="bench.plain_settings",
+        DJANGO_DEBUG="false",
+        DJANGO_SECRET_KEY="kurs-bench-secret-key-not-for-production-0123456789",
+        DATABASE_URL=f"sqlite:///{tmp}/bench.sqlite3",
+        KURS_LOG_LEVEL="WARNING",
+        # Off the machine's real subjects; courses stay fresh for the whole run (stable ETags).
+        KURS_NATS_PREFIX=f"kursbench{os.getpid()}",
+        KURS_STALE_AFTER="86400",
+        KURS_SHARED_CACHE_DIR=str(tmp / "cache"),
+        KURS_BENCH_ITEM_BODY=str(tmp / "item.json"),
+        KURS_BENCH_COURSES_BODY=str(tmp / "www" / "api" / "v1" / "courses"),
+        PYTHONPATH=str(REPO),
+    )
+    return env
+
+
+def uvicorn_cmd(app: str, port: int, workers: int) -> list[str]:
+    return [
+        str(VENV_BIN / "uvicorn"), app, "--host", "127.0.0.1", "--port", str(port),
+        "--workers", str(workers), "--loop", "uvloop", "--http", "httptools",
+        "--no-access-log", "--log-level", "warning",
+    ]  # fmt: skip
+
+
+def granian_cmd(app: str, port: int, workers: int) -> list[str]:
+    return [
+        str(VENV_BIN / "granian"), "--interface", "asgi", "--host", "127.0.0.1",
+        "--port", str(port), "--workers", str(workers), "--loop", "uvloop",
+        "--no-access-log", "--log-level", "warning", app,
+    ]  # fmt: skip
+
+
+def nginx_cmd(tmp: Path, port: int, workers: int) -> list[str]:
+    conf = tmp / f"nginx-{port}.conf"
+    conf.write_text(
+        textwrap.dedent(
+            f"""
+            worker_processes {workers};
+            pid {tmp}/nginx-{port}.pid;
+            error_log {tmp}/nginx-{port}.error.log warn;
+            events {{ worker_connections 1024; }}
+            http {{
+                access_log off;
+                sendfile on;
+                keepalive_requests 1000000;
+                client_body_temp_path {tmp}/nginx-body;
+                proxy_temp_path {tmp}/nginx-proxy;
+                fastcgi_temp_path {tmp}/nginx-fastcgi;
+                uwsgi_temp_path {tmp}/nginx-uwsgi;
+                scgi_temp_path {tmp}/nginx-scgi;
+                server {{
+                    listen 127.0.0.1:{port};
+                    root {tmp}/www;
+                    location = {COURSES} {{ default_type "application/json; charset=utf-8"; }}
+                }}
+            }}
+            """
+        )
+    )
+    return ["nginx", "-c", str(conf), "-p", str(tmp), "-g", "daemon off;"]
+
+
+@contextmanager
+def running(cmd: list[str], env: dict[str, str], port: int, ready: str) -> Iterator[str]:
+    """Start a server in its own process group; yield its origin once `ready` answers 200."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        origin = f"http://127.0.0.1:{port}"
+        try:
+            wait_for_port(port, START_TIMEOUT)
+            deadline = time.monotonic() + START_TIMEOUT
+            while get(origin + ready)[0] != 200:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    log.seek(0)
+                    output = log.read().decode()
+                    raise SystemExit(f"bench: {cmd[0]} did not serve {ready}:\n{output}")
+                time.sleep(0.1)
+            yield origin
+        finally:
+            # SIGTERM to the group: the servers' supervisors and workers, nginx's too.
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def warm(origin: str, path: str, workers: int) -> None:
+    # Each worker loads its snapshot at start-up; a second of load reaches every one of them.
+    wrk(origin + path, 1.0, 8 * workers)
+
+
+# --- what shared the cores -------------------------------------------------------------------
+def neighbours() -> str:
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    ps = subprocess.run(
+        ["ps", "-eo", "pcpu,comm", "--sort=-pcpu", "--no-headers"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.splitlines()
+    busy = [line.strip() for line in ps if float(line.split()[0]) >= 5.0][:5]
+    return f"load average {load}; busiest processes (%CPU since start): " + (
+        ", ".join(busy) or "none over 5%"
+    )
+
+
+# --- the bench -------------------------------------------------------------------------------
+def prepare(tmp: Path) -> dict[str, str]:
+    env = server_env(tmp)
+    (tmp / "www" / "api" / "v1").mkdir(parents=True)
+    (tmp / "item.json").write_bytes(b"{}")
+    for args in (
+        ["manage.py", "migrate", "--no-input", "-v", "0"],
+        ["manage.py", "shell", "-c", SEED_RATES],
+    ):
+        subprocess.run([PYTHON, *args], cwd=REPO, env=env, check=True, timeout=120)
+    return env
+
+
+def capture_bodies(tmp: Path, env: dict[str, str]) -> tuple[bytes, str]:
+    """The `/courses` and item bytes Kurs serves, written where the baselines read them."""
+    port = free_port()
+    with running(uvicorn_cmd("config.asgi:application", port, 1), env, port, COURSES) as origin:
+        status, headers, courses = get(origin + COURSES)
+        assert status == 200, courses
+        assert b'"courses":[{' in courses, courses
+        item_status, _, item = get(origin + ITEM)
+        assert item_status == 200, item
+    (tmp / "www" / "api" / "v1" / "courses").write_bytes(courses)
+    (tmp / "item.json").write_bytes(item)
+    # nginx's workers may run as another user: the files must be readable by anyone.
+    for path in [tmp, *tmp.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return courses, headers["etag"]
+
+
+def row(
+    label: str,
+    figure: tuple[float, float],
+    base_label: str,
+    base: tuple[float, float],
+    target: str = "",
+) -> None:
+    ratio = figure[0] / base[0] if base[0] else float("nan")
+    print(
+        f"{label:<34} {figure[0]:>9,.0f} {figure[1]:>8.2f}   {base_label:<30} "
+        f"{base[0]:>9,.0f} {base[1]:>8.2f} {ratio:>7.2f}x  {target}"
+    )
+
+
+def header_line() -> None:
+    print(
+        f"{'figure':<34} {'req/s':>9} {'p99 ms':>8}   {'baseline (same run)':<30} "
+        f"{'req/s':>9} {'p99 ms':>8} {'ratio':>8}  target"
+    )
+
+
+def bench(
+    args: argparse.Namespace, tmp: Path, env: dict[str, str], courses: bytes, etag: str
+) -> None:
+    results: dict[str, tuple[float, float]] = {}
+    for workers in (1, 2):
+        port = free_port()
+        with running(
+            uvicorn_cmd("config.asgi:application", port, workers), env, port, COURSES
+        ) as origin:
+            warm(origin, COURSES, workers)
+            assert get(origin + COURSES)[2] == courses, "Kurs's /courses changed during the bench"
+            results[f"courses{workers}"] = measure(origin + COURSES, args)
+            results[f"304-{workers}"] = measure(origin + COURSES, args, f"If-None-Match: {etag}")
+            if workers == 1:
+                results["item"] = measure(origin + ITEM, args)
+                results["plain"] = measure(origin + PLAIN, args)
+        port = free_port()
+        with running(
+            uvicorn_cmd("bench.fastapi_app:app", port, workers), env, port, COURSES
+        ) as origin:
+            assert get(origin + COURSES)[2] == courses
+            warm(origin, COURSES, workers)
+            results[f"fastapi{workers}"] = measure(origin + COURSES, args)
+        port = free_port()
+        with running(nginx_cmd(tmp, port, workers), env, port, COURSES) as origin:
+            assert get(origin + COURSES)[2] == courses
+            results[f"nginx{workers}"] = measure(origin + COURSES, args)
+    print(
+        f"wrk -t1 -c{args.connections}, {args.repeats} x {args.duration:g} s each, medians; "
+        f"uvicorn --loop uvloop --http httptools; /courses body {len(courses)} bytes"
+    )
+    header_line()
+    for w in (1, 2):
+        n = f"{w} worker{'s' if w > 1 else ''}"
+        row(
+            f"/courses, {n}",
+            results[f"courses{w}"],
+            f"FastAPI+uvicorn, {n}",
+            results[f"fastapi{w}"],
+            ">= 2x",
+        )
+        row(
+            f"/courses, {n}",
+            results[f"courses{w}"],
+            f"nginx static file, {n}",
+            results[f"nginx{w}"],
+            ">= 0.25x",
+        )
+        row(
+            f"/courses 304 (If-None-Match), {n}",
+            results[f"304-{w}"],
+            f"/courses 200, {n}",
+            results[f"courses{w}"],
+        )
+    row(
+        "item detail /items/1, 1 worker",
+        results["item"],
+        "plain django-ninja, 1 worker",
+        results["plain"],
+        ">= 1.3x (later)",
+    )
+    print(neighbours())
+
+
+def compare_servers(args: argparse.Namespace, env: dict[str, str]) -> None:
+    results: dict[tuple[str, int], tuple[tuple[float, float], tuple[float, float]]] = {}
+    for name, make in (("uvicorn", uvicorn_cmd), ("granian", granian_cmd)):
+        for workers in (1, 2):
+            port = free_port()
+            with running(
+                make("config.asgi:application", port, workers), env, port, COURSES
+            ) as origin:
+                warm(origin, COURSES, workers)
+                results[name, workers] = (
+                    measure(origin + COURSES, args),
+                    measure(origin + ITEM, args),
+                )
+    print(f"wrk -t1 -c{args.connections}, {args.repeats} x {args.duration:g} s each, medians")
+    print(
+        f"{'server':<10} {'workers':>7} {'/courses req/s':>15} {'p99 ms':>8} "
+        f"{'/items/1 req/s':>15} {'p99 ms':>8}"
+    )
+    for (name, workers), (courses, item) in results.items():
+        print(
+            f"{name:<10} {workers:>7} {courses[0]:>15,.0f} {courses[1]:>8.2f} "
+            f"{item[0]:>15,.0f} {item[1]:>8.2f}"
+        )
+    print(neighbours())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--servers", action="store_true", help="compare uvicorn and granian")
+    args = parser.parse_args()
+    for tool in ("wrk", "nginx"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"bench: `{tool}` is missing: apt-get install {tool}")
+    print(neighbours())
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="kurs-bench-courses-") as name:
+        tmp = Path(name)
+        env = prepare(tmp)
+        courses, etag = capture_bodies(tmp, env)
+        if args.servers:
+            compare_servers(args, env)
+        else:
+            bench(args, tmp, env, courses, etag)
+    print(f"bench_courses: {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
