@@ -19,6 +19,7 @@ if [ -z "${NATS_URL:-}" ] && ! .venv/bin/python scripts/port_open.py 127.0.0.1 4
 else
   echo "NATS:       using ${NATS_URL:-nats://127.0.0.1:4222}"
 fi
+echo "Web:        uvicorn (uvloop, httptools), ${KURS_WEB_WORKERS:-2} workers: scripts/serve.sh"
 echo "Dashboard:  http://$host:$port/"
 echo "API docs:   http://$host:$port/api/v1/docs"
 echo "Health:     http://$host:$port/api/v1/health"
