@@ -1,0 +1,68 @@
+"""WhiteNoise stays in the event loop for API requests and still serves static files."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from asgiref.sync import AsyncToSync
+
+from config.asgi import django_asgi_app
+
+pytestmark = pytest.mark.django_db
+
+
+async def get(path: str) -> tuple[int, bytes]:
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+    }
+    pending = [{"type": "http.request", "body": b"", "more_body": False}]
+    hang = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if pending:
+            return pending.pop()
+        await hang.wait()
+        return {"type": "http.disconnect"}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await django_asgi_app(scope, receive, send)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+async def test_an_api_request_never_hops_back_from_a_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hops = []
+    original = AsyncToSync.__call__
+
+    def counting(self: AsyncToSync, *args: Any, **kwargs: Any) -> Any:
+        hops.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncToSync, "__call__", counting)
+    status, _ = await get("/api/v1/providers")
+    assert status == 200
+    assert hops == []  # a sync-only middleware would cost one async_to_sync per request
+
+
+async def test_static_files_are_still_served() -> None:
+    status, body = await get("/static/admin/css/base.css")
+    assert status == 200
+    assert b"{" in body
