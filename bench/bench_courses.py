@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_courses.py [--duration 4] [--repeats 3] [--connections 64]
     .venv/bin/python bench/bench_courses.py --servers    # uvicorn against granian (the choice)
 
-The web server is the production one (`scripts/serve.sh`'s: uvicorn with uvloop and httptools)
+The web server is the production one (`scripts/serve.sh`'s uvicorn with uvloop and httptools)
 on a free port, production settings (DEBUG off), SQLite on a temporary file, with the project's
 own `config.asgi:application`; load comes from wrk (`-t1 -c64`, keep-alive) on 127.0.0.1.
 Figures are medians of --repeats runs of --duration seconds, each printed with its baseline:
@@ -90,9 +90,23 @@ def wrk(
     return rps, float(value) * _UNITS[unit]
 
 
-def measure(url: str, args: argparse.Namespace, header: str | None = None) -> tuple[float, float]:
-    runs = [wrk(url, args.duration, args.connections, header) for _ in range(args.repeats)]
-    return statistics.median(r for r, _ in runs), statistics.median(p for _, p in runs)
+Target = tuple[str, str | None]  # (url, one extra request header)
+
+
+def measure(targets: dict[str, Target], args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+    """Median req/s and p99 of each target, measured in turns (A B C, A B C, ...).
+
+    Taking turns spreads the other sessions' load on this machine evenly over a figure and its
+    baseline, so their ratio holds even when the absolute figures drift.
+    """
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in targets}
+    for _ in range(args.repeats):
+        for name, (url, header) in targets.items():
+            runs[name].append(wrk(url, args.duration, args.connections, header))
+    return {
+        name: (statistics.median(r for r, _ in got), statistics.median(p for _, p in got))
+        for name, got in runs.items()
+    }
 
 
 def get(url: str, header: tuple[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -136,7 +150,7 @@ def uvicorn_cmd(app: str, port: int, workers: int) -> list[str]:
     return [
         str(VENV_BIN / "uvicorn"), app, "--host", "127.0.0.1", "--port", str(port),
         "--workers", str(workers), "--loop", "uvloop", "--http", "httptools",
-        "--no-access-log", "--log-level", "warning",
+        "--no-access-log", "--no-proxy-headers", "--log-level", "warning",
     ]  # fmt: skip
 
 
@@ -303,28 +317,28 @@ def bench(
 ) -> None:
     results: dict[str, tuple[float, float]] = {}
     for workers in (1, 2):
-        port = free_port()
-        with running(
-            uvicorn_cmd("config.asgi:application", port, workers), env, port, COURSES
-        ) as origin:
-            warm(origin, COURSES, workers)
-            assert get(origin + COURSES)[2] == courses, "Kurs's /courses changed during the bench"
-            results[f"courses{workers}"] = measure(origin + COURSES, args)
-            results[f"304-{workers}"] = measure(origin + COURSES, args, f"If-None-Match: {etag}")
+        kurs_port, fastapi_port, nginx_port = free_port(), free_port(), free_port()
+        kurs_cmd = uvicorn_cmd("config.asgi:application", kurs_port, workers)
+        fastapi_cmd = uvicorn_cmd("bench.fastapi_app:app", fastapi_port, workers)
+        with (
+            running(kurs_cmd, env, kurs_port, COURSES) as kurs,
+            running(fastapi_cmd, env, fastapi_port, COURSES) as fastapi,
+            running(nginx_cmd(tmp, nginx_port, workers), env, nginx_port, COURSES) as nginx,
+        ):
+            for origin in (kurs, fastapi, nginx):
+                warm(origin, COURSES, workers)
+                assert get(origin + COURSES)[2] == courses, f"{origin} serves other bytes"
+            targets: dict[str, Target] = {
+                f"courses{workers}": (kurs + COURSES, None),
+                f"fastapi{workers}": (fastapi + COURSES, None),
+                f"nginx{workers}": (nginx + COURSES, None),
+                f"304-{workers}": (kurs + COURSES, f"If-None-Match: {etag}"),
+            }
             if workers == 1:
-                results["item"] = measure(origin + ITEM, args)
-                results["plain"] = measure(origin + PLAIN, args)
-        port = free_port()
-        with running(
-            uvicorn_cmd("bench.fastapi_app:app", port, workers), env, port, COURSES
-        ) as origin:
-            assert get(origin + COURSES)[2] == courses
-            warm(origin, COURSES, workers)
-            results[f"fastapi{workers}"] = measure(origin + COURSES, args)
-        port = free_port()
-        with running(nginx_cmd(tmp, port, workers), env, port, COURSES) as origin:
-            assert get(origin + COURSES)[2] == courses
-            results[f"nginx{workers}"] = measure(origin + COURSES, args)
+                targets["item"] = (kurs + ITEM, None)
+                targets["plain"] = (kurs + PLAIN, None)
+            results.update(measure(targets, args))
+            assert get(kurs + COURSES)[2] == courses, "Kurs's /courses changed during the bench"
     print(
         f"wrk -t1 -c{args.connections}, {args.repeats} x {args.duration:g} s each, medians; "
         f"uvicorn --loop uvloop --http httptools; /courses body {len(courses)} bytes"
@@ -370,10 +384,10 @@ def compare_servers(args: argparse.Namespace, env: dict[str, str]) -> None:
                 make("config.asgi:application", port, workers), env, port, COURSES
             ) as origin:
                 warm(origin, COURSES, workers)
-                results[name, workers] = (
-                    measure(origin + COURSES, args),
-                    measure(origin + ITEM, args),
+                got = measure(
+                    {"courses": (origin + COURSES, None), "item": (origin + ITEM, None)}, args
                 )
+                results[name, workers] = (got["courses"], got["item"])
     print(f"wrk -t1 -c{args.connections}, {args.repeats} x {args.duration:g} s each, medians")
     print(
         f"{'server':<10} {'workers':>7} {'/courses req/s':>15} {'p99 ms':>8} "

@@ -3,7 +3,8 @@
 # httptools serving config.asgi:application (HTTP, the /courses fast path, WebSocket, lifespan ->
 # the NATS bridge). Chosen by measurement against granian (README "Serving").
 #   KURS_HOST (127.0.0.1), KURS_PORT (8000), KURS_WEB_WORKERS (2): one process per worker, each
-#   with its own bridge and snapshot.
+#   with its own bridge and snapshot. --no-proxy-headers: uvicorn would otherwise trust
+#   X-Forwarded-For from 127.0.0.1; who is a trusted proxy is KURS_NUM_PROXIES's call (SPEC 3).
 # On SIGTERM or SIGINT uvicorn stops accepting, closes WebSockets with 1012 (service restart, so
 # clients reconnect), waits up to 10 s for requests in flight, runs the lifespan shutdown (NATS
 # drained) and exits.
@@ -14,4 +15,4 @@ export PATH="$PWD/.venv/bin:$PATH"
 exec uvicorn config.asgi:application \
   --host "${KURS_HOST:-127.0.0.1}" --port "${KURS_PORT:-8000}" \
   --workers "${KURS_WEB_WORKERS:-2}" --loop uvloop --http httptools \
-  --lifespan on --no-access-log --timeout-graceful-shutdown 10
+  --lifespan on --no-access-log --no-proxy-headers --timeout-graceful-shutdown 10
