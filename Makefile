@@ -13,7 +13,7 @@ EMULATOR_PORT ?= 8900
 EMULATOR := http://127.0.0.1:$(EMULATOR_PORT)
 EMULATOR_WS := ws://127.0.0.1:$(EMULATOR_PORT)
 
-.PHONY: help install migrate run demo test test-sqlite test-postgres lint format bench browser
+.PHONY: help install migrate run demo test test-sqlite test-postgres lint format bench bench-tools browser
 
 help:
 	@echo "make run     start Kurs on embedded defaults (web :8000, qcluster, fetcher, NATS)"
@@ -78,5 +78,16 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: install
+# bench/bench_courses.py loads with wrk and serves its static baseline with Debian's nginx.
+bench-tools:
+	@missing=""; for tool in wrk nginx; do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "Installing Debian's$$missing for the benchmarks..."; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null) \
+				|| { echo "could not install$$missing"; exit 1; }; \
+		else echo "missing:$$missing (apt-get install$$missing)"; exit 1; fi; \
+	fi
+
+bench: install bench-tools
 	@set -e; for script in bench/bench_*.py; do echo "== $$script =="; $(BIN)/python $$script; done
