@@ -61,7 +61,9 @@ SEED_RATES = textwrap.dedent(
     from rates.models import Rate
     now = datetime.now(UTC)
     for n, item in enumerate(Item.objects.filter(is_active=True).order_by("id")):
-        provider = "coingecko" if item.quote == "RUB" else "binance"
+        # Two providers, so the body is "mixed"; both stay fresh for the whole run (CoinGecko's
+        # own window of 120 s would flip its courses to stale mid-bench).
+        provider = "cbr" if item.quote == "RUB" else "binance"
         value = Decimal("54000.000123") / (n + 1)
         Rate.objects.create(
             item=item, provider=provider, value=value, source_time=now, received_at=now
@@ -338,7 +340,8 @@ def bench(
                 targets["item"] = (kurs + ITEM, None)
                 targets["plain"] = (kurs + PLAIN, None)
             results.update(measure(targets, args))
-            assert get(kurs + COURSES)[2] == courses, "Kurs's /courses changed during the bench"
+            after = get(kurs + COURSES)[2]
+            assert after == courses, f"/courses changed during the bench: {courses!r} -> {after!r}"
     print(
         f"wrk -t1 -c{args.connections}, {args.repeats} x {args.duration:g} s each, medians; "
         f"uvicorn --loop uvloop --http httptools; /courses body {len(courses)} bytes"
