@@ -97,15 +97,16 @@ def courses(settings: LazySettings) -> Iterator[None]:
     settings.KURS_STALE_AFTER = 30
     settings.KURS_RATE_LIMIT = None
     snapshot.reset()
+    snapshot.load()  # the seeded pairs, no rate yet; then events, as the bridge applies them
     for code in ("BTC-USD", "BTC-RUB", "ETH-USD", "ETH-RUB", "USD-RUB", "USDTTRC-USD"):
         snapshot.apply_item("item.created", {"code": code, "is_active": True})
-    snapshot.apply_item("item.created", {"code": "DOGE-USD", "is_active": False})
+    for code in ("DOGE-USD", "USDTERC-USD", "USDTERC-RUB", "USDTTRC-RUB"):
+        snapshot.apply_item("item.updated", {"code": code, "is_active": False})
     put("BTC-USD", "54000.000000000000000123", "binance")
     put("BTC-RUB", "5000000.5", "coingecko")
     put("ETH-USD", "3000.25", "binance", age_s=45)
     put("ETH-RUB", "280000", "binance+cbr")
     put("USD-RUB", "80.1234", "cbr", age_s=3600)
-    snapshot._loaded = True  # as after the bridge's load (tests/fixtures stay off the database)
     courses_cache.clear()
     http_app.enabled = True
     yield
