@@ -11,7 +11,9 @@ from pydantic import Field
 from config.security import read_throttle, write_auth
 from items import selectors, services
 from items.models import Item
-from items.schemas import ItemDetailOut, ItemIn, ItemListOut, ItemOut, ItemPatch
+from items.schemas import ItemIn, ItemListOut, ItemOut, ItemPatch
+from rates import selectors as rates_selectors
+from rates.schemas import ItemDetailOut
 
 router = Router(tags=["items"])
 
@@ -34,7 +36,8 @@ async def list_items(request: HttpRequest, filters: Query[ItemListQuery]) -> dic
 @router.get("/{int:item_id}", response=ItemDetailOut, throttle=read_throttle)
 async def get_item(request: HttpRequest, item_id: int) -> dict[str, object]:
     item = await selectors.item_get(item_id=item_id)
-    return await selectors.item_detail(item=item)
+    latest = await rates_selectors.current_rate_get(item_id=item.id)
+    return {**{name: getattr(item, name) for name in selectors.ITEM_FIELDS}, "latest": latest}
 
 
 @router.post("", response={201: ItemOut}, auth=write_auth)

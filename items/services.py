@@ -30,10 +30,6 @@ def item_to_event(item: Item) -> dict[str, Any]:
     }
 
 
-def _publish_on_commit(event_type: str, data: dict[str, Any]) -> None:
-    transaction.on_commit(lambda: events.publish(event_type, data))
-
-
 def _checked_asset(field: str, value: str) -> str:
     normalised = normalise_asset(value)
     try:
@@ -60,7 +56,7 @@ def item_create(*, base: str, quote: str, name: str = "", is_active: bool = True
             )
     except IntegrityError:
         raise ItemAlreadyExists(f"item {code} already exists") from None
-    _publish_on_commit("item.created", item_to_event(item))
+    events.publish_on_commit("item.created", item_to_event(item))
     return item
 
 
@@ -75,7 +71,7 @@ def item_update(*, item: Item, name: str | None = None, is_active: bool | None =
         fields.append("is_active")
     if fields:
         item.save(update_fields=[*fields, "updated_at"])
-        _publish_on_commit("item.updated", item_to_event(item))
+        events.publish_on_commit("item.updated", item_to_event(item))
     return item
 
 
@@ -83,7 +79,7 @@ def item_update(*, item: Item, name: str | None = None, is_active: bool | None =
 def item_delete(*, item: Item) -> None:
     data = {"id": item.id, "code": item.code}
     item.delete()  # its Rate history goes with it (on_delete=CASCADE)
-    _publish_on_commit("item.deleted", data)
+    events.publish_on_commit("item.deleted", data)
 
 
 def hash_api_key(raw_key: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from django.utils import timezone
 from items import services
 from items.models import Item
 from rates.models import Rate
+from rates.tests.support import store_current
 
 pytestmark = pytest.mark.django_db
 
@@ -90,27 +92,22 @@ def test_it_rejects_bad_list_parameters(client: Client, query: str, field: str) 
 # --- get ------------------------------------------------------------------------------------
 def test_it_gets_an_item_with_its_latest_rate(client: Client) -> None:
     item = Item.objects.get(code="BTC-USD")
-    now = timezone.now()
-    long_ago = now - timezone.timedelta(minutes=10)
-    # binance (first priority) has been silent for 10 minutes: bybit serves the pair.
-    Rate.objects.create(
-        item=item, provider="binance", value="54000.000123", source_time=long_ago,
-        received_at=long_ago,
-    )  # fmt: skip
-    Rate.objects.create(
-        item=item,
-        provider="bybit",
-        value="54001.123456789012345678",
-        bid="54001",
-        ask="54002.5",
-        source_time=now,
-        received_at=now + timezone.timedelta(seconds=1),
+    # binance (first priority) is down: the owner wrote bybit as the current rate.
+    store_current(
+        item,
+        "bybit",
+        "54001.123456789012345678",
+        bid=Decimal("54001"),
+        ask=Decimal("54002.5"),
+        status="failover",
+        version=3,
     )
     response = client.get(f"/api/v1/items/{item.id}")
     assert response.status_code == 200
     body = response.json()
     assert body["code"] == "BTC-USD"
-    assert body["latest"]["provider"] == "bybit"
+    assert (body["latest"]["provider"], body["latest"]["status"]) == ("bybit", "failover")
+    assert body["latest"]["version"] == 3
     # Full precision, as a JSON number: never rounded through a float.
     assert b'"value":54001.123456789012345678' in response.content
     assert b'"bid":54001,' in response.content
