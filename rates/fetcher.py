@@ -304,9 +304,11 @@ class Fetcher:
         return report
 
     async def _round(self, provider: Provider, pairs: Sequence[Pair]) -> ProviderRound:
+        board = services.get_board()
+        was_down = provider.name in board.down
         result = await self._guarded_round(provider, pairs)
-        if result.status != "ok":
-            # Fail its pairs over now, not when the slowest provider's round ends.
+        if result.status != "ok" or (provider.name in board.down) != was_down:
+            # Fail its pairs over (or back) now, not when the slowest provider's round ends.
             await sync_to_async(services.reevaluate)()
         return result
 

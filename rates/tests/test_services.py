@@ -367,6 +367,8 @@ def test_each_provider_has_its_freshness_window(settings: Any) -> None:
     assert policy.provider_freshness("binance+cbr") == 30.0
 
 
+# Outside a test transaction: the error path drops the connection as it would in production.
+@pytest.mark.django_db(transaction=True)
 def test_a_database_error_loses_the_row_not_the_rate(
     django_capture_on_commit_callbacks: Any,
     published_events: Events,
