@@ -19,11 +19,6 @@ class ItemOut(Schema):
     updated_at: datetime
 
 
-class ItemListOut(Schema):
-    items: list[ItemOut]
-    count: int
-
-
 class ItemIn(Schema):
     model_config = ConfigDict(extra="forbid")
 

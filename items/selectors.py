@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.db.models import QuerySet
 
 from items.exceptions import ItemNotFound
-from items.models import ApiKey, Item
+from items.models import ITEM_FIELDS, ApiKey, Item
 
 
 def item_list(*, is_active: bool | None = None) -> QuerySet[Item]:
@@ -32,4 +32,6 @@ async def api_key_get_active(*, key_hash: str) -> ApiKey | None:
     return await ApiKey.objects.filter(key_hash=key_hash, revoked_at__isnull=True).afirst()
 
 
-ITEM_FIELDS = ("id", "code", "base", "quote", "name", "is_active", "created_at", "updated_at")
+def item_fields(item: Item) -> dict[str, object]:
+    """The item as the API and the events show it (ITEM_FIELDS)."""
+    return {name: getattr(item, name) for name in ITEM_FIELDS}

@@ -12,22 +12,14 @@ from django.utils import timezone
 
 from items.exceptions import InvalidItem, ItemAlreadyExists
 from items.models import ApiKey, Item, normalise_asset, validate_asset
+from items.selectors import item_fields
 from realtime import events
 
 API_KEY_PREFIX = "kurs_"
 
 
 def item_to_event(item: Item) -> dict[str, Any]:
-    return {
-        "id": item.id,
-        "code": item.code,
-        "base": item.base,
-        "quote": item.quote,
-        "name": item.name,
-        "is_active": item.is_active,
-        "created_at": item.created_at.isoformat().replace("+00:00", "Z"),
-        "updated_at": item.updated_at.isoformat().replace("+00:00", "Z"),
-    }
+    return item_fields(item)
 
 
 def _checked_asset(field: str, value: str) -> str:

@@ -13,7 +13,9 @@ from django.test import Client
 from django.utils import timezone
 
 from items import services
-from items.models import Item
+from items.models import ITEM_FIELDS, Item
+from items.schemas import ItemOut
+from items.services import item_to_event
 from rates.models import Rate
 from rates.tests.support import store_current
 
@@ -337,3 +339,10 @@ def test_it_serves_openapi_and_docs(client: Client) -> None:
     assert b"swagger" in docs.content.lower()
     # Offline installs work: the docs page loads its assets locally, not from a CDN.
     assert b"cdn.jsdelivr" not in docs.content
+
+
+def test_the_item_schema_shows_exactly_the_public_fields() -> None:
+    """One field list (items.models.ITEM_FIELDS) for the API, the detail and the events."""
+    assert tuple(ItemOut.model_fields) == ITEM_FIELDS
+    item = Item.objects.get(code="BTC-USD")
+    assert tuple(item_to_event(item)) == ITEM_FIELDS
