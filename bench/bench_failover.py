@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import collections
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -57,11 +58,14 @@ async def measure(mode: str, switches: int, poll: float) -> dict[str, list[dict[
                     what="the first provider serving",
                 )
                 for _ in range(switches):
+                    # At a random moment of the poll cycle, not in step with it.
+                    await asyncio.sleep(random.uniform(0, poll))
                     runs["failover"].append(
                         await watch.until(
                             second, "failover", lambda: emulator.set_fault(first, mode), within=30
                         )
                     )
+                    await asyncio.sleep(random.uniform(0, poll))
                     runs["recovery"].append(
                         await watch.until(
                             first, "live", lambda: emulator.set_fault(first, "ok"), within=30

@@ -34,6 +34,21 @@ class Rate(models.Model):
         return f"{self.item_id} {self.provider} {self.value}"
 
 
+# The columns of a current rate besides `route` (stored as JSON text): one list for every copy.
+CURRENT_FIELDS = (
+    "provider",
+    "value",
+    "bid",
+    "ask",
+    "source_time",
+    "checked_at",
+    "received_at",
+    "derived",
+    "status",
+    "version",
+)
+
+
 class CurrentRate(models.Model):
     """The read model (SPEC 4): the rate the service stands behind now, one row per item.
 

@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from decimal import Decimal, localcontext
+from decimal import localcontext
 from typing import Any
 
 from django.conf import settings
@@ -48,8 +48,9 @@ from django.utils import timezone
 from items.models import Item
 from rates import metrics, policy, validation
 from rates.board import Current, Entry, QuoteBoard
-from rates.models import CurrentRate, Rate
+from rates.models import CURRENT_FIELDS, CurrentRate, Rate
 from rates.providers import Pair, Quote
+from rates.snapshot import route_from_db
 from realtime import events
 
 logger = logging.getLogger(__name__)
@@ -130,19 +131,8 @@ def _dependants(leg: str, item_codes: Iterable[str]) -> list[tuple[str, Pair, Pa
 
 # --- Ownership: the board starts from the read model --------------------------------------------
 def current_from_row(row: CurrentRate) -> Current:
-    return Current(
-        provider=row.provider,
-        value=row.value,
-        bid=row.bid,
-        ask=row.ask,
-        source_time=row.source_time,
-        checked_at=row.checked_at,
-        received_at=row.received_at,
-        derived=row.derived,
-        route=tuple(_route_from_db(row.route)),
-        status=row.status,
-        version=row.version,
-    )
+    fields = {name: getattr(row, name) for name in CURRENT_FIELDS}
+    return Current(**fields, route=tuple(route_from_db(row.route)))
 
 
 def board_load(*, board: QuoteBoard | None = None) -> int:
@@ -350,21 +340,9 @@ def _store_history(item_id: int, entry: Entry, *, now: datetime) -> bool:
 
 
 def _write_current(item_id: int, current: Current) -> None:
+    fields = {name: getattr(current, name) for name in CURRENT_FIELDS}
     CurrentRate.objects.update_or_create(
-        item_id=item_id,
-        defaults={
-            "provider": current.provider,
-            "value": current.value,
-            "bid": current.bid,
-            "ask": current.ask,
-            "source_time": current.source_time,
-            "checked_at": current.checked_at,
-            "received_at": current.received_at,
-            "derived": current.derived,
-            "route": _route_to_db(current.route),
-            "status": current.status,
-            "version": current.version,
-        },
+        item_id=item_id, defaults={**fields, "route": _route_to_db(current.route)}
     )
 
 
@@ -375,18 +353,6 @@ def _route_to_db(route: Iterable[dict[str, Any]]) -> list[dict[str, str]]:
             "provider": leg["provider"],
             "value": format(leg["value"], "f"),
             "source_time": leg["source_time"].isoformat(),
-        }
-        for leg in route
-    ]
-
-
-def _route_from_db(route: Iterable[dict[str, str]]) -> list[dict[str, Any]]:
-    return [
-        {
-            "pair": leg["pair"],
-            "provider": leg["provider"],
-            "value": Decimal(leg["value"]),
-            "source_time": datetime.fromisoformat(leg["source_time"]),
         }
         for leg in route
     ]

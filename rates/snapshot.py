@@ -73,7 +73,8 @@ def _decimal(value: Any) -> Decimal:
     return parsed
 
 
-def _route(legs: Any) -> tuple[dict[str, Any], ...]:
+def route_from_db(legs: Any) -> tuple[dict[str, Any], ...]:
+    """A cross rate's legs from JSON (an event, or the CurrentRate column) with typed values."""
     if not legs:
         return ()
     return tuple(
@@ -101,7 +102,7 @@ def course_from_event(data: dict[str, Any]) -> Course:
             status=str(data.get("status") or policy.LIVE),
             derived=bool(data.get("derived", False)),
             version=int(data.get("version") or 0),
-            route=_route(data.get("route")),
+            route=route_from_db(data.get("route")),
         )
     except (KeyError, TypeError, ValueError, InvalidOperation) as exc:
         raise ValueError(f"malformed rate.updated data: {exc}") from None
@@ -117,7 +118,7 @@ def course_from_row(code: str, row: CurrentRate) -> Course:
         status=row.status,
         derived=row.derived,
         version=row.version,
-        route=_route(row.route),
+        route=route_from_db(row.route),
     )
 
 
