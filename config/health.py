@@ -23,6 +23,7 @@ from ninja import Router
 from ninja.responses import Status
 
 from rates.fetcher import provider_statuses
+from rates.lease import lease_holder
 from rates.selectors import current_rates_freshness
 from realtime import nats
 
@@ -73,8 +74,17 @@ async def check_nats() -> Check:
     return nats.status()
 
 
+def _owner() -> dict[str, Any] | None:
+    holder = lease_holder()
+    if holder is None:
+        return None
+    return {"holder": holder.holder, "epoch": holder.epoch, "expires_at": holder.expires_at}
+
+
 async def check_providers() -> Check:
+    """The owner's breakers, and who the owner is (None: no live fetcher holds the lease)."""
     statuses = await sync_to_async(provider_statuses)()
+    owner = await sync_to_async(_owner)()
     states = {status["name"]: status["state"] for status in statuses}
     usable = [name for name, state in states.items() if state != "open"]
     if not usable:
@@ -82,9 +92,10 @@ async def check_providers() -> Check:
             "status": "degraded",
             "detail": "every provider's circuit is open",
             "states": states,
+            "owner": owner,
         }
     status = "ok" if len(usable) == len(states) else "degraded"
-    return {"status": status, "states": states}
+    return {"status": status, "states": states, "owner": owner}
 
 
 def _freshness() -> Check:

@@ -9,6 +9,7 @@ from django.test import Client
 
 from config import health
 from items.models import Item
+from rates.lease import lease_try_acquire
 from rates.tests.support import store_current
 from tests.services import require
 
@@ -76,3 +77,10 @@ def test_a_hanging_component_times_out_as_down(
     body = client.get("/api/v1/health").json()
     assert body["components"]["cache"]["status"] == "down"
     assert body["status"] == "degraded"
+
+
+def test_it_names_the_owner_of_live_rates(client: Client) -> None:
+    assert client.get("/api/v1/health").json()["components"]["providers"]["owner"] is None
+    lease_try_acquire(holder="fetcher-host:42:ab12")
+    owner = client.get("/api/v1/health").json()["components"]["providers"]["owner"]
+    assert (owner["holder"], owner["epoch"]) == ("fetcher-host:42:ab12", 1)
