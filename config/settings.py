@@ -245,5 +245,5 @@ AUTH_PASSWORD_VALIDATORS = [
 NINJA_PAGINATION_MAX_LIMIT = 500
 # How many reverse proxies (nginx: 1) stand in front of the web processes: the client address
 # for rate limiting is then taken from X-Forwarded-For at that depth, which clients cannot forge.
-_num_proxies = env.raw("KURS_NUM_PROXIES")
-NINJA_NUM_PROXIES = None if not _num_proxies else env.positive_int("KURS_NUM_PROXIES", 1)
+# 0 (SPEC 3): the TCP peer, X-Forwarded-For ignored (ninja's None would trust the whole header).
+NINJA_NUM_PROXIES = env.non_negative_int("KURS_NUM_PROXIES", 0)

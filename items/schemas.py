@@ -7,6 +7,9 @@ from pydantic import ConfigDict, Field, StrictBool, StrictStr, field_validator
 
 from items.models import ASSET_CODE_RE, normalise_asset
 
+# No control characters (a NUL byte is refused by PostgreSQL's text type: a 500, not a 422).
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+
 
 class ItemOut(Schema):
     id: int
@@ -24,7 +27,7 @@ class ItemIn(Schema):
 
     base: StrictStr = Field(..., examples=["BTC"], description="asset code, 2-12 of A-Z 0-9")
     quote: StrictStr = Field(..., examples=["USD"])
-    name: StrictStr = Field("", max_length=100)
+    name: StrictStr = Field("", max_length=100, pattern=PRINTABLE)
     is_active: StrictBool = True
 
     @field_validator("base", "quote")
@@ -39,5 +42,5 @@ class ItemIn(Schema):
 class ItemPatch(Schema):
     model_config = ConfigDict(extra="forbid")
 
-    name: StrictStr | None = Field(None, max_length=100)
+    name: StrictStr | None = Field(None, max_length=100, pattern=PRINTABLE)
     is_active: StrictBool | None = None

@@ -320,6 +320,20 @@ def test_reads_are_limited_per_client_when_configured(client: Client, settings: 
     cache.clear()
 
 
+def test_a_forged_forwarded_for_does_not_buy_a_fresh_budget(client: Client, settings: Any) -> None:
+    """KURS_NUM_PROXIES is 0 by default: the client is the TCP peer, whatever it claims."""
+    cache.clear()
+    settings.KURS_RATE_LIMIT = (5, 60)
+    statuses = [
+        client.get(
+            "/api/v1/items", REMOTE_ADDR="10.0.0.9", HTTP_X_FORWARDED_FOR=f"1.2.3.{n}"
+        ).status_code
+        for n in range(20)
+    ]
+    assert statuses == [200] * 5 + [429] * 15
+    cache.clear()
+
+
 def test_reads_are_unlimited_by_default(client: Client) -> None:
     cache.clear()
     statuses = {client.get("/api/v1/items").status_code for _ in range(60)}
@@ -346,3 +360,15 @@ def test_the_item_schema_shows_exactly_the_public_fields() -> None:
     assert tuple(ItemOut.model_fields) == ITEM_FIELDS
     item = Item.objects.get(code="BTC-USD")
     assert tuple(item_to_event(item)) == ITEM_FIELDS
+
+
+@pytest.mark.parametrize("name", ["a\u0000b", "line\nbreak", "bell\u0007"])
+def test_control_characters_in_a_name_are_a_422_not_a_500(
+    client: Client, auth: dict[str, str], name: str
+) -> None:
+    created = post(client, "/api/v1/items", {"base": "SOL", "quote": "USD", "name": name}, **auth)
+    assert "name" in assert_error(created, 422)["detail"]
+    item = Item.objects.get(code="BTC-USD")
+    patched = patch(client, f"/api/v1/items/{item.id}", {"name": name}, **auth)
+    assert "name" in assert_error(patched, 422)["detail"]
+    assert not Item.objects.filter(code="SOL-USD").exists()

@@ -256,3 +256,10 @@ def test_the_provider_filter_finds_cross_rates_however_the_plus_is_sent(
     )
     response = client.get(f"/api/v1/items/{btc_rub.id}/rates?provider={spelled}")
     assert response.json()["count"] == 1
+
+
+@pytest.mark.parametrize("provider", ["a%00b", "binance%0A", "<script>"])
+def test_a_malformed_provider_filter_is_a_422(client: Client, btc: Item, provider: str) -> None:
+    response = client.get(f"/api/v1/items/{btc.id}/rates?provider={provider}")
+    assert response.status_code == 422
+    assert "provider" in response.json()["detail"]
