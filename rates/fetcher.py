@@ -247,6 +247,8 @@ class Fetcher:
         self._polled_ok: dict[str, float] = {}  # provider -> monotonic time of its last good round
         self._cycle_lock = asyncio.Lock()
         self._pairs: list[Pair] = []
+        self._requested: asyncio.Future[CycleReport] | None = None
+        self._last_requested: tuple[float, CycleReport] | None = None
 
     async def pairs(self) -> list[Pair]:
         pairs = await sync_to_async(_wanted_pairs)()
@@ -483,12 +485,31 @@ class Fetcher:
             monitor.stream_state("stopped", "")
 
     async def cycle_now(self) -> CycleReport:
-        """A cycle on request (`POST /tasks/run` through `kurs.ctl.fetch`): every provider."""
-        return await self.cycle(pace=False, pairs=self._pairs or None)
+        """A cycle on request (`POST /tasks/run` through `kurs.ctl.fetch`): every provider.
+
+        Requests that arrive while one runs share it, and one that ended less than
+        `REQUEST_REUSE` ago answers for itself: a flood of requests never multiplies the calls
+        to the exchanges (which ban an address that floods them).
+        """
+        running = self._requested
+        if running is None or running.done():
+            last = self._last_requested
+            if last is not None and time.monotonic() - last[0] < REQUEST_REUSE:
+                return last[1]
+            running = asyncio.ensure_future(self.cycle(pace=False, pairs=self._pairs or None))
+            running.add_done_callback(self._remember_requested)
+            self._requested = running
+        return await asyncio.shield(running)
+
+    def _remember_requested(self, done: asyncio.Future[CycleReport]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            self._last_requested = (time.monotonic(), done.result())
 
 
 STANDBY_RETRY = 1.0
 TICK = 1.0
+# A requested cycle this recent answers a new request (see Fetcher.cycle_now).
+REQUEST_REUSE = 2.0
 
 
 def _never() -> bool:
