@@ -89,6 +89,8 @@ class QuoteBoard:
     pending: dict[tuple[str, str], tuple[Decimal, datetime]] = field(default_factory=dict)
     # pair -> the current rate as written (the owner's copy of the CurrentRate rows).
     current: dict[str, Current] = field(default_factory=dict)
+    # (pair, provider) -> (value, received_at) of the last history row written.
+    last_stored: dict[tuple[str, str], tuple[Decimal, datetime]] = field(default_factory=dict)
     # pair -> the best priority among providers able to quote it (set by the fetcher).
     best_possible: dict[str, tuple[int, ...]] = field(default_factory=dict)
     down: set[str] = field(default_factory=set)
@@ -131,6 +133,7 @@ class QuoteBoard:
                 self.references,
                 self.pending,
                 self.current,
+                self.last_stored,
                 self.best_possible,
             ):
                 table.clear()
@@ -231,8 +234,11 @@ class QuoteBoard:
             self.current[pair] = replace(current, written=time.monotonic())
 
     def drop_current(self, pair: str) -> None:
+        """Forget a pair whose item is gone (a new item of the same code starts afresh)."""
         with self._lock:
             self.current.pop(pair, None)
+            for key in [key for key in self.last_stored if key[0] == pair]:
+                del self.last_stored[key]
             self.accepted.pop(pair, None)
             self.candidates.pop(pair, None)
 

@@ -63,7 +63,7 @@ class RateListQuery(Schema):
     until: datetime | None = Field(None, description="received before (ISO-8601, UTC)")
     date: dt.date | None = Field(None, description="a UTC day, YYYY-MM-DD")
     # A provider name, or a cross rate's `a+b` (an unencoded + arrives as a space).
-    provider: str | None = Field(None, min_length=1, max_length=65, pattern=r"^[a-z0-9_+ ]+$")
+    provider: str | None = Field(None, min_length=1, max_length=32, pattern=r"^[a-z0-9_+ ]+$")
 
     @field_validator("since", "until")
     @classmethod

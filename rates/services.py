@@ -294,7 +294,9 @@ def _persist(
         return False
     try:
         with transaction.atomic():
-            stored = history is not None and _store_history(item_id, history, now=now)
+            stored = history is not None and _store_history(
+                item_id, pair, history, now=now, board=board
+            )
             if current is not None:
                 _write_current(item_id, current)
                 events.publish_on_commit("rate.updated", rate_event(pair, current))
@@ -316,13 +318,18 @@ def _persist(
     return stored
 
 
-def _store_history(item_id: int, entry: Entry, *, now: datetime) -> bool:
-    last = (
-        Rate.objects.filter(item_id=item_id, provider=entry.provider)
-        .order_by("-received_at", "-id")
-        .values_list("value", "received_at")
-        .first()
-    )
+def _store_history(
+    item_id: int, pair: str, entry: Entry, *, now: datetime, board: QuoteBoard
+) -> bool:
+    key = (pair, entry.provider)
+    last = board.last_stored.get(key)
+    if last is None:  # once per pair and provider per owner: later rows are remembered
+        last = (
+            Rate.objects.filter(item_id=item_id, provider=entry.provider)
+            .order_by("-received_at", "-id")
+            .values_list("value", "received_at")
+            .first()
+        )
     if last is not None and last[0] == entry.value and now - last[1] < STORE_EVERY:
         return False
     Rate.objects.create(
@@ -335,15 +342,18 @@ def _store_history(item_id: int, entry: Entry, *, now: datetime) -> bool:
         received_at=now,
         derived=entry.derived,
     )
+    # Remembered at once: a rollback would only store the next quote a little early.
+    board.last_stored[key] = (entry.value, now)
     metrics.RATES_STORED.labels(entry.provider).inc()
     return True
 
 
 def _write_current(item_id: int, current: Current) -> None:
     fields = {name: getattr(current, name) for name in CURRENT_FIELDS}
-    CurrentRate.objects.update_or_create(
-        item_id=item_id, defaults={**fields, "route": _route_to_db(current.route)}
-    )
+    fields["route"] = _route_to_db(current.route)
+    # One UPDATE in the common case (the row exists), an INSERT for a pair's first rate.
+    if not CurrentRate.objects.filter(item_id=item_id).update(**fields):
+        CurrentRate.objects.create(item_id=item_id, **fields)
 
 
 def _route_to_db(route: Iterable[dict[str, Any]]) -> list[dict[str, str]]:
