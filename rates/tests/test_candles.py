@@ -32,7 +32,7 @@ TINY_ABOVE_99 = "99.000000000000000001"
 
 @pytest.fixture
 def item() -> Item:
-    return Item.objects.get(code="BTC-USD")
+    return Item.objects.get_or_create(base="BTC", quote="USD")[0]
 
 
 def add(item: Item, provider: str, at: datetime, value: str) -> Rate:
