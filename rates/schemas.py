@@ -184,7 +184,8 @@ class PairRateOut(Schema):
     route: list[RouteLegOut] | None = Field(description="the legs of a derived rate")
 
 
-_DECIMAL_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+# ASCII digits only: \d and Decimal() would also take other scripts' digits ("١٢" as 12).
+_DECIMAL_RE = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 _MAX_AMOUNT_TEXT = 64
 
 

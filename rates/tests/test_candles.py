@@ -248,3 +248,25 @@ def test_an_unknown_item_is_404(client: Client) -> None:
     response = client.get("/api/v1/items/999999/candles")
     assert response.status_code == 404
     assert "detail" in response.json()
+
+
+def test_the_openapi_schema_declares_the_answers(client: Client) -> None:
+    spec = client.get("/api/v1/openapi.json").json()
+    answers = spec["paths"]["/api/v1/items/{item_id}/candles"]["get"]["responses"]
+    assert set(answers) == {"200", "404", "422"}
+    ok = answers["200"]["content"]["application/json"]["schema"]
+    assert ok["items"] == {"$ref": "#/components/schemas/CandleOut"}
+    candle = spec["components"]["schemas"]["CandleOut"]["properties"]
+    assert [candle[name]["type"] for name in ("open", "high", "low", "close", "n")] == [
+        "number",
+        "number",
+        "number",
+        "number",
+        "integer",
+    ]
+    interval = next(
+        p
+        for p in spec["paths"]["/api/v1/items/{item_id}/candles"]["get"]["parameters"]
+        if p["name"] == "interval"
+    )
+    assert interval["schema"]["allOf"][0]["enum"] == ["1m", "5m", "1h", "1d"]

@@ -118,6 +118,7 @@ def test_a_stale_rate_says_so(client: Client, btc_rub: dict[str, Any]) -> None:
         ("0.0000000000000000001", "at most 18 decimal places"),
         ("1_000", "expected a decimal number"),
         ("0x10", "expected a decimal number"),
+        ("١٢", "expected a decimal number"),  # Arabic-Indic digits, which Decimal() accepts
         ("", "expected a decimal number"),
         ("1" * 65, "too long"),
     ],

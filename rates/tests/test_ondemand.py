@@ -18,7 +18,6 @@ from django.test import AsyncClient, Client
 from django.utils import timezone
 
 from rates import ondemand, services
-from rates.board import QuoteBoard
 from rates.emulator import EmulatorServer
 from rates.exceptions import PairNotPriced
 from rates.models import Rate
@@ -83,18 +82,22 @@ async def test_it_prices_an_untracked_pair_from_the_highest_priority_provider(
     assert 0 <= body["age_s"] < 5
 
 
-async def test_on_demand_quotes_enter_neither_the_board_nor_the_history(
+async def test_on_demand_quotes_touch_no_live_state(
     async_client: AsyncClient,
     upstream: EmulatorServer,
     on_demand_clock: FakeClock,
-    fresh_board: QuoteBoard,
+    published_events: list[tuple[str, dict[str, Any]]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    def accept_quote(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an on-demand quote went into the live pipeline")
+
+    monkeypatch.setattr(services, "accept_quote", accept_quote)
+    monkeypatch.setattr(services, "accept_quotes", accept_quote)
     # No django_db mark: any database access (a history row) would fail this test outright.
-    response = await get_rate(async_client, "SOL", "USDT")
-    assert response.status_code == 200, response.content
-    assert "SOL-USDT" not in fresh_board.candidates
-    assert "SOL-USDT" not in fresh_board.accepted
-    assert services.get_board() is fresh_board
+    for base, quote in [("SOL", "USDT"), ("BNB", "RUB"), ("RUB", "BTC")]:
+        assert (await get_rate(async_client, base, quote)).status_code == 200
+    assert published_events == []  # no rate.updated: the pairs never reached the board
 
 
 @pytest.mark.django_db(transaction=True)
