@@ -8,7 +8,7 @@ A tracked pair (an active item) is answered from the in-process snapshot, so it 
    next one.
 2. Otherwise it is derived (`derived: true`, with its `route` of legs): from the inverted pair
    (RUB-BTC = 1 / BTC-RUB), else as a cross rate through USD, USDT, the USD proxy
-   (`rates.services.cross_routes`) or RUB (the Bank of Russia quotes every fiat currency against
+   (`rates.policy.cross_routes`) or RUB (the Bank of Russia quotes every fiat currency against
    RUB, so AUD-CAD = AUD-RUB / CAD-RUB). Each leg may be quoted as asked or inverted; the route
    shows every leg as its provider quoted it. One request per provider covers all the legs.
 
@@ -30,7 +30,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from typing import Any
 
@@ -39,8 +39,7 @@ from django.conf import settings
 from django.db import DatabaseError
 from django.utils import timezone
 
-from rates import validation
-from rates.board import DERIVED_SEPARATOR
+from rates import policy, validation
 from rates.exceptions import PairNotPriced, ProvidersUnavailable, RatesError
 from rates.fetcher import http_client
 from rates.providers import (
@@ -52,7 +51,6 @@ from rates.providers import (
     Quote,
     build_providers,
 )
-from rates.services import cross_routes, provider_freshness, provider_priority
 from rates.snapshot import snapshot
 
 logger = logging.getLogger(__name__)
@@ -104,7 +102,7 @@ class PairRate:
     derived: bool
     # A higher-priority provider that lists one of the pairs failed or was rejected this round.
     failover: bool
-    route: tuple[Leg, ...] | None
+    route: tuple[Leg, ...] = ()
 
     def to_dict(self, now: datetime) -> dict[str, Any]:
         stale = now > self.fresh_until
@@ -116,8 +114,8 @@ class PairRate:
             "age_s": round(max(0.0, (now - self.source_time).total_seconds()), 3),
             "derived": self.derived,
             "stale": stale,
-            "status": "stale" if stale else "failover" if self.failover else "live",
-            "route": [leg.to_dict() for leg in self.route] if self.route is not None else None,
+            "status": policy.STALE if stale else policy.FAILOVER if self.failover else policy.LIVE,
+            "route": [leg.to_dict() for leg in self.route],
         }
 
 
@@ -128,7 +126,7 @@ Route = tuple[tuple[Pair, bool], ...]
 def derivation_routes(pair: Pair) -> list[Route]:
     """Every way to derive `pair` when no provider quotes it, best first (pure)."""
     routes: list[Route] = [((Pair(pair.quote, pair.base), True),)]
-    vias = [first.quote for first, _ in cross_routes(pair)]
+    vias = [first.quote for first, _ in policy.cross_routes(pair)]
     vias += [via for via in EXTRA_VIAS if via not in (pair.base, pair.quote, *vias)]
     for via in vias:
         for first in ((Pair(pair.base, via), False), (Pair(via, pair.base), True)):
@@ -265,7 +263,6 @@ class OnDemandRates:
                 fresh_until=leg.fresh_until,
                 derived=False,
                 failover=_outranked([leg], found.failed, providers),
-                route=None,
             )
         routes = derivation_routes(pair)
         legs = list(dict.fromkeys(leg for route in routes for leg, _ in route))
@@ -346,10 +343,11 @@ def _codes(pairs: Sequence[Pair]) -> str:
 
 def _checked(quote: Quote, *, now: datetime) -> Leg | str:
     """The quote as a Leg when it passes validation, else the rejection reason."""
-    freshness = provider_freshness(quote.provider)
     try:
         value = validation.checked_value(quote.value)
-        validation.check_time(quote.source_time, now=now, freshness=freshness)
+        validation.check_time(
+            quote.source_time, now=now, freshness=policy.provider_freshness(quote.provider)
+        )
     except validation.QuoteRejected as exc:
         logger.info(
             "on-demand: rejected %s quote for %s (%s): %s",
@@ -364,7 +362,7 @@ def _checked(quote: Quote, *, now: datetime) -> Leg | str:
         provider=quote.provider,
         value=value,
         source_time=quote.source_time,
-        fresh_until=quote.source_time + timedelta(seconds=freshness),
+        fresh_until=policy.fresh_until(quote.provider, quote.source_time),
     )
 
 
@@ -386,7 +384,7 @@ def _derive(
     return PairRate(
         pair=pair.code,
         value=value,
-        provider=DERIVED_SEPARATOR.join(leg.provider for leg in used),
+        provider=policy.DERIVED_SEPARATOR.join(leg.provider for leg in used),
         source_time=max(leg.source_time for leg in used),
         fresh_until=min(leg.fresh_until for leg in used),
         derived=True,
@@ -400,7 +398,7 @@ def _outranked(legs: Sequence[Leg], failed: dict[str, str], providers: Sequence[
     return any(
         provider.name in failed
         and provider.supports(Pair.parse(leg.pair))
-        and provider_priority(provider.name) < provider_priority(leg.provider)
+        and policy.provider_priority(provider.name) < policy.provider_priority(leg.provider)
         for leg in legs
         for provider in providers
     )
@@ -425,7 +423,6 @@ async def pair_rate(pair: Pair) -> dict[str, Any]:
     course = await _tracked_course(pair.code)
     if course is None:
         return (await on_demand.get(pair)).to_dict(timezone.now())
-    stale = bool(course["stale"])
     return {
         "pair": course["direction"],
         "value": course["value"],
@@ -433,9 +430,9 @@ async def pair_rate(pair: Pair) -> dict[str, Any]:
         "source_time": course["source_time"],
         "age_s": course["age_s"],
         "derived": course["derived"],
-        "stale": stale,
-        "status": course.get("status") or ("stale" if stale else "live"),
-        "route": course.get("route"),
+        "stale": course["stale"],
+        "status": course["status"],
+        "route": course["route"],
     }
 
 
@@ -453,8 +450,8 @@ async def convert(*, source: str, target: str, amount: Decimal) -> dict[str, Any
             "age_s": None,
             "derived": False,
             "stale": False,
-            "status": "live",
-            "route": None,
+            "status": policy.LIVE,
+            "route": [],
         }
     rate = await pair_rate(Pair(source, target))
     with localcontext() as context:

@@ -17,9 +17,51 @@ from pydantic import (
 )
 
 from items.models import ASSET_CODE_RE, normalise_asset
-from items.schemas import RateOut
+from items.schemas import ItemOut
 from rates.selectors import CandleInterval
 from rates.validation import DECIMAL_PLACES, UPPER_BOUND
+
+# Decimals leave as exact JSON numbers (config.jsonenc), not as pydantic's default strings.
+JsonDecimal = Annotated[Decimal, WithJsonSchema({"type": "number"})]
+
+
+class RateOut(Schema):
+    """One history row (SPEC 5 "Rate JSON")."""
+
+    provider: str
+    value: Decimal
+    bid: Decimal | None
+    ask: Decimal | None
+    source_time: datetime
+    received_at: datetime
+
+
+class RouteLegOut(Schema):
+    pair: str = Field(description="the pair as its provider quoted it")
+    provider: str
+    value: JsonDecimal
+    source_time: datetime
+
+
+class CurrentRateOut(Schema):
+    """The rate the service stands behind now (SPEC 4 "Current rate", SPEC 5 `latest`)."""
+
+    provider: str = Field(description="the serving provider (`a+b` for a cross rate)")
+    value: Decimal
+    bid: Decimal | None
+    ask: Decimal | None
+    source_time: datetime = Field(description="the exchange's time of this value")
+    checked_at: datetime = Field(description="the last time a source confirmed this value")
+    received_at: datetime = Field(description="when Kurs first received this value")
+    age_s: float = Field(description="seconds since checked_at")
+    status: Literal["live", "failover", "stale"]
+    derived: bool
+    route: list[RouteLegOut] = Field(description="a cross rate's legs; empty otherwise")
+    version: int = Field(description="+1 on every published change of the pair")
+
+
+class ItemDetailOut(ItemOut):
+    latest: CurrentRateOut | None
 
 
 class RateListOut(Schema):
@@ -115,8 +157,6 @@ def _asset_code(value: object) -> str:
 
 
 AssetCode = Annotated[str, BeforeValidator(_asset_code)]
-# Decimals leave as exact JSON numbers (config.jsonenc), not as pydantic's default strings.
-JsonDecimal = Annotated[Decimal, WithJsonSchema({"type": "number"})]
 
 
 # --- Candles -----------------------------------------------------------------------------------
@@ -165,13 +205,6 @@ class PairPath(Schema):
         return value
 
 
-class RouteLegOut(Schema):
-    pair: str = Field(description="the pair as its provider quoted it")
-    provider: str
-    value: JsonDecimal
-    source_time: datetime
-
-
 class PairRateOut(Schema):
     pair: str = Field(examples=["AUD-CAD"])
     value: JsonDecimal
@@ -181,7 +214,7 @@ class PairRateOut(Schema):
     derived: bool
     stale: bool
     status: Literal["live", "failover", "stale"]
-    route: list[RouteLegOut] | None = Field(description="the legs of a derived rate")
+    route: list[RouteLegOut] = Field(description="a derived rate's legs; empty otherwise")
 
 
 # ASCII digits only: \d and Decimal() would also take other scripts' digits ("١٢" as 12).
@@ -249,4 +282,4 @@ class ConvertOut(Schema):
     derived: bool
     stale: bool
     status: Literal["live", "failover", "stale"]
-    route: list[RouteLegOut] | None
+    route: list[RouteLegOut] = Field(description="a derived rate's legs; empty otherwise")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
 from django.test import AsyncClient, Client
+from django.utils import timezone
 
 from rates.emulator import EmulatorServer
+from rates.snapshot import Course
 from rates.tests.support import FakeClock, point_settings_at
 
 pytestmark = pytest.mark.usefixtures("rate_settings", "fresh_board", "on_demand_clock")
@@ -19,15 +22,18 @@ BTC_RUB = Decimal("7200987.654321012345678901")
 
 @pytest.fixture(autouse=True)
 def btc_rub(tracked: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    course = {
-        "direction": "BTC-RUB",
-        "value": BTC_RUB,
-        "provider": "coingecko",
-        "source_time": "2026-03-14T00:00:00Z",
-        "derived": False,
-        "stale": False,
-        "age_s": 1.5,
-    }
+    """BTC-RUB tracked, live from CoinGecko, as the snapshot shows it."""
+    now = timezone.now()
+    course = Course(
+        direction="BTC-RUB",
+        value=BTC_RUB,
+        provider="coingecko",
+        source_time=datetime(2026, 3, 14, tzinfo=UTC),
+        checked_at=now - timedelta(seconds=1.5),
+        status="live",
+        derived=False,
+        version=3,
+    ).to_dict(now)
     tracked["BTC-RUB"] = course
     return course
 
@@ -57,7 +63,7 @@ def test_it_converts_with_decimals_and_rounds_half_even_to_18_places(client: Cli
         "derived": False,
         "stale": False,
         "status": "live",
-        "route": None,
+        "route": [],
     }
 
 
@@ -83,7 +89,7 @@ def test_get_and_post_answer_the_same(client: Client) -> None:
 def test_converting_an_asset_to_itself_is_rate_one(client: Client) -> None:
     body = decoded(client.get("/api/v1/convert?from=USDT&to=usdt&amount=12.5"))
     assert (body["rate"], body["result"], body["provider"]) == (1, Decimal("12.5"), None)
-    assert (body["derived"], body["stale"], body["route"]) == (False, False, None)
+    assert (body["derived"], body["stale"], body["route"]) == (False, False, [])
 
 
 def test_zero_converts_to_zero(client: Client) -> None:
@@ -100,7 +106,7 @@ def test_the_largest_amount_multiplies_exactly(client: Client) -> None:
 
 
 def test_a_stale_rate_says_so(client: Client, btc_rub: dict[str, Any]) -> None:
-    btc_rub["stale"] = True
+    btc_rub.update(stale=True, status="stale")
     body = decoded(client.get("/api/v1/convert?from=BTC&to=RUB&amount=1"))
     assert (body["stale"], body["status"], body["result"]) == (True, "stale", BTC_RUB)
 

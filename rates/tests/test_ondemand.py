@@ -23,6 +23,7 @@ from rates.exceptions import PairNotPriced
 from rates.models import Rate
 from rates.ondemand import derivation_routes
 from rates.providers import Pair
+from rates.snapshot import Course
 from rates.tests.support import FakeClock, point_settings_at
 
 pytestmark = pytest.mark.usefixtures("rate_settings", "fresh_board", "tracked")
@@ -75,7 +76,7 @@ async def test_it_prices_an_untracked_pair_from_the_highest_priority_provider(
         "derived": False,
         "stale": False,
         "status": "live",
-        "route": None,
+        "route": [],
     }
     source_time = datetime.fromisoformat(body["source_time"])
     assert before - timedelta(seconds=1) <= source_time <= timezone.now()
@@ -285,15 +286,25 @@ async def test_a_tracked_pair_comes_from_the_snapshot_without_an_upstream_call(
     on_demand_clock: FakeClock,
     tracked: dict[str, dict[str, Any]],
 ) -> None:
-    tracked["BTC-RUB"] = {
-        "direction": "BTC-RUB",
-        "value": Decimal("7200000.123456789012345678"),
-        "provider": "binance+cbr",
-        "source_time": "2026-03-14T00:00:00Z",
-        "derived": True,
-        "stale": True,
-        "age_s": 12.5,
+    checked = timezone.now() - timedelta(seconds=12)
+    leg = {
+        "pair": "BTC-USD",
+        "provider": "binance",
+        "value": Decimal("90000"),
+        "source_time": checked,
     }
+    course = Course(
+        direction="BTC-RUB",
+        value=Decimal("7200000.123456789012345678"),
+        provider="binance+cbr",
+        source_time=datetime(2026, 3, 14, tzinfo=UTC),
+        checked_at=checked,
+        status="failover",
+        derived=True,
+        version=7,
+        route=(leg,),
+    )
+    tracked["BTC-RUB"] = course.to_dict(timezone.now())
     response = await get_rate(async_client, "btc", "rub")
     assert response.status_code == 200, response.content
     body = json.loads(response.content, parse_float=Decimal)
@@ -302,12 +313,13 @@ async def test_a_tracked_pair_comes_from_the_snapshot_without_an_upstream_call(
         "value": Decimal("7200000.123456789012345678"),
         "provider": "binance+cbr",
         "source_time": "2026-03-14T00:00:00Z",
-        "age_s": Decimal("12.5"),
+        "age_s": body["age_s"],
         "derived": True,
-        "stale": True,
-        "status": "stale",
-        "route": None,
+        "stale": False,
+        "status": "failover",
+        "route": [{**leg, "source_time": checked.isoformat().replace("+00:00", "Z")}],
     }
+    assert 12 <= body["age_s"] < 13  # since the last confirmation, as /courses says
     assert await upstream_calls(upstream, emulator_client) == Counter()
 
 
@@ -383,7 +395,6 @@ def test_a_cached_rate_still_ages(monkeypatch: pytest.MonkeyPatch) -> None:
         fresh_until=now + timedelta(seconds=30),
         derived=False,
         failover=False,
-        route=None,
     )
     assert rate.to_dict(now + timedelta(seconds=3))["age_s"] == 3
     late = rate.to_dict(now + timedelta(seconds=31))
