@@ -58,7 +58,7 @@ SEED_RATES = textwrap.dedent(
     from datetime import UTC, datetime
     from decimal import Decimal
     from items.models import Item
-    from rates.models import Rate
+    from rates.models import CurrentRate, Rate
     now = datetime.now(UTC)
     for n, item in enumerate(Item.objects.filter(is_active=True).order_by("id")):
         # Two providers, so the body is "mixed"; both stay fresh for the whole run (CoinGecko's
@@ -67,6 +67,10 @@ SEED_RATES = textwrap.dedent(
         value = Decimal("54000.000123") / (n + 1)
         Rate.objects.create(
             item=item, provider=provider, value=value, source_time=now, received_at=now
+        )
+        CurrentRate.objects.create(
+            item=item, provider=provider, value=value, source_time=now, checked_at=now,
+            received_at=now, status="live", version=1,
         )
     """
 )

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from django.conf import settings
 
 from config.jsonenc import dumps
-from rates.services import provider_freshness
+from rates.policy import provider_freshness
 from rates.snapshot import snapshot
 
 CONTENT_TYPE = "application/json; charset=utf-8"

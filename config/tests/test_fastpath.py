@@ -16,7 +16,7 @@ from config.asgi import http_app
 from config.metrics import HTTP_REQUESTS
 from items.models import Item
 from rates.courses import courses_cache
-from rates.models import Rate
+from rates.models import CurrentRate
 from rates.snapshot import snapshot
 
 Message = dict[str, Any]
@@ -265,8 +265,15 @@ async def test_before_the_snapshot_is_loaded_django_loads_it_and_answers(
     await Item.objects.all().adelete()
     item = await Item.objects.acreate(base="BTC", quote="USD")
     now = datetime.now(UTC)
-    await Rate.objects.acreate(
-        item=item, provider="binance", value=Decimal("54000.5"), source_time=now, received_at=now
+    await CurrentRate.objects.acreate(
+        item=item,
+        provider="binance",
+        value=Decimal("54000.5"),
+        source_time=now,
+        checked_at=now,
+        received_at=now,
+        status="live",
+        version=1,
     )
     try:
         [start, body] = await call()
