@@ -5,7 +5,8 @@
 
 The web server is the production one (`scripts/serve.sh`'s uvicorn with uvloop and httptools)
 on a free port, production settings (DEBUG off), SQLite on a temporary file, with the project's
-own `config.asgi:application`; load comes from wrk (`-t1 -c64`, keep-alive) on 127.0.0.1.
+own `config.asgi:application` and a nats-server of its own (the machine's NATS keeps no trace);
+load comes from wrk (`-t1 -c64`, keep-alive) on 127.0.0.1.
 Figures are medians of --repeats runs of --duration seconds, each printed with its baseline:
 
 1. `GET /api/v1/courses` (the fast path in `config/fastpath.py`) with 1 and 2 workers, against a
@@ -129,7 +130,7 @@ def get(url: str, header: tuple[str, str] | None = None) -> tuple[int, dict[str,
 
 
 # --- servers ---------------------------------------------------------------------------------
-def server_env(tmp: Path) -> dict[str, str]:
+def server_env(tmp: Path, nats_port: int) -> dict[str, str]:
     env = {
         key: value
         for key, value in os.environ.items()
@@ -141,8 +142,9 @@ def server_env(tmp: Path) -> dict[str, str]:
         DJANGO_SECRET_KEY="kurs-bench-secret-key-not-for-production-0123456789",
         DATABASE_URL=f"sqlite:///{tmp}/bench.sqlite3",
         KURS_LOG_LEVEL="WARNING",
-        # Off the machine's real subjects; courses stay fresh for the whole run (stable ETags).
-        KURS_NATS_PREFIX=f"kursbench{os.getpid()}",
+        # The bench's own nats-server: the machine's keeps no stream or subject of the run.
+        NATS_URL=f"nats://127.0.0.1:{nats_port}",
+        # Courses stay fresh for the whole run (stable ETags).
         KURS_STALE_AFTER="86400",
         KURS_SHARED_CACHE_DIR=str(tmp / "cache"),
         KURS_BENCH_ITEM_BODY=str(tmp / "item.json"),
@@ -268,8 +270,8 @@ def neighbours(before: dict[int, tuple[str, float]], seconds: float) -> str:
 
 
 # --- the bench -------------------------------------------------------------------------------
-def prepare(tmp: Path) -> dict[str, str]:
-    env = server_env(tmp)
+def prepare(tmp: Path, nats_port: int) -> dict[str, str]:
+    env = server_env(tmp, nats_port)
     (tmp / "www" / "api" / "v1").mkdir(parents=True)
     (tmp / "item.json").write_bytes(b"{}")
     for args in (
@@ -407,6 +409,14 @@ def compare_servers(args: argparse.Namespace, env: dict[str, str]) -> None:
         )
 
 
+def run(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> None:
+    courses, etag = capture_bodies(tmp, env)
+    if args.servers:
+        compare_servers(args, env)
+    else:
+        bench(args, tmp, env, courses, etag)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run")
@@ -421,12 +431,15 @@ def main() -> None:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kurs-bench-courses-") as name:
         tmp = Path(name)
-        env = prepare(tmp)
-        courses, etag = capture_bodies(tmp, env)
-        if args.servers:
-            compare_servers(args, env)
-        else:
-            bench(args, tmp, env, courses, etag)
+        nats_port = free_port()
+        nats_cmd = [str(VENV_BIN / "nats-server"), "-a", "127.0.0.1", "-p", str(nats_port)]
+        nats = subprocess.Popen(nats_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for_port(nats_port, 10.0)
+            run(args, tmp, prepare(tmp, nats_port))
+        finally:
+            nats.terminate()
+            nats.wait(10)
     print(neighbours(before, time.monotonic() - started))
 
 
