@@ -4,9 +4,10 @@ The bridge hands every event to the hub once, as the JSON text frame already ser
 puts that same string into the bounded queue of each socket it concerns (rate events by pair,
 everything else to all) and returns at once: it never awaits a socket. Each socket has its own
 sender task. While a socket's rate updates wait unsent, a newer one for the same pair replaces
-the older in place (the latest wins). A socket that stays behind (its queue full, or one send
-blocked longer than `send_timeout`) is closed with 1013, so one slow client never delays the
-others.
+the older (the latest wins); it takes its own place at the end of the queue, so frames still
+leave in stream order and a client's last `seq` is a safe place to resume from. A socket that
+stays behind (its queue full, or one send blocked longer than `send_timeout`) is closed with
+1013, so one slow client never delays the others.
 
 Two things a socket may add, each costing nothing to sockets without it:
 - a *prelude* (a resume: `?since=`): frames read from the stream and sent before anything live;
@@ -112,9 +113,12 @@ class SocketQueue:
         # Read at creation, not at import: tests and benchmarks tune the module values.
         self._queue_limit = QUEUE_LIMIT if queue_limit is None else queue_limit
         self._send_timeout = SEND_TIMEOUT_S if send_timeout is None else send_timeout
-        # Entries are either a frame (str) or a pair whose latest frame waits in _rates.
-        self._queue: deque[str | tuple[str]] = deque()
-        self._rates: dict[str, str] = {}
+        # Entries are either a frame (str) or (pair, token): the pair's latest frame waits in
+        # _rates with its token; an entry whose token is no longer there was superseded.
+        self._queue: deque[str | tuple[str, int]] = deque()
+        self._rates: dict[str, tuple[str, int]] = {}
+        self._token = 0
+        self._stale = 0  # superseded entries still in the queue
         self._ready = asyncio.Event()
         self._sending_since: float | None = None
         self._loop = asyncio.get_running_loop()
@@ -218,34 +222,55 @@ class SocketQueue:
             self.kick(f"a send blocked for more than {self._send_timeout:.1f}s")
             return False
         if pair is not None:
+            self._token += 1
             if pair in self._rates:
-                self._rates[pair] = frame
+                self._rates[pair] = (frame, self._token)
+                self._queue.append((pair, self._token))
+                self._stale += 1
                 self.coalesced += 1
                 metrics.WS_COALESCED.inc()
+                if self._stale > self._queue_limit * 4:
+                    self._compact()
+                self._ready.set()
                 return True
-            if bounded and len(self._queue) >= self._queue_limit:
+            if bounded and len(self._queue) - self._stale >= self._queue_limit:
                 self.kick("queue full")
                 return False
-            self._rates[pair] = frame
-            self._queue.append((pair,))
+            self._rates[pair] = (frame, self._token)
+            self._queue.append((pair, self._token))
         else:
-            if bounded and len(self._queue) >= self._queue_limit:
+            if bounded and len(self._queue) - self._stale >= self._queue_limit:
                 self.kick("queue full")
                 return False
             self._queue.append(frame)
         self._ready.set()
         return True
 
+    def _compact(self) -> None:
+        """Drop superseded entries (a client stuck in one send while one pair streams)."""
+        rates = self._rates
+        self._queue = deque(
+            e for e in self._queue if isinstance(e, str) or rates.get(e[0], ("", 0))[1] == e[1]
+        )
+        self._stale = 0
+
     async def _drain(self) -> None:
         if self._prelude is not None and not await self._run_prelude(self._prelude):
             return
-        queue, rates = self._queue, self._rates
+        rates = self._rates
         while True:
             await self._ready.wait()
             self._ready.clear()
-            while queue:
-                entry = queue.popleft()
-                frame = rates.pop(entry[0]) if isinstance(entry, tuple) else entry
+            while self._queue:
+                entry = self._queue.popleft()
+                if isinstance(entry, str):
+                    frame = entry
+                else:
+                    latest = rates.get(entry[0])
+                    if latest is None or latest[1] != entry[1]:
+                        self._stale -= 1
+                        continue
+                    frame = rates.pop(entry[0])[0]
                 self._sending_since = self._loop.time()
                 try:
                     await self._send(frame)
