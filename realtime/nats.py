@@ -118,6 +118,18 @@ def _reconnect_delay(attempts: int) -> float:
     return ceiling * random.uniform(0.5, 1.0)
 
 
+async def _end_subscription(sub: Any) -> None:
+    """Unsubscribe, and stop an ordered consumer's heartbeat and flow-control tasks even when
+    the connection is gone (nats-py cancels them only after a successful unsubscribe)."""
+    with contextlib.suppress(Exception):
+        await sub.unsubscribe()
+    jsi = getattr(getattr(sub, "_sub", None), "_jsi", None)
+    for name in ("_hbtask", "_fctask"):
+        task = getattr(jsi, name, None)
+        if task is not None:
+            task.cancel()
+
+
 class NatsConnection:
     """One managed connection: reconnects forever, logs its callbacks, drains on shutdown."""
 
@@ -237,6 +249,9 @@ class NatsConnection:
         self._state = "closing"
         for task in self._tasks:
             task.cancel()
+        consumer_sub, self._consumer_sub = self._consumer_sub, None
+        if consumer_sub is not None:
+            await _end_subscription(consumer_sub)
         client = self._client
         if client is not None and client.is_connected:
             try:
@@ -443,8 +458,7 @@ class NatsConnection:
             old, self._consumer_sub = self._consumer_sub, None
             if old is not None:
                 # The server may have lost it (a restart); its inbox subscription is ours to end.
-                with contextlib.suppress(Exception):
-                    await old.unsubscribe()
+                await _end_subscription(old)
             consumer = self._consumer
             if consumer is None or client is None or not client.is_connected:
                 return

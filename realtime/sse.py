@@ -26,7 +26,7 @@ from django.conf import settings
 from django.http import HttpRequest, StreamingHttpResponse
 from ninja import Query, Router, Schema
 from ninja.errors import HttpError
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from config.security import read_throttle
 from rates.snapshot import snapshot
@@ -78,13 +78,11 @@ class StreamQuery(Schema):
         "provider changed, or a heartbeat is due)",
     )
 
-    @model_validator(mode="before")
+    @field_validator("pairs", "since", "min_interval_ms", "min_change", mode="before")
     @classmethod
-    def _empty_is_absent(cls, data: Any) -> Any:
+    def _empty_is_absent(cls, value: Any) -> Any:
         # SPEC 5: `?since=&pairs=` mean absent.
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value not in ("", None)}
-        return data
+        return None if value == "" else value
 
 
 @lru_cache(maxsize=4096)

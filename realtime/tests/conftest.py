@@ -140,7 +140,7 @@ def own_jetstream(settings: LazySettings, tmp_path: Path) -> Iterator[NatsServer
 
 
 @pytest.fixture
-async def live_server() -> AsyncIterator[int]:
+async def asgi_server() -> AsyncIterator[int]:
     """uvicorn serving Kurs in this process (lifespan on), on a free port: its number."""
     import uvicorn
 
