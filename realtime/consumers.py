@@ -32,11 +32,6 @@ MAX_PAIRS_PER_MESSAGE = 100
 PONG = dumps({"type": "pong"})
 
 
-def pairs_from_query(query_string: bytes) -> list[str] | None:
-    """`?pairs=BTC-USD,eth-rub` (or repeated) -> ["BTC-USD", "ETH-RUB"]; None when absent."""
-    return pairs_from_values(parse_qs(query_string.decode("latin-1")).get("pairs"))
-
-
 def last_value(query: dict[str, list[str]], name: str) -> str | None:
     values = query.get(name)
     return values[-1] if values else None
