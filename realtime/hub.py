@@ -315,8 +315,9 @@ class SocketQueue:
             if pair is not None and self.policy is not None and rate is not None:
                 self._put_by_policy(frame, pair, rate)
             else:
-                # Held frames were bounded while held; the queue's limit is for the live flow.
-                self._put_now(frame, pair, bounded=False)
+                # Each held frame goes as it came: they were held for the hand-over, not because
+                # the client fell behind, so none coalesces; they were bounded while held.
+                self._put_now(frame, None, bounded=False)
         return not self.kicked
 
     def kick(self, why: str) -> None:

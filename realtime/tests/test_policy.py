@@ -155,7 +155,8 @@ async def test_the_hand_over_from_replay_to_live_has_no_duplicate_and_no_gap() -
     queue.start()
     await replaying.wait()
     for seq in (5, 6, 7, 8, 9):  # the hub's live events: 5 and 6 are also in the replay
-        assert queue.put(f"e{seq}", None, seq)
+        # Rate updates of one pair: held for the hand-over, they must not coalesce on release.
+        assert queue.put(f"e{seq}", "BTC-USD", seq)
     assert queue.put("tick")  # not an event: no seq, released in its place
     go_on.set()
     await socket.wait_for(7)
