@@ -236,12 +236,13 @@ class Bridge:
         self._call_in_loop(msg.subject, origin_of(msg.headers), msg.data, seq)
 
     def _on_stream_start(self, seq: int) -> None:
-        """The consumer starts after `seq` (the stream's end): what a first snapshot reflects."""
+        """The consumer starts after `seq`, the stream's end: the position a snapshot reflects
+        from now on (set, not advanced: a stream made anew starts its numbers again)."""
         self._received = seq
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._advance, seq)
+                loop.call_soon_threadsafe(setattr, self, "last_seq", seq)
 
     def _advance(self, seq: int) -> None:
         if self.last_seq is None or seq > self.last_seq:

@@ -437,8 +437,9 @@ class NatsConnection:
 
         Through an ordered JetStream consumer where the stream exists, else a plain subscription
         (sequence None); re-made on every reconnection, from `position() + 1` (the last sequence
-        the caller handled) or, the first time, from the end of the stream (`on_start` is told
-        that sequence). Only one consumer per connection: the web process's bridge.
+        the caller handled) or, the first time or when the stream was made anew, from the end of
+        the stream (`on_start` is told that sequence). Only one consumer per connection: the
+        web process's bridge.
         """
         self.start()
         self._consumer = _Consumer(subject, callback, position, on_start)
@@ -482,8 +483,11 @@ class NatsConnection:
         js = client.jetstream(timeout=2.0)
         name = stream_name(self._prefix)
         start = consumer.position()
-        if start is None:
-            start = (await js.stream_info(name)).state.last_seq
+        last = (await js.stream_info(name)).state.last_seq
+        if start is None or start > last:
+            # First start, or the stream was deleted and made again (its sequences restart):
+            # from its end, and the caller forgets positions of the old stream.
+            start = last
             consumer.on_start(start)
         callback = consumer.callback
 

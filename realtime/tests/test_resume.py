@@ -296,3 +296,28 @@ async def test_without_jetstream_a_resume_says_so_and_frames_have_no_seq(
     live = await receive_until(ws, "rate.updated")
     assert "seq" not in live
     await ws.disconnect()
+
+
+async def test_a_stream_made_anew_after_a_restart_is_followed_from_its_start(
+    own_jetstream: NatsServer, eight_pairs: None, tmp_path: Any
+) -> None:
+    await started()
+    ws = await connect("/ws/items?pairs=BTC-USD")
+    await receive(ws)
+    publish_rates(16, start=1)
+    before = await receive_until(ws, "rate.updated", wait=10)
+    assert before["seq"] > 1
+    await asyncio.to_thread(own_jetstream.stop)
+    assert await wait_for(connection.disconnected)
+    own_jetstream.store_dir = tmp_path / "empty-store"  # the stream and its numbers are gone
+    await asyncio.to_thread(own_jetstream.start)
+    assert await wait_for(connection.connected, 20)
+    events.publish("rate.updated", rate("BTC-USD", 500))
+    after = await receive_until(ws, "rate.updated", wait=10)
+    while after["data"]["value"] != 500:  # updates of the first batch still on their way
+        after = await receive_until(ws, "rate.updated", wait=10)
+    assert after["seq"] == 1
+    fresh = await connect("/ws/items?pairs=BTC-USD")
+    assert (await receive(fresh))["seq"] == 1
+    await fresh.disconnect()
+    await ws.disconnect()
