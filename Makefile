@@ -20,7 +20,7 @@ help:
 	@echo "make demo    the same, with providers pointed at the local exchange emulator"
 	@echo "make test    install and run the whole suite (SQLite, then PostgreSQL)"
 	@echo "make bench   run the benchmarks in bench/"
-	@echo "make lint    ruff check and ruff format --check"
+	@echo "make lint    ruff check, ruff format --check and the import-linter contracts"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -73,6 +73,7 @@ test-postgres: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 format: install
 	$(BIN)/ruff check --fix .

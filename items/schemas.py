@@ -1,21 +1,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from decimal import Decimal
 
 from ninja import Schema
 from pydantic import ConfigDict, Field, StrictBool, StrictStr, field_validator
 
 from items.models import ASSET_CODE_RE, normalise_asset
-
-
-class RateOut(Schema):
-    provider: str
-    value: Decimal
-    bid: Decimal | None
-    ask: Decimal | None
-    source_time: datetime
-    received_at: datetime
 
 
 class ItemOut(Schema):
@@ -27,15 +17,6 @@ class ItemOut(Schema):
     is_active: bool
     created_at: datetime
     updated_at: datetime
-
-
-class ItemDetailOut(ItemOut):
-    latest: RateOut | None
-
-
-class ItemListOut(Schema):
-    items: list[ItemOut]
-    count: int
 
 
 class ItemIn(Schema):

@@ -8,11 +8,9 @@ from ninja import Query, Router
 from ninja.errors import HttpError
 
 from config.security import read_throttle, write_auth
-from items.schemas import RateOut
-from items.selectors import item_get, item_latest_rate
+from items.selectors import item_get
 from rates import fetcher, selectors
-from rates.models import Rate
-from rates.schemas import ProviderOut, RateListOut, RateListQuery, TaskRunOut
+from rates.schemas import CurrentRateOut, ProviderOut, RateListOut, RateListQuery, TaskRunOut
 
 router = Router(tags=["rates"])
 
@@ -32,16 +30,16 @@ async def list_rates(
 
 @router.get(
     "/items/{int:item_id}/rates/latest",
-    response={200: RateOut},
+    response={200: CurrentRateOut},
     throttle=read_throttle,
-    summary="The item's latest accepted rate (404 before the first one)",
+    summary="The item's current rate: who serves it, its status and age (404 before the first)",
 )
-async def latest_rate(request: HttpRequest, item_id: int) -> Rate:
+async def latest_rate(request: HttpRequest, item_id: int) -> dict[str, object]:
     item = await item_get(item_id=item_id)
-    rate = await item_latest_rate(item=item)
-    if rate is None:
+    current = await selectors.current_rate_get(item_id=item.id)
+    if current is None:
         raise HttpError(404, f"item {item_id} has no rate yet")
-    return rate
+    return current
 
 
 @router.get("/providers", response=list[ProviderOut], throttle=read_throttle)
@@ -51,5 +49,15 @@ async def list_providers(request: HttpRequest) -> list[dict[str, object]]:
 
 @router.post("/tasks/run", response=TaskRunOut, auth=write_auth)
 async def run_task(request: HttpRequest) -> dict[str, object]:
-    report = await fetcher.fetch_once()
-    return report.event()
+    """Asks the live owner for a cycle (SPEC 6); without an answer in 2 s, runs the safety net.
+
+    503 when a live owner holds the lease but did not answer (NATS unreachable from here): a
+    second cycle beside the owner's would break "one owner of live state".
+    """
+    report = await fetcher.request_cycle()
+    if report is not None:
+        return report
+    cycle = await fetcher.fetch_once()
+    if cycle is None:
+        raise HttpError(503, "the live fetcher owns rates but did not answer within 2 s")
+    return cycle.event()

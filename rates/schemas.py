@@ -2,12 +2,52 @@ from __future__ import annotations
 
 import datetime as dt
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Literal
 
 from ninja import Schema
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
-from items.schemas import RateOut
+from items.schemas import ItemOut
+
+
+class RateOut(Schema):
+    """One history row (SPEC 5 "Rate JSON")."""
+
+    provider: str
+    value: Decimal
+    bid: Decimal | None
+    ask: Decimal | None
+    source_time: datetime
+    received_at: datetime
+
+
+class RouteLegOut(Schema):
+    pair: str
+    provider: str
+    value: Decimal
+    source_time: datetime
+
+
+class CurrentRateOut(Schema):
+    """The rate the service stands behind now (SPEC 4 "Current rate", SPEC 5 `latest`)."""
+
+    provider: str = Field(description="the serving provider (`a+b` for a cross rate)")
+    value: Decimal
+    bid: Decimal | None
+    ask: Decimal | None
+    source_time: datetime = Field(description="the exchange's time of this value")
+    checked_at: datetime = Field(description="the last time a source confirmed this value")
+    received_at: datetime = Field(description="when Kurs first received this value")
+    age_s: float = Field(description="seconds since checked_at")
+    status: Literal["live", "failover", "stale"]
+    derived: bool
+    route: list[RouteLegOut] = Field(description="a cross rate's legs; empty otherwise")
+    version: int = Field(description="+1 on every published change of the pair")
+
+
+class ItemDetailOut(ItemOut):
+    latest: CurrentRateOut | None
 
 
 class RateListOut(Schema):

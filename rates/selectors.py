@@ -1,14 +1,16 @@
-"""Reads of the rate history."""
+"""Reads of the rate history and of the current rates (the read model)."""
 
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 
 from django.db.models import QuerySet
 from django.utils import timezone
 
 from items.models import Item
-from rates.models import Rate
+from rates import policy
+from rates.models import CurrentRate, Rate
 
 
 def rate_list(
@@ -33,35 +35,43 @@ def rate_list(
     return rates.order_by("-received_at", "-id")
 
 
-# An unchanged quote is stored again only after 60 s (SPEC 4): a provider's newest row can be that
-# old and still be its current value. The margin covers one poll period and the write itself.
-CURRENT_AFTER_STORE = 75.0
-# How many recent rows to look through for each provider's newest one.
-RECENT_ROWS = 200
+def current_rate_view(row: CurrentRate, *, now: datetime) -> dict[str, Any]:
+    """The current rate as REST shows it (SPEC 5 `latest`): status and age judged now."""
+    status = policy.read_status(row.status, row.provider, row.checked_at, now=now)
+    return {
+        "provider": row.provider,
+        "value": row.value,
+        "bid": row.bid,
+        "ask": row.ask,
+        "source_time": row.source_time,
+        "checked_at": row.checked_at,
+        "received_at": row.received_at,
+        "age_s": round(max(0.0, (now - row.checked_at).total_seconds()), 3),
+        "status": status,
+        "derived": row.derived,
+        "route": row.route,
+        "version": row.version,
+    }
 
 
-def rate_current(*, item: Item, now: datetime | None = None) -> Rate | None:
-    """The rate the service stands behind for `item`: failover applied to the history.
+async def current_rate_get(*, item_id: int) -> dict[str, Any] | None:
+    """The item's current rate (one primary-key read of the read model), or None."""
+    row = await CurrentRate.objects.filter(item_id=item_id).afirst()
+    return None if row is None else current_rate_view(row, now=timezone.now())
 
-    Every provider's accepted quotes are stored, so "the newest row" alone would flip between
-    providers. Instead: the newest row of the highest-priority provider whose newest row is still
-    current (within its freshness window, or CURRENT_AFTER_STORE for unchanged values); when no
-    provider's is, the newest row of all (the last known value, stale).
-    """
-    from rates.services import provider_freshness, provider_priority
 
-    now = now or timezone.now()
-    newest_by_provider: dict[str, Rate] = {}
-    for rate in Rate.objects.filter(item=item).order_by("-received_at", "-id")[:RECENT_ROWS]:
-        newest_by_provider.setdefault(rate.provider, rate)
-    if not newest_by_provider:
-        return None
-    current = [
-        rate
-        for name, rate in newest_by_provider.items()
-        if (now - rate.received_at).total_seconds()
-        <= max(provider_freshness(name), CURRENT_AFTER_STORE)
-    ]
-    if not current:
-        return max(newest_by_provider.values(), key=lambda rate: (rate.received_at, rate.id))
-    return min(current, key=lambda rate: provider_priority(rate.provider))
+def current_rates_freshness(*, now: datetime) -> dict[str, Any]:
+    """For health: how many active pairs have a current rate, and which of them are stale."""
+    rows = CurrentRate.objects.filter(item__is_active=True).values_list(
+        "item__code", "provider", "checked_at", "status"
+    )
+    stale = sorted(
+        code
+        for code, provider, checked_at, status in rows
+        if policy.read_status(status, provider, checked_at, now=now) == policy.STALE
+    )
+    return {
+        "active": Item.objects.filter(is_active=True).count(),
+        "quoted": len(rows),
+        "stale": stale,
+    }

@@ -9,11 +9,12 @@ a Kurs event. A message without it came from outside Kurs: on `<prefix>.>` or `i
 it is logged and relayed to sockets as `nats.inbound`. Payloads that are not JSON, or are over
 64 KiB, are logged and dropped.
 
-Where the server has JetStream, `<prefix>.>` is read through one ordered consumer of the stream
-(see `realtime.nats.NatsConnection.consume`), so each event comes with its stream sequence: the
-bridge adds it to the frame as `seq`, drops a sequence it already handled (a consumer re-made
-after a reconnection may repeat a few), and remembers the last one (`last_seq`, the position a
-snapshot reflects). `replay()` reads the stream after a client's `since` for its resume.
+Where the server has JetStream, the events under `<prefix>` are read through one ordered consumer
+of the stream (see `realtime.nats.NatsConnection.consume`), so each comes with its stream
+sequence: the bridge adds it to the frame as `seq`, drops a sequence it already handled (a
+consumer re-made after a reconnection may repeat a few), and remembers the last one (`last_seq`,
+the position a snapshot reflects). `replay()` reads the stream after a client's `since` for its
+resume.
 
 The same handling serves the fallback bus: when a producer cannot reach NATS it sends the event
 to a channel-layer group that every bridge joins (or, with the in-memory layer, hands it to this
@@ -46,6 +47,7 @@ from realtime.nats import (
     StreamCursor,
     StreamUnavailable,
     connection,
+    control_prefix,
     fallback_group,
 )
 
@@ -267,6 +269,8 @@ class Bridge:
     ) -> None:
         if seq is not None:
             self._advance(seq)
+        if subject.startswith(control_prefix(settings.KURS_NATS_PREFIX)):
+            return  # a request to the owner (POST /tasks/run), answered by the fetcher
         try:
             event = decode(subject, origin, payload, seq)
         except Dropped as exc:

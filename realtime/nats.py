@@ -10,10 +10,11 @@ that every web process's bridge listens on (channels-redis), or, with the in-mem
 process, no Redis), straight to this process's bridge. Events published during an outage are not
 replayed on NATS later: the database keeps the truth, NATS is a live feed (at most once).
 
-Where the server has JetStream, every event on `<prefix>.>` is also stored in the stream (a plain
-publish on a stream's subject is captured by it), and the web process's bridge reads that subject
-through one ordered consumer instead of a plain subscription (`consume`), so that each event
-arrives with its stream sequence, the `seq` of SPEC 7. On every (re)connection the consumer is
+Where the server has JetStream, every event (the families of `event_subjects`) is also stored in
+the stream (a plain publish on a stream's subject is captured by it), and the web process's bridge
+reads them through one ordered consumer instead of a plain subscription (`consume`), so that each
+event arrives with its stream sequence, the `seq` of SPEC 7; the rest of `<prefix>.>` (foreign
+messages) still comes by a plain subscription, unnumbered. On every (re)connection the consumer is
 made anew from the sequence after the last one the bridge saw: a NATS restart loses nothing the
 stream kept. `StreamCursor` reads the stream from a sequence for a client that resumes.
 """
@@ -113,6 +114,21 @@ def stream_name(prefix: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", prefix).upper()
 
 
+def event_subjects(prefix: str) -> list[str]:
+    """What the replay stream keeps: every event family of SPEC 7 under the prefix.
+
+    Not `<prefix>.>` as a whole: a request on `<prefix>.ctl.fetch` captured by a stream would be
+    answered by JetStream's publish acknowledgement before the owner could reply, and control
+    requests are not events anyone should replay.
+    """
+    return [f"{prefix}.{family}.>" for family in ("items", "rates", "fetch", "provider")]
+
+
+def control_prefix(prefix: str) -> str:
+    """Request/reply subjects (`kurs.ctl.fetch`): never events, never relayed to clients."""
+    return f"{prefix}.ctl."
+
+
 def _reconnect_delay(attempts: int) -> float:
     ceiling = min(RECONNECT_MAX_S, RECONNECT_BASE_S * (2 ** min(attempts, 16)))
     return ceiling * random.uniform(0.5, 1.0)
@@ -156,7 +172,7 @@ class NatsConnection:
         self._counts = {"nats": 0, "fallback": 0, "dropped": 0, "errors": 0}
         self._sub_lock: asyncio.Lock | None = None
         self._consumer: _Consumer | None = None
-        self._consumer_sub: Any = None
+        self._consumer_subs: list[Any] = []
         self._consumer_ordered = False
         # Set while connected with every registered subscription applied.
         self.connected = threading.Event()
@@ -222,7 +238,8 @@ class NatsConnection:
             self._thread = None
             self._client = None
             self._live_subs.clear()
-            self._consumer_sub = None
+            self._consumer_subs = []
+            self._consumer_ordered = False
             self.connected.clear()
             self._state = "closed"
         atexit.unregister(self.shutdown)
@@ -236,7 +253,8 @@ class NatsConnection:
         self._live_subs.clear()
         self._subscriptions.clear()
         self._consumer = None
-        self._consumer_sub = None
+        self._consumer_subs = []
+        self._consumer_ordered = False
         self._outbox.clear()
         self._wakeup_pending = False
         self.connected = threading.Event()
@@ -249,9 +267,10 @@ class NatsConnection:
         self._state = "closing"
         for task in self._tasks:
             task.cancel()
-        consumer_sub, self._consumer_sub = self._consumer_sub, None
-        if consumer_sub is not None:
-            await _end_subscription(consumer_sub)
+        consumer_subs, self._consumer_subs = self._consumer_subs, []
+        self._consumer_ordered = False
+        for sub in consumer_subs:
+            await _end_subscription(sub)
         client = self._client
         if client is not None and client.is_connected:
             try:
@@ -365,7 +384,9 @@ class NatsConnection:
         if client is None or not client.is_connected:
             return
         name = stream_name(self._prefix)
-        config = StreamConfig(name=name, subjects=[f"{self._prefix}.>"], max_age=STREAM_MAX_AGE_S)
+        config = StreamConfig(
+            name=name, subjects=event_subjects(self._prefix), max_age=STREAM_MAX_AGE_S
+        )
         js = client.jetstream(timeout=2.0)
         try:
             try:
@@ -456,30 +477,38 @@ class NatsConnection:
         if self._sub_lock is None:
             return
         async with self._sub_lock:
-            old, self._consumer_sub = self._consumer_sub, None
-            if old is not None:
+            old, self._consumer_subs = self._consumer_subs, []
+            self._consumer_ordered = False
+            for sub in old:
                 # The server may have lost it (a restart); its inbox subscription is ours to end.
-                await _end_subscription(old)
+                await _end_subscription(sub)
             consumer = self._consumer
             if consumer is None or client is None or not client.is_connected:
                 return
+            callback = consumer.callback
+            stored: list[str] = []
             if self._jetstream:
+                stored = event_subjects(self._prefix)
                 try:
-                    await self._subscribe_ordered(client, consumer)
-                    return
+                    await self._subscribe_ordered(client, consumer, stored)
                 except Exception as exc:
                     self._note_error(f"ordered consumer on {consumer.subject}: {exc}")
-            # No JetStream: a plain subscription, whose messages carry no sequence.
-            callback = consumer.callback
+                    stored = []
+            # The rest of the subject (everything without JetStream; with it, what the stream
+            # does not keep: foreign messages) by a plain subscription, without sequences.
+            prefixes = tuple(pattern.removesuffix(">") for pattern in stored)
 
             async def plain(msg: Msg) -> None:
+                if prefixes and msg.subject.startswith(prefixes):
+                    return  # the ordered consumer delivers it, numbered
                 await callback(msg, None)
 
-            self._consumer_sub = await client.subscribe(consumer.subject, cb=plain)
-            self._consumer_ordered = False
+            self._consumer_subs.append(await client.subscribe(consumer.subject, cb=plain))
             await client.flush(timeout=CONNECT_TIMEOUT_S)
 
-    async def _subscribe_ordered(self, client: Client, consumer: _Consumer) -> None:
+    async def _subscribe_ordered(
+        self, client: Client, consumer: _Consumer, subjects: list[str]
+    ) -> None:
         js = client.jetstream(timeout=2.0)
         name = stream_name(self._prefix)
         start = consumer.position()
@@ -494,22 +523,24 @@ class NatsConnection:
         async def ordered(msg: Msg) -> None:
             await callback(msg, msg.metadata.sequence.stream)
 
-        self._consumer_sub = await js.subscribe(
-            consumer.subject,
-            stream=name,
-            cb=ordered,
-            ordered_consumer=True,
-            idle_heartbeat=CONSUMER_HEARTBEAT_S,
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            config=ConsumerConfig(opt_start_seq=start + 1),
+        self._consumer_subs.append(
+            await js.subscribe(
+                consumer.subject,
+                stream=name,
+                cb=ordered,
+                ordered_consumer=True,
+                idle_heartbeat=CONSUMER_HEARTBEAT_S,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                config=ConsumerConfig(opt_start_seq=start + 1, filter_subjects=subjects),
+            )
         )
         self._consumer_ordered = True
-        logger.info("nats: ordered consumer on %s from sequence %d", consumer.subject, start + 1)
+        logger.info("nats: ordered consumer on %s from sequence %d", name, start + 1)
 
     @property
     def consuming_stream(self) -> bool:
         """True while the consumer reads the stream (frames then carry `seq`)."""
-        return self._consumer_sub is not None and self._consumer_ordered
+        return self._consumer_ordered
 
     async def on_loop(self, coro: Coroutine[Any, Any, Any]) -> Any:
         """Run `coro` on the connection's loop and wait for it from the caller's loop."""
@@ -669,6 +700,7 @@ class StreamCursor:
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=max(self.since + 1, self.first_seq),
             ack_policy=AckPolicy.NONE,
+            filter_subjects=event_subjects(connection._prefix),
             inactive_threshold=REPLAY_INACTIVE_S,
             mem_storage=True,
             num_replicas=1,
@@ -725,6 +757,53 @@ def transport(subject: str, envelope: dict[str, Any]) -> None:
     """The `realtime.events` transport: serialise in the caller's thread, queue, return."""
 
     connection.publish(subject, dumps(envelope).encode(), envelope.get("id"))
+
+
+class Responder:
+    """A request/reply service on one subject, kept across reconnects until `close()`."""
+
+    def __init__(self, subject: str, handler: Callable[[bytes], Awaitable[bytes]]) -> None:
+        self.subject = subject
+        self._handler = handler
+        self._sub_id, _ = connection.subscribe(subject, self._on_request)
+
+    async def _on_request(self, msg: Msg) -> None:
+        if not msg.reply:
+            return
+        try:
+            answer = await self._handler(msg.data)
+        except Exception:
+            logger.exception("nats: the handler of %s failed", self.subject)
+            return
+        await msg.respond(answer)
+
+    def close(self) -> None:
+        connection.unsubscribe(self._sub_id)
+
+
+def serve(subject: str, handler: Callable[[bytes], Awaitable[bytes]]) -> Responder:
+    """Answer requests on `subject` with `handler(payload)` (it runs on the NATS thread)."""
+    return Responder(subject, handler)
+
+
+async def request(subject: str, payload: bytes, *, within: float) -> bytes | None:
+    """A NATS request from any event loop; the reply, or None when nobody answered in time."""
+    connection.start()
+    loop = connection._loop
+    client = connection._client
+    if loop is None or client is None or not client.is_connected:
+        return None
+
+    async def ask() -> bytes:
+        return (await client.request(subject, payload, timeout=within)).data
+
+    try:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(ask(), loop))
+    except (NoRespondersError, NatsTimeoutError, TimeoutError):
+        return None
+    except Exception as exc:
+        logger.warning("nats: request on %s failed: %s", subject, exc)
+        return None
 
 
 def status() -> dict[str, Any]:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from django.core.cache import caches
@@ -17,6 +18,7 @@ from django.utils import timezone
 from rates import fetcher, services
 from rates.board import QuoteBoard
 from rates.emulator import EmulatorServer, run_emulator_server
+from rates.models import CurrentRate
 from rates.providers import Quote
 
 PROVIDERS = ["binance", "bybit", "coingecko", "cbr"]
@@ -120,3 +122,28 @@ def emulator_env(emulator: EmulatorServer) -> dict[str, str]:
         if name in ("binance", "bybit"):
             env[f"KURS_{name.upper()}_WS_URL"] = emulator.ws_url(name)
     return env
+
+
+def store_current(
+    item: Any,
+    provider: str,
+    value: str | Decimal,
+    *,
+    checked_ago: float = 0.0,
+    status: str = "live",
+    version: int = 1,
+    **fields: Any,
+) -> CurrentRate:
+    """A CurrentRate row as the owner would have written it, confirmed `checked_ago` s ago."""
+    checked = timezone.now() - timedelta(seconds=checked_ago)
+    defaults = {
+        "provider": provider,
+        "value": Decimal(value),
+        "source_time": checked,
+        "checked_at": checked,
+        "received_at": checked,
+        "status": status,
+        "version": version,
+        **fields,
+    }
+    return CurrentRate.objects.update_or_create(item=item, defaults=defaults)[0]

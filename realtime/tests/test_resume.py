@@ -321,3 +321,27 @@ async def test_a_stream_made_anew_after_a_restart_is_followed_from_its_start(
     assert (await receive(fresh))["seq"] == 1
     await fresh.disconnect()
     await ws.disconnect()
+
+
+async def test_with_jetstream_foreign_messages_still_arrive_once_without_seq(
+    machine_nats: str, eight_pairs: None, prefix: str
+) -> None:
+    await started()
+    ws = await connect("/ws/items?pairs=BTC-USD")
+    await receive(ws)
+    client = await nats.connect(machine_nats)
+    # Outside the stream's event families: the plain subscription relays it, unnumbered.
+    await client.publish(f"{prefix}.weather", b'{"sky": "clear"}')
+    # Inside them but foreign (no Kurs-Origin): numbered, like every stored message.
+    await client.publish(f"{prefix}.provider.state", b'{"note": "from elsewhere"}')
+    await client.flush()
+    await client.close()
+    publish_marker("end")
+    frames = await until_marker(ws, "end")
+    # Two subscriptions: the unnumbered one may overtake the consumer, or not.
+    inbound = {f["data"]["subject"]: f for f in frames if f["type"] == "nats.inbound"}
+    assert len(frames) == 3
+    assert set(inbound) == {f"{prefix}.weather", f"{prefix}.provider.state"}
+    assert "seq" not in inbound[f"{prefix}.weather"]
+    assert frames[-1]["seq"] == inbound[f"{prefix}.provider.state"]["seq"] + 1
+    await ws.disconnect()
