@@ -16,19 +16,20 @@ except ConfigError as exc:
     sys.exit(2)
 
 from channels.routing import ProtocolTypeRouter, URLRouter
-from channels.security.websocket import AllowedHostsOriginValidator
 from django.core.asgi import get_asgi_application
 
 django_asgi_app = get_asgi_application()
 
 # Imported after Django is set up: the consumers use models and settings.
 from realtime.bridge import lifespan  # noqa: E402
+from realtime.origin import BrowserOriginValidator  # noqa: E402
 from realtime.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(URLRouter(websocket_urlpatterns)),
+        # No Origin (servers, scripts) is accepted; a foreign browser Origin is refused (SPEC 8).
+        "websocket": BrowserOriginValidator(URLRouter(websocket_urlpatterns)),
         # uvicorn (and granian) send lifespan events: the NATS bridge starts with the server.
         "lifespan": lifespan,
     }
