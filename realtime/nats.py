@@ -351,6 +351,8 @@ class NatsConnection:
 
     async def _on_reconnected(self) -> None:
         self._state = "connected"
+        # Health shows the error that is keeping NATS away, not one that is over.
+        self._last_error = None
         self._last_logged_error = None
         client = self._client
         url = client.connected_url if client else None
