@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import itertools
 import os
 import random
 import statistics
@@ -76,8 +77,8 @@ async def measure(mode: str, switches: int, poll: float) -> dict[str, list[dict[
         return runs
 
 
-async def steady(seconds: float, poll: float) -> tuple[dict[str, float], int]:
-    """rate.updated per pair per minute with prices held still; and duplicate versions seen."""
+async def steady(seconds: float, poll: float) -> tuple[dict[str, list[float]], int]:
+    """Gaps between rate.updated events of each pair with prices held still; duplicate versions."""
     async with run_emulator_server(host="127.0.0.1", port=0, tick=3600, seed=7) as emulator:
         stack = Stack(
             folder=Path(tempfile.mkdtemp(prefix="kurs-bench-steady-")),
@@ -87,21 +88,29 @@ async def steady(seconds: float, poll: float) -> tuple[dict[str, float], int]:
         stack.migrate(active=("BTC-USD", "ETH-USD"))
         stack.fetcher()
         web = stack.web()
+        seen: dict[str, list[tuple[float, int]]] = {}
         try:
-            counts: dict[str, list[int]] = {}
             for pair in ("BTC-USD", "ETH-USD"):
                 async with watching(stack, web, pair) as watch:
                     await wait_until(lambda w=watch: bool(w.events), within=60, what="a first rate")
-                    watch.events.clear()
+                    started = len(watch.events)
                     await asyncio.sleep(seconds)  # the measurement window itself
-                    counts[pair] = [event["version"] for event in watch.events]
+                    seen[pair] = [
+                        (at, event["version"])
+                        for at, event in zip(watch.arrivals, watch.events, strict=True)
+                    ][started - 1 :]
         finally:
             stack.stop()
-    per_minute = {pair: len(versions) * 60 / seconds for pair, versions in counts.items()}
+    gaps = {
+        pair: [later[0] - earlier[0] for earlier, later in itertools.pairwise(events)]
+        for pair, events in seen.items()
+    }
     duplicates = sum(
-        n - 1 for versions in counts.values() for n in collections.Counter(versions).values()
+        n - 1
+        for events in seen.values()
+        for n in collections.Counter(version for _, version in events).values()
     )
-    return per_minute, duplicates
+    return gaps, duplicates
 
 
 def summary(runs: list[dict[str, float]], surface: str) -> tuple[float, float, int]:
@@ -137,10 +146,14 @@ async def main() -> None:
         runs = await measure(mode, options.switches, options.poll)
         bound = options.poll + 1 + (4.0 if mode == "stale" else 0)
         report(mode, runs, bound)
-    per_minute, duplicates = await steady(options.steady, options.poll)
+    gaps, duplicates = await steady(options.steady, options.poll)
     print(f"\nsteady prices for {options.steady:g} s, KURS_STALE_AFTER 30 (heartbeat 15 s):")
-    for pair, rate in per_minute.items():
-        print(f"  {pair}: {rate:.1f} rate.updated per minute (expected 4.0)")
+    for pair, between in gaps.items():
+        print(
+            f"  {pair}: {len(between)} rate.updated, gaps {min(between):.1f}-{max(between):.1f} s"
+            f" (heartbeat 15 s + up to one {options.poll:g} s poll): "
+            f"{60 / statistics.mean(between):.1f} per minute"
+        )
     print(f"  duplicate versions: {duplicates}")
     print(f"\nload average {os.getloadavg()[0]:.2f} at end; {time.monotonic() - started:.0f} s")
 

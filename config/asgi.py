@@ -17,7 +17,6 @@ except ConfigError as exc:
     sys.exit(2)
 
 from channels.routing import ProtocolTypeRouter, URLRouter
-from channels.security.websocket import AllowedHostsOriginValidator
 from django.core.asgi import get_asgi_application
 
 django_asgi_app = get_asgi_application()
@@ -27,6 +26,7 @@ from config.fastpath import CoursesFastPath  # noqa: E402
 from rates.courses import courses_cache  # noqa: E402
 from rates.snapshot import snapshot  # noqa: E402
 from realtime.bridge import lifespan  # noqa: E402
+from realtime.origin import BrowserOriginValidator  # noqa: E402
 from realtime.routing import websocket_urlpatterns  # noqa: E402
 
 # `GET /api/v1/courses` is answered from the snapshot before Django (config/fastpath.py).
@@ -35,7 +35,8 @@ http_app = CoursesFastPath(django_asgi_app, cache=courses_cache, snapshot=snapsh
 application = ProtocolTypeRouter(
     {
         "http": http_app,
-        "websocket": AllowedHostsOriginValidator(URLRouter(websocket_urlpatterns)),
+        # No Origin (servers, scripts) is accepted; a foreign browser Origin is refused (SPEC 8).
+        "websocket": BrowserOriginValidator(URLRouter(websocket_urlpatterns)),
         # uvicorn (and granian) send lifespan events: the NATS bridge starts with the server.
         "lifespan": lifespan,
     }

@@ -153,3 +153,30 @@ def aliases(name: str, default: str) -> dict[str, str]:
             raise ConfigError(f"{name}: expected ALIAS:SYMBOL pairs, got {entry!r}")
         result[alias] = target
     return result
+
+
+def origins(name: str) -> list[str]:
+    """`https://app.example.com,http://localhost:3000` (or `*`): browser origins, no path."""
+    checked = []
+    for value in csv(name, ""):
+        if value == "*":
+            checked.append(value)
+            continue
+        parts = urlsplit(value)
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ConfigError(f"{name}: bad port in {value!r}") from None
+        if (
+            parts.scheme not in {"http", "https"}
+            or not parts.hostname
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+            or parts.username
+        ):
+            raise ConfigError(
+                f"{name}: expected origins like https://app.example.com or *, got {value!r}"
+            )
+        checked.append(f"{parts.scheme}://{parts.netloc}".lower())
+    return checked

@@ -198,6 +198,8 @@ KURS_STALE_AFTER = env.positive_float("KURS_STALE_AFTER", 30.0)
 KURS_MAX_JUMP = env.positive_float("KURS_MAX_JUMP", 0.2)
 KURS_HISTORY_DAYS = env.positive_int("KURS_HISTORY_DAYS", 90)
 KURS_WS_HEARTBEAT = env.positive_float("KURS_WS_HEARTBEAT", 30.0)
+# Browser origins allowed on /ws/items and the stream besides DJANGO_ALLOWED_HOSTS (SPEC 8).
+KURS_WS_ALLOWED_ORIGINS = env.origins("KURS_WS_ALLOWED_ORIGINS")
 KURS_API_KEYS_REQUIRED = env.boolean("KURS_API_KEYS_REQUIRED", True)
 KURS_RATE_LIMIT = env.rate_limit("KURS_RATE_LIMIT")
 # USDTTRC and USDTERC are USDT on TRON and Ethereum; exchanges quote plain USDT (SPEC 4).

@@ -70,7 +70,8 @@ async def list_rates(
     rates = selectors.rate_list(
         item=item, since=filters.since, until=filters.until, day=filters.date, provider=provider
     )
-    return {"items": [rate async for rate in rates[: filters.limit]], "count": await rates.acount()}
+    page = [rate async for rate in rates[: filters.limit]]
+    return {"items": page, "count": await selectors.rate_count(rates)}
 
 
 @router.get(

@@ -14,7 +14,9 @@ says, so an owner stalled past its lease never writes beside its successor.
 from __future__ import annotations
 
 import logging
+import os
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -97,7 +99,8 @@ class Lease:
     """This process's hold on the lease: `held()` is the cheap check before every write."""
 
     def __init__(self, *, holder: str | None = None, name: str = LIVE_RATES) -> None:
-        self.holder = holder or settings.KURS_INSTANCE
+        # The instance name alone is not unique: forked django-q2 workers inherit their parent's.
+        self.holder = holder or f"{settings.KURS_INSTANCE}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.name = name
         self.epoch: int | None = None
         self._valid_until = 0.0  # time.monotonic()

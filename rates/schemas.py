@@ -66,7 +66,7 @@ class ItemDetailOut(ItemOut):
 
 class RateListOut(Schema):
     items: list[RateOut]
-    count: int
+    count: int = Field(description="rows matching the filters, counted up to 10000 (at least)")
 
 
 class RateListQuery(Schema):

@@ -40,6 +40,16 @@ def rate_list(
     return rates.order_by("-received_at", "-id")
 
 
+# Counting a long history is linear in its length (2,000,000 rows: 1.9 s on PostgreSQL), so the
+# count of a history page stops here: `count` is exact below it, and means "at least" at it.
+COUNT_CAP = 10_000
+
+
+async def rate_count(rates: QuerySet[Rate]) -> int:
+    """How many rows `rates` has, counted up to COUNT_CAP (bounded work per request)."""
+    return await rates[:COUNT_CAP].acount()
+
+
 def current_rate_view(row: CurrentRate, *, now: datetime) -> dict[str, Any]:
     """The current rate as REST shows it (SPEC 5 `latest`): status and age judged now."""
     status = policy.read_status(row.status, row.provider, row.checked_at, now=now)

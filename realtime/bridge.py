@@ -1,4 +1,4 @@
-"""The web process's bridge: one NATS subscription -> the rates snapshot and the local hub.
+"""The web process's bridge: one NATS consumer -> the rates snapshot and the local hub.
 
 Started by the ASGI lifespan where the server has one (uvicorn; see `config/asgi.py`), and on
 first use otherwise (daphne's runserver has no lifespan): `await bridge.ensure_started()`.
@@ -8,6 +8,13 @@ Kurs (this process or another instance: the fetcher, a worker, another replica) 
 a Kurs event. A message without it came from outside Kurs: on `<prefix>.>` or `items.updates`
 it is logged and relayed to sockets as `nats.inbound`. Payloads that are not JSON, or are over
 64 KiB, are logged and dropped.
+
+Where the server has JetStream, the events under `<prefix>` are read through one ordered consumer
+of the stream (see `realtime.nats.NatsConnection.consume`), so each comes with its stream
+sequence: the bridge adds it to the frame as `seq`, drops a sequence it already handled (a
+consumer re-made after a reconnection may repeat a few), and remembers the last one (`last_seq`,
+the position a snapshot reflects). `replay()` reads the stream after a client's `since` for its
+resume.
 
 The same handling serves the fallback bus: when a producer cannot reach NATS it sends the event
 to a channel-layer group that every bridge joins (or, with the in-memory layer, hands it to this
@@ -20,7 +27,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -28,15 +36,16 @@ from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
 from nats.aio.msg import Msg
 
-from config.jsonenc import dumps
 from rates.snapshot import snapshot
 from realtime import metrics
-from realtime.events import utc_now_iso
-from realtime.hub import hub
+from realtime.frames import gap_frame, inbound_frame, snapshot_frame, with_seq
+from realtime.hub import RateFacts, hub
 from realtime.nats import (
     FALLBACK_MESSAGE_TYPE,
     ORIGIN_HEADER,
     SEED_SUBJECT,
+    StreamCursor,
+    StreamUnavailable,
     connection,
     control_prefix,
     fallback_group,
@@ -51,15 +60,49 @@ GROUP_REFRESH_S = 3600.0
 FALLBACK_ORIGIN = "fallback"
 
 
-def inbound_frame(subject: str, payload: Any) -> str:
-    return dumps(
-        {
-            "type": "nats.inbound",
-            "data": {"subject": subject, "payload": payload},
-            "ts": utc_now_iso(),
-            "id": str(uuid.uuid4()),
-        }
-    )
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One message as the hub sees it: its frame, its pair (rate events) and its sequence."""
+
+    frame: str
+    kind: str
+    data: dict[str, Any] | None
+    pair: str | None = None
+    seq: int | None = None
+    rate: RateFacts | None = None
+
+
+class Dropped(ValueError):
+    """A message Kurs does not relay (too big, not JSON, a Kurs message that is no envelope)."""
+
+
+def decode(subject: str, origin: str | None, payload: bytes, seq: int | None) -> Event:
+    """A NATS message as an Event, without side effects; Dropped says why it is not one."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise Dropped(f"payload of {len(payload)} bytes is over 64 KiB")
+    try:
+        text = payload.decode("utf-8")
+        message = json.loads(text, parse_float=Decimal)
+    except (UnicodeDecodeError, ValueError):
+        raise Dropped("payload is not JSON") from None
+    if origin is None:
+        return Event(inbound_frame(subject, message, seq), "nats.inbound", None, seq=seq)
+    if not (
+        isinstance(message, dict)
+        and isinstance(message.get("type"), str)
+        and isinstance(message.get("data"), dict)
+    ):
+        raise Dropped("a Kurs message that is not an event envelope")
+    event_type, data = message["type"], message["data"]
+    frame = with_seq(text, message, seq)
+    if event_type == "rate.updated":
+        pair = data.get("direction")
+        if not isinstance(pair, str):
+            raise Dropped("malformed rate.updated data: no direction")
+        # `status` is absent from producers older than SPEC 7's field list: None then.
+        facts = (data.get("value"), data.get("provider"), data.get("status"))
+        return Event(frame, event_type, data, pair=pair, seq=seq, rate=facts)
+    return Event(frame, event_type, data, seq=seq)
 
 
 def origin_of(headers: dict[str, str] | None) -> str | None:
@@ -79,6 +122,9 @@ class Bridge:
         self._start_task: asyncio.Task[None] | None = None
         self._sub_ids: list[int] = []
         self._listener: asyncio.Task[None] | None = None
+        # The last stream sequence handed to the hub (the loop's) and received (NATS thread's).
+        self.last_seq: int | None = None
+        self._received: int | None = None
 
     @property
     def running(self) -> bool:
@@ -99,11 +145,16 @@ class Bridge:
     async def _start(self) -> None:
         prefix = settings.KURS_NATS_PREFIX
         connection.set_local_fallback(self.deliver_threadsafe)
-        futures = []
-        for subject in (f"{prefix}.>", SEED_SUBJECT):
-            sub_id, future = connection.subscribe(subject, self._on_nats_message)
-            self._sub_ids.append(sub_id)
-            futures.append(asyncio.wrap_future(future))
+        # The seeds' subject is outside the stream: a plain subscription, its frames have no seq.
+        sub_id, future = connection.subscribe(SEED_SUBJECT, self._on_nats_message)
+        self._sub_ids.append(sub_id)
+        consumed = connection.consume(
+            f"{prefix}.>",
+            self._on_stream_message,
+            position=lambda: self._received,
+            on_start=self._on_stream_start,
+        )
+        futures = [asyncio.wrap_future(future), asyncio.wrap_future(consumed)]
         try:
             await asyncio.wait_for(asyncio.gather(*futures), SUBSCRIBE_TIMEOUT_S)
         except Exception as exc:
@@ -131,6 +182,9 @@ class Bridge:
         for sub_id in self._sub_ids:
             connection.unsubscribe(sub_id)
         self._sub_ids.clear()
+        connection.stop_consuming()
+        self.last_seq = None
+        self._received = None
         connection.set_local_fallback(None)
         for task in (self._listener, self._start_task):
             if task is not None and not task.done():
@@ -175,54 +229,123 @@ class Bridge:
         # Runs in the NATS thread; the snapshot and the hub belong to the web server's loop.
         self._call_in_loop(msg.subject, origin_of(msg.headers), msg.data)
 
+    async def _on_stream_message(self, msg: Msg, seq: int | None) -> None:
+        # In the NATS thread, in stream order: a re-made consumer may repeat what came before.
+        if seq is not None:
+            if self._received is not None and seq <= self._received:
+                return
+            self._received = seq
+        self._call_in_loop(msg.subject, origin_of(msg.headers), msg.data, seq)
+
+    def _on_stream_start(self, seq: int) -> None:
+        """The consumer starts after `seq`, the stream's end: the position a snapshot reflects
+        from now on (set, not advanced: a stream made anew starts its numbers again)."""
+        self._received = seq
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(setattr, self, "last_seq", seq)
+
+    def _advance(self, seq: int) -> None:
+        if self.last_seq is None or seq > self.last_seq:
+            self.last_seq = seq
+
     def deliver_threadsafe(self, subject: str, payload: bytes) -> None:
         """The in-memory fallback: an event this process could not send over NATS."""
         self._call_in_loop(subject, FALLBACK_ORIGIN, payload)
 
-    def _call_in_loop(self, subject: str, origin: str | None, payload: bytes) -> None:
+    def _call_in_loop(
+        self, subject: str, origin: str | None, payload: bytes, seq: int | None = None
+    ) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
         # RuntimeError: the loop closed between the check and the call (the process is stopping).
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(self.handle, subject, origin, payload)
+            loop.call_soon_threadsafe(self.handle, subject, origin, payload, seq)
 
-    def handle(self, subject: str, origin: str | None, payload: bytes) -> None:
+    def handle(
+        self, subject: str, origin: str | None, payload: bytes, seq: int | None = None
+    ) -> None:
+        if seq is not None:
+            self._advance(seq)
         if subject.startswith(control_prefix(settings.KURS_NATS_PREFIX)):
             return  # a request to the owner (POST /tasks/run), answered by the fetcher
-        if len(payload) > MAX_PAYLOAD_BYTES:
-            self._drop(subject, f"payload of {len(payload)} bytes is over 64 KiB")
-            return
         try:
-            text = payload.decode("utf-8")
-            message = json.loads(text, parse_float=Decimal)
-        except (UnicodeDecodeError, ValueError):
-            self._drop(subject, "payload is not JSON")
+            event = decode(subject, origin, payload, seq)
+        except Dropped as exc:
+            self._drop(subject, str(exc))
             return
-        if origin is None:
+        if event.kind == "nats.inbound":
             logger.info("bridge: inbound message on %s (%d bytes)", subject, len(payload))
             metrics.NATS_INBOUND.labels(outcome="relayed").inc()
-            hub.publish(inbound_frame(subject, message))
+            hub.publish(event.frame, seq)
             return
-        if not (
-            isinstance(message, dict)
-            and isinstance(message.get("type"), str)
-            and isinstance(message.get("data"), dict)
-        ):
-            self._drop(subject, "a Kurs message that is not an event envelope")
-            return
-        event_type, data = message["type"], message["data"]
-        if event_type == "rate.updated":
+        assert event.data is not None
+        if event.pair is not None:
             try:
-                course = snapshot.apply_rate(data)
+                course = snapshot.apply_rate(event.data)
             except ValueError as exc:
                 self._drop(subject, str(exc))
                 return
-            hub.publish_rate(course.direction, text)
+            hub.publish_rate(course.direction, event.frame, seq, event.rate)
             return
-        if event_type.startswith("item."):
-            snapshot.apply_item(event_type, data)
-        hub.publish(text)
+        if event.kind.startswith("item."):
+            snapshot.apply_item(event.kind, event.data)
+        hub.publish(event.frame, seq)
+
+    async def replay(
+        self, since: int, pairs: Callable[[], set[str] | None]
+    ) -> AsyncIterator[tuple[str | None, int | None]]:
+        """A resuming socket's prelude (see `realtime.hub`): the subscription's events after
+        `since`, read from the stream, then a marker of how far that read covered.
+
+        `pairs()` is the socket's subscription now (None: all). A `since` older than the stream
+        holds (or newer than it: the stream was reset) yields a `gap` and a fresh snapshot; so
+        does a stream that cannot be read now, with `first_available` null.
+        """
+        cursor = StreamCursor(since)
+        try:
+            try:
+                await cursor.open()
+            except StreamUnavailable as exc:
+                logger.info("bridge: cannot replay after %d: %s", since, exc)
+                for item in self._gap(since, None, pairs()):
+                    yield item
+                return
+            if since + 1 < cursor.first_seq or since > cursor.last_seq:
+                for item in self._gap(since, cursor.first_seq, pairs()):
+                    yield item
+                return
+            while not cursor.done:
+                try:
+                    batch = await cursor.batch()
+                except StreamUnavailable as exc:
+                    logger.warning("bridge: replay after %d broke off: %s", since, exc)
+                    for item in self._gap(since, None, pairs()):
+                        yield item
+                    return
+                wanted = pairs()
+                for stored in batch:
+                    try:
+                        event = decode(
+                            stored.subject, origin_of(stored.headers), stored.data, stored.seq
+                        )
+                    except Dropped:
+                        continue
+                    if event.pair is None or wanted is None or event.pair in wanted:
+                        yield event.frame, stored.seq
+            # Everything up to the stream's end at open() was read: held live frames up to
+            # there are duplicates.
+            yield None, cursor.last_seq
+        finally:
+            await cursor.close()
+
+    def _gap(
+        self, since: int, first_available: int | None, pairs: set[str] | None
+    ) -> list[tuple[str | None, int | None]]:
+        seq = self.last_seq
+        return [(gap_frame(since, first_available), None), (snapshot_frame(pairs, seq), seq)]
 
     def _drop(self, subject: str, why: str) -> None:
         metrics.NATS_INBOUND.labels(outcome="dropped").inc()

@@ -2,6 +2,10 @@
 
 Every frame to the client, replies included, goes through this socket's queue in the hub, so the
 order is kept and only one task ever writes to the socket.
+
+`?since=<seq>` resumes: instead of a snapshot, the socket's queue first replays the stream after
+that sequence (`bridge.replay`), then continues live. `?min_interval_ms=` and `?min_change=`
+set the socket's delivery policy (also in a `subscribe` action).
 """
 
 from __future__ import annotations
@@ -19,37 +23,18 @@ from rates.snapshot import snapshot
 from realtime import metrics
 from realtime.bridge import bridge
 from realtime.events import utc_now_iso
-from realtime.hub import SocketQueue, hub
+from realtime.frames import error_frame, snapshot_frame
+from realtime.hub import DeliveryPolicy, SocketQueue, hub
+from realtime.options import BadOption, delivery_policy, pairs_from_values, parse_since
 
 MAX_CLIENT_MESSAGE_BYTES = 4 * 1024
 MAX_PAIRS_PER_MESSAGE = 100
 PONG = dumps({"type": "pong"})
 
 
-def error_frame(detail: str) -> str:
-    return dumps({"type": "error", "detail": detail})
-
-
-def snapshot_frame(pairs: set[str] | None) -> str:
-    return dumps(
-        {
-            "type": "snapshot",
-            "data": {
-                "courses": snapshot.courses(pairs),
-                "pairs": None if pairs is None else sorted(pairs),
-            },
-            "ts": utc_now_iso(),
-        }
-    )
-
-
-def pairs_from_query(query_string: bytes) -> list[str] | None:
-    """`?pairs=BTC-USD,eth-rub` (or repeated) -> ["BTC-USD", "ETH-RUB"]; None when absent."""
-    values = parse_qs(query_string.decode("latin-1")).get("pairs")
-    if not values:
-        return None
-    pairs = [p.strip().upper() for value in values for p in value.split(",") if p.strip()]
-    return pairs or None
+def last_value(query: dict[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    return values[-1] if values else None
 
 
 def unknown_pairs_detail(unknown: list[str]) -> str:
@@ -66,18 +51,43 @@ class ItemsConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         await bridge.ensure_started()
         await bridge.ensure_snapshot()
-        requested = pairs_from_query(self.scope.get("query_string", b""))
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        requested = pairs_from_values(query.get("pairs"))
         active = snapshot.active_pairs()
         unknown = [] if requested is None else [p for p in requested if p not in active]
         pairs = None if requested is None else {p for p in requested if p in active}
+        # A bad option is reported and ignored, like an unknown pair: the socket still opens.
+        errors = []
+        try:
+            since = parse_since(last_value(query, "since"))
+        except BadOption as exc:
+            since, errors = None, [str(exc)]
+        policy: DeliveryPolicy | None = None
+        try:
+            policy = delivery_policy(
+                last_value(query, "min_interval_ms"), last_value(query, "min_change")
+            )
+        except BadOption as exc:
+            errors.append(str(exc))
         await self.accept()
-        # No await from here to hub.add(): no event can slip in before the snapshot.
-        self.queue = SocketQueue(self._send_text, self._close_slow, pairs=pairs)
-        self.queue.put(snapshot_frame(pairs))
+        # No await from here to hub.add(): no event can slip in before the snapshot (or, on a
+        # resume, before the queue starts holding live frames for after the replay).
+        queue = SocketQueue(
+            self._send_text,
+            self._close_slow,
+            pairs=pairs,
+            policy=policy,
+            prelude=None if since is None else bridge.replay(since, lambda: queue.pairs),
+        )
+        self.queue = queue
+        if since is None:
+            queue.put(snapshot_frame(pairs, bridge.last_seq))
         if unknown:
-            self.queue.put(error_frame(unknown_pairs_detail(unknown)))
-        hub.add(self.queue)
-        self.queue.start()
+            queue.put(error_frame(unknown_pairs_detail(unknown)))
+        for detail in errors:
+            queue.put(error_frame(detail))
+        hub.add(queue)
+        queue.start()
         metrics.WS_CONNECTIONS.inc()
         self._schedule_heartbeat()
 
@@ -115,11 +125,25 @@ class ItemsConsumer(AsyncWebsocketConsumer):
         if action == "ping":
             return [PONG]
         if action in ("subscribe", "unsubscribe"):
-            return self._change_subscription(action, message.get("pairs"))
+            return self._change_subscription(action, message)
         return [error_frame(f"unknown action {action!r}: use subscribe, unsubscribe or ping")]
 
-    def _change_subscription(self, action: str, raw_pairs: Any) -> list[str]:
+    def _change_subscription(self, action: str, message: dict[str, Any]) -> list[str]:
         assert self.queue is not None
+        raw_pairs = message.get("pairs")
+        options = action == "subscribe" and (
+            "min_interval_ms" in message or "min_change" in message
+        )
+        frames = []
+        if options:
+            try:
+                policy = delivery_policy(message.get("min_interval_ms"), message.get("min_change"))
+            except BadOption as exc:
+                return [error_frame(str(exc))]
+            self.queue.set_policy(policy)
+            if raw_pairs is None:
+                # Options alone: the subscription's pairs stay; its snapshot acknowledges.
+                return [snapshot_frame(self.queue.pairs, bridge.last_seq)]
         if (
             not isinstance(raw_pairs, list)
             or not raw_pairs
@@ -131,7 +155,8 @@ class ItemsConsumer(AsyncWebsocketConsumer):
         asked = {p.strip().upper() for p in raw_pairs}
         unknown = sorted(asked - active)
         known = asked & active
-        frames = [error_frame(unknown_pairs_detail(unknown))] if unknown else []
+        if unknown:
+            frames.append(error_frame(unknown_pairs_detail(unknown)))
         if not known:
             return frames
         current = self.queue.pairs
@@ -141,7 +166,7 @@ class ItemsConsumer(AsyncWebsocketConsumer):
             new = (set(active) if current is None else current) - known
         hub.set_pairs(self.queue, new)
         # The new subscription's snapshot acknowledges the change and fills in added pairs.
-        frames.append(snapshot_frame(new))
+        frames.append(snapshot_frame(new, bridge.last_seq))
         return frames
 
     async def _send_text(self, frame: str) -> None:

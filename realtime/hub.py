@@ -4,9 +4,17 @@ The bridge hands every event to the hub once, as the JSON text frame already ser
 puts that same string into the bounded queue of each socket it concerns (rate events by pair,
 everything else to all) and returns at once: it never awaits a socket. Each socket has its own
 sender task. While a socket's rate updates wait unsent, a newer one for the same pair replaces
-the older in place (the latest wins). A socket that stays behind (its queue full, or one send
-blocked longer than `send_timeout`) is closed with 1013, so one slow client never delays the
-others.
+the older (the latest wins); it takes its own place at the end of the queue, so frames still
+leave in stream order and a client's last `seq` is a safe place to resume from. A socket that
+stays behind (its queue full, or one send blocked longer than `send_timeout`) is closed with
+1013, so one slow client never delays the others.
+
+Two things a socket may add, each costing nothing to sockets without it:
+- a *prelude* (a resume: `?since=`): frames read from the stream and sent before anything live;
+  meanwhile the hub's frames are held, then released minus those the prelude already covered
+  (by `seq`), so the hand-over from replay to live has no duplicate and no gap;
+- a *delivery policy* (`min_interval_ms`, `min_change`) applied to its rate updates here, at
+  fan-out, where the pending latest update per pair already lives.
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from decimal import Decimal
+from typing import Any
 
 from realtime import metrics
 
@@ -26,8 +36,61 @@ CLOSE_TRY_AGAIN_LATER = 1013
 QUEUE_LIMIT = 256
 SEND_TIMEOUT_S = 5.0
 
+# Frames held while a prelude replays, before the socket is judged too far behind.
+HELD_LIMIT_FACTOR = 16
+
 SendText = Callable[[str], Awaitable[None]]
 Close = Callable[[int], Awaitable[None]]
+# (frame or None for a position marker, the stream sequence it covers or None)
+Prelude = AsyncIterator[tuple[str | None, int | None]]
+# What a delivery policy looks at in a rate update: (value, provider, status).
+RateFacts = tuple[Any, Any, Any]
+
+
+class DeliveryPolicy:
+    """One subscription's `min_interval_ms` / `min_change` (SPEC 8) and its per-pair state.
+
+    A rate update passes at once when it is the pair's first, or its provider or status differs
+    from the last one delivered. Otherwise, with `min_change`, it is dropped unless the value
+    moved by at least that fraction since the last delivered one or a heartbeat is due
+    (`heartbeat_s` since the last delivery: the client still learns the pair is alive); and,
+    with `min_interval`, one arriving sooner than the interval after the last delivery waits
+    as the pair's pending update (a newer one replaces it) and goes when the interval ends.
+    """
+
+    __slots__ = ("heartbeat_s", "last", "min_change", "min_interval_s", "pending", "timers")
+
+    def __init__(self, *, min_interval_s: float, min_change: Decimal, heartbeat_s: float) -> None:
+        self.min_interval_s = min_interval_s
+        self.min_change = min_change
+        self.heartbeat_s = heartbeat_s
+        # pair -> (value, provider, status, loop time delivered)
+        self.last: dict[str, tuple[Any, Any, Any, float]] = {}
+        self.pending: dict[str, tuple[str, RateFacts]] = {}
+        self.timers: dict[str, asyncio.TimerHandle] = {}
+
+    @property
+    def active(self) -> bool:
+        return self.min_interval_s > 0 or self.min_change > 0
+
+    def moved_enough(self, value: Any, last_value: Any) -> bool:
+        if not isinstance(value, Decimal | int) or not isinstance(last_value, Decimal | int):
+            return True  # a payload without a usable value is not ours to hold back
+        if last_value == 0:
+            return value != 0
+        return abs(value - last_value) >= self.min_change * abs(last_value)
+
+    def drop_pending(self, pair: str) -> None:
+        self.pending.pop(pair, None)
+        timer = self.timers.pop(pair, None)
+        if timer is not None:
+            timer.cancel()
+
+    def cancel(self) -> None:
+        for timer in self.timers.values():
+            timer.cancel()
+        self.timers.clear()
+        self.pending.clear()
 
 
 class SocketQueue:
@@ -41,6 +104,8 @@ class SocketQueue:
         pairs: set[str] | None,
         queue_limit: int | None = None,
         send_timeout: float | None = None,
+        prelude: Prelude | None = None,
+        policy: DeliveryPolicy | None = None,
     ) -> None:
         self._send = send
         self._close = close
@@ -48,9 +113,12 @@ class SocketQueue:
         # Read at creation, not at import: tests and benchmarks tune the module values.
         self._queue_limit = QUEUE_LIMIT if queue_limit is None else queue_limit
         self._send_timeout = SEND_TIMEOUT_S if send_timeout is None else send_timeout
-        # Entries are either a frame (str) or a pair whose latest frame waits in _rates.
-        self._queue: deque[str | tuple[str]] = deque()
-        self._rates: dict[str, str] = {}
+        # Entries are either a frame (str) or (pair, token): the pair's latest frame waits in
+        # _rates with its token; an entry whose token is no longer there was superseded.
+        self._queue: deque[str | tuple[str, int]] = deque()
+        self._rates: dict[str, tuple[str, int]] = {}
+        self._token = 0
+        self._stale = 0  # superseded entries still in the queue
         self._ready = asyncio.Event()
         self._sending_since: float | None = None
         self._loop = asyncio.get_running_loop()
@@ -59,11 +127,24 @@ class SocketQueue:
         self.coalesced = 0
         self.sent = 0
         self.kicked = False
+        self._prelude = prelude
+        # While the prelude runs, the hub's frames wait here: (frame, pair, seq, rate facts).
+        self._held: list[tuple[str, str | None, int | None, RateFacts | None]] | None = (
+            [] if prelude is not None else None
+        )
+        self.policy = policy if policy is not None and policy.active else None
 
     def start(self) -> None:
         self._task = self._loop.create_task(self._drain())
 
+    def set_policy(self, policy: DeliveryPolicy | None) -> None:
+        if self.policy is not None:
+            self.policy.cancel()
+        self.policy = policy if policy is not None and policy.active else None
+
     async def stop(self) -> None:
+        if self.policy is not None:
+            self.policy.cancel()
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -72,40 +153,124 @@ class SocketQueue:
     def stuck(self, now: float) -> bool:
         return self._sending_since is not None and now - self._sending_since > self._send_timeout
 
-    def put(self, frame: str, pair: str | None = None) -> bool:
-        """Queue a frame without waiting; False when the socket is behind and was closed."""
+    def put(
+        self,
+        frame: str,
+        pair: str | None = None,
+        seq: int | None = None,
+        rate: RateFacts | None = None,
+    ) -> bool:
+        """Queue a frame without waiting; False when the socket is behind and was closed.
+
+        `pair` marks a rate update (coalesced per pair), `seq` its stream sequence (to match a
+        resume's replay), `rate` the facts a delivery policy judges it by.
+        """
         if self.kicked:
             return False
+        if self._held is not None:
+            if len(self._held) >= self._queue_limit * HELD_LIMIT_FACTOR:
+                self.kick("too many live events while replaying")
+                return False
+            self._held.append((frame, pair, seq, rate))
+            return True
+        if pair is not None and self.policy is not None and rate is not None:
+            return self._put_by_policy(frame, pair, rate)
+        return self._put_now(frame, pair)
+
+    def _put_by_policy(self, frame: str, pair: str, rate: RateFacts) -> bool:
+        policy = self.policy
+        assert policy is not None
+        now = self._loop.time()
+        value, provider, status = rate
+        last = policy.last.get(pair)
+        if last is not None and provider == last[1] and status == last[2]:
+            if (
+                policy.min_change > 0
+                and now - last[3] < policy.heartbeat_s
+                and not policy.moved_enough(value, last[0])
+            ):
+                # The client's value is within the fraction of the truth: nothing to report,
+                # and an older pending update is no longer the latest either.
+                policy.drop_pending(pair)
+                return True
+            if policy.min_interval_s > 0 and now - last[3] < policy.min_interval_s:
+                policy.pending[pair] = (frame, rate)
+                if pair not in policy.timers:
+                    policy.timers[pair] = self._loop.call_at(
+                        last[3] + policy.min_interval_s, self._release, pair
+                    )
+                return True
+        policy.drop_pending(pair)
+        policy.last[pair] = (value, provider, status, now)
+        return self._put_now(frame, pair)
+
+    def _release(self, pair: str) -> None:
+        """A pair's interval ended: its pending update (the latest) goes now."""
+        policy = self.policy
+        if policy is None or self.kicked:
+            return
+        policy.timers.pop(pair, None)
+        pending = policy.pending.pop(pair, None)
+        if pending is None:
+            return
+        frame, (value, provider, status) = pending
+        policy.last[pair] = (value, provider, status, self._loop.time())
+        self._put_now(frame, pair)
+
+    def _put_now(self, frame: str, pair: str | None, *, bounded: bool = True) -> bool:
         if self.stuck(self._loop.time()):
             self.kick(f"a send blocked for more than {self._send_timeout:.1f}s")
             return False
         if pair is not None:
+            self._token += 1
             if pair in self._rates:
-                self._rates[pair] = frame
+                self._rates[pair] = (frame, self._token)
+                self._queue.append((pair, self._token))
+                self._stale += 1
                 self.coalesced += 1
                 metrics.WS_COALESCED.inc()
+                if self._stale > self._queue_limit * 4:
+                    self._compact()
+                self._ready.set()
                 return True
-            if len(self._queue) >= self._queue_limit:
+            if bounded and len(self._queue) - self._stale >= self._queue_limit:
                 self.kick("queue full")
                 return False
-            self._rates[pair] = frame
-            self._queue.append((pair,))
+            self._rates[pair] = (frame, self._token)
+            self._queue.append((pair, self._token))
         else:
-            if len(self._queue) >= self._queue_limit:
+            if bounded and len(self._queue) - self._stale >= self._queue_limit:
                 self.kick("queue full")
                 return False
             self._queue.append(frame)
         self._ready.set()
         return True
 
+    def _compact(self) -> None:
+        """Drop superseded entries (a client stuck in one send while one pair streams)."""
+        rates = self._rates
+        self._queue = deque(
+            e for e in self._queue if isinstance(e, str) or rates.get(e[0], ("", 0))[1] == e[1]
+        )
+        self._stale = 0
+
     async def _drain(self) -> None:
-        queue, rates = self._queue, self._rates
+        if self._prelude is not None and not await self._run_prelude(self._prelude):
+            return
+        rates = self._rates
         while True:
             await self._ready.wait()
             self._ready.clear()
-            while queue:
-                entry = queue.popleft()
-                frame = rates.pop(entry[0]) if isinstance(entry, tuple) else entry
+            while self._queue:
+                entry = self._queue.popleft()
+                if isinstance(entry, str):
+                    frame = entry
+                else:
+                    latest = rates.get(entry[0])
+                    if latest is None or latest[1] != entry[1]:
+                        self._stale -= 1
+                        continue
+                    frame = rates.pop(entry[0])[0]
                 self._sending_since = self._loop.time()
                 try:
                     await self._send(frame)
@@ -116,6 +281,44 @@ class SocketQueue:
                     return
                 self._sending_since = None
                 self.sent += 1
+
+    async def _run_prelude(self, prelude: Prelude) -> bool:
+        """Send the replayed frames, then release the held live ones it did not cover."""
+        covered: int | None = None
+        try:
+            async for frame, seq in prelude:
+                if seq is not None and (covered is None or seq > covered):
+                    covered = seq
+                if frame is None:
+                    continue
+                self._sending_since = self._loop.time()
+                await self._send(frame)
+                self._sending_since = None
+                self.sent += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.debug("ws: send failed during replay, socket gone: %r", exc)
+            self.kicked = True
+            return False
+        finally:
+            self._prelude = None
+            aclose = getattr(prelude, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+        held, self._held = self._held or [], None
+        # No await from here on: the hand-over is atomic with respect to the hub.
+        for frame, pair, seq, rate in held:
+            if seq is not None and covered is not None and seq <= covered:
+                continue  # the replay already sent it (or it predates the replay's snapshot)
+            if pair is not None and self.policy is not None and rate is not None:
+                self._put_by_policy(frame, pair, rate)
+            else:
+                # Each held frame goes as it came: they were held for the hand-over, not because
+                # the client fell behind, so none coalesces; they were bounded while held.
+                self._put_now(frame, None, bounded=False)
+        return not self.kicked
 
     def kick(self, why: str) -> None:
         """Close with 1013: this socket fell behind."""
@@ -175,18 +378,20 @@ class Hub:
         if socket in self._all:
             self._index(socket)
 
-    def publish(self, frame: str) -> int:
+    def publish(self, frame: str, seq: int | None = None) -> int:
         """An event for every socket (item, provider, fetch, inbound)."""
         for socket in list(self._all):
-            if not socket.put(frame):
+            if not socket.put(frame, None, seq):
                 self.remove(socket)
         return len(self._all)
 
-    def publish_rate(self, pair: str, frame: str) -> int:
+    def publish_rate(
+        self, pair: str, frame: str, seq: int | None = None, rate: RateFacts | None = None
+    ) -> int:
         """A rate event: to the sockets subscribed to `pair` and those subscribed to all."""
         targets = self._wildcard.union(self._by_pair.get(pair, ()))
         for socket in targets:
-            if not socket.put(frame, pair):
+            if not socket.put(frame, pair, seq, rate):
                 self.remove(socket)
         return len(targets)
 

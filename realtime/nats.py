@@ -9,6 +9,14 @@ When the connection is down, the outbox goes to the fallback bus instead: a chan
 that every web process's bridge listens on (channels-redis), or, with the in-memory layer (one
 process, no Redis), straight to this process's bridge. Events published during an outage are not
 replayed on NATS later: the database keeps the truth, NATS is a live feed (at most once).
+
+Where the server has JetStream, every event (the families of `event_subjects`) is also stored in
+the stream (a plain publish on a stream's subject is captured by it), and the web process's bridge
+reads them through one ordered consumer instead of a plain subscription (`consume`), so that each
+event arrives with its stream sequence, the `seq` of SPEC 7; the rest of `<prefix>.>` (foreign
+messages) still comes by a plain subscription, unnumbered. On every (re)connection the consumer is
+made anew from the sequence after the last one the bridge saw: a NATS restart loses nothing the
+stream kept. `StreamCursor` reads the stream from a sequence for a client that resumes.
 """
 
 from __future__ import annotations
@@ -22,8 +30,9 @@ import random
 import re
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 from channels.layers import InMemoryChannelLayer, channel_layers
@@ -32,7 +41,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from config.jsonenc import dumps
@@ -60,7 +69,39 @@ SHUTDOWN_TIMEOUT_S = 5.0
 # in-memory fallback would reach no one.
 FIRST_CONNECT_GRACE_S = 2.0
 
+# The ordered consumer's idle heartbeat: nats-py re-creates it after two missed ones.
+CONSUMER_HEARTBEAT_S = 2.0
+# A replay reads the stream in batches of this many messages.
+REPLAY_BATCH = 256
+REPLAY_FETCH_TIMEOUT_S = 2.0
+# An abandoned replay consumer (its reader gone with the process) disappears after this.
+REPLAY_INACTIVE_S = 30.0
+
 MessageCallback = Callable[[Msg], Awaitable[None]]
+# A message of the consumed subject and its stream sequence (None: plain subscription).
+StreamCallback = Callable[[Msg, "int | None"], Awaitable[None]]
+
+
+class StreamUnavailable(Exception):
+    """The stream cannot be read now (not connected, or the server has no JetStream)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    seq: int
+    subject: str
+    headers: dict[str, str] | None
+    data: bytes
+
+
+@dataclass
+class _Consumer:
+    """What `consume` registered: the subject, the callback and where to start from."""
+
+    subject: str
+    callback: StreamCallback
+    position: Callable[[], int | None]
+    on_start: Callable[[int], None]
 
 
 def fallback_group() -> str:
@@ -93,6 +134,18 @@ def _reconnect_delay(attempts: int) -> float:
     return ceiling * random.uniform(0.5, 1.0)
 
 
+async def _end_subscription(sub: Any) -> None:
+    """Unsubscribe, and stop an ordered consumer's heartbeat and flow-control tasks even when
+    the connection is gone (nats-py cancels them only after a successful unsubscribe)."""
+    with contextlib.suppress(Exception):
+        await sub.unsubscribe()
+    jsi = getattr(getattr(sub, "_sub", None), "_jsi", None)
+    for name in ("_hbtask", "_fctask"):
+        task = getattr(jsi, name, None)
+        if task is not None:
+            task.cancel()
+
+
 class NatsConnection:
     """One managed connection: reconnects forever, logs its callbacks, drains on shutdown."""
 
@@ -118,6 +171,9 @@ class NatsConnection:
         self._last_logged_error: str | None = None
         self._counts = {"nats": 0, "fallback": 0, "dropped": 0, "errors": 0}
         self._sub_lock: asyncio.Lock | None = None
+        self._consumer: _Consumer | None = None
+        self._consumer_subs: list[Any] = []
+        self._consumer_ordered = False
         # Set while connected with every registered subscription applied.
         self.connected = threading.Event()
         self.disconnected = threading.Event()
@@ -182,6 +238,8 @@ class NatsConnection:
             self._thread = None
             self._client = None
             self._live_subs.clear()
+            self._consumer_subs = []
+            self._consumer_ordered = False
             self.connected.clear()
             self._state = "closed"
         atexit.unregister(self.shutdown)
@@ -194,6 +252,9 @@ class NatsConnection:
         self._client = None
         self._live_subs.clear()
         self._subscriptions.clear()
+        self._consumer = None
+        self._consumer_subs = []
+        self._consumer_ordered = False
         self._outbox.clear()
         self._wakeup_pending = False
         self.connected = threading.Event()
@@ -206,6 +267,10 @@ class NatsConnection:
         self._state = "closing"
         for task in self._tasks:
             task.cancel()
+        consumer_subs, self._consumer_subs = self._consumer_subs, []
+        self._consumer_ordered = False
+        for sub in consumer_subs:
+            await _end_subscription(sub)
         client = self._client
         if client is not None and client.is_connected:
             try:
@@ -257,10 +322,13 @@ class NatsConnection:
             "nats: connected to %s as %s", url.netloc if url else "?", client.options["name"]
         )
         await self._apply_subscriptions()
+        # The stream and the bridge's consumer before `connected`: whoever waits for it (a
+        # test, a command) may publish at once and expect the consumer to see it.
+        await self._ensure_stream()
+        await self._apply_consumer()
         self.disconnected.clear()
         self.connected.set()
         self._first_attempt.set()
-        await self._ensure_stream()
         self._kick_pump()
 
     def _pick_server(self, servers: list[Any], info: dict[str, Any]) -> tuple[Any, float]:
@@ -283,13 +351,17 @@ class NatsConnection:
 
     async def _on_reconnected(self) -> None:
         self._state = "connected"
+        # Health shows the error that is keeping NATS away, not one that is over.
+        self._last_error = None
         self._last_logged_error = None
-        self.disconnected.clear()
-        self.connected.set()
         client = self._client
         url = client.connected_url if client else None
         logger.info("nats: reconnected to %s", url.netloc if url else "?")
         await self._ensure_stream()
+        # Re-made from the last sequence the bridge handled: a restarted server lost the old one.
+        await self._apply_consumer()
+        self.disconnected.clear()
+        self.connected.set()
         self._kick_pump()
 
     async def _on_closed(self) -> None:
@@ -375,6 +447,110 @@ class NatsConnection:
                 await sub.unsubscribe()
             except Exception as exc:
                 logger.debug("nats: unsubscribe failed: %s", exc)
+
+    def consume(
+        self,
+        subject: str,
+        callback: StreamCallback,
+        *,
+        position: Callable[[], int | None],
+        on_start: Callable[[int], None],
+    ) -> Future[None]:
+        """Read `subject` (under the prefix) in stream order, with sequences, from now on.
+
+        Through an ordered JetStream consumer where the stream exists, else a plain subscription
+        (sequence None); re-made on every reconnection, from `position() + 1` (the last sequence
+        the caller handled) or, the first time or when the stream was made anew, from the end of
+        the stream (`on_start` is told that sequence). Only one consumer per connection: the
+        web process's bridge.
+        """
+        self.start()
+        self._consumer = _Consumer(subject, callback, position, on_start)
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(self._apply_consumer(), self._loop)
+
+    def stop_consuming(self) -> None:
+        self._consumer = None
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self._apply_consumer(), self._loop)
+
+    async def _apply_consumer(self) -> None:
+        client = self._client
+        if self._sub_lock is None:
+            return
+        async with self._sub_lock:
+            old, self._consumer_subs = self._consumer_subs, []
+            self._consumer_ordered = False
+            for sub in old:
+                # The server may have lost it (a restart); its inbox subscription is ours to end.
+                await _end_subscription(sub)
+            consumer = self._consumer
+            if consumer is None or client is None or not client.is_connected:
+                return
+            callback = consumer.callback
+            stored: list[str] = []
+            if self._jetstream:
+                stored = event_subjects(self._prefix)
+                try:
+                    await self._subscribe_ordered(client, consumer, stored)
+                except Exception as exc:
+                    self._note_error(f"ordered consumer on {consumer.subject}: {exc}")
+                    stored = []
+            # The rest of the subject (everything without JetStream; with it, what the stream
+            # does not keep: foreign messages) by a plain subscription, without sequences.
+            prefixes = tuple(pattern.removesuffix(">") for pattern in stored)
+
+            async def plain(msg: Msg) -> None:
+                if prefixes and msg.subject.startswith(prefixes):
+                    return  # the ordered consumer delivers it, numbered
+                await callback(msg, None)
+
+            self._consumer_subs.append(await client.subscribe(consumer.subject, cb=plain))
+            await client.flush(timeout=CONNECT_TIMEOUT_S)
+
+    async def _subscribe_ordered(
+        self, client: Client, consumer: _Consumer, subjects: list[str]
+    ) -> None:
+        js = client.jetstream(timeout=2.0)
+        name = stream_name(self._prefix)
+        start = consumer.position()
+        last = (await js.stream_info(name)).state.last_seq
+        if start is None or start > last:
+            # First start, or the stream was deleted and made again (its sequences restart):
+            # from its end, and the caller forgets positions of the old stream.
+            start = last
+            consumer.on_start(start)
+        callback = consumer.callback
+
+        async def ordered(msg: Msg) -> None:
+            await callback(msg, msg.metadata.sequence.stream)
+
+        self._consumer_subs.append(
+            await js.subscribe(
+                consumer.subject,
+                stream=name,
+                cb=ordered,
+                ordered_consumer=True,
+                idle_heartbeat=CONSUMER_HEARTBEAT_S,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                config=ConsumerConfig(opt_start_seq=start + 1, filter_subjects=subjects),
+            )
+        )
+        self._consumer_ordered = True
+        logger.info("nats: ordered consumer on %s from sequence %d", name, start + 1)
+
+    @property
+    def consuming_stream(self) -> bool:
+        """True while the consumer reads the stream (frames then carry `seq`)."""
+        return self._consumer_ordered
+
+    async def on_loop(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run `coro` on the connection's loop and wait for it from the caller's loop."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            coro.close()
+            raise StreamUnavailable("NATS connection not started")
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
 
     def set_local_fallback(self, deliver: Callable[[str, bytes], None] | None) -> None:
         """Where fallback events go with the in-memory channel layer (this process's bridge)."""
@@ -476,6 +652,103 @@ class NatsConnection:
     def is_connected(self) -> bool:
         client = self._client
         return client is not None and client.is_connected
+
+
+class StreamCursor:
+    """Reads the stream's messages after `since`, up to its last one at `open()`, in order.
+
+    For a client that resumes: an ephemeral pull consumer (no acks, memory only) that exists for
+    the length of the read. Its methods are awaited from any loop; the work runs on the NATS one.
+    """
+
+    def __init__(self, since: int) -> None:
+        self.since = since
+        self.first_seq = 0
+        self.last_seq = 0
+        self.done = False
+        self._sub: Any = None
+        self._js: Any = None
+        self._name = ""
+
+    async def open(self) -> None:
+        """Read the stream's bounds; StreamUnavailable when it cannot be read now."""
+        await connection.on_loop(self._open())
+
+    async def batch(self) -> list[StoredMessage]:
+        if self.done:
+            return []
+        return list(await connection.on_loop(self._batch()))
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await connection.on_loop(self._close())
+
+    async def _open(self) -> None:
+        client = connection._client
+        if client is None or not client.is_connected or not connection._jetstream:
+            raise StreamUnavailable("no JetStream stream to replay from")
+        self._name = stream_name(connection._prefix)
+        self._js = client.jetstream(timeout=2.0)
+        try:
+            state = (await self._js.stream_info(self._name)).state
+        except Exception as exc:
+            raise StreamUnavailable(f"stream {self._name}: {exc}") from exc
+        self.first_seq, self.last_seq = state.first_seq, state.last_seq
+        if self.since >= self.last_seq:
+            self.done = True
+            return
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(self.since + 1, self.first_seq),
+            ack_policy=AckPolicy.NONE,
+            filter_subjects=event_subjects(connection._prefix),
+            inactive_threshold=REPLAY_INACTIVE_S,
+            mem_storage=True,
+            num_replicas=1,
+        )
+        try:
+            self._sub = await self._js.pull_subscribe(
+                f"{connection._prefix}.>", stream=self._name, config=config
+            )
+        except Exception as exc:
+            raise StreamUnavailable(f"replay consumer: {exc}") from exc
+
+    async def _batch(self) -> list[StoredMessage]:
+        try:
+            msgs = await self._sub.fetch(REPLAY_BATCH, timeout=REPLAY_FETCH_TIMEOUT_S)
+        except (NatsTimeoutError, TimeoutError):
+            # Nothing came: fine only if nothing is left (messages removed since `open`).
+            info = await self._sub.consumer_info()
+            if info.num_pending == 0:
+                self.done = True
+                return []
+            raise StreamUnavailable("replay stalled") from None
+        except Exception as exc:
+            raise StreamUnavailable(f"replay: {exc}") from exc
+        stored = []
+        for msg in msgs:
+            meta = msg.metadata
+            seq = meta.sequence.stream
+            if seq > self.last_seq:
+                self.done = True  # past the end fixed at open(): live delivery has those
+                break
+            stored.append(StoredMessage(seq, msg.subject, msg.headers, msg.data))
+            if seq == self.last_seq or meta.num_pending == 0:
+                self.done = True
+                break
+        if not msgs:
+            self.done = True
+        return stored
+
+    async def _close(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is None:
+            return
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await self._js.delete_consumer(self._name, sub._consumer)
 
 
 connection = NatsConnection()

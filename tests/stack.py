@@ -182,6 +182,7 @@ class Watchers:
         self.latest: dict[str, tuple[str, str] | None] = {"rest": None, "ws": None, "nats": None}
         self.waiting: list[Sighting] = []
         self.events: list[dict[str, Any]] = []
+        self.arrivals: list[float] = []  # time.monotonic() of each NATS event
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = {name: asyncio.Event() for name in self.latest}
 
@@ -227,6 +228,7 @@ class Watchers:
             while True:
                 msg = await queue.get()
                 data = json.loads(msg.data)["data"]
+                self.arrivals.append(time.monotonic())
                 self.events.append(data)
                 self._saw("nats", data["provider"], data["status"])
         finally:

@@ -38,6 +38,8 @@ def test_good_defaults_start() -> None:
         ("KURS_MAX_JUMP", "nan"),
         ("KURS_HISTORY_DAYS", "1.5"),
         ("KURS_WS_HEARTBEAT", "inf"),
+        ("KURS_WS_ALLOWED_ORIGINS", "app.example.com"),
+        ("KURS_WS_ALLOWED_ORIGINS", "https://app.example.com/path"),
         ("KURS_BINANCE_REST_URL", "ftp://example.org"),
         ("KURS_BINANCE_WS_URL", "http://127.0.0.1:8900/binance"),
         ("KURS_CBR_REST_URL", "not a url"),
@@ -98,6 +100,18 @@ def test_urls_keep_their_path_prefix_without_a_trailing_slash(
 def test_aliases_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KURS_ALIASES", "usdttrc:usdt, wbtc:btc")
     assert env.aliases("KURS_ALIASES", "") == {"USDTTRC": "USDT", "WBTC": "BTC"}
+
+
+def test_allowed_origins_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KURS_ORIGINS", "https://App.Example.com, http://localhost:3000/, *")
+    assert env.origins("KURS_ORIGINS") == [
+        "https://app.example.com",
+        "http://localhost:3000",
+        "*",
+    ]
+    monkeypatch.setenv("KURS_ORIGINS", "ws://app.example.com")
+    with pytest.raises(ConfigError, match=r"^KURS_ORIGINS: expected origins like"):
+        env.origins("KURS_ORIGINS")
 
 
 def test_nats_url_accepts_a_cluster_list(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -372,3 +372,25 @@ def test_control_characters_in_a_name_are_a_422_not_a_500(
     patched = patch(client, f"/api/v1/items/{item.id}", {"name": name}, **auth)
     assert "name" in assert_error(patched, 422)["detail"]
     assert not Item.objects.filter(code="SOL-USD").exists()
+
+
+@pytest.mark.parametrize("header", ["Basic kurs_secretvalue", "Token kurs_secretvalue"])
+def test_a_key_sent_with_another_scheme_is_refused_and_never_logged(
+    client: Client, settings: Any, caplog: pytest.LogCaptureFixture, header: str
+) -> None:
+    settings.DEBUG = True
+    response = post(
+        client, "/api/v1/items", {"base": "SOL", "quote": "USD"}, HTTP_AUTHORIZATION=header
+    )
+    assert_error(response, 401)
+    assert "kurs_secretvalue" not in caplog.text
+
+
+def test_a_bearer_key_is_accepted(client: Client, api_key: str) -> None:
+    response = post(
+        client,
+        "/api/v1/items",
+        {"base": "SOL", "quote": "USD"},
+        HTTP_AUTHORIZATION=f"Bearer {api_key}",
+    )
+    assert response.status_code == 201

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import httpx
+from django.conf import settings
 
 from rates.providers.base import (
     Pair,
@@ -50,8 +51,6 @@ __all__ = [
 
 def build_providers(names: Iterable[str], *, client: httpx.AsyncClient) -> list[Provider]:
     """Providers named in ``names`` (priority order kept), configured from Django settings."""
-    from django.conf import settings
-
     providers: list[Provider] = []
     for name in names:
         cls = PROVIDER_CLASSES.get(name)

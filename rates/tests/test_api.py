@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from items import services as item_services
 from items.models import Item
+from rates import selectors
 from rates.emulator import EmulatorServer
 from rates.models import CurrentRate, Rate
 from rates.tests.support import point_settings_at
@@ -263,3 +264,18 @@ def test_a_malformed_provider_filter_is_a_422(client: Client, btc: Item, provide
     response = client.get(f"/api/v1/items/{btc.id}/rates?provider={provider}")
     assert response.status_code == 422
     assert "provider" in response.json()["detail"]
+
+
+def test_the_history_count_stops_at_its_cap(
+    client: Client, btc: Item, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(selectors, "COUNT_CAP", 3)
+    now = timezone.now()
+    Rate.objects.bulk_create(
+        Rate(item=btc, provider="binance", value=Decimal(n), source_time=now, received_at=now)
+        for n in range(1, 6)
+    )
+    body = client.get(f"/api/v1/items/{btc.id}/rates?limit=2").json()
+    assert (len(body["items"]), body["count"]) == (2, 3)
+    monkeypatch.setattr(selectors, "COUNT_CAP", 10)
+    assert client.get(f"/api/v1/items/{btc.id}/rates?limit=2").json()["count"] == 5

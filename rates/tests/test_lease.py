@@ -99,3 +99,11 @@ def test_concurrent_contenders_never_both_win() -> None:
         winners_per_round.append(_race(round_number))
         expire("race")
     assert winners_per_round == [1] * 20, connection.vendor
+
+
+def test_two_leases_of_one_process_are_two_holders() -> None:
+    """Forked workers share KURS_INSTANCE: each Lease is still a holder of its own."""
+    first, second = Lease(), Lease()
+    assert first.holder != second.holder
+    assert first.try_acquire()
+    assert not second.try_acquire()

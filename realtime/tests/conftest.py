@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -84,18 +85,21 @@ async def machine_nats(settings: LazySettings, prefix: str) -> AsyncIterator[str
 
 @dataclass
 class NatsServer:
-    """A nats-server this test starts, stops and restarts itself (plain, no JetStream)."""
+    """A nats-server this test starts, stops and restarts itself (plain, or with JetStream
+    keeping its stream in `store_dir` across restarts)."""
 
     port: int
     process: subprocess.Popen[bytes] | None = None
+    store_dir: Path | None = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        jetstream = [] if self.store_dir is None else ["-js", "-sd", str(self.store_dir)]
         self.process = subprocess.Popen(
-            [str(NATS_SERVER_BIN), "-a", "127.0.0.1", "-p", str(self.port)],
+            [str(NATS_SERVER_BIN), "-a", "127.0.0.1", "-p", str(self.port), *jetstream],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -119,6 +123,43 @@ def own_nats(settings: LazySettings) -> Iterator[NatsServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def own_jetstream(settings: LazySettings, tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server with JetStream on a free port, its store in this test's directory."""
+    if not NATS_SERVER_BIN.exists():
+        pytest.fail(f"{NATS_SERVER_BIN} is missing: install requirements.txt (nats-server-bin)")
+    server = NatsServer(port=free_port(), store_dir=tmp_path / "jetstream")
+    server.start()
+    settings.NATS_SERVERS = [server.url]
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def asgi_server() -> AsyncIterator[int]:
+    """uvicorn serving Kurs in this process (lifespan on), on a free port: its number."""
+    import uvicorn
+
+    from config.asgi import application
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    config = uvicorn.Config(
+        application, lifespan="on", log_level="warning", timeout_graceful_shutdown=5
+    )
+    instance = uvicorn.Server(config)
+    task = asyncio.create_task(instance.serve(sockets=[listener]))
+    async with asyncio.timeout(10):
+        while not instance.started:  # noqa: ASYNC110 - uvicorn offers no start-up event
+            await asyncio.sleep(0.01)
+    yield listener.getsockname()[1]
+    instance.should_exit = True
+    await task
 
 
 async def connect(path: str = "/ws/items") -> WebsocketCommunicator:

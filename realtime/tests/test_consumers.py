@@ -258,3 +258,70 @@ async def test_the_bridge_starts_once_per_loop(pairs: None) -> None:
     assert bridge.running
     await first.disconnect()
     await second.disconnect()
+
+
+def marker(name: str) -> None:
+    events.publish("provider.state", {"name": name, "state": "closed", "reason": ""})
+
+
+async def next_kind(ws: object, name: str) -> tuple[str, object]:
+    """The next rate value or marker name, ticks skipped: what the client actually got."""
+    while True:
+        message = await receive(ws)  # type: ignore[arg-type]
+        if message["type"] == "rate.updated":
+            return ("rate", message["data"]["value"])
+        if message["type"] == "provider.state":
+            return ("marker", message["data"]["name"])
+
+
+async def test_a_subscribe_action_sets_min_change_with_exact_counts(pairs: None) -> None:
+    ws = await connect("/ws/items?pairs=ETH-USD")
+    await receive(ws)
+    await ws.send_to(
+        text_data=json.dumps({"action": "subscribe", "pairs": ["BTC-USD"], "min_change": 0.01})
+    )
+    ack = await receive_until(ws, "snapshot")
+    assert ack["data"]["pairs"] == ["BTC-USD", "ETH-USD"]
+    # Each step is followed by a marker, so an update the policy let through would show before it.
+    steps: list[tuple[str, str, str | None]] = [
+        ("100", "binance", "first"),  # a pair's first update passes
+        ("100.5", "binance", None),  # 0.5 %: held back
+        ("99.3", "binance", None),  # 0.7 %: held back
+        ("101", "binance", "moved"),  # 1 % from the last delivered
+        ("101", "coingecko", "provider"),  # the serving provider changed: passes
+    ]
+    got = []
+    for n, (value, provider, _) in enumerate(steps):
+        events.publish("rate.updated", rate_event("BTC-USD", value, provider))
+        marker(f"m{n}")
+        while (item := await next_kind(ws, f"m{n}")) != ("marker", f"m{n}"):
+            got.append(item)
+    assert got == [("rate", 100), ("rate", 101), ("rate", 101)]
+    await ws.disconnect()
+
+
+async def test_options_in_the_query_string_and_bad_ones_answered(pairs: None) -> None:
+    ws = await connect("/ws/items?pairs=BTC-USD&min_interval_ms=60000")
+    await receive(ws)
+    events.publish("rate.updated", rate_event("BTC-USD", "1"))
+    assert await next_kind(ws, "") == ("rate", 1)
+    events.publish("rate.updated", rate_event("BTC-USD", "2"))  # inside the minute: pending
+    marker("after")
+    assert await next_kind(ws, "") == ("marker", "after")
+    await ws.disconnect()
+    bad = await connect("/ws/items?min_change=lots&min_interval_ms=-5")
+    assert (await receive(bad))["type"] == "snapshot"
+    assert await receive(bad) == {
+        "type": "error",
+        "detail": "min_interval_ms: expected 0 to 3600000",
+    }
+    await bad.send_to(text_data=json.dumps({"action": "subscribe", "min_change": 7}))
+    assert await receive(bad) == {
+        "type": "error",
+        "detail": "min_change: expected a fraction from 0 to 1",
+    }
+    # Options alone keep the pairs; the snapshot acknowledges.
+    await bad.send_to(text_data=json.dumps({"action": "subscribe", "min_interval_ms": 10}))
+    ack = await receive_until(bad, "snapshot")
+    assert ack["data"]["pairs"] is None
+    await bad.disconnect()

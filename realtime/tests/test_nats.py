@@ -207,9 +207,11 @@ async def test_it_survives_a_nats_restart_mid_stream(own_nats: NatsServer, prefi
     assert (await publish_and_receive("2"))["data"]["value"] == 2
     assert realtime_nats.status()["fallback"] >= 1
 
+    assert realtime_nats.status()["last_error"]
     await asyncio.to_thread(own_nats.start)
     assert await connected(15)
     assert realtime_nats.status()["status"] == "ok"
+    assert realtime_nats.status()["last_error"] is None  # the outage is over
     assert (await publish_and_receive("3"))["data"]["value"] == 3
     assert realtime_nats.status()["published"] > published_over_nats
     await ws.send_to(text_data="ping")

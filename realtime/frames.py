@@ -1,0 +1,72 @@
+"""The frames Kurs pushes that are not events from the bus: snapshot, gap, error, inbound.
+
+One home for their shapes, shared by the WebSocket consumer, the SSE stream and the bridge's
+replay. `with_seq` adds the JetStream stream sequence (SPEC 7) to an envelope already serialised.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from config.jsonenc import dumps
+from rates.snapshot import snapshot
+from realtime.events import utc_now_iso
+
+
+def error_frame(detail: str) -> str:
+    return dumps({"type": "error", "detail": detail})
+
+
+def snapshot_frame(pairs: Iterable[str] | None, seq: int | None) -> str:
+    """The latest course of each pair; `seq` is the last event it reflects (None: no stream)."""
+    pairs = None if pairs is None else sorted(pairs)
+    frame: dict[str, Any] = {
+        "type": "snapshot",
+        "data": {"courses": snapshot.courses(pairs), "pairs": pairs},
+        "ts": utc_now_iso(),
+    }
+    if seq is not None:
+        frame["seq"] = seq
+    return dumps(frame)
+
+
+def gap_frame(since: int, first_available: int | None) -> str:
+    """The events after `since` are gone (or, with None, cannot be read now): a snapshot follows."""
+    return dumps(
+        {
+            "type": "gap",
+            "data": {"since": since, "first_available": first_available},
+            "ts": utc_now_iso(),
+            "id": str(uuid.uuid4()),
+        }
+    )
+
+
+def inbound_frame(subject: str, payload: Any, seq: int | None = None) -> str:
+    frame: dict[str, Any] = {
+        "type": "nats.inbound",
+        "data": {"subject": subject, "payload": payload},
+        "ts": utc_now_iso(),
+        "id": str(uuid.uuid4()),
+    }
+    if seq is not None:
+        frame["seq"] = seq
+    return dumps(frame)
+
+
+def with_seq(text: str, message: dict[str, Any], seq: int | None) -> str:
+    """The envelope `text` (parsed as `message`) with `"seq": seq` as its last member.
+
+    The published text is reused as is: appending before its closing brace costs a string copy,
+    not a parse and a dump. A publisher that already sent a `seq` gets it replaced.
+    """
+    if seq is None:
+        return text
+    if "seq" in message:
+        return dumps({**message, "seq": seq})
+    body = text.rstrip()
+    if body.endswith("{}"):  # pragma: no cover - an envelope always has type and data
+        return dumps({**message, "seq": seq})
+    return f'{body[:-1]},"seq":{seq}}}'

@@ -1,0 +1,224 @@
+"""`GET /api/v1/stream`: the events of `/ws/items` as Server-Sent Events (SPEC 8).
+
+A django-ninja operation (so it is in the OpenAPI document, throttled and its errors are JSON
+like every other read endpoint) that answers a `StreamingHttpResponse` over an async generator.
+Under ASGI Django sends each chunk as it is yielded, and when the client goes away it cancels the
+generator, whose `finally` takes the subscription out of the hub: nothing leaks. The choice over
+a raw ASGI app mounted in `config/asgi.py`: one route table, one error shape, one throttle.
+
+Each client is a `SocketQueue` of the hub like a WebSocket, with the same pairs, options,
+coalescing and slow-client rule; its frames become events `id: <seq>`, `event: <type>`,
+`data: <envelope>`. A `: keep-alive` comment goes every `KURS_WS_HEARTBEAT` seconds, so proxies
+keep the connection and a client notices a dead one. `Last-Event-ID` (what `EventSource` sends
+when it reconnects) or `?since=` resumes from the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from functools import lru_cache
+from typing import Any
+
+from django.conf import settings
+from django.http import HttpRequest, StreamingHttpResponse
+from ninja import Query, Router, Schema
+from ninja.errors import HttpError
+from pydantic import ConfigDict, Field, field_validator
+
+from config.security import read_throttle
+from rates.snapshot import snapshot
+from realtime.bridge import bridge
+from realtime.frames import snapshot_frame
+from realtime.hub import DeliveryPolicy, SocketQueue, hub
+from realtime.options import BadOption, delivery_policy, pairs_from_values, parse_since
+from realtime.origin import origin_allowed
+
+router = Router(tags=["stream"])
+
+# Frames waiting between the hub's sender task and the response body.
+BUFFER = 64
+# EventSource waits this long before it reconnects (with Last-Event-ID) after a drop.
+RETRY_MS = 1000
+_END = ""
+
+DESCRIPTION = """\
+Server-Sent Events (`text/event-stream`): the same events and options as the WebSocket
+`/ws/items`. Each event is `id: <seq>` (the JetStream stream sequence, when the server has
+JetStream), `event: <type>` and `data: <envelope>` (the JSON envelope, `seq` included). The first
+event is the `snapshot` of the subscribed pairs; then every event of the subscription, live; a
+`: keep-alive` comment every `KURS_WS_HEARTBEAT` seconds.
+
+Resume: send `Last-Event-ID: <seq>` (browsers' `EventSource` does this by itself on reconnect)
+or `?since=<seq>`: the events after that sequence are replayed from the stream, in order, then
+the stream continues live. When the stream no longer holds them, a `gap` event
+(`{"since", "first_available"}`) and a fresh `snapshot` come first.
+
+Follow it with `curl -N 'http://127.0.0.1:8000/api/v1/stream?pairs=BTC-USD'`.
+"""
+
+
+class StreamQuery(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+    pairs: str | None = Field(
+        None, description="comma-separated pair codes; all active pairs when absent"
+    )
+    since: int | None = Field(None, ge=0, description="resume after this stream sequence")
+    min_interval_ms: int | None = Field(
+        None, ge=0, le=3_600_000, description="at most one rate update per pair per N ms"
+    )
+    min_change: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="a rate update only when the value moved by this fraction (or status, "
+        "provider changed, or a heartbeat is due)",
+    )
+
+    @field_validator("pairs", "since", "min_interval_ms", "min_change", mode="before")
+    @classmethod
+    def _empty_is_absent(cls, value: Any) -> Any:
+        # SPEC 5: `?since=&pairs=` mean absent.
+        return None if value == "" else value
+
+
+@lru_cache(maxsize=4096)
+def sse_event(frame: str) -> bytes:
+    """One frame as an SSE event. Cached: the hub gives every client the same string object."""
+    message = json.loads(frame)
+    head = ""
+    seq = message.get("seq")
+    if isinstance(seq, int):
+        head = f"id: {seq}\n"
+    kind = message.get("type") if isinstance(message.get("type"), str) else "message"
+    # A line break would end the data field early: each line gets its own `data:`.
+    data = frame.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\ndata: ")
+    return f"{head}event: {kind}\ndata: {data}\n\n".encode()
+
+
+class _Client:
+    """The hub's view of one SSE response: frames go into a small buffer the body reads."""
+
+    def __init__(self) -> None:
+        self.buffer: asyncio.Queue[str] = asyncio.Queue(BUFFER)
+
+    async def send(self, frame: str) -> None:
+        await self.buffer.put(frame)
+
+    async def close(self, code: int) -> None:
+        # Kicked as too slow: drop what waits and end the body; the client resumes by seq.
+        while not self.buffer.empty():
+            self.buffer.get_nowait()
+        self.buffer.put_nowait(_END)
+
+
+async def _body(
+    pairs: set[str] | None,
+    since: int | None,
+    policy: DeliveryPolicy | None,
+) -> AsyncIterator[bytes]:
+    client = _Client()
+    queue = SocketQueue(
+        client.send,
+        client.close,
+        pairs=pairs,
+        policy=policy,
+        prelude=None if since is None else bridge.replay(since, lambda: queue.pairs),
+    )
+    # As for a WebSocket: no await between the snapshot and hub.add(), so nothing slips by.
+    if since is None:
+        queue.put(snapshot_frame(pairs, bridge.last_seq))
+    hub.add(queue)
+    queue.start()
+    loop = asyncio.get_running_loop()
+    heartbeat = settings.KURS_WS_HEARTBEAT
+    next_beat = loop.time() + heartbeat
+    try:
+        yield f"retry: {RETRY_MS}\n\n".encode()
+        while True:
+            wait = next_beat - loop.time()
+            if wait <= 0:
+                next_beat += heartbeat
+                yield b": keep-alive\n\n"
+                continue
+            try:
+                frame = await asyncio.wait_for(client.buffer.get(), wait)
+            except TimeoutError:
+                continue
+            if frame == _END:
+                return
+            yield sse_event(frame)
+    finally:
+        # The client went away (Django cancels the body) or was too slow: free the subscription.
+        hub.remove(queue)
+        with contextlib.suppress(Exception):
+            await queue.stop()
+
+
+@router.get(
+    "",
+    summary="Live events as Server-Sent Events (text/event-stream)",
+    description=DESCRIPTION,
+    throttle=read_throttle,
+    openapi_extra={
+        "parameters": [
+            {
+                "in": "header",
+                "name": "Last-Event-ID",
+                "required": False,
+                "schema": {"type": "integer", "minimum": 0},
+                "description": "resume after this stream sequence (wins over `since`)",
+            }
+        ],
+        "responses": {
+            "200": {
+                "description": "an endless event stream",
+                "content": {
+                    "text/event-stream": {
+                        "schema": {"type": "string"},
+                        "example": 'id: 42\nevent: rate.updated\ndata: {"type":"rate.updated",'
+                        '"data":{"direction":"BTC-USD","value":54000.1},"seq":42}\n\n',
+                    }
+                },
+            },
+            "403": {"description": "a browser Origin that is not allowed"},
+            "422": {"description": "an unknown pair or a bad option"},
+        },
+    },
+)
+async def stream(request: HttpRequest, query: Query[StreamQuery]) -> StreamingHttpResponse:
+    origin = request.headers.get("Origin")
+    if not origin_allowed(origin):
+        raise HttpError(403, f"origin {origin!r} is not allowed")
+    try:
+        since = parse_since(request.headers.get("Last-Event-ID") or query.since)
+    except BadOption:
+        raise HttpError(
+            422, "Last-Event-ID: expected a stream sequence (a whole number >= 0)"
+        ) from None
+    try:
+        policy = delivery_policy(query.min_interval_ms, query.min_change)
+    except BadOption as exc:
+        raise HttpError(422, str(exc)) from None
+    await bridge.ensure_started()
+    await bridge.ensure_snapshot()
+    requested = pairs_from_values([query.pairs] if query.pairs else None)
+    pairs = None
+    if requested is not None:
+        unknown = sorted(set(requested) - snapshot.active_pairs())
+        if unknown:
+            raise HttpError(422, f"pairs: unknown pair(s): {', '.join(unknown)}")
+        pairs = set(requested)
+    response = StreamingHttpResponse(
+        _body(pairs, since, policy), content_type="text/event-stream; charset=utf-8"
+    )
+    response["Cache-Control"] = "no-cache"
+    # nginx (and similar proxies) pass each event on at once instead of buffering the body.
+    response["X-Accel-Buffering"] = "no"
+    if origin is not None:
+        response["Access-Control-Allow-Origin"] = origin
+        response["Vary"] = "Origin"
+    return response
