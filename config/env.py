@@ -55,30 +55,25 @@ def positive_float(name: str, default: float) -> float:
     return number
 
 
-def positive_int(name: str, default: int) -> int:
+def _whole_number(name: str, default: int, *, minimum: int, expected: str) -> int:
     value = raw(name)
     if value is None or value == "":
         return default
     try:
         number = int(value)
     except ValueError:
-        raise ConfigError(f"{name}: expected a positive whole number, got {value!r}") from None
-    if number <= 0:
-        raise ConfigError(f"{name}: expected a positive whole number, got {value!r}")
+        raise ConfigError(f"{name}: expected {expected}, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{name}: expected {expected}, got {value!r}")
     return number
+
+
+def positive_int(name: str, default: int) -> int:
+    return _whole_number(name, default, minimum=1, expected="a positive whole number")
 
 
 def non_negative_int(name: str, default: int) -> int:
-    value = raw(name)
-    if value is None or value == "":
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise ConfigError(f"{name}: expected a whole number >= 0, got {value!r}") from None
-    if number < 0:
-        raise ConfigError(f"{name}: expected a whole number >= 0, got {value!r}")
-    return number
+    return _whole_number(name, default, minimum=0, expected="a whole number >= 0")
 
 
 def csv(name: str, default: str) -> list[str]:
