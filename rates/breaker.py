@@ -67,6 +67,9 @@ class CircuitBreaker:
             self._move(HALF_OPEN, "back-off elapsed, probing")
         return self._state != OPEN
 
+    def reset_backoff(self) -> None:
+        self._backoff = self.base_backoff
+
     def record_success(self) -> None:
         self.failures = 0
         self._backoff = self.base_backoff

@@ -123,6 +123,13 @@ class ProviderMonitor:
             self._update_down()
         self.save()
 
+    def probe_every(self, seconds: float) -> None:
+        """Keep an open circuit's back-off under one poll, so a recovered provider serves again
+        at the next poll (SPEC 5); a rate limit still holds it open for its Retry-After."""
+        self.breaker.base_backoff = min(self.breaker.base_backoff, seconds)
+        self.breaker.max_backoff = min(self.breaker.max_backoff, seconds)
+        self.breaker.reset_backoff()
+
     def rate_limited(self, exc: ProviderRateLimited) -> None:
         """A 429/418 on a stream handshake: the same breaker as REST honours its Retry-After."""
         self.failed(str(exc), kind="rate_limited", retry_after=exc.retry_after)
@@ -247,6 +254,9 @@ class Fetcher:
         self._polled_ok: dict[str, float] = {}  # provider -> monotonic time of its last good round
         self._cycle_lock = asyncio.Lock()
         self._pairs: list[Pair] = []
+        for provider in self.providers:
+            # A little under the period, so that the next cycle's probe is never just too early.
+            monitor_for(provider.name).probe_every(self.poll_interval * 0.9)
         self._requested: asyncio.Future[CycleReport] | None = None
         self._last_requested: tuple[float, CycleReport] | None = None
 

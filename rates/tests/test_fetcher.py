@@ -159,8 +159,31 @@ async def test_it_fails_over_to_bybit_within_two_polls_when_binance_misbehaves(
     assert reports[0].ok
     # Recovery: binance takes the pair back once it answers properly.
     emulator.set_fault("binance", "ok")
-    monitor_for("binance").breaker.open_until = 0.0  # skip the back-off, not the probe
+    if mode == "rate_limited":
+        monitor_for("binance").breaker.open_until = 0.0  # skip the Retry-After, not the probe
+    await asyncio.sleep(POLL)  # the next poll
     await watcher.cycle()
+    assert serving(published_events, "BTC-USD") == "binance"
+
+
+async def test_after_a_long_outage_a_recovered_provider_serves_again_at_the_next_poll(
+    emulator: EmulatorServer, client: httpx.AsyncClient, published_events: Events, settings: Any
+) -> None:
+    settings.KURS_PROVIDERS = ["binance", "bybit"]
+    await track("BTC-USD")
+    watcher = Fetcher(providers(emulator, client, "binance", "bybit"), poll_interval=POLL)
+    await watcher.cycle()
+    emulator.set_fault("binance", "down")
+    for _ in range(6):  # the circuit opens after three failures and stays open
+        await watcher.cycle()
+        await asyncio.sleep(POLL)
+    assert monitor_for("binance").breaker.state in ("open", "half_open")
+    assert serving(published_events, "BTC-USD") == "bybit"
+    emulator.set_fault("binance", "ok")
+    await asyncio.sleep(POLL)
+    report = await watcher.cycle()
+    assert report.providers["binance"] == "ok"
+    assert monitor_for("binance").breaker.state == "closed"
     assert serving(published_events, "BTC-USD") == "binance"
 
 
