@@ -13,13 +13,14 @@ EMULATOR_PORT ?= 8900
 EMULATOR := http://127.0.0.1:$(EMULATOR_PORT)
 EMULATOR_WS := ws://127.0.0.1:$(EMULATOR_PORT)
 
-.PHONY: help install migrate run demo test test-sqlite test-postgres lint format bench bench-tools browser
+.PHONY: help install migrate run demo test test-sqlite test-postgres lint format bench bench-tools browser loadtest
 
 help:
 	@echo "make run     start Kurs on embedded defaults (web :8000, qcluster, fetcher, NATS)"
 	@echo "make demo    the same, with providers pointed at the local exchange emulator"
 	@echo "make test    install and run the whole suite (SQLite, then PostgreSQL)"
 	@echo "make bench   run the benchmarks in bench/"
+	@echo "make loadtest  locust against a running \`make run\` (LOADTEST_USERS, LOADTEST_SECONDS): docs/loadtest/"
 	@echo "make lint    ruff check, ruff format --check and the import-linter contracts"
 
 $(STAMP): requirements.txt requirements-dev.txt
@@ -92,3 +93,10 @@ bench-tools:
 
 bench: install bench-tools
 	@set -e; for script in bench/bench_*.py; do echo "== $$script =="; $(BIN)/python $$script; done
+
+# bench/locustfile.py, headless, against the `make run` already serving on KURS_HOST:KURS_PORT;
+# CSVs, HTML, charts and summary.md go to docs/loadtest/ (bench/loadtest.py).
+LOADTEST_USERS ?= 200
+LOADTEST_SECONDS ?= 60
+loadtest: install
+	$(BIN)/python bench/loadtest.py --users $(LOADTEST_USERS) --seconds $(LOADTEST_SECONDS)
