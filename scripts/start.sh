@@ -9,6 +9,10 @@ port=${KURS_PORT:-8000}
 processes="web qcluster fetcher $*"
 
 mkdir -p var/nats
+# `make demo`: the fetcher's first cycle waits for the emulator to listen (scripts/wait_for.py).
+if [[ " $* " == *" emulator "* ]]; then
+  export KURS_WAIT_FOR="127.0.0.1:${KURS_EMULATOR_PORT:-8900}"
+fi
 # One /metrics for all processes: each writes its own files here, the web process sums them.
 export PROMETHEUS_MULTIPROC_DIR="${PROMETHEUS_MULTIPROC_DIR:-$PWD/var/prometheus}"
 rm -rf "$PROMETHEUS_MULTIPROC_DIR" && mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
