@@ -371,7 +371,11 @@ class Provider(ABC):
             while True:
                 timeout = None if deadline is None else deadline - loop.time()
                 if timeout is not None and timeout <= 0:
-                    logger.info("%s: connection lifetime reached, reconnecting", self.name)
+                    logger.info(
+                        "%s: connection lifetime reached, reconnecting",
+                        self.name,
+                        extra={"provider": self.name},
+                    )
                     return
                 try:
                     async with asyncio.timeout(timeout):
