@@ -186,7 +186,7 @@ class TickerState:
                 logger.warning(
                     "bybit: subscription rejected: %s",
                     message.get("ret_msg"),
-                    extra={"provider": self.name},
+                    extra={"provider": "bybit"},
                 )
             return []  # subscribe acks and pongs
         topic, data = message.get("topic"), message.get("data")
