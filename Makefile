@@ -58,7 +58,7 @@ superuser: migrate
 
 apikey: migrate
 	@if [ -z "$(NAME)" ]; then echo "usage: make apikey NAME=my-script" >&2; exit 2; fi
-	$(BIN)/python manage.py create_api_key "$(NAME)"
+	@$(BIN)/python manage.py create_api_key "$(NAME)"
 
 # Debian's Chromium drives the dashboard test; playwright's own browser download cannot work here.
 browser:

@@ -26,7 +26,7 @@ fi
 echo "Dashboard:  http://$host:$port/"
 echo "API docs:   http://$host:$port/api/v1/docs"
 echo "Health:     http://$host:$port/api/v1/health"
-echo "Admin:      http://$host:$port/admin/   (create a user: .venv/bin/python manage.py createsuperuser)"
+echo "Admin:      http://$host:$port/admin/   (create a user: make superuser)"
 echo "WebSocket:  ws://$host:$port/ws/items"
 echo "Starting:   $processes   (Ctrl-C stops all)"
 # shellcheck disable=SC2086 # the process names are words

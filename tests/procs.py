@@ -6,24 +6,31 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 from tests.services import ROOT
 
-VENV_BIN = Path(os.environ.get("VIRTUAL_ENV") or ROOT / ".venv") / "bin"
+# The virtualenv running the tests (sys.prefix, not resolved: .venv/bin/python is a symlink).
+VENV = Path(sys.prefix)
+VENV_BIN = VENV / "bin"
 
 
-def plain_env(**overrides: str) -> dict[str, str]:
-    """The environment of a plain shell: none of the test run's DJANGO_*/KURS_* settings."""
+def plain_env(*, venv_on_path: bool = True, **overrides: str) -> dict[str, str]:
+    """The environment of a plain shell: none of the test run's DJANGO_*/KURS_* settings.
+
+    `venv_on_path` puts `.venv/bin` first on PATH, as `make run` does for its processes.
+    """
     env = {
         key: value
         for key, value in os.environ.items()
         if not key.startswith(("DJANGO_", "KURS_", "PYTEST_", "PROMETHEUS_"))
         and key not in ("DATABASE_URL", "REDIS_URL", "NATS_URL", "VIRTUAL_ENV")
     }
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    if venv_on_path:
+        env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(overrides)
     return env
 
