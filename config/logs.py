@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from contextvars import ContextVar
+from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter as _JsonFormatter
 
@@ -37,6 +38,13 @@ class ConsoleFormatter(logging.Formatter):
 class JsonFormatter(_JsonFormatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return iso_utc(record.created)
+
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
+        super().add_fields(log_data, record, message_dict)
+        # uvicorn adds the message again with ANSI colour codes: noise in a JSON line.
+        log_data.pop("color_message", None)
 
 
 class RequestIdFilter(logging.Filter):

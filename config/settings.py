@@ -239,6 +239,8 @@ LOGGING = {
         "django.server": {"handlers": [], "propagate": False},
         "django.channels.server": {"filters": ["no_server_access"]},
         "uvicorn.access": {"handlers": [], "propagate": False},
+        # uvicorn's other lines (start-up, WebSocket, errors) in our format, JSON included.
+        "uvicorn": {"handlers": [], "level": KURS_LOG_LEVEL, "propagate": True},
         "daphne": {"level": "WARNING"},
         "nats": {"level": "WARNING"},
         "httpx": {"level": "WARNING"},

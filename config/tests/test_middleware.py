@@ -125,7 +125,9 @@ def test_json_logs_carry_an_iso_8601_utc_ts_and_extra_fields() -> None:
     record = logging.LogRecord("rates.fetcher", logging.WARNING, __file__, 1, "down", None, None)
     record.created = datetime(2026, 11, 30, 18, 24, 36, 657000, tzinfo=UTC).timestamp()
     record.provider = "binance"
+    record.color_message = "\x1b[36mdown\x1b[0m"  # what uvicorn adds to its records
     line = json.loads(formatter.format(record))
     assert line["ts"] == "2026-11-30T18:24:36.657Z"
     assert line["level"] == "WARNING"
     assert line["provider"] == "binance"
+    assert "color_message" not in line
