@@ -23,7 +23,7 @@ help:
 	@echo "make superuser         create an admin user for /admin/ (asks for a password)"
 	@echo "make apikey NAME=...   create an API key for the write endpoints (printed once)"
 	@echo "make bench   run the benchmarks in bench/"
-	@echo "make lint    ruff check and ruff format --check"
+	@echo "make lint    ruff check, ruff format --check and the import-linter contracts"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -88,6 +88,7 @@ test-postgres: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -14,13 +14,15 @@ from typing import Any
 from django.http import Http404, HttpRequest, HttpResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, Throttled, ValidationError
+from ninja.parser import Parser
 from ninja.renderers import BaseRenderer
 
 from config.health import router as health_router
-from config.jsonenc import dumps
+from config.jsonenc import dumps, loads
 from items.api import router as items_router
 from items.exceptions import InvalidItem, ItemAlreadyExists, ItemNotFound
 from rates.api import router as rates_router
+from rates.exceptions import InvalidQuery, PairNotPriced, ProvidersUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,13 @@ class DecimalJSONRenderer(BaseRenderer):
         return dumps(data)
 
 
+class DecimalJSONParser(Parser):
+    """Request bodies with exact decimals: an amount of 0.1 must never pass through a float."""
+
+    def parse_body(self, request: HttpRequest) -> Any:
+        return loads(request.body)
+
+
 # --- The API and its error mapping ----------------------------------------------------------
 api = NinjaAPI(
     title="Kurs",
@@ -39,6 +48,7 @@ api = NinjaAPI(
     description="Self-hosted exchange rates: tracked pairs, rates with failover, live events.",
     urls_namespace="api-v1",
     renderer=DecimalJSONRenderer(),
+    parser=DecimalJSONParser(),
 )
 
 
@@ -73,9 +83,26 @@ def on_invalid_item(request: HttpRequest, exc: InvalidItem) -> HttpResponse:
     )
 
 
+@api.exception_handler(InvalidQuery)
+def on_invalid_query(request: HttpRequest, exc: InvalidQuery) -> HttpResponse:
+    return _error(
+        request, f"{exc.field}: {exc}", 422, errors=[{"field": exc.field, "message": str(exc)}]
+    )
+
+
 @api.exception_handler(ItemNotFound)
 def on_not_found(request: HttpRequest, exc: ItemNotFound) -> HttpResponse:
     return _error(request, str(exc), 404)
+
+
+@api.exception_handler(PairNotPriced)
+def on_pair_not_priced(request: HttpRequest, exc: PairNotPriced) -> HttpResponse:
+    return _error(request, str(exc), 404)
+
+
+@api.exception_handler(ProvidersUnavailable)
+def on_providers_unavailable(request: HttpRequest, exc: ProvidersUnavailable) -> HttpResponse:
+    return _error(request, str(exc), 503)
 
 
 @api.exception_handler(Http404)

@@ -68,6 +68,19 @@ def positive_int(name: str, default: int) -> int:
     return number
 
 
+def non_negative_int(name: str, default: int) -> int:
+    value = raw(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a whole number >= 0, got {value!r}") from None
+    if number < 0:
+        raise ConfigError(f"{name}: expected a whole number >= 0, got {value!r}")
+    return number
+
+
 def csv(name: str, default: str) -> list[str]:
     value = string(name, default)
     return [part.strip() for part in value.split(",") if part.strip()]

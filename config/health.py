@@ -22,6 +22,11 @@ from django.utils import timezone
 from ninja import Router
 from ninja.responses import Status
 
+from rates.fetcher import provider_statuses
+from rates.lease import lease_holder
+from rates.selectors import current_rates_freshness
+from realtime import nats
+
 router = Router(tags=["health"])
 
 CHECK_TIMEOUT = 2.0
@@ -63,18 +68,23 @@ async def check_channel_layer() -> Check:
 
 
 async def check_nats() -> Check:
-    from realtime import nats
-
     # Idempotent: a web process under daphne has no lifespan, so the first check may start it.
     nats.connection.start()
     await asyncio.to_thread(nats.connection.connected.wait, 1.0)
     return nats.status()
 
 
-async def check_providers() -> Check:
-    from rates.fetcher import provider_statuses
+def _owner() -> dict[str, Any] | None:
+    holder = lease_holder()
+    if holder is None:
+        return None
+    return {"holder": holder.holder, "epoch": holder.epoch, "expires_at": holder.expires_at}
 
+
+async def check_providers() -> Check:
+    """The owner's breakers, and who the owner is (None: no live fetcher holds the lease)."""
     statuses = await sync_to_async(provider_statuses)()
+    owner = await sync_to_async(_owner)()
     states = {status["name"]: status["state"] for status in statuses}
     usable = [name for name, state in states.items() if state != "open"]
     if not usable:
@@ -82,28 +92,21 @@ async def check_providers() -> Check:
             "status": "degraded",
             "detail": "every provider's circuit is open",
             "states": states,
+            "owner": owner,
         }
     status = "ok" if len(usable) == len(states) else "degraded"
-    return {"status": status, "states": states}
+    return {"status": status, "states": states, "owner": owner}
 
 
 def _freshness() -> Check:
-    from items.models import Item
-    from rates.models import Rate
-
-    stale_after = settings.KURS_STALE_AFTER
-    newest = (
-        Rate.objects.filter(item__is_active=True)
-        .order_by("-received_at")
-        .values_list("received_at", flat=True)
-        .first()
-    )
-    if newest is None:
-        tracked = Item.objects.filter(is_active=True).count()
-        return {"status": "degraded", "detail": f"no rate stored yet for {tracked} active pairs"}
-    age = (timezone.now() - newest).total_seconds()
-    status = "ok" if age <= stale_after else "degraded"
-    return {"status": status, "newest_age_s": round(age, 3), "stale_after_s": stale_after}
+    report = current_rates_freshness(now=timezone.now())
+    if report["quoted"] == 0:
+        return {
+            "status": "degraded",
+            "detail": f"no current rate yet for {report['active']} active pairs",
+            **report,
+        }
+    return {"status": "ok" if not report["stale"] else "degraded", **report}
 
 
 async def check_freshness() -> Check:

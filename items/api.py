@@ -1,40 +1,41 @@
 """Items endpoints: parse, call a service or selector, shape the answer."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: ninja's @paginate wraps the view and resolves
+# its annotations in ninja's own module, where string annotations (Query[...]) cannot be found.
 
 from asgiref.sync import sync_to_async
+from django.db.models import QuerySet
 from django.http import HttpRequest
 from ninja import Query, Router, Schema
+from ninja.pagination import paginate
 from ninja.responses import Status
-from pydantic import Field
 
+from config.pagination import BoundedLimitOffset
 from config.security import read_throttle, write_auth
 from items import selectors, services
 from items.models import Item
-from items.schemas import ItemDetailOut, ItemIn, ItemListOut, ItemOut, ItemPatch
+from items.schemas import ItemIn, ItemOut, ItemPatch
+from rates import selectors as rates_selectors
+from rates.schemas import ItemDetailOut
 
 router = Router(tags=["items"])
 
 
 class ItemListQuery(Schema):
     is_active: bool | None = None
-    limit: int = Field(50, ge=1, le=500)
-    # Bounded so that no database is asked for an offset beyond its integer type.
-    offset: int = Field(0, ge=0, le=1_000_000_000)
 
 
-@router.get("", response=ItemListOut, throttle=read_throttle)
-async def list_items(request: HttpRequest, filters: Query[ItemListQuery]) -> dict[str, object]:
-    queryset = selectors.item_list(is_active=filters.is_active)
-    count = await queryset.acount()
-    page = [item async for item in queryset[filters.offset : filters.offset + filters.limit]]
-    return {"items": page, "count": count}
+@router.get("", response=list[ItemOut], throttle=read_throttle)
+@paginate(BoundedLimitOffset)
+async def list_items(request: HttpRequest, filters: Query[ItemListQuery]) -> QuerySet[Item]:
+    return selectors.item_list(is_active=filters.is_active)
 
 
 @router.get("/{int:item_id}", response=ItemDetailOut, throttle=read_throttle)
 async def get_item(request: HttpRequest, item_id: int) -> dict[str, object]:
     item = await selectors.item_get(item_id=item_id)
-    return await selectors.item_detail(item=item)
+    latest = await rates_selectors.current_rate_get(item_id=item.id)
+    return {**selectors.item_fields(item), "latest": latest}
 
 
 @router.post("", response={201: ItemOut}, auth=write_auth)

@@ -22,6 +22,10 @@ def validate_asset(value: str) -> None:
         )
 
 
+# What an Item is to the outside world (API, events): one list, used by the schema and the events.
+ITEM_FIELDS = ("id", "code", "base", "quote", "name", "is_active", "created_at", "updated_at")
+
+
 class Item(models.Model):
     """A tracked currency pair, e.g. BTC-USD."""
 

@@ -1,21 +1,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from decimal import Decimal
 
 from ninja import Schema
 from pydantic import ConfigDict, Field, StrictBool, StrictStr, field_validator
 
 from items.models import ASSET_CODE_RE, normalise_asset
 
-
-class RateOut(Schema):
-    provider: str
-    value: Decimal
-    bid: Decimal | None
-    ask: Decimal | None
-    source_time: datetime
-    received_at: datetime
+# No control characters (a NUL byte is refused by PostgreSQL's text type: a 500, not a 422).
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 
 
 class ItemOut(Schema):
@@ -29,21 +22,12 @@ class ItemOut(Schema):
     updated_at: datetime
 
 
-class ItemDetailOut(ItemOut):
-    latest: RateOut | None
-
-
-class ItemListOut(Schema):
-    items: list[ItemOut]
-    count: int
-
-
 class ItemIn(Schema):
     model_config = ConfigDict(extra="forbid")
 
     base: StrictStr = Field(..., examples=["BTC"], description="asset code, 2-12 of A-Z 0-9")
     quote: StrictStr = Field(..., examples=["USD"])
-    name: StrictStr = Field("", max_length=100)
+    name: StrictStr = Field("", max_length=100, pattern=PRINTABLE)
     is_active: StrictBool = True
 
     @field_validator("base", "quote")
@@ -58,5 +42,5 @@ class ItemIn(Schema):
 class ItemPatch(Schema):
     model_config = ConfigDict(extra="forbid")
 
-    name: StrictStr | None = Field(None, max_length=100)
+    name: StrictStr | None = Field(None, max_length=100, pattern=PRINTABLE)
     is_active: StrictBool | None = None

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from asgiref.sync import sync_to_async
 from django.db.models import QuerySet
 
 from items.exceptions import ItemNotFound
-from items.models import ApiKey, Item
-from rates.models import Rate
-from rates.selectors import rate_current
+from items.models import ITEM_FIELDS, ApiKey, Item
 
 
 def item_list(*, is_active: bool | None = None) -> QuerySet[Item]:
@@ -35,14 +32,6 @@ async def api_key_get_active(*, key_hash: str) -> ApiKey | None:
     return await ApiKey.objects.filter(key_hash=key_hash, revoked_at__isnull=True).afirst()
 
 
-async def item_latest_rate(*, item: Item) -> Rate | None:
-    return await sync_to_async(rate_current)(item=item)
-
-
-async def item_detail(*, item: Item) -> dict[str, object]:
-    """The item's fields with its latest accepted rate (or None before the first quote)."""
-    fields = {name: getattr(item, name) for name in _ITEM_FIELDS}
-    return {**fields, "latest": await item_latest_rate(item=item)}
-
-
-_ITEM_FIELDS = ("id", "code", "base", "quote", "name", "is_active", "created_at", "updated_at")
+def item_fields(item: Item) -> dict[str, object]:
+    """The item as the API and the events show it (ITEM_FIELDS)."""
+    return {name: getattr(item, name) for name in ITEM_FIELDS}

@@ -12,26 +12,14 @@ from django.utils import timezone
 
 from items.exceptions import InvalidItem, ItemAlreadyExists
 from items.models import ApiKey, Item, normalise_asset, validate_asset
+from items.selectors import item_fields
 from realtime import events
 
 API_KEY_PREFIX = "kurs_"
 
 
 def item_to_event(item: Item) -> dict[str, Any]:
-    return {
-        "id": item.id,
-        "code": item.code,
-        "base": item.base,
-        "quote": item.quote,
-        "name": item.name,
-        "is_active": item.is_active,
-        "created_at": item.created_at.isoformat().replace("+00:00", "Z"),
-        "updated_at": item.updated_at.isoformat().replace("+00:00", "Z"),
-    }
-
-
-def _publish_on_commit(event_type: str, data: dict[str, Any]) -> None:
-    transaction.on_commit(lambda: events.publish(event_type, data))
+    return item_fields(item)
 
 
 def _checked_asset(field: str, value: str) -> str:
@@ -60,7 +48,7 @@ def item_create(*, base: str, quote: str, name: str = "", is_active: bool = True
             )
     except IntegrityError:
         raise ItemAlreadyExists(f"item {code} already exists") from None
-    _publish_on_commit("item.created", item_to_event(item))
+    events.publish_on_commit("item.created", item_to_event(item))
     return item
 
 
@@ -75,7 +63,7 @@ def item_update(*, item: Item, name: str | None = None, is_active: bool | None =
         fields.append("is_active")
     if fields:
         item.save(update_fields=[*fields, "updated_at"])
-        _publish_on_commit("item.updated", item_to_event(item))
+        events.publish_on_commit("item.updated", item_to_event(item))
     return item
 
 
@@ -83,7 +71,7 @@ def item_update(*, item: Item, name: str | None = None, is_active: bool | None =
 def item_delete(*, item: Item) -> None:
     data = {"id": item.id, "code": item.code}
     item.delete()  # its Rate history goes with it (on_delete=CASCADE)
-    _publish_on_commit("item.deleted", data)
+    events.publish_on_commit("item.deleted", data)
 
 
 def hash_api_key(raw_key: str) -> str:

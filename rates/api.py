@@ -1,18 +1,32 @@
-"""Rates endpoints: history of an item, its latest rate, providers, and a fetch cycle on demand."""
+"""Rates endpoints: an item's history, latest rate and candles, any pair's rate, conversions,
+providers, and a fetch cycle on demand."""
 
 from __future__ import annotations
 
 from asgiref.sync import sync_to_async
-from django.http import HttpRequest
-from ninja import Query, Router
+from django.http import HttpRequest, HttpResponse
+from ninja import Path, Query, Router
 from ninja.errors import HttpError
 
 from config.security import read_throttle, write_auth
-from items.schemas import RateOut
-from items.selectors import item_get, item_latest_rate
-from rates import fetcher, selectors
-from rates.models import Rate
-from rates.schemas import ProviderOut, RateListOut, RateListQuery, TaskRunOut
+from items.selectors import item_get
+from rates import fetcher, ondemand, selectors
+from rates.providers import Pair
+from rates.schemas import (
+    CandleOut,
+    CandleQuery,
+    ConvertIn,
+    ConvertOut,
+    CurrentRateOut,
+    ErrorOut,
+    PairPath,
+    PairRateOut,
+    ProviderOut,
+    RateListOut,
+    RateListQuery,
+    TaskRunOut,
+    ValidationErrorOut,
+)
 
 router = Router(tags=["rates"])
 
@@ -32,16 +46,78 @@ async def list_rates(
 
 @router.get(
     "/items/{int:item_id}/rates/latest",
-    response={200: RateOut},
+    response={200: CurrentRateOut},
     throttle=read_throttle,
-    summary="The item's latest accepted rate (404 before the first one)",
+    summary="The item's current rate: who serves it, its status and age (404 before the first)",
 )
-async def latest_rate(request: HttpRequest, item_id: int) -> Rate:
+async def latest_rate(request: HttpRequest, item_id: int) -> dict[str, object]:
     item = await item_get(item_id=item_id)
-    rate = await item_latest_rate(item=item)
-    if rate is None:
+    current = await selectors.current_rate_get(item_id=item.id)
+    if current is None:
         raise HttpError(404, f"item {item_id} has no rate yet")
-    return rate
+    return current
+
+
+@router.get(
+    "/items/{int:item_id}/candles",
+    response={200: list[CandleOut], 404: ErrorOut, 422: ValidationErrorOut},
+    throttle=read_throttle,
+    summary="OHLC candles of an item's history, one provider's rates (header Kurs-Provider)",
+)
+async def list_candles(
+    request: HttpRequest, item_id: int, filters: Query[CandleQuery], response: HttpResponse
+) -> list[selectors.Candle]:
+    item = await item_get(item_id=item_id)
+    since, until = selectors.candle_range(
+        interval=filters.interval, since=filters.since, until=filters.until
+    )
+    # Cross rates are named `binance+cbr`; an unencoded `+` in a query string arrives as a space.
+    provider = filters.provider.replace(" ", "+") if filters.provider else None
+    if provider is None:
+        provider = await sync_to_async(selectors.candle_provider)(
+            item=item, since=since, until=until
+        )
+        if provider is None:
+            return []
+    response["Kurs-Provider"] = provider
+    return await sync_to_async(selectors.candle_list)(
+        item=item, interval=filters.interval, since=since, until=until, provider=provider
+    )
+
+
+@router.get(
+    "/rates/{base}/{quote}",
+    response={200: PairRateOut, 404: ErrorOut, 422: ValidationErrorOut, 503: ErrorOut},
+    throttle=read_throttle,
+    summary="The rate of any pair: tracked from the live snapshot, others fetched on demand",
+)
+async def pair_rate(request: HttpRequest, path: Path[PairPath]) -> dict[str, object]:
+    return await ondemand.pair_rate(Pair(path.base, path.quote))
+
+
+_CONVERT_RESPONSES = {200: ConvertOut, 404: ErrorOut, 422: ValidationErrorOut, 503: ErrorOut}
+
+
+@router.get(
+    "/convert",
+    response=_CONVERT_RESPONSES,
+    by_alias=True,
+    throttle=read_throttle,
+    summary="Convert an amount between two assets, with the rate's provenance",
+)
+async def convert(request: HttpRequest, params: Query[ConvertIn]) -> dict[str, object]:
+    return await ondemand.convert(source=params.from_, target=params.to, amount=params.amount)
+
+
+@router.post(
+    "/convert",
+    response=_CONVERT_RESPONSES,
+    by_alias=True,
+    throttle=read_throttle,
+    summary="Convert, with a JSON body (numbers are read as exact decimals)",
+)
+async def convert_body(request: HttpRequest, payload: ConvertIn) -> dict[str, object]:
+    return await ondemand.convert(source=payload.from_, target=payload.to, amount=payload.amount)
 
 
 @router.get("/providers", response=list[ProviderOut], throttle=read_throttle)
@@ -51,5 +127,15 @@ async def list_providers(request: HttpRequest) -> list[dict[str, object]]:
 
 @router.post("/tasks/run", response=TaskRunOut, auth=write_auth)
 async def run_task(request: HttpRequest) -> dict[str, object]:
-    report = await fetcher.fetch_once()
-    return report.event()
+    """Asks the live owner for a cycle (SPEC 6); without an answer in 2 s, runs the safety net.
+
+    503 when a live owner holds the lease but did not answer (NATS unreachable from here): a
+    second cycle beside the owner's would break "one owner of live state".
+    """
+    report = await fetcher.request_cycle()
+    if report is not None:
+        return report
+    cycle = await fetcher.fetch_once()
+    if cycle is None:
+        raise HttpError(503, "the live fetcher owns rates but did not answer within 2 s")
+    return cycle.event()

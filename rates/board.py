@@ -1,9 +1,10 @@
-"""The in-process quote board: what each provider last said about each pair, and who serves it.
+"""The owner's quote board: what each provider last said about each pair, and who serves it.
 
-`rates.services.accept_quote` is the only writer. The board answers the questions validation and
-failover ask within one process: the last accepted value of a pair (the jump reference), whether
-another provider confirms a jump, which provider serves a pair now, and what was last published.
-The database stays the shared truth between processes (history, and the reference after a start).
+Only the live owner (ARCHITECTURE, "one owner of live state") keeps a board that writes: the
+fetcher while it holds the lease, or the safety net for one cycle. It starts from the stored
+current rates (`load`), so a restart or a hand-over neither flips a pair to another provider nor
+forgets the jump guard's reference. `rates.services` is its only writer; everything it answers
+is a pure function of its state and `now`.
 
 Sync code on several threads may use it (sync_to_async workers, the event loop), hence the lock.
 """
@@ -12,14 +13,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
+from rates import policy
 from rates.validation import relative_change
 
-DERIVED_SEPARATOR = "+"
+DERIVED_SEPARATOR = policy.DERIVED_SEPARATOR
 
 
 def agrees(value: Decimal, other: Decimal, *, max_jump: float) -> bool:
@@ -40,18 +43,40 @@ class Entry:
     ask: Decimal | None = None
     derived: bool = False
     proxied: bool = False
+    # A cross rate's legs: [{"pair", "provider", "value", "source_time"}] (SPEC 4).
+    route: tuple[dict[str, Any], ...] = ()
 
     @property
     def sources(self) -> list[str]:
         """The real providers behind the entry (two for a cross rate `binance+cbr`)."""
         return self.provider.split(DERIVED_SEPARATOR)
 
+    @property
+    def checked_at(self) -> datetime:
+        """The confirmation time that `rates.policy.is_stale` turns into this entry's expiry."""
+        return self.fresh_until - timedelta(seconds=policy.provider_freshness(self.provider))
 
-@dataclass(slots=True)
-class _Published:
+
+@dataclass(frozen=True, slots=True)
+class Current:
+    """The pair's current rate as the owner last wrote and published it (a CurrentRate row)."""
+
     provider: str
     value: Decimal
-    at: float
+    bid: Decimal | None
+    ask: Decimal | None
+    source_time: datetime
+    checked_at: datetime
+    received_at: datetime
+    derived: bool
+    route: tuple[dict[str, Any], ...]
+    status: str
+    version: int
+    # time.monotonic() of the last write, for the confirmation throttle.
+    written: float = 0.0
+
+    def same_rate(self, entry: Entry) -> bool:
+        return self.provider == entry.provider and self.value == entry.value
 
 
 @dataclass
@@ -60,16 +85,62 @@ class QuoteBoard:
     candidates: dict[str, dict[str, Entry]] = field(default_factory=dict)
     accepted: dict[str, dict[str, Entry]] = field(default_factory=dict)
     references: dict[str, Decimal] = field(default_factory=dict)
-    seeded: set[str] = field(default_factory=set)
     # (pair, provider) -> (level, since): an unconfirmed jump being held (see `held`).
     pending: dict[tuple[str, str], tuple[Decimal, datetime]] = field(default_factory=dict)
-    published: dict[str, _Published] = field(default_factory=dict)
+    # pair -> the current rate as written (the owner's copy of the CurrentRate rows).
+    current: dict[str, Current] = field(default_factory=dict)
+    # (pair, provider) -> (value, received_at) of the last history row written.
+    last_stored: dict[tuple[str, str], tuple[Decimal, datetime]] = field(default_factory=dict)
+    # pair -> the best priority among providers able to quote it (set by the fetcher).
+    best_possible: dict[str, tuple[int, ...]] = field(default_factory=dict)
     down: set[str] = field(default_factory=set)
     # Active items: code -> id, refreshed by rates.services when older than its TTL.
     items: dict[str, int] = field(default_factory=dict)
     items_loaded_at: float | None = None
+    # May this board write and publish? The owner's lease check; None: always (tests, benches).
+    guard: Callable[[], bool] | None = None
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
+    # --- ownership ---------------------------------------------------------------------------
+    def writable(self) -> bool:
+        return self.guard is None or self.guard()
+
+    def load(self, rows: Iterable[tuple[str, Current]]) -> None:
+        """Start from the stored current rates: each serves on, and is the jump reference."""
+        with self._lock:
+            for pair, current in rows:
+                self.current[pair] = current
+                self.references[pair] = current.value
+                entry = Entry(
+                    provider=current.provider,
+                    value=current.value,
+                    source_time=current.source_time,
+                    fresh_until=policy.fresh_until(current.provider, current.checked_at),
+                    priority=policy.provider_priority(current.provider),
+                    bid=current.bid,
+                    ask=current.ask,
+                    derived=current.derived,
+                    route=current.route,
+                )
+                self.accepted.setdefault(pair, {})[current.provider] = entry
+
+    def clear(self) -> None:
+        """Forget everything (before loading as a new owner)."""
+        with self._lock:
+            for table in (
+                self.candidates,
+                self.accepted,
+                self.references,
+                self.pending,
+                self.current,
+                self.last_stored,
+                self.best_possible,
+            ):
+                table.clear()
+            self.down.clear()
+            self.items_loaded_at = None
+
+    # --- quotes ----------------------------------------------------------------------------
     def offer(self, pair: str, entry: Entry) -> None:
         """A plausible quote (valid apart from the jump guard): it may confirm other providers."""
         with self._lock:
@@ -83,18 +154,6 @@ class QuoteBoard:
     def reference(self, pair: str) -> Decimal | None:
         with self._lock:
             return self.references.get(pair)
-
-    def seed_once(self, pair: str) -> bool:
-        """True the first time only: the database reference is looked up once per pair."""
-        with self._lock:
-            if pair in self.seeded:
-                return False
-            self.seeded.add(pair)
-            return True
-
-    def set_reference(self, pair: str, value: Decimal) -> None:
-        with self._lock:
-            self.references.setdefault(pair, value)
 
     def confirmations(self, pair: str, entry: Entry, *, now: datetime) -> list[Decimal]:
         """Other providers' fresh values for the pair: second opinions for the jump guard.
@@ -132,6 +191,7 @@ class QuoteBoard:
         with self._lock:
             return self.accepted.get(pair, {}).pop(provider, None) is not None
 
+    # --- who serves ---------------------------------------------------------------------------
     def best(self, pair: str, *, now: datetime, direct_only: bool = False) -> Entry | None:
         """The entry that serves `pair`: fresh, from a provider that is up, highest priority."""
         with self._lock:
@@ -146,20 +206,41 @@ class QuoteBoard:
         ]
         return min(usable, key=lambda entry: entry.priority, default=None)
 
-    def should_publish(self, pair: str, entry: Entry, *, heartbeat: float) -> bool:
-        """Publish a new value, a provider change, or a heartbeat so readers see it is fresh."""
+    def expected_priority(self, pair: str) -> tuple[int, ...] | None:
+        """The best priority that could serve `pair`: a provider that quotes it, or has."""
         with self._lock:
-            last = self.published.get(pair)
-        return (
-            last is None
-            or last.provider != entry.provider
-            or last.value != entry.value
-            or time.monotonic() - last.at >= heartbeat
-        )
+            known = [entry.priority for entry in self.accepted.get(pair, {}).values()]
+            known += [entry.priority for entry in self.candidates.get(pair, {}).values()]
+            possible = self.best_possible.get(pair)
+        if possible is not None:
+            known.append(possible)
+        return min(known, default=None)
 
-    def mark_published(self, pair: str, entry: Entry) -> None:
+    def set_best_possible(self, priorities: dict[str, tuple[int, ...]]) -> None:
         with self._lock:
-            self.published[pair] = _Published(entry.provider, entry.value, time.monotonic())
+            self.best_possible = dict(priorities)
+
+    def pairs(self) -> list[str]:
+        """Every pair the board has a current rate or a quote for."""
+        with self._lock:
+            return sorted(set(self.current) | set(self.accepted))
+
+    def get_current(self, pair: str) -> Current | None:
+        with self._lock:
+            return self.current.get(pair)
+
+    def set_current(self, pair: str, current: Current) -> None:
+        with self._lock:
+            self.current[pair] = replace(current, written=time.monotonic())
+
+    def drop_current(self, pair: str) -> None:
+        """Forget a pair whose item is gone (a new item of the same code starts afresh)."""
+        with self._lock:
+            self.current.pop(pair, None)
+            for key in [key for key in self.last_stored if key[0] == pair]:
+                del self.last_stored[key]
+            self.accepted.pop(pair, None)
+            self.candidates.pop(pair, None)
 
     def set_down(self, provider: str, down: bool) -> bool:
         """Mark a provider down (its quotes stop serving) or up; True when that changed."""
@@ -172,15 +253,7 @@ class QuoteBoard:
                 self.down.discard(provider)
             return True
 
-    def served_by(self, provider: str) -> list[str]:
-        """Item pairs whose last published rate came (partly) from `provider`."""
-        with self._lock:
-            return [
-                pair
-                for pair, last in self.published.items()
-                if provider in last.provider.split(DERIVED_SEPARATOR)
-            ]
-
+    # --- active items ------------------------------------------------------------------------
     def forget_items(self) -> None:
         with self._lock:
             self.items_loaded_at = None

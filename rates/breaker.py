@@ -52,8 +52,9 @@ class CircuitBreaker:
 
     @property
     def state(self) -> str:
+        """The state as of now; reading it changes nothing (`allow()` makes the move)."""
         if self._state == OPEN and self.clock() >= self.open_until:
-            self._move(HALF_OPEN, "back-off elapsed, probing")
+            return HALF_OPEN
         return self._state
 
     def retry_in(self) -> float:
@@ -61,7 +62,10 @@ class CircuitBreaker:
         return max(0.0, self.open_until - self.clock()) if self.state == OPEN else 0.0
 
     def allow(self) -> bool:
-        return self.state != OPEN
+        """May a call go out now? Half-opens an open circuit whose back-off has elapsed."""
+        if self._state == OPEN and self.clock() >= self.open_until:
+            self._move(HALF_OPEN, "back-off elapsed, probing")
+        return self._state != OPEN
 
     def record_success(self) -> None:
         self.failures = 0

@@ -1,11 +1,12 @@
-"""Fetching: REST cycles over every provider, and the long-running watch (streams + polling).
+"""Fetching: REST cycles over every provider, and the live owner (streams + polling).
 
 One `Fetcher` drives a list of providers. Each provider has a `ProviderMonitor` (its circuit
-breaker, last success and error, recent errors, stream state) that lives for the whole process,
-so breakers keep their state across the minute cycles of a django-q2 worker as well as in
-`run_fetch --watch`. Monitors publish `provider.state` on every breaker transition and save a
-status snapshot in the "shared" cache (Redis with REDIS_URL, files under var/ otherwise), where
-`GET /api/v1/providers` in any web process reads the fetcher's view.
+breaker, last success and error, recent errors, stream state). Only the owner of live state
+(SPEC 4) runs them: `watch` (`run_fetch --watch`) while it holds the lease, or `fetch_once` (the
+django-q2 safety net, one-shot `run_fetch`, `POST /tasks/run` when no owner answers) for one cycle
+when nobody holds it. The owner publishes `provider.state` on every breaker transition and saves
+a status snapshot in the "shared" cache (Redis with REDIS_URL, files under var/ otherwise),
+where `GET /api/v1/providers` in any web process reads it.
 
 A failing provider is never fatal: its error is recorded, the others go on, and the cycle ends.
 """
@@ -13,6 +14,7 @@ A failing provider is never fatal: its error is recorded, the others go on, and 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import deque
@@ -20,6 +22,7 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -29,9 +32,11 @@ from django.core.cache import caches
 from django.db import close_old_connections
 from django.utils import timezone
 
-from rates import metrics, services
+from config.jsonenc import dumps
+from rates import metrics, policy, services
 from rates.board import Entry
 from rates.breaker import CircuitBreaker
+from rates.lease import RENEW_EVERY, Lease, lease_holder
 from rates.providers import (
     Pair,
     Provider,
@@ -41,7 +46,8 @@ from rates.providers import (
     build_providers,
 )
 from rates.providers.streaming import DISCONNECTED, STREAMING, stream_forever
-from realtime import events
+from realtime import events, nats
+from realtime.nats import Responder
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +61,8 @@ MAX_PACE = 3600.0
 # A REST round that outlives this is abandoned as a timeout, so one slow provider cannot hold
 # a cycle (and with it the failover to the next provider) longer than one poll period.
 MAX_ROUND_SECONDS = 10.0
+# SPEC 6: POST /tasks/run waits this long for the owner before running the safety net itself.
+CONTROL_TIMEOUT = 2.0
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -62,7 +70,11 @@ def _iso(moment: datetime | None) -> str | None:
 
 
 class ProviderMonitor:
-    """Health of one provider in this process: breaker, successes, errors, stream state."""
+    """Health of one provider on the owner: breaker, successes, errors, stream state.
+
+    Status writes to the shared cache are never made on the event loop: `save()` only marks the
+    status dirty, and the owner writes it with `flush_statuses()` from a worker thread.
+    """
 
     def __init__(self, name: str, *, breaker: CircuitBreaker | None = None) -> None:
         self.name = name
@@ -73,12 +85,14 @@ class ProviderMonitor:
         self.errors: deque[float] = deque()  # wall-clock times, so other processes can count
         self.streaming = False
         self.rest_failed = False
+        self.dirty = True
         metrics.CIRCUIT_STATE.labels(name).set(0)
 
     def _on_breaker_change(self, name: str, state: str, reason: str) -> None:
-        logger.warning("%s circuit %s: %s", name, state, reason)
+        logger.warning("%s circuit %s: %s", name, state, reason, extra={"provider": name})
         metrics.CIRCUIT_STATE.labels(name).set(metrics.CIRCUIT_VALUES[state])
-        events.publish("provider.state", {"name": name, "state": state, "reason": reason})
+        if services.get_board().writable():
+            events.publish("provider.state", {"name": name, "state": state, "reason": reason})
         self.save()
 
     def succeeded(self) -> None:
@@ -86,6 +100,7 @@ class ProviderMonitor:
         self.rest_failed = False
         self.breaker.record_success()
         self._update_down()
+        self.save()
 
     def failed(self, reason: str, *, kind: str, retry_after: float | None = None) -> None:
         now = time.time()
@@ -95,6 +110,7 @@ class ProviderMonitor:
         metrics.PROVIDER_ERRORS.labels(self.name, kind).inc()
         self.breaker.record_failure(reason, retry_after=retry_after)
         self._update_down()
+        self.save()
 
     def stream_state(self, state: str, reason: str) -> None:
         streaming = state == STREAMING
@@ -105,7 +121,11 @@ class ProviderMonitor:
         if streaming != self.streaming:
             self.streaming = streaming
             self._update_down()
-            self.save()
+        self.save()
+
+    def rate_limited(self, exc: ProviderRateLimited) -> None:
+        """A 429/418 on a stream handshake: the same breaker as REST honours its Retry-After."""
+        self.failed(str(exc), kind="rate_limited", retry_after=exc.retry_after)
 
     def _update_down(self) -> None:
         services.provider_set_down(self.name, self.rest_failed and not self.streaming)
@@ -125,15 +145,23 @@ class ProviderMonitor:
         }
 
     def save(self) -> None:
+        self.dirty = True
+
+    def flush(self) -> None:
+        """Write the status to the shared cache if it changed (sync: blocking I/O)."""
+        if not self.dirty or not services.get_board().writable():
+            return
+        self.dirty = False
         order = settings.KURS_PROVIDERS
         priority = order.index(self.name) if self.name in order else len(order)
         try:
             caches["shared"].set(
                 STATUS_KEY.format(name=self.name), self.status(priority=priority), None
             )
-        except Exception:
+        except Exception as exc:
             # The status page is a convenience: a cache outage must not stop fetching.
-            logger.exception("cannot save %s status to the cache", self.name)
+            self.dirty = True
+            logger.warning("cannot save %s status to the cache: %s", self.name, exc)
 
 
 _monitors: dict[str, ProviderMonitor] = {}
@@ -144,6 +172,12 @@ def monitor_for(name: str) -> ProviderMonitor:
     if name not in _monitors:
         _monitors[name] = ProviderMonitor(name)
     return _monitors[name]
+
+
+def flush_statuses() -> None:
+    """Save every changed provider status (sync; the owner calls it off its event loop)."""
+    for monitor in list(_monitors.values()):
+        monitor.flush()
 
 
 def provider_statuses() -> list[dict[str, Any]]:
@@ -211,9 +245,23 @@ class Fetcher:
         self.cycles = 0
         self.stored = 0
         self._polled_ok: dict[str, float] = {}  # provider -> monotonic time of its last good round
+        self._cycle_lock = asyncio.Lock()
+        self._pairs: list[Pair] = []
+        self._requested: asyncio.Future[CycleReport] | None = None
+        self._last_requested: tuple[float, CycleReport] | None = None
 
     async def pairs(self) -> list[Pair]:
-        return await sync_to_async(_wanted_pairs)()
+        pairs = await sync_to_async(_wanted_pairs)()
+        services.get_board().set_best_possible(
+            {
+                pair.code: policy.provider_priority(provider.name)
+                for provider in reversed(self.providers)
+                for pair in pairs
+                if provider.supports(pair)
+            }
+        )
+        self._pairs = pairs
+        return pairs
 
     def due(self, provider: Provider) -> bool:
         """Is a paced provider's data old enough to ask again (see PACE_FRACTION)?"""
@@ -229,13 +277,18 @@ class Fetcher:
         """One REST round over every provider, concurrently; publishes `fetch.completed`.
 
         With `pace`, providers whose data is still recent (see `due`) sit the cycle out and are
-        left out of the report.
+        left out of the report. Cycles never overlap (a requested one waits for the running one).
         """
+        async with self._cycle_lock:
+            return await self._cycle(pace=pace, pairs=pairs)
+
+    async def _cycle(self, *, pace: bool, pairs: Sequence[Pair] | None) -> CycleReport:
         started = time.perf_counter()
         if pairs is None:
             pairs = await self.pairs()
         polled = [provider for provider in self.providers if not pace or self.due(provider)]
         rounds = await asyncio.gather(*(self._round(provider, pairs) for provider in polled))
+        await sync_to_async(_after_cycle)()
         duration = time.perf_counter() - started
         report = CycleReport(
             stored=sum(item.stored for item in rounds),
@@ -248,19 +301,21 @@ class Fetcher:
         self.stored += report.stored
         metrics.FETCH_CYCLES.labels("ok" if report.ok else "failed").inc()
         metrics.FETCH_DURATION.observe(duration)
-        events.publish("fetch.completed", report.event())
+        if services.get_board().writable():
+            events.publish("fetch.completed", report.event())
         return report
 
     async def _round(self, provider: Provider, pairs: Sequence[Pair]) -> ProviderRound:
-        monitor = monitor_for(provider.name)
-        try:
-            return await self._guarded_round(provider, monitor, pairs)
-        finally:
-            monitor.save()
+        board = services.get_board()
+        was_down = provider.name in board.down
+        result = await self._guarded_round(provider, pairs)
+        if result.status != "ok" or (provider.name in board.down) != was_down:
+            # Fail its pairs over (or back) now, not when the slowest provider's round ends.
+            await sync_to_async(services.reevaluate)()
+        return result
 
-    async def _guarded_round(
-        self, provider: Provider, monitor: ProviderMonitor, pairs: Sequence[Pair]
-    ) -> ProviderRound:
+    async def _guarded_round(self, provider: Provider, pairs: Sequence[Pair]) -> ProviderRound:
+        monitor = monitor_for(provider.name)
         name = provider.name
         if not monitor.breaker.allow():
             retry = monitor.breaker.retry_in()
@@ -288,7 +343,7 @@ class Fetcher:
             reasons = sorted({result.reason or "" for result in results})
             reason = f"all {len(quotes)} quotes rejected ({', '.join(reasons)})"
             return self._failed(monitor, reason, "rejected", stored=stored)
-        monitor.succeeded()
+        await sync_to_async(monitor.succeeded)()
         self._polled_ok[name] = time.monotonic()
         return ProviderRound(name, "ok", valid=valid, stored=stored)
 
@@ -301,11 +356,76 @@ class Fetcher:
         retry_after: float | None = None,
         stored: int = 0,
     ) -> ProviderRound:
-        logger.warning("%s: %s", monitor.name, reason)
+        logger.warning("%s: %s", monitor.name, reason, extra={"provider": monitor.name})
         monitor.failed(reason, kind=kind, retry_after=retry_after)
         return ProviderRound(monitor.name, f"error: {reason}", stored=stored)
 
-    async def watch(self, stop: asyncio.Event) -> None:
+    # --- the live owner ----------------------------------------------------------------------
+    async def watch(self, stop: asyncio.Event, *, lease: Lease | None = None) -> None:
+        """Own live state until stopped: wait for the lease, then stream and poll while held.
+
+        A second fetcher waits as a standby and takes over within the lease's TTL when the owner
+        dies; an owner that loses its lease (a database outage longer than the TTL) stops writing
+        at once and goes back to waiting.
+        """
+        lease = lease or Lease()
+        board = services.get_board()
+        waiting_logged = False
+        try:
+            while not stop.is_set():
+                if await sync_to_async(lease.try_acquire, thread_sensitive=False)():
+                    waiting_logged = False
+                    await self._own(lease, stop)
+                    continue
+                if not waiting_logged:
+                    holder = await sync_to_async(lease_holder)()
+                    logger.info(
+                        "standby: live rates are owned by %s; taking over if it stops",
+                        holder.holder if holder else "another process",
+                    )
+                    waiting_logged = True
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), STANDBY_RETRY)
+        finally:
+            board.guard = _never
+            await sync_to_async(lease.release)()
+
+    async def _own(self, lease: Lease, stop: asyncio.Event) -> None:
+        board = services.get_board()
+        board.guard = lease.held
+        loaded = await sync_to_async(services.board_load)()
+        logger.info("owner: live rates loaded for %d pairs (epoch %s)", loaded, lease.epoch)
+        lost = asyncio.Event()
+        keeper = asyncio.create_task(self._keep(lease, lost, stop))
+        responder = serve_fetch_requests(self)
+        try:
+            await self._run(stop, lost)
+        finally:
+            responder.close()
+            keeper.cancel()
+            with suppress(asyncio.CancelledError):
+                await keeper
+            board.guard = _never
+            if lost.is_set() and not stop.is_set():
+                logger.error("owner: lease lost; stopped writing, waiting to take it again")
+
+    async def _keep(self, lease: Lease, lost: asyncio.Event, stop: asyncio.Event) -> None:
+        """Every second: renew the lease when due, re-decide pairs (time passes), save statuses."""
+        renewed = time.monotonic()
+        while not stop.is_set():
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), TICK)
+            if time.monotonic() - renewed >= RENEW_EVERY:
+                if not await sync_to_async(lease.try_acquire, thread_sensitive=False)():
+                    lost.set()
+                    return
+                renewed = time.monotonic()
+            try:
+                await sync_to_async(_after_cycle)()
+            except Exception:
+                logger.exception("owner: re-evaluating the current rates failed")
+
+    async def _run(self, stop: asyncio.Event, lost: asyncio.Event) -> None:
         """Streams from every streaming provider plus a REST cycle every poll interval.
 
         The set of pairs is re-read each cycle; when items change, the streams resubscribe.
@@ -313,8 +433,9 @@ class Fetcher:
         streams: list[asyncio.Task[None]] = []
         stream_stop = asyncio.Event()
         streamed: list[Pair] = []
+        ended = asyncio.create_task(_first_of(stop, lost))
         try:
-            while not stop.is_set():
+            while not ended.done():
                 started = time.monotonic()
                 try:
                     pairs = await self.pairs()
@@ -336,8 +457,9 @@ class Fetcher:
                 # A steady cadence: the next cycle starts one interval after this one started.
                 pause = max(0.0, started + self.poll_interval - time.monotonic())
                 with suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), pause)
+                    await asyncio.wait_for(asyncio.shield(ended), pause)
         finally:
+            ended.cancel()
             await _stop_streams(streams, stream_stop)
 
     async def _stream(self, provider: Provider, pairs: list[Pair], stop: asyncio.Event) -> None:
@@ -345,16 +467,62 @@ class Fetcher:
         accept = sync_to_async(services.accept_quote)
 
         async def on_quote(quote: Quote) -> None:
-            # A delivered quote is a success; it reaches the cache with the next save.
+            # A delivered quote is a success; it reaches the cache with the next flush.
             monitor.last_success = timezone.now()
             self.stored += (await accept(quote)).stored_count
 
         try:
             await stream_forever(
-                provider, pairs, on_quote, stop=stop, on_state=monitor.stream_state
+                provider,
+                pairs,
+                on_quote,
+                stop=stop,
+                on_state=monitor.stream_state,
+                gate=monitor.breaker.retry_in,
+                on_rate_limited=monitor.rate_limited,
             )
         finally:
             monitor.stream_state("stopped", "")
+
+    async def cycle_now(self) -> CycleReport:
+        """A cycle on request (`POST /tasks/run` through `kurs.ctl.fetch`): every provider.
+
+        Requests that arrive while one runs share it, and one that ended less than
+        `REQUEST_REUSE` ago answers for itself: a flood of requests never multiplies the calls
+        to the exchanges (which ban an address that floods them).
+        """
+        running = self._requested
+        if running is None or running.done():
+            last = self._last_requested
+            if last is not None and time.monotonic() - last[0] < REQUEST_REUSE:
+                return last[1]
+            running = asyncio.ensure_future(self.cycle(pace=False, pairs=self._pairs or None))
+            running.add_done_callback(self._remember_requested)
+            self._requested = running
+        return await asyncio.shield(running)
+
+    def _remember_requested(self, done: asyncio.Future[CycleReport]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            self._last_requested = (time.monotonic(), done.result())
+
+
+STANDBY_RETRY = 1.0
+TICK = 1.0
+# A requested cycle this recent answers a new request (see Fetcher.cycle_now).
+REQUEST_REUSE = 2.0
+
+
+def _never() -> bool:
+    return False
+
+
+async def _first_of(*flags: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(flag.wait()) for flag in flags]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 async def _stop_streams(streams: list[asyncio.Task[None]], stop: asyncio.Event) -> None:
@@ -369,6 +537,12 @@ def _wanted_pairs() -> list[Pair]:
     # reconnects instead of failing forever.
     close_old_connections()
     return services.wanted_pairs(services.active_items())
+
+
+def _after_cycle() -> None:
+    """Time passed: decide every pair again, then save what changed in provider statuses."""
+    services.reevaluate()
+    flush_statuses()
 
 
 def _table_rows() -> list[dict[str, Any]]:
@@ -399,8 +573,34 @@ def http_client(timeout: float) -> httpx.AsyncClient:
     )
 
 
-async def fetch_once(*, provider_names: Sequence[str] | None = None) -> CycleReport:
-    """One REST cycle over the configured providers (or `provider_names`), now."""
+async def fetch_once(*, provider_names: Sequence[str] | None = None) -> CycleReport | None:
+    """One REST cycle now, as the safety net: only when no live owner holds the lease.
+
+    Takes the lease for the cycle (starting from the stored current rates) and gives it back.
+    Returns None, having fetched nothing, while another process owns live state.
+    """
+    lease = Lease()
+    if not await sync_to_async(lease.try_acquire)():
+        return None
+    board = services.get_board()
+    board.guard = lease.held
+    try:
+        await sync_to_async(services.board_load)()
+        names = list(provider_names or settings.KURS_PROVIDERS)
+        poll = settings.KURS_POLL_INTERVAL
+        async with http_client(min(MAX_ROUND_SECONDS, poll)) as client:
+            fetcher = Fetcher(build_providers(names, client=client), poll_interval=poll)
+            return await fetcher.cycle()
+    finally:
+        board.guard = _never
+        await sync_to_async(lease.release)()
+
+
+async def fetch_read_only(*, provider_names: Sequence[str] | None = None) -> CycleReport:
+    """A cycle that quotes but never writes or publishes (`run_fetch` while another owns)."""
+    board = services.get_board()
+    board.guard = _never
+    await sync_to_async(services.board_load)()
     names = list(provider_names or settings.KURS_PROVIDERS)
     poll = settings.KURS_POLL_INTERVAL
     async with http_client(min(MAX_ROUND_SECONDS, poll)) as client:
@@ -408,5 +608,39 @@ async def fetch_once(*, provider_names: Sequence[str] | None = None) -> CycleRep
 
 
 def fetch_rates() -> dict[str, Any]:
-    """`fetch_once` for sync callers (the django-q2 task); returns the `fetch.completed` data."""
-    return async_to_sync(fetch_once)().event()
+    """The django-q2 safety net: `fetch_once`, or nothing while a live owner runs."""
+    report = async_to_sync(fetch_once)()
+    if report is None:
+        logger.info("safety net: a live owner holds the lease; nothing to do")
+        return {"skipped": "a live owner holds the lease"}
+    return report.event()
+
+
+# --- POST /tasks/run through the owner -------------------------------------------------------
+def control_subject() -> str:
+    return f"{settings.KURS_NATS_PREFIX}.ctl.fetch"
+
+
+def serve_fetch_requests(fetcher: Fetcher) -> Responder:
+    """Answer `kurs.ctl.fetch` with a cycle of this owner's, for as long as it owns."""
+    loop = asyncio.get_running_loop()
+
+    async def handle(payload: bytes) -> bytes:
+        future = asyncio.run_coroutine_threadsafe(fetcher.cycle_now(), loop)
+        report = await asyncio.wrap_future(future)
+        return dumps(report.event()).encode()
+
+    return nats.serve(control_subject(), handle)
+
+
+async def request_cycle() -> dict[str, Any] | None:
+    """Ask the live owner for a cycle; its report, or None when no owner answered in time."""
+    reply = await nats.request(control_subject(), b"{}", within=CONTROL_TIMEOUT)
+    if reply is None:
+        return None
+    try:
+        report = json.loads(reply, parse_float=Decimal)
+    except ValueError:
+        logger.warning("the owner's answer on %s is not JSON", control_subject())
+        return None
+    return report if isinstance(report, dict) else None

@@ -41,7 +41,8 @@ class ExactDecimalField(models.DecimalField):
 
     def sortable_text(self, value: Decimal) -> str:
         quantum = Decimal(1).scaleb(-self.decimal_places)
-        text = format(abs(value.quantize(quantum, context=self.context)), "f")
+        # copy_abs, not abs(): abs() rounds to the thread context's 28 digits, a value has 38.
+        text = format(value.quantize(quantum, context=self.context).copy_abs(), "f")
         width = self.max_digits + 1  # the digits and the point
         return ("-" if value < 0 else "") + text.rjust(width, "0")
 

@@ -32,3 +32,68 @@ class Rate(models.Model):
 
     def __str__(self) -> str:
         return f"{self.item_id} {self.provider} {self.value}"
+
+
+# The columns of a current rate besides `route` (stored as JSON text): one list for every copy.
+CURRENT_FIELDS = (
+    "provider",
+    "value",
+    "bid",
+    "ask",
+    "source_time",
+    "checked_at",
+    "received_at",
+    "derived",
+    "status",
+    "version",
+)
+
+
+class CurrentRate(models.Model):
+    """The read model (SPEC 4): the rate the service stands behind now, one row per item.
+
+    Written only by the live owner (`rates.services`), in the same transaction as any history
+    row of the same quote; every reader (REST `latest`, the web snapshot, health) reads it, so
+    all surfaces agree on who serves a pair. `status` is the status when written; readers apply
+    `rates.policy.read_status` to `checked_at` to see `stale`.
+    """
+
+    item = models.OneToOneField(
+        Item, on_delete=models.CASCADE, primary_key=True, related_name="current_rate"
+    )
+    provider = models.CharField(max_length=65)
+    value = ExactDecimalField(max_digits=38, decimal_places=18)
+    bid = ExactDecimalField(max_digits=38, decimal_places=18, null=True, blank=True)
+    ask = ExactDecimalField(max_digits=38, decimal_places=18, null=True, blank=True)
+    source_time = models.DateTimeField()
+    # The last time a source confirmed this value (a quote, a tick or a poll, changed or not).
+    checked_at = models.DateTimeField()
+    # When the owner first received this value from this provider.
+    received_at = models.DateTimeField()
+    derived = models.BooleanField(default=False)
+    route = models.JSONField(default=list, blank=True)
+    status = models.CharField(max_length=16)
+    # +1 on every published change of the pair: readers apply events in this order.
+    version = models.PositiveBigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.item_id} {self.provider} {self.value} v{self.version}"
+
+
+class OwnerLease(models.Model):
+    """Who owns live state (SPEC 4, "One owner"): one row per lease name, held until `expires_at`.
+
+    A holder renews it well before it expires; a holder that dies (even SIGKILL) simply stops
+    renewing, and a standby takes it once it has expired. Times are the database's clock, so
+    processes on several hosts agree on expiry without trusting each other's clocks.
+    """
+
+    name = models.CharField(max_length=32, primary_key=True)
+    holder = models.CharField(max_length=200)
+    # Bumped on every change of holder: a fencing token for logs and the status page.
+    epoch = models.PositiveBigIntegerField(default=0)
+    acquired_at = models.DateTimeField()
+    expires_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.name} held by {self.holder} until {self.expires_at}"

@@ -1,35 +1,34 @@
-"""Rates writes: every quote goes through `accept_quote` (STYLE 1), once.
+"""Rates writes: every quote goes through `accept_quote` (STYLE 1), once, on the live owner.
 
-What happens to a quote (SPEC 4, 7, 9):
+One quote, one straight path (ARCHITECTURE), each step a function below:
 
-1. Validation (`rates.validation`): a finite positive number that fits the column, a source time
+1. `_validate` (a value or a reason): a finite positive number that fits the column, a source time
    not in the future (5 s of clock skew allowed) and not older than the provider's freshness
-   window (`Provider.freshness`, else `KURS_STALE_AFTER`; cbr's daily rates get days, CoinGecko
-   its 60 s cache plus margin), and no move of more than `KURS_MAX_JUMP` from the pair's last
-   accepted value unless another provider's fresh quote (or a cross rate not built from the same
-   provider) agrees within that limit. When no other provider has a fresh quote for the pair
-   (it has a single source), the jump is accepted once that source has held the new level for
-   `JUMP_HOLD` (5 minutes); while any other provider disagrees, it never is. A rejected quote
-   is logged and counted with its reason, and withdraws that provider's earlier quote for the
-   pair from serving.
-2. Failover: the pair is served by the highest-priority (`KURS_PROVIDERS` order) provider whose
-   latest accepted quote is still fresh and which is not down (its last REST round failed and it
-   has no live stream). Direct quotes outrank cross rates.
-3. History: an accepted quote of a tracked (active) item is stored as a Rate row when its value
-   differs from the last row stored for that item and provider, or that row is 60 s old or more.
-   Every provider's quotes are stored this way, serving or not, so the history shows what each
-   exchange said; cross rates are stored only while they serve the pair (they are computed, not
-   observed, and would otherwise double the writes of every leg).
-4. Events: `rate.updated` is published, after commit, only for the provider that serves the pair,
-   and only when the value or the serving provider changed or `KURS_STALE_AFTER / 2` passed since
-   the last event for the pair (so readers can tell a still-fresh pair from a silent one). Clients
-   therefore never flip between providers' slightly different prices; when the serving provider
-   goes down or is rejected, the next one's latest accepted quote is published at once.
+   window (`rates.policy.provider_freshness`), and no move of more than `KURS_MAX_JUMP` from the
+   pair's last accepted value unless another provider's fresh quote (or a cross rate not built
+   from the same provider) agrees within that limit. When no other provider has a fresh quote for
+   the pair, the jump is accepted once that source has held the new level for `JUMP_HOLD`
+   (5 minutes); while any other provider disagrees, it never is. A rejected quote is logged and
+   counted with its reason, and withdraws that provider's earlier quote from serving.
+2. `_decide` (the board, pure given its state): the pair is served by the highest-priority
+   provider whose latest accepted quote is still fresh and which is not down; direct quotes
+   outrank cross rates. The answer is the pair's new current rate when it is news: another value
+   or provider, another status (live/failover/stale), or a confirmation (`checked_at` moved) once
+   `KURS_STALE_AFTER / 2` has passed since the last write (the heartbeat of SPEC 7).
+3. `_persist` (one transaction): the history row when due (an accepted quote of a tracked item
+   whose value differs from the last row of that item and provider, or whose last row is 60 s
+   old; every provider's quotes are kept, cross rates only while they serve) and the
+   `CurrentRate` row, with `version` + 1.
+4. `publish_on_commit`: `rate.updated` with the new current rate, after the commit.
+
+Only a board whose `guard` allows it (the owner's lease) persists and publishes: a process that
+does not own live state may quote (the one-shot `run_fetch` table) but never writes.
 
 Cross rates (SPEC 4): a pair is also derived as `BASE-X × X-QUOTE` through X = USD, USDT and the
 `KURS_USD_PROXY` asset when both legs are fresh, e.g. BTC-RUB = binance BTC-USD (the BTCUSDT
-market) × cbr USD-RUB, named `binance+cbr` and marked `derived`. Legs need not be tracked items:
-the fetch asks providers for them too, and the board keeps them in memory only.
+market) × cbr USD-RUB, named `binance+cbr` and marked `derived`, with its legs as `route`. Legs
+need not be tracked items: the fetch asks providers for them too, and the board keeps them in
+memory only. Cross rates are new quotes entering the same path.
 """
 
 from __future__ import annotations
@@ -37,21 +36,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from decimal import Decimal, localcontext
-from functools import partial
+from decimal import localcontext
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections, transaction
+from django.db import DatabaseError, IntegrityError, close_old_connections, transaction
 from django.utils import timezone
 
 from items.models import Item
-from rates import metrics, validation
-from rates.board import DERIVED_SEPARATOR, Entry, QuoteBoard
-from rates.models import Rate
-from rates.providers import PROVIDER_CLASSES, Pair, Quote
+from rates import metrics, policy, validation
+from rates.board import Current, Entry, QuoteBoard
+from rates.models import CURRENT_FIELDS, CurrentRate, Rate
+from rates.providers import Pair, Quote
+from rates.snapshot import route_from_db
 from realtime import events
 
 logger = logging.getLogger(__name__)
@@ -62,7 +61,7 @@ STORE_EVERY = timedelta(seconds=60)
 # cbr) is accepted once that source has held the new level this long: a real crash must not
 # freeze such a pair forever, while a glitch rarely repeats itself for minutes.
 JUMP_HOLD = timedelta(minutes=5)
-# Active items are re-read at most this often (and at once after an item event in this process).
+# Active items are re-read at most this often.
 ITEMS_TTL = 5.0
 
 _board = QuoteBoard()
@@ -71,14 +70,6 @@ _board = QuoteBoard()
 def get_board() -> QuoteBoard:
     """The process's quote board (tests and benchmarks swap `rates.services._board`)."""
     return _board
-
-
-def _forget_items_on_item_event(subject: str, envelope: dict[str, Any]) -> None:
-    if str(envelope.get("type", "")).startswith("item."):
-        _board.forget_items()
-
-
-events.add_transport(_forget_items_on_item_event)
 
 
 @dataclass
@@ -97,45 +88,16 @@ class Acceptance:
         return int(self.stored) + sum(result.stored_count for result in self.derived)
 
 
-# --- Providers: priority and freshness ---------------------------------------------------------
-def provider_priority(name: str) -> tuple[int, ...]:
-    """(0, index in KURS_PROVIDERS) for a provider; (1, leg, leg) for a cross rate."""
-    order = settings.KURS_PROVIDERS
-    if DERIVED_SEPARATOR in name:
-        legs = name.split(DERIVED_SEPARATOR)
-        return (1, *(order.index(leg) if leg in order else len(order) for leg in legs))
-    return (0, order.index(name) if name in order else len(order))
+@dataclass(frozen=True)
+class CrossQuote:
+    """A cross rate computed from two legs' best direct quotes."""
 
-
-def provider_freshness(name: str) -> float:
-    """Seconds a quote of `name` stays fresh: its own window, else KURS_STALE_AFTER.
-
-    A cross rate `a+b` is as fresh as its least fresh leg allows.
-    """
-    if DERIVED_SEPARATOR in name:
-        return min(provider_freshness(leg) for leg in name.split(DERIVED_SEPARATOR))
-    cls = PROVIDER_CLASSES.get(name)
-    if cls is not None and cls.freshness is not None:
-        return cls.freshness
-    return settings.KURS_STALE_AFTER
+    quote: Quote
+    fresh_until: datetime
+    route: tuple[dict[str, Any], ...]
 
 
 # --- Items and cross-rate routes ---------------------------------------------------------------
-def _canonical(asset: str) -> str:
-    return settings.KURS_ASSET_ALIASES.get(asset, asset)
-
-
-def cross_routes(pair: Pair) -> list[tuple[Pair, Pair]]:
-    """The (BASE-X, X-QUOTE) legs a pair can be derived from: X is USD, USDT and the USD proxy.
-
-    With `KURS_USD_PROXY` empty, BTC-USD thus comes from a true USD quote or from
-    BTC-USDT × USDT-USD (SPEC 3).
-    """
-    vias = dict.fromkeys(["USD", "USDT", settings.KURS_USD_PROXY or "USD"])
-    assets = {_canonical(pair.base), _canonical(pair.quote)}
-    return [(Pair(pair.base, via), Pair(via, pair.quote)) for via in vias if via not in assets]
-
-
 def active_items(*, board: QuoteBoard | None = None) -> dict[str, int]:
     """code -> id of the active items, cached on the board for ITEMS_TTL seconds."""
     board = board or _board
@@ -152,7 +114,7 @@ def wanted_pairs(item_codes: Iterable[str]) -> list[Pair]:
     for pair in items:
         pairs[pair] = None
     for pair in items:
-        for first, second in cross_routes(pair):
+        for first, second in policy.cross_routes(pair):
             pairs[first] = None
             pairs[second] = None
     return list(pairs)
@@ -161,28 +123,42 @@ def wanted_pairs(item_codes: Iterable[str]) -> list[Pair]:
 def _dependants(leg: str, item_codes: Iterable[str]) -> list[tuple[str, Pair, Pair]]:
     found = []
     for code in item_codes:
-        for first, second in cross_routes(Pair.parse(code)):
+        for first, second in policy.cross_routes(Pair.parse(code)):
             if leg in (first.code, second.code):
                 found.append((code, first, second))
     return found
+
+
+# --- Ownership: the board starts from the read model --------------------------------------------
+def current_from_row(row: CurrentRate) -> Current:
+    fields = {name: getattr(row, name) for name in CURRENT_FIELDS}
+    return Current(**fields, route=tuple(route_from_db(row.route)))
+
+
+def board_load(*, board: QuoteBoard | None = None) -> int:
+    """A new owner's start: forget this process's view, load every stored current rate."""
+    board = board or _board
+    rows = CurrentRate.objects.select_related("item").filter(item__is_active=True)
+    loaded = [(row.item.code, current_from_row(row)) for row in rows]
+    board.clear()
+    board.load(loaded)
+    return len(loaded)
 
 
 # --- accept_quote ------------------------------------------------------------------------------
 def accept_quote(
     quote: Quote, *, now: datetime | None = None, board: QuoteBoard | None = None
 ) -> Acceptance:
-    """Validate, store and publish one provider quote, then the cross rates it moves.
+    """Validate, decide, store and publish one provider quote, then the cross rates it moves.
 
     Sync (it writes in a transaction); async callers use `sync_to_async(accept_quote)`.
     """
     board = board or _board
     now = now or timezone.now()
-    result = _accept(quote, derived=False, fresh_until=None, now=now, board=board)
+    result = _accept(quote, cross=None, now=now, board=board)
     if result.accepted:
-        for cross, fresh_until in _cross_quotes(quote.pair, now=now, board=board):
-            result.derived.append(
-                _accept(cross, derived=True, fresh_until=fresh_until, now=now, board=board)
-            )
+        for cross in _cross_quotes(quote.pair, now=now, board=board):
+            result.derived.append(_accept(cross.quote, cross=cross, now=now, board=board))
     return result
 
 
@@ -193,56 +169,63 @@ def accept_quotes(quotes: Iterable[Quote], *, board: QuoteBoard | None = None) -
         try:
             results.append(accept_quote(quote, board=board))
         except Exception:
-            # A database outage or a bug: log it with the quote, keep the round going.
+            # A bug: log it with the quote, keep the round going.
             logger.exception("cannot accept %s quote for %s", quote.provider, quote.pair)
             results.append(Acceptance(quote, accepted=False, reason="error"))
     return results
 
 
 def _accept(
-    quote: Quote,
-    *,
-    derived: bool,
-    fresh_until: datetime | None,
-    now: datetime,
-    board: QuoteBoard,
+    quote: Quote, *, cross: CrossQuote | None, now: datetime, board: QuoteBoard
 ) -> Acceptance:
-    name, pair = quote.provider, quote.pair
-    if fresh_until is None:
-        freshness = provider_freshness(name)
-        fresh_until = quote.source_time + timedelta(seconds=freshness)
-    else:
-        freshness = (fresh_until - quote.source_time).total_seconds()
     try:
-        value = validation.checked_value(quote.value)
-        validation.check_time(quote.source_time, now=now, freshness=freshness)
+        entry = _validate(quote, cross=cross, now=now, board=board)
     except validation.QuoteRejected as exc:
         return _reject(quote, exc, now=now, board=board)
+    board.accept(quote.pair, entry)
+    metrics.QUOTES_ACCEPTED.labels(entry.provider).inc()
+    item_id = active_items(board=board).get(quote.pair)
+    if item_id is None:
+        return Acceptance(quote, accepted=True)
+    metrics.RATE_AGE.labels(quote.pair).set(max(0.0, (now - entry.source_time).total_seconds()))
+    current = _decide(quote.pair, now=now, board=board)
+    # Cross rates are computed, not observed: they are history only while they serve.
+    serving_cross = entry.derived and board.best(quote.pair, now=now) == entry
+    history = entry if not entry.derived or serving_cross else None
+    stored = _persist(item_id, quote.pair, history, current, now=now, board=board)
+    return Acceptance(quote, accepted=True, stored=stored, published=current is not None)
+
+
+def _validate(quote: Quote, *, cross: CrossQuote | None, now: datetime, board: QuoteBoard) -> Entry:
+    """The quote as a board entry, or QuoteRejected (the jump guard consults the board)."""
+    name, pair = quote.provider, quote.pair
+    fresh_until = cross.fresh_until if cross else policy.fresh_until(name, quote.source_time)
+    value = validation.checked_value(quote.value)
+    validation.check_time(
+        quote.source_time, now=now, freshness=(fresh_until - quote.source_time).total_seconds()
+    )
     entry = Entry(
         provider=name,
         value=value,
         source_time=quote.source_time,
         fresh_until=fresh_until,
-        priority=provider_priority(name),
+        priority=policy.provider_priority(name),
         bid=validation.optional_value(quote.bid),
         ask=validation.optional_value(quote.ask),
-        derived=derived,
+        derived=cross is not None,
         proxied=quote.proxied,
+        route=cross.route if cross else (),
     )
     board.offer(pair, entry)
-    item_id = active_items(board=board).get(pair)
     confirmations = board.confirmations(pair, entry, now=now)
     max_jump = settings.KURS_MAX_JUMP
     try:
         validation.check_jump(
-            value,
-            reference=_reference(pair, item_id, board=board),
-            confirmations=confirmations,
-            max_jump=max_jump,
+            value, reference=board.reference(pair), confirmations=confirmations, max_jump=max_jump
         )
     except validation.QuoteRejected as exc:
         if confirmations or not board.held(pair, entry, now=now, hold=JUMP_HOLD, max_jump=max_jump):
-            return _reject(quote, exc, now=now, board=board)
+            raise
         logger.warning(
             "accepting %s's new level for %s: the only source held it for %ss (%s)",
             name,
@@ -250,57 +233,103 @@ def _accept(
             JUMP_HOLD.total_seconds(),
             exc.detail,
         )
-    board.accept(pair, entry)
-    metrics.QUOTES_ACCEPTED.labels(name).inc()
-    if item_id is None:
-        return Acceptance(quote, accepted=True)
-    metrics.RATE_AGE.labels(pair).set(max(0.0, (now - quote.source_time).total_seconds()))
+    return entry
+
+
+def _decide(pair: str, *, now: datetime, board: QuoteBoard) -> Current | None:
+    """The pair's new current rate when there is news to write and publish, else None."""
     best = board.best(pair, now=now)
-    serving = best is not None and best.provider == name
-    publish = serving and board.should_publish(pair, entry, heartbeat=_heartbeat())
-    stored = False
-    if serving or not derived:
-        try:
-            stored = _store(item_id, entry, now=now)
-        except DatabaseError:
-            # The quote is still valid and still served; only its history row is lost. A broken
-            # connection is dropped so that the next quote reconnects (streams never pause).
-            logger.exception("cannot store the %s rate of %s", name, pair)
-            close_old_connections()
-    if publish:
-        board.mark_published(pair, entry)
-        transaction.on_commit(partial(events.publish, "rate.updated", rate_event(pair, entry)))
-    return Acceptance(quote, accepted=True, stored=stored, published=publish)
+    current = board.get_current(pair)
+    if best is None:
+        # No fresh source: keep the last value, and say so once.
+        if current is None or current.status == policy.STALE:
+            return None
+        return replace(current, status=policy.STALE, version=current.version + 1)
+    status = policy.serving_status(best.priority, board.expected_priority(pair))
+    if current is not None and current.same_rate(best):
+        checked_at = max(current.checked_at, best.checked_at)
+        confirmed = checked_at > current.checked_at
+        heartbeat_due = time.monotonic() - current.written >= policy.heartbeat_seconds()
+        if status == current.status and not (confirmed and heartbeat_due):
+            return None
+        return replace(
+            current,
+            bid=best.bid,
+            ask=best.ask,
+            checked_at=checked_at,
+            route=best.route,
+            status=status,
+            version=current.version + 1,
+        )
+    return Current(
+        provider=best.provider,
+        value=best.value,
+        bid=best.bid,
+        ask=best.ask,
+        source_time=best.source_time,
+        checked_at=best.checked_at,
+        received_at=now,
+        derived=best.derived,
+        route=best.route,
+        status=status,
+        version=(current.version if current else 0) + 1,
+    )
 
 
-def _heartbeat() -> float:
-    return settings.KURS_STALE_AFTER / 2
+def _persist(
+    item_id: int,
+    pair: str,
+    history: Entry | None,
+    current: Current | None,
+    *,
+    now: datetime,
+    board: QuoteBoard,
+) -> bool:
+    """One transaction: the history row when due, the CurrentRate row; the event on commit.
+
+    Returns whether a history row was written. The board learns the new current rate only once
+    it is committed, so a failed write is simply decided again with the next quote.
+    """
+    if (history is None and current is None) or not board.writable():
+        return False
+    try:
+        with transaction.atomic():
+            stored = history is not None and _store_history(
+                item_id, pair, history, now=now, board=board
+            )
+            if current is not None:
+                _write_current(item_id, current)
+                events.publish_on_commit("rate.updated", rate_event(pair, current))
+    except IntegrityError:
+        # The item was deleted while a quote for it was in flight: a normal race, not a fault.
+        logger.warning("%s was deleted while being quoted; its rate is dropped", pair)
+        board.forget_items()
+        board.drop_current(pair)
+        return False
+    except DatabaseError as exc:
+        # The quote is still valid and still served; a broken connection is dropped so that
+        # the next quote reconnects (streams never pause).
+        provider = (current or history).provider  # type: ignore[union-attr]
+        logger.error("cannot store the %s rate of %s: %s", provider, pair, exc)
+        close_old_connections()
+        return False
+    if current is not None:
+        board.set_current(pair, current)
+    return stored
 
 
-def _reference(pair: str, item_id: int | None, *, board: QuoteBoard) -> Decimal | None:
-    """The jump guard's reference: the pair's last accepted value (memory, else the database)."""
-    reference = board.reference(pair)
-    if reference is None and item_id is not None and board.seed_once(pair):
+def _store_history(
+    item_id: int, pair: str, entry: Entry, *, now: datetime, board: QuoteBoard
+) -> bool:
+    key = (pair, entry.provider)
+    last = board.last_stored.get(key)
+    if last is None:  # once per pair and provider per owner: later rows are remembered
         last = (
-            Rate.objects.filter(item_id=item_id)
+            Rate.objects.filter(item_id=item_id, provider=entry.provider)
             .order_by("-received_at", "-id")
-            .values_list("value", flat=True)
+            .values_list("value", "received_at")
             .first()
         )
-        if last is not None:
-            board.set_reference(pair, last)
-            reference = last
-    return reference
-
-
-@transaction.atomic
-def _store(item_id: int, entry: Entry, *, now: datetime) -> bool:
-    last = (
-        Rate.objects.filter(item_id=item_id, provider=entry.provider)
-        .order_by("-received_at", "-id")
-        .values_list("value", "received_at")
-        .first()
-    )
     if last is not None and last[0] == entry.value and now - last[1] < STORE_EVERY:
         return False
     Rate.objects.create(
@@ -313,8 +342,30 @@ def _store(item_id: int, entry: Entry, *, now: datetime) -> bool:
         received_at=now,
         derived=entry.derived,
     )
+    # Remembered at once: a rollback would only store the next quote a little early.
+    board.last_stored[key] = (entry.value, now)
     metrics.RATES_STORED.labels(entry.provider).inc()
     return True
+
+
+def _write_current(item_id: int, current: Current) -> None:
+    fields = {name: getattr(current, name) for name in CURRENT_FIELDS}
+    fields["route"] = _route_to_db(current.route)
+    # One UPDATE in the common case (the row exists), an INSERT for a pair's first rate.
+    if not CurrentRate.objects.filter(item_id=item_id).update(**fields):
+        CurrentRate.objects.create(item_id=item_id, **fields)
+
+
+def _route_to_db(route: Iterable[dict[str, Any]]) -> list[dict[str, str]]:
+    return [
+        {
+            "pair": leg["pair"],
+            "provider": leg["provider"],
+            "value": format(leg["value"], "f"),
+            "source_time": leg["source_time"].isoformat(),
+        }
+        for leg in route
+    ]
 
 
 def _reject(
@@ -327,15 +378,16 @@ def _reject(
         quote.pair,
         rejection.reason,
         rejection.detail,
+        extra={"provider": quote.provider, "pair": quote.pair},
     )
     # What the provider says now is wrong, so its earlier quote no longer speaks for the pair.
     # A stale quote is only late (a replayed or slow frame): its fresher one still stands.
     if rejection.reason != "stale" and board.withdraw(quote.pair, quote.provider):
-        _publish_failover(quote.pair, now=now, board=board)
+        reevaluate(pairs=[quote.pair], now=now, board=board)
     return Acceptance(quote, accepted=False, reason=rejection.reason)
 
 
-def _cross_quotes(leg: str, *, now: datetime, board: QuoteBoard) -> list[tuple[Quote, datetime]]:
+def _cross_quotes(leg: str, *, now: datetime, board: QuoteBoard) -> list[CrossQuote]:
     """Cross rates of tracked items that use `leg`, from the best fresh direct quote of each leg."""
     crosses = []
     for code, first, second in _dependants(leg, active_items(board=board)):
@@ -346,57 +398,75 @@ def _cross_quotes(leg: str, *, now: datetime, board: QuoteBoard) -> list[tuple[Q
         with localcontext() as context:
             context.prec = 80  # exact product of two 38-digit decimals; rounded once on store
             value = one.value * two.value
-        crosses.append(
-            (
-                Quote(
-                    provider=f"{one.provider}{DERIVED_SEPARATOR}{two.provider}",
-                    pair=code,
-                    value=value,
-                    source_time=max(one.source_time, two.source_time),
-                    proxied=one.proxied or two.proxied,
-                ),
-                min(one.fresh_until, two.fresh_until),
-            )
+        quote = Quote(
+            provider=f"{one.provider}{policy.DERIVED_SEPARATOR}{two.provider}",
+            pair=code,
+            value=value,
+            source_time=max(one.source_time, two.source_time),
+            proxied=one.proxied or two.proxied,
         )
+        route = tuple(
+            {"pair": leg_pair.code, "provider": e.provider, "value": e.value, "source_time": t}
+            for leg_pair, e, t in ((first, one, one.source_time), (second, two, two.source_time))
+        )
+        crosses.append(CrossQuote(quote, min(one.fresh_until, two.fresh_until), route))
     return crosses
 
 
-# --- Failover when a provider goes down ------------------------------------------------------
-def rate_event(pair: str, entry: Entry) -> dict[str, Any]:
-    """`rate.updated` data (SPEC 7)."""
+# --- Re-evaluation: time passing, providers going down ------------------------------------------
+def rate_event(pair: str, current: Current) -> dict[str, Any]:
+    """`rate.updated` data (SPEC 7); the JSON encoder formats the times."""
     return {
         "direction": pair,
-        "value": entry.value,
-        "provider": entry.provider,
-        "source_time": entry.source_time.isoformat().replace("+00:00", "Z"),
-        "derived": entry.derived,
+        "value": current.value,
+        "provider": current.provider,
+        "source_time": current.source_time,
+        "checked_at": current.checked_at,
+        "status": current.status,
+        "derived": current.derived,
+        "route": list(current.route),
+        "version": current.version,
     }
 
 
-def _publish_failover(pair: str, *, now: datetime, board: QuoteBoard) -> None:
-    if pair not in board.published:
-        return
-    best = board.best(pair, now=now)
-    if best is not None and board.should_publish(pair, best, heartbeat=_heartbeat()):
-        board.mark_published(pair, best)
-        events.publish("rate.updated", rate_event(pair, best))
+def reevaluate(
+    *,
+    pairs: Iterable[str] | None = None,
+    now: datetime | None = None,
+    board: QuoteBoard | None = None,
+) -> int:
+    """Decide every (or the given) pair again without a new quote; returns how many changed.
 
-
-def provider_set_down(name: str, down: bool, *, board: QuoteBoard | None = None) -> None:
-    """A provider stopped (or resumed) answering: its fresh quotes stop (or resume) serving.
-
-    Either way the pairs it touches are re-evaluated at once: going down republishes the next
-    provider's latest quote for every pair it served; coming back republishes its own fresh
-    quotes for the pairs it outranks the current server on.
+    Time alone changes who serves: a quote outlives its freshness window, so the next provider
+    (or `stale`) must show without waiting for another quote. The owner calls this every second.
     """
     board = board or _board
-    if not board.set_down(name, down):
-        return
-    if down:
+    now = now or timezone.now()
+    items = active_items(board=board)
+    changed = 0
+    for pair in list(pairs) if pairs is not None else board.pairs():
+        item_id = items.get(pair)
+        if item_id is None:
+            continue
+        current = _decide(pair, now=now, board=board)
+        if current is not None:
+            _persist(item_id, pair, None, current, now=now, board=board)
+            changed += 1
+    return changed
+
+
+def provider_set_down(name: str, down: bool, *, board: QuoteBoard | None = None) -> bool:
+    """A provider stopped (or resumed) answering: its fresh quotes stop (or resume) serving.
+
+    Only the board's flag changes here (callable from the event loop); the owner decides the
+    pairs again with `reevaluate` right after (the failed round, or its next tick), which fails
+    the pairs over to the next provider, or lets a recovered one serve where it outranks.
+    """
+    board = board or _board
+    changed = board.set_down(name, down)
+    if changed and down:
         logger.warning("%s is down: failing over the pairs it served", name)
-    now = timezone.now()
-    for pair in list(board.published):
-        _publish_failover(pair, now=now, board=board)
+    return changed
 
 
 # --- History retention -------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""The in-process snapshot of the latest course of each active pair (ARCHITECTURE, web process).
+"""The web process's snapshot of the current rate of each active pair (ARCHITECTURE, web).
 
-It is first read from the database (the latest Rate per active item), then kept current by the
-realtime bridge from `rate.updated` and `item.*` events, so that readers (the WebSocket snapshot,
-`/courses`) answer from memory. Writes come from the bridge's event loop and from the loading
-thread; a lock keeps them apart, and reads take it too.
+It is first loaded from the read model (`CurrentRate`, written by the live owner), then kept
+current by the realtime bridge from `rate.updated` and `item.*` events, so that readers (the
+WebSocket snapshot, `/courses`) answer from memory. Rate events are applied in per-pair `version`
+order: one that arrives late (an older version, e.g. from the fallback bus) never overwrites a
+newer one. Staleness is judged when read, by `rates.policy`. Writes come from the bridge's event
+loop and from the loading thread; a lock keeps them apart, and reads take it too.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.utils import timezone
+
+from items.models import Item
+from rates import policy
+from rates.models import CurrentRate
 
 logger = logging.getLogger(__name__)
 
@@ -28,22 +33,32 @@ class Course:
     value: Decimal
     provider: str
     source_time: datetime
+    checked_at: datetime
+    status: str
     derived: bool
+    version: int
+    route: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self, now: datetime) -> dict[str, Any]:
-        # One home for the freshness rule (daily CBR rates, cross rates): the rates services.
-        from rates.services import provider_freshness
-
-        age_s = max(0.0, (now - self.source_time).total_seconds())
+        status = policy.read_status(self.status, self.provider, self.checked_at, now=now)
         return {
             "direction": self.direction,
             "value": self.value,
             "provider": self.provider,
-            "source_time": self.source_time.isoformat().replace("+00:00", "Z"),
+            "source_time": self.source_time,
+            "checked_at": self.checked_at,
+            "status": status,
             "derived": self.derived,
-            "stale": age_s > provider_freshness(self.provider),
-            "age_s": round(age_s, 3),
+            "route": list(self.route),
+            "version": self.version,
+            "stale": status == policy.STALE,
+            "age_s": round(max(0.0, (now - self.checked_at).total_seconds()), 3),
         }
+
+    @property
+    def fresh_until(self) -> datetime:
+        """When this course turns stale unless a newer event arrives."""
+        return policy.fresh_until(self.provider, self.checked_at)
 
 
 def _parse_time(value: Any) -> datetime:
@@ -51,19 +66,60 @@ def _parse_time(value: Any) -> datetime:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
+def _decimal(value: Any) -> Decimal:
+    parsed = value if isinstance(value, Decimal) else Decimal(str(value))
+    if not parsed.is_finite():
+        raise ValueError(f"{value!r} is not a finite number")
+    return parsed
+
+
+def route_from_db(legs: Any) -> tuple[dict[str, Any], ...]:
+    """A cross rate's legs from JSON (an event, or the CurrentRate column) with typed values."""
+    if not legs:
+        return ()
+    return tuple(
+        {
+            "pair": str(leg["pair"]),
+            "provider": str(leg["provider"]),
+            "value": _decimal(leg["value"]),
+            "source_time": _parse_time(leg["source_time"]),
+        }
+        for leg in legs
+    )
+
+
 def course_from_event(data: dict[str, Any]) -> Course:
     """A `rate.updated` payload as a Course; ValueError when it is malformed."""
     try:
-        value = data["value"]
+        source_time = _parse_time(data["source_time"])
+        checked_at = data.get("checked_at")
         return Course(
             direction=str(data["direction"]),
-            value=value if isinstance(value, Decimal) else Decimal(str(value)),
+            value=_decimal(data["value"]),
             provider=str(data["provider"]),
-            source_time=_parse_time(data["source_time"]),
+            source_time=source_time,
+            checked_at=_parse_time(checked_at) if checked_at is not None else source_time,
+            status=str(data.get("status") or policy.LIVE),
             derived=bool(data.get("derived", False)),
+            version=int(data.get("version") or 0),
+            route=route_from_db(data.get("route")),
         )
     except (KeyError, TypeError, ValueError, InvalidOperation) as exc:
         raise ValueError(f"malformed rate.updated data: {exc}") from None
+
+
+def course_from_row(code: str, row: CurrentRate) -> Course:
+    return Course(
+        direction=code,
+        value=row.value,
+        provider=row.provider,
+        source_time=row.source_time,
+        checked_at=row.checked_at,
+        status=row.status,
+        derived=row.derived,
+        version=row.version,
+        route=route_from_db(row.route),
+    )
 
 
 class RatesSnapshot:
@@ -84,33 +140,17 @@ class RatesSnapshot:
         return self._version
 
     def load(self) -> None:
-        """Read the active items and the current Rate of each from the database (sync).
-
-        "Current" is `rates.selectors.rate_current`: failover applied to the history, the same
-        rate the REST API stands behind.
-        """
-        from items.models import Item
-        from rates.selectors import rate_current
-
-        now = timezone.now()
-        items = list(Item.objects.filter(is_active=True))
-        loaded: dict[str, Course] = {}
-        for item in items:
-            rate = rate_current(item=item, now=now)
-            if rate is not None:
-                loaded[item.code] = Course(
-                    direction=item.code,
-                    value=rate.value,
-                    provider=rate.provider,
-                    source_time=rate.source_time,
-                    derived=rate.derived,
-                )
+        """Read the active items and the current rate of each from the read model (sync)."""
+        items = list(Item.objects.filter(is_active=True).values_list("id", "code"))
+        codes = dict(items)
+        rows = CurrentRate.objects.filter(item_id__in=codes)
+        loaded = {codes[row.item_id]: course_from_row(codes[row.item_id], row) for row in rows}
         with self._lock:
-            self._active = {item.code for item in items}
+            self._active = set(codes.values())
             for code, course in loaded.items():
                 current = self._courses.get(code)
-                # An event that arrived while we were reading is newer than the database row.
-                if current is None or current.source_time < course.source_time:
+                # An event that arrived while we were reading may be newer than the row.
+                if current is None or current.version < course.version:
                     self._courses[code] = course
             self._loaded = True
             self._version += 1
@@ -119,10 +159,13 @@ class RatesSnapshot:
     async def aload(self) -> None:
         await sync_to_async(self.load)()
 
-    def apply_rate(self, data: dict[str, Any]) -> Course:
-        """Apply a `rate.updated` payload: the latest accepted rate wins."""
+    def apply_rate(self, data: dict[str, Any]) -> Course | None:
+        """Apply a `rate.updated` payload; None when it is older than what the snapshot has."""
         course = course_from_event(data)
         with self._lock:
+            current = self._courses.get(course.direction)
+            if current is not None and course.version and course.version <= current.version:
+                return None
             self._courses[course.direction] = course
             self._version += 1
         return course
@@ -156,6 +199,13 @@ class RatesSnapshot:
             wanted = self._active if pairs is None else self._active.intersection(pairs)
             found = [self._courses[code] for code in sorted(wanted) if code in self._courses]
         return [course.to_dict(now) for course in found]
+
+    def next_change(self, now: datetime | None = None) -> datetime | None:
+        """The earliest moment a fresh course turns stale with no event (cache expiry)."""
+        now = now or datetime.now(UTC)
+        with self._lock:
+            deadlines = [c.fresh_until for c in self._courses.values() if c.fresh_until >= now]
+        return min(deadlines, default=None)
 
     def reset(self) -> None:
         """Forget everything (a new event loop in tests, or before a reload)."""

@@ -38,6 +38,7 @@ from realtime.nats import (
     ORIGIN_HEADER,
     SEED_SUBJECT,
     connection,
+    control_prefix,
     fallback_group,
 )
 
@@ -187,6 +188,8 @@ class Bridge:
             loop.call_soon_threadsafe(self.handle, subject, origin, payload)
 
     def handle(self, subject: str, origin: str | None, payload: bytes) -> None:
+        if subject.startswith(control_prefix(settings.KURS_NATS_PREFIX)):
+            return  # a request to the owner (POST /tasks/run), answered by the fetcher
         if len(payload) > MAX_PAYLOAD_BYTES:
             self._drop(subject, f"payload of {len(payload)} bytes is over 64 KiB")
             return

@@ -1,7 +1,8 @@
 """The one way every event leaves Kurs (STYLE 1): an envelope, a subject, a publish.
 
-`publish()` builds the envelope of SPEC 7 and hands it to the process's transport. Callers in a
-transaction publish on commit (see `items.services`), never mid-transaction.
+`publish()` builds the envelope of SPEC 7 and hands it to the process's transport. Writers use
+`publish_on_commit()`: the event leaves once the write is durable, never mid-transaction, and a
+rolled-back write publishes nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
+from django.db import transaction
 
 logger = logging.getLogger(__name__)
 
@@ -81,3 +83,8 @@ def publish(event_type: str, data: dict[str, Any]) -> Envelope:
             # A broken transport must not break the write that produced the event.
             logger.exception("event transport %r failed for %s", transport, subject)
     return envelope
+
+
+def publish_on_commit(event_type: str, data: dict[str, Any]) -> None:
+    """`publish` once the current transaction commits (at once when none is open)."""
+    transaction.on_commit(lambda: publish(event_type, data))

@@ -73,6 +73,21 @@ def stream_name(prefix: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", prefix).upper()
 
 
+def event_subjects(prefix: str) -> list[str]:
+    """What the replay stream keeps: every event family of SPEC 7 under the prefix.
+
+    Not `<prefix>.>` as a whole: a request on `<prefix>.ctl.fetch` captured by a stream would be
+    answered by JetStream's publish acknowledgement before the owner could reply, and control
+    requests are not events anyone should replay.
+    """
+    return [f"{prefix}.{family}.>" for family in ("items", "rates", "fetch", "provider")]
+
+
+def control_prefix(prefix: str) -> str:
+    """Request/reply subjects (`kurs.ctl.fetch`): never events, never relayed to clients."""
+    return f"{prefix}.ctl."
+
+
 def _reconnect_delay(attempts: int) -> float:
     ceiling = min(RECONNECT_MAX_S, RECONNECT_BASE_S * (2 ** min(attempts, 16)))
     return ceiling * random.uniform(0.5, 1.0)
@@ -299,7 +314,9 @@ class NatsConnection:
         if client is None or not client.is_connected:
             return
         name = stream_name(self._prefix)
-        config = StreamConfig(name=name, subjects=[f"{self._prefix}.>"], max_age=STREAM_MAX_AGE_S)
+        config = StreamConfig(
+            name=name, subjects=event_subjects(self._prefix), max_age=STREAM_MAX_AGE_S
+        )
         js = client.jetstream(timeout=2.0)
         try:
             try:
@@ -469,6 +486,53 @@ def transport(subject: str, envelope: dict[str, Any]) -> None:
     """The `realtime.events` transport: serialise in the caller's thread, queue, return."""
 
     connection.publish(subject, dumps(envelope).encode(), envelope.get("id"))
+
+
+class Responder:
+    """A request/reply service on one subject, kept across reconnects until `close()`."""
+
+    def __init__(self, subject: str, handler: Callable[[bytes], Awaitable[bytes]]) -> None:
+        self.subject = subject
+        self._handler = handler
+        self._sub_id, _ = connection.subscribe(subject, self._on_request)
+
+    async def _on_request(self, msg: Msg) -> None:
+        if not msg.reply:
+            return
+        try:
+            answer = await self._handler(msg.data)
+        except Exception:
+            logger.exception("nats: the handler of %s failed", self.subject)
+            return
+        await msg.respond(answer)
+
+    def close(self) -> None:
+        connection.unsubscribe(self._sub_id)
+
+
+def serve(subject: str, handler: Callable[[bytes], Awaitable[bytes]]) -> Responder:
+    """Answer requests on `subject` with `handler(payload)` (it runs on the NATS thread)."""
+    return Responder(subject, handler)
+
+
+async def request(subject: str, payload: bytes, *, within: float) -> bytes | None:
+    """A NATS request from any event loop; the reply, or None when nobody answered in time."""
+    connection.start()
+    loop = connection._loop
+    client = connection._client
+    if loop is None or client is None or not client.is_connected:
+        return None
+
+    async def ask() -> bytes:
+        return (await client.request(subject, payload, timeout=within)).data
+
+    try:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(ask(), loop))
+    except (NoRespondersError, NatsTimeoutError, TimeoutError):
+        return None
+    except Exception as exc:
+        logger.warning("nats: request on %s failed: %s", subject, exc)
+        return None
 
 
 def status() -> dict[str, Any]:

@@ -5,8 +5,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
-from rates.board import DERIVED_SEPARATOR
-from rates.services import provider_freshness
+from rates.policy import DERIVED_SEPARATOR, provider_freshness
 
 
 @require_GET

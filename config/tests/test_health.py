@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 from django.test import Client
-from django.utils import timezone
 
 from config import health
 from items.models import Item
-from rates.models import Rate
+from rates.lease import lease_try_acquire
+from rates.tests.support import store_current
 from tests.services import require
 
 pytestmark = pytest.mark.django_db
@@ -33,17 +33,20 @@ def test_it_reports_every_component(client: Client) -> None:
 
 def test_it_is_ok_when_every_component_is(client: Client) -> None:
     require("NATS", "127.0.0.1", 4222)
-    now = timezone.now()
-    Rate.objects.create(
-        item=Item.objects.get(code="BTC-USD"),
-        provider="binance",
-        value="90000",
-        source_time=now,
-        received_at=now,
-    )
+    store_current(Item.objects.get(code="BTC-USD"), "binance", "90000")
     body = client.get("/api/v1/health").json()
     assert body["components"]["freshness"]["status"] == "ok"
+    assert body["components"]["freshness"]["stale"] == []
     assert body["status"] == "ok"
+
+
+def test_a_stale_current_rate_makes_freshness_degraded_and_names_the_pair(client: Client) -> None:
+    store_current(Item.objects.get(code="BTC-USD"), "binance", "90000")
+    store_current(Item.objects.get(code="ETH-USD"), "binance", "3000", checked_ago=31)
+    freshness = client.get("/api/v1/health").json()["components"]["freshness"]
+    assert freshness["status"] == "degraded"
+    assert freshness["stale"] == ["ETH-USD"]
+    assert freshness["quoted"] == 2
 
 
 def test_a_failing_database_is_down_with_503(
@@ -74,3 +77,10 @@ def test_a_hanging_component_times_out_as_down(
     body = client.get("/api/v1/health").json()
     assert body["components"]["cache"]["status"] == "down"
     assert body["status"] == "degraded"
+
+
+def test_it_names_the_owner_of_live_rates(client: Client) -> None:
+    assert client.get("/api/v1/health").json()["components"]["providers"]["owner"] is None
+    lease_try_acquire(holder="fetcher-host:42:ab12")
+    owner = client.get("/api/v1/health").json()["components"]["providers"]["owner"]
+    assert (owner["holder"], owner["epoch"]) == ("fetcher-host:42:ab12", 1)

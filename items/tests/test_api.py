@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -12,8 +13,11 @@ from django.test import Client
 from django.utils import timezone
 
 from items import services
-from items.models import Item
+from items.models import ITEM_FIELDS, Item
+from items.schemas import ItemOut
+from items.services import item_to_event
 from rates.models import Rate
+from rates.tests.support import store_current
 
 pytestmark = pytest.mark.django_db
 
@@ -90,27 +94,22 @@ def test_it_rejects_bad_list_parameters(client: Client, query: str, field: str) 
 # --- get ------------------------------------------------------------------------------------
 def test_it_gets_an_item_with_its_latest_rate(client: Client) -> None:
     item = Item.objects.get(code="BTC-USD")
-    now = timezone.now()
-    long_ago = now - timezone.timedelta(minutes=10)
-    # binance (first priority) has been silent for 10 minutes: bybit serves the pair.
-    Rate.objects.create(
-        item=item, provider="binance", value="54000.000123", source_time=long_ago,
-        received_at=long_ago,
-    )  # fmt: skip
-    Rate.objects.create(
-        item=item,
-        provider="bybit",
-        value="54001.123456789012345678",
-        bid="54001",
-        ask="54002.5",
-        source_time=now,
-        received_at=now + timezone.timedelta(seconds=1),
+    # binance (first priority) is down: the owner wrote bybit as the current rate.
+    store_current(
+        item,
+        "bybit",
+        "54001.123456789012345678",
+        bid=Decimal("54001"),
+        ask=Decimal("54002.5"),
+        status="failover",
+        version=3,
     )
     response = client.get(f"/api/v1/items/{item.id}")
     assert response.status_code == 200
     body = response.json()
     assert body["code"] == "BTC-USD"
-    assert body["latest"]["provider"] == "bybit"
+    assert (body["latest"]["provider"], body["latest"]["status"]) == ("bybit", "failover")
+    assert body["latest"]["version"] == 3
     # Full precision, as a JSON number: never rounded through a float.
     assert b'"value":54001.123456789012345678' in response.content
     assert b'"bid":54001,' in response.content
@@ -321,6 +320,20 @@ def test_reads_are_limited_per_client_when_configured(client: Client, settings: 
     cache.clear()
 
 
+def test_a_forged_forwarded_for_does_not_buy_a_fresh_budget(client: Client, settings: Any) -> None:
+    """KURS_NUM_PROXIES is 0 by default: the client is the TCP peer, whatever it claims."""
+    cache.clear()
+    settings.KURS_RATE_LIMIT = (5, 60)
+    statuses = [
+        client.get(
+            "/api/v1/items", REMOTE_ADDR="10.0.0.9", HTTP_X_FORWARDED_FOR=f"1.2.3.{n}"
+        ).status_code
+        for n in range(20)
+    ]
+    assert statuses == [200] * 5 + [429] * 15
+    cache.clear()
+
+
 def test_reads_are_unlimited_by_default(client: Client) -> None:
     cache.clear()
     statuses = {client.get("/api/v1/items").status_code for _ in range(60)}
@@ -340,3 +353,22 @@ def test_it_serves_openapi_and_docs(client: Client) -> None:
     assert b"swagger" in docs.content.lower()
     # Offline installs work: the docs page loads its assets locally, not from a CDN.
     assert b"cdn.jsdelivr" not in docs.content
+
+
+def test_the_item_schema_shows_exactly_the_public_fields() -> None:
+    """One field list (items.models.ITEM_FIELDS) for the API, the detail and the events."""
+    assert tuple(ItemOut.model_fields) == ITEM_FIELDS
+    item = Item.objects.get(code="BTC-USD")
+    assert tuple(item_to_event(item)) == ITEM_FIELDS
+
+
+@pytest.mark.parametrize("name", ["a\u0000b", "line\nbreak", "bell\u0007"])
+def test_control_characters_in_a_name_are_a_422_not_a_500(
+    client: Client, auth: dict[str, str], name: str
+) -> None:
+    created = post(client, "/api/v1/items", {"base": "SOL", "quote": "USD", "name": name}, **auth)
+    assert "name" in assert_error(created, 422)["detail"]
+    item = Item.objects.get(code="BTC-USD")
+    patched = patch(client, f"/api/v1/items/{item.id}", {"name": name}, **auth)
+    assert "name" in assert_error(patched, 422)["detail"]
+    assert not Item.objects.filter(code="SOL-USD").exists()

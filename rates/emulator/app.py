@@ -325,7 +325,8 @@ class StreamSession:
                 await self.on_client_message(text)
 
     async def push(self, queue: asyncio.Queue[PriceChange | None]) -> None:
-        await self.send_initial()
+        if self.fault.mode != "stale":
+            await self.send_initial()
         while True:
             if self.app.closing:
                 await self.close(CLOSE_GOING_AWAY, "emulator shutting down")
@@ -334,7 +335,8 @@ class StreamSession:
                 await self.close(CLOSE_INTERNAL_ERROR, f"emulator: {self.fault.mode}")
                 return
             change = await queue.get()
-            if change is not None:
+            # A stale provider's stream stays open and says nothing (a stalled feed).
+            if change is not None and self.fault.mode != "stale":
                 for frame in self.frames(change):
                     await self.send_frame(frame, change.symbol)
 

@@ -263,13 +263,15 @@ def bybit_ticker(book: Book, symbol: str, factor: Decimal, *, rest: bool) -> dic
     return ticker
 
 
-def bybit_envelope(result: Any, ret_code: int = 0, ret_msg: str = "OK") -> dict[str, Any]:
+def bybit_envelope(
+    result: Any, ret_code: int = 0, ret_msg: str = "OK", *, time_ms: int | None = None
+) -> dict[str, Any]:
     return {
         "retCode": ret_code,
         "retMsg": ret_msg,
         "result": result,
         "retExtInfo": {},
-        "time": now_ms(),
+        "time": now_ms() if time_ms is None else time_ms,
     }
 
 
@@ -283,7 +285,8 @@ def bybit_rest(book: Book, query: Mapping[str, list[str]], fault: Fault) -> Http
     wanted = symbols or sorted(book.prices)
     factor = factor_of(fault)
     tickers = [bybit_ticker(book, symbol, factor, rest=True) for symbol in wanted]
-    return json_response(bybit_envelope({"category": "spot", "list": tickers}))
+    envelope = bybit_envelope({"category": "spot", "list": tickers}, time_ms=fault.frozen_ms)
+    return json_response(envelope)
 
 
 def bybit_rate_limited(fault: Fault) -> HttpResponse:

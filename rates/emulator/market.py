@@ -18,7 +18,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 PROVIDERS = ("binance", "bybit", "coingecko", "cbr")
-MODES = ("ok", "slow", "down", "rate_limited", "garbage", "absurd", "drop_stream")
+MODES = ("ok", "slow", "down", "rate_limited", "garbage", "absurd", "drop_stream", "stale")
 GARBAGE_VARIANTS = ("text", "shape")
 
 # Crypto markets shared by Binance and Bybit: symbol → (start price, decimals).
@@ -105,6 +105,9 @@ class Fault:
     status: int | None = None
     factor: Decimal = Decimal(1000)
     variant: str = "text"
+    # `stale`: when the provider froze (ms); its REST answers carry this time, its streams
+    # stay open but silent, and its prices stop moving.
+    frozen_ms: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -272,7 +275,8 @@ class Market:
     def set_fault(self, provider: str, fault: Fault) -> None:
         targets = PROVIDERS if provider == "all" else (provider,)
         for name in targets:
-            self.faults[name] = dataclasses.replace(fault)
+            frozen = now_ms() if fault.mode == "stale" else None
+            self.faults[name] = dataclasses.replace(fault, frozen_ms=frozen)
             # Stream connections re-read their switch at once (drop_stream closes them).
             self.books[name].wake()
 
@@ -282,5 +286,6 @@ class Market:
     async def run_walk(self) -> None:
         while True:
             await asyncio.sleep(self.tick)
-            for book in self.books.values():
-                book.walk(self.rng)
+            for name, book in self.books.items():
+                if self.faults[name].mode != "stale":
+                    book.walk(self.rng)

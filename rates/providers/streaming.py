@@ -13,7 +13,7 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import aclosing, suppress
 
-from rates.providers.base import Pair, Provider, ProviderError, Quote
+from rates.providers.base import Pair, Provider, ProviderError, ProviderRateLimited, Quote
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ async def stream_forever(
     backoff_base: float = 1.0,
     backoff_cap: float = 30.0,
     healthy_after: float = 60.0,
+    gate: Callable[[], float] | None = None,
+    on_rate_limited: Callable[[ProviderRateLimited], None] | None = None,
 ) -> None:
     """Run ``provider.stream(pairs)`` until ``stop`` is set, reconnecting after every drop.
 
@@ -51,6 +53,10 @@ async def stream_forever(
     connection), ``disconnected`` (with the reason) and ``stopped``. A connection that lasted
     ``healthy_after`` seconds resets the back-off; a planned end (connection lifetime, server
     shutdown notice) reconnects at once. Never raises, except ``CancelledError``.
+
+    ``gate()`` says how many seconds to hold off before connecting (the provider's breaker while
+    it is open), and a 429/418 on the handshake goes to ``on_rate_limited`` (the breaker, which
+    honours its ``Retry-After``) before the next attempt waits for the gate.
     """
     loop = asyncio.get_running_loop()
 
@@ -94,6 +100,11 @@ async def stream_forever(
     connection: asyncio.Task[None] | None = None
     attempt = 0
     try:
+        hold = gate() if gate is not None else 0.0
+        if hold > 0:
+            logger.info("%s: stream waits %.1fs for the provider's breaker", provider.name, hold)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(stop_wait), hold)
         while not stop.is_set():
             started = loop.time()
             connection = asyncio.create_task(one_connection())
@@ -117,6 +128,8 @@ async def stream_forever(
                     continue
             elif isinstance(error, ProviderError):
                 reason = str(error)
+                if isinstance(error, ProviderRateLimited) and on_rate_limited is not None:
+                    on_rate_limited(error)
             else:
                 reason = repr(error)
                 logger.error(
@@ -126,6 +139,8 @@ async def stream_forever(
                     extra={"provider": provider.name},
                 )
             delay = backoff_delay(attempt, base=backoff_base, cap=backoff_cap)
+            if gate is not None:
+                delay = max(delay, gate())
             attempt += 1
             report(DISCONNECTED, reason)
             logger.warning(

@@ -3,4 +3,9 @@
 from __future__ import annotations
 
 from rates.tests.conftest_emulator import emulator, emulator_client  # noqa: F401
-from rates.tests.support import fresh_board, rate_settings  # noqa: F401
+from rates.tests.support import (  # noqa: F401
+    fresh_board,
+    on_demand_clock,
+    rate_settings,
+    tracked,
+)

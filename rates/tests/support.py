@@ -5,19 +5,22 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from django.core.cache import caches
 from django.utils import timezone
 
-from rates import fetcher, services
+from rates import fetcher, ondemand, services
 from rates.board import QuoteBoard
 from rates.emulator import EmulatorServer, run_emulator_server
+from rates.models import CurrentRate
 from rates.providers import Quote
+from rates.snapshot import RatesSnapshot, snapshot
 
 PROVIDERS = ["binance", "bybit", "coingecko", "cbr"]
 
@@ -120,3 +123,61 @@ def emulator_env(emulator: EmulatorServer) -> dict[str, str]:
         if name in ("binance", "bybit"):
             env[f"KURS_{name.upper()}_WS_URL"] = emulator.ws_url(name)
     return env
+
+
+def store_current(
+    item: Any,
+    provider: str,
+    value: str | Decimal,
+    *,
+    checked_ago: float = 0.0,
+    status: str = "live",
+    version: int = 1,
+    **fields: Any,
+) -> CurrentRate:
+    """A CurrentRate row as the owner would have written it, confirmed `checked_ago` s ago."""
+    checked = timezone.now() - timedelta(seconds=checked_ago)
+    defaults = {
+        "provider": provider,
+        "value": Decimal(value),
+        "source_time": checked,
+        "checked_at": checked,
+        "received_at": checked,
+        "status": status,
+        "version": version,
+        **fields,
+    }
+    return CurrentRate.objects.update_or_create(item=item, defaults=defaults)[0]
+
+
+class FakeClock:
+    """A monotonic clock that moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def tracked(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, Any]]:
+    """The live snapshot's courses, as a dict the test fills (code -> course dict, as
+    `snapshot.courses` returns them); any pair not in it is untracked."""
+    courses: dict[str, dict[str, Any]] = {}
+
+    def fake_courses(pairs: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        wanted = courses if pairs is None else pairs
+        return [courses[code] for code in sorted(wanted) if code in courses]
+
+    monkeypatch.setattr(RatesSnapshot, "loaded", property(lambda self: True))
+    monkeypatch.setattr(snapshot, "courses", fake_courses)
+    return courses
+
+
+@pytest.fixture
+def on_demand_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """A fresh on-demand rates cache for one test, on a clock the test moves."""
+    clock = FakeClock()
+    monkeypatch.setattr(ondemand, "on_demand", ondemand.OnDemandRates(clock=clock))
+    return clock

@@ -7,16 +7,18 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.db import connections
 from django.test import AsyncClient, Client
+from django.utils import timezone
 
 from items import services as item_services
 from items.models import Item
 from rates.emulator import EmulatorServer
-from rates.models import Rate
+from rates.models import CurrentRate, Rate
 from rates.tests.support import point_settings_at
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("rate_settings", "fresh_board")]
@@ -141,11 +143,45 @@ def test_an_unknown_item_is_a_404(client: Client, suffix: str) -> None:
     assert response.json()["detail"] == "item 999999 not found"
 
 
-def test_latest_is_the_newest_rate(client: Client, btc: Item, history: list[Rate]) -> None:
+def test_latest_is_the_current_rate_of_the_read_model(
+    client: Client, btc: Item, history: list[Rate]
+) -> None:
+    checked = timezone.now() - timedelta(seconds=5)
+    CurrentRate.objects.create(
+        item=btc,
+        provider="bybit",
+        value=Decimal("54001.5"),
+        source_time=checked - timedelta(seconds=60),
+        checked_at=checked,
+        received_at=checked - timedelta(seconds=59),
+        status="failover",
+        version=12,
+    )
     response = client.get(f"/api/v1/items/{btc.id}/rates/latest")
     assert response.status_code == 200
-    assert response.json()["value"] == 54003
-    assert response.json()["provider"] == "binance"
+    body = response.json()
+    # Not the newest history row (binance 54003): who serves is the owner's decision.
+    assert (body["provider"], body["value"], body["status"]) == ("bybit", 54001.5, "failover")
+    assert body["version"] == 12
+    assert body["derived"] is False
+    assert body["route"] == []
+    assert 5 <= body["age_s"] < 10  # seconds since the last confirmation
+    assert client.get(f"/api/v1/items/{btc.id}").json()["latest"] == {**body, "age_s": ANY}
+
+
+def test_latest_turns_stale_when_read_after_the_freshness_window(client: Client, btc: Item) -> None:
+    checked = timezone.now() - timedelta(seconds=31)  # KURS_STALE_AFTER is 30 s
+    CurrentRate.objects.create(
+        item=btc,
+        provider="binance",
+        value=Decimal(100),
+        source_time=checked,
+        checked_at=checked,
+        received_at=checked,
+        status="live",
+        version=1,
+    )
+    assert client.get(f"/api/v1/items/{btc.id}/rates/latest").json()["status"] == "stale"
 
 
 def test_latest_is_a_404_before_the_first_rate(client: Client, btc: Item) -> None:
@@ -220,3 +256,10 @@ def test_the_provider_filter_finds_cross_rates_however_the_plus_is_sent(
     )
     response = client.get(f"/api/v1/items/{btc_rub.id}/rates?provider={spelled}")
     assert response.json()["count"] == 1
+
+
+@pytest.mark.parametrize("provider", ["a%00b", "binance%0A", "<script>"])
+def test_a_malformed_provider_filter_is_a_422(client: Client, btc: Item, provider: str) -> None:
+    response = client.get(f"/api/v1/items/{btc.id}/rates?provider={provider}")
+    assert response.status_code == 422
+    assert "provider" in response.json()["detail"]

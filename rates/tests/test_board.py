@@ -3,7 +3,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from rates.board import Entry, QuoteBoard
+from django.conf import LazySettings
+
+from rates.board import Current, Entry, QuoteBoard
 
 NOW = datetime(2026, 1, 2, 12, 0, tzinfo=UTC)
 
@@ -61,17 +63,42 @@ def test_confirmations_come_from_other_fresh_sources_only() -> None:
     assert board.confirmations("BTC-USD", binance, now=NOW) == [Decimal(149)]
 
 
-def test_publishing_again_needs_a_change_or_the_heartbeat() -> None:
+def test_a_loaded_board_serves_the_stored_rate_and_keeps_it_as_the_jump_reference(
+    settings: LazySettings,
+) -> None:
+    settings.KURS_PROVIDERS = ["binance", "bybit"]
+    settings.KURS_STALE_AFTER = 30.0
     board = QuoteBoard()
-    first = entry("binance", "100", (0, 0))
-    assert board.should_publish("BTC-USD", first, heartbeat=60)
-    board.mark_published("BTC-USD", first)
-    assert not board.should_publish("BTC-USD", first, heartbeat=60)
-    assert board.should_publish("BTC-USD", entry("binance", "100.01", (0, 0)), heartbeat=60)
-    assert board.should_publish("BTC-USD", entry("bybit", "100", (0, 1)), heartbeat=60)
-    assert board.should_publish("BTC-USD", first, heartbeat=0)
-    assert board.served_by("binance") == ["BTC-USD"]
-    assert board.served_by("bybit") == []
+    stored = Current(
+        provider="bybit",
+        value=Decimal("101"),
+        bid=None,
+        ask=None,
+        source_time=NOW - timedelta(seconds=20),
+        checked_at=NOW - timedelta(seconds=10),
+        received_at=NOW - timedelta(seconds=20),
+        derived=False,
+        route=(),
+        status="failover",
+        version=7,
+    )
+    board.load([("BTC-USD", stored)])
+    served = board.best("BTC-USD", now=NOW)
+    assert served is not None
+    assert (served.provider, served.value) == ("bybit", Decimal("101"))
+    assert served.checked_at == stored.checked_at  # fresh until checked_at + 30 s
+    assert board.best("BTC-USD", now=NOW + timedelta(seconds=21)) is None
+    assert board.reference("BTC-USD") == Decimal("101")
+    assert board.get_current("BTC-USD") == stored
+
+
+def test_the_expected_priority_counts_providers_able_to_quote_the_pair() -> None:
+    board = QuoteBoard()
+    board.accept("BTC-USD", entry("bybit", "101", (0, 1)))
+    assert board.expected_priority("BTC-USD") == (0, 1)
+    board.set_best_possible({"BTC-USD": (0, 0)})
+    assert board.expected_priority("BTC-USD") == (0, 0)
+    assert board.expected_priority("ETH-RUB") is None
 
 
 def test_a_level_is_held_only_while_it_stays_within_the_limit() -> None:

@@ -68,7 +68,7 @@ def test_a_failed_probe_reopens_with_a_doubled_backoff() -> None:
     breaker, clock, _ = make(threshold=1, backoff=10, max_backoff=15)
     breaker.record_failure("timeout")
     clock.now += 11
-    assert breaker.state == HALF_OPEN
+    assert breaker.allow()  # the probe goes out
     breaker.record_failure("timeout again")
     assert breaker.state == OPEN
     assert breaker.retry_in() == 15  # doubled to 20, capped at max_backoff
@@ -90,3 +90,13 @@ def test_a_short_retry_after_still_waits_the_backoff() -> None:
     breaker.record_failure("HTTP 429", retry_after=1)
     clock.now += 2
     assert breaker.state == OPEN
+
+
+def test_reading_the_state_moves_nothing_and_publishes_nothing() -> None:
+    breaker, clock, changes = make(threshold=1, backoff=10)
+    breaker.record_failure("timeout")
+    clock.now += 11
+    assert breaker.state == HALF_OPEN  # what a status page shows
+    assert [state for state, _ in changes] == [OPEN]  # ... without a transition
+    assert breaker.allow()
+    assert [state for state, _ in changes] == [OPEN, HALF_OPEN]

@@ -316,3 +316,19 @@ async def test_the_fetcher_reconnects_after_the_database_dropped_its_connection(
     report = await watcher.cycle()
     assert report.providers["binance"] == "ok"
     assert report.stored == 1
+
+
+async def test_a_flood_of_requested_cycles_calls_each_exchange_once(
+    emulator: EmulatorServer, client: httpx.AsyncClient
+) -> None:
+    await track("BTC-USD")
+    fetch = Fetcher(providers(emulator, client, "binance", "bybit"), poll_interval=POLL)
+    emulator.market.requests.clear()
+    reports = await asyncio.gather(*(fetch.cycle_now() for _ in range(50)))
+    assert all(report is reports[0] for report in reports)
+    assert reports[0].providers == {"binance": "ok", "bybit": "ok"}
+    # ...and one more right after is answered by the same cycle.
+    assert await fetch.cycle_now() is reports[0]
+    calls = [(r.provider, r.path) for r in emulator.market.requests]
+    assert calls.count(("binance", "/api/v3/ticker/price")) == 1
+    assert calls.count(("bybit", "/v5/market/tickers")) == 1

@@ -50,3 +50,15 @@ def test_order_and_ranges_are_numeric(rates: list[Rate]) -> None:
     assert Rate.objects.filter(value__lte=Decimal("9.5")).count() == 2
     bounds = Rate.objects.aggregate(low=Min("value"), high=Max("value"))
     assert bounds == {"low": Decimal("0.000000000000000001"), "high": Decimal("100000")}
+
+
+def test_a_value_with_all_38_digits_comes_back_unrounded() -> None:
+    # More digits than Decimal's default 28-digit context: nothing on the way may round them.
+    widest = Decimal("12345678901234567890.123456789012345678")
+    item = Item.objects.get(code="BTC-USD")
+    now = timezone.now()
+    rate = Rate.objects.create(
+        item=item, provider="binance", value=widest, source_time=now, received_at=now
+    )
+    assert Rate.objects.values_list("value", flat=True).get(pk=rate.pk) == widest
+    assert Rate.objects.filter(value=widest).count() == 1

@@ -15,7 +15,7 @@ from rates.fetcher import monitor_for
 monitor = monitor_for("bybit")
 monitor.failed("HTTP 503 from /v5/market/tickers", kind="http")
 monitor.stream_state("streaming", "connected")
-monitor.save()
+monitor.flush()
 """
 
 READER = """

@@ -10,8 +10,9 @@ from django.utils import timezone
 from prometheus_client import REGISTRY
 
 from items.models import Item
-from rates import services
-from rates.models import Rate
+from rates import policy, services
+from rates.board import QuoteBoard
+from rates.models import CurrentRate, Rate
 from rates.tests.support import make_quote, rate_events
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("rate_settings", "fresh_board")]
@@ -113,8 +114,12 @@ def test_the_rate_updated_event_carries_the_spec_fields(
         "direction": "ETH-USD",
         "value": Decimal("3000.10"),
         "provider": "binance",
-        "source_time": quote.source_time.isoformat().replace("+00:00", "Z"),
+        "source_time": quote.source_time,
+        "checked_at": quote.source_time,
+        "status": "live",
         "derived": False,
+        "route": [],
+        "version": 1,
     }
 
 
@@ -135,13 +140,20 @@ def test_when_the_serving_provider_goes_down_the_next_one_is_published_at_once(
     accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
     accept(make_quote("bybit", "BTC-USD", "101"), django_capture_on_commit_callbacks)
     services.provider_set_down("binance", True)
-    assert [(e["provider"], e["value"]) for e in rate_events(published_events)] == [
-        ("binance", Decimal(100)),
-        ("bybit", Decimal(101)),
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.reevaluate() == 1
+    events = rate_events(published_events)
+    assert [(e["provider"], e["value"], e["status"]) for e in events] == [
+        ("binance", Decimal(100), "live"),
+        ("bybit", Decimal(101), "failover"),
     ]
+    assert [e["version"] for e in events] == [1, 2]
+    current = CurrentRate.objects.get(item__code="BTC-USD")
+    assert (current.provider, current.status, current.version) == ("bybit", "failover", 2)
     services.provider_set_down("binance", False)
     accept(make_quote("binance", "BTC-USD", "100.2"), django_capture_on_commit_callbacks)
-    assert rate_events(published_events)[-1]["provider"] == "binance"
+    last = rate_events(published_events)[-1]
+    assert (last["provider"], last["status"], last["version"]) == ("binance", "live", 3)
 
 
 def test_a_stale_serving_quote_hands_the_pair_to_the_next_provider(
@@ -194,16 +206,29 @@ def test_a_jump_confirmed_by_a_second_provider_is_accepted(
     assert second.accepted
 
 
-def test_the_jump_reference_survives_a_restart_through_the_history(
-    django_capture_on_commit_callbacks: Any,
+def test_a_new_owner_keeps_the_serving_provider_and_the_jump_reference(
+    django_capture_on_commit_callbacks: Any, published_events: Events
 ) -> None:
-    btc = item("BTC-USD")
-    now = timezone.now()
-    Rate.objects.create(
-        item=btc, provider="binance", value=Decimal(100), source_time=now, received_at=now
-    )
-    result = accept(make_quote("binance", "BTC-USD", "1000"), django_capture_on_commit_callbacks)
+    item("BTC-USD")
+    accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
+    accept(make_quote("bybit", "BTC-USD", "101"), django_capture_on_commit_callbacks)
+    services.provider_set_down("binance", True)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.reevaluate()
+    # A restart: the next owner starts from the stored current rates only.
+    services._board = QuoteBoard()
+    assert services.board_load() == 1
+    # What its fetcher tells it: binance lists BTC-USD, so bybit serving is still a failover.
+    services.get_board().set_best_possible({"BTC-USD": (0, 0)})
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.reevaluate() == 0  # no flip, nothing to say
+    result = accept(make_quote("bybit", "BTC-USD", "1010"), django_capture_on_commit_callbacks)
     assert result.reason == "jump"
+    accept(make_quote("bybit", "BTC-USD", "101.5"), django_capture_on_commit_callbacks)
+    # The absurd quote withdrew bybit's last one (nothing fresh left: stale), then it served on.
+    assert [(e["provider"], e["status"], e["version"]) for e in rate_events(published_events)][
+        -2:
+    ] == [("bybit", "stale", 3), ("bybit", "failover", 4)]
 
 
 @pytest.mark.parametrize(
@@ -337,11 +362,13 @@ def test_without_a_usd_proxy_a_usd_pair_crosses_through_usdt_usd(
 
 def test_each_provider_has_its_freshness_window(settings: Any) -> None:
     settings.KURS_STALE_AFTER = 30.0
-    assert services.provider_freshness("binance") == 30.0
-    assert services.provider_freshness("cbr") >= 86400
-    assert services.provider_freshness("binance+cbr") == 30.0
+    assert policy.provider_freshness("binance") == 30.0
+    assert policy.provider_freshness("cbr") >= 86400
+    assert policy.provider_freshness("binance+cbr") == 30.0
 
 
+# Outside a test transaction: the error path drops the connection as it would in production.
+@pytest.mark.django_db(transaction=True)
 def test_a_database_error_loses_the_row_not_the_rate(
     django_capture_on_commit_callbacks: Any,
     published_events: Events,
@@ -352,11 +379,19 @@ def test_a_database_error_loses_the_row_not_the_rate(
     def locked(**fields: Any) -> Rate:
         raise OperationalError("database is locked")
 
-    monkeypatch.setattr(Rate.objects, "create", locked)
-    result = accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
+    with monkeypatch.context() as patched:
+        patched.setattr(Rate.objects, "create", locked)
+        result = accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
     assert result.accepted
     assert not result.stored
+    # Nothing half-written: no current rate without its history row, and no event for it...
+    assert not CurrentRate.objects.exists()
+    assert rate_events(published_events) == []
+    # ...but the board kept the quote, so the next decision (the owner's tick) writes both.
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.reevaluate() == 1
     assert [event["value"] for event in rate_events(published_events)] == [Decimal(100)]
+    assert CurrentRate.objects.get().value == Decimal(100)
 
 
 def test_one_failing_quote_does_not_stop_the_rest_of_a_round(

@@ -9,8 +9,8 @@ import pytest
 from django.conf import LazySettings
 
 from items.models import Item
-from rates.models import Rate
 from rates.snapshot import RatesSnapshot
+from rates.tests.support import store_current
 
 pytestmark = pytest.mark.django_db
 
@@ -21,29 +21,42 @@ def iso(moment: datetime) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
-def store(code: str, provider: str, value: str, *, age_s: float, active: bool = True) -> None:
+def store(
+    code: str, provider: str, value: str, *, age_s: float, active: bool = True, version: int = 1
+) -> None:
     base, quote = code.split("-")
     item, _ = Item.objects.get_or_create(base=base, quote=quote, defaults={"is_active": active})
-    moment = NOW - timedelta(seconds=age_s)
-    Rate.objects.create(
-        item=item, provider=provider, value=Decimal(value), source_time=moment, received_at=moment
-    )
+    store_current(item, provider, value, checked_ago=age_s, version=version)
 
 
 def test_it_loads_the_current_rate_of_each_active_item() -> None:
     Item.objects.all().delete()
-    # Failover on the history: the fresh higher-priority provider wins over a newer row.
-    store("BTC-USD", "binance", "54000.000000000000000001", age_s=5)
-    store("BTC-USD", "coingecko", "53000", age_s=2)
+    store("BTC-USD", "bybit", "54000.000000000000000001", age_s=5, version=9)
     store("ETH-USD", "binance", "3000", age_s=2, active=False)
+    store("SOL-USD", "binance", "150", age_s=31)
     snapshot = RatesSnapshot()
     snapshot.load()
-    assert snapshot.active_pairs() == {"BTC-USD"}
+    assert snapshot.active_pairs() == {"BTC-USD", "SOL-USD"}
+    btc, sol = snapshot.courses()
+    assert btc["direction"] == "BTC-USD"
+    assert btc["value"] == Decimal("54000.000000000000000001")
+    assert (btc["provider"], btc["version"], btc["status"]) == ("bybit", 9, "live")
+    assert btc["stale"] is False
+    # Staleness is judged when read: 31 s since binance confirmed it (window 30 s).
+    assert (sol["status"], sol["stale"]) == ("stale", True)
+
+
+def test_an_older_version_never_overwrites_a_newer_one() -> None:
+    snapshot = RatesSnapshot()
+    snapshot.apply_item("item.created", {"code": "BTC-USD", "is_active": True})
+    event = {"direction": "BTC-USD", "provider": "bybit", "source_time": iso(NOW)}
+    assert snapshot.apply_rate({**event, "value": "101", "version": 5}) is not None
+    assert snapshot.apply_rate({**event, "value": "100", "version": 4}) is None
+    assert snapshot.apply_rate({**event, "value": "100", "version": 5}) is None
     [course] = snapshot.courses()
-    assert course["direction"] == "BTC-USD"
-    assert course["value"] == Decimal("54000.000000000000000001")
-    assert course["provider"] == "binance"
-    assert course["stale"] is False
+    assert (course["value"], course["version"]) == (Decimal("101"), 5)
+    assert snapshot.apply_rate({**event, "value": "102", "version": 6}) is not None
+    assert snapshot.courses()[0]["value"] == Decimal("102")
 
 
 def test_an_event_newer_than_the_database_row_survives_the_load() -> None:
@@ -57,6 +70,7 @@ def test_an_event_newer_than_the_database_row_survives_the_load() -> None:
             "provider": "bybit",
             "source_time": iso(NOW),
             "derived": False,
+            "version": 2,
         }
     )
     snapshot.load()

@@ -7,15 +7,15 @@ process's bridge: the same bridge -> hub -> socket path that NATS messages take.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
 from django.conf import LazySettings
 
 from items.models import Item
-from rates.models import Rate
 from rates.snapshot import snapshot
+from rates.tests.support import store_current
 from realtime import events
 from realtime.bridge import bridge
 from realtime.tests.conftest import connect, receive, receive_until
@@ -49,22 +49,7 @@ async def test_it_sends_the_snapshot_first_from_the_database(pairs: None) -> Non
 
     @sync_to_async
     def store() -> None:
-        item = Item.objects.get(code="BTC-USD")
-        now = datetime.now(UTC)
-        Rate.objects.create(
-            item=item,
-            provider="coingecko",
-            value=Decimal("53999.5"),
-            source_time=now,
-            received_at=now - timedelta(seconds=5),
-        )
-        Rate.objects.create(
-            item=item,
-            provider="binance",
-            value=Decimal("54000.000123"),
-            source_time=now,
-            received_at=now,
-        )
+        store_current(Item.objects.get(code="BTC-USD"), "binance", "54000.000123", version=4)
 
     await store()
     ws = await connect("/ws/items?pairs=BTC-USD,ETH-RUB")
@@ -76,6 +61,7 @@ async def test_it_sends_the_snapshot_first_from_the_database(pairs: None) -> Non
     assert course["provider"] == "binance"
     assert Decimal(str(course["value"])) == Decimal("54000.000123")
     assert course["stale"] is False
+    assert (course["status"], course["version"]) == ("live", 4)
     await ws.disconnect()
 
 

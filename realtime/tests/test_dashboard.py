@@ -51,14 +51,28 @@ def chromium() -> Path:
     return CHROMIUM
 
 
-def rate(direction: str, value: str, provider: str, age_s: float = 1, derived: bool = False):
-    source_time = datetime.now(UTC) - timedelta(seconds=age_s)
+def rate(
+    direction: str,
+    value: str,
+    provider: str,
+    age_s: float = 1,
+    derived: bool = False,
+    *,
+    status: str = "live",
+    version: int = 1,
+) -> dict[str, object]:
+    """`rate.updated` data with the fields of SPEC 7."""
+    checked = datetime.now(UTC) - timedelta(seconds=age_s)
     return {
         "direction": direction,
         "value": Decimal(value),
         "provider": provider,
-        "source_time": source_time.isoformat().replace("+00:00", "Z"),
+        "source_time": checked,
+        "checked_at": checked,
+        "status": status,
         "derived": derived,
+        "route": [],
+        "version": version,
     }
 
 
@@ -82,7 +96,7 @@ async def test_the_dashboard_shows_a_published_rate_change(
             await expect(page.locator("#status")).to_have_text("live", timeout=10_000)
 
             events.publish("rate.updated", rate("BTC-USD", "54321.000123", "binance"))
-            events.publish("rate.updated", rate("ETH-USD", "3012.5", "binance"))
+            events.publish("rate.updated", rate("ETH-USD", "3012.5", "bybit", status="failover"))
             events.publish("rate.updated", rate("BTC-RUB", "5012345.67", "coingecko", age_s=300))
             events.publish("rate.updated", rate("ETH-RUB", "278000.1", "binance+cbr", derived=True))
             events.publish("provider.state", {"name": "binance", "state": "closed", "reason": ""})
@@ -95,10 +109,12 @@ async def test_the_dashboard_shows_a_published_rate_change(
             await expect(btc).to_have_text("54321.000123", timeout=10_000)
             await expect(page.locator('tr[data-pair="BTC-RUB"] .tag.stale')).to_be_visible()
             await expect(page.locator('tr[data-pair="ETH-RUB"] .tag.derived')).to_be_visible()
+            await expect(page.locator('tr[data-pair="BTC-USD"] .tag.live')).to_be_visible()
+            await expect(page.locator('tr[data-pair="ETH-USD"] .tag.failover')).to_be_visible()
             await expect(page.locator('tr[data-provider="bybit"]')).to_contain_text("open")
 
             # A change of the same pair updates the row in place.
-            events.publish("rate.updated", rate("BTC-USD", "54400.5", "binance"))
+            events.publish("rate.updated", rate("BTC-USD", "54400.5", "binance", version=2))
             await expect(btc).to_have_text("54400.5", timeout=10_000)
             assert await page.locator('tr[data-pair="BTC-USD"]').count() == 1
             await expect(page.locator("#log li").first).to_contain_text("BTC-USD 54400.5")

@@ -96,7 +96,13 @@ async def test_it_ensures_the_jetstream_stream_where_the_server_has_it(
     assert await wait_for(connection.stream_checked)
     assert realtime_nats.status()["jetstream"] is True
     info = await js.stream_info(name)
-    assert info.config.subjects == [f"{prefix}.>"]
+    # Every event family, and not the owner's control requests (kurs.ctl.fetch).
+    assert info.config.subjects == [
+        f"{prefix}.items.>",
+        f"{prefix}.rates.>",
+        f"{prefix}.fetch.>",
+        f"{prefix}.provider.>",
+    ]
     assert info.config.max_age == 24 * 3600
     events.publish("provider.state", {"name": "cbr", "state": "open", "reason": "timeout"})
     # Another service replays the stream from its start.

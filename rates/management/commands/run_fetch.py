@@ -14,7 +14,14 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from config.jsonenc import dumps
-from rates.fetcher import MAX_ROUND_SECONDS, CycleReport, Fetcher, http_client
+from rates.fetcher import (
+    MAX_ROUND_SECONDS,
+    CycleReport,
+    Fetcher,
+    fetch_once,
+    fetch_read_only,
+    http_client,
+)
 from rates.providers import PROVIDER_CLASSES, build_providers
 
 logger = logging.getLogger("rates.run_fetch")
@@ -54,9 +61,12 @@ class Command(BaseCommand):
 
     @staticmethod
     async def _once(names: list[str]) -> CycleReport:
-        poll = settings.KURS_POLL_INTERVAL
-        async with http_client(min(MAX_ROUND_SECONDS, poll)) as client:
-            return await Fetcher(build_providers(names, client=client)).cycle()
+        # The safety net's cycle; while a live fetcher owns rates, quote without writing.
+        report = await fetch_once(provider_names=names)
+        if report is not None:
+            return report
+        logger.warning("a live fetcher owns rates: this cycle only quotes, it stores nothing")
+        return await fetch_read_only(provider_names=names)
 
     async def _watch(self, names: list[str], *, as_json: bool) -> None:
         stop = asyncio.Event()

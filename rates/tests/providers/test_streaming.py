@@ -6,8 +6,9 @@ from decimal import Decimal
 import httpx
 import pytest
 
+from rates.breaker import CircuitBreaker
 from rates.emulator import EmulatorServer
-from rates.providers import Pair, Provider, Quote
+from rates.providers import Pair, Provider, ProviderRateLimited, Quote
 from rates.providers.streaming import (
     CONNECTING,
     DISCONNECTED,
@@ -174,3 +175,43 @@ def test_backoff_grows_with_jitter_up_to_the_cap() -> None:
         delay = backoff_delay(attempt, base=1.0, cap=30.0)
         assert step / 2 <= delay <= step
     assert len({backoff_delay(5, base=1.0, cap=30.0) for _ in range(20)}) > 1
+
+
+async def test_a_rate_limited_handshake_goes_through_the_breaker_and_honours_retry_after(
+    emulator: EmulatorServer, emulator_client: httpx.AsyncClient
+) -> None:
+    """429 + Retry-After: 2 on the upgrade: the breaker opens for 2 s, and the stream does not
+    knock again before then, although its own back-off (10 ms) would."""
+    provider = make_provider("binance", emulator, emulator_client)
+    emulator.set_fault("binance", "rate_limited", retry_after=2)
+    emulator.market.requests.clear()
+    breaker = CircuitBreaker("binance", backoff=0.1)
+    limits: list[float | None] = []
+
+    def on_rate_limited(exc: ProviderRateLimited) -> None:
+        limits.append(exc.retry_after)
+        breaker.record_failure(str(exc), retry_after=exc.retry_after)
+
+    recorder, stop = Recorder(), asyncio.Event()
+    task = asyncio.create_task(
+        stream_forever(
+            provider,
+            [Pair("BTC", "USD")],
+            recorder.on_quote,
+            stop=stop,
+            on_state=recorder.on_state,
+            gate=breaker.retry_in,
+            on_rate_limited=on_rate_limited,
+            **FAST,
+        )
+    )
+    await asyncio.wait_for(recorder.event(DISCONNECTED).wait(), WAIT)
+    assert limits == [2.0]
+    assert breaker.state == "open"
+    emulator.set_fault("binance", "ok")
+    await asyncio.wait_for(recorder.event(STREAMING).wait(), WAIT)
+    opens = [r.time_ms for r in emulator.market.requests if r.method == "WS"]
+    assert len(opens) == 2  # the refused one, and one after Retry-After: none in between
+    assert opens[1] - opens[0] >= 1900
+    stop.set()
+    await asyncio.wait_for(task, WAIT)

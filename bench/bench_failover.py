@@ -1,0 +1,149 @@
+"""Failover and recovery as a user sees them: REST `latest`, `/ws/items` and NATS, real processes.
+
+    .venv/bin/python bench/bench_failover.py [--switches 10] [--poll 2] [--steady 60]
+
+A fetcher (`run_fetch --watch`) and a uvicorn web process run against the exchange emulator, a
+SQLite file and the machine's NATS (127.0.0.1:4222). For each fault the serving provider is
+switched `--switches` times; each time the seconds until every surface shows the next provider
+with `status: failover` are recorded, then, after the reset, until the first provider serves
+`live` again. Two faults: `down` (HTTP 503, streams refused) and `stale` (a stalled feed without
+errors: Bybit's times freeze and its stream goes silent; the bound adds KURS_STALE_AFTER).
+The in-run baseline is the NATS subscriber, the event bus itself: REST and WebSocket are shown
+as a ratio to it. Last, with prices held still for `--steady` seconds, the `rate.updated` events
+per pair per minute: the heartbeat (KURS_STALE_AFTER / 2), and no duplicate versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+
+from rates.emulator import run_emulator_server  # noqa: E402
+from tests.stack import Stack, wait_until, watching  # noqa: E402
+
+SURFACES = ("rest", "ws", "nats")
+
+
+async def measure(mode: str, switches: int, poll: float) -> dict[str, list[dict[str, float]]]:
+    async with run_emulator_server(host="127.0.0.1", port=0, tick=3600, seed=7) as emulator:
+        stack = Stack(
+            folder=Path(tempfile.mkdtemp(prefix=f"kurs-bench-{mode}-")),
+            emulator=emulator,
+            providers="binance,bybit" if mode == "down" else "bybit,binance",
+            poll=poll,
+            stale_after=4.0,
+        )
+        stack.migrate(active=("BTC-USD",))
+        first, second = stack.providers.split(",")
+        stack.fetcher()
+        web = stack.web()
+        runs: dict[str, list[dict[str, float]]] = {"failover": [], "recovery": []}
+        try:
+            async with watching(stack, web, "BTC-USD") as watch:
+                await wait_until(
+                    lambda: set(watch.latest.values()) == {(first, "live")},
+                    within=60,
+                    what="the first provider serving",
+                )
+                for _ in range(switches):
+                    # At a random moment of the poll cycle, not in step with it.
+                    await asyncio.sleep(random.uniform(0, poll))
+                    runs["failover"].append(
+                        await watch.until(
+                            second, "failover", lambda: emulator.set_fault(first, mode), within=30
+                        )
+                    )
+                    await asyncio.sleep(random.uniform(0, poll))
+                    runs["recovery"].append(
+                        await watch.until(
+                            first, "live", lambda: emulator.set_fault(first, "ok"), within=30
+                        )
+                    )
+        finally:
+            stack.stop()
+        return runs
+
+
+async def steady(seconds: float, poll: float) -> tuple[dict[str, float], int]:
+    """rate.updated per pair per minute with prices held still; and duplicate versions seen."""
+    async with run_emulator_server(host="127.0.0.1", port=0, tick=3600, seed=7) as emulator:
+        stack = Stack(
+            folder=Path(tempfile.mkdtemp(prefix="kurs-bench-steady-")),
+            emulator=emulator,
+            poll=poll,
+        )
+        stack.migrate(active=("BTC-USD", "ETH-USD"))
+        stack.fetcher()
+        web = stack.web()
+        try:
+            counts: dict[str, list[int]] = {}
+            for pair in ("BTC-USD", "ETH-USD"):
+                async with watching(stack, web, pair) as watch:
+                    await wait_until(lambda w=watch: bool(w.events), within=60, what="a first rate")
+                    watch.events.clear()
+                    await asyncio.sleep(seconds)  # the measurement window itself
+                    counts[pair] = [event["version"] for event in watch.events]
+        finally:
+            stack.stop()
+    per_minute = {pair: len(versions) * 60 / seconds for pair, versions in counts.items()}
+    duplicates = sum(
+        n - 1 for versions in counts.values() for n in collections.Counter(versions).values()
+    )
+    return per_minute, duplicates
+
+
+def summary(runs: list[dict[str, float]], surface: str) -> tuple[float, float, int]:
+    values = [run[surface] for run in runs if surface in run]
+    if not values:
+        return float("nan"), float("nan"), 0
+    return statistics.median(values), max(values), len(values)
+
+
+def report(mode: str, runs: dict[str, list[dict[str, float]]], bound: float) -> None:
+    print(f"\n{mode}: {len(runs['failover'])} switches; bound {bound:g} s")
+    print(f"  {'surface':8} {'phase':9} {'median s':>9} {'max s':>7} {'seen':>5} {'÷ NATS':>7}")
+    for phase in ("failover", "recovery"):
+        base, _, _ = summary(runs[phase], "nats")
+        for surface in SURFACES:
+            median, worst, seen = summary(runs[phase], surface)
+            ratio = median / base if base else float("nan")
+            print(
+                f"  {surface:8} {phase:9} {median:9.2f} {worst:7.2f} "
+                f"{seen:>3}/{len(runs[phase])} {ratio:7.2f}"
+            )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--switches", type=int, default=10)
+    parser.add_argument("--poll", type=float, default=2.0)
+    parser.add_argument("--steady", type=float, default=60.0)
+    options = parser.parse_args()
+    print(f"cores: {os.cpu_count()}; load average {os.getloadavg()[0]:.2f} at start")
+    started = time.monotonic()
+    for mode in ("down", "stale"):
+        runs = await measure(mode, options.switches, options.poll)
+        bound = options.poll + 1 + (4.0 if mode == "stale" else 0)
+        report(mode, runs, bound)
+    per_minute, duplicates = await steady(options.steady, options.poll)
+    print(f"\nsteady prices for {options.steady:g} s, KURS_STALE_AFTER 30 (heartbeat 15 s):")
+    for pair, rate in per_minute.items():
+        print(f"  {pair}: {rate:.1f} rate.updated per minute (expected 4.0)")
+    print(f"  duplicate versions: {duplicates}")
+    print(f"\nload average {os.getloadavg()[0]:.2f} at end; {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,23 @@
+"""Domain errors of the rates app; `config/api.py` maps each to an HTTP answer once."""
+
+from __future__ import annotations
+
+
+class RatesError(Exception):
+    """Base for rates errors; `str()` is the message the API shows as `detail`."""
+
+
+class PairNotPriced(RatesError):
+    """No provider lists the pair, directly, inverted or through a cross rate (404)."""
+
+
+class ProvidersUnavailable(RatesError):
+    """Providers that could price the pair failed or sent no valid quote just now (503)."""
+
+
+class InvalidQuery(RatesError):
+    """Parameters that are each valid but make no sense together; `field` names the culprit."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field

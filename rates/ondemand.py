@@ -1,0 +1,473 @@
+"""The rate of any pair, and conversions (SPEC 5 `/rates/{base}/{quote}` and `/convert`).
+
+A tracked pair (an active item) is answered from the in-process snapshot, so it agrees with
+`/courses` and the WebSocket. Any other pair is fetched on demand from the providers:
+
+1. Providers that list the pair itself are asked at once, concurrently; the highest-priority
+   (`KURS_PROVIDERS` order) valid quote wins, so a failing or lying provider hands over to the
+   next one.
+2. Otherwise it is derived (`derived: true`, with its `route` of legs): from the inverted pair
+   (RUB-BTC = 1 / BTC-RUB), else as a cross rate through USD, USDT, the USD proxy
+   (`rates.policy.cross_routes`) or RUB (the Bank of Russia quotes every fiat currency against
+   RUB, so AUD-CAD = AUD-RUB / CAD-RUB). Each leg may be quoted as asked or inverted; the route
+   shows every leg as its provider quoted it. One request per provider covers all the legs.
+
+On-demand quotes pass the same checks as tracked ones (`rates.validation`: a finite positive
+value that fits the columns, a source time neither in the future nor older than the provider's
+freshness window) but skip `accept_quote` on purpose: they are not tracked pairs, so they never
+enter the live board (they must not move failover or the jump guard) nor the history.
+
+Answers are cached for CACHE_SECONDS (a failure for FAILURE_CACHE_SECONDS), and concurrent
+identical requests share one upstream round: a hundred clients asking for the same untracked
+pair at once cost one call per provider. The whole round is bounded by ROUND_SECONDS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
+from typing import Any
+
+import httpx
+from django.conf import settings
+from django.db import DatabaseError
+from django.utils import timezone
+
+from rates import policy, validation
+from rates.exceptions import PairNotPriced, ProvidersUnavailable, RatesError
+from rates.fetcher import http_client
+from rates.providers import (
+    Pair,
+    Provider,
+    ProviderError,
+    ProviderHTTPError,
+    ProviderRateLimited,
+    Quote,
+    build_providers,
+)
+from rates.snapshot import snapshot
+
+logger = logging.getLogger(__name__)
+
+# A few seconds: on-demand pairs are not tracked, so this is how old (beyond the exchange's own
+# timestamp) their answer may get; KURS_POLL_INTERVAL keeps tracked pairs to 5 s as well.
+CACHE_SECONDS = 5.0
+# A failed round (providers down) is retried sooner, but not on every request.
+FAILURE_CACHE_SECONDS = 1.0
+# One provider request, and the whole on-demand round (both stages): under 5 s in all.
+REQUEST_TIMEOUT = 3.0
+ROUND_SECONDS = 4.5
+# Cached answers kept at most (distinct pairs); expired ones go first, then the oldest.
+MAX_CACHED = 10_000
+# Besides USD and USDT (cross_routes): the Bank of Russia quotes all its currencies against RUB.
+EXTRA_VIAS = ("RUB",)
+# Conversion results: as many decimal places as stored rates, banker's rounding (no bias).
+RESULT_STEP = Decimal(1).scaleb(-validation.DECIMAL_PLACES)
+# Exact products and quotients of 38-digit decimals before the one final rounding.
+_PRECISION = 80
+
+
+@dataclass(frozen=True, slots=True)
+class Leg:
+    """One quote a derived rate is built from, as the provider quoted it."""
+
+    pair: str
+    provider: str
+    value: Decimal
+    source_time: datetime
+    fresh_until: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pair": self.pair,
+            "provider": self.provider,
+            "value": self.value,
+            "source_time": self.source_time,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PairRate:
+    pair: str
+    value: Decimal
+    provider: str
+    source_time: datetime
+    fresh_until: datetime
+    derived: bool
+    # A higher-priority provider that lists one of the pairs failed or was rejected this round.
+    failover: bool
+    route: tuple[Leg, ...] = ()
+
+    def to_dict(self, now: datetime) -> dict[str, Any]:
+        stale = now > self.fresh_until
+        return {
+            "pair": self.pair,
+            "value": self.value,
+            "provider": self.provider,
+            "source_time": self.source_time,
+            "age_s": round(max(0.0, (now - self.source_time).total_seconds()), 3),
+            "derived": self.derived,
+            "stale": stale,
+            "status": policy.STALE if stale else policy.FAILOVER if self.failover else policy.LIVE,
+            "route": [leg.to_dict() for leg in self.route],
+        }
+
+
+# A way to price a pair: its legs, each a pair to quote and whether to invert that quote.
+Route = tuple[tuple[Pair, bool], ...]
+
+
+def derivation_routes(pair: Pair) -> list[Route]:
+    """Every way to derive `pair` when no provider quotes it, best first (pure)."""
+    routes: list[Route] = [((Pair(pair.quote, pair.base), True),)]
+    vias = [first.quote for first, _ in policy.cross_routes(pair)]
+    vias += [via for via in EXTRA_VIAS if via not in (pair.base, pair.quote, *vias)]
+    for via in vias:
+        for first in ((Pair(pair.base, via), False), (Pair(via, pair.base), True)):
+            for second in ((Pair(via, pair.quote), False), (Pair(pair.quote, via), True)):
+                routes.append((first, second))
+    return routes
+
+
+def route_value(legs: Sequence[tuple[Leg, bool]]) -> Decimal:
+    """The product of the legs, inverted ones dividing, rounded once to the stored precision.
+
+    Raises QuoteRejected when the result does not fit (e.g. it rounds to zero).
+    """
+    with localcontext() as context:
+        context.prec = _PRECISION
+        numerator, denominator = Decimal(1), Decimal(1)
+        for leg, inverted in legs:
+            if inverted:
+                denominator *= leg.value
+            else:
+                numerator *= leg.value
+        return validation.checked_value(numerator / denominator)
+
+
+@dataclass
+class _Upstream:
+    """The providers of one event loop, sharing one HTTP connection pool."""
+
+    client: httpx.AsyncClient
+    providers: list[Provider]
+    signature: tuple[Any, ...]
+
+
+@dataclass
+class _Round:
+    """What one on-demand lookup learned: valid quotes by pair (priority order) and failures."""
+
+    quotes: dict[str, list[Leg]]
+    failed: dict[str, str]
+
+
+class OnDemandRates:
+    """Rates of untracked pairs from the providers, cached briefly, one round per pair at a time.
+
+    An httpx client (and a coalescing future) belongs to the event loop it was made on, so they
+    are kept per loop: one per process in production, a fresh one per test loop.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._cache: dict[str, tuple[float, PairRate | RatesError]] = {}
+        self._inflight: dict[tuple[asyncio.AbstractEventLoop, str], asyncio.Task[PairRate]] = {}
+        self._upstreams: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Upstream] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def get(self, pair: Pair) -> PairRate:
+        """The pair's rate; PairNotPriced (no provider lists it) or ProvidersUnavailable."""
+        cached = self._cache.get(pair.code)
+        if cached is not None and cached[0] > self._clock():
+            return _result(cached[1])
+        loop = asyncio.get_running_loop()
+        key = (loop, pair.code)
+        task = self._inflight.get(key)
+        if task is None:
+            task = loop.create_task(self._lookup(pair), name=f"ondemand-{pair.code}")
+            self._inflight[key] = task
+            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+        # Shielded: a client that disconnects must not cancel the round the others wait on.
+        return await asyncio.shield(task)
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    async def aclose(self) -> None:
+        """Close this event loop's HTTP client (server shutdown)."""
+        upstream = self._upstreams.pop(asyncio.get_running_loop(), None)
+        if upstream is not None:
+            await upstream.client.aclose()
+
+    async def _lookup(self, pair: Pair) -> PairRate:
+        result: PairRate | RatesError
+        try:
+            result = await self._resolve(pair)
+            ttl = CACHE_SECONDS
+        except PairNotPriced as exc:
+            result, ttl = exc, CACHE_SECONDS
+        except ProvidersUnavailable as exc:
+            result, ttl = exc, FAILURE_CACHE_SECONDS
+        self._remember(pair.code, result, ttl)
+        return _result(result)
+
+    def _remember(self, code: str, result: PairRate | RatesError, ttl: float) -> None:
+        now = self._clock()
+        if len(self._cache) >= MAX_CACHED:
+            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+            while len(self._cache) >= MAX_CACHED:
+                del self._cache[next(iter(self._cache))]
+        self._cache.pop(code, None)  # re-inserted last: the dict's order is the age order
+        self._cache[code] = (now + ttl, result)
+
+    def _upstream(self) -> list[Provider]:
+        loop = asyncio.get_running_loop()
+        signature = (
+            tuple(settings.KURS_PROVIDERS),
+            repr(settings.KURS_PROVIDER_URLS),
+            repr(settings.KURS_ASSET_ALIASES),
+            settings.KURS_USD_PROXY,
+            settings.KURS_COINGECKO_API_KEY,
+        )
+        upstream = self._upstreams.get(loop)
+        if upstream is None:
+            client = http_client(REQUEST_TIMEOUT)
+            upstream = _Upstream(client, [], ())
+            self._upstreams[loop] = upstream
+        if upstream.signature != signature:
+            # Providers keep state (Binance remembers symbols it does not list): built once.
+            upstream.providers = build_providers(settings.KURS_PROVIDERS, client=upstream.client)
+            upstream.signature = signature
+        return upstream.providers
+
+    async def _resolve(self, pair: Pair) -> PairRate:
+        providers = self._upstream()
+        deadline = asyncio.get_running_loop().time() + ROUND_SECONDS
+        found = _Round(quotes={}, failed={})
+        await self._ask(providers, [pair], found, deadline)
+        if direct := found.quotes.get(pair.code):
+            leg = direct[0]
+            return PairRate(
+                pair=pair.code,
+                value=leg.value,
+                provider=leg.provider,
+                source_time=leg.source_time,
+                fresh_until=leg.fresh_until,
+                derived=False,
+                failover=_outranked([leg], found.failed, providers),
+            )
+        routes = derivation_routes(pair)
+        legs = list(dict.fromkeys(leg for route in routes for leg, _ in route))
+        working = [provider for provider in providers if provider.name not in found.failed]
+        await self._ask(working, legs, found, deadline)
+        for route in routes:
+            derived = _derive(pair, route, found, providers)
+            if derived is not None:
+                return derived
+        if found.failed:
+            reasons = "; ".join(f"{name}: {reason}" for name, reason in found.failed.items())
+            raise ProvidersUnavailable(f"no provider could price {pair.code} now ({reasons})")
+        raise PairNotPriced(f"no provider prices {pair.code}, directly or as a cross rate")
+
+    async def _ask(
+        self, providers: Sequence[Provider], pairs: Sequence[Pair], found: _Round, deadline: float
+    ) -> None:
+        """One request per provider that lists any of `pairs`, all at once, until `deadline`."""
+        asks = [(p, wanted) for p in providers if (wanted := [x for x in pairs if p.supports(x)])]
+        if not asks:
+            return
+        outcomes = await asyncio.gather(
+            *(_fetch(provider, wanted, deadline) for provider, wanted in asks)
+        )
+        now = timezone.now()
+        for (provider, _), outcome in zip(asks, outcomes, strict=True):
+            if isinstance(outcome, str):
+                found.failed[provider.name] = outcome
+                continue
+            for quote in outcome:
+                leg = _checked(quote, now=now)
+                if isinstance(leg, str):
+                    found.failed.setdefault(provider.name, f"{quote.pair} rejected: {leg}")
+                else:
+                    found.quotes.setdefault(quote.pair, []).append(leg)
+
+
+def _result(result: PairRate | RatesError) -> PairRate:
+    if isinstance(result, RatesError):
+        # A fresh exception per waiter: one instance raised in many tasks shares a traceback.
+        raise type(result)(str(result))
+    return result
+
+
+async def _fetch(provider: Provider, pairs: Sequence[Pair], deadline: float) -> list[Quote] | str:
+    """The provider's quotes for `pairs`, or why there are none (its failure).
+
+    A request the exchange refuses (a 4xx other than a rate limit, or Bybit's `retCode 10001 Not
+    supported symbols` for one unknown symbol) means it does not list the pair: no quote, but no
+    failure either, so the answer is 404 rather than 503 and no failover is reported.
+    """
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await provider.fetch(pairs)
+    except ProviderRateLimited as exc:
+        reason = str(exc)
+    except ProviderHTTPError as exc:
+        if exc.status >= 500:
+            reason = str(exc)
+        else:
+            logger.info("on-demand: %s refused %s: %s", provider.name, _codes(pairs), exc)
+            return []
+    except ProviderError as exc:
+        reason = str(exc)
+    except TimeoutError:
+        reason = f"no answer within {ROUND_SECONDS:g}s"
+    except Exception as exc:
+        # A bug in one provider's parsing must not cost the others (or answer 500).
+        logger.exception("on-demand fetch from %s failed", provider.name)
+        reason = type(exc).__name__
+    logger.info("on-demand: %s failed for %s: %s", provider.name, _codes(pairs), reason)
+    return reason
+
+
+def _codes(pairs: Sequence[Pair]) -> str:
+    return ",".join(pair.code for pair in pairs)
+
+
+def _checked(quote: Quote, *, now: datetime) -> Leg | str:
+    """The quote as a Leg when it passes validation, else the rejection reason."""
+    try:
+        value = validation.checked_value(quote.value)
+        validation.check_time(
+            quote.source_time, now=now, freshness=policy.provider_freshness(quote.provider)
+        )
+    except validation.QuoteRejected as exc:
+        logger.info(
+            "on-demand: rejected %s quote for %s (%s): %s",
+            quote.provider,
+            quote.pair,
+            exc.reason,
+            exc.detail,
+        )
+        return exc.reason
+    return Leg(
+        pair=quote.pair,
+        provider=quote.provider,
+        value=value,
+        source_time=quote.source_time,
+        fresh_until=policy.fresh_until(quote.provider, quote.source_time),
+    )
+
+
+def _derive(
+    pair: Pair, route: Route, found: _Round, providers: Sequence[Provider]
+) -> PairRate | None:
+    legs: list[tuple[Leg, bool]] = []
+    for leg_pair, inverted in route:
+        quotes = found.quotes.get(leg_pair.code)
+        if not quotes:
+            return None
+        legs.append((quotes[0], inverted))
+    try:
+        value = route_value(legs)
+    except validation.QuoteRejected as exc:
+        logger.info("on-demand: %s via %s does not fit: %s", pair.code, route, exc.detail)
+        return None
+    used = [leg for leg, _ in legs]
+    return PairRate(
+        pair=pair.code,
+        value=value,
+        provider=policy.DERIVED_SEPARATOR.join(leg.provider for leg in used),
+        source_time=max(leg.source_time for leg in used),
+        fresh_until=min(leg.fresh_until for leg in used),
+        derived=True,
+        failover=_outranked(used, found.failed, providers),
+        route=tuple(used),
+    )
+
+
+def _outranked(legs: Sequence[Leg], failed: dict[str, str], providers: Sequence[Provider]) -> bool:
+    """Did a provider that lists one of the legs, and outranks the one that served it, fail?"""
+    return any(
+        provider.name in failed
+        and provider.supports(Pair.parse(leg.pair))
+        and policy.provider_priority(provider.name) < policy.provider_priority(leg.provider)
+        for leg in legs
+        for provider in providers
+    )
+
+
+on_demand = OnDemandRates()
+
+
+async def _tracked_course(code: str) -> dict[str, Any] | None:
+    if not snapshot.loaded:
+        try:
+            await snapshot.aload()
+        except DatabaseError:
+            # The database is down: tracked pairs are then priced on demand like any other.
+            logger.warning("rates snapshot not loaded (database unavailable)", exc_info=True)
+    found = snapshot.courses([code])
+    return found[0] if found else None
+
+
+async def pair_rate(pair: Pair) -> dict[str, Any]:
+    """`/rates/{base}/{quote}`: the snapshot's course of a tracked pair, else on demand."""
+    course = await _tracked_course(pair.code)
+    if course is None:
+        return (await on_demand.get(pair)).to_dict(timezone.now())
+    return {
+        "pair": course["direction"],
+        "value": course["value"],
+        "provider": course["provider"],
+        "source_time": course["source_time"],
+        "age_s": course["age_s"],
+        "derived": course["derived"],
+        "stale": course["stale"],
+        "status": course["status"],
+        "route": course["route"],
+    }
+
+
+async def convert(*, source: str, target: str, amount: Decimal) -> dict[str, Any]:
+    """`/convert`: amount × the pair's rate, exact, rounded once to RESULT_STEP (half even)."""
+    if source == target:
+        return {
+            "from": source,
+            "to": target,
+            "amount": amount,
+            "rate": Decimal(1),
+            "result": amount,
+            "provider": None,
+            "source_time": None,
+            "age_s": None,
+            "derived": False,
+            "stale": False,
+            "status": policy.LIVE,
+            "route": [],
+        }
+    rate = await pair_rate(Pair(source, target))
+    with localcontext() as context:
+        context.prec = _PRECISION
+        result = (amount * rate["value"]).quantize(RESULT_STEP, rounding=ROUND_HALF_EVEN)
+    return {
+        "from": source,
+        "to": target,
+        "amount": amount,
+        "rate": rate["value"],
+        "result": result,
+        "provider": rate["provider"],
+        "source_time": rate["source_time"],
+        "age_s": rate["age_s"],
+        "derived": rate["derived"],
+        "stale": rate["stale"],
+        "status": rate["status"],
+        "route": rate["route"],
+    }

@@ -1,0 +1,101 @@
+"""The owner's lease: one holder at a time, taken over only once it has expired."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from django.db import DatabaseError, connection, connections
+from django.utils import timezone
+
+from rates import lease
+from rates.lease import Lease, lease_holder, lease_release, lease_try_acquire
+from rates.models import OwnerLease
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def expire(name: str = lease.LIVE_RATES) -> None:
+    OwnerLease.objects.filter(name=name).update(expires_at=timezone.now() - timedelta(seconds=1))
+
+
+def test_it_gives_the_lease_to_one_holder_and_renews_it_for_that_holder_only() -> None:
+    assert lease_try_acquire(holder="a") == 1
+    assert lease_try_acquire(holder="b") is None
+    first = OwnerLease.objects.get().expires_at
+    assert lease_try_acquire(holder="a") == 1  # a renewal keeps the epoch
+    assert OwnerLease.objects.get().expires_at > first
+    info = lease_holder()
+    assert info is not None
+    assert (info.holder, info.epoch) == ("a", 1)
+
+
+def test_it_is_taken_over_only_once_expired_and_the_epoch_moves() -> None:
+    assert lease_try_acquire(holder="a") == 1
+    expire()
+    assert lease_holder() is None
+    assert lease_try_acquire(holder="b") == 2
+    assert lease_try_acquire(holder="a") is None
+    assert lease_holder().holder == "b"  # type: ignore[union-attr]
+
+
+def test_a_released_lease_is_free_at_once() -> None:
+    assert lease_try_acquire(holder="a") == 1
+    assert lease_release(holder="b") is False  # not b's to give
+    assert lease_release(holder="a") is True
+    assert lease_try_acquire(holder="b") == 1
+
+
+def test_the_holder_stops_believing_in_its_lease_after_its_own_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mine = Lease(holder="a")
+    assert mine.try_acquire()
+    assert mine.held()
+    clock = lease.time.monotonic() + lease.TTL - lease.SAFETY + 0.01
+    monkeypatch.setattr(lease.time, "monotonic", lambda: clock)
+    assert not mine.held()  # whatever the database says: a successor may have it by now
+
+
+def test_a_holder_that_cannot_renew_loses_the_lease() -> None:
+    mine, other = Lease(holder="a"), Lease(holder="b")
+    assert mine.try_acquire()
+    expire()
+    assert other.try_acquire()
+    assert not mine.try_acquire()
+    assert not mine.held()
+    assert other.held()
+
+
+def _race(round_number: int, contenders: int = 8) -> int:
+    barrier = threading.Barrier(contenders)
+    won: list[str] = []
+
+    def contend(holder: str) -> None:
+        try:
+            barrier.wait()
+            if lease_try_acquire(holder=holder, name="race") is not None:
+                won.append(holder)
+        except DatabaseError:
+            pass  # SQLite's "database table is locked": a lost race, never a second winner
+        finally:
+            connections.close_all()
+
+    threads = [
+        threading.Thread(target=contend, args=(f"h{round_number}-{n}",)) for n in range(contenders)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return len(won)
+
+
+def test_concurrent_contenders_never_both_win() -> None:
+    """Eight threads, each with its own database connection, race for a free lease 20 times."""
+    winners_per_round = []
+    for round_number in range(20):
+        winners_per_round.append(_race(round_number))
+        expire("race")
+    assert winners_per_round == [1] * 20, connection.vendor

@@ -1,0 +1,169 @@
+"""One owner of live rates, end to end over real processes (SPEC 4, 5, 6).
+
+Fetchers (`run_fetch --watch`) and a uvicorn web process share a SQLite file and a NATS prefix on
+the machine's NATS; the emulator in this process plays the exchanges. What is checked is what a
+user sees: REST `latest`, the `/ws/items` socket and `<prefix>.rates.BTC-USD` on NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+import pytest_asyncio
+
+from rates.emulator import EmulatorServer, run_emulator_server
+from tests.services import NATS_URL, require, run_python
+from tests.stack import Stack, wait_until, watching
+
+pytestmark = [pytest.mark.nats, pytest.mark.timeout(180)]
+
+PAIR = "BTC-USD"
+
+
+@pytest_asyncio.fixture
+async def emulator() -> AsyncIterator[EmulatorServer]:
+    async with run_emulator_server(host="127.0.0.1", port=0, tick=3600, seed=7) as server:
+        yield server
+
+
+@pytest_asyncio.fixture
+async def stack(tmp_path: Path, emulator: EmulatorServer) -> AsyncIterator[Stack]:
+    require("NATS", "127.0.0.1", 4222)
+    built = Stack(folder=tmp_path, emulator=emulator)
+    await asyncio.to_thread(built.migrate)
+    try:
+        yield built
+    finally:
+        await asyncio.to_thread(built.stop)
+
+
+def current_version(stack: Stack) -> int:
+    rows = stack.query(
+        "SELECT version FROM rates_currentrate WHERE item_id = ?", stack.item_id(PAIR)
+    )
+    return int(rows[0][0]) if rows else 0
+
+
+async def test_two_fetchers_one_owns_and_the_other_takes_over_after_a_sigkill(
+    stack: Stack,
+) -> None:
+    first, second = stack.fetcher("fetcher-a"), stack.fetcher("fetcher-b")
+    await wait_until(lambda: stack.lease() is not None, within=30, what="a lease")
+    owner_name = stack.lease()[0].split(":")[0]  # type: ignore[index]
+    owner, standby = (first, second) if owner_name == "fetcher-a" else (second, first)
+    await wait_until(lambda: "standby" in standby.text(), within=15, what="the standby's log")
+    await wait_until(lambda: stack.query("SELECT 1 FROM rates_currentrate"), within=30, what="rate")
+    epoch = stack.lease()[1]  # type: ignore[index]
+    version = current_version(stack)
+
+    await asyncio.to_thread(owner.kill)
+    took = await wait_until(
+        lambda: (stack.lease() or ("", 0))[0].startswith(standby.name),
+        within=15,
+        what="the standby taking the lease over",
+    )
+    assert stack.lease()[1] == epoch + 1  # type: ignore[index]
+    # ...and it writes: the pair is confirmed by the new owner, the version goes on from there.
+    await wait_until(lambda: current_version(stack) > version, within=10, what="a new write")
+    assert took < 10, f"took over in {took:.1f}s"
+    assert "owner: live rates loaded for" in standby.text()
+
+
+async def test_a_safety_net_cycle_during_a_live_fetcher_does_nothing_and_publishes_nothing(
+    stack: Stack,
+) -> None:
+    stack.fetcher()
+    await wait_until(lambda: stack.lease() is not None, within=30, what="a lease")
+    heard: list[str] = []
+    client = await nats.connect(NATS_URL)
+    try:
+
+        async def record(msg: nats.aio.msg.Msg) -> None:
+            heard.append((msg.headers or {}).get("Kurs-Origin", ""))
+
+        await client.subscribe(f"{stack.prefix}.>", cb=record)
+        await client.flush()
+        env = stack.env("qcluster-probe")
+        code = (
+            "import django, json; django.setup(); from rates.tasks import fetch_rates; "
+            "print(json.dumps(fetch_rates()))"
+        )
+        result = await asyncio.to_thread(run_python, ["-c", code], env)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout.splitlines()[-1]) == {
+            "skipped": "a live owner holds the lease"
+        }
+        # The owner keeps publishing; the safety net's process never does.
+        await wait_until(lambda: len(heard) >= 3, within=15, what="the owner's events")
+        assert "qcluster-probe" not in heard
+        assert set(heard) == {"fetcher"}
+    finally:
+        await client.close()
+
+
+async def test_tasks_run_is_answered_by_the_live_owner(stack: Stack) -> None:
+    stack.fetcher()
+    web = stack.web()
+    await wait_until(lambda: stack.lease() is not None, within=30, what="a lease")
+    key = (await asyncio.to_thread(stack.manage, "create_api_key", "e2e")).stdout.split()[-1]
+
+    client = await nats.connect(NATS_URL)
+    origins: list[str] = []
+    try:
+
+        async def record(msg: nats.aio.msg.Msg) -> None:
+            origins.append((msg.headers or {}).get("Kurs-Origin", ""))
+
+        await client.subscribe(f"{stack.prefix}.fetch.completed", cb=record)
+        await client.flush()
+        async with httpx.AsyncClient(timeout=10) as http:
+            response = await http.post(
+                f"http://127.0.0.1:{web.port}/api/v1/tasks/run", headers={"X-API-Key": key}
+            )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["providers"] == {"binance": "ok", "bybit": "ok"}
+        await wait_until(lambda: bool(origins), within=5, what="fetch.completed")
+        assert set(origins) == {"fetcher"}  # the owner ran it, not the web process
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("mode", ["down", "stale"])
+async def test_failover_shows_on_rest_websocket_and_nats_within_one_poll_and_a_second(
+    stack: Stack, emulator: EmulatorServer, mode: str
+) -> None:
+    stack.stale_after = 4.0  # a stalled feed turns stale this long after its last quote
+    if mode == "stale":
+        # Binance's ticker has no time field; Bybit's has: Bybit is the one that can stall.
+        stack.providers = "bybit,binance"
+    first, second = stack.providers.split(",")
+    stack.fetcher()
+    web = stack.web()
+    bound = stack.poll + 1 + (stack.stale_after if mode == "stale" else 0)
+    async with watching(stack, web, PAIR) as watch:
+        await wait_until(
+            lambda: set(watch.latest.values()) == {(first, "live")},
+            within=30,
+            what=f"{first} serving on every surface",
+        )
+        down = await watch.until(
+            second, "failover", lambda: emulator.set_fault(first, mode), within=bound + 5
+        )
+        assert set(down) == {"rest", "ws", "nats"}, down
+        assert max(down.values()) <= bound, down
+        back = await watch.until(
+            first, "live", lambda: emulator.set_fault(first, "ok"), within=stack.poll + 6
+        )
+        assert set(back) == {"rest", "ws", "nats"}, back
+        assert max(back.values()) <= stack.poll + 1, back
+        # Versions only go up, one per published change.
+        versions = [event["version"] for event in watch.events]
+        assert versions == sorted(versions)
+        assert len(set(versions)) == len(versions)
