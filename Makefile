@@ -13,12 +13,15 @@ EMULATOR_PORT ?= 8900
 EMULATOR := http://127.0.0.1:$(EMULATOR_PORT)
 EMULATOR_WS := ws://127.0.0.1:$(EMULATOR_PORT)
 
-.PHONY: help install migrate run demo test test-sqlite test-postgres lint format bench bench-tools browser loadtest
+.PHONY: help install dotenv migrate run demo superuser apikey test test-sqlite test-postgres lint \
+	format bench bench-tools browser loadtest
 
 help:
 	@echo "make run     start Kurs on embedded defaults (web :8000, qcluster, fetcher, NATS)"
 	@echo "make demo    the same, with providers pointed at the local exchange emulator"
 	@echo "make test    install and run the whole suite (SQLite, then PostgreSQL)"
+	@echo "make superuser         create an admin user for /admin/ (asks for a password)"
+	@echo "make apikey NAME=...   create an API key for the write endpoints (printed once)"
 	@echo "make bench   run the benchmarks in bench/"
 	@echo "make loadtest  locust against a running \`make run\` (LOADTEST_USERS, LOADTEST_SECONDS): docs/loadtest/"
 	@echo "make lint    ruff check, ruff format --check and the import-linter contracts"
@@ -32,7 +35,12 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 install: $(STAMP)
 
-migrate: install
+# A local .env on first run (DJANGO_DEBUG=true, a generated secret), never overwriting one, so
+# that every `manage.py` command works as typed in a plain shell (SPEC 2).
+dotenv:
+	@$(PYTHON) scripts/write_env.py
+
+migrate: install dotenv
 	DJANGO_DEBUG=$${DJANGO_DEBUG:-true} $(BIN)/python manage.py migrate --no-input -v 0
 
 run: migrate
@@ -45,6 +53,13 @@ demo: migrate
 	KURS_BYBIT_REST_URL=$(EMULATOR)/bybit KURS_BYBIT_WS_URL=$(EMULATOR_WS)/bybit \
 	KURS_COINGECKO_REST_URL=$(EMULATOR)/coingecko KURS_CBR_REST_URL=$(EMULATOR)/cbr \
 	scripts/start.sh emulator
+
+superuser: migrate
+	$(BIN)/python manage.py createsuperuser
+
+apikey: migrate
+	@if [ -z "$(NAME)" ]; then echo "usage: make apikey NAME=my-script" >&2; exit 2; fi
+	@$(BIN)/python manage.py create_api_key "$(NAME)"
 
 # Debian's Chromium drives the dashboard test; playwright's own browser download cannot work here.
 browser:

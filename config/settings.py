@@ -54,6 +54,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Outermost: the request id and the access line cover everything below, errors included.
+    "config.middleware.RequestContextMiddleware",
     "config.metrics.HttpMetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "config.staticfiles.AsyncWhiteNoiseMiddleware",
@@ -215,19 +217,40 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
-        "console": {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s"},
+        "console": {
+            "()": "config.logs.ConsoleFormatter",
+            "format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        },
         "json": {
-            "()": "pythonjsonlogger.json.JsonFormatter",
+            "()": "config.logs.JsonFormatter",
             "format": "%(asctime)s %(levelname)s %(name)s %(message)s",
             "rename_fields": {"asctime": "ts", "levelname": "level", "name": "logger"},
         },
     },
+    "filters": {
+        "request_id": {"()": "config.logs.RequestIdFilter"},
+        "no_server_access": {"()": "config.logs.DropServerAccessLines"},
+    },
     "handlers": {
-        "default": {"class": "logging.StreamHandler", "formatter": KURS_LOG_FORMAT},
+        "default": {
+            "class": "logging.StreamHandler",
+            "formatter": KURS_LOG_FORMAT,
+            "filters": ["request_id"],
+        },
     },
     "root": {"handlers": ["default"], "level": KURS_LOG_LEVEL},
     "loggers": {
+        # Django's default config gives "django" its own console handler (active with DEBUG):
+        # with propagation to root that printed every line twice. Root's handler only.
+        "django": {"handlers": [], "level": KURS_LOG_LEVEL, "propagate": True},
         "django.request": {"level": "ERROR"},
+        # One access line per request comes from config.middleware (with the request id); the
+        # servers' own access logs would repeat it.
+        "django.server": {"handlers": [], "propagate": False},
+        "django.channels.server": {"filters": ["no_server_access"]},
+        "uvicorn.access": {"handlers": [], "propagate": False},
+        # uvicorn's other lines (start-up, WebSocket, errors) in our format, JSON included.
+        "uvicorn": {"handlers": [], "level": KURS_LOG_LEVEL, "propagate": True},
         "daphne": {"level": "WARNING"},
         "nats": {"level": "WARNING"},
         "httpx": {"level": "WARNING"},

@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 NAN = Decimal("NaN")
 
+# What reusing a connection the server already closed raises: httpcore discards a connection it
+# sees closed, so these are the close racing our request, or an RST on an idle connection.
+STALE_CONNECTION_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
 # Fiat currencies never appear as the base of an exchange's crypto market. Used to refuse pairs such
 # as AUD-CAD on crypto exchanges (they would ask for a non-existent "AUDCAD" symbol, and Binance
 # answers a whole multi-symbol request with -1121 when one symbol is unknown).
@@ -283,7 +287,21 @@ class Provider(ABC):
         """GET ``rest_url + path`` and decode JSON; every failure becomes a ProviderError."""
         url = self.rest_url + path
         try:
-            response = await self.client.get(url, params=params, headers=headers)
+            try:
+                response = await self.client.get(url, params=params, headers=headers)
+            except STALE_CONNECTION_ERRORS as exc:
+                # A pooled keep-alive connection the server closed while it sat idle (exchanges
+                # close idle ones, the emulator after 5 s: the poll interval) fails on reuse with
+                # "Server disconnected without sending a response". A GET is safe to repeat, on a
+                # fresh connection; only a second failure is the provider's error.
+                logger.debug(
+                    "%s: retrying %s once: %s",
+                    self.name,
+                    path,
+                    exc or type(exc).__name__,
+                    extra={"provider": self.name},
+                )
+                response = await self.client.get(url, params=params, headers=headers)
         except httpx.TimeoutException as exc:
             raise ProviderTimeout(f"timed out ({type(exc).__name__}) on {path}") from exc
         except httpx.TransportError as exc:
@@ -353,7 +371,11 @@ class Provider(ABC):
             while True:
                 timeout = None if deadline is None else deadline - loop.time()
                 if timeout is not None and timeout <= 0:
-                    logger.info("%s: connection lifetime reached, reconnecting", self.name)
+                    logger.info(
+                        "%s: connection lifetime reached, reconnecting",
+                        self.name,
+                        extra={"provider": self.name},
+                    )
                     return
                 try:
                     async with asyncio.timeout(timeout):

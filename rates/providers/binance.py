@@ -89,7 +89,11 @@ class BinanceProvider(Provider):
             missing = [symbol for symbol in asked if symbol not in listed]
             for symbol in missing:
                 self._unlisted[symbol] = now + UNLISTED_RETRY_AFTER
-            logger.warning("binance does not list %s; left out for an hour", ", ".join(missing))
+            logger.warning(
+                "binance does not list %s; left out for an hour",
+                ", ".join(missing),
+                extra={"provider": self.name},
+            )
         # ticker/price carries no timestamp; the arrival of the answer is the best bound we have
         # (the Date header only has one-second resolution).
         received = utc_now()

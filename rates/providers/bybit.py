@@ -183,7 +183,11 @@ class TickerState:
         if "op" in message:
             if message.get("op") == "subscribe" and message.get("success") is False:
                 # One bad topic must not stop the others; REST polling still covers that pair.
-                logger.warning("bybit: subscription rejected: %s", message.get("ret_msg"))
+                logger.warning(
+                    "bybit: subscription rejected: %s",
+                    message.get("ret_msg"),
+                    extra={"provider": "bybit"},
+                )
             return []  # subscribe acks and pongs
         topic, data = message.get("topic"), message.get("data")
         when = from_millis(message.get("ts"))

@@ -66,7 +66,9 @@ async def stream_forever(
         try:
             on_state(state, reason)
         except Exception:
-            logger.exception("%s: on_state callback failed", provider.name)
+            logger.exception(
+                "%s: on_state callback failed", provider.name, extra={"provider": provider.name}
+            )
 
     async def one_connection() -> None:
         report(CONNECTING)
@@ -80,7 +82,12 @@ async def stream_forever(
                     await on_quote(quote)
                 except Exception:
                     # A bug in the consumer must not tear down the connection of every pair.
-                    logger.exception("%s: on_quote failed for %s", provider.name, quote.pair)
+                    logger.exception(
+                        "%s: on_quote failed for %s",
+                        provider.name,
+                        quote.pair,
+                        extra={"provider": provider.name, "pair": quote.pair},
+                    )
 
     if (
         not provider.supports_stream
@@ -112,7 +119,12 @@ async def stream_forever(
                 reason = "connection ended by plan (lifetime or server shutdown)"
                 if healthy:
                     report(DISCONNECTED, reason)
-                    logger.info("%s: %s, reconnecting", provider.name, reason)
+                    logger.info(
+                        "%s: %s, reconnecting",
+                        provider.name,
+                        reason,
+                        extra={"provider": provider.name},
+                    )
                     continue
             elif isinstance(error, ProviderError):
                 reason = str(error)
@@ -120,14 +132,23 @@ async def stream_forever(
                     on_rate_limited(error)
             else:
                 reason = repr(error)
-                logger.error("%s: stream crashed", provider.name, exc_info=error)
+                logger.error(
+                    "%s: stream crashed",
+                    provider.name,
+                    exc_info=error,
+                    extra={"provider": provider.name},
+                )
             delay = backoff_delay(attempt, base=backoff_base, cap=backoff_cap)
             if gate is not None:
                 delay = max(delay, gate())
             attempt += 1
             report(DISCONNECTED, reason)
             logger.warning(
-                "%s: stream dropped (%s); reconnecting in %.2fs", provider.name, reason, delay
+                "%s: stream dropped (%s); reconnecting in %.2fs",
+                provider.name,
+                reason,
+                delay,
+                extra={"provider": provider.name},
             )
             with suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(stop_wait), delay)

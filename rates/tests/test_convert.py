@@ -125,7 +125,7 @@ def test_a_stale_rate_says_so(client: Client, btc_rub: dict[str, Any]) -> None:
         ("1_000", "expected a decimal number"),
         ("0x10", "expected a decimal number"),
         ("١٢", "expected a decimal number"),  # Arabic-Indic digits, which Decimal() accepts
-        ("", "expected a decimal number"),
+        ("", "required"),  # empty means absent (SPEC 5), and amount is required
         ("1" * 65, "too long"),
     ],
 )

@@ -1,0 +1,124 @@
+"""The outermost middleware: request id, the access log line, and two `/api/` rules of SPEC 5.
+
+- Every request gets an id: a sane incoming `X-Request-ID` (from nginx or a client) is kept,
+  otherwise one is generated; it is returned as `X-Request-ID` and is on every log line of
+  the request (see `config.logs`).
+- One access log line per request (`kurs.access`), whatever server runs Django: the servers' own
+  access logs are switched off in `LOGGING`, so nothing is logged twice.
+- Under `/api/`, empty query parameters mean absent (`?since=&provider=` is no filter, not a 422),
+  once here instead of in every schema; and a 404 is JSON `{"detail": ...}` in every mode, also
+  with DEBUG on, where Django would answer its HTML debug page.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.http import HttpRequest, HttpResponse, JsonResponse, QueryDict
+
+from config.logs import request_id
+
+access_logger = logging.getLogger("kurs.access")
+
+HEADER = "X-Request-ID"
+# Anything else (too long, spaces, control characters) could forge log lines or bloat them.
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:+/=-]{8,128}$")
+
+
+def _incoming_id(request: HttpRequest) -> str:
+    candidate = request.META.get("HTTP_X_REQUEST_ID", "")
+    return candidate if _SANE_ID.match(candidate) else uuid.uuid4().hex
+
+
+def _drop_empty_query_values(request: HttpRequest) -> None:
+    if not request.META.get("QUERY_STRING"):
+        return
+    lists = list(request.GET.lists())
+    if all(value != "" for _, values in lists for value in values):
+        return
+    kept = QueryDict(mutable=True)
+    for key, values in lists:
+        non_empty = [value for value in values if value != ""]
+        if non_empty:
+            kept.setlist(key, non_empty)
+    kept._mutable = False
+    request.GET = kept
+
+
+def _json_404(response: HttpResponse) -> HttpResponse:
+    if response.status_code == 404 and not response.get("Content-Type", "").startswith(
+        "application/json"
+    ):
+        return JsonResponse({"detail": "not found"}, status=404)
+    return response
+
+
+class RequestContextMiddleware:
+    async_capable = True
+    sync_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+        self._async = iscoroutinefunction(get_response)
+        if self._async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
+        if self._async:
+            return self._acall(request)
+        rid, is_api, started = self._before(request)
+        token = request_id.set(rid)
+        try:
+            response = self.get_response(request)
+            return self._after(request, response, rid, is_api, started)
+        finally:
+            request_id.reset(token)
+
+    async def _acall(self, request: HttpRequest) -> HttpResponse:
+        rid, is_api, started = self._before(request)
+        token = request_id.set(rid)
+        try:
+            response = await self.get_response(request)  # type: ignore[misc]
+            return self._after(request, response, rid, is_api, started)
+        finally:
+            request_id.reset(token)
+
+    @staticmethod
+    def _before(request: HttpRequest) -> tuple[str, bool, float]:
+        rid = _incoming_id(request)
+        request.request_id = rid  # type: ignore[attr-defined]
+        is_api = request.path.startswith("/api/")
+        if is_api:
+            _drop_empty_query_values(request)
+        return rid, is_api, time.perf_counter()
+
+    @staticmethod
+    def _after(
+        request: HttpRequest, response: HttpResponse, rid: str, is_api: bool, started: float
+    ) -> HttpResponse:
+        if is_api:
+            response = _json_404(response)
+        response[HEADER] = rid
+        duration_ms = (time.perf_counter() - started) * 1000
+        status = response.status_code
+        access_logger.log(
+            logging.WARNING if status >= 500 else logging.INFO,
+            "%s %s %d %.1fms",
+            request.method,
+            request.get_full_path(),
+            status,
+            duration_ms,
+            extra={
+                "method": request.method,
+                "path": request.path,
+                "status": status,
+                "duration_ms": round(duration_ms, 2),
+                "client": request.META.get("REMOTE_ADDR"),
+            },
+        )
+        return response
