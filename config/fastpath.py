@@ -27,6 +27,7 @@ from django.http.request import split_domain_port, validate_host
 from django.test.signals import setting_changed
 
 from config.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from config.middleware import log_access, request_id_for
 from rates.courses import CoursesAnswer, CoursesCache
 from rates.snapshot import RatesSnapshot
 
@@ -144,17 +145,34 @@ class CoursesFastPath:
     async def _answer(self, scope: Scope, send: Send) -> None:
         started = time.perf_counter()
         if_none_match: bytes | None = None
+        incoming_id = ""
         for name, value in scope["headers"]:
             if name == b"if-none-match":  # several headers are one list, as Django joins them
                 if_none_match = value if if_none_match is None else if_none_match + b"," + value
+            elif name == b"x-request-id":
+                incoming_id = value.decode("latin-1")
         key = (scope["query_string"], if_none_match)
         memo = self._memo.get(key)
         if memo is None or not self.cache.is_current(memo.built):
             memo = self._compute(key)
-        await send({"type": "http.response.start", "status": memo.status, "headers": memo.headers})
+        # As RequestContextMiddleware does on the Django path: the id, then one access line.
+        rid = request_id_for(incoming_id)
+        headers = [*memo.headers, (b"X-Request-ID", rid.encode())]
+        await send({"type": "http.response.start", "status": memo.status, "headers": headers})
         await send({"type": "http.response.body", "body": memo.body, "more_body": False})
+        elapsed = time.perf_counter() - started
         self._requests[memo.status].inc()
-        self._latency.observe(time.perf_counter() - started)
+        self._latency.observe(elapsed)
+        query = scope["query_string"].decode("ascii")
+        client = scope.get("client")
+        log_access(
+            "GET",
+            f"{PATH}?{query}" if query else PATH,
+            PATH,
+            memo.status,
+            elapsed * 1000,
+            client[0] if client else None,
+        )
 
     def _compute(self, key: tuple[bytes, bytes | None]) -> _Memo:
         query, if_none_match = key

@@ -20,6 +20,7 @@ from rates.models import CurrentRate
 from rates.snapshot import snapshot
 
 Message = dict[str, Any]
+REQUEST_ID = b"fastpath-test-0001"
 
 
 async def call(
@@ -40,7 +41,8 @@ async def call(
         "raw_path": b"/api/v1/courses",
         "query_string": query,
         "root_path": "",
-        "headers": [(b"host", host), *(headers or [])],
+        # A fixed request id: both doors echo it, so their headers can be compared exactly.
+        "headers": [(b"host", host), (b"x-request-id", REQUEST_ID), *(headers or [])],
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 8000),
     }
@@ -303,3 +305,15 @@ async def test_the_fast_path_never_answers_from_a_memo_the_snapshot_has_moved_pa
         "courses": [{"direction": "BTC-USD", "value": 54001.5}],
     }
     assert body["body"] != fast[1]["body"]
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("courses")
+async def test_the_fast_path_gives_a_request_id_and_logs_one_access_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", logger="kurs.access")
+    start, _ = await call(b"direction=BTC-USD")
+    assert dict(start["headers"])[b"X-Request-ID"] == REQUEST_ID
+    [line] = [record for record in caplog.records if record.name == "kurs.access"]
+    assert line.getMessage().startswith("GET /api/v1/courses?direction=BTC-USD 200 ")
