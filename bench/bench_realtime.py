@@ -530,7 +530,7 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
         [
             str(VENV_BIN / "nats-server"),
             *("-a", "127.0.0.1", "-p", str(nats_port)),
-            *("-js", "-sd", str(workdir / "jetstream")),
+            *(() if args.no_jetstream else ("-js", "-sd", str(workdir / "jetstream"))),
         ],
         env,
         workdir / "nats.log",
@@ -603,7 +603,8 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
     policy = f"every {args.policy_every}th with {POLICY_QUERY}" if args.policy_every else "none"
     print(
         f"\nfan-out to {n} sockets, {m} rate.updated per run, median of {args.repeat} runs "
-        f"(JetStream on, frames carry seq: {'yes' if seq_seen else 'NO'}; policies: {policy}):"
+        f"(JetStream {'off' if args.no_jetstream else 'on'}, "
+        f"frames carry seq: {'yes' if seq_seen else 'no'}; policies: {policy}):"
     )
     print(f"  kurs (NATS -> bridge -> hub)      {kurs_rate:>10,.0f} deliveries/s")
     print(f"  raw websockets broadcast          {raw_rate:>10,.0f} deliveries/s")
@@ -683,6 +684,9 @@ def main() -> None:
         "--policy-every", type=int, default=10, help="every Nth Kurs socket has a policy (0: none)"
     )
     parser.add_argument("--skip-group-send", action="store_true", help="the slowest baseline")
+    parser.add_argument(
+        "--no-jetstream", action="store_true", help="plain NATS (frames without seq), to compare"
+    )
     parser.add_argument("--sse-clients", type=int, default=200)
     parser.add_argument("--sse-events", type=int, default=50, help="events per SSE run")
     parser.add_argument("--skip-sse", action="store_true")
