@@ -82,6 +82,8 @@ class ProviderMonitor:
         self.breaker.on_change = self._on_breaker_change
         self.last_success: datetime | None = None
         self.last_error: str | None = None
+        # When it happened: an old error beside a closed circuit is history, not a fault.
+        self.last_error_at: datetime | None = None
         self.errors: deque[float] = deque()  # wall-clock times, so other processes can count
         self.streaming = False
         self.rest_failed = False
@@ -105,6 +107,7 @@ class ProviderMonitor:
     def failed(self, reason: str, *, kind: str, retry_after: float | None = None) -> None:
         now = time.time()
         self.last_error = reason
+        self.last_error_at = timezone.now()
         self.errors.append(now)
         self.rest_failed = True
         metrics.PROVIDER_ERRORS.labels(self.name, kind).inc()
@@ -116,6 +119,7 @@ class ProviderMonitor:
         streaming = state == STREAMING
         if state == DISCONNECTED:
             self.last_error = f"stream: {reason}"
+            self.last_error_at = timezone.now()
             self.errors.append(time.time())
             metrics.PROVIDER_ERRORS.labels(self.name, "stream").inc()
         if streaming != self.streaming:
@@ -147,6 +151,7 @@ class ProviderMonitor:
             "state": self.breaker.state,
             "last_success": _iso(self.last_success),
             "last_error": self.last_error,
+            "last_error_at": _iso(self.last_error_at),
             "error_times": list(self.errors),
             "streaming": self.streaming,
         }
@@ -202,6 +207,7 @@ def provider_statuses() -> list[dict[str, Any]]:
                 "state": status.get("state", "closed"),
                 "last_success": status.get("last_success"),
                 "last_error": status.get("last_error"),
+                "last_error_at": status.get("last_error_at"),
                 "errors_5m": sum(1 for at in status.get("error_times", ()) if at >= cutoff),
                 "streaming": bool(status.get("streaming", False)),
             }

@@ -112,6 +112,7 @@ class ProviderOut(Schema):
     state: Literal["closed", "open", "half_open"]
     last_success: datetime | None
     last_error: str | None
+    last_error_at: datetime | None
     errors_5m: int
     streaming: bool
 

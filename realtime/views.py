@@ -5,6 +5,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
+from items.selectors import item_list
 from rates.policy import DERIVED_SEPARATOR, provider_freshness
 
 
@@ -14,6 +15,9 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     config = {
         "ws_path": "/ws/items",
         "providers_url": "/api/v1/providers",
+        # Each pair's chart starts from its candles; the socket's courses name pairs, not ids.
+        "candles_url": "/api/v1/items/{id}/candles",
+        "items": {item.code: item.id for item in item_list(is_active=True).only("id", "code")},
         "stale_after": settings.KURS_STALE_AFTER,
         # Each provider's freshness window; a cross rate "a+b" takes its legs' smallest.
         "freshness": {name: provider_freshness(name) for name in settings.KURS_PROVIDERS},

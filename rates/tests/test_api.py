@@ -201,6 +201,7 @@ def test_providers_lists_each_configured_provider_in_priority_order(client: Clie
             "state": "closed",
             "last_success": None,
             "last_error": None,
+            "last_error_at": None,
             "errors_5m": 0,
             "streaming": False,
         }
@@ -238,6 +239,10 @@ async def test_running_a_task_fetches_now_and_reports_each_provider(
         assert providers["binance"]["streaming"] is False
         assert providers["cbr"]["errors_5m"] == 1
         assert providers["cbr"]["last_error"].startswith("HTTP 503")
+        # The error's time, so that a client can tell an old error from a current fault.
+        failed_at = datetime.fromisoformat(providers["cbr"]["last_error_at"])
+        assert abs((datetime.now(UTC) - failed_at).total_seconds()) < 60
+        assert providers["binance"]["last_error_at"] is None
     finally:
         await sync_to_async(connections.close_all)()
 

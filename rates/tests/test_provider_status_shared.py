@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tests.services import run_python
@@ -52,3 +53,6 @@ def test_a_web_process_sees_the_fetchers_provider_status(tmp_path: Path) -> None
     assert statuses["bybit"]["errors_5m"] == 1
     assert statuses["bybit"]["streaming"] is True
     assert statuses["binance"]["last_error"] is None
+    assert statuses["binance"]["last_error_at"] is None
+    failed_at = datetime.fromisoformat(statuses["bybit"]["last_error_at"])
+    assert abs((datetime.now(UTC) - failed_at).total_seconds()) < 60

@@ -1,24 +1,33 @@
 """The dashboard in headless Chromium (Debian's /usr/bin/chromium driven by Playwright).
 
-A rate published on NATS reaches a uvicorn web process, its bridge, the page's socket, and the
-table row. Set KURS_UPDATE_SCREENSHOT=1 to refresh docs/dashboard.png for the README.
+A rate published on NATS reaches a uvicorn web process, its bridge, the page's socket, the table
+row and the pair's chart (drawn first from the candles endpoint). Each test has its own copy of
+the web database and its own shared-cache folder (the provider statuses), written beforehand by
+a separate process as the fetcher would. Set KURS_UPDATE_SCREENSHOT=1 to refresh
+docs/dashboard.png for the README.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
+import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from realtime import events
 from realtime import nats as realtime_nats
 from realtime.tests.conftest import REPO, NatsServer, WebProcess
-from tests.services import in_ci
+from tests.services import in_ci, run_python
+
+if TYPE_CHECKING:
+    from playwright.async_api import Page
 
 pytestmark = pytest.mark.nats
 
@@ -32,6 +41,94 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+
+
+# Written into the test's database and shared cache before the web process starts: an hour of
+# BTC-USD history from binance (40 rates, one every 85 s), bybit and cbr with errors 12 and 40
+# minutes old and closed circuits (history, not a fault), coingecko open on a fresh error.
+SEED = """
+import django
+django.setup()
+from datetime import timedelta
+from decimal import Decimal
+from django.utils import timezone
+from items.models import Item
+from rates import fetcher
+from rates.models import Rate
+
+now = timezone.now()
+if {history}:
+    btc, _ = Item.objects.get_or_create(base="BTC", quote="USD")
+    Item.objects.get_or_create(base="ETH", quote="USD")
+    Rate.objects.bulk_create(
+        Rate(item=btc, provider="binance", value=Decimal(54120 + 4 * n + 9 * (n * 7 % 5)),
+             source_time=now - timedelta(seconds=85 * (40 - n)),
+             received_at=now - timedelta(seconds=85 * (40 - n)))
+        for n in range(40)
+    )
+bybit = fetcher.monitor_for("bybit")
+bybit.failed("HTTP 503 from /v5/market/tickers", kind="http")
+bybit.last_error_at = now - timedelta(minutes=12)
+bybit.succeeded()
+cbr = fetcher.monitor_for("cbr")
+cbr.failed("HTTP 502 from /scripts/XML_daily.asp", kind="http")
+cbr.last_error_at = now - timedelta(minutes=40)
+cbr.succeeded()
+coingecko = fetcher.monitor_for("coingecko")
+for _ in range(coingecko.breaker.threshold):
+    coingecko.failed("timeout after 5.0 s", kind="timeout")
+fetcher.flush_statuses()
+"""
+
+
+@pytest.fixture
+def web_database(web_database: str, tmp_path: Path) -> str:
+    """A copy of the migrated web database for this test alone (it adds items and history)."""
+    copy = tmp_path / "dashboard.sqlite3"
+    shutil.copy(web_database.removeprefix("sqlite:///"), copy)
+    return f"sqlite:///{copy}"
+
+
+@pytest.fixture
+def seed(
+    web_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[bool], None]:
+    """Seed the web database and provider statuses; the web processes share the cache folder."""
+    cache = tmp_path / "shared-cache"
+    # The real settings' file-backed shared cache (the test settings' is per process).
+    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "config.settings")
+    monkeypatch.setenv("KURS_SHARED_CACHE_DIR", str(cache))
+
+    def write(history: bool) -> None:
+        environment = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("KURS_", "REDIS_URL", "DATABASE_URL"))
+        }
+        environment.update(
+            {
+                "DJANGO_SETTINGS_MODULE": "config.settings",
+                "DJANGO_SECRET_KEY": "x" * 50,
+                "DATABASE_URL": web_database,
+                "KURS_SHARED_CACHE_DIR": str(cache),
+                "KURS_LOG_LEVEL": "CRITICAL",
+                "NATS_URL": "nats://127.0.0.1:1",  # the seed publishes nothing
+            }
+        )
+        result = run_python(["-c", SEED.format(history=history)], environment)
+        assert result.returncode == 0, result.stderr
+
+    return write
+
+
+def console_errors(page: Page) -> list[str]:
+    """The page's console errors and uncaught exceptions (a missing favicon is one)."""
+    errors: list[str] = []
+    page.on(
+        "console", lambda message: errors.append(message.text) if message.type == "error" else None
+    )
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    return errors
 
 
 @pytest.fixture
@@ -76,14 +173,64 @@ def rate(
     }
 
 
-async def test_the_dashboard_shows_a_published_rate_change(
+async def test_the_dashboard_says_nothing_is_quoted_yet_and_dates_provider_errors(
     chromium: Path,
     own_nats: NatsServer,
+    seed: Callable[[bool], None],
+    web_processes: Callable[..., list[WebProcess]],
+) -> None:
+    from playwright.async_api import async_playwright, expect
+
+    seed(False)
+    [web] = web_processes(1, nats_url=own_nats.url)
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(chromium), args=CHROMIUM_ARGS
+        )
+        try:
+            page = await browser.new_page()
+            errors = console_errors(page)
+            await page.goto(f"http://127.0.0.1:{web.port}/")
+
+            # The snapshot arrives empty: no endless "waiting", but what the providers say.
+            empty = page.locator("#courses .empty-row")
+            await expect(empty).to_contain_text("no rates yet — providers unreachable?")
+            await expect(empty).to_contain_text("coingecko: open (last error")
+            await expect(empty).not_to_contain_text("waiting for the first snapshot")
+
+            # An old error beside a closed circuit is dated and greyed; an open one is current.
+            bybit = page.locator('tr[data-provider="bybit"] td.error')
+            await expect(bybit).to_have_text(
+                "last error 12 min ago: HTTP 503 from /v5/market/tickers"
+            )
+            await expect(bybit).to_have_class("error past")
+            await expect(page.locator('tr[data-provider="bybit"] td.state')).to_have_text("closed")
+            coingecko = page.locator('tr[data-provider="coingecko"] td.error')
+            await expect(coingecko).to_contain_text("s ago: timeout after 5.0 s")
+            await expect(coingecko).to_have_class("error current")
+            await expect(page.locator('tr[data-provider="binance"] td.error')).to_have_text("")
+
+            # The first rate replaces the empty state.
+            await expect(page.locator("#status")).to_have_text("live", timeout=10_000)
+            assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
+            events.publish("rate.updated", rate("BTC-USD", "54321.5", "binance"))
+            await expect(page.locator('tr[data-pair="BTC-USD"] td.value')).to_have_text("54321.5")
+            assert await empty.count() == 0
+            assert errors == []
+        finally:
+            await browser.close()
+
+
+async def test_the_dashboard_shows_statuses_and_charts_from_candles_extended_live(
+    chromium: Path,
+    own_nats: NatsServer,
+    seed: Callable[[bool], None],
     web_processes: Callable[..., list[WebProcess]],
     tmp_path: Path,
 ) -> None:
     from playwright.async_api import async_playwright, expect
 
+    seed(True)
     [web] = web_processes(1, nats_url=own_nats.url)
     assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
     async with async_playwright() as playwright:
@@ -92,6 +239,7 @@ async def test_the_dashboard_shows_a_published_rate_change(
         )
         try:
             page = await browser.new_page(viewport={"width": 1200, "height": 620})
+            errors = console_errors(page)
             await page.goto(f"http://127.0.0.1:{web.port}/")
             await expect(page.locator("#status")).to_have_text("live", timeout=10_000)
 
@@ -112,13 +260,33 @@ async def test_the_dashboard_shows_a_published_rate_change(
             await expect(page.locator('tr[data-pair="BTC-USD"] .tag.live')).to_be_visible()
             await expect(page.locator('tr[data-pair="ETH-USD"] .tag.failover')).to_be_visible()
             await expect(page.locator('tr[data-provider="bybit"]')).to_contain_text("open")
+            # The event made bybit's error current again, dated by the frame.
+            # (A loaded machine may take a second or two to deliver and render it.)
+            await expect(page.locator('tr[data-provider="bybit"] td.error')).to_have_text(
+                re.compile(r"^last error [0-9] s ago: HTTP 503$")
+            )
+            await expect(page.locator('tr[data-provider="bybit"] td.error')).to_have_class(
+                "error current"
+            )
+
+            # BTC-USD's chart: its 40 minutes of 1m candles (one rate each), then the live rate;
+            # ETH-USD has no history, its chart starts with its first live rate.
+            btc_chart = page.locator('tr[data-pair="BTC-USD"] svg.spark')
+            await expect(btc_chart).to_have_attribute("data-points", "41")
+            eth_chart = page.locator('tr[data-pair="ETH-USD"] svg.spark')
+            await expect(eth_chart).to_have_attribute("data-points", "1")
 
             # A change of the same pair updates the row in place.
             events.publish("rate.updated", rate("BTC-USD", "54400.5", "binance", version=2))
             await expect(btc).to_have_text("54400.5", timeout=10_000)
+            await expect(btc_chart).to_have_attribute("data-points", "42")
+            line = await btc_chart.locator("polyline").get_attribute("points")
+            assert line is not None
+            assert len(line.split()) == 42
             assert await page.locator('tr[data-pair="BTC-USD"]').count() == 1
             await expect(page.locator("#log li").first).to_contain_text("BTC-USD 54400.5")
 
+            assert errors == []
             await page.screenshot(path=str(tmp_path / "dashboard.png"))
             if os.environ.get("KURS_UPDATE_SCREENSHOT"):
                 await page.screenshot(path=str(REPO / "docs" / "dashboard.png"))
