@@ -139,15 +139,13 @@ def own_jetstream(settings: LazySettings, tmp_path: Path) -> Iterator[NatsServer
         server.stop()
 
 
-@pytest.fixture
-async def asgi_server() -> AsyncIterator[int]:
-    """uvicorn serving Kurs in this process (lifespan on), on a free port: its number."""
+@contextlib.asynccontextmanager
+async def serving(listener: socket.socket) -> AsyncIterator[int]:
+    """uvicorn serving Kurs in this process (lifespan on) on `listener`: its port number."""
     import uvicorn
 
     from config.asgi import application
 
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
     listener.listen()
     config = uvicorn.Config(
         application, lifespan="on", log_level="warning", timeout_graceful_shutdown=5
@@ -157,9 +155,20 @@ async def asgi_server() -> AsyncIterator[int]:
     async with asyncio.timeout(10):
         while not instance.started:  # noqa: ASYNC110 - uvicorn offers no start-up event
             await asyncio.sleep(0.01)
-    yield listener.getsockname()[1]
-    instance.should_exit = True
-    await task
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        instance.should_exit = True
+        await task
+
+
+@pytest.fixture
+async def asgi_server() -> AsyncIterator[int]:
+    """uvicorn serving Kurs in this process (lifespan on), on a free port: its number."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    async with serving(listener) as port:
+        yield port
 
 
 async def connect(path: str = "/ws/items") -> WebsocketCommunicator:

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 
 import pytest
-import uvicorn
 from asgiref.sync import sync_to_async
 from websockets.asyncio.client import connect as ws_connect
 from websockets.client import ClientProtocol
@@ -27,7 +26,7 @@ from items.models import Item
 from realtime import events, hub
 from realtime import nats as realtime_nats
 from realtime.hub import CLOSE_TRY_AGAIN_LATER
-from realtime.tests.conftest import NatsServer
+from realtime.tests.conftest import NatsServer, serving
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -38,7 +37,6 @@ UPDATES = 3000
 @pytest.fixture
 async def server(monkeypatch: pytest.MonkeyPatch, own_nats: NatsServer) -> AsyncIterator[int]:
     """uvicorn serving Kurs in this process; events travel over a real NATS."""
-    from config.asgi import application
 
     monkeypatch.setattr(hub, "SEND_TIMEOUT_S", 0.5)
     await sync_to_async(Item.objects.get_or_create)(base="BTC", quote="USD")
@@ -47,18 +45,8 @@ async def server(monkeypatch: pytest.MonkeyPatch, own_nats: NatsServer) -> Async
     # server's send after a few frames instead of after megabytes of kernel buffering.
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
     listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    config = uvicorn.Config(
-        application, lifespan="on", log_level="warning", timeout_graceful_shutdown=5
-    )
-    instance = uvicorn.Server(config)
-    task = asyncio.create_task(instance.serve(sockets=[listener]))
-    async with asyncio.timeout(10):
-        while not instance.started:  # noqa: ASYNC110 - uvicorn offers no start-up event
-            await asyncio.sleep(0.01)
-    yield listener.getsockname()[1]
-    instance.should_exit = True
-    await task
+    async with serving(listener) as port:
+        yield port
 
 
 class SlowClient:
