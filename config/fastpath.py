@@ -97,7 +97,14 @@ class CoursesFastPath:
         setting_changed.connect(self._on_setting_changed, weak=False)
 
     def _read_settings(self) -> None:
-        self._open = settings.KURS_RATE_LIMIT is None and not settings.USE_X_FORWARDED_HOST
+        # Behind a TLS proxy, whether a request is secure (redirect, HSTS) is SecurityMiddleware's
+        # call from X-Forwarded-Proto: Django answers those requests.
+        self._open = (
+            settings.KURS_RATE_LIMIT is None
+            and not settings.USE_X_FORWARDED_HOST
+            and not settings.SECURE_SSL_REDIRECT
+            and settings.SECURE_PROXY_SSL_HEADER is None
+        )
         self._hsts = bool(settings.SECURE_HSTS_SECONDS)
         self._outer = _outer_headers()
         self._known_hosts.clear()

@@ -280,3 +280,20 @@ NINJA_PAGINATION_MAX_LIMIT = 500
 # for rate limiting is then taken from X-Forwarded-For at that depth, which clients cannot forge.
 # 0 (SPEC 3): the TCP peer, X-Forwarded-For ignored (ninja's None would trust the whole header).
 NINJA_NUM_PROXIES = env.non_negative_int("KURS_NUM_PROXIES", 0)
+
+# --- Behind a TLS-terminating proxy (nginx with certificates, a load balancer) ----------------
+# The proxy says `X-Forwarded-Proto: https`; then plain HTTP is redirected, cookies are secure-only
+# and browsers are told to stay on HTTPS (HSTS), which is what `check --deploy` asks for. Off by
+# default: `make run` and the compose file serve plain HTTP on a private port.
+KURS_TLS_PROXY = env.boolean("KURS_TLS_PROXY", False)
+if KURS_TLS_PROXY:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    # Probes inside the deployment (compose healthchecks, Prometheus) speak plain HTTP directly.
+    SECURE_REDIRECT_EXEMPT = [r"^api/v1/health$", r"^metrics$"]
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env.non_negative_int("KURS_HSTS_SECONDS", 365 * 24 * 3600)
+    # Each binds every subdomain (or the browsers' preload list) for good: the operator's call.
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env.boolean("KURS_HSTS_INCLUDE_SUBDOMAINS", False)
+    SECURE_HSTS_PRELOAD = env.boolean("KURS_HSTS_PRELOAD", False)

@@ -317,3 +317,20 @@ async def test_the_fast_path_gives_a_request_id_and_logs_one_access_line(
     assert dict(start["headers"])[b"X-Request-ID"] == REQUEST_ID
     [line] = [record for record in caplog.records if record.name == "kurs.access"]
     assert line.getMessage().startswith("GET /api/v1/courses?direction=BTC-USD 200 ")
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("courses")
+async def test_behind_a_tls_proxy_django_answers_every_courses_request(
+    settings: LazySettings, django_calls: DjangoCalls
+) -> None:
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    settings.SECURE_SSL_REDIRECT = True
+    # SecurityMiddleware (built once per process, before this override) makes the redirect and
+    # the HSTS header from X-Forwarded-Proto: what matters here is that it, not the fast path,
+    # sees every /courses request.
+    await call(b"")
+    assert django_calls.count == 1
+    secure, _ = await call(b"", [(b"x-forwarded-proto", b"https")])
+    assert django_calls.count == 2
+    assert secure["status"] == 200

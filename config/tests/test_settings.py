@@ -12,14 +12,38 @@ from config.env import ConfigError
 from tests.services import run_python
 
 
-def run_check(**overrides: str) -> subprocess.CompletedProcess[str]:
+def run_check(*flags: str, **overrides: str) -> subprocess.CompletedProcess[str]:
     environment = {
         key: value
         for key, value in os.environ.items()
         if not key.startswith(("KURS_", "DJANGO_", "DATABASE_URL", "REDIS_URL", "NATS_URL"))
     }
     environment.update({"DJANGO_SECRET_KEY": "x" * 50, **overrides})
-    return run_python(["manage.py", "check"], environment)
+    return run_python(["manage.py", "check", *flags], environment)
+
+
+# A key as `check --deploy` wants it (long, varied); the tests' "x" * 50 is refused as weak.
+DEPLOY_KEY = "kG7#vR2q!Lz9@Wm4$Tn8^Hb5&Yc1*Pf6(Jd3)Sx0_Ua2+Qe7-Ni9=Ko4~Ml8"
+
+
+def test_behind_a_tls_proxy_check_deploy_finds_nothing() -> None:
+    result = run_check(
+        "--deploy",
+        "--fail-level",
+        "WARNING",
+        DJANGO_SECRET_KEY=DEPLOY_KEY,
+        KURS_TLS_PROXY="true",
+        KURS_HSTS_INCLUDE_SUBDOMAINS="true",
+        KURS_HSTS_PRELOAD="true",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "no issues" in result.stdout
+
+
+def test_without_the_tls_settings_check_deploy_names_them() -> None:
+    result = run_check("--deploy", DJANGO_SECRET_KEY=DEPLOY_KEY)
+    warnings = {code for code in ("W004", "W008", "W012", "W016") if code in result.stderr}
+    assert warnings == {"W004", "W008", "W012", "W016"}, result.stderr
 
 
 def test_good_defaults_start() -> None:
