@@ -462,3 +462,24 @@ def test_a_jump_another_provider_contradicts_is_never_accepted(
         binance = make_quote("binance", "BTC-USD", "90" if minute else "90000", now=moment)
         result = accept(binance, django_capture_on_commit_callbacks, now=moment)
         assert result.accepted == (minute == 0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_quote_for_an_item_deleted_meanwhile_is_a_one_line_warning(
+    caplog: pytest.LogCaptureFixture, published_events: Events
+) -> None:
+    btc = item("BTC-USD")
+    services.active_items()  # the owner knows the item...
+    btc.delete()  # ...which is deleted before its next quote arrives
+    result = services.accept_quote(make_quote("binance", "BTC-USD", "100"))
+    assert result.accepted
+    assert not result.stored
+    warnings = [
+        r for r in caplog.records if r.name == "rates.services" and r.levelname == "WARNING"
+    ]
+    assert [r.getMessage() for r in warnings] == [
+        "BTC-USD was deleted while being quoted; its rate is dropped"
+    ]
+    assert all(r.exc_info is None for r in caplog.records)
+    assert rate_events(published_events) == []
+    assert not CurrentRate.objects.exists()
