@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable, Callable
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,6 +21,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+from config.middleware import HybridMiddleware
 
 HTTP_REQUESTS = Counter(
     "kurs_http_requests_total",
@@ -43,28 +43,12 @@ def _route(request: HttpRequest) -> str:
     return match.route if match is not None and match.route else "unmatched"
 
 
-class HttpMetricsMiddleware:
-    async_capable = True
-    sync_capable = True
+class HttpMetricsMiddleware(HybridMiddleware):
+    def before(self, request: HttpRequest) -> float:
+        return time.perf_counter()
 
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
-        self.get_response = get_response
-        self._async = iscoroutinefunction(get_response)
-        if self._async:
-            markcoroutinefunction(self)
-
-    def __call__(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
-        if self._async:
-            return self._acall(request)
-        started = time.perf_counter()
-        response = self.get_response(request)
-        self._observe(request, response, started)
-        return response
-
-    async def _acall(self, request: HttpRequest) -> HttpResponse:
-        started = time.perf_counter()
-        response = await self.get_response(request)  # type: ignore[misc]
-        self._observe(request, response, started)
+    def after(self, request: HttpRequest, response: HttpResponse, state: float) -> HttpResponse:
+        self._observe(request, response, state)
         return response
 
     @staticmethod

@@ -17,6 +17,8 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextvars import Token
+from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponse, JsonResponse, QueryDict
@@ -83,11 +85,17 @@ def _json_404(response: HttpResponse) -> HttpResponse:
     return response
 
 
-class RequestContextMiddleware:
+class HybridMiddleware:
+    """A middleware that stays on the event loop under ASGI and is plain under WSGI.
+
+    Subclasses say what happens `before` the view (its result is the request's state), `after`
+    it (the response they return goes out) and in `finish`, which runs whatever happened.
+    """
+
     async_capable = True
     sync_capable = True
 
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
         self.get_response = get_response
         self._async = iscoroutinefunction(get_response)
         if self._async:
@@ -96,22 +104,42 @@ class RequestContextMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
         if self._async:
             return self._acall(request)
-        rid, is_api, started = self._before(request)
-        token = request_id.set(rid)
+        state = self.before(request)
         try:
-            response = self.get_response(request)
-            return self._after(request, response, rid, is_api, started)
+            return self.after(request, self.get_response(request), state)
         finally:
-            request_id.reset(token)
+            self.finish(state)
 
     async def _acall(self, request: HttpRequest) -> HttpResponse:
-        rid, is_api, started = self._before(request)
-        token = request_id.set(rid)
+        state = self.before(request)
         try:
-            response = await self.get_response(request)  # type: ignore[misc]
-            return self._after(request, response, rid, is_api, started)
+            return self.after(request, await self.get_response(request), state)
         finally:
-            request_id.reset(token)
+            self.finish(state)
+
+    def before(self, request: HttpRequest) -> Any:
+        return None
+
+    def after(self, request: HttpRequest, response: HttpResponse, state: Any) -> HttpResponse:
+        return response
+
+    def finish(self, state: Any) -> None:
+        return None
+
+
+class RequestContextMiddleware(HybridMiddleware):
+    def before(self, request: HttpRequest) -> tuple[str, bool, float, Token[str | None]]:
+        rid, is_api, started = self._before(request)
+        return rid, is_api, started, request_id.set(rid)
+
+    def after(
+        self, request: HttpRequest, response: HttpResponse, state: tuple[str, bool, float, Any]
+    ) -> HttpResponse:
+        rid, is_api, started, _ = state
+        return self._after(request, response, rid, is_api, started)
+
+    def finish(self, state: tuple[str, bool, float, Token[str | None]]) -> None:
+        request_id.reset(state[3])
 
     @staticmethod
     def _before(request: HttpRequest) -> tuple[str, bool, float]:
