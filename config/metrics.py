@@ -4,10 +4,17 @@ Each process keeps its own metrics (the fetcher counts quotes, the web process r
 sockets). When `PROMETHEUS_MULTIPROC_DIR` is set — `make run` sets it for all its processes,
 docker compose shares it as a volume — `/metrics` aggregates every process's files, so one
 scrape sees the whole service; otherwise it exports this process's registry.
+
+Files of processes that are gone must not count: every process marks itself dead on exit
+(`mark_dead_at_exit`, from `realtime.apps`), which drops its live gauges, and the gauges sum or
+compare live processes only (`livesum`, `livemax`, `livemin`). Counters and histograms of a dead
+process stay, as totals should. `scripts/start.sh` empties the directory before the processes
+start, so a killed process (no exit handler runs on SIGKILL) is forgotten at the next start.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import time
 
@@ -57,6 +64,12 @@ class HttpMetricsMiddleware(HybridMiddleware):
         method = request.method or "?"
         HTTP_REQUESTS.labels(method, route, str(response.status_code)).inc()
         HTTP_LATENCY.labels(method, route).observe(time.perf_counter() - started)
+
+
+def mark_dead_at_exit() -> None:
+    """With PROMETHEUS_MULTIPROC_DIR, this process's live gauges go when it exits."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        atexit.register(multiprocess.mark_process_dead, os.getpid())
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:

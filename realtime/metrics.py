@@ -13,7 +13,12 @@ NATS_INBOUND = Counter(
     "Messages from outside Kurs, by outcome (relayed or dropped).",
     ["outcome"],
 )
-WS_CONNECTIONS = Gauge("kurs_ws_connections", "Open /ws/items sockets in this process.")
+WS_CONNECTIONS = Gauge(
+    "kurs_ws_connections",
+    "Open /ws/items sockets.",
+    # Summed over the live processes (PROMETHEUS_MULTIPROC_DIR), not one series per pid ever seen.
+    multiprocess_mode="livesum",
+)
 WS_COALESCED = Counter(
     "kurs_ws_coalesced_total", "Rate updates replaced by a newer one before they were sent."
 )

@@ -48,3 +48,29 @@ def test_metrics_aggregate_processes_sharing_a_directory(tmp_path: Path) -> None
     assert all(run.returncode == 0 for run in runs), runs[-1].stderr
     # The second process sees both processes' increments.
     assert "kurs_probe_total 6.0" in runs[-1].stdout
+
+
+SOCKETS = """
+import django
+django.setup()
+from django.test import Client
+from realtime.metrics import WS_CONNECTIONS
+WS_CONNECTIONS.set({sockets})
+print(Client(HTTP_HOST="localhost").get("/metrics").content.decode())
+"""
+
+
+def test_a_dead_processs_gauge_leaves_the_metrics(tmp_path: Path) -> None:
+    environment = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.test_settings",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+    }
+    gone = run_python(["-c", SOCKETS.format(sockets=5)], environment)
+    assert gone.returncode == 0, gone.stderr
+    assert "kurs_ws_connections 5.0" in gone.stdout  # while it lived, it counted
+    live = run_python(["-c", SOCKETS.format(sockets=2)], environment)
+    assert live.returncode == 0, live.stderr
+    lines = [line for line in live.stdout.splitlines() if line.startswith("kurs_ws_connections")]
+    # One series, the live process's sockets: not one per pid ever seen, the dead one's 5 gone.
+    assert lines == ["kurs_ws_connections 2.0"]
