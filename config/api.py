@@ -14,11 +14,13 @@ from typing import Any
 from django.http import Http404, HttpRequest, HttpResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, Throttled, ValidationError
+from ninja.openapi.schema import OpenAPISchema
 from ninja.parser import Parser
 from ninja.renderers import BaseRenderer
 
 from config.health import router as health_router
 from config.jsonenc import dumps, loads
+from config.security import throttled_view
 from items.api import router as items_router
 from items.exceptions import InvalidItem, ItemAlreadyExists, ItemNotFound
 from rates.api import router as rates_router
@@ -41,14 +43,32 @@ class DecimalJSONParser(Parser):
         return loads(request.body)
 
 
+# The alternative every optional query parameter has (SPEC 5: `?since=&provider=` means absent,
+# `config.middleware` drops such values before any schema reads them).
+EMPTY_MEANS_ABSENT = {"type": "string", "maxLength": 0, "description": "empty: absent"}
+
+
+class KursAPI(NinjaAPI):
+    def get_openapi_schema(self, **kwargs: Any) -> OpenAPISchema:
+        schema = super().get_openapi_schema(**kwargs)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                for parameter in operation.get("parameters", []):
+                    if parameter["in"] == "query" and not parameter.get("required"):
+                        parameter["schema"] = {"anyOf": [parameter["schema"], EMPTY_MEANS_ABSENT]}
+        return schema
+
+
 # --- The API and its error mapping ----------------------------------------------------------
-api = NinjaAPI(
+api = KursAPI(
     title="Kurs",
     version="1",
     description="Self-hosted exchange rates: tracked pairs, rates with failover, live events.",
     urls_namespace="api-v1",
     renderer=DecimalJSONRenderer(),
     parser=DecimalJSONParser(),
+    # The OpenAPI document and the docs page count against the ops limit, as health does.
+    docs_decorator=throttled_view,
 )
 
 

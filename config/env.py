@@ -124,9 +124,9 @@ _RATE_RE = re.compile(r"^(\d+)/(s|sec|second|m|min|minute|h|hour|d|day)$")
 _PERIOD_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def rate_limit(name: str) -> tuple[int, int] | None:
+def rate_limit(name: str, default: str = "") -> tuple[int, int] | None:
     """`50/s`, `1000/min`, `10000/h`, `100000/d` -> (requests, seconds); empty -> None (off)."""
-    value = string(name, "")
+    value = string(name, default)
     if value == "":
         return None
     match = _RATE_RE.match(value.replace(" ", "").lower())

@@ -22,8 +22,10 @@ from django.utils import timezone
 from ninja import Router
 from ninja.responses import Status
 
+from config.security import ops_throttle
 from rates.fetcher import provider_statuses
 from rates.lease import lease_holder
+from rates.schemas import ErrorOut
 from rates.selectors import current_rates_freshness
 from realtime import nats
 
@@ -147,7 +149,7 @@ async def health_report() -> dict[str, Any]:
     return {"status": overall, "components": components}
 
 
-@router.get("", response={200: dict, 503: dict})
+@router.get("", response={200: dict, 503: dict, 429: ErrorOut}, throttle=ops_throttle)
 async def health(request: HttpRequest) -> Status[dict[str, Any]]:
     report = await health_report()
     return Status(503 if report["status"] == "down" else 200, report)

@@ -13,21 +13,13 @@ so compose gives it a directory of its own and the cluster's main process sums i
 from __future__ import annotations
 
 import logging
-import os
 
 from django.conf import settings
-from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, start_http_server
+from prometheus_client import start_http_server
+
+from config.metrics import scrape_registry
 
 logger = logging.getLogger(__name__)
-
-
-def scrape_registry() -> CollectorRegistry:
-    """This process's registry, or the sum of every process's files in the multiprocess mode."""
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        return REGISTRY
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
-    return registry
 
 
 def serve_metrics_port(process: str) -> int | None:

@@ -6,8 +6,9 @@
 - One access log line per request (`kurs.access`), whatever server runs Django: the servers' own
   access logs are switched off in `LOGGING`, so nothing is logged twice.
 - Under `/api/`, empty query parameters mean absent (`?since=&provider=` is no filter, not a 422),
-  once here instead of in every schema; and a 404 is JSON `{"detail": ...}` in every mode, also
-  with DEBUG on, where Django would answer its HTML debug page.
+  once here instead of in every schema; a 404 is JSON `{"detail": ...}` in every mode, also
+  with DEBUG on, where Django would answer its HTML debug page, and so is a 405 (with `Allow`);
+- every answer under `/api/` and of `/metrics` carries a `Cache-Control` (`config.caching`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponse, JsonResponse, QueryDict
 
+from config.caching import cache_control
 from config.logs import request_id
 
 access_logger = logging.getLogger("kurs.access")
@@ -77,12 +79,17 @@ def _drop_empty_query_values(request: HttpRequest) -> None:
     request.GET = kept
 
 
-def _json_404(response: HttpResponse) -> HttpResponse:
-    if response.status_code == 404 and not response.get("Content-Type", "").startswith(
-        "application/json"
-    ):
-        return JsonResponse({"detail": "not found"}, status=404)
-    return response
+_JSON_ERRORS = {404: "not found", 405: "method not allowed"}
+
+
+def _json_error(response: HttpResponse) -> HttpResponse:
+    detail = _JSON_ERRORS.get(response.status_code)
+    if detail is None or response.get("Content-Type", "").startswith("application/json"):
+        return response
+    json_response = JsonResponse({"detail": detail}, status=response.status_code)
+    if "Allow" in response:
+        json_response["Allow"] = response["Allow"]
+    return json_response
 
 
 class HybridMiddleware:
@@ -155,7 +162,10 @@ class RequestContextMiddleware(HybridMiddleware):
         request: HttpRequest, response: HttpResponse, rid: str, is_api: bool, started: float
     ) -> HttpResponse:
         if is_api:
-            response = _json_404(response)
+            response = _json_error(response)
+        policy = cache_control(request.method or "", request.path, response.status_code)
+        if policy is not None and "Cache-Control" not in response:
+            response["Cache-Control"] = policy
         response[HEADER] = rid
         log_access(
             request.method or "",

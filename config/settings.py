@@ -211,6 +211,8 @@ KURS_WS_HEARTBEAT = env.positive_float("KURS_WS_HEARTBEAT", 30.0)
 KURS_WS_ALLOWED_ORIGINS = env.origins("KURS_WS_ALLOWED_ORIGINS")
 KURS_API_KEYS_REQUIRED = env.boolean("KURS_API_KEYS_REQUIRED", True)
 KURS_RATE_LIMIT = env.rate_limit("KURS_RATE_LIMIT")
+# `POST /tasks/run` per API key: each call makes every exchange answer at once (their bans).
+KURS_TASKS_RATE_LIMIT = env.rate_limit("KURS_TASKS_RATE_LIMIT", "6/min")
 # USDTTRC and USDTERC are USDT on TRON and Ethereum; exchanges quote plain USDT (SPEC 4).
 KURS_ASSET_ALIASES = env.aliases("KURS_ASSET_ALIASES", "USDTTRC:USDT,USDTERC:USDT")
 

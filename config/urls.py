@@ -5,6 +5,7 @@ from django.urls import path
 
 from config.api import api
 from config.metrics import metrics_view
+from config.security import throttled_view
 from realtime.sse import router as stream_router
 from realtime.views import dashboard
 
@@ -15,7 +16,7 @@ urlpatterns = [
     path("", dashboard, name="dashboard"),
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
-    path("metrics", metrics_view, name="metrics"),
+    path("metrics", throttled_view(metrics_view), name="metrics"),
 ]
 
 handler404 = "config.views.not_found"

@@ -16,7 +16,7 @@ from items import selectors, services
 from items.models import Item
 from items.schemas import ItemIn, ItemOut, ItemPatch
 from rates import selectors as rates_selectors
-from rates.schemas import ItemDetailOut
+from rates.schemas import ItemDetailOut, errors
 
 router = Router(tags=["items"])
 
@@ -25,20 +25,22 @@ class ItemListQuery(Schema):
     is_active: bool | None = None
 
 
-@router.get("", response=list[ItemOut], throttle=read_throttle)
+@router.get("", response={200: list[ItemOut], **errors(422, 429)}, throttle=read_throttle)
 @paginate(BoundedLimitOffset)
 async def list_items(request: HttpRequest, filters: Query[ItemListQuery]) -> QuerySet[Item]:
     return selectors.item_list(is_active=filters.is_active)
 
 
-@router.get("/{int:item_id}", response=ItemDetailOut, throttle=read_throttle)
+@router.get(
+    "/{int:item_id}", response={200: ItemDetailOut, **errors(404, 429)}, throttle=read_throttle
+)
 async def get_item(request: HttpRequest, item_id: int) -> dict[str, object]:
     item = await selectors.item_get(item_id=item_id)
     latest = await rates_selectors.current_rate_get(item_id=item.id)
     return {**selectors.item_fields(item), "latest": latest}
 
 
-@router.post("", response={201: ItemOut}, auth=write_auth)
+@router.post("", response={201: ItemOut, **errors(400, 401, 409, 422)}, auth=write_auth)
 async def create_item(request: HttpRequest, payload: ItemIn) -> Status[Item]:
     item = await sync_to_async(services.item_create)(
         base=payload.base, quote=payload.quote, name=payload.name, is_active=payload.is_active
@@ -46,7 +48,9 @@ async def create_item(request: HttpRequest, payload: ItemIn) -> Status[Item]:
     return Status(201, item)
 
 
-@router.patch("/{int:item_id}", response=ItemOut, auth=write_auth)
+@router.patch(
+    "/{int:item_id}", response={200: ItemOut, **errors(400, 401, 404, 422)}, auth=write_auth
+)
 async def patch_item(request: HttpRequest, item_id: int, payload: ItemPatch) -> Item:
     item = await selectors.item_get(item_id=item_id)
     return await sync_to_async(services.item_update)(
@@ -54,7 +58,7 @@ async def patch_item(request: HttpRequest, item_id: int, payload: ItemPatch) -> 
     )
 
 
-@router.delete("/{int:item_id}", response={204: None}, auth=write_auth)
+@router.delete("/{int:item_id}", response={204: None, **errors(401, 404)}, auth=write_auth)
 async def delete_item(request: HttpRequest, item_id: int) -> Status[None]:
     item = await selectors.item_get(item_id=item_id)
     await sync_to_async(services.item_delete)(item=item)

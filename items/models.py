@@ -22,6 +22,16 @@ def validate_asset(value: str) -> None:
         )
 
 
+# C0 and C1 control characters and DEL: a NUL is refused by PostgreSQL's text type (a 500, not a
+# 422), the others forge log lines and break terminals and CSV exports.
+CONTROL_CHARACTERS_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def validate_printable(value: str) -> None:
+    if CONTROL_CHARACTERS_RE.search(value):
+        raise ValidationError("must not contain control characters", code="control_character")
+
+
 # What an Item is to the outside world (API, events): one list, used by the schema and the events.
 ITEM_FIELDS = ("id", "code", "base", "quote", "name", "is_active", "created_at", "updated_at")
 
@@ -32,7 +42,7 @@ class Item(models.Model):
     base = models.CharField(max_length=12, validators=[validate_asset])
     quote = models.CharField(max_length=12, validators=[validate_asset])
     code = models.CharField(max_length=25, unique=True, editable=False)
-    name = models.CharField(max_length=100, blank=True, default="")
+    name = models.CharField(max_length=100, blank=True, default="", validators=[validate_printable])
     is_active = models.BooleanField(default=True, db_index=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from datetime import datetime
 
 from ninja import Schema
@@ -7,8 +8,12 @@ from pydantic import ConfigDict, Field, StrictBool, StrictStr, field_validator
 
 from items.models import ASSET_CODE_RE, normalise_asset
 
-# No control characters (a NUL byte is refused by PostgreSQL's text type: a 500, not a 422).
-PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+# No control characters (items.models.validate_printable; a NUL would be a 500 on PostgreSQL).
+PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"
+# What an asset code may be typed as: ASCII letters and digits, any case, blanks around. Checked
+# before normalising, so nothing outside this (`ß`.upper() is `SS`) slips through upper().
+ASSET_CODE_INPUT_PATTERN = r"^ *[A-Za-z0-9]{2,12} *$"
+ASSET_CODE_INPUT_RE = re.compile(ASSET_CODE_INPUT_PATTERN)
 
 
 class ItemOut(Schema):
@@ -25,8 +30,13 @@ class ItemOut(Schema):
 class ItemIn(Schema):
     model_config = ConfigDict(extra="forbid")
 
-    base: StrictStr = Field(..., examples=["BTC"], description="asset code, 2-12 of A-Z 0-9")
-    quote: StrictStr = Field(..., examples=["USD"])
+    base: StrictStr = Field(
+        ...,
+        examples=["BTC"],
+        pattern=ASSET_CODE_INPUT_PATTERN,
+        description="asset code, 2-12 of A-Z 0-9 (any case); differs from quote",
+    )
+    quote: StrictStr = Field(..., examples=["USD"], pattern=ASSET_CODE_INPUT_PATTERN)
     name: StrictStr = Field("", max_length=100, pattern=PRINTABLE)
     is_active: StrictBool = True
 

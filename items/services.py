@@ -11,7 +11,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from items.exceptions import InvalidItem, ItemAlreadyExists
-from items.models import ApiKey, Item, normalise_asset, validate_asset
+from items.models import ApiKey, Item, normalise_asset, validate_asset, validate_printable
 from items.selectors import item_fields
 from realtime import events
 
@@ -31,10 +31,19 @@ def _checked_asset(field: str, value: str) -> str:
     return normalised
 
 
+def _checked_name(name: str) -> str:
+    try:
+        validate_printable(name)
+    except ValidationError as exc:
+        raise InvalidItem("name", exc.messages[0]) from None
+    return name.strip()
+
+
 @transaction.atomic
 def item_create(*, base: str, quote: str, name: str = "", is_active: bool = True) -> Item:
     base = _checked_asset("base", base)
     quote = _checked_asset("quote", quote)
+    name = _checked_name(name)
     if base == quote:
         raise InvalidItem("quote", "quote must differ from base")
     code = Item.make_code(base, quote)
@@ -43,9 +52,7 @@ def item_create(*, base: str, quote: str, name: str = "", is_active: bool = True
     try:
         # A savepoint, so that losing a race to a concurrent create leaves this transaction usable.
         with transaction.atomic():
-            item = Item.objects.create(
-                base=base, quote=quote, name=name.strip(), is_active=is_active
-            )
+            item = Item.objects.create(base=base, quote=quote, name=name, is_active=is_active)
     except IntegrityError:
         raise ItemAlreadyExists(f"item {code} already exists") from None
     events.publish_on_commit("item.created", item_to_event(item))
@@ -55,8 +62,10 @@ def item_create(*, base: str, quote: str, name: str = "", is_active: bool = True
 @transaction.atomic
 def item_update(*, item: Item, name: str | None = None, is_active: bool | None = None) -> Item:
     fields: list[str] = []
-    if name is not None and name.strip() != item.name:
-        item.name = name.strip()
+    if name is not None:
+        name = _checked_name(name)
+    if name is not None and name != item.name:
+        item.name = name
         fields.append("name")
     if is_active is not None and is_active != item.is_active:
         item.is_active = is_active

@@ -8,7 +8,7 @@ from django.http import HttpRequest, HttpResponse
 from ninja import Path, Query, Router
 from ninja.errors import HttpError
 
-from config.security import read_throttle, write_auth
+from config.security import read_throttle, tasks_throttle, write_auth
 from items.selectors import item_get
 from rates import fetcher, ondemand, selectors
 from rates.courses import courses_cache
@@ -18,17 +18,17 @@ from rates.schemas import (
     CandleQuery,
     ConvertIn,
     ConvertOut,
+    ConvertQuery,
     CoursesOut,
     CoursesQueryIn,
     CurrentRateOut,
-    ErrorOut,
     PairPath,
     PairRateOut,
     ProviderOut,
     RateListOut,
     RateListQuery,
     TaskRunOut,
-    ValidationErrorOut,
+    errors,
 )
 from rates.snapshot import snapshot
 
@@ -37,7 +37,7 @@ router = Router(tags=["rates"])
 
 @router.get(
     "/courses",
-    response={200: CoursesOut, 304: None, 422: ValidationErrorOut},
+    response={200: CoursesOut, 304: None, **errors(422, 429)},
     throttle=read_throttle,
     summary="The current course of each pair (the seed format), with ETag",
 )
@@ -60,7 +60,12 @@ async def list_courses(request: HttpRequest, filters: Query[CoursesQueryIn]) -> 
     return response
 
 
-@router.get("/items/{int:item_id}/rates", response=RateListOut, throttle=read_throttle)
+@router.get(
+    "/items/{int:item_id}/rates",
+    response={200: RateListOut, **errors(404, 422, 429)},
+    throttle=read_throttle,
+    summary="An item's rate history, newest first",
+)
 async def list_rates(
     request: HttpRequest, item_id: int, filters: Query[RateListQuery]
 ) -> dict[str, object]:
@@ -76,7 +81,7 @@ async def list_rates(
 
 @router.get(
     "/items/{int:item_id}/rates/latest",
-    response={200: CurrentRateOut},
+    response={200: CurrentRateOut, **errors(404, 429)},
     throttle=read_throttle,
     summary="The item's current rate: who serves it, its status and age (404 before the first)",
 )
@@ -90,7 +95,7 @@ async def latest_rate(request: HttpRequest, item_id: int) -> dict[str, object]:
 
 @router.get(
     "/items/{int:item_id}/candles",
-    response={200: list[CandleOut], 404: ErrorOut, 422: ValidationErrorOut},
+    response={200: list[CandleOut], **errors(404, 422, 429)},
     throttle=read_throttle,
     summary="OHLC candles of an item's history, one provider's rates (header Kurs-Provider)",
 )
@@ -117,7 +122,7 @@ async def list_candles(
 
 @router.get(
     "/rates/{base}/{quote}",
-    response={200: PairRateOut, 404: ErrorOut, 422: ValidationErrorOut, 503: ErrorOut},
+    response={200: PairRateOut, **errors(404, 422, 429, 503)},
     throttle=read_throttle,
     summary="The rate of any pair: tracked from the live snapshot, others fetched on demand",
 )
@@ -125,7 +130,7 @@ async def pair_rate(request: HttpRequest, path: Path[PairPath]) -> dict[str, obj
     return await ondemand.pair_rate(Pair(path.base, path.quote))
 
 
-_CONVERT_RESPONSES = {200: ConvertOut, 404: ErrorOut, 422: ValidationErrorOut, 503: ErrorOut}
+_CONVERT_RESPONSES = {200: ConvertOut, **errors(404, 422, 429, 503)}
 
 
 @router.get(
@@ -135,13 +140,13 @@ _CONVERT_RESPONSES = {200: ConvertOut, 404: ErrorOut, 422: ValidationErrorOut, 5
     throttle=read_throttle,
     summary="Convert an amount between two assets, with the rate's provenance",
 )
-async def convert(request: HttpRequest, params: Query[ConvertIn]) -> dict[str, object]:
+async def convert(request: HttpRequest, params: Query[ConvertQuery]) -> dict[str, object]:
     return await ondemand.convert(source=params.from_, target=params.to, amount=params.amount)
 
 
 @router.post(
     "/convert",
-    response=_CONVERT_RESPONSES,
+    response={**_CONVERT_RESPONSES, **errors(400)},
     by_alias=True,
     throttle=read_throttle,
     summary="Convert, with a JSON body (numbers are read as exact decimals)",
@@ -150,12 +155,17 @@ async def convert_body(request: HttpRequest, payload: ConvertIn) -> dict[str, ob
     return await ondemand.convert(source=payload.from_, target=payload.to, amount=payload.amount)
 
 
-@router.get("/providers", response=list[ProviderOut], throttle=read_throttle)
+@router.get("/providers", response={200: list[ProviderOut], **errors(429)}, throttle=read_throttle)
 async def list_providers(request: HttpRequest) -> list[dict[str, object]]:
     return await sync_to_async(fetcher.provider_statuses)()
 
 
-@router.post("/tasks/run", response=TaskRunOut, auth=write_auth)
+@router.post(
+    "/tasks/run",
+    response={200: TaskRunOut, **errors(401, 429, 503)},
+    auth=write_auth,
+    throttle=tasks_throttle,
+)
 async def run_task(request: HttpRequest) -> dict[str, object]:
     """Asks the live owner for a cycle (SPEC 6); without an answer in 2 s, runs the safety net.
 

@@ -110,6 +110,8 @@ def parse_query(
     """
     wanted: list[str] = []
     for raw in directions:
+        if not raw.isascii():  # upper() folds some letters into ASCII: "ß" is "SS"
+            raise InvalidCoursesQuery("direction", "use BASE-QUOTE in ASCII, e.g. BTC-USD")
         for part in raw.split(","):
             code = part.strip().upper()
             if not code:
@@ -123,6 +125,8 @@ def parse_query(
                     raise InvalidCoursesQuery(
                         "direction", f"at most {MAX_DIRECTIONS} pairs in one request"
                     )
+    if exchanger is not None and not exchanger.isascii():
+        raise InvalidCoursesQuery("exchanger", "unknown provider (a provider name is ASCII)")
     name = (exchanger or "").strip().lower().replace(" ", DERIVED_SEPARATOR) or None
     if name is not None and not all(leg in providers for leg in name.split(DERIVED_SEPARATOR)):
         configured = ", ".join(providers)

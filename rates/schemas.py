@@ -3,9 +3,10 @@ from __future__ import annotations
 import datetime as dt
 import re
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Annotated, Literal
 
+from django.conf import settings
 from ninja import Schema
 from pydantic import (
     BeforeValidator,
@@ -17,21 +18,49 @@ from pydantic import (
 )
 
 from items.models import ASSET_CODE_RE, normalise_asset
-from items.schemas import ItemOut
+from items.schemas import ASSET_CODE_INPUT_PATTERN, ASSET_CODE_INPUT_RE, ItemOut
 from rates.selectors import CandleInterval
 from rates.validation import DECIMAL_PLACES, UPPER_BOUND
 
 # Decimals leave as exact JSON numbers (config.jsonenc), not as pydantic's default strings.
 JsonDecimal = Annotated[Decimal, WithJsonSchema({"type": "number"})]
 
+# What the query parameters take: ISO-8601 text only. pydantic alone would read `0.5` or `1e9`
+# as Unix timestamps, which the schema (`format: date-time`, `format: date`) does not allow.
+_ISO_DATETIME_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}")
+_ISO_DATE_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+
+
+def _iso_datetime_text(value: object) -> object:
+    if isinstance(value, str) and not _ISO_DATETIME_RE.match(value):
+        raise ValueError("expected an ISO-8601 date and time, e.g. 2026-01-31T12:00:00Z")
+    if not isinstance(value, str | datetime):
+        raise ValueError("expected an ISO-8601 date and time (a string)")
+    return value
+
+
+def _iso_date_text(value: object) -> object:
+    if isinstance(value, str) and not _ISO_DATE_RE.match(value):
+        raise ValueError("expected a day as YYYY-MM-DD")
+    if not isinstance(value, str | dt.date):
+        raise ValueError("expected a day as YYYY-MM-DD (a string)")
+    return value
+
+
+IsoDateTime = Annotated[datetime, BeforeValidator(_iso_datetime_text)]
+IsoDate = Annotated[dt.date, BeforeValidator(_iso_date_text)]
+# A provider name, or a cross rate's `a+b` (an unencoded + arrives as a space); also what the
+# candles answer echoes in its Kurs-Provider header, so no control character gets that far.
+PROVIDER_PATTERN = r"^[a-z0-9_+ ]+$"
+
 
 class RateOut(Schema):
     """One history row (SPEC 5 "Rate JSON")."""
 
     provider: str
-    value: Decimal
-    bid: Decimal | None
-    ask: Decimal | None
+    value: JsonDecimal
+    bid: JsonDecimal | None
+    ask: JsonDecimal | None
     source_time: datetime
     received_at: datetime
 
@@ -47,9 +76,9 @@ class CurrentRateOut(Schema):
     """The rate the service stands behind now (SPEC 4 "Current rate", SPEC 5 `latest`)."""
 
     provider: str = Field(description="the serving provider (`a+b` for a cross rate)")
-    value: Decimal
-    bid: Decimal | None
-    ask: Decimal | None
+    value: JsonDecimal
+    bid: JsonDecimal | None
+    ask: JsonDecimal | None
     source_time: datetime = Field(description="the exchange's time of this value")
     checked_at: datetime = Field(description="the last time a source confirmed this value")
     received_at: datetime = Field(description="when Kurs first received this value")
@@ -73,11 +102,12 @@ class RateListQuery(Schema):
     model_config = ConfigDict(extra="forbid")
 
     limit: int = Field(50, ge=1, le=500)
-    since: datetime | None = Field(None, description="received at or after (ISO-8601, UTC)")
-    until: datetime | None = Field(None, description="received before (ISO-8601, UTC)")
-    date: dt.date | None = Field(None, description="a UTC day, YYYY-MM-DD")
-    # A provider name, or a cross rate's `a+b` (an unencoded + arrives as a space).
-    provider: str | None = Field(None, min_length=1, max_length=32, pattern=r"^[a-z0-9_+ ]+$")
+    since: IsoDateTime | None = Field(None, description="received at or after (ISO-8601, UTC)")
+    until: IsoDateTime | None = Field(
+        None, description="received before (ISO-8601, UTC); later than `since`"
+    )
+    date: IsoDate | None = Field(None, description="a UTC day, YYYY-MM-DD")
+    provider: str | None = Field(None, min_length=1, max_length=32, pattern=PROVIDER_PATTERN)
 
     @field_validator("since", "until")
     @classmethod
@@ -122,18 +152,38 @@ class ErrorOut(Schema):
     detail: str
 
 
+# What `rates.courses.parse_query` accepts, said in the OpenAPI: blanks that str.strip() removes
+# around each value, any case, a comma-separated list of pairs; a configured provider or a cross
+# rate's legs joined by `+` (or a space, as an unencoded `+` arrives).
+_BLANKS = r"[\t-\r\x1c-\x1f ]*"
+_PAIR_TEXT = r"[A-Za-z0-9]{2,12}-[A-Za-z0-9]{2,12}"
+DIRECTION_PATTERN = rf"^{_BLANKS}({_PAIR_TEXT})?{_BLANKS}(,{_BLANKS}({_PAIR_TEXT})?{_BLANKS})*$"
+
+
+def _any_case(name: str) -> str:
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in name)
+
+
+def exchanger_pattern(providers: list[str]) -> str:
+    one = "(" + "|".join(_any_case(name) for name in providers) + ")"
+    return rf"^{_BLANKS}({one}([+ ]{one})*)?{_BLANKS}$"
+
+
 class CoursesQueryIn(Schema):
-    """The filters of `/courses`; `rates.courses.parse_query` validates and normalises them."""
+    """The filters of `/courses`; `rates.courses.parse_query` validates and normalises them
+    (the patterns below only document it: the fast path answers the same without this schema)."""
 
     direction: list[str] = Field(
         default_factory=list,
         description="a pair, e.g. BTC-USD (repeatable, or comma-separated); none: all active pairs",
         examples=[["BTC-USD", "ETH-RUB"]],
+        json_schema_extra={"items": {"type": "string", "pattern": DIRECTION_PATTERN}},
     )
     exchanger: str | None = Field(
         None,
         description="a configured provider: only the courses it serves now",
         examples=["binance"],
+        json_schema_extra={"pattern": exchanger_pattern(settings.KURS_PROVIDERS)},
     )
 
 
@@ -167,6 +217,12 @@ class ValidationErrorOut(Schema):
     errors: list[FieldErrorOut]
 
 
+def errors(*codes: int) -> dict[int, type[Schema]]:
+    """The documented error answers of a route, as `config.api` shapes them: 422 names the
+    fields, every other error is `{"detail"}` (400 malformed JSON, 401 key, 404, 409, 429...)."""
+    return {code: ValidationErrorOut if code == 422 else ErrorOut for code in codes}
+
+
 def _empty_is_absent(value: object) -> object:
     # SPEC 5: `?since=&provider=` means the parameters are absent.
     return None if value == "" else value
@@ -188,12 +244,16 @@ def _asset_code(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError("expected an asset code (a string)")
     code = normalise_asset(value)
-    if not ASSET_CODE_RE.match(code):
+    if not ASSET_CODE_INPUT_RE.match(value) or not ASSET_CODE_RE.match(code):
         raise ValueError("not an asset code: use 2 to 12 letters A-Z or digits")
     return code
 
 
-AssetCode = Annotated[str, BeforeValidator(_asset_code)]
+AssetCode = Annotated[
+    str,
+    BeforeValidator(_asset_code),
+    WithJsonSchema({"type": "string", "pattern": ASSET_CODE_INPUT_PATTERN}),
+]
 
 
 # --- Candles -----------------------------------------------------------------------------------
@@ -201,14 +261,19 @@ class CandleQuery(Schema):
     model_config = ConfigDict(extra="forbid")
 
     interval: CandleInterval = Field(CandleInterval.M1, description="candle width")
-    since: datetime | None = Field(
-        None, description="from this time (ISO-8601, UTC), rounded down to a candle start"
+    since: IsoDateTime | None = Field(
+        None,
+        description="from this time (ISO-8601, UTC), rounded down to a candle start; at most "
+        "1000 candles from `since` to `until`",
     )
-    until: datetime | None = Field(None, description="received before this time; default now")
+    until: IsoDateTime | None = Field(
+        None, description="received before this time, later than `since`; default now"
+    )
     provider: str | None = Field(
         None,
         min_length=1,
         max_length=32,
+        pattern=PROVIDER_PATTERN,
         description="whose history; default the highest-priority provider with rows in range",
     )
 
@@ -254,22 +319,33 @@ class PairRateOut(Schema):
     route: list[RouteLegOut] = Field(description="a derived rate's legs; empty otherwise")
 
 
-# ASCII digits only: \d and Decimal() would also take other scripts' digits ("١٢" as 12).
-_DECIMAL_RE = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+# An amount as text (the query, or a JSON string): plain decimal notation, ASCII digits only
+# (\d and Decimal() would also take other scripts' digits, "١٢" as 12), at most 20 digits before
+# the point (leading zeros aside: below 10^20) and 18 after. The pattern is the rule itself, so
+# that the OpenAPI says exactly what is accepted.
+AMOUNT_TEXT_PATTERN = r"^\+?(0*[0-9]{1,20}(\.[0-9]{0,18})?|\.[0-9]{1,18})$"
+_AMOUNT_TEXT_RE = re.compile(AMOUNT_TEXT_PATTERN)
+_DECIMAL_TEXT_RE = re.compile(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)$")
 _MAX_AMOUNT_TEXT = 64
+_AMOUNT_STEP = Decimal(1).scaleb(-DECIMAL_PLACES)
+_WIDE = Context(prec=80)
 
 
-def _amount(value: object) -> Decimal:
-    """An exact Decimal from a string or a JSON number (parsed as Decimal, never as a float)."""
-    if isinstance(value, bool) or not isinstance(value, str | int | Decimal):
-        raise ValueError('expected a decimal number, e.g. 0.5 or "0.5"')
-    if isinstance(value, str):
-        text = value.strip()
-        if len(text) > _MAX_AMOUNT_TEXT:
-            raise ValueError(f"too long (at most {_MAX_AMOUNT_TEXT} characters)")
-        if not _DECIMAL_RE.fullmatch(text):
-            raise ValueError("expected a decimal number, e.g. 0.5")
-        value = Decimal(text)
+def _amount_text(text: str) -> Decimal:
+    if len(text) > _MAX_AMOUNT_TEXT:
+        raise ValueError(f"too long (at most {_MAX_AMOUNT_TEXT} characters)")
+    if not _DECIMAL_TEXT_RE.fullmatch(text):
+        raise ValueError("expected a decimal number in plain notation, e.g. 0.5")
+    if text.startswith("-"):
+        raise ValueError("must not be negative")
+    if not _AMOUNT_TEXT_RE.fullmatch(text):
+        if Decimal(text) >= UPPER_BOUND:
+            raise ValueError("must be less than 10^20")
+        raise ValueError(f"at most {DECIMAL_PLACES} decimal places")
+    return Decimal(text)
+
+
+def _amount_number(value: int | Decimal) -> Decimal:
     amount = Decimal(value)
     if not amount.is_finite():
         raise ValueError("must be a finite number")
@@ -277,22 +353,44 @@ def _amount(value: object) -> Decimal:
         raise ValueError("must not be negative")
     if amount >= UPPER_BOUND:
         raise ValueError("must be less than 10^20")
-    try:
-        exponent = int(amount.normalize().as_tuple().exponent)
-    except InvalidOperation:  # pragma: no cover - finite and bounded above
-        raise ValueError("expected a decimal number") from None
-    if exponent < -DECIMAL_PLACES:
-        raise ValueError(f"at most {DECIMAL_PLACES} decimal places")
+    if int(amount.as_tuple().exponent) < -DECIMAL_PLACES:
+        # A JSON number is a value, not a text: one with more places (a float's binary tail,
+        # 1e-30) is rounded once, half to even, as the result is; the text form is held to it.
+        amount = amount.quantize(_AMOUNT_STEP, rounding=ROUND_HALF_EVEN, context=_WIDE)
+    return amount
+
+
+def _amount(value: object) -> Decimal:
+    """An exact Decimal from a string or a JSON number (parsed as Decimal, never as a float)."""
+    if isinstance(value, bool) or not isinstance(value, str | int | Decimal):
+        raise ValueError('expected a decimal number, e.g. 0.5 or "0.5"')
+    amount = _amount_text(value) if isinstance(value, str) else _amount_number(value)
     return amount if amount else Decimal(0)
 
 
+_AMOUNT_TEXT_SCHEMA = {
+    "type": "string",
+    "pattern": AMOUNT_TEXT_PATTERN,
+    "maxLength": _MAX_AMOUNT_TEXT,
+    "examples": ["0.5"],
+    "description": "a decimal in plain notation, 0 <= amount < 10^20, at most 18 decimal places",
+}
+# The query's amount is text; a JSON body's may also be a number (read exactly, never through a
+# float; more than 18 decimal places are rounded half to even).
+AmountText = Annotated[Decimal, BeforeValidator(_amount), WithJsonSchema(_AMOUNT_TEXT_SCHEMA)]
 Amount = Annotated[
     Decimal,
     BeforeValidator(_amount),
-    Field(
-        examples=["0.5"],
-        description="a decimal, 0 <= amount < 10^20, at most 18 decimal places; a string or a "
-        "JSON number (read exactly, never through a float)",
+    WithJsonSchema(
+        {
+            "anyOf": [
+                _AMOUNT_TEXT_SCHEMA,
+                {"type": "number", "minimum": 0, "exclusiveMaximum": 1e20},
+            ],
+            "examples": ["0.5"],
+            "description": "a decimal, 0 <= amount < 10^20: a string (at most 18 decimal "
+            "places) or a JSON number (read exactly; rounded to 18 decimal places)",
+        }
     ),
 ]
 
@@ -303,6 +401,10 @@ class ConvertIn(Schema):
     from_: AssetCode = Field(alias="from", examples=["BTC"])
     to: AssetCode = Field(examples=["RUB"])
     amount: Amount
+
+
+class ConvertQuery(ConvertIn):
+    amount: AmountText
 
 
 class ConvertOut(Schema):

@@ -13,8 +13,13 @@ NATS_INBOUND = Counter(
     "Messages from outside Kurs, by outcome (relayed or dropped).",
     ["outcome"],
 )
-WS_CONNECTIONS = Gauge("kurs_ws_connections", "Open /ws/items sockets in this process.")
-SSE_CONNECTIONS = Gauge("kurs_sse_connections", "Open /api/v1/stream responses in this process.")
+# Summed over the live processes (PROMETHEUS_MULTIPROC_DIR), not one series per pid ever seen.
+WS_CONNECTIONS = Gauge(
+    "kurs_ws_connections", "Open /ws/items sockets.", multiprocess_mode="livesum"
+)
+SSE_CONNECTIONS = Gauge(
+    "kurs_sse_connections", "Open /api/v1/stream responses.", multiprocess_mode="livesum"
+)
 WS_COALESCED = Counter(
     "kurs_ws_coalesced_total", "Rate updates replaced by a newer one before they were sent."
 )

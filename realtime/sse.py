@@ -189,6 +189,7 @@ async def _body(
             },
             "403": {"description": "a browser Origin that is not allowed"},
             "422": {"description": "an unknown pair or a bad option"},
+            "429": {"description": "over KURS_RATE_LIMIT (with Retry-After)"},
         },
     },
 )

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from django.test import Client
 
-from tests.services import run_python
+from tests.services import ROOT, run_python
 
 pytestmark = pytest.mark.django_db
 
@@ -48,3 +50,69 @@ def test_metrics_aggregate_processes_sharing_a_directory(tmp_path: Path) -> None
     assert all(run.returncode == 0 for run in runs), runs[-1].stderr
     # The second process sees both processes' increments.
     assert "kurs_probe_total 6.0" in runs[-1].stdout
+
+
+SOCKETS = """
+import django
+django.setup()
+from django.test import Client
+from realtime.metrics import WS_CONNECTIONS
+WS_CONNECTIONS.set({sockets})
+print(Client(HTTP_HOST="localhost").get("/metrics").content.decode())
+"""
+
+
+def test_a_process_that_exits_takes_its_gauge_along(tmp_path: Path) -> None:
+    environment = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.test_settings",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+    }
+    gone = run_python(["-c", SOCKETS.format(sockets=5)], environment)
+    assert gone.returncode == 0, gone.stderr
+    assert "kurs_ws_connections 5.0" in gone.stdout  # while it lived, it counted
+    live = run_python(["-c", SOCKETS.format(sockets=2)], environment)
+    assert live.returncode == 0, live.stderr
+    lines = [line for line in live.stdout.splitlines() if line.startswith("kurs_ws_connections")]
+    # One series, the live process's sockets: not one per pid ever seen, the dead one's 5 gone.
+    assert lines == ["kurs_ws_connections 2.0"]
+
+
+KILLED = """
+import sys, django
+django.setup()
+from realtime.metrics import WS_CONNECTIONS
+WS_CONNECTIONS.set(7)
+print("set", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_processs_gauge_leaves_at_the_next_scrape(tmp_path: Path) -> None:
+    # SIGKILL (and uvicorn's workers, which re-raise SIGTERM) run no exit handler.
+    environment = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.test_settings",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+    }
+    victim = subprocess.Popen(
+        [sys.executable, "-c", KILLED],
+        cwd=ROOT,
+        env=environment,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert victim.stdout is not None
+        assert victim.stdout.readline().strip() == "set"
+        both = run_python(["-c", SOCKETS.format(sockets=2)], environment)
+        assert "kurs_ws_connections 9.0" in both.stdout  # alive, it counts
+    finally:
+        victim.kill()
+        victim.wait(10)
+    after = run_python(["-c", SOCKETS.format(sockets=2)], environment)
+    assert after.returncode == 0, after.stderr
+    lines = [line for line in after.stdout.splitlines() if line.startswith("kurs_ws_connections")]
+    assert lines == ["kurs_ws_connections 2.0"]
+    assert not list(tmp_path.glob(f"gauge_live*_{victim.pid}.db"))

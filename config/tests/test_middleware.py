@@ -131,3 +131,23 @@ def test_json_logs_carry_an_iso_8601_utc_ts_and_extra_fields() -> None:
     assert line["level"] == "WARNING"
     assert line["provider"] == "binance"
     assert "color_message" not in line
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("put", "/api/v1/items", "GET, POST"),
+        ("delete", "/api/v1/items", "GET, POST"),
+        ("post", "/api/v1/health", "GET"),
+        ("trace", "/api/v1/providers", "GET"),
+        ("put", "/api/v1/items/1", "GET, PATCH, DELETE"),
+    ],
+)
+def test_a_method_not_allowed_under_the_api_is_json_with_allow(
+    client: Client, method: str, path: str, allowed: str
+) -> None:
+    response = client.generic(method.upper(), path)
+    assert response.status_code == 405
+    assert response["Content-Type"].startswith("application/json")
+    assert response.json() == {"detail": "method not allowed"}
+    assert set(response["Allow"].split(", ")) == set(allowed.split(", "))

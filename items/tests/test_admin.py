@@ -132,3 +132,15 @@ def test_the_revoke_action_revokes(admin_client: Client) -> None:
     assert response.status_code == 302
     api_key.refresh_from_db()
     assert api_key.revoked_at is not None
+
+
+@pytest.mark.parametrize("name", ["tab\there", "escape\u001b[31m", "c1\u009b"])
+def test_the_admin_refuses_control_characters_in_a_name(admin_client: Client, name: str) -> None:
+    item = Item.objects.get(code="ETH-RUB")
+    response = admin_client.post(
+        f"/admin/items/item/{item.id}/change/", {"name": name, "is_active": "on"}
+    )
+    assert response.status_code == 200  # the form again, with the error
+    assert b"must not contain control characters" in response.content
+    item.refresh_from_db()
+    assert item.name != name

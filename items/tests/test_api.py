@@ -362,7 +362,7 @@ def test_the_item_schema_shows_exactly_the_public_fields() -> None:
     assert tuple(item_to_event(item)) == ITEM_FIELDS
 
 
-@pytest.mark.parametrize("name", ["a\u0000b", "line\nbreak", "bell\u0007"])
+@pytest.mark.parametrize("name", ["a\u0000b", "line\nbreak", "bell\u0007", "c1\u0085", "del\u007f"])
 def test_control_characters_in_a_name_are_a_422_not_a_500(
     client: Client, auth: dict[str, str], name: str
 ) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import importlib
+
 import pytest
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError
@@ -48,3 +50,22 @@ def test_the_database_rejects_a_duplicate_code() -> None:
     Item.objects.create(base="DOGE", quote="USD")
     with pytest.raises(IntegrityError):
         Item.objects.create(base="DOGE", quote="USD")
+
+
+@pytest.mark.parametrize("name", ["a\x00b", "line\nbreak", "bell\x07", "c1\x85", "del\x7f"])
+def test_a_name_with_control_characters_is_invalid(name: str) -> None:
+    item = Item(base="SOL", quote="EUR", name=name)
+    with pytest.raises(ValidationError, match="control characters"):
+        item.full_clean()
+    Item(base="SOL", quote="EUR", name="Solana / € (Ünïcödé is fine)").full_clean()
+
+
+def test_the_migration_cleans_names_written_before_the_validator() -> None:
+    from django.apps import apps
+
+    clean_names = importlib.import_module("items.migrations.0003_item_name_printable").clean_names
+    Item.objects.filter(code="BTC-USD").update(name="Bit\x1bcoin\n\x85 / USD\x07")
+    Item.objects.filter(code="ETH-USD").update(name="Ether / USD")
+    clean_names(apps, None)
+    names = dict(Item.objects.filter(code__in=["BTC-USD", "ETH-USD"]).values_list("code", "name"))
+    assert names == {"BTC-USD": "Bit coin / USD", "ETH-USD": "Ether / USD"}

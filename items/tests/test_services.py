@@ -111,3 +111,14 @@ def test_a_revoked_key_is_inactive() -> None:
 def test_an_api_key_needs_a_name() -> None:
     with pytest.raises(ValueError, match="name"):
         services.api_key_create(name="  ")
+
+
+@pytest.mark.parametrize("name", ["a\x00b", "bell\x07", "c1\x9b"])
+def test_a_name_with_control_characters_is_refused_by_the_services(name: str) -> None:
+    with pytest.raises(InvalidItem) as refused:
+        services.item_create(base="SOL", quote="EUR", name=name)
+    assert refused.value.field == "name"
+    item = Item.objects.get(code="BTC-USD")
+    with pytest.raises(InvalidItem):
+        services.item_update(item=item, name=name)
+    assert not Item.objects.filter(code="SOL-EUR").exists()

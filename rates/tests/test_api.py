@@ -129,6 +129,12 @@ def test_it_filters_by_utc_day_provider_since_and_until(
         ("since=0001-01-01T00:00:00%2B01:00", "since"),  # before year 1 in UTC
         ("until=9999-12-31T23:59:59-01:00", "until"),  # after year 9999 in UTC
         ("date=9999-12-31", "date"),  # the day would end in year 10000
+        # A number is no date-time (pydantic alone reads it as a Unix timestamp).
+        ("since=0.5", "since"),
+        ("until=1700000000", "until"),
+        ("since=1e9", "since"),
+        ("date=0", "date"),
+        ("date=20260314", "date"),
     ],
 )
 def test_every_bad_parameter_is_a_422_naming_it(
@@ -284,3 +290,84 @@ def test_the_history_count_stops_at_its_cap(
     assert (len(body["items"]), body["count"]) == (2, 3)
     monkeypatch.setattr(selectors, "COUNT_CAP", 10)
     assert client.get(f"/api/v1/items/{btc.id}/rates?limit=2").json()["count"] == 5
+
+
+@pytest.mark.parametrize(
+    "query", ["since=0.5", "until=1700000000", "provider=%1D", "provider=a%00b"]
+)
+def test_candles_refuse_numbers_as_times_and_control_characters(
+    client: Client, btc: Item, query: str
+) -> None:
+    # A control character in `provider` went out in the Kurs-Provider header: the server
+    # dropped the connection instead of answering.
+    response = client.get(f"/api/v1/items/{btc.id}/candles?{query}")
+    assert_422_naming(response, query.split("=")[0])
+
+
+def _schema(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    return spec["components"]["schemas"][name]["properties"]
+
+
+def test_the_openapi_declares_rate_values_as_numbers_as_they_are_sent(
+    client: Client, btc: Item, history: list[Rate]
+) -> None:
+    spec = client.get("/api/v1/openapi.json").json()
+    for name in ("RateOut", "CurrentRateOut"):
+        fields = _schema(spec, name)
+        assert fields["value"] == {"title": "Value", "type": "number"}
+        for optional in ("bid", "ask"):
+            assert fields[optional]["anyOf"] == [{"type": "number"}, {"type": "null"}]
+    for name, fields in (
+        ("CandleOut", ("open", "high", "low", "close")),
+        ("CourseOut", ("value",)),
+    ):
+        assert all(_schema(spec, name)[field]["type"] == "number" for field in fields)
+    assert _schema(spec, "PairRateOut")["value"]["type"] == "number"
+    # ... and the wire says the same: JSON numbers, not strings.
+    row = client.get(f"/api/v1/items/{btc.id}/rates").json()["items"][0]
+    assert all(isinstance(row[field], int | float) for field in ("value", "bid"))
+
+
+# Each route and the errors it gives (SPEC 5): 401 on writes, 404 for an unknown item, 409 for a
+# pair that exists, 422 for bad input, 429 where a limit applies, 400 for a body that is no JSON.
+DOCUMENTED = [
+    ("get", "/api/v1/items", {"200", "422", "429"}),
+    ("post", "/api/v1/items", {"201", "400", "401", "409", "422"}),
+    ("get", "/api/v1/items/{item_id}", {"200", "404", "429"}),
+    ("patch", "/api/v1/items/{item_id}", {"200", "400", "401", "404", "422"}),
+    ("delete", "/api/v1/items/{item_id}", {"204", "401", "404"}),
+    ("get", "/api/v1/items/{item_id}/rates", {"200", "404", "422", "429"}),
+    ("get", "/api/v1/items/{item_id}/rates/latest", {"200", "404", "429"}),
+    ("get", "/api/v1/courses", {"200", "304", "422", "429"}),
+    ("get", "/api/v1/providers", {"200", "429"}),
+    ("post", "/api/v1/tasks/run", {"200", "401", "429", "503"}),
+    ("get", "/api/v1/health", {"200", "429", "503"}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "codes"), DOCUMENTED)
+def test_the_openapi_documents_every_answer_of_a_route(
+    client: Client, method: str, path: str, codes: set[str]
+) -> None:
+    answers = client.get("/api/v1/openapi.json").json()["paths"][path][method]["responses"]
+    assert set(answers) == codes
+    for code in codes & {"400", "401", "404", "409", "422", "429"}:
+        schema = answers[code]["content"]["application/json"]["schema"]["$ref"]
+        assert schema.endswith("ValidationErrorOut" if code == "422" else "ErrorOut")
+
+
+def test_the_openapi_states_the_input_constraints(client: Client) -> None:
+    spec = client.get("/api/v1/openapi.json").json()
+    item_in = _schema(spec, "ItemIn")
+    assert item_in["base"]["pattern"] == item_in["quote"]["pattern"] == "^ *[A-Za-z0-9]{2,12} *$"
+    assert item_in["name"]["maxLength"] == 100
+    assert "pattern" in item_in["name"]
+    history = {
+        p["name"]: p for p in spec["paths"]["/api/v1/items/{item_id}/rates"]["get"]["parameters"]
+    }
+    limit = history["limit"]["schema"]["anyOf"][0]
+    assert (limit["minimum"], limit["maximum"]) == (1, 500)
+    since = history["since"]["schema"]["anyOf"][0]["anyOf"][0]
+    assert since == {"format": "date-time", "type": "string"}
+    # SPEC 5: an empty query parameter means absent, and the schema says so.
+    assert history["since"]["schema"]["anyOf"][1]["maxLength"] == 0

@@ -253,7 +253,7 @@ def test_an_unknown_item_is_404(client: Client) -> None:
 def test_the_openapi_schema_declares_the_answers(client: Client) -> None:
     spec = client.get("/api/v1/openapi.json").json()
     answers = spec["paths"]["/api/v1/items/{item_id}/candles"]["get"]["responses"]
-    assert set(answers) == {"200", "404", "422"}
+    assert set(answers) == {"200", "404", "422", "429"}
     ok = answers["200"]["content"]["application/json"]["schema"]
     assert ok["items"] == {"$ref": "#/components/schemas/CandleOut"}
     candle = spec["components"]["schemas"]["CandleOut"]["properties"]
@@ -269,4 +269,5 @@ def test_the_openapi_schema_declares_the_answers(client: Client) -> None:
         for p in spec["paths"]["/api/v1/items/{item_id}/candles"]["get"]["parameters"]
         if p["name"] == "interval"
     )
-    assert interval["schema"]["allOf"][0]["enum"] == ["1m", "5m", "1h", "1d"]
+    # Optional, so empty is absent too (SPEC 5): the enum is the first alternative.
+    assert interval["schema"]["anyOf"][0]["allOf"][0]["enum"] == ["1m", "5m", "1h", "1d"]

@@ -20,6 +20,7 @@ from rates.courses import (
     etag_matches,
     parse_query,
 )
+from rates.schemas import DIRECTION_PATTERN, exchanger_pattern
 from rates.snapshot import RatesSnapshot
 
 PROVIDERS = ("binance", "bybit", "coingecko", "cbr")
@@ -176,6 +177,11 @@ def test_no_course_at_all_names_no_exchanger(source: FakeSource, clock: Clock) -
         ),
         ([], "kraken", "exchanger", "unknown provider 'kraken'"),
         ([], "binance+kraken", "exchanger", "unknown provider"),
+        # upper() and lower() fold some non-ASCII letters into ASCII ("ß" is "SS", "ı" is "I"):
+        # a pair or provider is ASCII, as the OpenAPI's patterns say.
+        (["ßß-USD"], None, "direction", "ASCII"),
+        (["btc-usd\u00a0"], None, "direction", "ASCII"),
+        ([], "bınance", "exchanger", "unknown provider"),
     ],
 )
 def test_a_malformed_filter_is_a_422_naming_the_field(
@@ -307,3 +313,21 @@ def test_a_real_snapshot_course_turns_stale_in_the_cached_body_on_time(
     # Never early; and soon after (without the deadline it would be reused for an hour).
     assert timedelta(seconds=0.4) < turned < timedelta(seconds=1.5)
     assert snapshot.version == version  # no event: time alone made it stale
+
+
+def test_the_openapi_patterns_say_what_the_filters_accept() -> None:
+    direction, exchanger = re.compile(DIRECTION_PATTERN), re.compile(exchanger_pattern(PROVIDERS))
+    for accepted in (" eth-usd ", "BTC-USD,eth-rub", ",,BTC-USD,"):
+        assert direction.match(accepted)
+        parse_query([accepted], None, providers=PROVIDERS)
+    for accepted in ("binance", " Binance+CBR ", "bybit coingecko"):
+        assert exchanger.match(accepted)
+        parse_query([], accepted, providers=PROVIDERS)
+    for refused in ("ßß-USD", "BTC_USD", "B-USD"):
+        assert not direction.match(refused)
+        with pytest.raises(InvalidCoursesQuery):
+            parse_query([refused], None, providers=PROVIDERS)
+    for refused in ("kraken", "binance+", "bınance"):
+        assert not exchanger.match(refused)
+        with pytest.raises(InvalidCoursesQuery):
+            parse_query([], refused, providers=PROVIDERS)

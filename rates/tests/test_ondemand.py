@@ -365,6 +365,7 @@ def test_the_openapi_schema_declares_the_answers(client: Client) -> None:
         "200": {"$ref": "#/components/schemas/PairRateOut"},
         "404": {"$ref": "#/components/schemas/ErrorOut"},
         "422": {"$ref": "#/components/schemas/ValidationErrorOut"},
+        "429": {"$ref": "#/components/schemas/ErrorOut"},
         "503": {"$ref": "#/components/schemas/ErrorOut"},
     }
     rate = spec["components"]["schemas"]["PairRateOut"]

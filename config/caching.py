@@ -1,0 +1,49 @@
+"""`Cache-Control` of the API's answers: what a browser or a proxy may keep, and how long.
+
+One table, applied by `config.middleware` to every answer under `/api/` and to `/metrics` that
+has no `Cache-Control` of its own. `/courses` is left to its two paths (`config.fastpath` and its
+route answer the same bytes and headers: `max-age=1` with its ETag), and the event stream sets
+its own:
+
+- errors and writes: `no-store`. A 404 or a 429 must not outlive its cause in a cache, and a
+  write's answer (and `POST /convert`, `POST /tasks/run`) is the answer to that one request;
+- probes (`/health`, `/metrics`): `no-store`, a cached "ok" would hide an outage;
+- the live reads (an item with its latest rate, `latest`, any pair, `convert`, the item list,
+  providers): `no-cache`: a cache may keep them but must ask again before each use, since they
+  change with every quote;
+- history and candles: `max-age=1`, as `/courses`: rows are appended every second at most, and a
+  second's delay is what a dashboard polling them accepts anyway;
+- the OpenAPI document and the docs page: `max-age=60`; they change only with a deployment.
+"""
+
+from __future__ import annotations
+
+NO_STORE = "no-store"
+NO_CACHE = "no-cache"
+
+# (route prefix relative to /api/v1/, the policy of its successful GET answers)
+_READ_POLICIES: tuple[tuple[str, str], ...] = (
+    ("health", NO_STORE),
+    ("openapi.json", "max-age=60"),
+    ("docs", "max-age=60"),
+)
+_HISTORY_SUFFIXES = ("/rates", "/candles")
+_API_PREFIX = "/api/v1/"
+_COURSES = "/api/v1/courses"
+
+
+def cache_control(method: str, path: str, status: int) -> str | None:
+    """The `Cache-Control` value of an answer to `method path` with `status`; None: not ours."""
+    if path != "/metrics" and (not path.startswith("/api/") or path == _COURSES):
+        return None
+    if status >= 400 or method not in ("GET", "HEAD"):
+        return NO_STORE
+    if path == "/metrics":
+        return NO_STORE
+    route = path.removeprefix(_API_PREFIX)
+    for prefix, policy in _READ_POLICIES:
+        if route == prefix or route.startswith(prefix + "/"):
+            return policy
+    if route.startswith("items/") and route.endswith(_HISTORY_SUFFIXES):
+        return "max-age=1"
+    return NO_CACHE
