@@ -91,6 +91,8 @@ async def test_it_answers_ping_as_json_and_as_plain_text(pairs: None) -> None:
     ("message", "detail"),
     [
         ("{not json", "bad JSON"),
+        # Nested deeper than the decoder's recursion limit: a RecursionError, not a ValueError.
+        pytest.param("[" * 2000 + "]" * 2000, "bad JSON", id="nested-2000-deep"),
         ("[1, 2]", "expected a JSON object with an action"),
         ('{"action": "dance"}', "unknown action 'dance': use subscribe, unsubscribe or ping"),
         ('{"pairs": ["BTC-USD"]}', "unknown action None: use subscribe, unsubscribe or ping"),
