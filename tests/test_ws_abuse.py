@@ -5,7 +5,7 @@ Every client mistake gets a documented answer (an error frame, a close code of R
 "Limits and close codes", a 4xx), never a hang and never an ERROR or a traceback in the log;
 meanwhile a well-behaved WebSocket client and an SSE client receive every rate event, in stream
 order, with no gap; and after the abuse the server's descriptors and memory are back near where
-they started.
+they started, with no request task left behind.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -401,6 +402,14 @@ async def abuse_messages(port: int) -> list[int]:
         await ws.send("y" * 70_000)
         codes.append(await closed_with(ws) or 0)
         assert codes[-1] == 1009
+    # A compression bomb: 16 MB that permessage-deflate carries in about 16 KB; the limit counts
+    # what it inflates to, so it is refused as soon as that passes 64 KiB.
+    async with ws_connect(url, compression="deflate") as ws:
+        assert ws.protocol.extensions, "permessage-deflate was not negotiated"
+        await answers(ws, 1)
+        await ws.send("0" * 16_000_000)
+        codes.append(await closed_with(ws) or 0)
+        assert codes[-1] == 1009
 
     # A flood of subscribe actions, read as they come: each answered, nobody else hurt.
     flood = json.dumps({"action": "subscribe", "pairs": ["ETH-USD"]})
@@ -569,6 +578,12 @@ async def test_abuse_leaves_a_well_behaved_client_every_event_and_the_server_as_
     )
     assert fds <= base_fds + FD_SLACK
     assert rss - base_rss < RSS_BOUND_MB
+    # Every request and socket ended with its client: on SIGTERM uvicorn finds no task left to
+    # wait for (else it waits 10 s and logs an ERROR "Cancel N running task(s)").
+    server.process.terminate()
+    # One worker: uvicorn exits by re-raising the SIGTERM it handled.
+    assert await asyncio.to_thread(server.process.wait, 15) in (0, -signal.SIGTERM)
+    assert "running task(s)" not in server.log_text()
     assert_clean_log(server.log_text())
 
 
