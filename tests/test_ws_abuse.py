@@ -470,7 +470,7 @@ async def abuse_stream(port: int) -> None:
 async def abuse_handshakes(server: Server) -> None:
     """Oversized handshakes are refused at once, each logged once, never held: 431 over
     websockets' limits (a line over 8 KiB, over 128 headers), or 400 from the HTTP parser
-    itself when the request is larger still."""
+    itself when the request is larger still; 400 for a request websockets cannot parse."""
     start = server.log_size()
     oversized = [
         (handshake_request("/ws/items?pairs=" + "A" * 9000), {431}),
@@ -478,6 +478,8 @@ async def abuse_handshakes(server: Server) -> None:
         (handshake_request("/ws/items", "".join(f"X-H{i}: v\r\n" for i in range(200))), {431}),
         (handshake_request("/ws/items?pairs=" + "A" * 100_000), {400, 431}),
         (handshake_request("/ws/items", "X-Pad: " + "b" * 1_000_000 + "\r\n"), {400, 431}),
+        # Not a size limit: a body on the upgrade request, which websockets refuses to parse.
+        (handshake_request("/ws/items", "Content-Length: 5\r\n") + b"hello", {400}),
     ]
     for request, expected in oversized:
         status, took = await http_answer(server.port, request)
