@@ -288,6 +288,8 @@ class Bridge:
             except ValueError as exc:
                 self._drop(subject, str(exc))
                 return
+            if course is None:
+                return  # older than the pair's current version: stale news, not sent
             hub.publish_rate(course.direction, event.frame, seq, event.rate)
             return
         if event.kind.startswith("item."):

@@ -117,7 +117,9 @@ class ItemsConsumer(AsyncWebsocketConsumer):
             return [PONG]
         try:
             message = json.loads(text_data)
-        except ValueError:
+        except (ValueError, RecursionError):
+            # RecursionError: nesting deeper than the decoder's recursion limit (`[[[[...`
+            # fits in 4 KiB), a client's mistake like any other bad JSON.
             return [error_frame("bad JSON")]
         if not isinstance(message, dict):
             return [error_frame("expected a JSON object with an action")]

@@ -146,8 +146,12 @@ async def _body(
                 next_beat += heartbeat
                 yield b": keep-alive\n\n"
                 continue
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows the cancellation
+            # Django sends when the client goes away if a frame arrives at the same moment, and
+            # the body would then stream to nobody, its subscription never freed.
             try:
-                frame = await asyncio.wait_for(client.buffer.get(), wait)
+                async with asyncio.timeout(wait):
+                    frame = await client.buffer.get()
             except TimeoutError:
                 continue
             if frame == _END:

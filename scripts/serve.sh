@@ -8,6 +8,10 @@
 # On SIGTERM or SIGINT uvicorn stops accepting, closes WebSockets with 1012 (service restart, so
 # clients reconnect), waits up to 10 s for requests in flight, runs the lifespan shutdown (NATS
 # drained) and exits.
+# WebSockets: realtime/wsprotocol.py (uvicorn's websockets protocol, answering an oversized
+# handshake with 431 instead of holding it, and invalid UTF-8 with 1007 and one log line instead
+# of a traceback); a client message over 64 KiB closes the socket with 1009 (SPEC 8's 4 KiB limit
+# answers an error frame below that; uvicorn's default, 16 MiB, would be buffered per socket).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
@@ -15,4 +19,5 @@ export PATH="$PWD/.venv/bin:$PATH"
 exec uvicorn config.asgi:application \
   --host "${KURS_HOST:-127.0.0.1}" --port "${KURS_PORT:-8000}" \
   --workers "${KURS_WEB_WORKERS:-2}" --loop uvloop --http httptools \
-  --lifespan on --no-access-log --no-proxy-headers --timeout-graceful-shutdown 10
+  --lifespan on --no-access-log --no-proxy-headers --timeout-graceful-shutdown 10 \
+  --ws realtime.wsprotocol:KursWebSocketProtocol --ws-max-size 65536

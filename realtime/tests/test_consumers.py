@@ -6,9 +6,11 @@ process's bridge: the same bridge -> hub -> socket path that NATS messages take.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from django.conf import LazySettings
@@ -91,6 +93,8 @@ async def test_it_answers_ping_as_json_and_as_plain_text(pairs: None) -> None:
     ("message", "detail"),
     [
         ("{not json", "bad JSON"),
+        # Nested deeper than the decoder's recursion limit: a RecursionError, not a ValueError.
+        pytest.param("[" * 2000 + "]" * 2000, "bad JSON", id="nested-2000-deep"),
         ("[1, 2]", "expected a JSON object with an action"),
         ('{"action": "dance"}', "unknown action 'dance': use subscribe, unsubscribe or ping"),
         ('{"pairs": ["BTC-USD"]}', "unknown action None: use subscribe, unsubscribe or ping"),
@@ -224,6 +228,31 @@ async def test_item_events_keep_the_set_of_known_pairs_current(pairs: None) -> N
     events.publish("item.deleted", {"id": 99, "code": "SOL-USD"})
     await receive_until(ws, "item.deleted")
     assert "SOL-USD" not in snapshot.active_pairs()
+    await ws.disconnect()
+
+
+async def test_an_event_older_than_the_snapshot_is_dropped_without_an_error(
+    pairs: None,
+) -> None:
+    # The bridge handles events in loop callbacks: an exception there reaches the loop's handler.
+    crashes: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: crashes.append(context))
+    ws = await connect("/ws/items?pairs=ETH-USD")
+    await receive(ws)
+
+    def publish(value: str, version: int) -> None:
+        events.publish("rate.updated", {**rate_event("ETH-USD", value), "version": version})
+
+    publish("3000", 5)
+    assert (await receive_until(ws, "rate.updated"))["data"]["version"] == 5
+    # Version 4 after 5: stale news, neither applied nor sent (nor a crash in the bridge).
+    publish("2900", 4)
+    events.publish("provider.state", {"name": "marker", "state": "closed", "reason": ""})
+    assert (await receive(ws))["type"] == "provider.state"
+    assert snapshot.courses(["ETH-USD"])[0]["version"] == 5
+    publish("3100", 6)
+    assert (await receive_until(ws, "rate.updated"))["data"]["version"] == 6
+    assert crashes == []
     await ws.disconnect()
 
 

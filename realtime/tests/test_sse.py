@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import shutil
 from collections.abc import AsyncIterator
@@ -148,6 +149,36 @@ async def test_a_disconnect_frees_the_subscription(pairs: None, client: httpx.As
         await wait_for_subscribers(baseline)
     assert len(hub) == baseline
     assert open_streams() == gauge
+
+
+async def test_clients_leaving_while_events_flow_free_every_subscription(
+    pairs: None, client: httpx.AsyncClient
+) -> None:
+    """A client that goes away just as an event arrives is still let go (the body used
+    `asyncio.wait_for`, which on Python 3.11 can swallow that cancellation: the body then
+    streamed to nobody forever)."""
+    baseline = len(hub)
+    flowing = True
+
+    async def publish() -> None:
+        for value in itertools.count(1):
+            if not flowing:
+                return
+            events.publish("rate.updated", rate("BTC-USD", value))
+            await asyncio.sleep(0.001)
+
+    async def visit() -> None:
+        async with client.stream("GET", "/api/v1/stream") as response:
+            await next_event(sse_events(response), "rate.updated")
+
+    publisher = asyncio.create_task(publish())
+    try:
+        for _ in range(4):
+            await asyncio.gather(*(visit() for _ in range(20)))
+    finally:
+        flowing = False
+        await publisher
+    await wait_for_subscribers(baseline)
 
 
 @pytest.mark.parametrize(
