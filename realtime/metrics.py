@@ -13,7 +13,14 @@ NATS_INBOUND = Counter(
     "Messages from outside Kurs, by outcome (relayed or dropped).",
     ["outcome"],
 )
-WS_CONNECTIONS = Gauge("kurs_ws_connections", "Open /ws/items sockets in this process.")
+# livesum: with PROMETHEUS_MULTIPROC_DIR, /metrics shows the service's open connections (the
+# sum over live processes) rather than one series per process id.
+WS_CONNECTIONS = Gauge(
+    "kurs_ws_connections", "Open /ws/items sockets.", multiprocess_mode="livesum"
+)
+SSE_CONNECTIONS = Gauge(
+    "kurs_sse_connections", "Open /api/v1/stream responses.", multiprocess_mode="livesum"
+)
 WS_COALESCED = Counter(
     "kurs_ws_coalesced_total", "Rate updates replaced by a newer one before they were sent."
 )
