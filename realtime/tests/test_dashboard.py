@@ -366,3 +366,41 @@ async def test_the_admin_works_under_the_content_security_policy(
         await expect(page.locator("form#item_form")).to_be_visible()
         assert await csp_violations(page) == []
         assert errors == []
+
+
+async def test_a_slow_providers_answer_does_not_undo_a_newer_provider_event(
+    chromium: Path,
+    own_nats: NatsServer,
+    seed: Callable[..., None],
+    web_processes: Callable[..., list[WebProcess]],
+) -> None:
+    from playwright.async_api import Route, expect
+
+    seed(False)
+    [web] = web_processes(1, nats_url=own_nats.url)
+    assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
+    release = asyncio.Event()
+    held: list[Route] = []
+
+    async def hold(route: Route) -> None:
+        held.append(route)
+        await release.wait()
+        await route.continue_()
+
+    async with browser_page(chromium) as (page, errors):
+        await page.route("**/api/v1/providers", hold)
+        await page.goto(f"http://127.0.0.1:{web.port}/")
+        await expect(page.locator("#status")).to_have_text("live", timeout=10_000)
+        async with asyncio.timeout(10):
+            while not held:  # noqa: ASYNC110 - the page's first request, routed above
+                await asyncio.sleep(0.01)
+        # bybit opens while the page's /providers request (answering "closed") is on its way.
+        events.publish("provider.state", {"name": "bybit", "state": "open", "reason": "HTTP 503"})
+        state = page.locator('tr[data-provider="bybit"] td.state')
+        await expect(state).to_have_text("open", timeout=10_000)
+        async with page.expect_response("**/api/v1/providers"):
+            release.set()
+        # The answer arrived and was applied to the other providers, not to bybit.
+        await expect(page.locator('tr[data-provider="cbr"] td.state')).to_have_text("closed")
+        await expect(state).to_have_text("open")
+        assert errors == []

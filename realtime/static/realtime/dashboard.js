@@ -213,7 +213,13 @@
     renderEmpty();
   }
 
+  // A provider's state from an event is newer than any /providers answer asked for before it:
+  // such an answer (slow to come back) must not put the old state back.
+  let providerEvents = 0;
+  const providerEventNo = new Map();  // name -> number of the last event about it
+
   function providerEvent(data, ts) {
+    providerEventNo.set(data.name, ++providerEvents);
     const known = providerStates.get(data.name) || { name: data.name };
     const p = { ...known, state: data.state };
     if (data.reason && data.state !== "closed") {
@@ -224,8 +230,10 @@
   }
 
   function loadProviders() {
+    const asked = providerEvents;
     fetch(config.providers_url).then((r) => (r.ok ? r.json() : [])).then((list) => {
       for (const p of Array.isArray(list) ? list : list.providers || []) {
+        if ((providerEventNo.get(p.name) || 0) > asked) continue;
         renderProvider({ name: p.name, state: p.state, last_error: p.last_error,
                          last_error_at: p.last_error_at });
       }
