@@ -121,6 +121,22 @@ def seed(web_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     return write
 
 
+@pytest.fixture
+def start_web(
+    own_nats: NatsServer,
+    seed: Callable[..., None],
+    web_processes: Callable[..., list[WebProcess]],
+) -> Callable[..., WebProcess]:
+    """Seed (history or not, and any extra code), then start one web process on own NATS."""
+
+    def start(history: bool, extra: str = "") -> WebProcess:
+        seed(history, extra)
+        [web] = web_processes(1, nats_url=own_nats.url)
+        return web
+
+    return start
+
+
 ADMIN_USER = """
 from django.contrib.auth.models import User
 User.objects.create_superuser("admin", "admin@example.com", "kurs-admin-password")
@@ -220,14 +236,11 @@ def rate(
 
 async def test_the_dashboard_says_nothing_is_quoted_yet_and_dates_provider_errors(
     chromium: Path,
-    own_nats: NatsServer,
-    seed: Callable[..., None],
-    web_processes: Callable[..., list[WebProcess]],
+    start_web: Callable[..., WebProcess],
 ) -> None:
     from playwright.async_api import expect
 
-    seed(False)
-    [web] = web_processes(1, nats_url=own_nats.url)
+    web = start_web(False)
     async with browser_page(chromium) as (page, errors):
         response = await page.goto(f"http://127.0.0.1:{web.port}/")
         assert response is not None
@@ -261,15 +274,12 @@ async def test_the_dashboard_says_nothing_is_quoted_yet_and_dates_provider_error
 
 async def test_the_dashboard_shows_statuses_and_charts_from_candles_extended_live(
     chromium: Path,
-    own_nats: NatsServer,
-    seed: Callable[..., None],
-    web_processes: Callable[..., list[WebProcess]],
+    start_web: Callable[..., WebProcess],
     tmp_path: Path,
 ) -> None:
     from playwright.async_api import expect
 
-    seed(True)
-    [web] = web_processes(1, nats_url=own_nats.url)
+    web = start_web(True)
     assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
     async with browser_page(chromium, viewport={"width": 1200, "height": 620}) as (page, errors):
         await page.goto(f"http://127.0.0.1:{web.port}/")
@@ -325,16 +335,13 @@ async def test_the_dashboard_shows_statuses_and_charts_from_candles_extended_liv
 
 async def test_the_admin_works_under_the_content_security_policy(
     chromium: Path,
-    own_nats: NatsServer,
-    seed: Callable[..., None],
-    web_processes: Callable[..., list[WebProcess]],
+    start_web: Callable[..., WebProcess],
 ) -> None:
     """Login page, sign-in, the index, the items list and an item's form: styled, scripted
     (the admin's own static files) and nothing refused by the policy."""
     from playwright.async_api import expect
 
-    seed(True, ADMIN_USER)
-    [web] = web_processes(1, nats_url=own_nats.url)
+    web = start_web(True, ADMIN_USER)
     async with browser_page(chromium) as (page, errors):
         response = await page.goto(f"http://127.0.0.1:{web.port}/admin/login/")
         assert response is not None
@@ -370,14 +377,11 @@ async def test_the_admin_works_under_the_content_security_policy(
 
 async def test_a_slow_providers_answer_does_not_undo_a_newer_provider_event(
     chromium: Path,
-    own_nats: NatsServer,
-    seed: Callable[..., None],
-    web_processes: Callable[..., list[WebProcess]],
+    start_web: Callable[..., WebProcess],
 ) -> None:
     from playwright.async_api import Route, expect
 
-    seed(False)
-    [web] = web_processes(1, nats_url=own_nats.url)
+    web = start_web(False)
     assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
     release = asyncio.Event()
     held: list[Route] = []
