@@ -1,29 +1,36 @@
-"""Realtime benchmarks: fan-out to 1,000 sockets, publish-to-socket latency, tick-to-socket, SSE.
+"""Realtime benchmarks: fan-out to 1,000 sockets, publish-to-socket latency, resume, SSE,
+tick-to-socket.
 
     .venv/bin/python bench/bench_realtime.py [--sockets 1000] [--events 50] [--repeat 3]
     (shorter: --repeat 1 --latency-events 50 --skip-group-send --skip-full-path --skip-sse)
+    --profile DIR: py-spy the web process and the fetcher (folded stacks in DIR)
+    --database-url postgres://...: the production database instead of a fresh SQLite file
 
 One uvicorn web process (started here, on a free port) serves both `/ws/items` (Kurs: NATS with
 JetStream -> ordered consumer -> bridge -> hub -> per-socket queues, every frame with its `seq`)
 and `/ws/baseline` (a plain Channels consumer in a group, fed by `group_send` over channels-redis:
-the textbook Channels broadcast). A second baseline runs in its own process: a raw `websockets`
-server that subscribes to the same NATS subjects and `broadcast()`s each message to every
-connected client, the practical limit of a Python server. Every `--policy-every`th Kurs socket
-has a delivery policy (`min_change`, set so that every update passes: the counts stay exact
-and the policy is evaluated on each). The clients are minimal WebSocket connections from this
-process; the nats-server (`-js`, a store in a temporary folder) is started here. Everything
-shares the machine's cores, so the figures are for the whole path on one box, not the server
-alone. Needs Redis on 127.0.0.1:6379 (the group_send baseline; DB 6) and `.venv/bin/nats-server`.
+the textbook Channels broadcast). The raw baselines run in a process of their own: a
+`websockets` server and a bare asyncio SSE server that subscribe to the same NATS subjects and
+write each message to every connected client, the practical limit of a Python server. Every
+`--policy-every`th Kurs socket has a delivery policy (`min_change`, set so that every update
+passes: the counts stay exact and the policy is evaluated on each). The clients are minimal
+WebSocket and HTTP connections from this process (the SSE readers count events as `curl -N`
+would print them); the nats-server (`-js`, a store in a temporary folder) is started here.
+Everything shares the machine's cores, so the figures are for the whole path on one box, not
+the server alone. Needs Redis on 127.0.0.1:6379 (the group_send baseline; DB 6) and
+`.venv/bin/nats-server`.
 
-Figures (medians of --repeat runs):
+Figures (each run's, then the median of --repeat runs, with the ratio to the in-run baseline):
 1. deliveries/s to N sockets: Kurs against the raw websockets server (target >= 0.5x) and the
    group_send baseline;
 2. latency from `events.publish()` until all N sockets have the event: median and p99
    (target p99 < 50 ms);
-3. the full path: the emulator's Binance stream pushes a price (control call) -> `run_fetch
+3. resume: --resume-rounds disconnect/reconnect rounds with `?since=`: events expected,
+   received, duplicated, missing;
+4. SSE: deliveries/s to --sse-clients readers of `/api/v1/stream`, against the raw SSE server;
+5. the full path: the emulator's Binance stream pushes a price (control call) -> `run_fetch
    --watch` -> accept_quote -> NATS -> web -> socket: median and p99, against a bare client on
-   the emulator's stream (target median <= 3x);
-4. SSE: deliveries/s to --sse-clients httpx clients streaming `/api/v1/stream`.
+   the emulator's stream (target median <= 3x), with the share up to NATS (the fetcher's).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -103,16 +111,18 @@ def serve(port: int) -> None:
     uvicorn.run(application, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
 
 
-def raw_serve(port: int) -> None:
-    """`--raw-serve PORT`: the raw baseline, NATS -> `websockets.broadcast` to every client."""
-    asyncio.run(_raw_broadcast(port))
+def raw_serve(port: int, sse_port: int) -> None:
+    """`--raw-serve PORT SSE_PORT`: the raw baselines, NATS -> every client, as WebSocket
+    (`websockets.broadcast`) and as Server-Sent Events (asyncio streams)."""
+    asyncio.run(_raw_broadcast(port, sse_port))
 
 
-async def _raw_broadcast(port: int) -> None:
+async def _raw_broadcast(port: int, sse_port: int) -> None:
     import nats
     from websockets.asyncio.server import ServerConnection, broadcast, serve
 
     clients: set[ServerConnection] = set()
+    sse_clients: set[asyncio.StreamWriter] = set()
 
     async def handler(connection: ServerConnection) -> None:
         clients.add(connection)
@@ -122,13 +132,36 @@ async def _raw_broadcast(port: int) -> None:
         finally:
             clients.discard(connection)
 
+    async def sse_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The least an SSE server can do: headers, then each event written to every reader
+        # (the body ends with the connection, so no chunked framing).
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
+                b'event: joined\ndata: {"type":"joined"}\n\n'
+            )
+            sse_clients.add(writer)
+            await reader.read()  # until the client goes away
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            sse_clients.discard(writer)
+            writer.close()
+
     async def on_message(message: Any) -> None:
         # The envelope as published, as text: what Kurs sends (less its `seq`).
         broadcast(clients, message.data.decode())
+        if sse_clients:
+            event = b"event: event\ndata: " + message.data + b"\n\n"
+            for writer in sse_clients:
+                writer.write(event)
 
     client = await nats.connect(os.environ["NATS_URL"])
     await client.subscribe(f"{os.environ['KURS_NATS_PREFIX']}.>", cb=on_message)
-    async with serve(handler, "127.0.0.1", port, compression=None):
+    sse_server = await asyncio.start_server(sse_handler, "127.0.0.1", sse_port)
+    async with sse_server, serve(handler, "127.0.0.1", port, compression=None):
         await asyncio.get_running_loop().create_future()
 
 
@@ -346,10 +379,27 @@ async def kurs_latency(fanout: Fanout, events: int) -> list[float]:
     return latencies
 
 
-async def full_path_latency(port: int, emulator_port: int, ticks: int) -> list[float]:
-    """Set BTCUSDT on the emulator; time until a socket on BTC-USD has that value."""
+async def full_path_latency(
+    port: int, emulator_port: int, ticks: int, on_nats: list[float]
+) -> list[float]:
+    """Set BTCUSDT on the emulator; time until a socket on BTC-USD has that value.
+
+    A plain NATS subscriber in this process notes when the event is on the bus: `on_nats` gets
+    the tick -> NATS part of each latency (the fetcher's share; the rest is the web's).
+    """
+    import nats
+
     loop = asyncio.get_running_loop()
     waiting: dict[str, asyncio.Future[float]] = {}
+    on_bus: dict[str, float] = {}
+
+    async def bus_message(msg: Any) -> None:
+        data = json.loads(msg.data)["data"]
+        on_bus[str(Decimal(str(data["value"])).normalize())] = time.perf_counter()
+
+    bus = await nats.connect(os.environ["NATS_URL"])
+    await bus.subscribe(f"{os.environ['KURS_NATS_PREFIX']}.rates.BTC-USD", cb=bus_message)
+    await bus.flush()
 
     def on_text(client: Client, frame: bytes) -> None:
         message = json.loads(frame)
@@ -378,9 +428,12 @@ async def full_path_latency(port: int, emulator_port: int, ticks: int) -> list[f
                 raise SystemExit(f"bench: emulator tick {price} never reached the socket") from None
             if i >= 3:  # the first ticks warm up the stream and the breaker
                 latencies.append(received - started)
+                if key in on_bus:
+                    on_nats.append(on_bus[key] - started)
             await asyncio.sleep(0.1)
     finally:
         client.close()
+        await bus.close()
     return latencies
 
 
@@ -406,62 +459,183 @@ async def bare_stream_latency(emulator_port: int, ticks: int, start: Decimal) ->
     return latencies
 
 
-class SseClients:
-    """N httpx clients streaming /api/v1/stream, as curl would; counts `data:` lines."""
+class SseReader(asyncio.Protocol):
+    """One `curl -N`: a GET, then count the events (`data:` lines) of the body as they come."""
 
-    def __init__(self, port: int, clients: int) -> None:
-        self.url = f"http://127.0.0.1:{port}/api/v1/stream"
-        self.clients = clients
-        self.counts = [0] * clients
+    MARK = b"\ndata: "
+
+    def __init__(self, port: int, path: str, on_event: Callable[[SseReader], None]) -> None:
+        self.request = (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            "Accept: text/event-stream\r\nUser-Agent: curl/8\r\n\r\n"
+        ).encode()
+        self.on_event = on_event
+        self.head = bytearray()
+        self.tail = b""
+        self.count = 0
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.opened.done():
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            if not self.head.startswith(b"HTTP/1.1 200"):
+                self.opened.set_exception(RuntimeError(bytes(self.head[:end]).decode()))
+                return
+            self.opened.set_result(None)
+            data = b"\n" + bytes(self.head[end + 4 :])
+            self.head.clear()
+        # A mark split across two reads is found in the last bytes of one plus the next.
+        chunk = self.tail + data
+        found = chunk.count(self.MARK)
+        self.tail = chunk[-(len(self.MARK) - 1) :]
+        for _ in range(found):
+            self.count += 1
+            self.on_event(self)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class SseClients:
+    """N curl-like readers of one event stream, and a counter that fires when all have `target`."""
+
+    def __init__(self, port: int, path: str, clients: int) -> None:
+        self.port, self.path, self.clients = port, path, clients
+        self.readers: list[SseReader] = []
         self.target = 0
         self.reached = 0
         self.done = asyncio.Event()
         self.done_at = 0.0
-        self.tasks: list[asyncio.Task[None]] = []
+
+    def on_event(self, reader: SseReader) -> None:
+        if reader.count == self.target:
+            self.reached += 1
+            if self.reached == self.clients:
+                self.done_at = time.perf_counter()
+                self.done.set()
 
     def expect(self, events_each: int) -> None:
         self.target = events_each
-        self.reached = sum(1 for count in self.counts if count >= events_each)
+        self.reached = sum(1 for r in self.readers if r.count >= events_each)
         self.done = asyncio.Event()
         if self.reached == self.clients:
             self.done.set()
 
-    async def read(self, http: Any, index: int) -> None:
-        async with http.stream("GET", self.url) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if line.startswith("data:"):
-                    self.counts[index] += 1
-                    if self.counts[index] == self.target:
-                        self.reached += 1
-                        if self.reached == self.clients:
-                            self.done_at = time.perf_counter()
-                            self.done.set()
+    async def connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.expect(1)  # Kurs: the snapshot; raw: "joined"
+        for _ in range(self.clients):
+            _, reader = await loop.create_connection(
+                lambda: SseReader(self.port, self.path, self.on_event), "127.0.0.1", self.port
+            )
+            self.readers.append(reader)
+        await asyncio.gather(*(r.opened for r in self.readers))
+        await asyncio.wait_for(self.done.wait(), 60)
 
-    async def run(self, events: int, repeat: int) -> list[float]:
-        import httpx
-
+    async def throughput(self, events: int) -> float:
         from realtime import events as realtime_events
 
-        limits = httpx.Limits(max_connections=self.clients + 10)
-        rates = []
-        async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as http:
-            self.expect(1)  # the snapshot
-            self.tasks = [asyncio.create_task(self.read(http, i)) for i in range(self.clients)]
-            try:
-                await asyncio.wait_for(self.done.wait(), 60)
-                for _ in range(repeat):
-                    self.expect(self.counts[0] + events)
-                    started = time.perf_counter()
-                    for i in range(events):
-                        realtime_events.publish("rate.updated", bench_rate(i))
-                    await asyncio.wait_for(self.done.wait(), 120)
-                    rates.append(self.clients * events / (self.done_at - started))
-            finally:
-                for task in self.tasks:
-                    task.cancel()
-                await asyncio.gather(*self.tasks, return_exceptions=True)
-        return rates
+        self.expect(self.readers[0].count + events)
+        started = time.perf_counter()
+        for i in range(events):
+            realtime_events.publish("rate.updated", bench_rate(i))
+        try:
+            await asyncio.wait_for(self.done.wait(), 120)
+        except TimeoutError:
+            raise SystemExit(f"bench: SSE on {self.port}{self.path} lost events") from None
+        return self.clients * events / (self.done_at - started)
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+        self.readers.clear()
+
+
+# Two seeded pairs to subscribe to, six more that the socket does not follow. Not BTC-USD: the
+# full path's fetcher numbers its versions from 1, and the web drops a version it has seen.
+RESUME_PAIRS = ("ETH-RUB", "USDTERC-USD")
+RESUME_ALL = (*RESUME_PAIRS, *(f"R{i}-USD" for i in range(6)))
+RESUME_MISSED = 100
+RESUME_LIVE = 20
+
+
+def resume_rate(pair: str) -> dict[str, Any]:
+    """A `rate.updated` of a seeded pair with a version unique in this run: the event's name."""
+    data = bench_rate(0)
+    data["direction"] = pair
+    return data
+
+
+async def resume_rounds(port: int, rounds: int) -> dict[str, int]:
+    """A socket on two of the eight pairs goes away, events are published across all eight,
+    and it comes back with `?since=<the last seq it saw>` while more are published; it reads
+    until a marker event published after the reconnection. Each event is told apart by its
+    `version`: expected are those of its pairs published after it left."""
+    import websockets
+
+    from realtime import events as realtime_events
+
+    base = f"ws://127.0.0.1:{port}/ws/items?pairs={','.join(RESUME_PAIRS)}"
+    tally = dict.fromkeys(
+        ("expected", "received", "duplicated", "missing", "out_of_order", "foreign", "gaps"), 0
+    )
+    seen: set[int] = set()
+    last_seq: int | None = None
+
+    def publish(pair: str, expected: set[int]) -> int:
+        data = resume_rate(pair)
+        realtime_events.publish("rate.updated", data)
+        if pair in RESUME_PAIRS:
+            expected.add(data["version"])
+        return int(data["version"])
+
+    async with websockets.connect(base) as socket:
+        snapshot = json.loads(await socket.recv())
+        last_seq = snapshot.get("seq")
+    if last_seq is None:
+        raise SystemExit("bench: the snapshot has no seq (JetStream off?): no resume to measure")
+    for _ in range(rounds):
+        expected: set[int] = set()
+        for i in range(RESUME_MISSED):
+            publish(RESUME_ALL[i % len(RESUME_ALL)], expected)
+        received: set[int] = set()
+        async with websockets.connect(f"{base}&since={last_seq}") as socket:
+            # Live events while the replay runs: the hand-over must neither drop nor repeat.
+            for i in range(RESUME_LIVE):
+                publish(RESUME_ALL[i % len(RESUME_ALL)], expected)
+                await asyncio.sleep(0.002)
+            marker = publish(RESUME_PAIRS[0], expected)
+            while marker not in received:
+                frame = json.loads(await asyncio.wait_for(socket.recv(), 30))
+                if frame.get("type") == "gap":
+                    tally["gaps"] += 1  # the replay failed: a snapshot replaces the events
+                if frame.get("type") != "rate.updated":
+                    continue
+                seq, version = frame.get("seq"), frame["data"]["version"]
+                if seq is None or seq <= last_seq:
+                    tally["out_of_order"] += 1
+                else:
+                    last_seq = seq
+                if frame["data"]["direction"] not in RESUME_PAIRS:
+                    tally["foreign"] += 1
+                if version in seen:
+                    tally["duplicated"] += 1
+                seen.add(version)
+                received.add(version)
+        tally["expected"] += len(expected)
+        tally["received"] += len(received & expected)
+        tally["missing"] += len(expected - received)
+    return tally
 
 
 def set_price(port: int, price: str) -> None:
@@ -482,17 +656,42 @@ def percentile(values: list[float], p: float) -> float:
 
 # --- orchestration ----------------------------------------------------------------------------
 class Processes:
-    def __init__(self) -> None:
+    def __init__(self, profile_dir: Path | None = None) -> None:
         self.started: list[subprocess.Popen[bytes]] = []
+        self.profilers: list[subprocess.Popen[bytes]] = []
+        self.profile_dir = profile_dir
 
-    def start(self, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    def start(
+        self, args: list[str], env: dict[str, str], log: Path, *, profile: str = ""
+    ) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(
             args, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
         )
         self.started.append(process)
+        if profile and self.profile_dir is not None:
+            # py-spy attached for the process's whole life; stopped (SIGINT: it writes its
+            # folded stacks) before the processes are.
+            out = self.profile_dir / f"{profile}.txt"
+            self.profilers.append(
+                subprocess.Popen(
+                    [
+                        *(str(VENV_BIN / "py-spy"), "record", "-p", str(process.pid)),
+                        *("-r", "500", "-f", "raw", "-o", str(out), "--nonblocking", "--threads"),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         return process
 
     def stop_all(self) -> None:
+        for profiler in self.profilers:
+            profiler.send_signal(signal.SIGINT)
+        for profiler in self.profilers:
+            try:
+                profiler.wait(30)
+            except subprocess.TimeoutExpired:
+                profiler.kill()
         for process in reversed(self.started):
             process.terminate()
         for process in self.started:
@@ -515,7 +714,7 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
         "DJANGO_SETTINGS_MODULE": "config.settings",
         "DJANGO_DEBUG": "false",
         "DJANGO_SECRET_KEY": "kurs-bench-secret-key-not-for-production",
-        "DATABASE_URL": f"sqlite:///{workdir / 'bench.sqlite3'}",
+        "DATABASE_URL": args.database_url or f"sqlite:///{workdir / 'bench.sqlite3'}",
         "NATS_URL": f"nats://127.0.0.1:{nats_port}",
         "REDIS_URL": REDIS_URL,
         "KURS_NATS_PREFIX": prefix,
@@ -558,10 +757,17 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
         [PYTHON, __file__, "--serve", str(web_port)],
         {**env, "KURS_INSTANCE": "bench-web"},
         workdir / "web.log",
+        profile="web",
     )
-    processes.start([PYTHON, __file__, "--raw-serve", str(raw_port)], env, workdir / "raw.log")
+    raw_sse_port = free_port()
+    processes.start(
+        [PYTHON, __file__, "--raw-serve", str(raw_port), "--raw-sse", str(raw_sse_port)],
+        env,
+        workdir / "raw.log",
+    )
     wait_for_port(web_port, 30.0)
     wait_for_port(raw_port, 30.0)
+    wait_for_port(raw_sse_port, 30.0)
     layer = get_channel_layer()
 
     n, m = args.sockets, args.events
@@ -584,7 +790,8 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
         raw_rates.append(await publish_throughput(raw, m))
         raw.close()
         line = (
-            f"  run {run_index + 1}: kurs {kurs_rates[-1]:,.0f}/s, raw {raw_rates[-1]:,.0f}/s, "
+            f"  run {run_index + 1}: kurs {kurs_rates[-1]:,.0f}/s, raw {raw_rates[-1]:,.0f}/s "
+            f"({kurs_rates[-1] / raw_rates[-1]:.2f}x), "
             f"latency median {statistics.median(latencies_runs[-1]) * 1000:.1f} ms, "
             f"p99 {percentile(latencies_runs[-1], 99) * 1000:.1f} ms"
         )
@@ -613,21 +820,61 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
         group_rate = statistics.median(group_rates)
         print(f"  Channels group_send               {group_rate:>10,.0f} deliveries/s")
         print(f"  ratio kurs / group_send           {kurs_rate / group_rate:>10.1f}x")
-    print(f"publish -> all {n} sockets, {args.latency_events} events per run, median of runs:")
     print(
-        f"  median {statistics.median(medians):.1f} ms, p99 {statistics.median(p99s):.1f} ms"
-        "  (target p99 < 50 ms)"
+        f"publish -> all {n} sockets have the event, {args.latency_events} events per run "
+        f"(each run's median and p99; the median of {args.repeat} runs):"
+    )
+    print(
+        "  runs: "
+        + ", ".join(f"median {a:.1f} / p99 {b:.1f} ms" for a, b in zip(medians, p99s, strict=True))
+    )
+    p99 = statistics.median(p99s)
+    print(
+        f"  median {statistics.median(medians):.1f} ms, p99 {p99:.1f} ms"
+        f"  (target p99 < 50 ms: {'met' if p99 < 50 else 'NOT met'})",
+        flush=True,
     )
 
-    if not args.skip_sse:
-        # After the WebSocket figures: 200 streaming readers load this process's loop too.
-        sse = SseClients(web_port, args.sse_clients)
-        sse_rates = await sse.run(args.sse_events, args.repeat)
+    if args.resume_rounds:
+        tally = await resume_rounds(web_port, args.resume_rounds)
         print(
-            f"SSE /api/v1/stream to {args.sse_clients} httpx streaming clients, "
-            f"{args.sse_events} rate.updated per run, median of {args.repeat} runs:"
+            f"resume: {args.resume_rounds} disconnect/reconnect rounds of a socket on "
+            f"{','.join(RESUME_PAIRS)} (?since=<last seq>), {RESUME_MISSED} events across "
+            f"{len(RESUME_ALL)} pairs while away, {RESUME_LIVE} more during each reconnection:"
         )
-        print(f"  {statistics.median(sse_rates):,.0f} deliveries/s", flush=True)
+        print(
+            "  events expected {expected}, received {received}, duplicated {duplicated}, "
+            "missing {missing}, out of order {out_of_order}, other pairs {foreign}, "
+            "gap frames {gaps}".format(**tally),
+            flush=True,
+        )
+
+    if not args.skip_sse:
+        # After the WebSocket figures: the streaming readers load this process's loop too.
+        sse_rates, raw_sse_rates = [], []
+        for _ in range(args.repeat):
+            kurs_sse = SseClients(web_port, "/api/v1/stream", args.sse_clients)
+            await kurs_sse.connect()
+            sse_rates.append(await kurs_sse.throughput(args.sse_events))
+            kurs_sse.close()
+            raw_sse = SseClients(raw_sse_port, "/", args.sse_clients)
+            await raw_sse.connect()
+            raw_sse_rates.append(await raw_sse.throughput(args.sse_events))
+            raw_sse.close()
+        sse_rate, raw_sse_rate = statistics.median(sse_rates), statistics.median(raw_sse_rates)
+        print(
+            f"SSE to {args.sse_clients} curl-like readers, {args.sse_events} rate.updated per "
+            f"run, median of {args.repeat} runs:"
+        )
+        print(
+            "  runs: "
+            + ", ".join(
+                f"{a:,.0f} vs {b:,.0f}/s" for a, b in zip(sse_rates, raw_sse_rates, strict=True)
+            )
+        )
+        print(f"  kurs /api/v1/stream               {sse_rate:>10,.0f} deliveries/s")
+        print(f"  raw asyncio SSE broadcast         {raw_sse_rate:>10,.0f} deliveries/s")
+        print(f"  ratio kurs / raw                  {sse_rate / raw_sse_rate:>10.2f}x", flush=True)
 
     if args.skip_full_path:
         return
@@ -648,10 +895,14 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
             "KURS_BINANCE_WS_URL": f"ws://127.0.0.1:{emulator_port}/binance",
         },
         workdir / "fetcher.log",
+        profile="fetcher",
     )
     full, bare = [], []
+    bus_part: list[float] = []
     for run in range(args.repeat):
-        full.append(await full_path_latency(web_port, emulator_port, args.full_path_ticks))
+        full.append(
+            await full_path_latency(web_port, emulator_port, args.full_path_ticks, bus_part)
+        )
         start = Decimal(95000 + 1000 * run)
         bare.append(await bare_stream_latency(emulator_port, args.full_path_ticks, start))
     full_p50 = statistics.median(statistics.median(r) for r in full) * 1000
@@ -663,6 +914,11 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
         f"{args.full_path_ticks} ticks per run, median of {args.repeat} runs:"
     )
     print(f"  kurs                              median {full_p50:.1f} ms, p99 {full_p99:.1f} ms")
+    if bus_part:
+        print(
+            "    of which tick -> on NATS        median "
+            f"{statistics.median(bus_part) * 1000:.1f} ms (the fetcher's share)"
+        )
     print(f"  baseline (bare client on stream)  median {bare_p50:.1f} ms, p99 {bare_p99:.1f} ms")
     print(
         f"  ratio                             {full_p50 / bare_p50:.1f}x median "
@@ -687,6 +943,20 @@ def main() -> None:
     parser.add_argument(
         "--no-jetstream", action="store_true", help="plain NATS (frames without seq), to compare"
     )
+    parser.add_argument(
+        "--database-url",
+        help="the fetcher's and web's database (default: a fresh SQLite file; a PostgreSQL "
+        "database, as in production, is migrated and written to)",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="py-spy the web process and the fetcher (folded stacks: DIR/web.txt, fetcher.txt)",
+    )
+    parser.add_argument(
+        "--resume-rounds", type=int, default=20, help="disconnect/reconnect rounds (0: none)"
+    )
+    parser.add_argument("--raw-sse", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--sse-clients", type=int, default=200)
     parser.add_argument("--sse-events", type=int, default=50, help="events per SSE run")
     parser.add_argument("--skip-sse", action="store_true")
@@ -695,13 +965,17 @@ def main() -> None:
         serve(args.serve)
         return
     if args.raw_serve:
-        raw_serve(args.raw_serve)
+        raw_serve(args.raw_serve, args.raw_sse)
         return
     try:
         socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
     except OSError:
         raise SystemExit("bench: the baseline needs Redis on 127.0.0.1:6379") from None
-    processes = Processes()
+    profile_dir = None
+    if args.profile:
+        profile_dir = Path(args.profile).resolve()
+        profile_dir.mkdir(parents=True, exist_ok=True)
+    processes = Processes(profile_dir)
     with tempfile.TemporaryDirectory(prefix="kurs-bench-") as workdir:
         try:
             asyncio.run(run(args, Path(workdir), processes))

@@ -60,6 +60,7 @@ MIDDLEWARE = [
     "config.middleware.RequestContextMiddleware",
     "config.metrics.HttpMetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "config.csp.ContentSecurityPolicyMiddleware",
     "config.staticfiles.AsyncWhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -280,10 +281,12 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-# Where collectstatic puts the files WhiteNoise serves outside DEBUG (the image builds it here).
+# Where collectstatic puts the files WhiteNoise serves (the image builds it here).
 STATIC_ROOT = Path(env.string("KURS_STATIC_ROOT", "") or BASE_DIR / "staticfiles")
-# Development serves app static files straight from their folders; production runs collectstatic.
-WHITENOISE_USE_FINDERS = DEBUG
+# App static files (the dashboard's script and styles, the admin's) are found in their folders
+# at start-up, so pages work with DEBUG off even before `collectstatic` (which the image runs;
+# its STATIC_ROOT copies are served as well). DEBUG also looks them up again on each request.
+WHITENOISE_USE_FINDERS = True
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

@@ -3,9 +3,12 @@
 The bridge hands every event to the hub once, as the JSON text frame already serialised. The hub
 puts that same string into the bounded queue of each socket it concerns (rate events by pair,
 everything else to all) and returns at once: it never awaits a socket. Each socket has its own
-sender task. While a socket's rate updates wait unsent, a newer one for the same pair replaces
-the older (the latest wins); it takes its own place at the end of the queue, so frames still
-leave in stream order and a client's last `seq` is a safe place to resume from. A socket that
+sender task. While a socket is behind (its send blocked on a full transport, or a quarter of
+its queue waiting), a newer rate update for a pair replaces the older one still unsent (the
+latest wins); it takes its own place at the end of the queue, so frames still leave in stream
+order and a client's last `seq` is a safe place to resume from. A burst of events that merely
+arrives within one turn of the event loop, before the sender ran, is not "behind": each of its
+updates is sent (a client that keeps up loses none). A socket that
 stays behind (its queue full, or one send blocked longer than `send_timeout`) is closed with
 1013, so one slow client never delays the others.
 
@@ -34,6 +37,8 @@ logger = logging.getLogger(__name__)
 # Close code "Try Again Later" (RFC 6455 registry): the client fell behind.
 CLOSE_TRY_AGAIN_LATER = 1013
 QUEUE_LIMIT = 256
+# Frames waiting (out of QUEUE_LIMIT) from which a socket counts as behind and coalesces.
+COALESCE_FRACTION = 4
 SEND_TIMEOUT_S = 5.0
 
 # Frames held while a prelude replays, before the socket is judged too far behind.
@@ -113,6 +118,7 @@ class SocketQueue:
         # Read at creation, not at import: tests and benchmarks tune the module values.
         self._queue_limit = QUEUE_LIMIT if queue_limit is None else queue_limit
         self._send_timeout = SEND_TIMEOUT_S if send_timeout is None else send_timeout
+        self._coalesce_after = self._queue_limit // COALESCE_FRACTION
         # Entries are either a frame (str) or (pair, token): the pair's latest frame waits in
         # _rates with its token; an entry whose token is no longer there was superseded.
         self._queue: deque[str | tuple[str, int]] = deque()
@@ -224,6 +230,9 @@ class SocketQueue:
         if pair is not None:
             self._token += 1
             if pair in self._rates:
+                if not self._behind():
+                    # The pair's older update stays queued as it is; this one goes after it.
+                    return self._put_plain(frame, bounded)
                 self._rates[pair] = (frame, self._token)
                 self._queue.append((pair, self._token))
                 self._stale += 1
@@ -238,13 +247,24 @@ class SocketQueue:
                 return False
             self._rates[pair] = (frame, self._token)
             self._queue.append((pair, self._token))
-        else:
-            if bounded and len(self._queue) - self._stale >= self._queue_limit:
-                self.kick("queue full")
-                return False
-            self._queue.append(frame)
+            self._ready.set()
+            return True
+        return self._put_plain(frame, bounded)
+
+    def _put_plain(self, frame: str, bounded: bool) -> bool:
+        if bounded and len(self._queue) - self._stale >= self._queue_limit:
+            self.kick("queue full")
+            return False
+        self._queue.append(frame)
         self._ready.set()
         return True
+
+    def _behind(self) -> bool:
+        """A send is blocked (the client does not read) or many frames wait unsent."""
+        return (
+            self._sending_since is not None
+            or len(self._queue) - self._stale >= self._coalesce_after
+        )
 
     def _compact(self) -> None:
         """Drop superseded entries (a client stuck in one send while one pair streams)."""

@@ -39,11 +39,11 @@ from realtime.origin import origin_allowed
 
 router = Router(tags=["stream"])
 
-# Frames waiting between the hub's sender task and the response body.
+# Events waiting between the hub's sender task and the response body.
 BUFFER = 64
 # EventSource waits this long before it reconnects (with Last-Event-ID) after a drop.
 RETRY_MS = 1000
-_END = ""
+KEEP_ALIVE = b": keep-alive\n\n"
 
 DESCRIPTION = """\
 Server-Sent Events (`text/event-stream`): the same events and options as the WebSocket
@@ -101,19 +101,46 @@ def sse_event(frame: str) -> bytes:
 
 
 class _Client:
-    """The hub's view of one SSE response: frames go into a small buffer the body reads."""
+    """The hub's view of one SSE response: encoded events wait in a short list the body takes
+    whole, so a burst leaves as one chunk (one ASGI send, one socket write) rather than one per
+    event, and the body waits on an Event, not on a timeout task per event."""
 
     def __init__(self) -> None:
-        self.buffer: asyncio.Queue[str] = asyncio.Queue(BUFFER)
+        self.pending: list[bytes] = []
+        self.ready = asyncio.Event()
+        self.room = asyncio.Event()
+        self.room.set()
+        self.ended = False
 
     async def send(self, frame: str) -> None:
-        await self.buffer.put(frame)
+        # Full: the body is blocked on a client that does not read; the hub's sender waits
+        # here, so the hub sees a blocked send (the client is behind: coalescing, then 1013).
+        while len(self.pending) >= BUFFER:
+            self.room.clear()
+            await self.room.wait()
+        self.pending.append(sse_event(frame))
+        self.ready.set()
+
+    def keep_alive(self) -> None:
+        self.pending.append(KEEP_ALIVE)
+        self.ready.set()
 
     async def close(self, code: int) -> None:
         # Kicked as too slow: drop what waits and end the body; the client resumes by seq.
-        while not self.buffer.empty():
-            self.buffer.get_nowait()
-        self.buffer.put_nowait(_END)
+        self.pending.clear()
+        self.ended = True
+        self.ready.set()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while True:
+            await self.ready.wait()
+            self.ready.clear()
+            if self.ended:
+                return
+            chunk = b"".join(self.pending)
+            self.pending.clear()
+            self.room.set()
+            yield chunk
 
 
 async def _body(
@@ -137,28 +164,21 @@ async def _body(
     metrics.SSE_CONNECTIONS.inc()
     loop = asyncio.get_running_loop()
     heartbeat = settings.KURS_WS_HEARTBEAT
-    next_beat = loop.time() + heartbeat
+    beat: asyncio.TimerHandle
+
+    def keep_alive() -> None:
+        nonlocal beat
+        client.keep_alive()
+        beat = loop.call_later(heartbeat, keep_alive)
+
+    beat = loop.call_later(heartbeat, keep_alive)
     try:
         yield f"retry: {RETRY_MS}\n\n".encode()
-        while True:
-            wait = next_beat - loop.time()
-            if wait <= 0:
-                next_beat += heartbeat
-                yield b": keep-alive\n\n"
-                continue
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows the cancellation
-            # Django sends when the client goes away if a frame arrives at the same moment, and
-            # the body would then stream to nobody, its subscription never freed.
-            try:
-                async with asyncio.timeout(wait):
-                    frame = await client.buffer.get()
-            except TimeoutError:
-                continue
-            if frame == _END:
-                return
-            yield sse_event(frame)
+        async for chunk in client.chunks():
+            yield chunk
     finally:
         # The client went away (Django cancels the body) or was too slow: free the subscription.
+        beat.cancel()
         hub.remove(queue)
         metrics.SSE_CONNECTIONS.dec()
         with contextlib.suppress(Exception):

@@ -10,17 +10,19 @@ docs/dashboard.png for the README.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from config import csp
 from realtime import events
 from realtime import nats as realtime_nats
 from realtime.tests.conftest import REPO, NatsServer, WebProcess
@@ -90,16 +92,14 @@ def web_database(web_database: str, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def seed(
-    web_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Callable[[bool], None]:
+def seed(web_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
     """Seed the web database and provider statuses; the web processes share the cache folder."""
     cache = tmp_path / "shared-cache"
     # The real settings' file-backed shared cache (the test settings' is per process).
     monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "config.settings")
     monkeypatch.setenv("KURS_SHARED_CACHE_DIR", str(cache))
 
-    def write(history: bool) -> None:
+    def write(history: bool, extra: str = "") -> None:
         environment = {
             key: value
             for key, value in os.environ.items()
@@ -115,20 +115,81 @@ def seed(
                 "NATS_URL": "nats://127.0.0.1:1",  # the seed publishes nothing
             }
         )
-        result = run_python(["-c", SEED.format(history=history)], environment)
+        result = run_python(["-c", SEED.format(history=history) + extra], environment)
         assert result.returncode == 0, result.stderr
 
     return write
 
 
+@pytest.fixture
+def start_web(
+    own_nats: NatsServer,
+    seed: Callable[..., None],
+    web_processes: Callable[..., list[WebProcess]],
+) -> Callable[..., WebProcess]:
+    """Seed (history or not, and any extra code), then start one web process on own NATS."""
+
+    def start(history: bool, extra: str = "") -> WebProcess:
+        seed(history, extra)
+        [web] = web_processes(1, nats_url=own_nats.url)
+        return web
+
+    return start
+
+
+ADMIN_USER = """
+from django.contrib.auth.models import User
+User.objects.create_superuser("admin", "admin@example.com", "kurs-admin-password")
+"""
+
+
+# Run by the browser before any of the page's own scripts, on every document of the page.
+RECORD_CSP_VIOLATIONS = """
+window.__cspViolations = [];
+document.addEventListener("securitypolicyviolation", (event) => {
+  window.__cspViolations.push(event.violatedDirective + " " + event.blockedURI);
+});
+"""
+
+
 def console_errors(page: Page) -> list[str]:
-    """The page's console errors and uncaught exceptions (a missing favicon is one)."""
+    """The page's console errors and uncaught exceptions (a missing favicon is one, and so is
+    anything the Content-Security-Policy refused: Chromium reports each as a console error)."""
     errors: list[str] = []
     page.on(
         "console", lambda message: errors.append(message.text) if message.type == "error" else None
     )
     page.on("pageerror", lambda error: errors.append(str(error)))
+    # The console names no URL for a failed load: say which.
+    page.on(
+        "response",
+        lambda response: errors.append(f"{response.status} {response.url}")
+        if response.status >= 400
+        else None,
+    )
     return errors
+
+
+@contextlib.asynccontextmanager
+async def browser_page(chromium: Path, **options: Any) -> AsyncIterator[tuple[Page, list[str]]]:
+    """A page of a fresh headless Chromium, recording console errors and CSP violations."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(chromium), args=CHROMIUM_ARGS
+        )
+        try:
+            page = await browser.new_page(**options)
+            await page.add_init_script(RECORD_CSP_VIOLATIONS)
+            yield page, console_errors(page)
+        finally:
+            await browser.close()
+
+
+async def csp_violations(page: Page) -> list[str]:
+    """What the policy refused in the current document (RECORD_CSP_VIOLATIONS must be added)."""
+    return list(await page.evaluate("window.__cspViolations"))
 
 
 @pytest.fixture
@@ -175,120 +236,175 @@ def rate(
 
 async def test_the_dashboard_says_nothing_is_quoted_yet_and_dates_provider_errors(
     chromium: Path,
-    own_nats: NatsServer,
-    seed: Callable[[bool], None],
-    web_processes: Callable[..., list[WebProcess]],
+    start_web: Callable[..., WebProcess],
 ) -> None:
-    from playwright.async_api import async_playwright, expect
+    from playwright.async_api import expect
 
-    seed(False)
-    [web] = web_processes(1, nats_url=own_nats.url)
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=str(chromium), args=CHROMIUM_ARGS
-        )
-        try:
-            page = await browser.new_page()
-            errors = console_errors(page)
-            await page.goto(f"http://127.0.0.1:{web.port}/")
+    web = start_web(False)
+    async with browser_page(chromium) as (page, errors):
+        response = await page.goto(f"http://127.0.0.1:{web.port}/")
+        assert response is not None
+        assert response.headers["content-security-policy"] == csp.POLICY
 
-            # The snapshot arrives empty: no endless "waiting", but what the providers say.
-            empty = page.locator("#courses .empty-row")
-            await expect(empty).to_contain_text("no rates yet — providers unreachable?")
-            await expect(empty).to_contain_text("coingecko: open (last error")
-            await expect(empty).not_to_contain_text("waiting for the first snapshot")
+        # The snapshot arrives empty: no endless "waiting", but what the providers say.
+        empty = page.locator("#courses .empty-row")
+        await expect(empty).to_contain_text("no rates yet — providers unreachable?")
+        await expect(empty).to_contain_text("coingecko: open (last error")
+        await expect(empty).not_to_contain_text("waiting for the first snapshot")
 
-            # An old error beside a closed circuit is dated and greyed; an open one is current.
-            bybit = page.locator('tr[data-provider="bybit"] td.error')
-            await expect(bybit).to_have_text(
-                "last error 12 min ago: HTTP 503 from /v5/market/tickers"
-            )
-            await expect(bybit).to_have_class("error past")
-            await expect(page.locator('tr[data-provider="bybit"] td.state')).to_have_text("closed")
-            coingecko = page.locator('tr[data-provider="coingecko"] td.error')
-            await expect(coingecko).to_contain_text("s ago: timeout after 5.0 s")
-            await expect(coingecko).to_have_class("error current")
-            await expect(page.locator('tr[data-provider="binance"] td.error')).to_have_text("")
+        # An old error beside a closed circuit is dated and greyed; an open one is current.
+        bybit = page.locator('tr[data-provider="bybit"] td.error')
+        await expect(bybit).to_have_text("last error 12 min ago: HTTP 503 from /v5/market/tickers")
+        await expect(bybit).to_have_class("error past")
+        await expect(page.locator('tr[data-provider="bybit"] td.state')).to_have_text("closed")
+        coingecko = page.locator('tr[data-provider="coingecko"] td.error')
+        await expect(coingecko).to_contain_text("s ago: timeout after 5.0 s")
+        await expect(coingecko).to_have_class("error current")
+        await expect(page.locator('tr[data-provider="binance"] td.error')).to_have_text("")
 
-            # The first rate replaces the empty state.
-            await expect(page.locator("#status")).to_have_text("live", timeout=10_000)
-            assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
-            events.publish("rate.updated", rate("BTC-USD", "54321.5", "binance"))
-            await expect(page.locator('tr[data-pair="BTC-USD"] td.value')).to_have_text("54321.5")
-            assert await empty.count() == 0
-            assert errors == []
-        finally:
-            await browser.close()
+        # The first rate replaces the empty state.
+        await expect(page.locator("#status")).to_have_text("live", timeout=10_000)
+        assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
+        events.publish("rate.updated", rate("BTC-USD", "54321.5", "binance"))
+        await expect(page.locator('tr[data-pair="BTC-USD"] td.value')).to_have_text("54321.5")
+        assert await empty.count() == 0
+        assert errors == []
+        assert await csp_violations(page) == []
 
 
 async def test_the_dashboard_shows_statuses_and_charts_from_candles_extended_live(
     chromium: Path,
-    own_nats: NatsServer,
-    seed: Callable[[bool], None],
-    web_processes: Callable[..., list[WebProcess]],
+    start_web: Callable[..., WebProcess],
     tmp_path: Path,
 ) -> None:
-    from playwright.async_api import async_playwright, expect
+    from playwright.async_api import expect
 
-    seed(True)
-    [web] = web_processes(1, nats_url=own_nats.url)
+    web = start_web(True)
     assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=str(chromium), args=CHROMIUM_ARGS
+    async with browser_page(chromium, viewport={"width": 1200, "height": 620}) as (page, errors):
+        await page.goto(f"http://127.0.0.1:{web.port}/")
+        await expect(page.locator("#status")).to_have_text("live", timeout=10_000)
+
+        events.publish("rate.updated", rate("BTC-USD", "54321.000123", "binance"))
+        events.publish("rate.updated", rate("ETH-USD", "3012.5", "bybit", status="failover"))
+        events.publish("rate.updated", rate("BTC-RUB", "5012345.67", "coingecko", age_s=300))
+        events.publish("rate.updated", rate("ETH-RUB", "278000.1", "binance+cbr", derived=True))
+        events.publish("provider.state", {"name": "binance", "state": "closed", "reason": ""})
+        events.publish("provider.state", {"name": "bybit", "state": "open", "reason": "HTTP 503"})
+        events.publish("fetch.completed", {"stored": 4, "providers": {}, "duration_ms": 38})
+
+        btc = page.locator('tr[data-pair="BTC-USD"] td.value')
+        await expect(btc).to_have_text("54321.000123", timeout=10_000)
+        await expect(page.locator('tr[data-pair="BTC-RUB"] .tag.stale')).to_be_visible()
+        await expect(page.locator('tr[data-pair="ETH-RUB"] .tag.derived')).to_be_visible()
+        await expect(page.locator('tr[data-pair="BTC-USD"] .tag.live')).to_be_visible()
+        await expect(page.locator('tr[data-pair="ETH-USD"] .tag.failover')).to_be_visible()
+        await expect(page.locator('tr[data-provider="bybit"]')).to_contain_text("open")
+        # The event made bybit's error current again, dated by the frame.
+        # (A loaded machine may take a second or two to deliver and render it.)
+        await expect(page.locator('tr[data-provider="bybit"] td.error')).to_have_text(
+            re.compile(r"^last error [0-9] s ago: HTTP 503$")
         )
-        try:
-            page = await browser.new_page(viewport={"width": 1200, "height": 620})
-            errors = console_errors(page)
-            await page.goto(f"http://127.0.0.1:{web.port}/")
-            await expect(page.locator("#status")).to_have_text("live", timeout=10_000)
+        await expect(page.locator('tr[data-provider="bybit"] td.error')).to_have_class(
+            "error current"
+        )
 
-            events.publish("rate.updated", rate("BTC-USD", "54321.000123", "binance"))
-            events.publish("rate.updated", rate("ETH-USD", "3012.5", "bybit", status="failover"))
-            events.publish("rate.updated", rate("BTC-RUB", "5012345.67", "coingecko", age_s=300))
-            events.publish("rate.updated", rate("ETH-RUB", "278000.1", "binance+cbr", derived=True))
-            events.publish("provider.state", {"name": "binance", "state": "closed", "reason": ""})
-            events.publish(
-                "provider.state", {"name": "bybit", "state": "open", "reason": "HTTP 503"}
-            )
-            events.publish("fetch.completed", {"stored": 4, "providers": {}, "duration_ms": 38})
+        # BTC-USD's chart: its 40 minutes of 1m candles (one rate each), then the live rate;
+        # ETH-USD has no history, its chart starts with its first live rate.
+        btc_chart = page.locator('tr[data-pair="BTC-USD"] svg.spark')
+        await expect(btc_chart).to_have_attribute("data-points", "41")
+        eth_chart = page.locator('tr[data-pair="ETH-USD"] svg.spark')
+        await expect(eth_chart).to_have_attribute("data-points", "1")
 
-            btc = page.locator('tr[data-pair="BTC-USD"] td.value')
-            await expect(btc).to_have_text("54321.000123", timeout=10_000)
-            await expect(page.locator('tr[data-pair="BTC-RUB"] .tag.stale')).to_be_visible()
-            await expect(page.locator('tr[data-pair="ETH-RUB"] .tag.derived')).to_be_visible()
-            await expect(page.locator('tr[data-pair="BTC-USD"] .tag.live')).to_be_visible()
-            await expect(page.locator('tr[data-pair="ETH-USD"] .tag.failover')).to_be_visible()
-            await expect(page.locator('tr[data-provider="bybit"]')).to_contain_text("open")
-            # The event made bybit's error current again, dated by the frame.
-            # (A loaded machine may take a second or two to deliver and render it.)
-            await expect(page.locator('tr[data-provider="bybit"] td.error')).to_have_text(
-                re.compile(r"^last error [0-9] s ago: HTTP 503$")
-            )
-            await expect(page.locator('tr[data-provider="bybit"] td.error')).to_have_class(
-                "error current"
-            )
+        # A change of the same pair updates the row in place.
+        events.publish("rate.updated", rate("BTC-USD", "54400.5", "binance", version=2))
+        await expect(btc).to_have_text("54400.5", timeout=10_000)
+        await expect(btc_chart).to_have_attribute("data-points", "42")
+        line = await btc_chart.locator("polyline").get_attribute("points")
+        assert line is not None
+        assert len(line.split()) == 42
+        assert await page.locator('tr[data-pair="BTC-USD"]').count() == 1
+        await expect(page.locator("#log li").first).to_contain_text("BTC-USD 54400.5")
 
-            # BTC-USD's chart: its 40 minutes of 1m candles (one rate each), then the live rate;
-            # ETH-USD has no history, its chart starts with its first live rate.
-            btc_chart = page.locator('tr[data-pair="BTC-USD"] svg.spark')
-            await expect(btc_chart).to_have_attribute("data-points", "41")
-            eth_chart = page.locator('tr[data-pair="ETH-USD"] svg.spark')
-            await expect(eth_chart).to_have_attribute("data-points", "1")
+        assert errors == []
+        assert await csp_violations(page) == []
+        await page.screenshot(path=str(tmp_path / "dashboard.png"))
+        if os.environ.get("KURS_UPDATE_SCREENSHOT"):
+            await page.screenshot(path=str(REPO / "docs" / "dashboard.png"))
 
-            # A change of the same pair updates the row in place.
-            events.publish("rate.updated", rate("BTC-USD", "54400.5", "binance", version=2))
-            await expect(btc).to_have_text("54400.5", timeout=10_000)
-            await expect(btc_chart).to_have_attribute("data-points", "42")
-            line = await btc_chart.locator("polyline").get_attribute("points")
-            assert line is not None
-            assert len(line.split()) == 42
-            assert await page.locator('tr[data-pair="BTC-USD"]').count() == 1
-            await expect(page.locator("#log li").first).to_contain_text("BTC-USD 54400.5")
 
-            assert errors == []
-            await page.screenshot(path=str(tmp_path / "dashboard.png"))
-            if os.environ.get("KURS_UPDATE_SCREENSHOT"):
-                await page.screenshot(path=str(REPO / "docs" / "dashboard.png"))
-        finally:
-            await browser.close()
+async def test_the_admin_works_under_the_content_security_policy(
+    chromium: Path,
+    start_web: Callable[..., WebProcess],
+) -> None:
+    """Login page, sign-in, the index, the items list and an item's form: styled, scripted
+    (the admin's own static files) and nothing refused by the policy."""
+    from playwright.async_api import expect
+
+    web = start_web(True, ADMIN_USER)
+    async with browser_page(chromium) as (page, errors):
+        response = await page.goto(f"http://127.0.0.1:{web.port}/admin/login/")
+        assert response is not None
+        assert response.headers["content-security-policy"] == csp.POLICY
+        # The admin's stylesheet applied: the login box is laid out, not raw HTML.
+        assert await page.locator("#container").evaluate(
+            "element => getComputedStyle(element).display"
+        ) in ("flex", "block")
+        header = page.locator("#header")
+        background = await header.evaluate("el => getComputedStyle(el).backgroundColor")
+        assert background not in ("rgba(0, 0, 0, 0)", "transparent")
+        assert await csp_violations(page) == []
+
+        await page.fill("#id_username", "admin")
+        await page.fill("#id_password", "kurs-admin-password")
+        await page.click("input[type=submit]")
+        await expect(page.locator("#site-name")).to_be_visible()
+        await expect(page.locator("#content h1")).to_have_text("Site administration")
+        assert await csp_violations(page) == []
+
+        await page.goto(f"http://127.0.0.1:{web.port}/admin/items/item/")
+        await expect(page.locator("#result_list")).to_contain_text("BTC-USD")
+        assert await csp_violations(page) == []
+        # The changelist's script works: "select all" ticks every row.
+        await page.click("#action-toggle")
+        await expect(page.locator("input.action-select").first).to_be_checked()
+
+        await page.locator("#result_list a", has_text="BTC-USD").first.click()
+        await expect(page.locator("form#item_form")).to_be_visible()
+        assert await csp_violations(page) == []
+        assert errors == []
+
+
+async def test_a_slow_providers_answer_does_not_undo_a_newer_provider_event(
+    chromium: Path,
+    start_web: Callable[..., WebProcess],
+) -> None:
+    from playwright.async_api import Route, expect
+
+    web = start_web(False)
+    assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
+    release = asyncio.Event()
+    held: list[Route] = []
+
+    async def hold(route: Route) -> None:
+        held.append(route)
+        await release.wait()
+        await route.continue_()
+
+    async with browser_page(chromium) as (page, errors):
+        await page.route("**/api/v1/providers", hold)
+        await page.goto(f"http://127.0.0.1:{web.port}/")
+        await expect(page.locator("#status")).to_have_text("live", timeout=10_000)
+        async with asyncio.timeout(10):
+            while not held:  # noqa: ASYNC110 - the page's first request, routed above
+                await asyncio.sleep(0.01)
+        # bybit opens while the page's /providers request (answering "closed") is on its way.
+        events.publish("provider.state", {"name": "bybit", "state": "open", "reason": "HTTP 503"})
+        state = page.locator('tr[data-provider="bybit"] td.state')
+        await expect(state).to_have_text("open", timeout=10_000)
+        async with page.expect_response("**/api/v1/providers"):
+            release.set()
+        # The answer arrived and was applied to the other providers, not to bybit.
+        await expect(page.locator('tr[data-provider="cbr"] td.state')).to_have_text("closed")
+        await expect(state).to_have_text("open")
+        assert errors == []

@@ -57,6 +57,32 @@ async def test_pending_rate_updates_coalesce_per_pair_latest_wins() -> None:
     await queue.stop()
 
 
+async def test_a_burst_to_a_client_that_keeps_up_is_sent_whole() -> None:
+    # Several updates of one pair within one turn of the loop, before the sender ran: the
+    # client is not behind, so none is dropped.
+    socket = FakeSocket()
+    queue = queue_for(socket, pairs=None)
+    for frame in ("A1", "A2", "B1", "A3"):
+        assert queue.put(frame, frame[0])
+    await socket.wait_for(4)
+    assert socket.frames == ["A1", "A2", "B1", "A3"]
+    assert queue.coalesced == 0
+    await queue.stop()
+
+
+async def test_a_backlog_of_a_quarter_of_the_queue_counts_as_behind() -> None:
+    socket = FakeSocket()
+    queue = queue_for(socket, pairs=None, queue_limit=8)  # behind from 2 frames waiting
+    # Put before the sender runs: A2 finds E1 and A1 waiting (behind), supersedes A1; A3
+    # supersedes A2 likewise.
+    for frame, pair in [("E1", None), ("A1", "A"), ("A2", "A"), ("B1", "B"), ("A3", "A")]:
+        assert queue.put(frame, pair)
+    await socket.wait_for(3)
+    assert socket.frames == ["E1", "B1", "A3"]
+    assert queue.coalesced == 2
+    await queue.stop()
+
+
 async def test_a_full_queue_closes_the_socket_with_1013() -> None:
     socket = FakeSocket()
     socket.gate.clear()

@@ -280,3 +280,34 @@ async def test_curl_can_follow_it(pairs: None, asgi_server: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             await process.wait()
     await wait_for_subscribers(0)
+
+
+def gauge(text: str, name: str) -> float:
+    line = next(line for line in text.splitlines() if line.startswith(f"{name} "))
+    return float(line.split()[1])
+
+
+async def test_open_streams_and_sockets_are_counted_in_metrics(
+    pairs: None, client: httpx.AsyncClient, asgi_server: int
+) -> None:
+    from websockets.asyncio.client import connect as ws_connect
+
+    baseline = len(hub)
+    before = (await client.get("/metrics")).text
+    sse_before = gauge(before, "kurs_sse_connections")
+    ws_before = gauge(before, "kurs_ws_connections")
+    async with client.stream("GET", "/api/v1/stream") as response:
+        # Kept: a reader collected mid-stream would close the response.
+        stream = sse_events(response)
+        await next_event(stream, "snapshot")
+        async with ws_connect(f"ws://127.0.0.1:{asgi_server}/ws/items") as ws:
+            assert json.loads(await ws.recv())["type"] == "snapshot"
+            during = (await client.get("/metrics")).text
+            assert gauge(during, "kurs_sse_connections") == sse_before + 1
+            assert gauge(during, "kurs_ws_connections") == ws_before + 1
+    # Each leaves the hub and its gauge in one step (no await between): once both are out of
+    # the hub, both gauges are back.
+    await wait_for_subscribers(baseline)
+    after = (await client.get("/metrics")).text
+    assert gauge(after, "kurs_sse_connections") == sse_before
+    assert gauge(after, "kurs_ws_connections") == ws_before

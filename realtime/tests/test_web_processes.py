@@ -110,3 +110,14 @@ async def test_each_socket_gets_each_event_once_with_nats_down(
         assert status["fallback"] == EVENTS + 1
     finally:
         await close_all(sockets)
+
+
+async def test_a_started_web_process_keeps_the_collector_off_its_loop(asgi_server: int) -> None:
+    # The lifespan freezes what start-up loaded and collects the young generation less often
+    # (bridge.GC_THRESHOLD_0): the fan-out's p99 was the collector's pauses.
+    import gc
+
+    from realtime.bridge import GC_THRESHOLD_0
+
+    assert gc.get_freeze_count() > 0
+    assert gc.get_threshold()[0] == GC_THRESHOLD_0
