@@ -69,6 +69,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 COURSES = "/api/v1/courses"
 CONVERT = "/api/v1/convert"
+# The routes' paths as Django's URL patterns match them (`<int:item_id>`, `<base>/<quote>`) ...
+ITEM_PATH_RE = re.compile(r"/api/v1/items/[0-9]+")
+PAIR_PATH_RE = re.compile(r"/api/v1/rates/[^/]+/[^/]+")
+# ... and the part of them this layer answers itself.
 ITEM_RE = re.compile(r"/api/v1/items/([0-9]{1,19})")
 PAIR_RE = re.compile(r"/api/v1/rates/([A-Za-z0-9]{2,12})/([A-Za-z0-9]{2,12})")
 # The metric labels Django's resolver gives the ninja routes (config.metrics._route).
@@ -453,9 +457,9 @@ class ReadFastPath:
 def _route_of(path: str) -> str | None:
     if path in (COURSES, CONVERT):
         return path
-    if path.startswith("/api/v1/items/"):
+    if path.startswith("/api/v1/items/") and ITEM_PATH_RE.fullmatch(path):
         return "item"
-    if path.startswith("/api/v1/rates/"):
+    if path.startswith("/api/v1/rates/") and PAIR_PATH_RE.fullmatch(path):
         return "pair"
     return None
 

@@ -527,6 +527,29 @@ async def test_item_detail_is_the_same_on_both_doors(
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/api/v1/items/{id}/rates", 405),
+        ("/api/v1/items/{id}/", 404),
+        ("/api/v1/rates/BTC/USD/x", 404),
+        ("/api/v1/rates/B/USD", 200),  # a pair route: Django answers HEAD as its GET (422)
+    ],
+)
+async def test_head_elsewhere_is_left_to_django_as_it_is(
+    rated: dict[str, Item], path: str, status: int, django_calls: DjangoCalls
+) -> None:
+    path = path.format(id=rated["BTC-USD"].id)
+    fast, slow = await both(path, method="HEAD")
+    assert django_calls.count == 2
+    assert fast == slow
+    if status == 200:  # converted: GET's answer, its body dropped
+        assert (fast.status, fast.body) == ((await call(path)).status, b"")
+    else:  # as before (the server drops what body Django sends to a HEAD)
+        assert fast.status == status
+
+
+@pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("item_id", ["999999", "0", "00", "99999999999999999999"])
 async def test_an_unknown_item_is_left_to_django(
     rated: dict[str, Item], item_id: str, django_calls: DjangoCalls
