@@ -24,7 +24,7 @@ from config.asgi import http_app
 from config.metrics import HTTP_REQUESTS
 from items.models import Item
 from rates.courses import courses_cache
-from rates.detail import ItemDetailCache, item_details
+from rates.detail import item_details
 from rates.exceptions import PairNotPriced, ProvidersUnavailable
 from rates.models import CurrentRate
 from rates.ondemand import PairRate, on_demand
@@ -628,23 +628,6 @@ async def test_a_write_through_this_process_is_read_back_at_once(
     delete = await call(item_path(item), method="DELETE")
     assert delete.status == 204
     assert (await call(item_path(item))).status == 404
-
-
-@pytest.mark.django_db(transaction=True)
-async def test_an_item_entry_expires_after_max_age(rated: dict[str, Item]) -> None:
-    clock = [100.0]
-    cache = ItemDetailCache(snapshot, clock=lambda: clock[0], max_age_s=1.0)
-    item = rated["BTC-USD"]
-    now = timezone.now()
-    first = await cache.get(item.pk, now=now)
-    await Item.objects.filter(pk=item.pk).aupdate(name="Changed, event lost")
-    clock[0] += 0.5
-    assert await cache.get(item.pk, now=now) == first
-    clock[0] += 0.6
-    changed = await cache.get(item.pk, now=now)
-    assert changed is not None
-    assert changed["name"] == "Changed, event lost"
-    assert cache.reads == 2
 
 
 def remember(code: str, result: PairRate | Exception) -> None:
