@@ -50,11 +50,18 @@ class VersionSource(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class _Entry:
+class ItemEntry:
+    """What the route reads for one item; a new entry after every read."""
+
     item: dict[str, Any]
     row: CurrentRate | None
     generation: tuple[int, int]  # (snapshot items generation, local generation) when read
     read_at: float
+
+    def view(self, now: datetime) -> dict[str, Any]:
+        """What the route answers: the item's fields and `latest`, judged at `now`."""
+        row = self.row
+        return {**self.item, "latest": None if row is None else current_rate_view(row, now=now)}
 
 
 def _read(item_id: int) -> tuple[dict[str, Any], CurrentRate | None] | None:
@@ -83,9 +90,9 @@ class ItemDetailCache:
         self._max_age_s = max_age_s
         self._max_entries = max_entries
         self._local_generation = 0
-        self._entries: dict[int, _Entry] = {}
+        self._entries: dict[int, ItemEntry] = {}
         # Keyed by generation too: a request that comes after a write never joins an older read.
-        self._inflight: dict[tuple[Any, ...], asyncio.Task[_Entry | None]] = {}
+        self._inflight: dict[tuple[Any, ...], asyncio.Task[ItemEntry | None]] = {}
         self.reads = 0  # database reads: tests watch reuse with it
 
     def invalidate(self) -> None:
@@ -95,18 +102,20 @@ class ItemDetailCache:
 
     async def get(self, item_id: int, *, now: datetime) -> dict[str, Any] | None:
         """What the route answers for the item (its fields and `latest`), or None if none."""
+        entry = await self.entry(item_id)
+        return None if entry is None else entry.view(now)
+
+    async def entry(self, item_id: int) -> ItemEntry | None:
+        """The item's standing entry (read now if there is none), or None if no such item."""
         entry = self._entries.get(item_id)
         if entry is None or not self._stands(entry):
             entry = await self._load(item_id)
-            if entry is None:
-                return None
-        row = entry.row
-        return {**entry.item, "latest": None if row is None else current_rate_view(row, now=now)}
+        return entry
 
     def _generation(self) -> tuple[int, int]:
         return (self._source.items_generation, self._local_generation)
 
-    def _stands(self, entry: _Entry) -> bool:
+    def _stands(self, entry: ItemEntry) -> bool:
         version = 0 if entry.row is None else entry.row.version
         return (
             entry.generation == self._generation()
@@ -114,7 +123,7 @@ class ItemDetailCache:
             and self._clock() - entry.read_at < self._max_age_s
         )
 
-    async def _load(self, item_id: int) -> _Entry | None:
+    async def _load(self, item_id: int) -> ItemEntry | None:
         loop = asyncio.get_running_loop()
         key = (loop, item_id, self._generation())
         task = self._inflight.get(key)
@@ -125,13 +134,13 @@ class ItemDetailCache:
         # Shielded: a client that disconnects must not cancel the read the others wait on.
         return await asyncio.shield(task)
 
-    async def _read(self, item_id: int) -> _Entry | None:
+    async def _read(self, item_id: int) -> ItemEntry | None:
         generation, started = self._generation(), self._clock()
         self.reads += 1
         found = await sync_to_async(_read)(item_id)
         if found is None:
             return None
-        entry = _Entry(item=found[0], row=found[1], generation=generation, read_at=started)
+        entry = ItemEntry(item=found[0], row=found[1], generation=generation, read_at=started)
         # Kept only if nothing was invalidated meanwhile (a write may have raced the read).
         if generation == self._generation():
             if len(self._entries) >= self._max_entries:

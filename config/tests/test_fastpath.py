@@ -527,6 +527,23 @@ async def test_item_detail_is_the_same_on_both_doors(
 
 
 @pytest.mark.django_db(transaction=True)
+async def test_a_cached_item_is_judged_again_at_every_request(
+    rated: dict[str, Item], frozen: datetime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = item_path(rated["BTC-USD"])
+    reads = item_details.reads
+    first = (await call(path)).json()["latest"]
+    assert (first["status"], first["age_s"]) == ("live", Decimal("1.234"))
+    later = frozen + timedelta(seconds=40)  # past the 30 s freshness window, no event
+    monkeypatch.setattr(timezone, "now", lambda: later)
+    fast, slow = await both(path)
+    assert fast == slow
+    assert item_details.reads == reads + 1  # the same entry, judged anew
+    latest = fast.json()["latest"]
+    assert (latest["status"], latest["age_s"]) == ("stale", Decimal("41.234"))
+
+
+@pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize(
     ("path", "status"),
     [
