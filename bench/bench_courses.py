@@ -1,4 +1,4 @@
-"""`/courses` and item detail under load, each next to an in-run baseline serving the same bytes.
+"""`/courses`, item detail, `/rates` and `/convert` under load, each beside an in-run baseline.
 
     .venv/bin/python bench/bench_courses.py [--duration 4] [--repeats 3] [--connections 64]
     .venv/bin/python bench/bench_courses.py --servers    # uvicorn against granian (the choice)
@@ -13,8 +13,10 @@ Figures are medians of --repeats runs of --duration seconds, each printed with i
    minimal FastAPI app on uvicorn (same flags, same workers) and nginx serving the same bytes as
    a static file (same worker count): targets >= 2x FastAPI, >= 0.25x nginx;
 2. the 304 path (`If-None-Match` with the current ETag), against the 200 path;
-3. `GET /api/v1/items/1` against a plain django-ninja endpoint on the same server returning the
-   same bytes (`bench/plain_urls.py`): the floor of Django's request path (target >= 1.3x later).
+3. item detail `GET /api/v1/items/1`, `GET /api/v1/rates/BTC/USD` and
+   `GET /api/v1/convert?from=BTC&to=USD&amount=0.5` (all from memory on the fast path) against a
+   plain django-ninja endpoint on the same server returning the item's bytes
+   (`bench/plain_urls.py`), the floor of Django's request path: target >= 1.3x.
 
 `--servers` measures `/courses` and item detail on uvicorn and granian with 1 and 2 workers: the
 measurement behind the server `make run` uses (README, "Serving").
@@ -51,6 +53,8 @@ VENV_BIN = REPO / ".venv" / "bin"
 PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 COURSES = "/api/v1/courses"
 ITEM = "/api/v1/items/1"
+PAIR = "/api/v1/rates/BTC/USD"
+CONVERT = "/api/v1/convert?from=BTC&to=USD&amount=0.5"
 PLAIN = "/bench/plain/item"
 START_TIMEOUT = 60.0
 
@@ -291,6 +295,9 @@ def capture_bodies(tmp: Path, env: dict[str, str]) -> tuple[bytes, str]:
         assert b'"courses":[{' in courses, courses
         item_status, _, item = get(origin + ITEM)
         assert item_status == 200, item
+        for path in (PAIR, CONVERT):
+            status, _, body = get(origin + path)
+            assert status == 200, (path, body)
     (tmp / "www" / "api" / "v1" / "courses").write_bytes(courses)
     (tmp / "item.json").write_bytes(item)
     # nginx's workers may run as another user: the files must be readable by anyone.
@@ -344,6 +351,8 @@ def bench(
             }
             if workers == 1:
                 targets["item"] = (kurs + ITEM, None)
+                targets["pair"] = (kurs + PAIR, None)
+                targets["convert"] = (kurs + CONVERT, None)
                 targets["plain"] = (kurs + PLAIN, None)
             results.update(measure(targets, args))
             after = get(kurs + COURSES)[2]
@@ -375,13 +384,12 @@ def bench(
             f"/courses 200, {n}",
             results[f"courses{w}"],
         )
-    row(
-        "item detail /items/1, 1 worker",
-        results["item"],
-        "plain django-ninja, 1 worker",
-        results["plain"],
-        ">= 1.3x (later)",
-    )
+    for key, label in (
+        ("item", "item detail /items/1, 1 worker"),
+        ("pair", "/rates/BTC/USD, 1 worker"),
+        ("convert", "/convert (GET), 1 worker"),
+    ):
+        row(label, results[key], "plain django-ninja, 1 worker", results["plain"], ">= 1.3x")
 
 
 def compare_servers(args: argparse.Namespace, env: dict[str, str]) -> None:

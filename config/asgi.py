@@ -1,10 +1,11 @@
-"""ASGI entry point: HTTP through Django (`/courses` first through its fast path), WebSocket
-through Channels, lifespan to the NATS bridge."""
+"""ASGI entry point: HTTP through Django (the hottest reads first through the fast path),
+WebSocket through Channels, lifespan to the NATS bridge."""
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
@@ -22,15 +23,32 @@ from django.core.asgi import get_asgi_application
 django_asgi_app = get_asgi_application()
 
 # Imported after Django is set up: the consumers use models and settings.
-from config.fastpath import CoursesFastPath  # noqa: E402
+from config.fastpath import ReadFastPath  # noqa: E402
 from rates.courses import courses_cache  # noqa: E402
+from rates.detail import item_details  # noqa: E402
+from rates.ondemand import on_demand  # noqa: E402
 from rates.snapshot import snapshot  # noqa: E402
-from realtime.bridge import lifespan  # noqa: E402
+from realtime.bridge import lifespan as bridge_lifespan  # noqa: E402
 from realtime.origin import BrowserOriginValidator  # noqa: E402
 from realtime.routing import websocket_urlpatterns  # noqa: E402
 
-# `GET /api/v1/courses` is answered from the snapshot before Django (config/fastpath.py).
-http_app = CoursesFastPath(django_asgi_app, cache=courses_cache, snapshot=snapshot)
+# `/courses`, item detail, `/rates/{base}/{quote}` and `/convert` are answered from memory
+# before Django (config/fastpath.py).
+http_app = ReadFastPath(django_asgi_app, cache=courses_cache, snapshot=snapshot, items=item_details)
+
+
+async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The bridge's lifespan (NATS), and on shutdown the on-demand rates' HTTP clients closed
+    first: their pooled connections to the exchanges end cleanly instead of with the loop."""
+
+    async def receive_and_close() -> dict[str, Any]:
+        message = await receive()
+        if message["type"] == "lifespan.shutdown":
+            await on_demand.aclose()
+        return message
+
+    await bridge_lifespan(scope, receive_and_close, send)
+
 
 application = ProtocolTypeRouter(
     {

@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
 import time
 import uuid
@@ -34,9 +36,31 @@ HEADER = "X-Request-ID"
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:+/=-]{8,128}$")
 
 
+class _RequestIds:
+    """New request ids: 32 hex digits, a random per-process prefix and a counter.
+
+    Unique like uuid4's without its `os.urandom` system call per request (12 % of the /courses
+    fast path's time under load, profiled with py-spy). A forked child draws a new prefix.
+    """
+
+    def __init__(self) -> None:
+        self._reseed()
+        os.register_at_fork(after_in_child=self._reseed)
+
+    def _reseed(self) -> None:
+        self._prefix = uuid.uuid4().hex[:16]
+        self._counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+new_request_id = _RequestIds()
+
+
 def request_id_for(incoming: str) -> str:
-    """A sane incoming `X-Request-ID`, else a new one (also for the /courses fast path)."""
-    return incoming if _SANE_ID.match(incoming) else uuid.uuid4().hex
+    """A sane incoming `X-Request-ID`, else a new one (also for the ASGI fast path)."""
+    return incoming if incoming and _SANE_ID.match(incoming) else new_request_id()
 
 
 def log_access(

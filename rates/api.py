@@ -3,8 +3,13 @@ providers, and a fetch cycle on demand."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
+
 from asgiref.sync import sync_to_async
-from django.http import HttpRequest, HttpResponse
+from django.db import DatabaseError
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
 from ninja import Path, Query, Router
 from ninja.errors import HttpError
 
@@ -32,32 +37,59 @@ from rates.schemas import (
 )
 from rates.snapshot import snapshot
 
+logger = logging.getLogger(__name__)
+
 router = Router(tags=["rates"])
 
 
 @router.get(
     "/courses",
-    response={200: CoursesOut, 304: None, **errors(422, 429)},
+    response={200: CoursesOut, 304: None, **errors(422, 429, 503)},
     throttle=read_throttle,
     summary="The current course of each pair (the seed format), with ETag",
 )
-async def list_courses(request: HttpRequest, filters: Query[CoursesQueryIn]) -> HttpResponse:
+async def list_courses(request: HttpRequest, filters: Query[CoursesQueryIn]) -> HttpResponseBase:
     """From the in-process snapshot; `config/fastpath.py` serves the same bytes before Django.
 
     A stale course keeps its last value and says `"stale": true`; a pair never quoted is left
-    out. `If-None-Match` with the current ETag answers 304 with no body.
+    out. `If-None-Match` with the current ETag answers 304 with no body. 503 while the
+    snapshot cannot be loaded (the database is unreachable or not migrated yet).
     """
     if not snapshot.loaded:
-        await snapshot.aload()
+        try:
+            await snapshot.aload()
+        except DatabaseError as exc:
+            logger.warning("courses: the rates snapshot cannot be loaded: %s", exc)
+            raise HttpError(503, "courses are unavailable: the database cannot be read") from None
     answer = courses_cache.answer(
         filters.direction, filters.exchanger, request.headers.get("If-None-Match")
     )
-    response = HttpResponse(answer.body, status=answer.status)
-    if answer.status == 304:
-        del response["Content-Type"]
+    response = (
+        _NotModified() if answer.status == 304 else HttpResponse(answer.body, status=answer.status)
+    )
     for name, value in answer.headers:
         response[name] = value
     return response
+
+
+async def _no_body() -> AsyncIterator[bytes]:
+    return
+    yield b""  # an async generator that yields nothing
+
+
+class _NotModified(StreamingHttpResponse):
+    """A 304 without a body or a Content-Length header.
+
+    CommonMiddleware gives every non-streaming response a length, `0` here, which RFC 9110 8.6
+    forbids (a 304 may only repeat the 200's length), and uvicorn refuses a 304 that announces
+    the 200's length without its bytes; streaming responses keep none.
+    """
+
+    status_code = 304
+
+    def __init__(self) -> None:
+        super().__init__(_no_body())
+        del self["Content-Type"]
 
 
 @router.get(

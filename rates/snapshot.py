@@ -19,6 +19,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.utils import timezone
 
 from items.models import Item
 from rates import policy
@@ -129,6 +130,7 @@ class RatesSnapshot:
         self._active: set[str] = set()
         self._loaded = False
         self._version = 0
+        self._items_generation = 0
 
     @property
     def loaded(self) -> bool:
@@ -138,6 +140,16 @@ class RatesSnapshot:
     def version(self) -> int:
         """Bumped on every change: a cheap key for a precomputed body or an ETag."""
         return self._version
+
+    @property
+    def items_generation(self) -> int:
+        """Bumped by every item event (and load or reset): what an item cache is valid for."""
+        return self._items_generation
+
+    def version_of(self, code: str) -> int:
+        """The `version` of the pair's current rate as the snapshot knows it (0: none)."""
+        course = self._courses.get(code)  # one dict read: atomic, no lock needed
+        return 0 if course is None else course.version
 
     def load(self) -> None:
         """Read the active items and the current rate of each from the read model (sync)."""
@@ -154,6 +166,7 @@ class RatesSnapshot:
                     self._courses[code] = course
             self._loaded = True
             self._version += 1
+            self._items_generation += 1
         logger.info("snapshot: loaded %d active pairs, %d with a rate", len(items), len(loaded))
 
     async def aload(self) -> None:
@@ -184,6 +197,7 @@ class RatesSnapshot:
             else:
                 self._active.discard(code)
             self._version += 1
+            self._items_generation += 1
 
     def active_pairs(self) -> frozenset[str]:
         with self._lock:
@@ -194,7 +208,7 @@ class RatesSnapshot:
 
         A pair never quoted is left out; each course says whether it is `stale`.
         """
-        now = datetime.now(UTC)
+        now = timezone.now()
         with self._lock:
             wanted = self._active if pairs is None else self._active.intersection(pairs)
             found = [self._courses[code] for code in sorted(wanted) if code in self._courses]
@@ -214,6 +228,7 @@ class RatesSnapshot:
             self._active.clear()
             self._loaded = False
             self._version += 1
+            self._items_generation += 1
 
 
 snapshot = RatesSnapshot()

@@ -100,6 +100,14 @@ async def test_it_serves_http_and_websockets_starts_the_bridge_and_stops_cleanly
         etag = courses.headers["etag"]
         again = await client.get("/api/v1/courses", headers={"If-None-Match": etag})
         assert (again.status_code, again.content) == (304, b"")
+        assert "content-length" not in again.headers  # RFC 9110 8.6: not a misleading 0
+        # HEAD is GET without the body, with GET's length (not 405).
+        head = await client.head("/api/v1/courses")
+        assert (head.status_code, head.content) == (200, b"")
+        assert (head.headers["content-length"], head.headers["etag"]) == (
+            str(len(courses.content)),
+            etag,
+        )
         item = await client.get("/api/v1/items/1")
         assert item.status_code == 200
         assert item.json()["code"]

@@ -338,7 +338,7 @@ DOCUMENTED = [
     ("delete", "/api/v1/items/{item_id}", {"204", "401", "404"}),
     ("get", "/api/v1/items/{item_id}/rates", {"200", "404", "422", "429"}),
     ("get", "/api/v1/items/{item_id}/rates/latest", {"200", "404", "429"}),
-    ("get", "/api/v1/courses", {"200", "304", "422", "429"}),
+    ("get", "/api/v1/courses", {"200", "304", "422", "429", "503"}),
     ("get", "/api/v1/providers", {"200", "429"}),
     ("post", "/api/v1/tasks/run", {"200", "401", "429", "503"}),
     ("get", "/api/v1/health", {"200", "429", "503"}),
