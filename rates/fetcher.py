@@ -192,10 +192,25 @@ def flush_statuses() -> None:
         monitor.flush()
 
 
+# What this process last read from the shared cache: served while the cache is unreachable.
+_last_read_statuses: dict[str, Any] = {}
+
+
 def provider_statuses() -> list[dict[str, Any]]:
-    """Each configured provider's status as the fetching process last saved it (SPEC 5)."""
+    """Each configured provider's status as the fetching process last saved it (SPEC 5).
+
+    With the shared cache unreachable (a Redis outage) the statuses this process last read are
+    answered: an older view beats a 500 on `/providers` and a health that calls them all down.
+    """
     names = list(settings.KURS_PROVIDERS)
-    saved = caches["shared"].get_many([STATUS_KEY.format(name=name) for name in names])
+    try:
+        saved = caches["shared"].get_many([STATUS_KEY.format(name=name) for name in names])
+    except Exception as exc:
+        logger.warning("provider statuses: the shared cache is unreachable (%s)", exc)
+        saved = dict(_last_read_statuses)
+    else:
+        _last_read_statuses.clear()
+        _last_read_statuses.update(saved)
     cutoff = time.time() - ERROR_WINDOW
     statuses = []
     for priority, name in enumerate(names):

@@ -308,7 +308,11 @@ def _persist(
         return False
     except DatabaseError as exc:
         # The quote is still valid and still served; a broken connection is dropped so that
-        # the next quote reconnects (streams never pause).
+        # the next quote reconnects (streams never pause). A history row written before the
+        # failure was rolled back with it: forget it, or the next write of the same value
+        # would skip its row and leave a current rate without history.
+        if history is not None:
+            board.last_stored.pop((pair, history.provider), None)
         provider = (current or history).provider  # type: ignore[union-attr]
         logger.error("cannot store the %s rate of %s: %s", provider, pair, exc)
         close_old_connections()
@@ -342,7 +346,7 @@ def _store_history(
         received_at=now,
         derived=entry.derived,
     )
-    # Remembered at once: a rollback would only store the next quote a little early.
+    # Remembered at once; `_persist` forgets it again when the transaction fails.
     board.last_stored[key] = (entry.value, now)
     metrics.RATES_STORED.labels(entry.provider).inc()
     return True
@@ -450,7 +454,11 @@ def reevaluate(
             continue
         current = _decide(pair, now=now, board=board)
         if current is not None:
-            _persist(item_id, pair, None, current, now=now, board=board)
+            # The serving entry goes with it (stored only when due): a cross rate that starts
+            # serving here, or a quote whose row failed earlier, gets its history row in the
+            # same transaction, so no current rate is ever without one.
+            serving = board.best(pair, now=now) if current.status != policy.STALE else None
+            _persist(item_id, pair, serving, current, now=now, board=board)
             changed += 1
     return changed
 
