@@ -285,18 +285,31 @@ def _persist(
     now: datetime,
     board: QuoteBoard,
 ) -> bool:
-    """One transaction: the history row when due, the CurrentRate row; the event on commit.
+    """One transaction: the history rows when due, the CurrentRate row; the event on commit.
+
+    The entry that serves the new current rate is stored with it when due, whichever quote led
+    to the decision: a quote whose own write failed earlier (a terminated connection) and is
+    decided again with another provider's quote, or a cross rate that starts serving on a tick,
+    so that no current rate is ever without its history row.
 
     Returns whether a history row was written. The board learns the new current rate only once
     it is committed, so a failed write is simply decided again with the next quote.
     """
     if (history is None and current is None) or not board.writable():
         return False
+    entries = [history] if history is not None else []
+    serving = board.best(pair, now=now) if current is not None else None
+    if (
+        serving is not None
+        and serving not in entries
+        and (serving.provider, serving.value) == (current.provider, current.value)  # type: ignore[union-attr]
+    ):
+        entries.append(serving)
     try:
         with transaction.atomic():
-            stored = history is not None and _store_history(
-                item_id, pair, history, now=now, board=board
-            )
+            stored = False
+            for entry in entries:
+                stored = _store_history(item_id, pair, entry, now=now, board=board) or stored
             if current is not None:
                 _write_current(item_id, current)
                 events.publish_on_commit("rate.updated", rate_event(pair, current))
@@ -311,8 +324,8 @@ def _persist(
         # the next quote reconnects (streams never pause). A history row written before the
         # failure was rolled back with it: forget it, or the next write of the same value
         # would skip its row and leave a current rate without history.
-        if history is not None:
-            board.last_stored.pop((pair, history.provider), None)
+        for entry in entries:
+            board.last_stored.pop((pair, entry.provider), None)
         provider = (current or history).provider  # type: ignore[union-attr]
         logger.error("cannot store the %s rate of %s: %s", provider, pair, exc)
         close_old_connections()
@@ -454,11 +467,7 @@ def reevaluate(
             continue
         current = _decide(pair, now=now, board=board)
         if current is not None:
-            # The serving entry goes with it (stored only when due): a cross rate that starts
-            # serving here, or a quote whose row failed earlier, gets its history row in the
-            # same transaction, so no current rate is ever without one.
-            serving = board.best(pair, now=now) if current.status != policy.STALE else None
-            _persist(item_id, pair, serving, current, now=now, board=board)
+            _persist(item_id, pair, None, current, now=now, board=board)
             changed += 1
     return changed
 

@@ -222,6 +222,8 @@ class Watchers:
         self.stack, self.web, self.pair = stack, web, pair
         self.latest: dict[str, tuple[str, str | None] | None] = dict.fromkeys(surfaces)
         self.waiting: list[Sighting] = []
+        # Every (surface, provider, status) shown, in order: flips too brief for `latest`.
+        self.shown: list[tuple[str, str, str | None]] = []
         self.events: list[dict[str, Any]] = []
         self.arrivals: list[float] = []  # time.monotonic() of each NATS event
         self._tasks: list[asyncio.Task[None]] = []
@@ -230,6 +232,7 @@ class Watchers:
     def _saw(self, surface: str, provider: str, status: str | None) -> None:
         """`status` None: the surface shows no status (`/courses`), the provider alone counts."""
         self.latest[surface] = (provider, status)
+        self.shown.append((surface, provider, status))
         self._ready[surface].set()
         now = time.monotonic()
         for sighting in self.waiting:
@@ -310,6 +313,14 @@ class Watchers:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def showing(self, provider: str, *, within: float) -> None:
+        """Until every surface shows `provider` serving the pair."""
+        await wait_until(
+            lambda: all(seen and seen[0] == provider for seen in self.latest.values()),
+            within=within,
+            what=f"{provider} serving on every surface",
+        )
 
     async def until(
         self, provider: str, status: str, action: Callable[[], None], *, within: float

@@ -13,11 +13,11 @@ import httpx
 import psycopg
 import pytest
 from asgiref.sync import sync_to_async
-from django.db import connection, connections
+from django.db import OperationalError, connection, connections
 from prometheus_client import REGISTRY
 
 from items.models import Item
-from rates import fetcher
+from rates import fetcher, services
 from rates.emulator import EmulatorServer
 from rates.fetcher import Fetcher, monitor_for
 from rates.models import Rate
@@ -290,6 +290,35 @@ async def test_watch_fails_over_within_two_poll_periods_when_binance_goes_down(
         emulator.set_fault("binance", "down")
         await until(lambda: serving(published_events, "BTC-USD") == "bybit", within=2 * POLL + 1)
         assert time.monotonic() - failed_at <= 2 * POLL + 0.5
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_watch_survives_a_database_error_while_taking_ownership(
+    emulator: EmulatorServer,
+    client: httpx.AsyncClient,
+    published_events: Events,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pg_terminate_backend as the owner loads its board: it retries, it does not exit."""
+    await track("BTC-USD")
+    real_load = services.board_load
+    failures = [OperationalError("terminating connection due to administrator command")]
+
+    def flaky_load(**kwargs: Any) -> int:
+        if failures:
+            raise failures.pop()
+        return real_load(**kwargs)
+
+    monkeypatch.setattr(services, "board_load", flaky_load)
+    watcher = Fetcher(providers(emulator, client, "binance"), poll_interval=POLL)
+    stop = asyncio.Event()
+    task = asyncio.create_task(watcher.watch(stop))
+    try:
+        await until(lambda: serving(published_events, "BTC-USD") == "binance", within=10)
+        assert not failures
+        assert not task.done()
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)

@@ -418,6 +418,27 @@ def test_a_failed_current_write_rolls_back_the_row_and_the_next_write_stores_it(
     assert CurrentRate.objects.get().value == Rate.objects.get().value == Decimal(100)
 
 
+def test_a_value_decided_again_with_another_providers_quote_brings_its_own_row(
+    django_capture_on_commit_callbacks: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Binance's write fails (connection terminated); the next quote is Bybit's, and the
+    decision it triggers makes Binance's value current: Binance's row must come with it."""
+    settings.KURS_PROVIDERS = ["binance", "bybit"]
+    btc = item("BTC-USD")
+    accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
+
+    def dropped(item_id: int, current: Any) -> None:
+        raise OperationalError("terminating connection due to administrator command")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(services, "_write_current", dropped)
+        accept(make_quote("binance", "BTC-USD", "101"), django_capture_on_commit_callbacks)
+    accept(make_quote("bybit", "BTC-USD", "100.5"), django_capture_on_commit_callbacks)
+    current = CurrentRate.objects.get(item=btc)
+    assert (current.provider, current.value) == ("binance", Decimal(101))
+    assert Rate.objects.filter(item=btc, provider="binance", value=Decimal(101)).exists()
+
+
 def test_a_cross_rate_that_starts_serving_on_a_tick_gets_its_history_row(
     django_capture_on_commit_callbacks: Any,
 ) -> None:
