@@ -298,13 +298,10 @@ def _persist(
     if (history is None and current is None) or not board.writable():
         return False
     entries = [history] if history is not None else []
-    serving = board.best(pair, now=now) if current is not None else None
-    if (
-        serving is not None
-        and serving not in entries
-        and (serving.provider, serving.value) == (current.provider, current.value)  # type: ignore[union-attr]
-    ):
-        entries.append(serving)
+    if current is not None:
+        serving = board.best(pair, now=now)
+        if serving is not None and serving not in entries and current.same_rate(serving):
+            entries.append(serving)
     try:
         with transaction.atomic():
             stored = False
