@@ -14,7 +14,7 @@ EMULATOR := http://127.0.0.1:$(EMULATOR_PORT)
 EMULATOR_WS := ws://127.0.0.1:$(EMULATOR_PORT)
 
 .PHONY: help install dotenv migrate run demo superuser apikey test test-sqlite test-postgres lint \
-	format bench bench-tools browser loadtest soak
+	format bench bench-tools browser loadtest prod-tools test-prod soak
 
 help:
 	@echo "make run     start Kurs on embedded defaults (web :8000, qcluster, fetcher, NATS)"
@@ -22,6 +22,7 @@ help:
 	@echo "make test    install and run the whole suite (SQLite, then PostgreSQL)"
 	@echo "make superuser         create an admin user for /admin/ (asks for a password)"
 	@echo "make apikey NAME=...   create an API key for the write endpoints (printed once)"
+	@echo "make test-prod  the production process set natively behind nginx, checked (tests/prod_stack.py)"
 	@echo "make bench   run the benchmarks in bench/"
 	@echo "make soak    30 min under load with a NATS restart (SOAK_SECONDS to shorten): bench/soak.py"
 	@echo "make loadtest  locust against a running \`make run\` (LOADTEST_USERS, LOADTEST_SECONDS): docs/loadtest/"
@@ -106,6 +107,24 @@ bench-tools:
 				|| { echo "could not install$$missing"; exit 1; }; \
 		else echo "missing:$$missing (apt-get install$$missing)"; exit 1; fi; \
 	fi
+
+# `make test-prod` runs the repo's deploy/nginx.conf on Debian's nginx, checks metrics with
+# promtool (Debian's prometheus package) and loads /courses with wrk.
+prod-tools:
+	@missing=""; for pair in nginx:nginx-light promtool:prometheus wrk:wrk; do \
+		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "Installing Debian's$$missing for test-prod..."; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null) \
+				|| echo "could not install$$missing: test-prod will skip (or fail under CI)"; \
+		else echo "missing:$$missing: test-prod will skip (or fail under CI)"; fi; \
+	fi
+
+# The production process set natively (SPEC 2): two web processes behind nginx, qcluster, the
+# fetcher on the emulator, on the machine's PostgreSQL, Redis and NATS; prints its figures.
+test-prod: install prod-tools
+	$(BIN)/python -m tests.prod_stack
 
 bench: install bench-tools
 	@set -e; for script in bench/bench_*.py; do echo "== $$script =="; $(BIN)/python $$script; done

@@ -47,10 +47,12 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "ninja",
-    "django_q",
     "items",
     "rates",
     "realtime",
+    # Listed after rates, so that rates' `qcluster` (django-q2's plus the metrics port) is the
+    # command run: of two apps with a command of the same name, the earlier one wins.
+    "django_q",
 ]
 
 MIDDLEWARE = [
@@ -66,6 +68,10 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+
+# Admin messages live in the (database) session, not in a cookie: the default cookie storage
+# signs but does not encrypt, and the message that shows a new API key carries the raw key.
+MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 
 ROOT_URLCONF = "config.urls"
 ASGI_APPLICATION = "config.asgi.application"
@@ -208,6 +214,14 @@ KURS_RATE_LIMIT = env.rate_limit("KURS_RATE_LIMIT")
 # USDTTRC and USDTERC are USDT on TRON and Ethereum; exchanges quote plain USDT (SPEC 4).
 KURS_ASSET_ALIASES = env.aliases("KURS_ASSET_ALIASES", "USDTTRC:USDT,USDTERC:USDT")
 
+# --- Metrics port of the processes without a web server (fetcher, qcluster) ------------------
+# Web processes answer GET /metrics; `run_fetch --watch` and `qcluster` serve Prometheus on this
+# port when it is set (compose: 9100), so that their quote and circuit metrics are scraped.
+KURS_METRICS_PORT = env.positive_int("KURS_METRICS_PORT", 0) or None
+if KURS_METRICS_PORT is not None and KURS_METRICS_PORT > 65535:
+    raise ConfigError(f"KURS_METRICS_PORT: expected a TCP port, got {KURS_METRICS_PORT}")
+KURS_METRICS_HOST = env.string("KURS_METRICS_HOST", "127.0.0.1")
+
 # --- Logging --------------------------------------------------------------------------------
 KURS_LOG_LEVEL = env.choice(
     "KURS_LOG_LEVEL", "INFO", {"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"}, upper=True
@@ -264,7 +278,8 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+# Where collectstatic puts the files WhiteNoise serves outside DEBUG (the image builds it here).
+STATIC_ROOT = Path(env.string("KURS_STATIC_ROOT", "") or BASE_DIR / "staticfiles")
 # Development serves app static files straight from their folders; production runs collectstatic.
 WHITENOISE_USE_FINDERS = DEBUG
 

@@ -9,7 +9,7 @@ straight on in the event loop; only a static file is looked up and opened in a t
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
@@ -42,4 +42,16 @@ class AsyncWhiteNoiseMiddleware(WhiteNoiseMiddleware):
             static_file = self.files.get(path)
         if static_file is None:
             return await self.get_response(request)  # type: ignore[no-any-return,misc]
-        return await sync_to_async(self.serve)(static_file, request)
+        response = await sync_to_async(self.serve)(static_file, request)
+        if response.streaming and not response.is_async:
+            # A file body iterated synchronously makes Django warn on stderr for every static
+            # file (a non-JSON line in production logs) and read it whole: read it in a thread.
+            response.streaming_content = _chunks_in_a_thread(response.streaming_content)
+        return response
+
+
+async def _chunks_in_a_thread(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
+    iterator = iter(chunks)
+    read = sync_to_async(next, thread_sensitive=False)
+    while (chunk := await read(iterator, None)) is not None:
+        yield chunk

@@ -48,5 +48,24 @@ RATE_AGE = Gauge(
     ["pair"],
     multiprocess_mode="livemin",
 )
+RATE_STATUS = Gauge(
+    "kurs_rate_status",
+    "Status of each pair's current rate, as its owner last wrote it: 0 live, 1 failover, 2 stale.",
+    ["pair"],
+    multiprocess_mode="livemax",
+)
+RATE_CHECKED = Gauge(
+    "kurs_rate_checked_timestamp_seconds",
+    "When a source last confirmed each pair's current rate (its checked_at, Unix time), as "
+    "written by the owner: time() minus this is the rate's age now.",
+    ["pair"],
+    multiprocess_mode="livemax",
+)
+FAILOVERS = Counter(
+    "kurs_failovers_total",
+    "Times a pair went to failover, by pair and the lower-priority provider that took it over.",
+    ["pair", "provider"],
+)
 
 CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+STATUS_VALUES = {"live": 0, "failover": 1, "stale": 2}

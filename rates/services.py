@@ -328,8 +328,21 @@ def _persist(
         close_old_connections()
         return False
     if current is not None:
+        _observe_current(pair, board.get_current(pair), current)
         board.set_current(pair, current)
     return stored
+
+
+def _observe_current(pair: str, previous: Current | None, current: Current) -> None:
+    """The pair's status and age gauges, and a failover each time another provider takes over."""
+    metrics.RATE_STATUS.labels(pair).set(metrics.STATUS_VALUES[current.status])
+    metrics.RATE_CHECKED.labels(pair).set(current.checked_at.timestamp())
+    if current.status == policy.FAILOVER and (
+        previous is None
+        or previous.status != policy.FAILOVER
+        or previous.provider != current.provider
+    ):
+        metrics.FAILOVERS.labels(pair, current.provider).inc()
 
 
 def _store_history(

@@ -14,6 +14,7 @@ NATS_INBOUND = Counter(
     ["outcome"],
 )
 WS_CONNECTIONS = Gauge("kurs_ws_connections", "Open /ws/items sockets in this process.")
+SSE_CONNECTIONS = Gauge("kurs_sse_connections", "Open /api/v1/stream responses in this process.")
 WS_COALESCED = Counter(
     "kurs_ws_coalesced_total", "Rate updates replaced by a newer one before they were sent."
 )

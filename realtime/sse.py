@@ -30,6 +30,7 @@ from pydantic import ConfigDict, Field, field_validator
 
 from config.security import read_throttle
 from rates.snapshot import snapshot
+from realtime import metrics
 from realtime.bridge import bridge
 from realtime.frames import snapshot_frame
 from realtime.hub import DeliveryPolicy, SocketQueue, hub
@@ -133,6 +134,7 @@ async def _body(
         queue.put(snapshot_frame(pairs, bridge.last_seq))
     hub.add(queue)
     queue.start()
+    metrics.SSE_CONNECTIONS.inc()
     loop = asyncio.get_running_loop()
     heartbeat = settings.KURS_WS_HEARTBEAT
     next_beat = loop.time() + heartbeat
@@ -154,6 +156,7 @@ async def _body(
     finally:
         # The client went away (Django cancels the body) or was too slow: free the subscription.
         hub.remove(queue)
+        metrics.SSE_CONNECTIONS.dec()
         with contextlib.suppress(Exception):
             await queue.stop()
 

@@ -73,6 +73,8 @@ def test_good_defaults_start() -> None:
         ("KURS_NUM_PROXIES", "-1"),
         ("KURS_LOG_LEVEL", "LOUD"),
         ("KURS_LOG_FORMAT", "xml"),
+        ("KURS_METRICS_PORT", "metrics"),
+        ("KURS_METRICS_PORT", "70000"),
         ("KURS_NATS_PREFIX", "kurs.>"),
         ("KURS_USD_PROXY", "US DT"),
         ("KURS_ASSET_ALIASES", "USDTTRC=USDT"),

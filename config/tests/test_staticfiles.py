@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import warnings
 from typing import Any
 
 import pytest
@@ -64,5 +65,14 @@ async def test_an_api_request_never_hops_back_from_a_thread(
 
 async def test_static_files_are_still_served() -> None:
     status, body = await get("/static/admin/css/base.css")
+    assert status == 200
+    assert b"{" in body
+
+
+async def test_a_static_file_is_streamed_without_djangos_sync_iterator_warning() -> None:
+    # That warning went to stderr for every static file: a non-JSON line in production logs.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        status, body = await get("/static/admin/css/base.css")
     assert status == 200
     assert b"{" in body

@@ -113,6 +113,10 @@ def test_creating_a_key_in_the_admin_shows_the_raw_key_once(admin_client: Client
     [message] = [str(m) for m in get_messages(response.wsgi_request) if "Copy it now" in str(m)]
     raw_key = message.rsplit(" ", 1)[-1]
     assert services.hash_api_key(raw_key) == api_key.key_hash
+    # Never in a cookie: Django's default message storage signs cookies but does not encrypt them.
+    cookies = " ".join(f"{c.key}={c.value}" for c in response.cookies.values())
+    assert "messages" not in response.cookies, cookies
+    assert raw_key.split("_", 1)[-1][:12] not in cookies
     # The message is shown on the next page only; after that the raw key exists nowhere.
     first = admin_client.get("/admin/items/apikey/")
     assert raw_key.encode() in first.content

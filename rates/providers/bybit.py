@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
@@ -37,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 QUOTE_ASSETS = frozenset({"USDT", "USDC", "BTC", "EUR"})
 RATE_LIMIT_CODE = 10006
+# "Not supported symbols": asked for one symbol the exchange does not list (or an illegal param).
+UNSUPPORTED_CODE = 10001
+UNLISTED_RETRY_AFTER = 3600.0
 # Spot accepts at most 10 args per subscribe request.
 SUBSCRIBE_CHUNK = 10
 # The client must ping every 20 s or Bybit drops the connection.
@@ -51,6 +55,10 @@ class BybitProvider(Provider):
     name: ClassVar[str] = "bybit"
     supports_stream: ClassVar[bool] = True
     freshness: ClassVar[float | None] = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._unlisted: dict[str, float] = {}  # symbol -> monotonic time to ask again
 
     def supports(self, pair: Pair) -> bool:
         return self.market(pair, QUOTE_ASSETS) is not None
@@ -73,7 +81,21 @@ class BybitProvider(Provider):
         params = {"category": "spot"}
         if len(wanted) == 1:
             params["symbol"] = next(iter(wanted))
+        symbol = params.get("symbol")
+        now = time.monotonic()
+        if symbol is not None and self._unlisted.get(symbol, 0.0) > now:
+            return []
         body, response = await self.get_json("/v5/market/tickers", params=params)
+        if symbol is not None and _ret_code(body) == UNSUPPORTED_CODE:
+            # Bybit does not list this one symbol: no quote from us, but no fault of the exchange
+            # either, so it must not count against the breaker; ask again in an hour.
+            self._unlisted[symbol] = now + UNLISTED_RETRY_AFTER
+            logger.warning(
+                "bybit does not list %s; left out for an hour",
+                symbol,
+                extra={"provider": self.name},
+            )
+            return []
         raise_for_ret_code(body, response)
         return parse_rest(body, wanted)
 
@@ -114,6 +136,10 @@ class BybitProvider(Provider):
                 "HTTP 403 access too frequent (IP limit)", status=403, retry_after=IP_BAN_SECONDS
             )
         super().check_response(response)
+
+
+def _ret_code(body: Any) -> object:
+    return body.get("retCode") if isinstance(body, dict) else None
 
 
 def raise_for_ret_code(body: Any, response: httpx.Response) -> None:

@@ -156,6 +156,37 @@ def test_when_the_serving_provider_goes_down_the_next_one_is_published_at_once(
     assert (last["provider"], last["status"], last["version"]) == ("binance", "live", 3)
 
 
+def test_a_failover_is_counted_once_and_the_status_and_age_gauges_follow_the_pair(
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    item("BTC-USD")
+
+    def failovers() -> float:
+        labels = {"pair": "BTC-USD", "provider": "bybit"}
+        return REGISTRY.get_sample_value("kurs_failovers_total", labels) or 0.0
+
+    def status() -> float | None:
+        return REGISTRY.get_sample_value("kurs_rate_status", {"pair": "BTC-USD"})
+
+    before = failovers()
+    accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
+    accept(make_quote("bybit", "BTC-USD", "101"), django_capture_on_commit_callbacks)
+    assert status() == 0
+    services.provider_set_down("binance", True)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.reevaluate()
+    assert (failovers() - before, status()) == (1, 1)
+    # bybit keeps serving as a failover: a new value is not a new failover.
+    accept(make_quote("bybit", "BTC-USD", "101.5"), django_capture_on_commit_callbacks)
+    assert (failovers() - before, status()) == (1, 1)
+    services.provider_set_down("binance", False)
+    accept(make_quote("binance", "BTC-USD", "100.2"), django_capture_on_commit_callbacks)
+    assert (failovers() - before, status()) == (1, 0)
+    checked = CurrentRate.objects.get(item__code="BTC-USD").checked_at.timestamp()
+    labels = {"pair": "BTC-USD"}
+    assert REGISTRY.get_sample_value("kurs_rate_checked_timestamp_seconds", labels) == checked
+
+
 def test_a_stale_serving_quote_hands_the_pair_to_the_next_provider(
     django_capture_on_commit_callbacks: Any, published_events: Events
 ) -> None:

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from asgiref.sync import sync_to_async
 from django.conf import LazySettings
+from prometheus_client import REGISTRY
 
 from items.models import Item
 from realtime import events
@@ -134,12 +135,19 @@ async def test_it_sends_a_keep_alive_comment_every_heartbeat(
 
 async def test_a_disconnect_frees_the_subscription(pairs: None, client: httpx.AsyncClient) -> None:
     baseline = len(hub)
+
+    def open_streams() -> float | None:
+        return REGISTRY.get_sample_value("kurs_sse_connections")
+
+    gauge = open_streams() or 0.0
     for _ in range(3):
         async with client.stream("GET", "/api/v1/stream") as response:
             await next_event(sse_events(response), "snapshot")
             assert len(hub) == baseline + 1
+            assert open_streams() == gauge + 1
         await wait_for_subscribers(baseline)
     assert len(hub) == baseline
+    assert open_streams() == gauge
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from config.jsonenc import dumps
+from config.metrics_port import serve_metrics_port
 from rates.fetcher import (
     MAX_ROUND_SECONDS,
     CycleReport,
@@ -52,6 +53,7 @@ class Command(BaseCommand):
             names = [name]
         as_json = options["json"]
         if options["watch"]:
+            serve_metrics_port("run_fetch --watch")
             asyncio.run(self._watch(names, as_json=as_json))
             return
         report = asyncio.run(self._once(names))

@@ -18,7 +18,7 @@ from rates.providers import (
     ProviderMalformed,
     ProviderRateLimited,
 )
-from rates.providers.bybit import TickerState, parse_rest
+from rates.providers.bybit import TickerState, parse_rest, raise_for_ret_code
 from rates.tests.conftest_emulator import make_provider
 from rates.tests.providers.helpers import next_quote
 
@@ -127,11 +127,27 @@ async def test_it_backs_off_ten_minutes_after_an_ip_ban(
     assert caught.value.retry_after == 600
 
 
-async def test_it_reports_a_ret_code_error(
-    emulator: EmulatorServer, emulator_client: httpx.AsyncClient
+async def test_one_symbol_it_does_not_list_is_no_quote_not_an_error(
+    emulator: EmulatorServer, emulator_client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with pytest.raises(ProviderHTTPError, match="Not supported symbols"):
-        await bybit(emulator, emulator_client).fetch([Pair("XYZ", "USDT")])
+    provider = bybit(emulator, emulator_client)
+    assert await provider.fetch([Pair("XYZ", "USDT")]) == []
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "bybit does not list XYZUSDT; left out for an hour"
+    ]
+    # Left out for a while: the next poll asks nothing and logs nothing.
+    emulator.market.requests.clear()
+    caplog.clear()
+    assert await provider.fetch([Pair("XYZ", "USDT")]) == []
+    assert list(emulator.market.requests) == []
+    assert caplog.records == []
+
+
+def test_it_reports_any_other_ret_code_error() -> None:
+    response = httpx.Response(200, request=httpx.Request("GET", "http://bybit.test/"))
+    body = {"retCode": 10016, "retMsg": "Server error", "result": {}, "time": 1}
+    with pytest.raises(ProviderHTTPError, match="retCode 10016 Server error"):
+        raise_for_ret_code(body, response)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,364 @@
+"""The production shape's files (SPEC 2): docker-compose.yml, Dockerfile, deploy/, .env.example.
+
+There is no Docker engine in CI, so the files are checked for what `docker compose up --build`
+relies on: the Compose Specification's JSON schema (the copy the check-jsonschema package
+vendors from compose-spec/compose-spec, pinned in requirements-dev.txt), that it
+starts as typed without a `.env` and warns about its local defaults, pinned images, a slim
+non-root app image, healthchecks, migrations first, nginx's proxying rules (and `nginx -t` on the
+rendered template with Debian's nginx), and Prometheus scraping every process that has metrics
+(`promtool check config`). `make test-prod` runs the same process set natively.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.prod_stack import nginx_cmd, nginx_main_conf, render_template
+from tests.services import ROOT, in_ci
+
+COMPOSE = ROOT / "docker-compose.yml"
+NGINX = ROOT / "deploy" / "nginx.conf"
+PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
+ENTRYPOINT = ROOT / "scripts" / "docker-entrypoint.sh"
+APP_SERVICES = ("migrate", "web", "fetcher", "qcluster")
+
+
+@cache
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())  # type: ignore[no-any-return]
+
+
+def services() -> dict[str, dict[str, Any]]:
+    return compose()["services"]  # type: ignore[no-any-return]
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (`make prod-tools` installs Debian's)"
+        if in_ci():
+            pytest.fail(f"{message}; CI=true")
+        pytest.skip(message)
+    return path
+
+
+# --- compose interpolation, as `docker compose` does it with no .env and an empty environment --
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)((?::?[-?]).*)?\}")
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """`${VAR}`, `${VAR:-default}`, `${VAR-default}` (defaults nested) and `${VAR:?error}`."""
+    out, i = [], 0
+    while i < len(text):
+        if text.startswith("$$", i):
+            out.append("$")
+            i += 2
+            continue
+        if not text.startswith("${", i):
+            out.append(text[i])
+            i += 1
+            continue
+        depth, j = 0, i
+        while True:  # the matching brace, defaults may nest ${...}
+            if text.startswith("${", j):
+                depth, j = depth + 1, j + 2
+                continue
+            if text[j] == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+            j += 1
+        match = _REFERENCE.fullmatch(text[i : j + 1])
+        assert match, f"not an interpolation: {text[i : j + 1]}"
+        name, tail = match.group(1), match.group(2) or ""
+        value = env.get(name)
+        if tail.startswith((":?", "?")):
+            if not value:
+                raise LookupError(f"{name}: {tail.lstrip(':?')}")
+            out.append(value)
+        elif tail.startswith((":-", "-")):
+            unset = value is None or (tail.startswith(":") and value == "")
+            default = tail[2:] if tail.startswith(":") else tail[1:]
+            out.append(interpolate(default, env) if unset else value)  # type: ignore[arg-type]
+        else:
+            out.append(value or "")
+        i = j + 1
+    return "".join(out)
+
+
+def references(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return [ref for key, value in node.items() for ref in references(key) + references(value)]
+    if isinstance(node, list):
+        return [ref for value in node for ref in references(value)]
+    if isinstance(node, str):
+        return re.findall(r"\$\{[^}]*\}?", node)
+    return []
+
+
+def resolved(node: Any, env: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        return {key: resolved(value, env) for key, value in node.items()}
+    if isinstance(node, list):
+        return [resolved(value, env) for value in node]
+    return interpolate(node, env) if isinstance(node, str) else node
+
+
+# --- the Compose Specification -----------------------------------------------------------------
+@cache
+def compose_validator() -> jsonschema.protocols.Validator:
+    vendored = resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    schema = json.loads(vendored.read_text())
+    validator = jsonschema.validators.validator_for(schema)
+    validator.check_schema(schema)
+    return validator(schema)
+
+
+def test_the_compose_file_follows_the_compose_specification() -> None:
+    errors = [f"{list(e.path)}: {e.message}" for e in compose_validator().iter_errors(compose())]
+    assert errors == []
+
+
+def test_the_schema_check_catches_a_misspelt_key() -> None:
+    broken = json.loads(json.dumps(compose()))
+    broken["services"]["web"]["healthcheck"]["intervall"] = "15s"
+    assert not compose_validator().is_valid(broken)
+
+
+# --- as typed, without .env ----------------------------------------------------------------------
+def test_it_starts_without_a_dotenv_every_variable_has_a_default() -> None:
+    no_default = [ref for ref in references(compose()) if ":-" not in ref]
+    assert no_default == []  # `${VAR}` alone is empty, `${VAR:?...}` stops compose
+    for name in APP_SERVICES:
+        assert services()[name]["env_file"] == [{"path": ".env", "required": False}]
+    env = resolved(services()["web"]["environment"], {})
+    password = resolved(services()["postgres"]["environment"], {})["POSTGRES_PASSWORD"]
+    assert env["DATABASE_URL"] == f"postgres://kurs:{password}@postgres:5432/kurs"
+    assert env["DJANGO_DEBUG"] == "false"
+    assert env["KURS_LOG_FORMAT"] == "json"
+
+
+def test_a_dotenv_with_secrets_replaces_the_local_defaults() -> None:
+    secrets = {"DJANGO_SECRET_KEY": "s" * 50, "POSTGRES_PASSWORD": "pg-secret"}
+    env = resolved(services()["fetcher"]["environment"], secrets)
+    assert env["DJANGO_SECRET_KEY"] == "s" * 50
+    assert env["DATABASE_URL"] == "postgres://kurs:pg-secret@postgres:5432/kurs"
+    external = resolved(services()["web"]["environment"], {"NATS_URL": "nats://a:4222,nats://b"})
+    assert external["NATS_URL"] == "nats://a:4222,nats://b"
+
+
+def run_entrypoint(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(ENTRYPOINT), "sh", "-c", 'echo "hosts=$DJANGO_ALLOWED_HOSTS"'],
+        env={
+            "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+            "DJANGO_SECRET_KEY": env["DJANGO_SECRET_KEY"],
+            "DATABASE_URL": env["DATABASE_URL"],
+            "DJANGO_ALLOWED_HOSTS": "web",
+        },
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+
+
+def test_the_local_defaults_print_that_they_are_not_for_production() -> None:
+    web = services()["web"]["environment"]
+    warned = run_entrypoint(resolved(web, {}))
+    assert "not for production" in warned.stderr
+    assert "See .env.example" in warned.stderr
+    secrets = {"DJANGO_SECRET_KEY": "a-real-secret-" + "x" * 40, "POSTGRES_PASSWORD": "pg-secret"}
+    # A real secret key alone still leaves the database on its published password.
+    half = run_entrypoint(resolved(web, {"DJANGO_SECRET_KEY": secrets["DJANGO_SECRET_KEY"]}))
+    assert "not for production" in half.stderr
+    quiet = run_entrypoint(resolved(web, secrets))
+    assert quiet.stderr == ""
+    # The container's own address joins the allowed hosts (Prometheus scrapes web by address).
+    assert re.fullmatch(r"hosts=web(,\d+\.\d+\.\d+\.\d+)+\n", quiet.stdout), quiet.stdout
+
+
+def test_dotenv_example_documents_the_production_secrets_and_every_compose_variable() -> None:
+    example = (ROOT / ".env.example").read_text()
+    for secret in ("DJANGO_SECRET_KEY", "POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
+        assert re.search(rf"^{secret}=$", example, re.M), f"{secret}= (empty, to be set)"
+    names = {re.match(r"\$\{(\w+)", ref).group(1) for ref in references(compose())}  # type: ignore[union-attr]
+    undocumented = sorted(name for name in names if not re.search(rf"^#? ?{name}=", example, re.M))
+    assert undocumented == []
+
+
+# --- images ------------------------------------------------------------------------------------
+def test_every_image_is_pinned_by_digest_or_exact_version() -> None:
+    # An exact release: x.y.z, or x.y for PostgreSQL (its releases have two parts since 10).
+    exact = re.compile(r"@sha256:[0-9a-f]{64}$|:v?(\d+\.\d+\.\d+|(?<=postgres:)\d+\.\d+)(-\w+)?$")
+    for name, service in services().items():
+        if "build" in service:
+            continue  # the app image, built from this clone (its base is pinned: below)
+        assert exact.search(service["image"]), f"{name}: {service['image']} is not pinned"
+    assert not exact.search("nats:2.10-alpine")
+    assert not exact.search("redis:7-alpine")
+
+
+def test_the_app_image_is_slim_non_root_and_serves_with_serve_sh() -> None:
+    lines = [
+        line.strip()
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert re.fullmatch(r"FROM python:3\.11\.\d+-slim-bookworm", lines[0])
+    user = [line for line in lines if line.startswith("USER ")][-1].split()[1]
+    assert user not in ("root", "0")
+    assert json.loads(lines[-1].removeprefix("CMD ")) == ["scripts/serve.sh"]
+    entrypoint = next(line for line in lines if line.startswith("ENTRYPOINT "))
+    assert json.loads(entrypoint.removeprefix("ENTRYPOINT ")) == ["scripts/docker-entrypoint.sh"]
+    assert ENTRYPOINT.stat().st_mode & 0o111
+    assert (ROOT / "scripts" / "serve.sh").stat().st_mode & 0o111
+    assert ".env" in (ROOT / ".dockerignore").read_text().split()
+
+
+# --- the process set ---------------------------------------------------------------------------
+def test_every_long_running_service_has_a_healthcheck() -> None:
+    for name, service in services().items():
+        if service.get("restart") == "no":
+            continue  # migrate: a one-shot job, its success gates the others
+        test = service.get("healthcheck", {}).get("test")
+        assert test, f"{name} has no healthcheck"
+        assert test[0] in ("CMD", "CMD-SHELL"), f"{name}: {test}"
+
+
+def test_migrations_run_once_before_anything_uses_the_database() -> None:
+    migrate = services()["migrate"]
+    assert migrate["command"] == ["python", "manage.py", "migrate", "--no-input"]
+    assert migrate["restart"] == "no"
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("web", "fetcher", "qcluster"):
+        assert services()[name]["depends_on"]["migrate"] == {
+            "condition": "service_completed_successfully"
+        }
+
+
+def test_two_web_replicas_behind_nginx_which_waits_for_them() -> None:
+    web, nginx = services()["web"], services()["nginx"]
+    assert web["deploy"]["replicas"] == 2
+    assert "command" not in web  # the image's CMD: scripts/serve.sh
+    assert web["environment"]["KURS_WEB_WORKERS"] == "1"
+    assert nginx["depends_on"]["web"]["condition"] == "service_healthy"
+    assert nginx["environment"]["KURS_WEB_UPSTREAM"] == f"web:{web['environment']['KURS_PORT']}"
+
+
+def test_prometheus_scrapes_web_fetcher_and_qcluster_where_they_listen() -> None:
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    web = jobs["kurs-web"]["dns_sd_configs"][0]
+    assert (web["names"], web["port"]) == (
+        ["web"],
+        int(services()["web"]["environment"]["KURS_PORT"]),
+    )
+    for name in ("fetcher", "qcluster"):
+        service = services()[name]
+        port = service["environment"]["KURS_METRICS_PORT"]
+        assert service["environment"]["KURS_METRICS_HOST"] == "0.0.0.0"
+        assert port in service["expose"]
+        assert jobs[f"kurs-{name}"]["static_configs"][0]["targets"] == [f"{name}:{port}"]
+    # qcluster's tasks run in forked workers: their metrics meet in a directory of its own.
+    qcluster = services()["qcluster"]
+    assert qcluster["environment"]["PROMETHEUS_MULTIPROC_DIR"] in qcluster["tmpfs"]
+
+
+def test_prometheus_config_passes_promtool() -> None:
+    promtool = require_tool("promtool")
+    result = subprocess.run(
+        [promtool, "check", "config", str(PROMETHEUS)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- nginx -------------------------------------------------------------------------------------
+def compose_nginx_values() -> dict[str, str]:
+    env = resolved(services()["nginx"]["environment"], {})
+    return {key: value for key, value in env.items() if key.startswith("KURS_")}
+
+
+def test_compose_renders_the_nginx_template_like_its_image_does() -> None:
+    nginx = services()["nginx"]
+    assert "./deploy/nginx.conf:/etc/nginx/templates/default.conf.template:ro" in nginx["volumes"]
+    assert nginx["environment"]["NGINX_ENVSUBST_FILTER"] == "^KURS_"
+    rendered = render_template(NGINX.read_text(), compose_nginx_values())
+    assert "${" not in rendered
+    assert "server web:8000 max_fails=3 fail_timeout=10s;" in rendered
+    assert "rate=50r/s;" in rendered
+    assert "$binary_remote_addr" in rendered  # nginx's own variables stay
+
+
+def test_a_list_value_repeats_its_line_and_a_missing_one_is_an_error() -> None:
+    template = "upstream u {\n    server ${UP} max_fails=3;\n}\nlisten ${PORT};\n"
+    rendered = render_template(template, {"UP": ["127.0.0.1:1", "127.0.0.1:2"], "PORT": "80"})
+    assert rendered == (
+        "upstream u {\n    server 127.0.0.1:1 max_fails=3;\n    server 127.0.0.1:2 max_fails=3;\n"
+        "}\nlisten 80;\n"
+    )
+    with pytest.raises(KeyError, match="PORT"):
+        render_template(template, {"UP": "x"})
+
+
+def blocks(conf: str) -> dict[str, str]:
+    """`location ... {` -> its body (nginx.conf's locations hold no nested blocks)."""
+    return {
+        match.group(1).strip(): match.group(2)
+        for match in re.finditer(r"location\s+([^{]+)\{([^}]*)\}", conf)
+    }
+
+
+def test_nginx_proxies_websocket_and_sse_with_gzip_timeouts_and_a_rate_limit() -> None:
+    conf = render_template(NGINX.read_text(), compose_nginx_values())
+    conf = re.sub(r"#.*", "", conf)  # comments mention directives and braces
+    server = conf[conf.index("server {") :]
+    locations = blocks(server)
+    ws = locations["/ws/"]
+    assert "proxy_set_header Upgrade $http_upgrade;" in ws
+    assert "proxy_set_header Connection $connection_upgrade;" in ws
+    sse = locations["= /api/v1/stream"]
+    assert "proxy_buffering off;" in sse
+    assert "gzip off;" in sse
+    assert "limit_req zone=kurs_api" in sse
+    assert "limit_req zone=kurs_api" in locations["/api/"]
+    assert re.search(r"^\s*gzip on;", server, re.M)
+    assert "text/event-stream" not in server.split("gzip_types", 1)[1].split(";", 1)[0]
+    for directive in ("proxy_connect_timeout", "client_body_timeout", "send_timeout"):
+        assert re.search(rf"^\s*{directive} \d+s;", server, re.M), directive
+    assert "proxy_read_timeout 30s;" in locations["/api/"]
+    assert "return 404;" in locations["= /metrics"]
+    for body in locations.values():
+        if "proxy_pass" in body:
+            assert "proxy_set_header Host $host;" in body
+            assert "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in body
+
+
+def test_debians_nginx_accepts_the_rendered_config(tmp_path: Path) -> None:
+    require_tool("nginx")
+    site = tmp_path / "site.conf"
+    values: dict[str, str | list[str]] = {
+        **compose_nginx_values(),
+        "KURS_NGINX_LISTEN": "127.0.0.1:1",
+        "KURS_WEB_UPSTREAM": ["127.0.0.1:2", "127.0.0.1:3"],
+    }
+    site.write_text(render_template(NGINX.read_text(), values))
+    result = subprocess.run(
+        nginx_cmd(nginx_main_conf(tmp_path, site), tmp_path, "-t"),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
