@@ -384,3 +384,26 @@ async def test_a_flood_of_requested_cycles_calls_each_exchange_once(
     calls = [(r.provider, r.path) for r in emulator.market.requests]
     assert calls.count(("binance", "/api/v3/ticker/price")) == 1
     assert calls.count(("bybit", "/v5/market/tickers")) == 1
+
+
+def test_rest_failing_with_a_silent_stream_is_down_until_a_good_round() -> None:
+    """SPEC 5: down when REST fails and no stream makes up for it, or when the circuit is open.
+    A stream counts while it delivers; a lagging stream's late quote does not bring it back."""
+    board = services.get_board()
+    monitor = fetcher.ProviderMonitor("binance")
+    monitor.stream_window = 0.5
+    monitor.stream_state(fetcher.STREAMING, "connected")
+    monitor.failed("HTTP 503", kind="http")
+    assert "binance" not in board.down  # the stream just delivered: it covers for REST
+    monitor.stream_quote_at = time.monotonic() - 1  # ...and then fell silent
+    monitor.check_quiet()
+    assert "binance" in board.down
+    monitor.stream_quote()  # one late quote
+    monitor.check_quiet()
+    assert "binance" in board.down
+    monitor.succeeded()
+    assert "binance" not in board.down
+    monitor.failed("HTTP 429", kind="rate_limited", retry_after=30)  # the circuit opens at once
+    monitor.stream_quote()
+    monitor.check_quiet()
+    assert "binance" in board.down
