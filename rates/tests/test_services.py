@@ -426,6 +426,9 @@ def test_a_database_error_loses_the_row_not_the_rate(
     assert Rate.objects.get().value == Decimal(100)
 
 
+# Committed for real: the failure must roll back a real transaction, and the connection
+# it leaves (closed by `_persist` on PostgreSQL) must serve the next write.
+@pytest.mark.django_db(transaction=True)
 def test_a_failed_current_write_rolls_back_the_row_and_the_next_write_stores_it(
     django_capture_on_commit_callbacks: Any,
     published_events: Events,
@@ -449,6 +452,9 @@ def test_a_failed_current_write_rolls_back_the_row_and_the_next_write_stores_it(
     assert CurrentRate.objects.get().value == Rate.objects.get().value == Decimal(100)
 
 
+# Committed for real: the failure must roll back a real transaction, and the connection
+# it leaves (closed by `_persist` on PostgreSQL) must serve the next write.
+@pytest.mark.django_db(transaction=True)
 def test_a_value_decided_again_with_another_providers_quote_brings_its_own_row(
     django_capture_on_commit_callbacks: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
