@@ -14,7 +14,7 @@ EMULATOR := http://127.0.0.1:$(EMULATOR_PORT)
 EMULATOR_WS := ws://127.0.0.1:$(EMULATOR_PORT)
 
 .PHONY: help install dotenv migrate run demo superuser apikey test test-sqlite test-postgres lint \
-	format bench bench-tools browser loadtest prod-tools test-prod
+	format bench bench-tools browser loadtest prod-tools test-prod soak
 
 help:
 	@echo "make run     start Kurs on embedded defaults (web :8000, qcluster, fetcher, NATS)"
@@ -24,6 +24,7 @@ help:
 	@echo "make apikey NAME=...   create an API key for the write endpoints (printed once)"
 	@echo "make test-prod  the production process set natively behind nginx, checked (tests/prod_stack.py)"
 	@echo "make bench   run the benchmarks in bench/"
+	@echo "make soak    30 min under load with a NATS restart (SOAK_SECONDS to shorten): bench/soak.py"
 	@echo "make loadtest  locust against a running \`make run\` (LOADTEST_USERS, LOADTEST_SECONDS): docs/loadtest/"
 	@echo "make lint    ruff check, ruff format --check and the import-linter contracts"
 
@@ -127,6 +128,10 @@ test-prod: install prod-tools
 
 bench: install bench-tools
 	@set -e; for script in bench/bench_*.py; do echo "== $$script =="; $(BIN)/python $$script; done
+
+# Not in CI: half an hour by default (SOAK_SECONDS); needs PostgreSQL on 127.0.0.1:5432.
+soak: install
+	$(BIN)/python bench/soak.py
 
 # bench/locustfile.py, headless, against the `make run` already serving on KURS_HOST:KURS_PORT;
 # CSVs, HTML, charts and summary.md go to docs/loadtest/ (bench/loadtest.py).

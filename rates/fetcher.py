@@ -29,13 +29,13 @@ import httpx
 from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
 from django.core.cache import caches
-from django.db import close_old_connections
+from django.db import DatabaseError, close_old_connections
 from django.utils import timezone
 
 from config.jsonenc import dumps
 from rates import metrics, policy, services
 from rates.board import Entry
-from rates.breaker import CircuitBreaker
+from rates.breaker import OPEN, CircuitBreaker
 from rates.lease import RENEW_EVERY, Lease, lease_holder
 from rates.providers import (
     Pair,
@@ -58,8 +58,8 @@ ERROR_WINDOW = 300.0  # errors_5m
 # faster, and CoinGecko's public API rate-limits a 5 s poll.
 PACE_FRACTION = 0.25
 MAX_PACE = 3600.0
-# A REST round that outlives this is abandoned as a timeout, so one slow provider cannot hold
-# a cycle (and with it the failover to the next provider) longer than one poll period.
+# A REST round that outlives this (or half a poll) is abandoned as a timeout, so one slow
+# provider cannot hold a cycle (and with it the failover to the next provider).
 MAX_ROUND_SECONDS = 10.0
 # SPEC 6: POST /tasks/run waits this long for the owner before running the safety net itself.
 CONTROL_TIMEOUT = 2.0
@@ -86,6 +86,10 @@ class ProviderMonitor:
         self.last_error_at: datetime | None = None
         self.errors: deque[float] = deque()  # wall-clock times, so other processes can count
         self.streaming = False
+        # When the stream last delivered a quote (monotonic), and how long it may then stay
+        # silent and still count as a live source while REST fails (see `_is_down`).
+        self.stream_quote_at: float | None = None
+        self.stream_window = 5.0
         self.rest_failed = False
         self.dirty = True
         metrics.CIRCUIT_STATE.labels(name).set(0)
@@ -117,6 +121,8 @@ class ProviderMonitor:
 
     def stream_state(self, state: str, reason: str) -> None:
         streaming = state == STREAMING
+        if streaming:  # reported with a connection's first quote
+            self.stream_quote_at = time.monotonic()
         if state == DISCONNECTED:
             self.last_error = f"stream: {reason}"
             self.last_error_at = timezone.now()
@@ -129,7 +135,9 @@ class ProviderMonitor:
 
     def probe_every(self, seconds: float) -> None:
         """Keep an open circuit's back-off under one poll, so a recovered provider serves again
-        at the next poll (SPEC 5); a rate limit still holds it open for its Retry-After."""
+        at the next poll (SPEC 5); a rate limit still holds it open for its Retry-After. A
+        stream silent for half that long no longer covers for a failing REST round."""
+        self.stream_window = seconds / 2
         self.breaker.base_backoff = min(self.breaker.base_backoff, seconds)
         self.breaker.max_backoff = min(self.breaker.max_backoff, seconds)
         self.breaker.reset_backoff()
@@ -138,8 +146,33 @@ class ProviderMonitor:
         """A 429/418 on a stream handshake: the same breaker as REST honours its Retry-After."""
         self.failed(str(exc), kind="rate_limited", retry_after=exc.retry_after)
 
+    def _is_down(self) -> bool:
+        """SPEC 5: down when its circuit is open, or when REST fails and no stream makes up for
+        it. A stream counts only while it delivers: a connection that sends torn frames or
+        lags far behind (garbage, slow) is no source, as a closed one is not."""
+        if self.breaker.state == OPEN:
+            return True
+        if not self.rest_failed:
+            return False
+        quiet = self.stream_quote_at is None or (
+            time.monotonic() - self.stream_quote_at > self.stream_window
+        )
+        return not self.streaming or quiet
+
     def _update_down(self) -> None:
-        services.provider_set_down(self.name, self.rest_failed and not self.streaming)
+        services.provider_set_down(self.name, self._is_down())
+
+    def check_quiet(self) -> None:
+        """Time alone takes a provider down: its stream fell silent while REST fails. Only a
+        good REST round or a new stream connection brings it back, so a lagging stream's
+        occasional late quote does not flip its pairs back and forth."""
+        if self.name not in services.get_board().down and self._is_down():
+            self._update_down()
+
+    def stream_quote(self) -> None:
+        """The stream delivered a valid quote (a success; the cache hears it at the next flush)."""
+        self.last_success = timezone.now()
+        self.stream_quote_at = time.monotonic()
 
     def status(self, *, priority: int) -> dict[str, Any]:
         cutoff = time.time() - ERROR_WINDOW
@@ -192,10 +225,25 @@ def flush_statuses() -> None:
         monitor.flush()
 
 
+# What this process last read from the shared cache: served while the cache is unreachable.
+_last_read_statuses: dict[str, Any] = {}
+
+
 def provider_statuses() -> list[dict[str, Any]]:
-    """Each configured provider's status as the fetching process last saved it (SPEC 5)."""
+    """Each configured provider's status as the fetching process last saved it (SPEC 5).
+
+    With the shared cache unreachable (a Redis outage) the statuses this process last read are
+    answered: an older view beats a 500 on `/providers` and a health that calls them all down.
+    """
     names = list(settings.KURS_PROVIDERS)
-    saved = caches["shared"].get_many([STATUS_KEY.format(name=name) for name in names])
+    try:
+        saved = caches["shared"].get_many([STATUS_KEY.format(name=name) for name in names])
+    except Exception as exc:
+        logger.warning("provider statuses: the shared cache is unreachable (%s)", exc)
+        saved = dict(_last_read_statuses)
+    else:
+        _last_read_statuses.clear()
+        _last_read_statuses.update(saved)
     cutoff = time.time() - ERROR_WINDOW
     statuses = []
     for priority, name in enumerate(names):
@@ -254,7 +302,9 @@ class Fetcher:
         self.providers = list(providers)
         self.on_cycle = on_cycle
         self.poll_interval = poll_interval or settings.KURS_POLL_INTERVAL
-        self.round_timeout = round_timeout or min(MAX_ROUND_SECONDS, self.poll_interval)
+        # Half a poll: a slow provider is known to be failing early enough to fail over within
+        # one poll plus a second (SPEC 5), and its cycle still ends before the next one starts.
+        self.round_timeout = round_timeout or min(MAX_ROUND_SECONDS, self.poll_interval / 2)
         self.cycles = 0
         self.stored = 0
         self._polled_ok: dict[str, float] = {}  # provider -> monotonic time of its last good round
@@ -333,6 +383,11 @@ class Fetcher:
     async def _guarded_round(self, provider: Provider, pairs: Sequence[Pair]) -> ProviderRound:
         monitor = monitor_for(provider.name)
         name = provider.name
+        retry = monitor.breaker.retry_in()
+        if 0 < retry <= self.round_timeout:
+            # It half-opens within this round (a Retry-After that ends just after the poll
+            # began): probe then, not a whole poll later.
+            await asyncio.sleep(retry)
         if not monitor.breaker.allow():
             retry = monitor.breaker.retry_in()
             return ProviderRound(name, f"error: circuit open, retry in {retry:.0f}s")
@@ -389,17 +444,23 @@ class Fetcher:
         waiting_logged = False
         try:
             while not stop.is_set():
-                if await sync_to_async(lease.try_acquire, thread_sensitive=False)():
-                    waiting_logged = False
-                    await self._own(lease, stop)
-                    continue
-                if not waiting_logged:
-                    holder = await sync_to_async(lease_holder)()
-                    logger.info(
-                        "standby: live rates are owned by %s; taking over if it stops",
-                        holder.holder if holder else "another process",
-                    )
-                    waiting_logged = True
+                try:
+                    if await sync_to_async(lease.try_acquire, thread_sensitive=False)():
+                        waiting_logged = False
+                        await self._own(lease, stop)
+                        continue
+                    if not waiting_logged:
+                        holder = await sync_to_async(lease_holder)()
+                        logger.info(
+                            "standby: live rates are owned by %s; taking over if it stops",
+                            holder.holder if holder else "another process",
+                        )
+                        waiting_logged = True
+                except DatabaseError as exc:
+                    # A database outage (or a terminated connection) pauses ownership, never
+                    # ends the fetcher: a new connection is made and the lease tried again.
+                    logger.warning("owner: database unavailable (%s); retrying", exc)
+                    await sync_to_async(close_old_connections)()
                 with suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), STANDBY_RETRY)
         finally:
@@ -408,8 +469,8 @@ class Fetcher:
 
     async def _own(self, lease: Lease, stop: asyncio.Event) -> None:
         board = services.get_board()
-        board.guard = lease.held
         loaded = await sync_to_async(services.board_load)()
+        board.guard = lease.held
         logger.info("owner: live rates loaded for %d pairs (epoch %s)", loaded, lease.epoch)
         lost = asyncio.Event()
         keeper = asyncio.create_task(self._keep(lease, lost, stop))
@@ -426,7 +487,7 @@ class Fetcher:
                 logger.error("owner: lease lost; stopped writing, waiting to take it again")
 
     async def _keep(self, lease: Lease, lost: asyncio.Event, stop: asyncio.Event) -> None:
-        """Every second: renew the lease when due, re-decide pairs (time passes), save statuses."""
+        """Every TICK: renew the lease when due, re-decide pairs (time passes), save statuses."""
         renewed = time.monotonic()
         while not stop.is_set():
             with suppress(TimeoutError):
@@ -483,9 +544,10 @@ class Fetcher:
         accept = sync_to_async(services.accept_quote)
 
         async def on_quote(quote: Quote) -> None:
-            # A delivered quote is a success; it reaches the cache with the next flush.
-            monitor.last_success = timezone.now()
-            self.stored += (await accept(quote)).stored_count
+            result = await accept(quote)
+            if result.accepted:  # a stream of rejected quotes (absurd prices) is no source
+                monitor.stream_quote()
+            self.stored += result.stored_count
 
         try:
             await stream_forever(
@@ -523,7 +585,9 @@ class Fetcher:
 
 
 STANDBY_RETRY = 1.0
-TICK = 1.0
+# The owner's clock: lease renewal when due, pairs decided again (a quote outlives its window, a
+# stream falls silent). A quarter second keeps that well inside SPEC 5's "one poll plus a second".
+TICK = 0.25
 # A requested cycle this recent answers a new request (see Fetcher.cycle_now).
 REQUEST_REUSE = 2.0
 
@@ -557,6 +621,8 @@ def _wanted_pairs() -> list[Pair]:
 
 def _after_cycle() -> None:
     """Time passed: decide every pair again, then save what changed in provider statuses."""
+    for monitor in list(_monitors.values()):
+        monitor.check_quiet()
     services.reevaluate()
     flush_statuses()
 

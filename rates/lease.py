@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, close_old_connections, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -114,8 +114,10 @@ class Lease:
         try:
             epoch = lease_try_acquire(holder=self.holder, name=self.name)
         except DatabaseError as exc:
-            # Keep what we had until our own deadline; the next renewal may get through.
+            # Keep what we had until our own deadline; the next renewal may get through, on a
+            # new connection (a terminated one would otherwise fail every renewal after it).
             logger.warning("lease %s: cannot renew: %s", self.name, exc)
+            close_old_connections()
             return self.held()
         if epoch is None:
             self.epoch = None

@@ -285,18 +285,28 @@ def _persist(
     now: datetime,
     board: QuoteBoard,
 ) -> bool:
-    """One transaction: the history row when due, the CurrentRate row; the event on commit.
+    """One transaction: the history rows when due, the CurrentRate row; the event on commit.
+
+    The entry that serves the new current rate is stored with it when due, whichever quote led
+    to the decision: a quote whose own write failed earlier (a terminated connection) and is
+    decided again with another provider's quote, or a cross rate that starts serving on a tick,
+    so that no current rate is ever without its history row.
 
     Returns whether a history row was written. The board learns the new current rate only once
     it is committed, so a failed write is simply decided again with the next quote.
     """
     if (history is None and current is None) or not board.writable():
         return False
+    entries = [history] if history is not None else []
+    if current is not None:
+        serving = board.best(pair, now=now)
+        if serving is not None and serving not in entries and current.same_rate(serving):
+            entries.append(serving)
     try:
         with transaction.atomic():
-            stored = history is not None and _store_history(
-                item_id, pair, history, now=now, board=board
-            )
+            stored = False
+            for entry in entries:
+                stored = _store_history(item_id, pair, entry, now=now, board=board) or stored
             if current is not None:
                 _write_current(item_id, current)
                 events.publish_on_commit("rate.updated", rate_event(pair, current))
@@ -308,7 +318,11 @@ def _persist(
         return False
     except DatabaseError as exc:
         # The quote is still valid and still served; a broken connection is dropped so that
-        # the next quote reconnects (streams never pause).
+        # the next quote reconnects (streams never pause). A history row written before the
+        # failure was rolled back with it: forget it, or the next write of the same value
+        # would skip its row and leave a current rate without history.
+        for entry in entries:
+            board.last_stored.pop((pair, entry.provider), None)
         provider = (current or history).provider  # type: ignore[union-attr]
         logger.error("cannot store the %s rate of %s: %s", provider, pair, exc)
         close_old_connections()
@@ -355,7 +369,7 @@ def _store_history(
         received_at=now,
         derived=entry.derived,
     )
-    # Remembered at once: a rollback would only store the next quote a little early.
+    # Remembered at once; `_persist` forgets it again when the transaction fails.
     board.last_stored[key] = (entry.value, now)
     metrics.RATES_STORED.labels(entry.provider).inc()
     return True

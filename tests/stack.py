@@ -1,9 +1,11 @@
 """Kurs's real processes for end-to-end tests and benchmarks: fetchers, web, and their watchers.
 
-A `Stack` is a migrated SQLite file, a NATS prefix of its own on a real NATS server, and the
+A `Stack` is a migrated database (a SQLite file, or a PostgreSQL database of its own when
+`database_url` is set), a NATS prefix of its own on a real NATS server, optionally a Redis, and the
 processes started against them (`run_fetch --watch`, uvicorn) with their logs under one folder.
 The watchers see what a user sees: REST `latest` over HTTP, `/ws/items` over a WebSocket, and
-`<prefix>.rates.<pair>` on NATS, each recording when it first showed a given serving provider.
+`<prefix>.rates.<pair>` on NATS (optionally also `/courses` and the SSE stream), each recording
+when it first showed a given serving provider.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import httpx
 import nats
+import psycopg
 from websockets.asyncio.client import connect as ws_connect
 
 from rates.emulator import EmulatorServer
@@ -66,6 +69,9 @@ class Stack:
     poll: float = 2.0
     stale_after: float = 30.0
     nats_url: str = NATS_URL
+    # postgres://.../<name>: a database of the stack's own, created (anew) by `migrate`.
+    database_url: str | None = None
+    redis_url: str | None = None
     prefix: str = field(default_factory=lambda: f"kurse2e{uuid.uuid4().hex[:8]}")
     processes: list[Process] = field(default_factory=list)
 
@@ -84,7 +90,7 @@ class Stack:
                 "DJANGO_SETTINGS_MODULE": "config.settings",
                 "DJANGO_DEBUG": "false",
                 "DJANGO_SECRET_KEY": SECRET,
-                "DATABASE_URL": f"sqlite:///{self.database}",
+                "DATABASE_URL": self.database_url or f"sqlite:///{self.database}",
                 "NATS_URL": self.nats_url,
                 "KURS_NATS_PREFIX": self.prefix,
                 "KURS_INSTANCE": instance,
@@ -95,6 +101,8 @@ class Stack:
                 "KURS_LOG_LEVEL": "INFO",
             }
         )
+        if self.redis_url:
+            env["REDIS_URL"] = self.redis_url
         for name in ("binance", "bybit", "coingecko", "cbr"):
             env[f"KURS_{name.upper()}_REST_URL"] = self.emulator.rest_url(name)
         for name in ("binance", "bybit"):
@@ -114,15 +122,39 @@ class Stack:
 
     def migrate(self, *, active: tuple[str, ...] = ("BTC-USD", "ETH-USD")) -> None:
         """A fresh database tracking only `active` (fewer pairs: less noise, faster cycles)."""
+        if self.database_url:
+            self._create_postgres_database()
         self.manage("migrate", "--noinput", "-v", "0")
-        with contextlib.closing(sqlite3.connect(self.database)) as db, db:
-            db.execute("UPDATE items_item SET is_active = 0")
-            db.executemany(
-                "UPDATE items_item SET is_active = 1 WHERE code = ?", [(c,) for c in active]
-            )
+        self.query("UPDATE items_item SET is_active = false")
+        for code in active:
+            self.query("UPDATE items_item SET is_active = true WHERE code = ?", code)
+
+    def _admin_url(self) -> str:
+        assert self.database_url
+        return self.database_url.rsplit("/", 1)[0] + "/postgres"
+
+    def _postgres_name(self) -> str:
+        assert self.database_url
+        return self.database_url.rsplit("/", 1)[1]
+
+    def _create_postgres_database(self) -> None:
+        with psycopg.connect(self._admin_url(), autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{self._postgres_name()}" WITH (FORCE)')
+            admin.execute(f'CREATE DATABASE "{self._postgres_name()}"')
+
+    def drop_database(self) -> None:
+        """Drop the stack's PostgreSQL database (a SQLite file goes with its folder)."""
+        if self.database_url:
+            with psycopg.connect(self._admin_url(), autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{self._postgres_name()}" WITH (FORCE)')
 
     def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        with contextlib.closing(sqlite3.connect(self.database, timeout=10)) as db:
+        """`sql` with `?` placeholders, on whichever database the stack has; the rows, if any."""
+        if self.database_url:
+            with psycopg.connect(self.database_url, autocommit=True) as db:
+                cursor = db.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
+                return cursor.fetchall() if cursor.description else []
+        with contextlib.closing(sqlite3.connect(self.database, timeout=10)) as db, db:
             return db.execute(sql, params).fetchall()
 
     def item_id(self, code: str) -> int:
@@ -170,53 +202,92 @@ class Sighting:
 
     provider: str
     status: str
+    surfaces: int
     at: dict[str, float] = field(default_factory=dict)
     everywhere: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class Watchers:
-    """REST, WebSocket and NATS views of one pair, each remembering what it last showed."""
+SURFACES = ("rest", "ws", "nats")
+# `/courses` names the provider but no status; the SSE stream carries what the WebSocket does.
+EVERY_SURFACE = ("rest", "courses", "ws", "sse", "nats")
 
-    def __init__(self, stack: Stack, web: Process, pair: str) -> None:
+
+class Watchers:
+    """REST, WebSocket and NATS views of one pair (and, when asked, `/courses` and the SSE
+    stream), each remembering what it last showed."""
+
+    def __init__(
+        self, stack: Stack, web: Process, pair: str, surfaces: tuple[str, ...] = SURFACES
+    ) -> None:
         self.stack, self.web, self.pair = stack, web, pair
-        self.latest: dict[str, tuple[str, str] | None] = {"rest": None, "ws": None, "nats": None}
+        self.latest: dict[str, tuple[str, str | None] | None] = dict.fromkeys(surfaces)
         self.waiting: list[Sighting] = []
+        # Every (surface, provider, status) shown, in order: flips too brief for `latest`.
+        self.shown: list[tuple[str, str, str | None]] = []
         self.events: list[dict[str, Any]] = []
         self.arrivals: list[float] = []  # time.monotonic() of each NATS event
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = {name: asyncio.Event() for name in self.latest}
 
-    def _saw(self, surface: str, provider: str, status: str) -> None:
+    def _saw(self, surface: str, provider: str, status: str | None) -> None:
+        """`status` None: the surface shows no status (`/courses`), the provider alone counts."""
         self.latest[surface] = (provider, status)
+        self.shown.append((surface, provider, status))
         self._ready[surface].set()
         now = time.monotonic()
         for sighting in self.waiting:
-            if (provider, status) == (sighting.provider, sighting.status):
+            if provider == sighting.provider and status in (sighting.status, None):
                 sighting.at.setdefault(surface, now)
-                if len(sighting.at) == len(self.latest):
+                if len(sighting.at) == sighting.surfaces:
                     sighting.everywhere.set()
+
+    def _saw_envelope(self, surface: str, message: dict[str, Any]) -> None:
+        if message["type"] == "snapshot":
+            for course in message["data"]["courses"]:
+                self._saw(surface, course["provider"], course["status"])
+        elif message["type"] == "rate.updated":
+            self._saw(surface, message["data"]["provider"], message["data"]["status"])
 
     async def _rest(self) -> None:
         url = f"http://127.0.0.1:{self.web.port}/api/v1/items/{self.stack.item_id(self.pair)}"
         async with httpx.AsyncClient(timeout=5) as client:
             while True:
-                response = await client.get(f"{url}/rates/latest")
-                if response.status_code == 200:
-                    body = response.json()
-                    self._saw("rest", body["provider"], body["status"])
+                with contextlib.suppress(httpx.HTTPError):
+                    response = await client.get(f"{url}/rates/latest")
+                    if response.status_code == 200:
+                        body = response.json()
+                        self._saw("rest", body["provider"], body["status"])
+                await asyncio.sleep(0.05)
+
+    async def _courses(self) -> None:
+        url = f"http://127.0.0.1:{self.web.port}/api/v1/courses?direction={self.pair}"
+        async with httpx.AsyncClient(timeout=5) as client:
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    response = await client.get(url)
+                    if response.status_code == 200:
+                        body = response.json()
+                        course = body["courses"][0] if body["courses"] else {}
+                        provider = course.get("exchanger", body["exchanger"])
+                        if provider and not course.get("stale"):
+                            self._saw("courses", provider, None)
                 await asyncio.sleep(0.05)
 
     async def _ws(self) -> None:
         url = f"ws://127.0.0.1:{self.web.port}/ws/items?pairs={self.pair}"
-        origin = f"http://127.0.0.1:{self.web.port}"
-        async with ws_connect(url, origin=origin) as ws:  # type: ignore[arg-type]
+        async with ws_connect(url) as ws:
             async for raw in ws:
-                message = json.loads(raw)
-                if message["type"] == "snapshot":
-                    for course in message["data"]["courses"]:
-                        self._saw("ws", course["provider"], course["status"])
-                elif message["type"] == "rate.updated":
-                    self._saw("ws", message["data"]["provider"], message["data"]["status"])
+                self._saw_envelope("ws", json.loads(raw))
+
+    async def _sse(self) -> None:
+        url = f"http://127.0.0.1:{self.web.port}/api/v1/stream?pairs={self.pair}"
+        async with (
+            httpx.AsyncClient(timeout=httpx.Timeout(5, read=None)) as client,
+            client.stream("GET", url) as response,
+        ):
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    self._saw_envelope("sse", json.loads(line.removeprefix("data: ")))
 
     async def _nats(self) -> None:
         client = await nats.connect(self.stack.nats_url)
@@ -235,7 +306,7 @@ class Watchers:
             await client.close()
 
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(watch()) for watch in (self._rest, self._ws, self._nats)]
+        self._tasks = [asyncio.create_task(getattr(self, f"_{name}")()) for name in self.latest]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in self._ready.values())), 30)
 
     async def stop(self) -> None:
@@ -243,11 +314,19 @@ class Watchers:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    async def showing(self, provider: str, *, within: float) -> None:
+        """Until every surface shows `provider` serving the pair."""
+        await wait_until(
+            lambda: all(seen and seen[0] == provider for seen in self.latest.values()),
+            within=within,
+            what=f"{provider} serving on every surface",
+        )
+
     async def until(
         self, provider: str, status: str, action: Callable[[], None], *, within: float
     ) -> dict[str, float]:
         """Run `action`, then seconds until each surface showed `provider` with `status`."""
-        sighting = Sighting(provider, status)
+        sighting = Sighting(provider, status, len(self.latest))
         self.waiting.append(sighting)
         started = time.monotonic()
         action()
@@ -258,8 +337,10 @@ class Watchers:
 
 
 @contextlib.asynccontextmanager
-async def watching(stack: Stack, web: Process, pair: str) -> AsyncIterator[Watchers]:
-    watchers = Watchers(stack, web, pair)
+async def watching(
+    stack: Stack, web: Process, pair: str, surfaces: tuple[str, ...] = SURFACES
+) -> AsyncIterator[Watchers]:
+    watchers = Watchers(stack, web, pair, surfaces)
     await watchers.start()
     try:
         yield watchers

@@ -13,11 +13,11 @@ import httpx
 import psycopg
 import pytest
 from asgiref.sync import sync_to_async
-from django.db import connection, connections
+from django.db import OperationalError, connection, connections
 from prometheus_client import REGISTRY
 
 from items.models import Item
-from rates import fetcher
+from rates import fetcher, services
 from rates.emulator import EmulatorServer
 from rates.fetcher import Fetcher, monitor_for
 from rates.models import Rate
@@ -295,6 +295,35 @@ async def test_watch_fails_over_within_two_poll_periods_when_binance_goes_down(
         await asyncio.wait_for(task, 5)
 
 
+async def test_watch_survives_a_database_error_while_taking_ownership(
+    emulator: EmulatorServer,
+    client: httpx.AsyncClient,
+    published_events: Events,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pg_terminate_backend as the owner loads its board: it retries, it does not exit."""
+    await track("BTC-USD")
+    real_load = services.board_load
+    failures = [OperationalError("terminating connection due to administrator command")]
+
+    def flaky_load(**kwargs: Any) -> int:
+        if failures:
+            raise failures.pop()
+        return real_load(**kwargs)
+
+    monkeypatch.setattr(services, "board_load", flaky_load)
+    watcher = Fetcher(providers(emulator, client, "binance"), poll_interval=POLL)
+    stop = asyncio.Event()
+    task = asyncio.create_task(watcher.watch(stop))
+    try:
+        await until(lambda: serving(published_events, "BTC-USD") == "binance", within=10)
+        assert not failures
+        assert not task.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+
 async def test_watch_paces_providers_whose_data_changes_slowly(
     emulator: EmulatorServer, client: httpx.AsyncClient
 ) -> None:
@@ -355,3 +384,26 @@ async def test_a_flood_of_requested_cycles_calls_each_exchange_once(
     calls = [(r.provider, r.path) for r in emulator.market.requests]
     assert calls.count(("binance", "/api/v3/ticker/price")) == 1
     assert calls.count(("bybit", "/v5/market/tickers")) == 1
+
+
+def test_rest_failing_with_a_silent_stream_is_down_until_a_good_round() -> None:
+    """SPEC 5: down when REST fails and no stream makes up for it, or when the circuit is open.
+    A stream counts while it delivers; a lagging stream's late quote does not bring it back."""
+    board = services.get_board()
+    monitor = fetcher.ProviderMonitor("binance")
+    monitor.stream_window = 0.5
+    monitor.stream_state(fetcher.STREAMING, "connected")
+    monitor.failed("HTTP 503", kind="http")
+    assert "binance" not in board.down  # the stream just delivered: it covers for REST
+    monitor.stream_quote_at = time.monotonic() - 1  # ...and then fell silent
+    monitor.check_quiet()
+    assert "binance" in board.down
+    monitor.stream_quote()  # one late quote
+    monitor.check_quiet()
+    assert "binance" in board.down
+    monitor.succeeded()
+    assert "binance" not in board.down
+    monitor.failed("HTTP 429", kind="rate_limited", retry_after=30)  # the circuit opens at once
+    monitor.stream_quote()
+    monitor.check_quiet()
+    assert "binance" in board.down

@@ -6,8 +6,12 @@ import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from tests.services import run_python
+from django.core.cache import caches
+
+from rates.fetcher import STATUS_KEY, provider_statuses
+from tests.services import free_port, run_python
 
 WRITER = """
 import django
@@ -56,3 +60,23 @@ def test_a_web_process_sees_the_fetchers_provider_status(tmp_path: Path) -> None
     assert statuses["binance"]["last_error_at"] is None
     failed_at = datetime.fromisoformat(statuses["bybit"]["last_error_at"])
     assert abs((datetime.now(UTC) - failed_at).total_seconds()) < 60
+
+
+def test_with_the_shared_cache_unreachable_the_last_statuses_read_are_answered(
+    settings: Any,
+) -> None:
+    """A Redis outage: `/providers` and health answer what this process last read, never 500."""
+    caches["shared"].set(
+        STATUS_KEY.format(name="binance"), {"state": "open", "last_error": "HTTP 503"}, None
+    )
+    assert provider_statuses()[0]["state"] == "open"
+    settings.CACHES = {
+        **settings.CACHES,
+        "shared": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": f"redis://127.0.0.1:{free_port()}/0",  # nobody listens there
+        },
+    }
+    statuses = provider_statuses()
+    assert [status["name"] for status in statuses] == list(settings.KURS_PROVIDERS)
+    assert (statuses[0]["state"], statuses[0]["last_error"]) == ("open", "HTTP 503")

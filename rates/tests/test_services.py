@@ -423,6 +423,75 @@ def test_a_database_error_loses_the_row_not_the_rate(
         assert services.reevaluate() == 1
     assert [event["value"] for event in rate_events(published_events)] == [Decimal(100)]
     assert CurrentRate.objects.get().value == Decimal(100)
+    assert Rate.objects.get().value == Decimal(100)
+
+
+# Committed for real: the failure must roll back a real transaction, and the connection
+# it leaves (closed by `_persist` on PostgreSQL) must serve the next write.
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_current_write_rolls_back_the_row_and_the_next_write_stores_it(
+    django_capture_on_commit_callbacks: Any,
+    published_events: Events,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connection dies between the history row and the current rate (pg_terminate_backend):
+    the row goes with the transaction, and the same value quoted again must bring it back."""
+    item("BTC-USD")
+
+    def dropped(item_id: int, current: Any) -> None:
+        raise OperationalError("terminating connection due to administrator command")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(services, "_write_current", dropped)
+        result = accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
+    assert not result.stored
+    assert not Rate.objects.exists()
+    assert not CurrentRate.objects.exists()
+    result = accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
+    assert result.stored
+    assert CurrentRate.objects.get().value == Rate.objects.get().value == Decimal(100)
+
+
+# Committed for real: the failure must roll back a real transaction, and the connection
+# it leaves (closed by `_persist` on PostgreSQL) must serve the next write.
+@pytest.mark.django_db(transaction=True)
+def test_a_value_decided_again_with_another_providers_quote_brings_its_own_row(
+    django_capture_on_commit_callbacks: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Binance's write fails (connection terminated); the next quote is Bybit's, and the
+    decision it triggers makes Binance's value current: Binance's row must come with it."""
+    settings.KURS_PROVIDERS = ["binance", "bybit"]
+    btc = item("BTC-USD")
+    accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
+
+    def dropped(item_id: int, current: Any) -> None:
+        raise OperationalError("terminating connection due to administrator command")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(services, "_write_current", dropped)
+        accept(make_quote("binance", "BTC-USD", "101"), django_capture_on_commit_callbacks)
+    accept(make_quote("bybit", "BTC-USD", "100.5"), django_capture_on_commit_callbacks)
+    current = CurrentRate.objects.get(item=btc)
+    assert (current.provider, current.value) == ("binance", Decimal(101))
+    assert Rate.objects.filter(item=btc, provider="binance", value=Decimal(101)).exists()
+
+
+def test_a_cross_rate_that_starts_serving_on_a_tick_gets_its_history_row(
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    btc = item("BTC-RUB")
+    accept(make_quote("binance", "BTC-USD", "90000"), django_capture_on_commit_callbacks)
+    accept(make_quote("cbr", "USD-RUB", "80", age=3600), django_capture_on_commit_callbacks)
+    accept(make_quote("coingecko", "BTC-RUB", "7200100"), django_capture_on_commit_callbacks)
+    # The cross rate moves while CoinGecko serves: computed, not stored...
+    accept(make_quote("binance", "BTC-USD", "90001"), django_capture_on_commit_callbacks)
+    # ...until CoinGecko goes down and the owner's tick hands the pair to it.
+    services.provider_set_down("coingecko", True)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.reevaluate() == 1
+    current = CurrentRate.objects.get(item=btc)
+    assert (current.provider, current.value) == ("binance+cbr", Decimal("7200080"))
+    assert Rate.objects.filter(item=btc, provider=current.provider, value=current.value).exists()
 
 
 def test_one_failing_quote_does_not_stop_the_rest_of_a_round(

@@ -31,10 +31,16 @@ from rates.snapshot import snapshot
 from realtime.bridge import bridge
 from realtime.hub import hub
 from realtime.nats import connection, stream_name
-from tests.services import NATS_URL, free_port, require, wait_for_port
+from tests.services import (
+    NATS_SERVER_BIN,
+    NATS_URL,
+    NatsServer,
+    free_port,
+    require,
+    wait_for_port,
+)
 
 REPO = Path(__file__).resolve().parents[2]
-NATS_SERVER_BIN = REPO / ".venv" / "bin" / "nats-server"
 ORIGIN = (b"origin", b"http://localhost")
 
 
@@ -81,35 +87,6 @@ async def machine_nats(settings: LazySettings, prefix: str) -> AsyncIterator[str
     with contextlib.suppress(NotFoundError):
         await client.jetstream().delete_stream(stream_name(prefix))
     await client.close()
-
-
-@dataclass
-class NatsServer:
-    """A nats-server this test starts, stops and restarts itself (plain, or with JetStream
-    keeping its stream in `store_dir` across restarts)."""
-
-    port: int
-    process: subprocess.Popen[bytes] | None = None
-    store_dir: Path | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        jetstream = [] if self.store_dir is None else ["-js", "-sd", str(self.store_dir)]
-        self.process = subprocess.Popen(
-            [str(NATS_SERVER_BIN), "-a", "127.0.0.1", "-p", str(self.port), *jetstream],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port, 10.0)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
 
 
 @pytest.fixture
