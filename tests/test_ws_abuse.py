@@ -563,8 +563,9 @@ async def test_abuse_leaves_a_well_behaved_client_every_event_and_the_server_as_
         codes += await abuse_messages(server.port)  # still answered the same after all that
 
     assert set(codes) <= DOCUMENTED_CLOSE_CODES, codes
-    # The well-behaved clients got every rate event, in stream order, none twice, none missing.
-    assert len(traffic.published) > 50
+    # The well-behaved clients got every rate event, in stream order, none twice, none missing
+    # (one every 50 ms all through the abuse: 40-100 of them, by how fast the machine is).
+    assert len(traffic.published) >= 20
     assert traffic.ws_seqs == traffic.published
     assert traffic.sse_seqs == traffic.published
     # And throughout: no silence while the abuse went on.
