@@ -668,9 +668,14 @@ def reload_nginx(stack: ProdStack, conf: Path, rate: str) -> None:
     )
     check(reload.returncode == 0, f"nginx -s reload: {reload.stderr}")
     deadline = time.monotonic() + 10
-    # The old workers stop accepting at once; the new ones (worker_processes 2) take over.
-    while len(nginx_workers(master) - before) < 2:
-        check(time.monotonic() < deadline, "nginx started no new workers after the reload")
+    # The new workers (worker_processes 2) take over, and the old ones must be gone too: one that
+    # has not yet heard of its shutdown can still accept a connection, then close it after one
+    # request (a keep-alive client sees a reset on its second).
+    while True:
+        workers = nginx_workers(master)
+        if len(workers - before) >= 2 and not workers & before:
+            return
+        check(time.monotonic() < deadline, f"nginx workers after the reload: {workers} ({before})")
         time.sleep(0.02)
 
 
