@@ -3,13 +3,13 @@ from __future__ import annotations
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_safe
 
 from items.selectors import item_list
 from rates.policy import DERIVED_SEPARATOR, provider_freshness
 
 
-@require_GET
+@require_safe
 def dashboard(request: HttpRequest) -> HttpResponse:
     """The live table: the page opens /ws/items and every value arrives over the socket."""
     config = {

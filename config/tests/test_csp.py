@@ -31,3 +31,11 @@ def test_the_dashboard_page_has_no_inline_script_or_style(client: Client) -> Non
     assert len(scripts) == 2
     assert 'type="application/json"' in scripts[0]
     assert scripts[1].startswith(' src="/static/realtime/dashboard.js"></script>')
+
+
+def test_the_dashboard_answers_head_like_get_and_refuses_writes(client: Client) -> None:
+    # `curl -I http://127.0.0.1:8000/` is how people check a page is up.
+    got, head = client.get("/"), client.head("/")
+    assert (head.status_code, head.content) == (200, b"")
+    assert head["Content-Security-Policy"] == got["Content-Security-Policy"]
+    assert client.post("/").status_code == 405
