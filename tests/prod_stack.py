@@ -704,7 +704,7 @@ def check_rate_limit(stack: ProdStack, conf: Path) -> None:
 
 
 def check_failover_of_web(stack: ProdStack) -> None:
-    """SIGKILL web1 under load: every request still answers 200 (nginx retries on web2)."""
+    """SIGKILL web1 under load: nginx retries every request web1 had not begun to answer."""
 
     async def load(stop: asyncio.Event, statuses: list[int | str]) -> None:
         async with httpx.AsyncClient(timeout=10) as client:
@@ -729,12 +729,21 @@ def check_failover_of_web(stack: ProdStack) -> None:
     statuses, before, after = asyncio.run(run())
     failed = [status for status in statuses if status != 200]
     check(after > 50, f"only {after} requests after the kill")
-    check(not failed, f"{len(failed)} failed requests while web1 died: {failed[:10]}")
+    # A request whose answer web1 had begun to send when it died cannot be retried: nginx has
+    # passed the headers on ("upstream prematurely closed connection while reading upstream")
+    # and can only cut the client's connection. At most one per client in flight (8); every
+    # other request, queued or not yet answered, must go to web2. Seen once in about ten runs.
+    cut = (stack.folder / "nginx-error.log").read_text().count("prematurely closed connection")
+    check(
+        all(status in ("RemoteProtocolError", "ReadError") for status in failed)
+        and len(failed) <= min(cut, 8),
+        f"{len(failed)} failed requests while web1 died ({cut} cut mid-answer): {failed[:10]}",
+    )
     errors = (stack.folder / "nginx-error.log").read_text()
     check("connect() failed" in errors or "upstream" in errors, "nginx never saw web1 fail")
     print(
-        f"  web1 SIGKILLed under load: {before} requests before, {after} after, all 200 "
-        "(nginx retried on web2)"
+        f"  web1 SIGKILLed under load: {before} requests before, {after} after, "
+        f"{after - len(failed)} of them 200 (nginx retried on web2), {len(failed)} cut mid-answer"
     )
 
 
