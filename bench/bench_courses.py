@@ -1,24 +1,26 @@
 """`/courses`, item detail, `/rates` and `/convert` under load, each beside an in-run baseline.
 
     .venv/bin/python bench/bench_courses.py [--duration 4] [--repeats 3] [--connections 64]
-    .venv/bin/python bench/bench_courses.py --servers    # uvicorn against granian (the choice)
+    .venv/bin/python bench/bench_courses.py --servers    # the server choice, measured
 
-The web server is the production one (`scripts/serve.sh`'s uvicorn with uvloop and httptools)
+The web server is the production one (`scripts/serve.sh`'s uvicorn with uvloop and Kurs's HTTP
+protocol, `config/serverprotocol.py`: uvicorn's httptools protocol sending each answer in one write)
 on a free port, production settings (DEBUG off), SQLite on a temporary file, with the project's
 own `config.asgi:application` and a nats-server of its own (the machine's NATS keeps no trace);
 load comes from wrk (`-t1 -c64`, keep-alive) on 127.0.0.1.
 Figures are medians of --repeats runs of --duration seconds, each printed with its baseline:
 
 1. `GET /api/v1/courses` (the fast path in `config/fastpath.py`) with 1 and 2 workers, against a
-   minimal FastAPI app on uvicorn (same flags, same workers) and nginx serving the same bytes as
-   a static file (same worker count): targets >= 2x FastAPI, >= 0.25x nginx;
+   minimal FastAPI app on stock uvicorn (uvloop, httptools, same workers) and nginx serving the
+   same bytes as a static file (same worker count): targets >= 2x FastAPI, >= 0.25x nginx;
 2. the 304 path (`If-None-Match` with the current ETag), against the 200 path;
 3. item detail `GET /api/v1/items/1`, `GET /api/v1/rates/BTC/USD` and
    `GET /api/v1/convert?from=BTC&to=USD&amount=0.5` (all from memory on the fast path) against a
    plain django-ninja endpoint on the same server returning the item's bytes
    (`bench/plain_urls.py`), the floor of Django's request path: target >= 1.3x.
 
-`--servers` measures `/courses` and item detail on uvicorn and granian with 1 and 2 workers: the
+`--servers` measures `/courses` and item detail with 1 and 2 workers on uvicorn with Kurs's
+protocol, on stock uvicorn (httptools) and on granian: the
 measurement behind the server `make run` uses (README, "Serving").
 
 wrk, the servers and every other session on this machine share its cores: the load average and
@@ -56,6 +58,7 @@ ITEM = "/api/v1/items/1"
 PAIR = "/api/v1/rates/BTC/USD"
 CONVERT = "/api/v1/convert?from=BTC&to=USD&amount=0.5"
 PLAIN = "/bench/plain/item"
+KURS_HTTP = "config.serverprotocol:KursHttpProtocol"  # as scripts/serve.sh
 START_TIMEOUT = 60.0
 
 SEED_RATES = textwrap.dedent(
@@ -158,12 +161,17 @@ def server_env(tmp: Path, nats_port: int) -> dict[str, str]:
     return env
 
 
-def uvicorn_cmd(app: str, port: int, workers: int) -> list[str]:
+def uvicorn_cmd(app: str, port: int, workers: int, http: str = "httptools") -> list[str]:
     return [
         str(VENV_BIN / "uvicorn"), app, "--host", "127.0.0.1", "--port", str(port),
-        "--workers", str(workers), "--loop", "uvloop", "--http", "httptools",
+        "--workers", str(workers), "--loop", "uvloop", "--http", http,
         "--no-access-log", "--no-proxy-headers", "--log-level", "warning",
     ]  # fmt: skip
+
+
+def kurs_cmd(app: str, port: int, workers: int) -> list[str]:
+    """Kurs as scripts/serve.sh serves it: uvicorn with Kurs's HTTP protocol."""
+    return uvicorn_cmd(app, port, workers, KURS_HTTP)
 
 
 def granian_cmd(app: str, port: int, workers: int) -> list[str]:
@@ -289,7 +297,7 @@ def prepare(tmp: Path, nats_port: int) -> dict[str, str]:
 def capture_bodies(tmp: Path, env: dict[str, str]) -> tuple[bytes, str]:
     """The `/courses` and item bytes Kurs serves, written where the baselines read them."""
     port = free_port()
-    with running(uvicorn_cmd("config.asgi:application", port, 1), env, port, COURSES) as origin:
+    with running(kurs_cmd("config.asgi:application", port, 1), env, port, COURSES) as origin:
         status, headers, courses = get(origin + COURSES)
         assert status == 200, courses
         assert b'"courses":[{' in courses, courses
@@ -333,11 +341,11 @@ def bench(
     results: dict[str, tuple[float, float]] = {}
     for workers in (1, 2):
         kurs_port, fastapi_port, nginx_port = free_port(), free_port(), free_port()
-        kurs_cmd = uvicorn_cmd("config.asgi:application", kurs_port, workers)
-        fastapi_cmd = uvicorn_cmd("bench.fastapi_app:app", fastapi_port, workers)
+        kurs_server = kurs_cmd("config.asgi:application", kurs_port, workers)
+        fastapi_server = uvicorn_cmd("bench.fastapi_app:app", fastapi_port, workers)
         with (
-            running(kurs_cmd, env, kurs_port, COURSES) as kurs,
-            running(fastapi_cmd, env, fastapi_port, COURSES) as fastapi,
+            running(kurs_server, env, kurs_port, COURSES) as kurs,
+            running(fastapi_server, env, fastapi_port, COURSES) as fastapi,
             running(nginx_cmd(tmp, nginx_port, workers), env, nginx_port, COURSES) as nginx,
         ):
             for origin in (kurs, fastapi, nginx):
@@ -359,7 +367,8 @@ def bench(
             assert after == courses, f"/courses changed during the bench: {courses!r} -> {after!r}"
     print(
         f"wrk -t1 -c{args.connections}, {args.repeats} x {args.duration:g} s each, medians; "
-        f"uvicorn --loop uvloop --http httptools; /courses body {len(courses)} bytes"
+        f"uvicorn --loop uvloop, Kurs --http {KURS_HTTP}, FastAPI --http httptools; "
+        f"/courses body {len(courses)} bytes"
     )
     header_line()
     for w in (1, 2):
@@ -394,7 +403,8 @@ def bench(
 
 def compare_servers(args: argparse.Namespace, env: dict[str, str]) -> None:
     results: dict[tuple[str, int], tuple[tuple[float, float], tuple[float, float]]] = {}
-    for name, make in (("uvicorn", uvicorn_cmd), ("granian", granian_cmd)):
+    servers = (("uvicorn+kurs", kurs_cmd), ("uvicorn", uvicorn_cmd), ("granian", granian_cmd))
+    for name, make in servers:
         for workers in (1, 2):
             port = free_port()
             with running(
@@ -407,12 +417,12 @@ def compare_servers(args: argparse.Namespace, env: dict[str, str]) -> None:
                 results[name, workers] = (got["courses"], got["item"])
     print(f"wrk -t1 -c{args.connections}, {args.repeats} x {args.duration:g} s each, medians")
     print(
-        f"{'server':<10} {'workers':>7} {'/courses req/s':>15} {'p99 ms':>8} "
+        f"{'server':<12} {'workers':>7} {'/courses req/s':>15} {'p99 ms':>8} "
         f"{'/items/1 req/s':>15} {'p99 ms':>8}"
     )
     for (name, workers), (courses, item) in results.items():
         print(
-            f"{name:<10} {workers:>7} {courses[0]:>15,.0f} {courses[1]:>8.2f} "
+            f"{name:<12} {workers:>7} {courses[0]:>15,.0f} {courses[1]:>8.2f} "
             f"{item[0]:>15,.0f} {item[1]:>8.2f}"
         )
 
