@@ -50,7 +50,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from config.caching import cache_control
 from config.jsonenc import dumps
-from config.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from config.metrics import request_tally
 from config.middleware import access_logger, log_access, request_id_for
 from rates import ondemand
 from rates.courses import CoursesAnswer, CoursesCache
@@ -147,8 +147,6 @@ class ReadFastPath:
         self._known_hosts: set[bytes] = set()
         self._memo: dict[tuple[bytes, bytes | None, bool], _Memo] = {}
         self._item_templates: dict[int, tuple[ItemEntry, dict[str, Any]]] = {}
-        self._counters: dict[tuple[str, str, int], Any] = {}
-        self._latency: dict[tuple[str, str], Any] = {}
         self._read_settings()
         setting_changed.connect(self._on_setting_changed, weak=False)
 
@@ -305,7 +303,7 @@ class ReadFastPath:
         await send({"type": "http.response.start", "status": answer.status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
         elapsed = time.perf_counter() - started
-        self._observe(request.method, ROUTES[route], answer.status, elapsed)
+        request_tally.observe(request.method, ROUTES[route], answer.status, elapsed)
         # Checked first: building the line's arguments costs more than the rest of a /courses
         # answer here (2 of 5 us, measured in-process) when the level is off.
         if access_logger.isEnabledFor(logging.WARNING if answer.status >= 500 else logging.INFO):
@@ -320,17 +318,6 @@ class ReadFastPath:
                 client[0] if client else None,
             )
         return True
-
-    def _observe(self, method: str, route: str, status: int, elapsed: float) -> None:
-        key = (method, route, status)
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self._counters[key] = HTTP_REQUESTS.labels(method, route, str(status))
-        counter.inc()
-        latency = self._latency.get(key[:2])
-        if latency is None:
-            latency = self._latency[key[:2]] = HTTP_LATENCY.labels(method, route)
-        latency.observe(elapsed)
 
     # --- TLS: what SecurityMiddleware does ----------------------------------------------------
     def _exempt(self, path: str) -> bool:

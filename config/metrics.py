@@ -16,11 +16,14 @@ the pids that no longer exist. Counters and histograms of a dead process stay, a
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import os
 import re
 import time
+from bisect import bisect_left
 from collections.abc import Iterable
+from typing import Any
 
 from django.http import HttpRequest, HttpResponse
 from prometheus_client import (
@@ -47,6 +50,66 @@ HTTP_LATENCY = Histogram(
     ["method", "route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+
+
+# How long the fast path's requests may wait to be counted (RequestTally).
+TALLY_FLUSH_S = 0.5
+
+
+class RequestTally:
+    """Requests counted in plain numbers, added to the HTTP metrics in bulk (the fast path's).
+
+    A fast-path answer takes a few microseconds of Python; three locked increments per request
+    (the counter, the histogram's sum and bucket) were a third of them (cProfile, `/courses`).
+    Here a request costs a dict update and a list append, and every `TALLY_FLUSH_S` (sooner on
+    `flush()`: before a scrape of this process, and at exit) the totals go to `HTTP_REQUESTS`
+    and `HTTP_LATENCY` in one increment per label set and bucket: the same series, the same
+    bucket rule as `Histogram.observe` (a value goes to the first bound it does not exceed).
+    """
+
+    def __init__(self, flush_after: float = TALLY_FLUSH_S) -> None:
+        self._flush_after = flush_after
+        self._counts: dict[tuple[str, str, int], int] = {}
+        self._seconds: dict[tuple[str, str], list[float]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        atexit.register(self.flush)
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, status)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        latencies = self._seconds.get(key[:2])
+        if latencies is None:
+            latencies = self._seconds[key[:2]] = []
+        latencies.append(seconds)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._flush_after, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        counts, self._counts = self._counts, {}
+        seconds, self._seconds = self._seconds, {}
+        for (method, route, status), n in counts.items():
+            HTTP_REQUESTS.labels(method, route, str(status)).inc(n)
+        for (method, route), values in seconds.items():
+            _observe_many(HTTP_LATENCY.labels(method, route), values)
+
+
+def _observe_many(histogram: Any, values: list[float]) -> None:
+    # prometheus_client 0.26's Histogram child: `_upper_bounds` (ending with +Inf), one value
+    # per bucket in `_buckets`, `_sum` (tests/config compare it with `observe()`).
+    bounds = histogram._upper_bounds
+    per_bucket = [0] * len(bounds)
+    for value in values:
+        per_bucket[bisect_left(bounds, value)] += 1
+    histogram._sum.inc(sum(values))
+    for bucket, n in zip(histogram._buckets, per_bucket, strict=True):
+        if n:
+            bucket.inc(n)
+
+
+request_tally = RequestTally()
 
 
 def _route(request: HttpRequest) -> str:
@@ -119,4 +182,5 @@ def scrape_registry() -> CollectorRegistry:
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:
+    request_tally.flush()  # this process's fast-path requests, counted up to now
     return HttpResponse(generate_latest(scrape_registry()), content_type=CONTENT_TYPE_LATEST)

@@ -116,3 +116,66 @@ def test_a_killed_processs_gauge_leaves_at_the_next_scrape(tmp_path: Path) -> No
     lines = [line for line in after.stdout.splitlines() if line.startswith("kurs_ws_connections")]
     assert lines == ["kurs_ws_connections 2.0"]
     assert not list(tmp_path.glob(f"gauge_live*_{victim.pid}.db"))
+
+
+# --- the fast path's tally -------------------------------------------------------------------
+def _samples(name: str, labels: dict[str, str]) -> dict[str, float]:
+    """The `name` series with these labels: {suffix + le: value} from this process's registry."""
+    from prometheus_client import REGISTRY
+
+    found: dict[str, float] = {}
+    for metric in REGISTRY.collect():
+        for sample in metric.samples:
+            if sample.name.startswith(name) and all(
+                sample.labels.get(k) == v for k, v in labels.items()
+            ):
+                found[sample.name[len(name) :] + sample.labels.get("le", "")] = sample.value
+    return found
+
+
+@pytest.mark.django_db(False)
+async def test_the_tally_adds_what_observe_would_within_its_flush_interval() -> None:
+    import asyncio
+
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from config.metrics import HTTP_LATENCY, RequestTally
+
+    labels = {"method": "GET", "route": "tally-test"}
+    # On the bounds and between them, below the first and above the last.
+    values = [0.0, 0.001, 0.0011, 0.0025, 0.004, 0.05, 0.7, 2.5, 3.0, 9.0, 0.001]
+    reference = Histogram(
+        "ref_seconds", "reference", ["method", "route"], buckets=HTTP_LATENCY._upper_bounds[:-1],
+        registry=CollectorRegistry(),
+    )  # fmt: skip
+    tally = RequestTally(flush_after=0.2)
+    flushed = asyncio.Event()
+    flush = tally.flush
+
+    def flush_and_tell() -> None:
+        flush()
+        flushed.set()
+
+    tally.flush = flush_and_tell  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    before = _samples("kurs_http_request", labels)
+    for value in values:
+        tally.observe("GET", "tally-test", 200, value)
+        reference.labels("GET", "tally-test").observe(value)
+    assert _samples("kurs_http_request", labels) == before  # not yet: within the interval
+    await asyncio.wait_for(flushed.wait(), 5)  # the tally's own timer
+    assert loop.time() - started >= 0.19
+    assert _samples("kurs_http_requests_total", {**labels, "status": "200"}) == {"": 11.0}
+    got = _samples("kurs_http_request_seconds", labels)
+    want = {
+        key: value
+        for sample in reference.collect()[0].samples
+        for key, value in [
+            (sample.name[len("ref_seconds") :] + sample.labels.get("le", ""), sample.value)
+        ]
+        if not key.startswith("_created")
+    }
+    assert {k: v for k, v in got.items() if not k.startswith("_created")} == pytest.approx(want)
+    assert want["_bucket+Inf"] == 11  # the reference counted all
+    assert want["_bucket0.001"] == 3
