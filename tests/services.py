@@ -64,6 +64,28 @@ def run_python(
     )
 
 
+def real_settings_environment(*, database_url: str, shared_cache_dir: Path) -> dict[str, str]:
+    """For a fresh process on the real settings, sharing a file-backed cache folder with its
+    siblings: this environment without Kurs, Redis and database settings, a test secret key,
+    critical logs only, and a NATS nobody answers (events are beside the point there)."""
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("KURS_", "REDIS_URL", "DATABASE_URL"))
+    }
+    environment.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "config.settings",
+            "DJANGO_SECRET_KEY": "x" * 50,
+            "DATABASE_URL": database_url,
+            "KURS_SHARED_CACHE_DIR": str(shared_cache_dir),
+            "KURS_LOG_LEVEL": "CRITICAL",
+            "NATS_URL": "nats://127.0.0.1:1",
+        }
+    )
+    return environment
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now (the OS picks it)."""
     with socket.socket() as sock:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from django.core.cache import caches
 from rates import fetcher
 from rates.board import QuoteBoard
 from rates.fetcher import STATUS_KEY, flush_statuses, monitor_for, provider_statuses
-from tests.services import free_port, run_python
+from tests.services import free_port, real_settings_environment, run_python
 
 WRITER = """
 import django
@@ -47,21 +46,9 @@ def cut_off_the_shared_cache(settings: Any) -> None:
 
 
 def test_a_web_process_sees_the_fetchers_provider_status(tmp_path: Path) -> None:
-    environment = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("KURS_", "REDIS_URL", "DATABASE_URL"))
-    }
-    environment.update(
-        {
-            # The real settings: local-memory default cache, file-backed shared cache.
-            "DJANGO_SETTINGS_MODULE": "config.settings",
-            "DJANGO_SECRET_KEY": "x" * 50,
-            "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
-            "KURS_SHARED_CACHE_DIR": str(tmp_path / "cache"),
-            "KURS_LOG_LEVEL": "CRITICAL",
-            "NATS_URL": "nats://127.0.0.1:1",  # events are beside the point here
-        }
+    # The real settings: local-memory default cache, file-backed shared cache.
+    environment = real_settings_environment(
+        database_url=f"sqlite:///{tmp_path / 'db.sqlite3'}", shared_cache_dir=tmp_path / "cache"
     )
     writer = run_python(["-c", WRITER], environment)
     assert writer.returncode == 0, writer.stderr
