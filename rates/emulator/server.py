@@ -7,15 +7,32 @@ import socket
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import uvicorn
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from rates.emulator.app import EmulatorApp
 from rates.emulator.market import Fault, Market
 
-# uvicorn's WebSocket implementation on websockets' current (sans-I/O) API; the older one is
-# built on websockets.legacy, which is deprecated.
-WS_IMPLEMENTATION = "websockets-sansio"
+if TYPE_CHECKING:
+    from uvicorn._types import ASGISendEvent
+
+
+class EmulatorWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket implementation on websockets' current (sans-I/O) API (the older one
+    is built on websockets.legacy, which is deprecated), quiet about refused upgrades.
+
+    The emulator refuses a stream as an exchange does, with an HTTP answer (503 when down, 429
+    with Retry-After). uvicorn 0.54 counts the handshake complete only after an accept or a
+    close, so each refusal also logged ERROR "ASGI callable returned without completing
+    handshake" (Kludex/uvicorn#3138): here a refusal sent in full completes it too.
+    """
+
+    async def send(self, message: ASGISendEvent) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and self.close_sent:
+            self.handshake_complete = True
 
 
 @dataclass(frozen=True)
@@ -80,7 +97,7 @@ async def run_emulator_server(
     config = uvicorn.Config(
         app,
         lifespan="off",
-        ws=WS_IMPLEMENTATION,
+        ws=EmulatorWebSocketProtocol,
         log_level=log_level,
         access_log=False,
         log_config=None,

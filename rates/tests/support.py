@@ -27,10 +27,12 @@ PROVIDERS = ["binance", "bybit", "coingecko", "cbr"]
 
 @pytest.fixture
 def fresh_board(monkeypatch: pytest.MonkeyPatch) -> QuoteBoard:
-    """A fresh quote board (and fresh provider monitors and status cache) for one test."""
+    """A fresh quote board (and fresh provider monitors, status cache and status saving state)
+    for one test."""
     fresh = QuoteBoard()
     monkeypatch.setattr(services, "_board", fresh)
     monkeypatch.setattr(fetcher, "_monitors", {})
+    monkeypatch.setattr(fetcher, "status_saving", fetcher.StatusSaving())
     caches["shared"].clear()
     return fresh
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from django.core.cache import caches
 
-from rates.fetcher import STATUS_KEY, provider_statuses
-from tests.services import free_port, run_python
+from rates import fetcher
+from rates.board import QuoteBoard
+from rates.fetcher import STATUS_KEY, flush_statuses, monitor_for, provider_statuses
+from tests.services import free_port, real_settings_environment, run_python
 
 WRITER = """
 import django
@@ -31,22 +34,21 @@ print(json.dumps(provider_statuses()))
 """
 
 
-def test_a_web_process_sees_the_fetchers_provider_status(tmp_path: Path) -> None:
-    environment = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("KURS_", "REDIS_URL", "DATABASE_URL"))
+def cut_off_the_shared_cache(settings: Any) -> None:
+    """The shared cache is a Redis that nobody listens for: every call to it fails at once."""
+    settings.CACHES = {
+        **settings.CACHES,
+        "shared": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": f"redis://127.0.0.1:{free_port()}/0",
+        },
     }
-    environment.update(
-        {
-            # The real settings: local-memory default cache, file-backed shared cache.
-            "DJANGO_SETTINGS_MODULE": "config.settings",
-            "DJANGO_SECRET_KEY": "x" * 50,
-            "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
-            "KURS_SHARED_CACHE_DIR": str(tmp_path / "cache"),
-            "KURS_LOG_LEVEL": "CRITICAL",
-            "NATS_URL": "nats://127.0.0.1:1",  # events are beside the point here
-        }
+
+
+def test_a_web_process_sees_the_fetchers_provider_status(tmp_path: Path) -> None:
+    # The real settings: local-memory default cache, file-backed shared cache.
+    environment = real_settings_environment(
+        database_url=f"sqlite:///{tmp_path / 'db.sqlite3'}", shared_cache_dir=tmp_path / "cache"
     )
     writer = run_python(["-c", WRITER], environment)
     assert writer.returncode == 0, writer.stderr
@@ -70,13 +72,36 @@ def test_with_the_shared_cache_unreachable_the_last_statuses_read_are_answered(
         STATUS_KEY.format(name="binance"), {"state": "open", "last_error": "HTTP 503"}, None
     )
     assert provider_statuses()[0]["state"] == "open"
-    settings.CACHES = {
-        **settings.CACHES,
-        "shared": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": f"redis://127.0.0.1:{free_port()}/0",  # nobody listens there
-        },
-    }
+    cut_off_the_shared_cache(settings)
     statuses = provider_statuses()
     assert [status["name"] for status in statuses] == list(settings.KURS_PROVIDERS)
     assert (statuses[0]["state"], statuses[0]["last_error"]) == ("open", "HTTP 503")
+
+
+def fetcher_logs(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.name == "rates.fetcher"]
+
+
+def test_a_status_save_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
+    settings: Any, fresh_board: QuoteBoard, caplog: pytest.LogCaptureFixture
+) -> None:
+    working = settings.CACHES
+    for name in ("binance", "bybit"):
+        monitor_for(name).failed("HTTP 503", kind="http")
+    cut_off_the_shared_cache(settings)
+    with caplog.at_level(logging.INFO, logger="rates.fetcher"):
+        flush_statuses()
+        assert fetcher.status_saving.failing
+        flush_statuses()  # the next poll: both providers fail again, and nothing is said
+        [outage] = fetcher_logs(caplog)
+        assert outage.levelname == "WARNING"
+        assert outage.getMessage().startswith("cannot save provider statuses")
+        settings.CACHES = working
+        flush_statuses()
+        flush_statuses()
+    [outage, recovery] = fetcher_logs(caplog)
+    assert recovery.levelname == "INFO"
+    assert recovery.getMessage() == "provider statuses are saved to the shared cache again"
+    assert not fetcher.status_saving.failing
+    saved = caches["shared"].get(STATUS_KEY.format(name="bybit"))
+    assert (saved["name"], saved["last_error"]) == ("bybit", "HTTP 503")

@@ -32,6 +32,17 @@ def accept(quote: Any, capture: Any, **kwargs: Any) -> services.Acceptance:
         return services.accept_quote(quote, **kwargs)
 
 
+def fail_binance_over_to_bybit(capture: Any) -> int:
+    """BTC-USD quoted by binance (100, serving) and bybit (101), then binance goes down: the
+    number of pairs that flipped (its events published)."""
+    item("BTC-USD")
+    accept(make_quote("binance", "BTC-USD", "100"), capture)
+    accept(make_quote("bybit", "BTC-USD", "101"), capture)
+    services.provider_set_down("binance", True)
+    with capture(execute=True):
+        return services.reevaluate()
+
+
 def rejected(provider: str, reason: str) -> float:
     labels = {"provider": provider, "reason": reason}
     return REGISTRY.get_sample_value("kurs_quotes_rejected_total", labels) or 0.0
@@ -136,12 +147,7 @@ def test_no_event_leaves_before_the_transaction_commits(
 def test_when_the_serving_provider_goes_down_the_next_one_is_published_at_once(
     django_capture_on_commit_callbacks: Any, published_events: Events
 ) -> None:
-    item("BTC-USD")
-    accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
-    accept(make_quote("bybit", "BTC-USD", "101"), django_capture_on_commit_callbacks)
-    services.provider_set_down("binance", True)
-    with django_capture_on_commit_callbacks(execute=True):
-        assert services.reevaluate() == 1
+    assert fail_binance_over_to_bybit(django_capture_on_commit_callbacks) == 1
     events = rate_events(published_events)
     assert [(e["provider"], e["value"], e["status"]) for e in events] == [
         ("binance", Decimal(100), "live"),
@@ -240,12 +246,7 @@ def test_a_jump_confirmed_by_a_second_provider_is_accepted(
 def test_a_new_owner_keeps_the_serving_provider_and_the_jump_reference(
     django_capture_on_commit_callbacks: Any, published_events: Events
 ) -> None:
-    item("BTC-USD")
-    accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
-    accept(make_quote("bybit", "BTC-USD", "101"), django_capture_on_commit_callbacks)
-    services.provider_set_down("binance", True)
-    with django_capture_on_commit_callbacks(execute=True):
-        services.reevaluate()
+    fail_binance_over_to_bybit(django_capture_on_commit_callbacks)
     # A restart: the next owner starts from the stored current rates only.
     services._board = QuoteBoard()
     assert services.board_load() == 1

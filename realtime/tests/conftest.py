@@ -32,7 +32,6 @@ from realtime.bridge import bridge
 from realtime.hub import hub
 from realtime.nats import connection, stream_name
 from tests.services import (
-    NATS_SERVER_BIN,
     NATS_URL,
     NatsServer,
     free_port,
@@ -89,31 +88,26 @@ async def machine_nats(settings: LazySettings, prefix: str) -> AsyncIterator[str
     await client.close()
 
 
-@pytest.fixture
-def own_nats(settings: LazySettings) -> Iterator[NatsServer]:
-    if not NATS_SERVER_BIN.exists():
-        pytest.fail(f"{NATS_SERVER_BIN} is missing: install requirements.txt (nats-server-bin)")
-    server = NatsServer(port=free_port())
+def serve_nats(server: NatsServer, settings: LazySettings) -> Iterator[NatsServer]:
+    """`server` started, and the one this process publishes to, until the test ends."""
     server.start()
     settings.NATS_SERVERS = [server.url]
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def own_nats(settings: LazySettings) -> Iterator[NatsServer]:
+    """A plain nats-server (no JetStream) on a free port."""
+    yield from serve_nats(NatsServer(port=free_port()), settings)
 
 
 @pytest.fixture
 def own_jetstream(settings: LazySettings, tmp_path: Path) -> Iterator[NatsServer]:
     """A nats-server with JetStream on a free port, its store in this test's directory."""
-    if not NATS_SERVER_BIN.exists():
-        pytest.fail(f"{NATS_SERVER_BIN} is missing: install requirements.txt (nats-server-bin)")
-    server = NatsServer(port=free_port(), store_dir=tmp_path / "jetstream")
-    server.start()
-    settings.NATS_SERVERS = [server.url]
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve_nats(NatsServer(port=free_port(), store_dir=tmp_path / "jetstream"), settings)
 
 
 @contextlib.asynccontextmanager

@@ -26,7 +26,7 @@ from config import csp
 from realtime import events
 from realtime import nats as realtime_nats
 from realtime.tests.conftest import REPO, NatsServer, WebProcess
-from tests.services import in_ci, run_python
+from tests.services import in_ci, real_settings_environment, run_python
 
 if TYPE_CHECKING:
     from playwright.async_api import Page
@@ -100,21 +100,7 @@ def seed(web_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("KURS_SHARED_CACHE_DIR", str(cache))
 
     def write(history: bool, extra: str = "") -> None:
-        environment = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("KURS_", "REDIS_URL", "DATABASE_URL"))
-        }
-        environment.update(
-            {
-                "DJANGO_SETTINGS_MODULE": "config.settings",
-                "DJANGO_SECRET_KEY": "x" * 50,
-                "DATABASE_URL": web_database,
-                "KURS_SHARED_CACHE_DIR": str(cache),
-                "KURS_LOG_LEVEL": "CRITICAL",
-                "NATS_URL": "nats://127.0.0.1:1",  # the seed publishes nothing
-            }
-        )
+        environment = real_settings_environment(database_url=web_database, shared_cache_dir=cache)
         result = run_python(["-c", SEED.format(history=history) + extra], environment)
         assert result.returncode == 0, result.stderr
 

@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from decimal import Decimal
 
 import httpx
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from rates.emulator import EmulatorServer, Fault, parse_fault_flag, run_emulator_server
 
@@ -164,3 +166,16 @@ def test_fault_flags_parse_like_the_control_api() -> None:
         with pytest.raises(ValueError, match="expected"):
             parse_fault_flag(bad)
     assert Fault.from_json({"mode": "absurd", "factor": "0"}).factor == 0
+
+
+@pytest.mark.parametrize(("mode", "status"), [("down", 503), ("rate_limited", 429)])
+async def test_a_refused_stream_gets_its_http_status_and_the_server_logs_no_error(
+    emulator: EmulatorServer, caplog: pytest.LogCaptureFixture, mode: str, status: int
+) -> None:
+    emulator.set_fault("bybit", mode)
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(f"{emulator.ws_url('bybit')}/v5/public/spot"):
+            pass
+    assert refused.value.response.status_code == status
+    # uvicorn logged (or not) before the client could read the answer: same loop, one step.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
