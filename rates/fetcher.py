@@ -211,29 +211,44 @@ class ProviderMonitor:
             status_saving.worked()
 
 
-class StatusSaving:
-    """Whether saving statuses to the shared cache fails. A Redis outage is said once when it
-    starts (WARNING) and once when it ends (INFO), not for every provider at every flush."""
+class OutageNotice:
+    """Whether a use of the shared cache fails. A Redis outage is said once when it starts
+    (WARNING) and once when it ends (INFO), not for every provider at every flush or read."""
 
-    def __init__(self) -> None:
+    def __init__(self, failing: str, back: str) -> None:
         self.failing = False
+        self._failing_message = failing  # with one %s: the error
+        self._back_message = back
 
     def failed(self, exc: Exception) -> None:
         if not self.failing:
             self.failing = True
-            logger.warning(
-                "cannot save provider statuses to the shared cache (retried at every flush, "
-                "said again when it works): %s",
-                exc,
-            )
+            logger.warning(self._failing_message, exc)
 
     def worked(self) -> None:
         if self.failing:
             self.failing = False
-            logger.info("provider statuses are saved to the shared cache again")
+            logger.info(self._back_message)
 
 
-status_saving = StatusSaving()
+def status_saving_notice() -> OutageNotice:
+    return OutageNotice(
+        "cannot save provider statuses to the shared cache (retried at every flush, said again "
+        "when it works): %s",
+        "provider statuses are saved to the shared cache again",
+    )
+
+
+def status_reading_notice() -> OutageNotice:
+    return OutageNotice(
+        "provider statuses: the shared cache is unreachable, the statuses last read are "
+        "answered (said again when it works): %s",
+        "provider statuses are read from the shared cache again",
+    )
+
+
+status_saving = status_saving_notice()
+status_reading = status_reading_notice()
 
 
 _monitors: dict[str, ProviderMonitor] = {}
@@ -266,9 +281,10 @@ def provider_statuses() -> list[dict[str, Any]]:
     try:
         saved = caches["shared"].get_many([STATUS_KEY.format(name=name) for name in names])
     except Exception as exc:
-        logger.warning("provider statuses: the shared cache is unreachable (%s)", exc)
+        status_reading.failed(exc)
         saved = dict(_last_read_statuses)
     else:
+        status_reading.worked()
         _last_read_statuses.clear()
         _last_read_statuses.update(saved)
     cutoff = time.time() - ERROR_WINDOW

@@ -32,7 +32,8 @@ def fresh_board(monkeypatch: pytest.MonkeyPatch) -> QuoteBoard:
     fresh = QuoteBoard()
     monkeypatch.setattr(services, "_board", fresh)
     monkeypatch.setattr(fetcher, "_monitors", {})
-    monkeypatch.setattr(fetcher, "status_saving", fetcher.StatusSaving())
+    monkeypatch.setattr(fetcher, "status_saving", fetcher.status_saving_notice())
+    monkeypatch.setattr(fetcher, "status_reading", fetcher.status_reading_notice())
     caches["shared"].clear()
     return fresh
 

@@ -105,3 +105,24 @@ def test_a_status_save_outage_is_logged_once_when_it_starts_and_once_when_it_end
     assert not fetcher.status_saving.failing
     saved = caches["shared"].get(STATUS_KEY.format(name="bybit"))
     assert (saved["name"], saved["last_error"]) == ("bybit", "HTTP 503")
+
+
+def test_a_status_read_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
+    settings: Any, fresh_board: QuoteBoard, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The web process reads statuses for every `/providers` and health call: one line each way."""
+    working = settings.CACHES
+    cut_off_the_shared_cache(settings)
+    with caplog.at_level(logging.INFO, logger="rates.fetcher"):
+        for _ in range(3):
+            assert len(provider_statuses()) == len(settings.KURS_PROVIDERS)
+        [outage] = fetcher_logs(caplog)
+        assert outage.levelname == "WARNING"
+        assert outage.getMessage().startswith("provider statuses: the shared cache is unreachable")
+        settings.CACHES = working
+        provider_statuses()
+        provider_statuses()
+    [outage, recovery] = fetcher_logs(caplog)
+    assert recovery.levelname == "INFO"
+    assert recovery.getMessage() == "provider statuses are read from the shared cache again"
+    assert not fetcher.status_reading.failing
