@@ -138,7 +138,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--switches", type=int, default=10)
     parser.add_argument("--poll", type=float, default=2.0)
-    parser.add_argument("--steady", type=float, default=60.0)
+    parser.add_argument(
+        "--steady", type=float, default=60.0, help="seconds of steady prices (heartbeats: 15 s)"
+    )
     options = parser.parse_args()
     print(f"cores: {os.cpu_count()}; load average {os.getloadavg()[0]:.2f} at start")
     started = time.monotonic()
@@ -149,6 +151,9 @@ async def main() -> None:
     gaps, duplicates = await steady(options.steady, options.poll)
     print(f"\nsteady prices for {options.steady:g} s, KURS_STALE_AFTER 30 (heartbeat 15 s):")
     for pair, between in gaps.items():
+        if not between:  # --steady shorter than a heartbeat: no gap between two events yet
+            print(f"  {pair}: fewer than two rate.updated in {options.steady:g} s")
+            continue
         print(
             f"  {pair}: {len(between)} rate.updated, gaps {min(between):.1f}-{max(between):.1f} s"
             f" (heartbeat 15 s + up to one {options.poll:g} s poll): "
