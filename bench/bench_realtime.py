@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -48,7 +49,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -380,12 +381,19 @@ async def kurs_latency(fanout: Fanout, events: int) -> list[float]:
 
 
 async def full_path_latency(
-    port: int, emulator_port: int, ticks: int, on_nats: list[float]
+    port: int,
+    emulator_port: int,
+    ticks: int,
+    on_nats: list[float],
+    beside: dict[str, float],
+    on_bare: list[float],
 ) -> list[float]:
     """Set BTCUSDT on the emulator; time until a socket on BTC-USD has that value.
 
     A plain NATS subscriber in this process notes when the event is on the bus: `on_nats` gets
     the tick -> NATS part of each latency (the fetcher's share; the rest is the web's).
+    `beside` is filled by a bare client in a process of its own (`bare_beside`), on the same
+    stream at the same time: `on_bare` gets its latency for the same ticks.
     """
     import nats
 
@@ -430,6 +438,8 @@ async def full_path_latency(
                 latencies.append(received - started)
                 if key in on_bus:
                     on_nats.append(on_bus[key] - started)
+                if key in beside:
+                    on_bare.append(beside[key] - started)
             await asyncio.sleep(0.1)
     finally:
         client.close()
@@ -457,6 +467,51 @@ async def bare_stream_latency(emulator_port: int, ticks: int, start: Decimal) ->
             if i >= 3:
                 latencies.append(time.perf_counter() - started)
     return latencies
+
+
+def bare_listen(emulator_port: int) -> None:
+    """`--bare-listen PORT`: a bare client on the emulator's BTCUSDT stream, in its own process,
+    printing each price with the moment it arrived (`time.perf_counter()`: CLOCK_MONOTONIC,
+    one clock for every process of this machine)."""
+    import websockets
+
+    async def listen() -> None:
+        url = f"ws://127.0.0.1:{emulator_port}/binance/stream?streams=btcusdt@ticker"
+        async with websockets.connect(url) as stream:
+            print("ready", flush=True)
+            async for frame in stream:
+                arrived = time.perf_counter()
+                price = Decimal(json.loads(frame)["data"]["c"]).normalize()
+                print(f"{price} {arrived:.6f}", flush=True)
+
+    asyncio.run(listen())
+
+
+@contextlib.asynccontextmanager
+async def bare_beside(emulator_port: int) -> AsyncIterator[dict[str, float]]:
+    """The `--bare-listen` process while the full path is measured: {price: arrival}."""
+    process = await asyncio.create_subprocess_exec(
+        PYTHON, __file__, "--bare-listen", str(emulator_port), stdout=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    arrivals: dict[str, float] = {}
+
+    async def read(stdout: asyncio.StreamReader) -> None:
+        async for line in stdout:
+            price, arrived = line.decode().split()
+            arrivals.setdefault(price, float(arrived))
+
+    try:
+        ready = await asyncio.wait_for(process.stdout.readline(), 30)
+        if ready.strip() != b"ready":
+            raise SystemExit(f"bench: the bare client did not connect: {ready!r}")
+        reader = asyncio.create_task(read(process.stdout))
+        yield arrivals
+    finally:
+        process.terminate()
+        await process.wait()
+        with contextlib.suppress(Exception):
+            await reader
 
 
 class SseReader(asyncio.Protocol):
@@ -899,10 +954,14 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
     )
     full, bare = [], []
     bus_part: list[float] = []
+    bare_part: list[float] = []
     for run in range(args.repeat):
-        full.append(
-            await full_path_latency(web_port, emulator_port, args.full_path_ticks, bus_part)
-        )
+        async with bare_beside(emulator_port) as beside:
+            full.append(
+                await full_path_latency(
+                    web_port, emulator_port, args.full_path_ticks, bus_part, beside, bare_part
+                )
+            )
         start = Decimal(95000 + 1000 * run)
         bare.append(await bare_stream_latency(emulator_port, args.full_path_ticks, start))
     full_p50 = statistics.median(statistics.median(r) for r in full) * 1000
@@ -924,6 +983,14 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
         f"  ratio                             {full_p50 / bare_p50:.1f}x median "
         f"(target <= 3x), {full_p99 / bare_p99:.1f}x p99"
     )
+    if bare_part:
+        # The same ticks, at the same moment: every process the tick wakes shares 2 cores.
+        beside_p50 = statistics.median(bare_part) * 1000
+        print(
+            f"  bare client beside, same ticks    median {beside_p50:.1f} ms "
+            f"(its own process, connected while Kurs was measured): "
+            f"kurs {full_p50 / beside_p50:.1f}x"
+        )
 
 
 def main() -> None:
@@ -957,6 +1024,7 @@ def main() -> None:
         "--resume-rounds", type=int, default=20, help="disconnect/reconnect rounds (0: none)"
     )
     parser.add_argument("--raw-sse", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--bare-listen", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--sse-clients", type=int, default=200)
     parser.add_argument("--sse-events", type=int, default=50, help="events per SSE run")
     parser.add_argument("--skip-sse", action="store_true")
@@ -966,6 +1034,9 @@ def main() -> None:
         return
     if args.raw_serve:
         raw_serve(args.raw_serve, args.raw_sse)
+        return
+    if args.bare_listen:
+        bare_listen(args.bare_listen)
         return
     try:
         socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
