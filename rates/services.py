@@ -142,6 +142,8 @@ def board_load(*, board: QuoteBoard | None = None) -> int:
     loaded = [(row.item.code, current_from_row(row)) for row in rows]
     board.clear()
     board.load(loaded)
+    for pair, current in loaded:  # the owner's gauges from its first moment, not its first write
+        _export_current(pair, current)
     return len(loaded)
 
 
@@ -333,10 +335,15 @@ def _persist(
     return stored
 
 
-def _observe_current(pair: str, previous: Current | None, current: Current) -> None:
-    """The pair's status and age gauges, and a failover each time another provider takes over."""
+def _export_current(pair: str, current: Current) -> None:
+    """The pair's status and last-confirmation gauges."""
     metrics.RATE_STATUS.labels(pair).set(metrics.STATUS_VALUES[current.status])
     metrics.RATE_CHECKED.labels(pair).set(current.checked_at.timestamp())
+
+
+def _observe_current(pair: str, previous: Current | None, current: Current) -> None:
+    """The pair's gauges, and a failover each time another provider takes over."""
+    _export_current(pair, current)
     if current.status == policy.FAILOVER and (
         previous is None
         or previous.status != policy.FAILOVER

@@ -10,7 +10,7 @@ from django.utils import timezone
 from prometheus_client import REGISTRY
 
 from items.models import Item
-from rates import policy, services
+from rates import metrics, policy, services
 from rates.board import QuoteBoard
 from rates.models import CurrentRate, Rate
 from rates.tests.support import make_quote, rate_events
@@ -191,6 +191,28 @@ def test_a_failover_is_counted_once_and_the_status_and_age_gauges_follow_the_pai
     checked = CurrentRate.objects.get(item__code="BTC-USD").checked_at.timestamp()
     labels = {"pair": "BTC-USD"}
     assert REGISTRY.get_sample_value("kurs_rate_checked_timestamp_seconds", labels) == checked
+
+
+def test_a_new_owner_exports_each_stored_pair_status_before_its_first_write(
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    """A fetcher that takes over (or restarts) shows every pair's gauges at once, not only the
+    pairs it has written since (the dashboard's status panel went blank after a restart)."""
+    item("BTC-USD")
+    accept(make_quote("bybit", "BTC-USD", "101"), django_capture_on_commit_callbacks)
+    CurrentRate.objects.filter(item__code="BTC-USD").update(status="failover")
+    checked = CurrentRate.objects.get(item__code="BTC-USD").checked_at.timestamp()
+    labels = {"pair": "BTC-USD"}
+    failovers = {"pair": "BTC-USD", "provider": "bybit"}
+    before = REGISTRY.get_sample_value("kurs_failovers_total", failovers) or 0.0
+    metrics.RATE_STATUS.remove("BTC-USD")  # as in a fetcher that has just started
+    metrics.RATE_CHECKED.remove("BTC-USD")
+    assert REGISTRY.get_sample_value("kurs_rate_status", labels) is None
+    assert services.board_load(board=QuoteBoard()) == 1
+    assert REGISTRY.get_sample_value("kurs_rate_status", labels) == 1  # failover
+    assert REGISTRY.get_sample_value("kurs_rate_checked_timestamp_seconds", labels) == checked
+    # Loading is not a takeover of the pair by bybit: no failover is counted.
+    assert (REGISTRY.get_sample_value("kurs_failovers_total", failovers) or 0.0) == before
 
 
 def test_a_stale_serving_quote_hands_the_pair_to_the_next_provider(
