@@ -8,8 +8,10 @@ So this layer answers from memory what the documented ninja routes answer:
 
 - `GET /api/v1/courses`: a body precomputed from the snapshot (`rates.courses.courses_cache`);
 - `GET /api/v1/items/{id}`: the item and its current rate (`rates.detail.item_details`);
-- `GET /api/v1/rates/{base}/{quote}` and `GET /api/v1/convert`: `rates.ondemand`, as the routes
-  call it (tracked pairs from the snapshot, others on demand with its cache).
+- `GET /api/v1/rates/{base}/{quote}` and `GET|POST /api/v1/convert`: `rates.ondemand`, as the
+  routes call it (tracked pairs from the snapshot, others on demand with its cache). A POST's body
+  (one `application/json` body of at most 4 KiB) is read here and parsed as the API parses
+  bodies; when Django must answer after all, it receives the same body again.
 
 Bodies go through the routes' own response schemas and encoder, with the headers Django's
 middleware would add, so both doors give the same status, headers and bytes
@@ -26,8 +28,8 @@ Anything unusual falls through to Django, which then answers exactly as document
   Host header that ALLOWED_HOSTS does not admit (Django answers 400), several Host headers,
   `USE_X_FORWARDED_HOST`;
 - input this layer does not check itself, so that every 4xx is Django's: an unknown item or an
-  id out of range, assets that are not plain codes, a convert query with other, repeated or
-  invalid parameters.
+  id out of range, assets that are not plain codes, a convert query or body with other, repeated
+  or invalid fields, a body that is not one small JSON object.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 
 from config.caching import cache_control
-from config.jsonenc import dumps
+from config.jsonenc import dumps, loads
 from config.metrics import request_tally
 from config.middleware import access_logger, log_access, request_id_for
 from rates import ondemand
@@ -57,7 +59,7 @@ from rates.courses import CoursesAnswer, CoursesCache
 from rates.detail import ItemDetailCache, ItemEntry
 from rates.exceptions import PairNotPriced, ProvidersUnavailable
 from rates.providers import Pair
-from rates.schemas import ConvertOut, ConvertQuery, ItemDetailOut, PairRateOut
+from rates.schemas import ConvertIn, ConvertOut, ConvertQuery, ItemDetailOut, PairRateOut
 from rates.snapshot import RatesSnapshot
 
 logger = logging.getLogger(__name__)
@@ -89,6 +91,8 @@ WRITE_PREFIXES = ("/api/v1/items", "/admin/")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 JSON = b"application/json; charset=utf-8"
 MAX_QUERY_BYTES = 4096
+MAX_BODY_BYTES = 4096  # a POST /convert body: three short fields
+JSON_TYPES = frozenset({b"application/json", b"application/json; charset=utf-8"})
 MAX_KNOWN_HOSTS = 64
 MAX_MEMO = 1024
 _MAX_ID = 2**63 - 1  # BigAutoField: a larger id cannot exist (items.selectors.item_get)
@@ -121,6 +125,7 @@ class _Request:
     incoming_id: str
     secure: bool
     host: bytes
+    body: Any = None  # POST /convert: the parsed JSON body
 
 
 class ReadFastPath:
@@ -198,6 +203,14 @@ class ReadFastPath:
                 # The routes declare GET: Django answers HEAD as that GET, its body dropped.
                 scope = {**scope, "method": "GET"}
                 send = _without_body(send)
+        elif route == CONVERT and method == "POST":
+            request = self._request(scope, route) if self.enabled else None
+            if request is not None:
+                # The body is read here; if Django must answer after all, it reads it again.
+                body, receive = await _read_body(scope, receive)
+                request.body = body
+                if body is not None and await self._answer(scope, request, send):
+                    return
         elif method not in SAFE_METHODS and path.startswith(WRITE_PREFIXES):
             send = self._invalidating(send)
         await self.app(scope, receive, send)
@@ -285,7 +298,9 @@ class ReadFastPath:
             elif route == "pair":
                 answer = await self._pair(path, request)
             else:
-                answer = await self._convert(request)
+                answer = await (
+                    self._convert(request) if request.body is None else self._convert_body(request)
+                )
         except Exception:
             # E.g. the database went away under an item read: Django answers as documented.
             logger.warning("fast path: %s left to Django", path, exc_info=True)
@@ -447,6 +462,22 @@ class ReadFastPath:
             by_alias=True,
         )
 
+    async def _convert_body(self, request: _Request) -> _Answer | None:
+        data = request.body
+        # ConvertIn forbids other keys: anything but the three is Django's 422.
+        if not isinstance(data, dict) or sorted(data) != _CONVERT_PARAMS:
+            return None
+        try:
+            asked = ConvertIn.model_validate(data)
+        except PydanticValidationError:
+            return None  # Django's 422, in the API's error shape
+        return await self._priced(
+            ConvertOut,
+            lambda: ondemand.convert(source=asked.from_, target=asked.to, amount=asked.amount),
+            request,
+            by_alias=True,
+        )
+
     async def _priced(
         self,
         schema: type[BaseModel],
@@ -499,6 +530,47 @@ def _middleware_headers() -> tuple[Headers, Headers]:
         coop = settings.SECURE_CROSS_ORIGIN_OPENER_POLICY
         outer.append((b"Cross-Origin-Opener-Policy", coop.encode("latin-1")))
     return inner, outer
+
+
+async def _read_body(scope: Scope, receive: Receive) -> tuple[Any, Receive]:
+    """A small JSON body, parsed as the API parses bodies (exact decimals), or None; and a
+    `receive` that hands Django the same messages again, then the client's own."""
+    content_type = None
+    for name, value in scope["headers"]:
+        if name == b"content-type":  # several are Django's call
+            content_type = b"" if content_type is not None else value.lower()
+    messages: list[Message] = []
+    size = 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            break  # the client left: Django hears it
+        size += len(message.get("body", b""))
+        if size > MAX_BODY_BYTES or not message.get("more_body", False):
+            break
+    replay = _replaying(messages, receive)
+    last = messages[-1]
+    if (
+        content_type not in JSON_TYPES
+        or last["type"] != "http.request"
+        or last.get("more_body", False)
+        or size > MAX_BODY_BYTES
+    ):
+        return None, replay
+    try:
+        return loads(b"".join(m.get("body", b"") for m in messages)), replay
+    except (ValueError, RecursionError):
+        return None, replay
+
+
+def _replaying(messages: list[Message], receive: Receive) -> Receive:
+    pending = list(reversed(messages))
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
 
 
 def _without_body(send: Send) -> Send:

@@ -813,3 +813,60 @@ async def test_the_lifespan_shutdown_closes_the_on_demand_http_clients(
     await asgi.lifespan({"type": "lifespan"}, messages.get, send)
     assert client.is_closed
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+# --- POST /convert ---------------------------------------------------------------------------
+JSON_BODY = [(b"content-type", b"application/json")]
+BODY_CONVERSIONS = [
+    b'{"from": "BTC", "to": "USD", "amount": "0.5"}',
+    b'{"amount": 2.000000000000000001, "to": "usd", "from": "eth"}',  # a JSON number, exact
+    b'{"from": "ETH", "to": "RUB", "amount": 1}',
+    b'{"from": "AAA", "to": "BBB", "amount": "1"}',  # no provider prices it: 404
+]
+# Left to Django, with Django's answer: bad input (its 422s) and what the fast path does not read.
+BODY_LEFT_TO_DJANGO = {
+    b'{"from": "BTC", "to": "USD", "amount": "-1"}': 422,
+    b'{"from": "BTC", "to": "USD", "amount": "1", "x": 1}': 422,  # extra keys are forbidden
+    b'{"from": "BTC", "to": "USD"}': 422,
+    b'{"from": "B", "to": "USD", "amount": "1"}': 422,
+    b'{"from": "BTC", "to": "USD", "amount": NaN}': 422,
+    b'["BTC", "USD", 1]': 422,
+    b"{not json": 400,
+    b"": 422,
+    b'{"from": "BTC", "to": "USD", "amount": "1", "pad": "' + b"x" * 5000 + b'"}': 422,
+}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("body", BODY_CONVERSIONS + list(BODY_LEFT_TO_DJANGO))
+async def test_post_convert_is_the_same_on_both_doors(
+    rated: dict[str, Item], body: bytes, django_calls: DjangoCalls
+) -> None:
+    remember("AAA-BBB", PairNotPriced("no provider prices AAA-BBB, directly or as a cross rate"))
+    fast, slow = await both("/api/v1/convert", b"", JSON_BODY, method="POST", body=body)
+    assert fast == slow
+    if body in BODY_CONVERSIONS:
+        assert django_calls.count == 1  # only the slow door's
+        assert fast.status == (404 if b"AAA" in body else 200)
+    else:
+        assert django_calls.count == 2
+        assert fast.status == BODY_LEFT_TO_DJANGO[body]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"content-type", b"text/plain")],
+        [],
+        [(b"content-type", b"application/json"), (b"content-type", b"application/json")],
+    ],
+    ids=["text/plain", "no content type", "two content types"],
+)
+async def test_post_convert_without_one_json_content_type_is_left_to_django(
+    rated: dict[str, Item], headers: list[tuple[bytes, bytes]], django_calls: DjangoCalls
+) -> None:
+    body = BODY_CONVERSIONS[0]
+    fast, slow = await both("/api/v1/convert", b"", headers, method="POST", body=body)
+    assert fast == slow
+    assert django_calls.count == 2
