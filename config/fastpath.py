@@ -298,9 +298,7 @@ class ReadFastPath:
             elif route == "pair":
                 answer = await self._pair(path, request)
             else:
-                answer = await (
-                    self._convert(request) if request.body is None else self._convert_body(request)
-                )
+                answer = await self._convert(request)
         except Exception:
             # E.g. the database went away under an item read: Django answers as documented.
             logger.warning("fast path: %s left to Django", path, exc_info=True)
@@ -448,27 +446,22 @@ class ReadFastPath:
         )
 
     async def _convert(self, request: _Request) -> _Answer | None:
-        params = parse_qsl(request.query.decode("ascii"), keep_blank_values=True)
-        if sorted(name for name, _ in params) != _CONVERT_PARAMS:
+        """GET (the query) or POST (the JSON body): the three fields, valid, or Django's 422."""
+        schema: type[ConvertIn]
+        if request.body is None:
+            params = parse_qsl(request.query.decode("ascii"), keep_blank_values=True)
+            fields: Any = dict(params)
+            names = sorted(name for name, _ in params)  # a repeated name is Django's
+            schema = ConvertQuery
+        else:
+            fields = request.body
+            # ConvertIn forbids other keys: anything but the three is Django's 422.
+            names = sorted(fields) if isinstance(fields, dict) else []
+            schema = ConvertIn
+        if names != _CONVERT_PARAMS:
             return None
         try:
-            asked = ConvertQuery.model_validate(dict(params))
-        except PydanticValidationError:
-            return None  # Django's 422, in the API's error shape
-        return await self._priced(
-            ConvertOut,
-            lambda: ondemand.convert(source=asked.from_, target=asked.to, amount=asked.amount),
-            request,
-            by_alias=True,
-        )
-
-    async def _convert_body(self, request: _Request) -> _Answer | None:
-        data = request.body
-        # ConvertIn forbids other keys: anything but the three is Django's 422.
-        if not isinstance(data, dict) or sorted(data) != _CONVERT_PARAMS:
-            return None
-        try:
-            asked = ConvertIn.model_validate(data)
+            asked = schema.model_validate(fields)
         except PydanticValidationError:
             return None  # Django's 422, in the API's error shape
         return await self._priced(

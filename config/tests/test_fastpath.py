@@ -702,20 +702,51 @@ LEFT_TO_DJANGO = {
 }
 
 
+# POST /convert: the same fields in a JSON body.
+JSON_BODY = [(b"content-type", b"application/json")]
+BODY_CONVERSIONS = [
+    b'{"from": "BTC", "to": "USD", "amount": "0.5"}',
+    b'{"amount": 2.000000000000000001, "to": "usd", "from": "eth"}',  # a JSON number, exact
+    b'{"from": "ETH", "to": "RUB", "amount": 1}',
+    b'{"from": "AAA", "to": "BBB", "amount": "1"}',  # no provider prices it: 404
+]
+# Left to Django, with Django's answer: bad input (its 422s) and what the fast path does not read.
+BODY_LEFT_TO_DJANGO = {
+    b'{"from": "BTC", "to": "USD", "amount": "-1"}': 422,
+    b'{"from": "BTC", "to": "USD", "amount": "1", "x": 1}': 422,  # extra keys are forbidden
+    b'{"from": "BTC", "to": "USD"}': 422,
+    b'{"from": "B", "to": "USD", "amount": "1"}': 422,
+    b'{"from": "BTC", "to": "USD", "amount": NaN}': 422,
+    b'["BTC", "USD", 1]': 422,
+    b"{not json": 400,
+    b"": 422,
+    b'{"from": "BTC", "to": "USD", "amount": "1", "pad": "' + b"x" * 5000 + b'"}': 422,
+}
+
+
+CONVERT_CASES = [
+    *(("GET", query) for query in CONVERSIONS + list(LEFT_TO_DJANGO)),
+    *(("POST", body) for body in BODY_CONVERSIONS + list(BODY_LEFT_TO_DJANGO)),
+]
+
+
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("query", CONVERSIONS + list(LEFT_TO_DJANGO))
+@pytest.mark.parametrize(("method", "given"), CONVERT_CASES)
 async def test_convert_is_the_same_on_both_doors(
-    rated: dict[str, Item], query: bytes, django_calls: DjangoCalls
+    rated: dict[str, Item], method: str, given: bytes, django_calls: DjangoCalls
 ) -> None:
     remember("AAA-BBB", PairNotPriced("no provider prices AAA-BBB, directly or as a cross rate"))
-    fast, slow = await both("/api/v1/convert", query)
+    if method == "GET":
+        fast, slow = await both("/api/v1/convert", given)
+    else:
+        fast, slow = await both("/api/v1/convert", b"", JSON_BODY, method="POST", body=given)
     assert fast == slow
-    if query in CONVERSIONS:
-        assert django_calls.count == 1
-        assert fast.status == (404 if b"AAA" in query else 200)
+    if given in CONVERSIONS or given in BODY_CONVERSIONS:
+        assert django_calls.count == 1  # only the slow door's
+        assert fast.status == (404 if b"AAA" in given else 200)
     else:
         assert django_calls.count == 2
-        assert fast.status == LEFT_TO_DJANGO[query]
+        assert fast.status == {**LEFT_TO_DJANGO, **BODY_LEFT_TO_DJANGO}[given]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -813,44 +844,6 @@ async def test_the_lifespan_shutdown_closes_the_on_demand_http_clients(
     await asgi.lifespan({"type": "lifespan"}, messages.get, send)
     assert client.is_closed
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
-
-
-# --- POST /convert ---------------------------------------------------------------------------
-JSON_BODY = [(b"content-type", b"application/json")]
-BODY_CONVERSIONS = [
-    b'{"from": "BTC", "to": "USD", "amount": "0.5"}',
-    b'{"amount": 2.000000000000000001, "to": "usd", "from": "eth"}',  # a JSON number, exact
-    b'{"from": "ETH", "to": "RUB", "amount": 1}',
-    b'{"from": "AAA", "to": "BBB", "amount": "1"}',  # no provider prices it: 404
-]
-# Left to Django, with Django's answer: bad input (its 422s) and what the fast path does not read.
-BODY_LEFT_TO_DJANGO = {
-    b'{"from": "BTC", "to": "USD", "amount": "-1"}': 422,
-    b'{"from": "BTC", "to": "USD", "amount": "1", "x": 1}': 422,  # extra keys are forbidden
-    b'{"from": "BTC", "to": "USD"}': 422,
-    b'{"from": "B", "to": "USD", "amount": "1"}': 422,
-    b'{"from": "BTC", "to": "USD", "amount": NaN}': 422,
-    b'["BTC", "USD", 1]': 422,
-    b"{not json": 400,
-    b"": 422,
-    b'{"from": "BTC", "to": "USD", "amount": "1", "pad": "' + b"x" * 5000 + b'"}': 422,
-}
-
-
-@pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("body", BODY_CONVERSIONS + list(BODY_LEFT_TO_DJANGO))
-async def test_post_convert_is_the_same_on_both_doors(
-    rated: dict[str, Item], body: bytes, django_calls: DjangoCalls
-) -> None:
-    remember("AAA-BBB", PairNotPriced("no provider prices AAA-BBB, directly or as a cross rate"))
-    fast, slow = await both("/api/v1/convert", b"", JSON_BODY, method="POST", body=body)
-    assert fast == slow
-    if body in BODY_CONVERSIONS:
-        assert django_calls.count == 1  # only the slow door's
-        assert fast.status == (404 if b"AAA" in body else 200)
-    else:
-        assert django_calls.count == 2
-        assert fast.status == BODY_LEFT_TO_DJANGO[body]
 
 
 @pytest.mark.django_db(transaction=True)

@@ -82,47 +82,46 @@ def fetcher_logs(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [record for record in caplog.records if record.name == "rates.fetcher"]
 
 
-def test_a_status_save_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
-    settings: Any, fresh_board: QuoteBoard, caplog: pytest.LogCaptureFixture
+# What a shared-cache outage says: saving (the fetcher, at every flush) and reading (the web
+# process, at every `/providers` and health call), each once when it starts and once when it ends.
+OUTAGE_LINES = {
+    "save": (
+        "cannot save provider statuses",
+        "provider statuses are saved to the shared cache again",
+    ),
+    "read": (
+        "provider statuses: the shared cache is unreachable",
+        "provider statuses are read from the shared cache again",
+    ),
+}
+
+
+@pytest.mark.parametrize("use", ["save", "read"])
+def test_a_shared_cache_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
+    settings: Any, fresh_board: QuoteBoard, caplog: pytest.LogCaptureFixture, use: str
 ) -> None:
+    act = flush_statuses if use == "save" else provider_statuses
+    notice = {"save": "status_saving", "read": "status_reading"}[use]
+    starts, ends = OUTAGE_LINES[use]
     working = settings.CACHES
     for name in ("binance", "bybit"):
         monitor_for(name).failed("HTTP 503", kind="http")
     cut_off_the_shared_cache(settings)
     with caplog.at_level(logging.INFO, logger="rates.fetcher"):
-        flush_statuses()
-        assert fetcher.status_saving.failing
-        flush_statuses()  # the next poll: both providers fail again, and nothing is said
+        act()
+        assert getattr(fetcher, notice).failing
+        act()  # the next poll or request: both providers fail again, and nothing is said
+        act()
         [outage] = fetcher_logs(caplog)
         assert outage.levelname == "WARNING"
-        assert outage.getMessage().startswith("cannot save provider statuses")
+        assert outage.getMessage().startswith(starts)
         settings.CACHES = working
-        flush_statuses()
-        flush_statuses()
+        act()
+        act()
     [outage, recovery] = fetcher_logs(caplog)
     assert recovery.levelname == "INFO"
-    assert recovery.getMessage() == "provider statuses are saved to the shared cache again"
-    assert not fetcher.status_saving.failing
-    saved = caches["shared"].get(STATUS_KEY.format(name="bybit"))
-    assert (saved["name"], saved["last_error"]) == ("bybit", "HTTP 503")
-
-
-def test_a_status_read_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
-    settings: Any, fresh_board: QuoteBoard, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The web process reads statuses for every `/providers` and health call: one line each way."""
-    working = settings.CACHES
-    cut_off_the_shared_cache(settings)
-    with caplog.at_level(logging.INFO, logger="rates.fetcher"):
-        for _ in range(3):
-            assert len(provider_statuses()) == len(settings.KURS_PROVIDERS)
-        [outage] = fetcher_logs(caplog)
-        assert outage.levelname == "WARNING"
-        assert outage.getMessage().startswith("provider statuses: the shared cache is unreachable")
-        settings.CACHES = working
-        provider_statuses()
-        provider_statuses()
-    [outage, recovery] = fetcher_logs(caplog)
-    assert recovery.levelname == "INFO"
-    assert recovery.getMessage() == "provider statuses are read from the shared cache again"
-    assert not fetcher.status_reading.failing
+    assert recovery.getMessage() == ends
+    assert not getattr(fetcher, notice).failing
+    if use == "save":
+        saved = caches["shared"].get(STATUS_KEY.format(name="bybit"))
+        assert (saved["name"], saved["last_error"]) == ("bybit", "HTTP 503")
