@@ -17,10 +17,12 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from websockets.asyncio.client import connect as ws_connect
 
-from config.serverprotocol import CoalescingTransport, KursHttpProtocol
+from config.serverprotocol import FLUSH_AT, CoalescingTransport, KursHttpProtocol
 from tests.services import free_port, wait_for_port
 
 BODY = b'{"courses":[]}'
+BIG_CHUNK = b"x" * 32 * 1024
+BIG_CHUNKS = 64
 
 
 class Recorder:
@@ -77,6 +79,15 @@ class App:
             await send({"type": "websocket.close", "code": 1000})
             return
         headers = [(b"content-type", b"application/json")]
+        if scope["path"] == "/big":
+            # 2 MiB in 64 chunks, never yielding to the loop in between (send does not block).
+            total = len(BIG_CHUNK) * BIG_CHUNKS
+            headers.append((b"content-length", str(total).encode()))
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            for n in range(BIG_CHUNKS):
+                last = n == BIG_CHUNKS - 1
+                await send({"type": "http.response.body", "body": BIG_CHUNK, "more_body": not last})
+            return
         if scope["path"] == "/stream":
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": b"first\n", "more_body": True})
@@ -211,4 +222,18 @@ async def test_a_connection_in_use_outlives_the_keep_alive_timeout() -> None:
         assert answers >= 6
         (recorder,) = answered()  # one connection throughout
         assert len(recorder.writes) == answers
+        writer.close()
+
+
+async def test_a_large_answer_reaches_the_socket_as_it_grows_not_at_the_end_of_the_pass() -> None:
+    # Held back only up to FLUSH_AT: the real transport sees the body as it is made, so its
+    # high-water mark can pause the app (uvicorn's flow control) as without the protocol.
+    async with serving(RecordedKurs) as (port, _app, _server):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /big HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        _head, body = await read_response(reader)
+        assert body == BIG_CHUNK * BIG_CHUNKS
+        (recorder,) = answered()
+        assert len(recorder.writes) >= len(body) // (FLUSH_AT + len(BIG_CHUNK))
+        assert max(map(len, recorder.writes)) < FLUSH_AT + len(BIG_CHUNK) + 1024
         writer.close()
