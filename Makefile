@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | 
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 TEST_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/test
-EMULATOR_PORT ?= 8900
+# `KURS_EMULATOR_PORT` is the name the rest of Kurs reads (scripts/start.sh); either spelling works.
+EMULATOR_PORT ?= $(or $(KURS_EMULATOR_PORT),8900)
 EMULATOR := http://127.0.0.1:$(EMULATOR_PORT)
 EMULATOR_WS := ws://127.0.0.1:$(EMULATOR_PORT)
 
@@ -46,7 +47,7 @@ migrate: install dotenv
 	DJANGO_DEBUG=$${DJANGO_DEBUG:-true} $(BIN)/python manage.py migrate --no-input -v 0
 
 run: migrate
-	DJANGO_DEBUG=$${DJANGO_DEBUG:-true} scripts/start.sh
+	DJANGO_DEBUG=$${DJANGO_DEBUG:-true} scripts/start.sh || test $$? -eq 130  # Ctrl-C is how it stops
 
 demo: migrate
 	@echo "Exchange emulator: $(EMULATOR)  (faults: POST $(EMULATOR)/_control/<provider>)"
@@ -54,10 +55,16 @@ demo: migrate
 	KURS_BINANCE_REST_URL=$(EMULATOR)/binance KURS_BINANCE_WS_URL=$(EMULATOR_WS)/binance \
 	KURS_BYBIT_REST_URL=$(EMULATOR)/bybit KURS_BYBIT_WS_URL=$(EMULATOR_WS)/bybit \
 	KURS_COINGECKO_REST_URL=$(EMULATOR)/coingecko KURS_CBR_REST_URL=$(EMULATOR)/cbr \
-	scripts/start.sh emulator
+	scripts/start.sh emulator || test $$? -eq 130
 
+# Without a terminal createsuperuser cannot ask for a password and would exit 0 having created
+# nobody: say how to do it non-interactively instead, and fail.
 superuser: migrate
-	$(BIN)/python manage.py createsuperuser
+	@if [ -t 0 ]; then $(BIN)/python manage.py createsuperuser; \
+	elif [ -n "$$DJANGO_SUPERUSER_USERNAME" ] && [ -n "$$DJANGO_SUPERUSER_PASSWORD" ]; then \
+		$(BIN)/python manage.py createsuperuser --no-input --email "$${DJANGO_SUPERUSER_EMAIL:-}"; \
+	else echo "make superuser: no terminal to ask for a password. Non-interactively:" >&2; \
+		echo "  DJANGO_SUPERUSER_USERNAME=admin DJANGO_SUPERUSER_PASSWORD='...' make superuser" >&2; exit 2; fi
 
 apikey: migrate
 	@if [ -z "$(NAME)" ]; then echo "usage: make apikey NAME=my-script" >&2; exit 2; fi
