@@ -212,6 +212,11 @@ KURS_HISTORY_DAYS = env.positive_int("KURS_HISTORY_DAYS", 90)
 KURS_WS_HEARTBEAT = env.positive_float("KURS_WS_HEARTBEAT", 30.0)
 # Browser origins allowed on /ws/items and the stream besides DJANGO_ALLOWED_HOSTS (SPEC 8).
 KURS_WS_ALLOWED_ORIGINS = env.origins("KURS_WS_ALLOWED_ORIGINS")
+# Per client address and web worker process, WebSocket and SSE together (realtime/limits.py).
+KURS_MAX_CONNECTIONS_PER_CLIENT = env.positive_int("KURS_MAX_CONNECTIONS_PER_CLIENT", 50)
+# A resume further behind than this many stream events gets `gap` + snapshot, not a replay.
+KURS_MAX_REPLAY_EVENTS = env.non_negative_int("KURS_MAX_REPLAY_EVENTS", 1000)
+KURS_MAX_REPLAYS_PER_CLIENT = env.positive_int("KURS_MAX_REPLAYS_PER_CLIENT", 2)
 KURS_API_KEYS_REQUIRED = env.boolean("KURS_API_KEYS_REQUIRED", True)
 KURS_RATE_LIMIT = env.rate_limit("KURS_RATE_LIMIT")
 # `POST /tasks/run` per API key: each call makes every exchange answer at once (their bans).
