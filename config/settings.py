@@ -39,7 +39,7 @@ CSRF_TRUSTED_ORIGINS = env.csv("DJANGO_CSRF_TRUSTED_ORIGINS", "")
 
 INSTALLED_APPS = [
     "daphne",
-    "django.contrib.admin",
+    "config.apps.KursAdminConfig",  # django.contrib.admin, its sign-in throttled
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -221,6 +221,8 @@ KURS_API_KEYS_REQUIRED = env.boolean("KURS_API_KEYS_REQUIRED", True)
 KURS_RATE_LIMIT = env.rate_limit("KURS_RATE_LIMIT")
 # `POST /tasks/run` per API key: each call makes every exchange answer at once (their bans).
 KURS_TASKS_RATE_LIMIT = env.rate_limit("KURS_TASKS_RATE_LIMIT", "6/min")
+# Failed admin sign-ins per address and per username before a lockout of the period.
+KURS_ADMIN_LOGIN_LIMIT = env.rate_limit("KURS_ADMIN_LOGIN_LIMIT", "5/min")
 # USDTTRC and USDTERC are USDT on TRON and Ethereum; exchanges quote plain USDT (SPEC 4).
 KURS_ASSET_ALIASES = env.aliases("KURS_ASSET_ALIASES", "USDTTRC:USDT,USDTERC:USDT")
 
