@@ -776,6 +776,7 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
         "KURS_WS_HEARTBEAT": "3600",
         "KURS_LOG_LEVEL": "WARNING",
         "KURS_RATE_LIMIT": "",  # 200 SSE clients from one address
+        "KURS_MAX_CONNECTIONS_PER_CLIENT": "100000",  # 1,000 sockets from one address
     }
     os.environ.update(env)
     # JetStream on, as in production: the web process consumes through an ordered consumer and

@@ -39,7 +39,7 @@ CSRF_TRUSTED_ORIGINS = env.csv("DJANGO_CSRF_TRUSTED_ORIGINS", "")
 
 INSTALLED_APPS = [
     "daphne",
-    "django.contrib.admin",
+    "config.apps.KursAdminConfig",  # django.contrib.admin, its sign-in throttled
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -212,10 +212,17 @@ KURS_HISTORY_DAYS = env.positive_int("KURS_HISTORY_DAYS", 90)
 KURS_WS_HEARTBEAT = env.positive_float("KURS_WS_HEARTBEAT", 30.0)
 # Browser origins allowed on /ws/items and the stream besides DJANGO_ALLOWED_HOSTS (SPEC 8).
 KURS_WS_ALLOWED_ORIGINS = env.origins("KURS_WS_ALLOWED_ORIGINS")
+# Per client address and web worker process, WebSocket and SSE together (realtime/limits.py).
+KURS_MAX_CONNECTIONS_PER_CLIENT = env.positive_int("KURS_MAX_CONNECTIONS_PER_CLIENT", 50)
+# A resume further behind than this many stream events gets `gap` + snapshot, not a replay.
+KURS_MAX_REPLAY_EVENTS = env.non_negative_int("KURS_MAX_REPLAY_EVENTS", 1000)
+KURS_MAX_REPLAYS_PER_CLIENT = env.positive_int("KURS_MAX_REPLAYS_PER_CLIENT", 2)
 KURS_API_KEYS_REQUIRED = env.boolean("KURS_API_KEYS_REQUIRED", True)
 KURS_RATE_LIMIT = env.rate_limit("KURS_RATE_LIMIT")
 # `POST /tasks/run` per API key: each call makes every exchange answer at once (their bans).
 KURS_TASKS_RATE_LIMIT = env.rate_limit("KURS_TASKS_RATE_LIMIT", "6/min")
+# Failed admin sign-ins per address and per username before a lockout of the period.
+KURS_ADMIN_LOGIN_LIMIT = env.rate_limit("KURS_ADMIN_LOGIN_LIMIT", "5/min")
 # USDTTRC and USDTERC are USDT on TRON and Ethereum; exchanges quote plain USDT (SPEC 4).
 KURS_ASSET_ALIASES = env.aliases("KURS_ASSET_ALIASES", "USDTTRC:USDT,USDTERC:USDT")
 

@@ -4,8 +4,14 @@ Every frame to the client, replies included, goes through this socket's queue in
 order is kept and only one task ever writes to the socket.
 
 `?since=<seq>` resumes: instead of a snapshot, the socket's queue first replays the stream after
-that sequence (`bridge.replay`), then continues live. `?min_interval_ms=` and `?min_change=`
-set the socket's delivery policy (also in a `subscribe` action).
+that sequence (`bridge.replay`), then continues live; a `since` more than KURS_MAX_REPLAY_EVENTS
+behind gets `gap` and a snapshot instead (`realtime.resume`). `?min_interval_ms=` and
+`?min_change=` set the socket's delivery policy (also in a `subscribe` action).
+
+Over a per-client cap (`realtime.limits`) the handshake is accepted and at once closed, after an
+`error` frame, with a code and reason a browser can read (a refused handshake reaches a page as
+a bare 1006): 1008 for too many connections (retrying does not help while the client's others
+stay open), 1013 for too many resumes replaying at once (retry in a second).
 """
 
 from __future__ import annotations
@@ -20,16 +26,19 @@ from django.conf import settings
 
 from config.jsonenc import dumps
 from rates.snapshot import snapshot
-from realtime import metrics
+from realtime import metrics, resume
 from realtime.bridge import bridge
 from realtime.events import utc_now_iso
 from realtime.frames import error_frame, snapshot_frame
-from realtime.hub import DeliveryPolicy, SocketQueue, hub
+from realtime.hub import CLOSE_TRY_AGAIN_LATER, DeliveryPolicy, SocketQueue, hub
+from realtime.limits import Lease, client_of_scope
 from realtime.options import BadOption, delivery_policy, pairs_from_values, parse_since
 
 MAX_CLIENT_MESSAGE_BYTES = 4 * 1024
 MAX_PAIRS_PER_MESSAGE = 100
 PONG = dumps({"type": "pong"})
+# RFC 6455: the client broke a rule of this server (here: its connections per client).
+CLOSE_POLICY_VIOLATION = 1008
 
 
 def last_value(query: dict[str, list[str]], name: str) -> str | None:
@@ -47,6 +56,7 @@ class ItemsConsumer(AsyncWebsocketConsumer):
 
     queue: SocketQueue | None = None
     _heartbeat: asyncio.TimerHandle | None = None
+    _slots: tuple[Lease, ...] = ()
 
     async def connect(self) -> None:
         await bridge.ensure_started()
@@ -69,6 +79,15 @@ class ItemsConsumer(AsyncWebsocketConsumer):
             )
         except BadOption as exc:
             errors.append(str(exc))
+        start = resume.plan(since)
+        try:
+            connection, replay = resume.admit(client_of_scope(self.scope), start)
+        except resume.Refused as refused:
+            code = CLOSE_TRY_AGAIN_LATER if refused.replays else CLOSE_POLICY_VIOLATION
+            await self._refuse(code, refused.detail)
+            return
+        # Freed by disconnect(), or when this consumer is collected if that never runs.
+        self._slots = tuple(s.bind(self) for s in (connection, replay) if s is not None)
         await self.accept()
         # No await from here to hub.add(): no event can slip in before the snapshot (or, on a
         # resume, before the queue starts holding live frames for after the replay).
@@ -77,11 +96,11 @@ class ItemsConsumer(AsyncWebsocketConsumer):
             self._close_slow,
             pairs=pairs,
             policy=policy,
-            prelude=None if since is None else bridge.replay(since, lambda: queue.pairs),
+            prelude=None if replay is None else resume.replay(start, lambda: queue.pairs, replay),
         )
         self.queue = queue
-        if since is None:
-            queue.put(snapshot_frame(pairs, bridge.last_seq))
+        for frame in resume.first_frames(start, pairs):
+            queue.put(frame)
         if unknown:
             queue.put(error_frame(unknown_pairs_detail(unknown)))
         for detail in errors:
@@ -94,6 +113,8 @@ class ItemsConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        for slot in self._slots:
+            slot.release()
         if self.queue is not None:
             hub.remove(self.queue)
             metrics.WS_CONNECTIONS.dec()
@@ -178,6 +199,11 @@ class ItemsConsumer(AsyncWebsocketConsumer):
 
     async def _close_slow(self, code: int) -> None:
         await self.close(code=code)
+
+    async def _refuse(self, code: int, detail: str) -> None:
+        await self.accept()
+        await self.send(text_data=error_frame(detail))
+        await self.close(code=code, reason=detail)
 
     def _schedule_heartbeat(self) -> None:
         loop = asyncio.get_running_loop()

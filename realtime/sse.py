@@ -23,17 +23,17 @@ from functools import lru_cache
 from typing import Any
 
 from django.conf import settings
-from django.http import HttpRequest, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from ninja import Query, Router, Schema
 from ninja.errors import HttpError
 from pydantic import ConfigDict, Field, field_validator
 
 from config.security import read_throttle
 from rates.snapshot import snapshot
-from realtime import metrics
+from realtime import metrics, resume
 from realtime.bridge import bridge
-from realtime.frames import snapshot_frame
 from realtime.hub import DeliveryPolicy, SocketQueue, hub
+from realtime.limits import Lease, client_of_request
 from realtime.options import BadOption, delivery_policy, pairs_from_values, parse_since
 from realtime.origin import origin_allowed
 
@@ -54,8 +54,13 @@ event is the `snapshot` of the subscribed pairs; then every event of the subscri
 
 Resume: send `Last-Event-ID: <seq>` (browsers' `EventSource` does this by itself on reconnect)
 or `?since=<seq>`: the events after that sequence are replayed from the stream, in order, then
-the stream continues live. When the stream no longer holds them, a `gap` event
+the stream continues live. When the stream no longer holds them, or they are more than
+`KURS_MAX_REPLAY_EVENTS` (1,000) behind the stream's end, a `gap` event
 (`{"since", "first_available"}`) and a fresh `snapshot` come first.
+
+Per client address and server process: at most `KURS_MAX_CONNECTIONS_PER_CLIENT` (50) open
+streams and WebSockets together, and `KURS_MAX_REPLAYS_PER_CLIENT` (2) resumes replaying at once;
+over either, 429 with `Retry-After` and a JSON `detail`.
 
 Follow it with `curl -N 'http://127.0.0.1:8000/api/v1/stream?pairs=BTC-USD'`.
 """
@@ -145,8 +150,10 @@ class _Client:
 
 async def _body(
     pairs: set[str] | None,
-    since: int | None,
+    start: resume.Start,
     policy: DeliveryPolicy | None,
+    connection: Lease,
+    replay: Lease | None,
 ) -> AsyncIterator[bytes]:
     client = _Client()
     queue = SocketQueue(
@@ -154,11 +161,11 @@ async def _body(
         client.close,
         pairs=pairs,
         policy=policy,
-        prelude=None if since is None else bridge.replay(since, lambda: queue.pairs),
+        prelude=None if replay is None else resume.replay(start, lambda: queue.pairs, replay),
     )
     # As for a WebSocket: no await between the snapshot and hub.add(), so nothing slips by.
-    if since is None:
-        queue.put(snapshot_frame(pairs, bridge.last_seq))
+    for frame in resume.first_frames(start, pairs):
+        queue.put(frame)
     hub.add(queue)
     queue.start()
     metrics.SSE_CONNECTIONS.inc()
@@ -181,6 +188,9 @@ async def _body(
         beat.cancel()
         hub.remove(queue)
         metrics.SSE_CONNECTIONS.dec()
+        connection.release()
+        if replay is not None:
+            replay.release()
         with contextlib.suppress(Exception):
             await queue.stop()
 
@@ -217,7 +227,7 @@ async def _body(
         },
     },
 )
-async def stream(request: HttpRequest, query: Query[StreamQuery]) -> StreamingHttpResponse:
+async def stream(request: HttpRequest, query: Query[StreamQuery]) -> HttpResponse:
     origin = request.headers.get("Origin")
     if not origin_allowed(origin):
         raise HttpError(403, f"origin {origin!r} is not allowed")
@@ -240,9 +250,20 @@ async def stream(request: HttpRequest, query: Query[StreamQuery]) -> StreamingHt
         if unknown:
             raise HttpError(422, f"pairs: unknown pair(s): {', '.join(unknown)}")
         pairs = set(requested)
-    response = StreamingHttpResponse(
-        _body(pairs, since, policy), content_type="text/event-stream; charset=utf-8"
-    )
+    start = resume.plan(since)
+    try:
+        connection, replay = resume.admit(client_of_request(request), start)
+    except resume.Refused as refused:
+        response = JsonResponse({"detail": refused.detail}, status=429)
+        response["Retry-After"] = str(refused.retry_after)
+        return response
+    body = _body(pairs, start, policy, connection, replay)
+    # A body Django never starts (the client left before the first byte) runs no `finally`:
+    # its slots are then freed when it is collected.
+    connection.bind(body)
+    if replay is not None:
+        replay.bind(body)
+    response = StreamingHttpResponse(body, content_type="text/event-stream; charset=utf-8")
     response["Cache-Control"] = "no-cache"
     # nginx (and similar proxies) pass each event on at once instead of buffering the body.
     response["X-Accel-Buffering"] = "no"

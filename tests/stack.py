@@ -99,6 +99,8 @@ class Stack:
                 "KURS_STALE_AFTER": f"{self.stale_after:g}",
                 "KURS_SHARED_CACHE_DIR": str(self.folder / "cache"),
                 "KURS_LOG_LEVEL": "INFO",
+                # Every client of a stack is 127.0.0.1 (the soak: 250 streams).
+                "KURS_MAX_CONNECTIONS_PER_CLIENT": "100000",
             }
         )
         if self.redis_url:

@@ -40,7 +40,7 @@ from tests.services import ROOT, NatsServer, free_port, wait_for_port
 pytestmark = pytest.mark.nats
 
 # README "Limits and close codes": every code a client of /ws/items may see.
-DOCUMENTED_CLOSE_CODES = {1000, 1002, 1007, 1009, 1011, 1012, 1013}
+DOCUMENTED_CLOSE_CODES = {1000, 1002, 1007, 1008, 1009, 1011, 1012, 1013}
 PAIRS = [f"{b}-{q}" for b in ("BTC", "ETH", "USDTTRC", "USDTERC") for q in ("RUB", "USD")]
 RATE_EVERY_S = 0.05  # one rate event every 50 ms, round-robin over the 8 pairs
 ABRUPT = 500  # abrupt connections per endpoint
@@ -50,6 +50,7 @@ FLOOD = 3000  # subscribe actions sent without reading the answers
 FD_SLACK = 3
 RSS_BOUND_MB = 25
 REFUSAL_S = 2.0  # an answer to a bad handshake, at once (uvicorn 0.54 alone: never)
+PER_CLIENT = 50  # KURS_MAX_CONNECTIONS_PER_CLIENT's default
 
 
 @dataclass
@@ -535,6 +536,62 @@ async def test_an_invalid_utf8_message_is_closed_1007_with_one_warning_and_no_tr
     assert len(lines) == 1, text
     assert " WARNING " in lines[0]
     assert_clean_log(text)
+
+
+async def test_one_address_holds_at_most_50_streams_and_sockets_and_is_told_why_past_them(
+    server: Server,
+) -> None:
+    """Issue 17 had 600 SSE + 600 WebSocket connections from one address all accepted (fds 59 ->
+    808): now the first 50, SSE and WebSocket together, and a clear refusal for the rest."""
+    fds = server.fds()
+    base = f"http://127.0.0.1:{server.port}"
+    url = f"ws://127.0.0.1:{server.port}/ws/items"
+    detail = f"too many connections from this address (at most {PER_CLIENT} per server process)"
+    answers: list[str] = []
+    unlimited = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with (
+        contextlib.AsyncExitStack() as held,
+        httpx.AsyncClient(base_url=base, timeout=10.0, limits=unlimited) as http,
+    ):
+        for n in range(120):
+            if n % 2:
+                ws = await held.enter_async_context(ws_connect(url))
+                first = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                if first["type"] == "snapshot":
+                    answers.append("ws")
+                    continue
+                assert first == {"type": "error", "detail": detail}
+                with pytest.raises(ConnectionClosed) as closed:
+                    await asyncio.wait_for(ws.recv(), 5)
+                assert closed.value.rcvd is not None
+                assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, detail)
+                answers.append("ws 1008")
+                continue
+            response = await held.enter_async_context(http.stream("GET", "/api/v1/stream"))
+            if response.status_code == 200:
+                lines = response.aiter_lines()
+                held.push_async_callback(lines.aclose)  # kept: a dropped one closes the stream
+                async with asyncio.timeout(5):
+                    while await anext(lines) != "event: snapshot":
+                        pass
+                answers.append("sse")
+                continue
+            await response.aread()
+            assert (response.status_code, response.json()) == (429, {"detail": detail})
+            assert response.headers["retry-after"] == "10"
+            answers.append("sse 429")
+        assert answers == ["sse", "ws"] * 25 + ["sse 429", "ws 1008"] * 35
+        # The refused hold nothing: one descriptor per accepted connection (and a few of its own).
+        assert server.fds() <= fds + PER_CLIENT + FD_SLACK
+    assert await settled(server, fds, within=10.0) <= fds
+    # Every slot is given back: a new connection is accepted (within a few tries while the
+    # server finishes the disconnects it has seen).
+    async with asyncio.timeout(10):
+        while True:
+            async with ws_connect(url) as ws:
+                if json.loads(await ws.recv())["type"] == "snapshot":
+                    break
+    assert_clean_log(server.log_text())
 
 
 async def test_abuse_leaves_a_well_behaved_client_every_event_and_the_server_as_it_was(

@@ -111,15 +111,16 @@ def own_jetstream(settings: LazySettings, tmp_path: Path) -> Iterator[NatsServer
 
 
 @contextlib.asynccontextmanager
-async def serving(listener: socket.socket) -> AsyncIterator[int]:
-    """uvicorn serving Kurs in this process (lifespan on) on `listener`: its port number."""
+async def serving(listener: socket.socket, **options: Any) -> AsyncIterator[int]:
+    """uvicorn serving Kurs in this process (lifespan on) on `listener`: its port number;
+    `options` go to `uvicorn.Config`."""
     import uvicorn
 
     from config.asgi import application
 
     listener.listen()
     config = uvicorn.Config(
-        application, lifespan="on", log_level="warning", timeout_graceful_shutdown=5
+        application, lifespan="on", log_level="warning", timeout_graceful_shutdown=5, **options
     )
     instance = uvicorn.Server(config)
     task = asyncio.create_task(instance.serve(sockets=[listener]))
