@@ -13,6 +13,7 @@
   const CHART_MAX_POINTS = 600;
   let retry = 0;
   let snapshotSeen = false;
+  let socketState = "connecting";  // then "open", or "closed" until it reconnects
 
   function staleAfter(provider) {
     const legs = provider.split(config.derived_separator);
@@ -39,6 +40,22 @@
     if (s < 3600) return (s / 60).toFixed(0) + " min";
     if (s < 86400) return (s / 3600).toFixed(1) + " h";
     return (s / 86400).toFixed(1) + " d";
+  }
+
+  // Values are read, not copied: grouped and rounded to the digits that matter at their size
+  // (cents above 1,000; four significant digits below 1). The exact value stays in the cell's
+  // title and data-exact; the API keeps every digit.
+  const formats = new Map();
+  function formatValue(text) {
+    const v = Math.abs(Number(text));
+    if (!Number.isFinite(v)) return String(text);
+    const digits = v >= 1000 ? 2 : v >= 1 ? 4 : v === 0 ? 2 : Math.min(12, 3 - Math.floor(Math.log10(v)));
+    if (!formats.has(digits)) {
+      formats.set(digits, new Intl.NumberFormat("en", {
+        minimumFractionDigits: digits, maximumFractionDigits: digits }));
+    }
+    // A decimal string is formatted exactly (no detour through a binary float).
+    return formats.get(digits).format(String(text));
   }
 
   function cell(text, className) {
@@ -138,15 +155,26 @@
       const after = [...rows.children].find((r) => r.dataset.pair > course.direction);
       rows.insertBefore(tr, after || null);
     }
+    const age = formatAge(ageSeconds(course));
+    const pair = cell("", "pair");
+    const meta = document.createElement("span");
+    meta.className = "meta";
+    meta.textContent = course.provider + " · " + age;
+    pair.append(course.direction, meta);
+    const value = cell(formatValue(course.value), "num value");
+    value.title = course.value;
+    value.dataset.exact = course.value;
+    value.dataset.field = "value";
+    const status = statusOf(course);
+    tr.classList.toggle("stale", status === "stale");
     tr.replaceChildren(
-      cell(course.direction),
-      cell(course.value, "num value"),
+      pair,
+      value,
       cell(course.provider, "provider"),
-      cell(formatAge(ageSeconds(course)), "num age"),
-      flagsCell(course),
+      cell(age, "num age"),
+      flagsCell(course, status),
       chartFor(course.direction).td,
     );
-    tr.querySelector(".value").dataset.field = "value";
     if (previous && previous.value !== course.value) {
       tr.classList.remove("up", "down", "flash");
       tr.classList.add(Number(course.value) >= Number(previous.value) ? "up" : "down", "flash");
@@ -154,9 +182,9 @@
     }
   }
 
-  function flagsCell(course) {
-    const td = document.createElement("td");
-    td.append(tag(statusOf(course)));
+  function flagsCell(course, status) {
+    const td = cell("", "flags");
+    td.append(tag(status));
     if (course.derived) td.append(tag("derived"));
     return td;
   }
@@ -253,7 +281,7 @@
   function summary(message) {
     const d = message.data || {};
     switch (message.type) {
-      case "rate.updated": return d.direction + " " + d.value + " (" + d.provider + ")";
+      case "rate.updated": return d.direction + " " + formatValue(d.value) + " (" + d.provider + ")";
       case "provider.state": return d.name + " → " + d.state + (d.reason ? ": " + d.reason : "");
       case "fetch.completed": return "stored " + d.stored + " in " + d.duration_ms + " ms";
       case "nats.inbound": return d.subject + " " + JSON.stringify(d.payload).slice(0, 120);
@@ -305,6 +333,40 @@
       addLog(message.type + " " + summary(message));
     }
     document.getElementById("updated").textContent = "last message " + new Date().toLocaleTimeString();
+    renderBadge();
+  }
+
+  // The badge answers "can I trust these numbers?": how long ago the freshest rate was confirmed
+  // and how many are stale, not only whether the socket is open.
+  function renderBadge() {
+    let text;
+    let state;
+    const known = [...courses.values()];
+    const freshest = known.length ? Math.min(...known.map(ageSeconds)) : null;
+    const stale = known.filter((c) => statusOf(c) === "stale").length;
+    if (socketState !== "open") {
+      text = socketState === "closed" ? "reconnecting…" : "connecting…";
+      if (freshest !== null) text += " · rates " + formatAge(freshest) + " old";
+      state = socketState === "closed" ? "closed" : "";
+    } else if (!snapshotSeen) {
+      text = "connected";
+      state = "";
+    } else if (freshest === null) {
+      text = "no rates yet";
+      state = "stale";
+    } else if (stale === known.length) {
+      text = "stale · " + formatAge(freshest) + " ago";
+      state = "stale";
+    } else {
+      text = "live · " + formatAge(freshest) + " ago" + (stale ? " · " + stale + " stale" : "");
+      state = stale ? "partial" : "open";
+    }
+    statusBadge.textContent = text;
+    statusBadge.className = state;
+    statusBadge.dataset.socket = socketState;
+    statusBadge.title = freshest === null ? "" :
+      "the freshest rate was confirmed " + formatAge(freshest) + " ago; " +
+      stale + " of " + known.length + " are stale";
   }
 
   function connect() {
@@ -312,15 +374,17 @@
     const socket = new WebSocket(scheme + location.host + config.ws_path + location.search);
     socket.onopen = () => {
       retry = 0;
-      statusBadge.textContent = "live";
-      statusBadge.className = "open";
+      socketState = "open";
+      renderBadge();
     };
     // Values stay exact: the raw JSON numbers are kept as text for display.
     socket.onmessage = (event) => handle(JSON.parse(
       event.data.replace(/(?<!\\)"value":(-?[0-9.eE+-]+)/g, '"value":"$1"')));
     socket.onclose = () => {
-      statusBadge.textContent = "reconnecting…";
-      statusBadge.className = "closed";
+      socketState = "closed";
+      // The next socket's snapshot is the truth again: until it comes, no "live" claim.
+      snapshotSeen = false;
+      renderBadge();
       const delay = Math.min(10000, 250 * 2 ** retry++) * (0.5 + Math.random() / 2);
       setTimeout(connect, delay);
     };
@@ -331,6 +395,7 @@
     for (const course of courses.values()) renderRow(course);
     for (const chart of charts.values()) drawChart(chart);
     for (const p of providerStates.values()) renderProvider(p);
+    renderBadge();
   }, 1000);
   setInterval(loadProviders, 30000);
   loadProviders();
