@@ -381,6 +381,17 @@ async def test_the_admin_works_under_the_content_security_policy(
         await page.locator("#result_list a", has_text="BTC-USD").first.click()
         await expect(page.locator("form#item_form")).to_be_visible()
         assert await csp_violations(page) == []
+
+        # The list's history link opens the pair's 40 seeded rates, newest first, read-only.
+        await page.go_back()
+        row = page.locator(
+            "#result_list tr", has=page.locator("a", has_text=re.compile("^BTC-USD$"))
+        )
+        await row.locator("td.field-history a").click()
+        await expect(page.locator("#result_list tbody tr")).to_have_count(40)
+        await expect(page.locator("#result_list tbody tr").first).to_contain_text("54,3")
+        assert await page.locator("#content-main .object-tools a").count() == 0
+        assert await csp_violations(page) == []
         assert errors == []
 
 
