@@ -119,8 +119,8 @@ class Quote:
 REASON_LIMIT = 100
 MESSAGE_LIMIT = 200
 _TITLE = re.compile(r"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
-# A tag, or what is left of one that the upstream's body or a snippet cut short.
-_TAG = re.compile(r"<[^>]*(?:>|$)")
+# A tag (or a comment, a doctype), also one that a snippet cut short; a lone "<" is no markup.
+_TAG = re.compile(r"<(?:[a-zA-Z/!?][^>]*)?(?:>|$)")
 _SPACE = re.compile(r"\s+")
 
 

@@ -106,3 +106,6 @@ def test_any_failure_text_is_plain_and_bounded() -> None:
     assert str(error).startswith("cannot parse Bad gateway Bad gateway")
     # What a snippet cut in the middle of a tag leaves is no tag either.
     assert readable("body is not JSON: '<html><bo") == "body is not JSON: '"
+    assert readable("<!DOCTYPE html><!-- x --><p>down</p> <") == "down"
+    # A comparison is words, not markup.
+    assert readable("price < 0 or > 1e9") == "price < 0 or > 1e9"
