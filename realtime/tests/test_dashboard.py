@@ -395,6 +395,29 @@ async def test_the_admin_works_under_the_content_security_policy(
         assert errors == []
 
 
+async def test_the_badge_says_how_old_the_rates_are_when_the_socket_is_gone(
+    chromium: Path,
+    start_web: Callable[..., WebProcess],
+) -> None:
+    from playwright.async_api import expect
+
+    web = start_web(False)
+    assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
+    async with browser_page(chromium) as (page, _errors):
+        await page.goto(f"http://127.0.0.1:{web.port}/")
+        badge = page.locator("#status")
+        await expect(badge).to_have_attribute("data-socket", "open", timeout=10_000)
+        events.publish("rate.updated", rate("BTC-USD", "54321.5", "binance", age_s=20))
+        await expect(badge).to_have_text(re.compile(r"^live · 2[0-9] s ago$"), timeout=10_000)
+
+        # The server goes away (the page's reconnect attempts are console errors, not checked):
+        # the badge no longer says "live", but how old the rates it still shows are.
+        await asyncio.to_thread(web.stop)
+        await expect(badge).to_have_text(re.compile(r"^reconnecting… · rates [2-9][0-9] s old$"))
+        await expect(badge).to_have_class("closed")
+        await expect(badge).to_have_attribute("data-socket", "closed")
+
+
 async def test_a_slow_providers_answer_does_not_undo_a_newer_provider_event(
     chromium: Path,
     start_web: Callable[..., WebProcess],

@@ -3,6 +3,7 @@
   const config = JSON.parse(document.getElementById("kurs-config").textContent);
   const courses = new Map();  // pair -> course
   const charts = new Map();  // pair -> {points: [[ms, value]], td, svg, line, dot}
+  const rowCells = new Map();  // pair -> {tr, meta, value, provider, age, flags}
   const providerStates = new Map();  // name -> {name, state, last_error, last_error_at}
   const rows = document.getElementById("courses");
   const providers = document.getElementById("providers");
@@ -145,48 +146,56 @@
   }
 
   // --- the courses table ----------------------------------------------------------------------
-  function renderRow(course, previous) {
-    let tr = rows.querySelector('tr[data-pair="' + course.direction + '"]');
-    if (!tr) {
-      tr = document.createElement("tr");
-      tr.dataset.pair = course.direction;
+  // A row's cells are made once and then updated in place: the once-a-second redraw of ages
+  // must not replace the elements under the reader's pointer (a value's exact tooltip).
+  function rowFor(direction) {
+    let row = rowCells.get(direction);
+    if (!row) {
+      const tr = document.createElement("tr");
+      tr.dataset.pair = direction;
+      const pair = cell(direction, "pair");
+      const meta = document.createElement("span");
+      meta.className = "meta";
+      pair.append(meta);
+      row = { tr, meta, value: cell("", "num value"), provider: cell("", "provider"),
+              age: cell("", "num age"), flags: cell("", "flags") };
+      row.value.dataset.field = "value";
+      tr.append(pair, row.value, row.provider, row.age, row.flags, chartFor(direction).td);
       const placeholder = rows.querySelector(".empty-row");
       if (placeholder) placeholder.remove();
-      const after = [...rows.children].find((r) => r.dataset.pair > course.direction);
+      const after = [...rows.children].find((r) => r.dataset.pair > direction);
       rows.insertBefore(tr, after || null);
+      rowCells.set(direction, row);
     }
+    return row;
+  }
+
+  function setText(element, text) {
+    if (element.textContent !== text) element.textContent = text;
+  }
+
+  function renderRow(course, previous) {
+    const row = rowFor(course.direction);
     const age = formatAge(ageSeconds(course));
-    const pair = cell("", "pair");
-    const meta = document.createElement("span");
-    meta.className = "meta";
-    meta.textContent = course.provider + " · " + age;
-    pair.append(course.direction, meta);
-    const value = cell(formatValue(course.value), "num value");
-    value.title = course.value;
-    value.dataset.exact = course.value;
-    value.dataset.field = "value";
     const status = statusOf(course);
+    setText(row.meta, course.provider + " · " + age);
+    setText(row.value, formatValue(course.value));
+    row.value.title = course.value;
+    row.value.dataset.exact = course.value;
+    setText(row.provider, course.provider);
+    setText(row.age, age);
+    const flags = status + (course.derived ? " derived" : "");
+    if (row.flags.dataset.flags !== flags) {
+      row.flags.dataset.flags = flags;
+      row.flags.replaceChildren(...flags.split(" ").map(tag));
+    }
+    const tr = row.tr;
     tr.classList.toggle("stale", status === "stale");
-    tr.replaceChildren(
-      pair,
-      value,
-      cell(course.provider, "provider"),
-      cell(age, "num age"),
-      flagsCell(course, status),
-      chartFor(course.direction).td,
-    );
     if (previous && previous.value !== course.value) {
       tr.classList.remove("up", "down", "flash");
       tr.classList.add(Number(course.value) >= Number(previous.value) ? "up" : "down", "flash");
       setTimeout(() => tr.classList.remove("flash"), 700);
     }
-  }
-
-  function flagsCell(course, status) {
-    const td = cell("", "flags");
-    td.append(tag(status));
-    if (course.derived) td.append(tag("derived"));
-    return td;
   }
 
   function tag(name) {
@@ -232,12 +241,17 @@
       if (placeholder) placeholder.parentElement.remove();
       tr = document.createElement("tr");
       tr.dataset.provider = p.name;
+      tr.append(cell(p.name), cell("", "state"), cell("", "error"));
       providers.append(tr);
     }
+    // Updated in place, as the courses' rows are (the error's full text is its tooltip).
+    const [, state, error] = tr.children;
+    setText(state, p.state);
+    state.className = "state state-" + p.state;
+    setText(error, errorText(p));
     // An error beside a closed circuit is history (greyed); beside open/half_open, the fault.
-    const error = cell(errorText(p), "error " + (p.state === "closed" ? "past" : "current"));
+    error.className = "error " + (p.state === "closed" ? "past" : "current");
     error.title = p.last_error || "";
-    tr.replaceChildren(cell(p.name), cell(p.state, "state state-" + p.state), error);
     renderEmpty();
   }
 
@@ -323,8 +337,9 @@
       case "item.deleted": {
         courses.delete(message.data.code);
         charts.delete(message.data.code);
-        const tr = rows.querySelector('tr[data-pair="' + message.data.code + '"]');
-        if (tr) tr.remove();
+        const row = rowCells.get(message.data.code);
+        if (row) row.tr.remove();
+        rowCells.delete(message.data.code);
         renderEmpty();
         break;
       }
