@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import html
 import json
 import logging
+import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from http import HTTPStatus
 from typing import Any, ClassVar
 
 import httpx
@@ -112,8 +115,54 @@ class Quote:
     proxied: bool = False
 
 
+# An error's text is shown as is by /providers, the 503 details and the dashboard: bounded.
+REASON_LIMIT = 100
+MESSAGE_LIMIT = 200
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
+# A tag (or a comment, a doctype), also one that a snippet cut short; a lone "<" is no markup.
+_TAG = re.compile(r"<(?:[a-zA-Z/!?][^>]*)?(?:>|$)")
+_SPACE = re.compile(r"\s+")
+
+
+def readable(text: str, limit: int = REASON_LIMIT) -> str:
+    """Plain words from an upstream's body or message: an HTML page's title (else its text) with
+    no markup, entities decoded, whitespace collapsed, at most ``limit`` characters."""
+    title = _TITLE.search(text)
+    if title:
+        text = title.group(1)
+    # Entities are decoded after the tags go, then again stripped: "&lt;b&gt;" is markup too.
+    plain = _TAG.sub(" ", html.unescape(_TAG.sub(" ", text)))
+    plain = _SPACE.sub(" ", plain).strip()
+    return plain if len(plain) <= limit else plain[: limit - 1].rstrip() + "…"
+
+
+def summarise_error(status: int, url: httpx.URL | str, body: str = "", *, via: str = "") -> str:
+    """One upstream HTTP failure in a line: ``HTTP 503 from api.binance.com: Service Unavailable``.
+
+    The reason is the exchange's own message or the error page's title when there is one (a
+    status number it repeats is dropped), else the standard phrase of the status; ``via`` names
+    the kind of request when it is not a plain GET (``WebSocket upgrade``).
+    """
+    address = httpx.URL(str(url))
+    host = address.host + (f":{address.port}" if address.port else "")
+    reason = re.sub(rf"^{status}\b[\s:–-]*", "", readable(body))
+    if not reason:
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = "error"
+    return f"HTTP {status} from {host or 'the provider'}{f' ({via})' if via else ''}: {reason}"
+
+
 class ProviderError(Exception):
-    """Base of every provider failure; ``str()`` is a short human reason."""
+    """Base of every provider failure; ``str()`` is a short human reason, never markup.
+
+    Every failure passes here, whatever built its text (a body snippet, a close frame's reason):
+    what the upstream said is shown as plain, bounded text.
+    """
+
+    def __init__(self, reason: object = "") -> None:
+        super().__init__(readable(str(reason), MESSAGE_LIMIT))
 
 
 class ProviderTimeout(ProviderError):
@@ -321,14 +370,18 @@ class Provider(ABC):
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             wait = f", retry after {retry_after:g}s" if retry_after is not None else ""
             raise ProviderRateLimited(
-                f"HTTP {status} rate limited{wait}{detail}", status=status, retry_after=retry_after
+                summarise_error(status, response.request.url, f"rate limited{wait}{detail}"),
+                status=status,
+                retry_after=retry_after,
             )
-        raise ProviderHTTPError(f"HTTP {status}{detail}", status=status)
+        raise ProviderHTTPError(
+            summarise_error(status, response.request.url, detail.removeprefix(": ")), status=status
+        )
 
     def error_detail(self, response: httpx.Response) -> str:
         """A short suffix describing an error body (exchanges override for their JSON errors)."""
-        text = response.text.strip().replace("\n", " ")
-        return f": {text[:80]}" if text else ""
+        text = readable(response.text)
+        return f": {text}" if text else ""
 
     # --- WebSocket plumbing -----------------------------------------------------------------
 
@@ -406,17 +459,18 @@ class Provider(ABC):
         """Map an HTTP answer to the WebSocket upgrade request (e.g. 429, 503) to an error."""
         response = exc.response
         status = response.status_code
-        body = (response.body or b"").decode("utf-8", "replace").strip()[:80]
-        detail = f": {body}" if body else ""
+        body = readable((response.body or b"").decode("utf-8", "replace"))
+        url = self.ws_url or self.rest_url
         if status in (429, 418):
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            limited = f"rate limited: {body}" if body else "rate limited"
             return ProviderRateLimited(
-                f"WebSocket upgrade rate limited (HTTP {status}){detail}",
+                summarise_error(status, url, limited, via="WebSocket upgrade"),
                 status=status,
                 retry_after=retry_after,
             )
         return ProviderHTTPError(
-            f"WebSocket upgrade refused (HTTP {status}){detail}", status=status
+            summarise_error(status, url, body, via="WebSocket upgrade"), status=status
         )
 
 

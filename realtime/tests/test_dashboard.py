@@ -20,6 +20,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 
 from config import csp
@@ -248,11 +249,20 @@ async def test_the_dashboard_says_nothing_is_quoted_yet_and_dates_provider_error
         await expect(coingecko).to_have_class("error current")
         await expect(page.locator('tr[data-provider="binance"] td.error')).to_have_text("")
 
-        # The first rate replaces the empty state.
-        await expect(page.locator("#status")).to_have_text("live", timeout=10_000)
+        # The badge says the socket is open but nothing is quoted.
+        badge = page.locator("#status")
+        await expect(badge).to_have_text("no rates yet", timeout=10_000)
+        await expect(badge).to_have_attribute("data-socket", "open")
+        await expect(badge).to_have_class("stale")
+
+        # The first rate replaces the empty state, read grouped and rounded, exact in its title.
         assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
         events.publish("rate.updated", rate("BTC-USD", "54321.5", "binance"))
-        await expect(page.locator('tr[data-pair="BTC-USD"] td.value')).to_have_text("54321.5")
+        value = page.locator('tr[data-pair="BTC-USD"] td.value')
+        await expect(value).to_have_text("54,321.50")
+        await expect(value).to_have_attribute("title", "54321.5")
+        await expect(badge).to_have_text(re.compile(r"^live · [0-9] s ago$"))
+        await expect(badge).to_have_class("open")
         assert await empty.count() == 0
         assert errors == []
         assert await csp_violations(page) == []
@@ -269,7 +279,7 @@ async def test_the_dashboard_shows_statuses_and_charts_from_candles_extended_liv
     assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
     async with browser_page(chromium, viewport={"width": 1200, "height": 620}) as (page, errors):
         await page.goto(f"http://127.0.0.1:{web.port}/")
-        await expect(page.locator("#status")).to_have_text("live", timeout=10_000)
+        await expect(page.locator("#status")).to_have_attribute("data-socket", "open")
 
         events.publish("rate.updated", rate("BTC-USD", "54321.000123", "binance"))
         events.publish("rate.updated", rate("ETH-USD", "3012.5", "bybit", status="failover"))
@@ -280,8 +290,21 @@ async def test_the_dashboard_shows_statuses_and_charts_from_candles_extended_liv
         events.publish("fetch.completed", {"stored": 4, "providers": {}, "duration_ms": 38})
 
         btc = page.locator('tr[data-pair="BTC-USD"] td.value')
-        await expect(btc).to_have_text("54321.000123", timeout=10_000)
+        await expect(btc).to_have_text("54,321.00", timeout=10_000)
+        await expect(btc).to_have_attribute("data-exact", "54321.000123")
+        await expect(page.locator('tr[data-pair="ETH-RUB"] td.value')).to_have_text("278,000.10")
+        # A stale value looks stale, and the badge counts it.
         await expect(page.locator('tr[data-pair="BTC-RUB"] .tag.stale')).to_be_visible()
+        await expect(page.locator('tr[data-pair="BTC-RUB"]')).to_have_class(
+            re.compile(r"\bstale\b")
+        )
+        await expect(page.locator('tr[data-pair="BTC-USD"]')).not_to_have_class(
+            re.compile(r"\bstale\b")
+        )
+        await expect(page.locator("#status")).to_have_text(
+            re.compile(r"^live · [0-9] s ago · 1 stale$")
+        )
+        await expect(page.locator("#status")).to_have_class("partial")
         await expect(page.locator('tr[data-pair="ETH-RUB"] .tag.derived')).to_be_visible()
         await expect(page.locator('tr[data-pair="BTC-USD"] .tag.live')).to_be_visible()
         await expect(page.locator('tr[data-pair="ETH-USD"] .tag.failover')).to_be_visible()
@@ -304,13 +327,13 @@ async def test_the_dashboard_shows_statuses_and_charts_from_candles_extended_liv
 
         # A change of the same pair updates the row in place.
         events.publish("rate.updated", rate("BTC-USD", "54400.5", "binance", version=2))
-        await expect(btc).to_have_text("54400.5", timeout=10_000)
+        await expect(btc).to_have_text("54,400.50", timeout=10_000)
         await expect(btc_chart).to_have_attribute("data-points", "42")
         line = await btc_chart.locator("polyline").get_attribute("points")
         assert line is not None
         assert len(line.split()) == 42
         assert await page.locator('tr[data-pair="BTC-USD"]').count() == 1
-        await expect(page.locator("#log li").first).to_contain_text("BTC-USD 54400.5")
+        await expect(page.locator("#log li").first).to_contain_text("BTC-USD 54,400.50")
 
         assert errors == []
         assert await csp_violations(page) == []
@@ -358,7 +381,41 @@ async def test_the_admin_works_under_the_content_security_policy(
         await page.locator("#result_list a", has_text="BTC-USD").first.click()
         await expect(page.locator("form#item_form")).to_be_visible()
         assert await csp_violations(page) == []
+
+        # The list's history link opens the pair's 40 seeded rates, newest first, read-only.
+        await page.go_back()
+        row = page.locator(
+            "#result_list tr", has=page.locator("a", has_text=re.compile("^BTC-USD$"))
+        )
+        await row.locator("td.field-history a").click()
+        await expect(page.locator("#result_list tbody tr")).to_have_count(40)
+        await expect(page.locator("#result_list tbody tr").first).to_contain_text("54,3")
+        assert await page.locator("#content-main .object-tools a").count() == 0
+        assert await csp_violations(page) == []
         assert errors == []
+
+
+async def test_the_badge_says_how_old_the_rates_are_when_the_socket_is_gone(
+    chromium: Path,
+    start_web: Callable[..., WebProcess],
+) -> None:
+    from playwright.async_api import expect
+
+    web = start_web(False)
+    assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
+    async with browser_page(chromium) as (page, _errors):
+        await page.goto(f"http://127.0.0.1:{web.port}/")
+        badge = page.locator("#status")
+        await expect(badge).to_have_attribute("data-socket", "open", timeout=10_000)
+        events.publish("rate.updated", rate("BTC-USD", "54321.5", "binance", age_s=20))
+        await expect(badge).to_have_text(re.compile(r"^live · 2[0-9] s ago$"), timeout=10_000)
+
+        # The server goes away (the page's reconnect attempts are console errors, not checked):
+        # the badge no longer says "live", but how old the rates it still shows are.
+        await asyncio.to_thread(web.stop)
+        await expect(badge).to_have_text(re.compile(r"^reconnecting… · rates [2-9][0-9] s old$"))
+        await expect(badge).to_have_class("closed")
+        await expect(badge).to_have_attribute("data-socket", "closed")
 
 
 async def test_a_slow_providers_answer_does_not_undo_a_newer_provider_event(
@@ -380,7 +437,7 @@ async def test_a_slow_providers_answer_does_not_undo_a_newer_provider_event(
     async with browser_page(chromium) as (page, errors):
         await page.route("**/api/v1/providers", hold)
         await page.goto(f"http://127.0.0.1:{web.port}/")
-        await expect(page.locator("#status")).to_have_text("live", timeout=10_000)
+        await expect(page.locator("#status")).to_have_attribute("data-socket", "open")
         async with asyncio.timeout(10):
             while not held:  # noqa: ASYNC110 - the page's first request, routed above
                 await asyncio.sleep(0.01)
@@ -394,3 +451,85 @@ async def test_a_slow_providers_answer_does_not_undo_a_newer_provider_event(
         await expect(page.locator('tr[data-provider="cbr"] td.state')).to_have_text("closed")
         await expect(state).to_have_text("open")
         assert errors == []
+
+
+# The pairs that migrations seed (items/migrations/0002_seed_default_pairs.py).
+DEFAULT_PAIRS = tuple(
+    f"{b}-{q}" for b in ("BTC", "ETH", "USDTTRC", "USDTERC") for q in ("RUB", "USD")
+)
+
+# The page's width against the window's: more means a horizontal scroll bar.
+PAGE_WIDTHS = "[document.documentElement.scrollWidth, window.innerWidth]"
+
+
+async def test_the_dashboard_fits_and_summarises_errors_with_a_provider_down(
+    chromium: Path, tmp_path: Path
+) -> None:
+    """A real fetcher and web process against the emulator, Binance answering 503 with an
+    nginx error page: the page fits 1,400 and 390 px, says how fresh the rates are and shows the
+    error as one short line."""
+    from playwright.async_api import expect
+
+    from rates.emulator import run_emulator_server
+    from tests.stack import Stack
+
+    async with run_emulator_server(host="127.0.0.1", port=0, tick=0.5, seed=7) as emulator:
+        stack = Stack(
+            folder=tmp_path, emulator=emulator, providers="binance,bybit,coingecko,cbr", poll=2.0
+        )
+        await asyncio.to_thread(stack.migrate, active=DEFAULT_PAIRS)
+        async with httpx.AsyncClient() as client:
+            down = await client.post(f"{emulator.base_url}/_control/binance", json={"mode": "down"})
+            assert down.status_code == 200
+        try:
+            stack.fetcher()
+            web = await asyncio.to_thread(stack.web)
+            url = f"http://127.0.0.1:{web.port}"
+            viewport = {"width": 1400, "height": 900}
+            async with browser_page(chromium, viewport=viewport) as (page, errors):
+                await page.goto(f"{url}/")
+                binance = page.locator('tr[data-provider="binance"] td.error')
+                await expect(binance).to_contain_text("HTTP 503 from 127.0.0.1", timeout=30_000)
+                await expect(binance).to_contain_text("Service Temporarily Unavailable")
+                await expect(page.locator("#courses tr[data-pair]")).to_have_count(
+                    len(DEFAULT_PAIRS), timeout=30_000
+                )
+                await expect(page.locator('tr[data-pair="BTC-USD"] .tag.failover')).to_be_visible(
+                    timeout=30_000
+                )
+                await expect(page.locator("#status")).to_have_text(
+                    re.compile(r"^live · [0-9]+ s ago"), timeout=10_000
+                )
+                for error in await page.locator("#providers td.error").all_text_contents():
+                    assert "<" not in error
+                # The API's error is as plain as the page's.
+                answer = await page.request.get(f"{url}/api/v1/providers")
+                last = {p["name"]: p["last_error"] or "" for p in await answer.json()}
+                assert "HTTP 503 from 127.0.0.1" in last["binance"]
+                assert "<" not in "".join(last.values())
+
+                # Bybit's stream moves BTC-USD every tick: a few points make the chart a line.
+                btc = page.locator('tr[data-pair="BTC-USD"]')
+                await expect(btc.locator("svg.spark")).to_have_attribute(
+                    "data-points", re.compile(r"^([5-9]|[1-9][0-9]+)$"), timeout=30_000
+                )
+
+                widths = {}
+                for width in (1400, 390):
+                    await page.set_viewport_size({"width": width, "height": 900})
+                    widths[width] = tuple(await page.evaluate(PAGE_WIDTHS))
+                    # Value, status and chart of a row are on screen, not only the pair.
+                    for column in ("td.value", "td.flags", "td.chart"):
+                        box = await btc.locator(column).bounding_box()
+                        assert box is not None, column
+                        assert box["x"] + box["width"] <= width, (column, box)
+                    shot = tmp_path / f"dashboard-provider-down-{width}.png"
+                    await page.screenshot(path=str(shot), full_page=True)
+                    if os.environ.get("KURS_UPDATE_SCREENSHOT"):
+                        shutil.copy(shot, REPO / "docs" / "img" / shot.name)
+                print("page widths", widths)
+                assert widths == {1400: (1400, 1400), 390: (390, 390)}
+                assert errors == []
+                assert await csp_violations(page) == []
+        finally:
+            await asyncio.to_thread(stack.stop)

@@ -3,6 +3,7 @@
   const config = JSON.parse(document.getElementById("kurs-config").textContent);
   const courses = new Map();  // pair -> course
   const charts = new Map();  // pair -> {points: [[ms, value]], td, svg, line, dot}
+  const rowCells = new Map();  // pair -> {tr, meta, value, provider, age, flags}
   const providerStates = new Map();  // name -> {name, state, last_error, last_error_at}
   const rows = document.getElementById("courses");
   const providers = document.getElementById("providers");
@@ -13,6 +14,7 @@
   const CHART_MAX_POINTS = 600;
   let retry = 0;
   let snapshotSeen = false;
+  let socketState = "connecting";  // then "open", or "closed" until it reconnects
 
   function staleAfter(provider) {
     const legs = provider.split(config.derived_separator);
@@ -39,6 +41,22 @@
     if (s < 3600) return (s / 60).toFixed(0) + " min";
     if (s < 86400) return (s / 3600).toFixed(1) + " h";
     return (s / 86400).toFixed(1) + " d";
+  }
+
+  // Values are read, not copied: grouped and rounded to the digits that matter at their size
+  // (cents above 1,000; four significant digits below 1). The exact value stays in the cell's
+  // title and data-exact; the API keeps every digit.
+  const formats = new Map();
+  function formatValue(text) {
+    const v = Math.abs(Number(text));
+    if (!Number.isFinite(v)) return String(text);
+    const digits = v >= 1000 ? 2 : v >= 1 ? 4 : v === 0 ? 2 : Math.min(12, 3 - Math.floor(Math.log10(v)));
+    if (!formats.has(digits)) {
+      formats.set(digits, new Intl.NumberFormat("en", {
+        minimumFractionDigits: digits, maximumFractionDigits: digits }));
+    }
+    // A decimal string is formatted exactly (no detour through a binary float).
+    return formats.get(digits).format(String(text));
   }
 
   function cell(text, className) {
@@ -128,37 +146,56 @@
   }
 
   // --- the courses table ----------------------------------------------------------------------
-  function renderRow(course, previous) {
-    let tr = rows.querySelector('tr[data-pair="' + course.direction + '"]');
-    if (!tr) {
-      tr = document.createElement("tr");
-      tr.dataset.pair = course.direction;
+  // A row's cells are made once and then updated in place: the once-a-second redraw of ages
+  // must not replace the elements under the reader's pointer (a value's exact tooltip).
+  function rowFor(direction) {
+    let row = rowCells.get(direction);
+    if (!row) {
+      const tr = document.createElement("tr");
+      tr.dataset.pair = direction;
+      const pair = cell(direction, "pair");
+      const meta = document.createElement("span");
+      meta.className = "meta";
+      pair.append(meta);
+      row = { tr, meta, value: cell("", "num value"), provider: cell("", "provider"),
+              age: cell("", "num age"), flags: cell("", "flags") };
+      row.value.dataset.field = "value";
+      tr.append(pair, row.value, row.provider, row.age, row.flags, chartFor(direction).td);
       const placeholder = rows.querySelector(".empty-row");
       if (placeholder) placeholder.remove();
-      const after = [...rows.children].find((r) => r.dataset.pair > course.direction);
+      const after = [...rows.children].find((r) => r.dataset.pair > direction);
       rows.insertBefore(tr, after || null);
+      rowCells.set(direction, row);
     }
-    tr.replaceChildren(
-      cell(course.direction),
-      cell(course.value, "num value"),
-      cell(course.provider, "provider"),
-      cell(formatAge(ageSeconds(course)), "num age"),
-      flagsCell(course),
-      chartFor(course.direction).td,
-    );
-    tr.querySelector(".value").dataset.field = "value";
+    return row;
+  }
+
+  function setText(element, text) {
+    if (element.textContent !== text) element.textContent = text;
+  }
+
+  function renderRow(course, previous) {
+    const row = rowFor(course.direction);
+    const age = formatAge(ageSeconds(course));
+    const status = statusOf(course);
+    setText(row.meta, course.provider + " · " + age);
+    setText(row.value, formatValue(course.value));
+    row.value.title = course.value;
+    row.value.dataset.exact = course.value;
+    setText(row.provider, course.provider);
+    setText(row.age, age);
+    const flags = status + (course.derived ? " derived" : "");
+    if (row.flags.dataset.flags !== flags) {
+      row.flags.dataset.flags = flags;
+      row.flags.replaceChildren(...flags.split(" ").map(tag));
+    }
+    const tr = row.tr;
+    tr.classList.toggle("stale", status === "stale");
     if (previous && previous.value !== course.value) {
       tr.classList.remove("up", "down", "flash");
       tr.classList.add(Number(course.value) >= Number(previous.value) ? "up" : "down", "flash");
       setTimeout(() => tr.classList.remove("flash"), 700);
     }
-  }
-
-  function flagsCell(course) {
-    const td = document.createElement("td");
-    td.append(tag(statusOf(course)));
-    if (course.derived) td.append(tag("derived"));
-    return td;
   }
 
   function tag(name) {
@@ -204,12 +241,17 @@
       if (placeholder) placeholder.parentElement.remove();
       tr = document.createElement("tr");
       tr.dataset.provider = p.name;
+      tr.append(cell(p.name), cell("", "state"), cell("", "error"));
       providers.append(tr);
     }
+    // Updated in place, as the courses' rows are (the error's full text is its tooltip).
+    const [, state, error] = tr.children;
+    setText(state, p.state);
+    state.className = "state state-" + p.state;
+    setText(error, errorText(p));
     // An error beside a closed circuit is history (greyed); beside open/half_open, the fault.
-    const error = cell(errorText(p), "error " + (p.state === "closed" ? "past" : "current"));
+    error.className = "error " + (p.state === "closed" ? "past" : "current");
     error.title = p.last_error || "";
-    tr.replaceChildren(cell(p.name), cell(p.state, "state state-" + p.state), error);
     renderEmpty();
   }
 
@@ -253,7 +295,7 @@
   function summary(message) {
     const d = message.data || {};
     switch (message.type) {
-      case "rate.updated": return d.direction + " " + d.value + " (" + d.provider + ")";
+      case "rate.updated": return d.direction + " " + formatValue(d.value) + " (" + d.provider + ")";
       case "provider.state": return d.name + " → " + d.state + (d.reason ? ": " + d.reason : "");
       case "fetch.completed": return "stored " + d.stored + " in " + d.duration_ms + " ms";
       case "nats.inbound": return d.subject + " " + JSON.stringify(d.payload).slice(0, 120);
@@ -295,8 +337,9 @@
       case "item.deleted": {
         courses.delete(message.data.code);
         charts.delete(message.data.code);
-        const tr = rows.querySelector('tr[data-pair="' + message.data.code + '"]');
-        if (tr) tr.remove();
+        const row = rowCells.get(message.data.code);
+        if (row) row.tr.remove();
+        rowCells.delete(message.data.code);
         renderEmpty();
         break;
       }
@@ -305,6 +348,40 @@
       addLog(message.type + " " + summary(message));
     }
     document.getElementById("updated").textContent = "last message " + new Date().toLocaleTimeString();
+    renderBadge();
+  }
+
+  // The badge answers "can I trust these numbers?": how long ago the freshest rate was confirmed
+  // and how many are stale, not only whether the socket is open.
+  function renderBadge() {
+    let text;
+    let state;
+    const known = [...courses.values()];
+    const freshest = known.length ? Math.min(...known.map(ageSeconds)) : null;
+    const stale = known.filter((c) => statusOf(c) === "stale").length;
+    if (socketState !== "open") {
+      text = socketState === "closed" ? "reconnecting…" : "connecting…";
+      if (freshest !== null) text += " · rates " + formatAge(freshest) + " old";
+      state = socketState === "closed" ? "closed" : "";
+    } else if (!snapshotSeen) {
+      text = "connected";
+      state = "";
+    } else if (freshest === null) {
+      text = "no rates yet";
+      state = "stale";
+    } else if (stale === known.length) {
+      text = "stale · " + formatAge(freshest) + " ago";
+      state = "stale";
+    } else {
+      text = "live · " + formatAge(freshest) + " ago" + (stale ? " · " + stale + " stale" : "");
+      state = stale ? "partial" : "open";
+    }
+    statusBadge.textContent = text;
+    statusBadge.className = state;
+    statusBadge.dataset.socket = socketState;
+    statusBadge.title = freshest === null ? "" :
+      "the freshest rate was confirmed " + formatAge(freshest) + " ago; " +
+      stale + " of " + known.length + " are stale";
   }
 
   function connect() {
@@ -312,15 +389,17 @@
     const socket = new WebSocket(scheme + location.host + config.ws_path + location.search);
     socket.onopen = () => {
       retry = 0;
-      statusBadge.textContent = "live";
-      statusBadge.className = "open";
+      socketState = "open";
+      renderBadge();
     };
     // Values stay exact: the raw JSON numbers are kept as text for display.
     socket.onmessage = (event) => handle(JSON.parse(
       event.data.replace(/(?<!\\)"value":(-?[0-9.eE+-]+)/g, '"value":"$1"')));
     socket.onclose = () => {
-      statusBadge.textContent = "reconnecting…";
-      statusBadge.className = "closed";
+      socketState = "closed";
+      // The next socket's snapshot is the truth again: until it comes, no "live" claim.
+      snapshotSeen = false;
+      renderBadge();
       const delay = Math.min(10000, 250 * 2 ** retry++) * (0.5 + Math.random() / 2);
       setTimeout(connect, delay);
     };
@@ -331,6 +410,7 @@
     for (const course of courses.values()) renderRow(course);
     for (const chart of charts.values()) drawChart(chart);
     for (const p of providerStates.values()) renderProvider(p);
+    renderBadge();
   }, 1000);
   setInterval(loadProviders, 30000);
   loadProviders();
