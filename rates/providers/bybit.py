@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import httpx
 
 from rates.providers.base import (
+    Listing,
     Pair,
     Provider,
     ProviderHTTPError,
@@ -98,6 +99,19 @@ class BybitProvider(Provider):
             return []
         raise_for_ret_code(body, response)
         return parse_rest(body, wanted)
+
+    async def listing(self) -> Listing:
+        body, response = await self.get_json("/v5/market/tickers", params={"category": "spot"})
+        raise_for_ret_code(body, response)
+        parse_rest(body, {})  # the whole answer's shape, checked once
+        by_symbol = {ticker["symbol"]: ticker for ticker in body["result"]["list"]}
+
+        def quotes(pairs: Sequence[Pair]) -> list[Quote]:
+            wanted = {s: v for s, v in self.symbols_for(pairs).items() if s in by_symbol}
+            listed = {**body, "result": {"list": [by_symbol[symbol] for symbol in wanted]}}
+            return parse_rest(listed, wanted)
+
+        return Listing(self.name, quotes)
 
     async def stream(self, pairs: Sequence[Pair]) -> AsyncIterator[Quote]:
         wanted = self.symbols_for(pairs)

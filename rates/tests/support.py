@@ -15,7 +15,7 @@ import pytest
 from django.core.cache import caches
 from django.utils import timezone
 
-from rates import fetcher, ondemand, services
+from rates import fetcher, ondemand, services, upstream
 from rates.board import QuoteBoard
 from rates.emulator import EmulatorServer, run_emulator_server
 from rates.models import CurrentRate
@@ -183,4 +183,5 @@ def on_demand_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """A fresh on-demand rates cache for one test, on a clock the test moves."""
     clock = FakeClock()
     monkeypatch.setattr(ondemand, "on_demand", ondemand.OnDemandRates(clock=clock))
+    upstream.weights.clear()  # request weights another test's exchange reported
     return clock

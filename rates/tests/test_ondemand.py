@@ -123,12 +123,14 @@ async def test_a_hundred_concurrent_requests_cost_one_call_per_provider(
     responses = await asyncio.gather(*(get_rate(async_client, "SOL", "USDT") for _ in range(100)))
     assert {r.status_code for r in responses} == {200}
     assert {r.json()["value"] for r in responses} == {141.23}
-    # Binance's one fetch is two requests (price and book); coingecko and cbr list no SOL-USDT.
+    # One listing per provider that lists the pair or a leg of a route to it: Binance's is two
+    # requests (price and book), CoinGecko lists SOL-USD; the Bank of Russia has no leg.
     assert await upstream_calls(upstream, emulator_client) == Counter(
         {
             "binance /api/v3/ticker/price": 1,
             "binance /api/v3/ticker/bookTicker": 1,
             "bybit /v5/market/tickers": 1,
+            "coingecko /api/v3/simple/price": 1,
         }
     )
 
@@ -140,14 +142,19 @@ async def test_concurrent_lookups_share_one_round_even_with_no_cache(
 ) -> None:
     # Every answer expires at once: only coalescing can keep this to one round.
     monkeypatch.setattr(ondemand, "CACHE_SECONDS", 0.0)
-    rates = ondemand.OnDemandRates(clock=FakeClock())
+    clock = FakeClock()
+    rates = ondemand.OnDemandRates(clock=clock)
     try:
         results = await asyncio.gather(*(rates.get(Pair("SOL", "USDT")) for _ in range(100)))
         assert {result.value for result in results} == {Decimal("141.23")}
         calls = await upstream_calls(upstream, emulator_client)
         assert calls["binance /api/v3/ticker/price"] == 1
         assert calls["bybit /v5/market/tickers"] == 1
-        await rates.get(Pair("SOL", "USDT"))  # the round is over and nothing is cached
+        # The round is over and no answer is cached, but the listings still serve.
+        await rates.get(Pair("SOL", "USDT"))
+        assert await upstream_calls(upstream, emulator_client) == calls
+        clock.now = ondemand.LISTING_SECONDS
+        await rates.get(Pair("SOL", "USDT"))
         calls = await upstream_calls(upstream, emulator_client)
         assert calls["binance /api/v3/ticker/price"] == 2
     finally:
@@ -272,9 +279,11 @@ async def test_it_answers_503_when_every_provider_that_could_price_it_fails(
     detail = response.json()["detail"]
     assert "binance: HTTP 503" in detail
     assert "bybit: HTTP 503" in detail
-    # A failure is remembered for a moment only: the next lookup after it asks again.
+    # A failed listing is asked again after the listing interval, not at every lookup.
     upstream.set_fault("all", "ok")
     on_demand_clock.now = ondemand.FAILURE_CACHE_SECONDS + 0.1
+    assert (await get_rate(async_client, "SOL", "USDT")).status_code == 503
+    on_demand_clock.now = ondemand.LISTING_SECONDS
     assert (await get_rate(async_client, "SOL", "USDT")).status_code == 200
 
 
