@@ -1,8 +1,10 @@
 """The rate of any pair, and conversions (SPEC 5 `/rates/{base}/{quote}` and `/convert`).
 
 A tracked pair (an active item) is answered from the in-process snapshot, so it agrees with
-`/courses` and the WebSocket. Any other pair is priced on demand from the providers'
-market-wide listings:
+`/courses` and the WebSocket; so are its inverse and its aliases (RUB-BTC from BTC-RUB, USDT-RUB
+and RUB-USDTERC from USDTTRC-RUB): the tracked pair's current rate, inverted where needed, with
+its provider, status and staleness, so that a round trip through `/convert` comes back to the
+amount. Any other pair is priced on demand from the providers' market-wide listings:
 
 1. Each provider's listing (every market it quotes, in one or two requests: `Provider.listing`)
    is fetched at most once per `listing_interval` (5 s for the exchanges, 30 s for CoinGecko,
@@ -467,40 +469,114 @@ def _outranked(legs: Sequence[Leg], failed: dict[str, str], providers: Sequence[
 on_demand = OnDemandRates()
 
 
-async def _tracked_course(code: str) -> dict[str, Any] | None:
+@dataclass(frozen=True, slots=True)
+class _TrackedIndex:
+    """Active pairs by their canonical legs (aliases resolved), for one items generation."""
+
+    key: tuple[int, str]
+    by_legs: dict[tuple[str, str], tuple[str, ...]]
+
+
+_tracked_index: _TrackedIndex | None = None
+
+
+def _canonical(base: str, quote: str) -> tuple[str, str]:
+    return policy.canonical_asset(base), policy.canonical_asset(quote)
+
+
+def tracked_sources(pair: Pair) -> list[tuple[str, bool]]:
+    """The tracked pairs that price `pair`, best first, each with whether it is inverted: the
+    pair itself, its exact inverse, then its aliases as asked, then its aliases inverted
+    (USDT-RUB ← USDTERC-RUB, USDTTRC-RUB; RUB-USDT ← the same, inverted)."""
+    global _tracked_index
+    key = (snapshot.items_generation, repr(settings.KURS_ASSET_ALIASES))
+    index = _tracked_index
+    if index is None or index.key != key:
+        by_legs: dict[tuple[str, str], list[str]] = {}
+        for code in sorted(snapshot.active_pairs()):
+            tracked = Pair.parse(code)
+            by_legs.setdefault(_canonical(tracked.base, tracked.quote), []).append(code)
+        index = _TrackedIndex(key, {legs: tuple(codes) for legs, codes in by_legs.items()})
+        _tracked_index = index
+    legs = _canonical(pair.base, pair.quote)
+    if legs[0] == legs[1]:
+        return []  # an identity (USDTTRC-USDT): no tracked pair is its source
+    inverse = f"{pair.quote}-{pair.base}"
+    found = [(code, False) for code in index.by_legs.get(legs, ())]
+    found += [(code, True) for code in index.by_legs.get((legs[1], legs[0]), ())]
+    # The pair itself first, then its exact inverse; the sort is stable.
+    found.sort(key=lambda source: (source[0] != pair.code, source[0] != inverse))
+    return found
+
+
+async def _snapshot_ready() -> None:
     if not snapshot.loaded:
         try:
             await snapshot.aload()
         except DatabaseError:
             # The database is down: tracked pairs are then priced on demand like any other.
             logger.warning("rates snapshot not loaded (database unavailable)", exc_info=True)
-    found = snapshot.courses([code])
-    return found[0] if found else None
 
 
-async def pair_rate(pair: Pair, *, client: str | None = None) -> dict[str, Any]:
-    """`/rates/{base}/{quote}`: the snapshot's course of a tracked pair, else on demand
-    (`client`, the asker's address, is charged for a new round)."""
-    course = await _tracked_course(pair.code)
-    if course is None:
-        return (await on_demand.get(pair, client=client)).to_dict(timezone.now())
+def _from_tracked(pair: Pair, course: dict[str, Any], inverted: bool) -> dict[str, Any] | None:
+    """`pair`'s answer from the course of the tracked pair that prices it; None when its
+    inverse does not fit the stored precision."""
+    value, derived, route = course["value"], course["derived"], course["route"]
+    if inverted:
+        try:
+            value = route_value([(_course_leg(course), True)])
+        except validation.QuoteRejected:
+            return None
+        # Inverted, it is derived; the legs are still shown as their providers quoted them.
+        derived, route = True, route or [_course_leg(course).to_dict()]
     return {
-        "pair": course["direction"],
-        "value": course["value"],
+        "pair": pair.code,
+        "value": value,
         "provider": course["provider"],
         "source_time": course["source_time"],
         "age_s": course["age_s"],
-        "derived": course["derived"],
+        "derived": derived,
         "stale": course["stale"],
         "status": course["status"],
-        "route": course["route"],
+        "route": route,
     }
+
+
+def _course_leg(course: dict[str, Any]) -> Leg:
+    return Leg(
+        pair=course["direction"],
+        provider=course["provider"],
+        value=course["value"],
+        source_time=course["source_time"],
+        fresh_until=course["source_time"],  # not read: the course carries its own staleness
+    )
+
+
+async def _priced(pair: Pair, client: str | None) -> tuple[dict[str, Any], Decimal | None]:
+    """The pair's answer, and the tracked value to divide by when it is a tracked pair inverted
+    (so that a conversion divides exactly instead of multiplying by a rounded inverse)."""
+    await _snapshot_ready()
+    for code, inverted in tracked_sources(pair):
+        found = snapshot.courses([code])
+        if not found:
+            continue  # tracked but never quoted yet
+        answer = _from_tracked(pair, found[0], inverted)
+        if answer is not None:
+            return answer, found[0]["value"] if inverted else None
+    return (await on_demand.get(pair, client=client)).to_dict(timezone.now()), None
+
+
+async def pair_rate(pair: Pair, *, client: str | None = None) -> dict[str, Any]:
+    """`/rates/{base}/{quote}`: from the snapshot when the pair, its inverse or an alias is
+    tracked, else on demand (`client`, the asker's address, is charged for a new round)."""
+    return (await _priced(pair, client))[0]
 
 
 async def convert(
     *, source: str, target: str, amount: Decimal, client: str | None = None
 ) -> dict[str, Any]:
-    """`/convert`: amount × the pair's rate, exact, rounded once to RESULT_STEP (half even)."""
+    """`/convert`: amount × the pair's rate (÷ the tracked rate for an inverted tracked pair),
+    exact, rounded once to RESULT_STEP (half even)."""
     if source == target:
         return {
             "from": source,
@@ -516,10 +592,11 @@ async def convert(
             "status": policy.LIVE,
             "route": [],
         }
-    rate = await pair_rate(Pair(source, target), client=client)
+    rate, divisor = await _priced(Pair(source, target), client)
     with localcontext() as context:
         context.prec = _PRECISION
-        result = (amount * rate["value"]).quantize(RESULT_STEP, rounding=ROUND_HALF_EVEN)
+        exact = amount / divisor if divisor is not None else amount * rate["value"]
+        result = exact.quantize(RESULT_STEP, rounding=ROUND_HALF_EVEN)
     return {
         "from": source,
         "to": target,

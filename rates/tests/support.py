@@ -175,6 +175,11 @@ def tracked(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, Any]]:
 
     monkeypatch.setattr(RatesSnapshot, "loaded", property(lambda self: True))
     monkeypatch.setattr(snapshot, "courses", fake_courses)
+    # The tracked pairs are the dict's keys; their set is the items generation.
+    monkeypatch.setattr(snapshot, "active_pairs", lambda: frozenset(courses))
+    monkeypatch.setattr(
+        RatesSnapshot, "items_generation", property(lambda self: hash(frozenset(courses)))
+    )
     return courses
 
 

@@ -332,6 +332,121 @@ async def test_a_tracked_pair_comes_from_the_snapshot_without_an_upstream_call(
     assert await upstream_calls(upstream, emulator_client) == Counter()
 
 
+def usdt_rub(value: str, *, age: float, provider: str = "coingecko") -> dict[str, Any]:
+    """A USDT-RUB course as the snapshot shows it, last confirmed `age` seconds ago."""
+    now = timezone.now()
+    return Course(
+        direction="USDTTRC-RUB",
+        value=Decimal(value),
+        provider=provider,
+        source_time=now - timedelta(seconds=age),
+        checked_at=now - timedelta(seconds=age),
+        status="live",
+        derived=False,
+        version=4,
+    ).to_dict(now)
+
+
+@pytest.mark.usefixtures("on_demand_clock")
+async def test_aliases_and_inverses_of_a_tracked_pair_are_served_from_it_even_stale(
+    async_client: AsyncClient,
+    upstream: EmulatorServer,
+    tracked: dict[str, dict[str, Any]],
+) -> None:
+    # The issue's case: every provider down, the tracked USDTTRC-RUB stale after 130 s. Its
+    # alias USDT-RUB and the inverses answered differently (one on demand, 503) before.
+    upstream.set_fault("all", "down")
+    tracked["USDTTRC-RUB"] = usdt_rub("80.0249616", age=130)
+    answers = {}
+    for base, quote in [("USDTTRC", "RUB"), ("USDT", "RUB"), ("USDTERC", "RUB")]:
+        response = await get_rate(async_client, base, quote)
+        assert response.status_code == 200, response.content
+        answers[base, quote] = json.loads(response.content, parse_float=Decimal)
+    for base, quote in [("RUB", "USDTTRC"), ("RUB", "USDT"), ("RUB", "USDTERC")]:
+        response = await get_rate(async_client, base, quote)
+        assert response.status_code == 200, response.content
+        answers[base, quote] = json.loads(response.content, parse_float=Decimal)
+    tracked_answer = answers["USDTTRC", "RUB"]
+    inverse = quantized(1 / Decimal("80.0249616"))
+    for (base, quote), body in answers.items():
+        expected = Decimal("80.0249616") if quote == "RUB" else inverse
+        assert body["pair"] == f"{base}-{quote}"
+        assert body["value"] == expected, (base, quote)
+        assert (body["provider"], body["status"], body["stale"]) == ("coingecko", "stale", True)
+        assert body["source_time"] == tracked_answer["source_time"]
+        assert body["age_s"] == pytest.approx(tracked_answer["age_s"], abs=1)
+        # Inverted, it is a derived rate whose one leg is the tracked pair as quoted.
+        assert body["derived"] is (quote != "RUB")
+        if quote != "RUB":
+            assert [leg["pair"] for leg in body["route"]] == ["USDTTRC-RUB"]
+    assert not upstream.market.request_counts  # not one upstream request
+
+
+async def test_the_pair_itself_then_its_exact_inverse_win_over_an_alias(
+    async_client: AsyncClient,
+    upstream: EmulatorServer,
+    on_demand_clock: FakeClock,
+    tracked: dict[str, dict[str, Any]],
+) -> None:
+    tracked["USDTTRC-RUB"] = usdt_rub("80.5", age=1)
+    tracked["USDTERC-RUB"] = {**usdt_rub("79.5", age=1), "direction": "USDTERC-RUB"}
+
+    async def value(base: str, quote: str) -> Decimal:
+        response = await get_rate(async_client, base, quote)
+        return Decimal(json.loads(response.content, parse_float=Decimal)["value"])
+
+    assert await value("USDTTRC", "RUB") == Decimal("80.5")
+    assert await value("USDTERC", "RUB") == Decimal("79.5")
+    assert await value("RUB", "USDTTRC") == quantized(1 / Decimal("80.5"))
+    assert await value("RUB", "USDTERC") == quantized(1 / Decimal("79.5"))
+    # Plain USDT is an alias of both: the first tracked code in order serves it, both ways.
+    assert await value("USDT", "RUB") == Decimal("79.5")
+    assert await value("RUB", "USDT") == quantized(1 / Decimal("79.5"))
+
+
+async def test_a_round_trip_through_convert_returns_the_amount_with_coingecko_down(
+    async_client: AsyncClient,
+    upstream: EmulatorServer,
+    on_demand_clock: FakeClock,
+    tracked: dict[str, dict[str, Any]],
+) -> None:
+    # BTC-RUB tracked (Binance × the bank) while CoinGecko, the only direct RUB source, is down:
+    # the way back used to be priced on demand by another route and lost 1.34 %.
+    upstream.set_fault("coingecko", "down")
+    now = timezone.now()
+    tracked["BTC-RUB"] = Course(
+        direction="BTC-RUB",
+        value=Decimal("7104000.123456789012345678"),
+        provider="binance+cbr",
+        source_time=now,
+        checked_at=now,
+        status="failover",
+        derived=True,
+        version=9,
+        route=(
+            {
+                "pair": "BTC-USD",
+                "provider": "binance",
+                "value": Decimal("88800"),
+                "source_time": now,
+            },
+            {"pair": "USD-RUB", "provider": "cbr", "value": Decimal("80"), "source_time": now},
+        ),
+    ).to_dict(now)
+    for amount in ["0.5", "1", "0.000123", "12345.678901234567890123"]:
+        there = await async_client.get(f"/api/v1/convert?from=BTC&to=RUB&amount={amount}")
+        rub = json.loads(there.content, parse_float=Decimal)
+        back = await async_client.get(f"/api/v1/convert?from=RUB&to=BTC&amount={rub['result']}")
+        assert back.status_code == 200, back.content
+        btc = json.loads(back.content, parse_float=Decimal)
+        # Within the precision: half a step of the RUB result divided by the rate, half a step.
+        assert abs(btc["result"] - Decimal(amount)) <= STEP, (amount, btc["result"])
+        assert (btc["provider"], btc["status"]) == (rub["provider"], rub["status"])
+        assert btc["rate"] == quantized(1 / Decimal("7104000.123456789012345678"))
+        assert [leg["pair"] for leg in btc["route"]] == ["BTC-USD", "USD-RUB"]
+    assert not upstream.market.request_counts  # not one upstream request
+
+
 # --- Input ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("path", "field"),
