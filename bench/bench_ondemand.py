@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import os
 import random
@@ -134,9 +135,11 @@ def main() -> None:
         action="store_true",
         help="lift the on-demand round budgets, so only the listings bound the traffic",
     )
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     args = parser.parse_args()
     app_dir = args.app_dir.resolve()
     tmp = Path(tempfile.mkdtemp(prefix="kurs-bench-ondemand-"))
+    web_log = (tmp / "web.log").open("wb")
     emu_port, web_port = free_port(), free_port()
     emulator = f"http://127.0.0.1:{emu_port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KURS_", "DATABASE_URL"))}
@@ -173,7 +176,7 @@ def main() -> None:
             cwd=app_dir,
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=(tmp / "web.log").open("wb"),
+            stderr=web_log,
         ),
     ]
     try:
@@ -192,7 +195,19 @@ def main() -> None:
             proc.terminate()
         for proc in procs:
             proc.wait(20)
+        web_log.close()
     total = sum(counts.values())
+    if args.json:
+        figures = {
+            "pairs": len(pairs),
+            "elapsed_s": round(elapsed, 3),
+            "statuses": statuses,
+            "refusals": refusals,
+            "requests": counts,
+            "bound": bound(elapsed),
+        }
+        print(json.dumps(figures))
+        return
     per_1000 = total * 1000 / len(pairs)
     print(f"app: {app_dir}{' (round budgets lifted)' if args.no_budget else ''}")
     print(f"{len(pairs)} distinct pairs, concurrency {args.concurrency}, {elapsed:.1f} s")
