@@ -500,7 +500,8 @@ def tracked_sources(pair: Pair) -> list[tuple[str, bool]]:
         _tracked_index = index
     legs = _canonical(pair.base, pair.quote)
     if legs[0] == legs[1]:
-        return []  # an identity (USDTTRC-USDT): no tracked pair is its source
+        # An identity (USDTTRC-USDT): only the pair itself, if tracked, answers for it.
+        return [(pair.code, False)] if pair.code in index.by_legs.get(legs, ()) else []
     inverse = f"{pair.quote}-{pair.base}"
     found = [(code, False) for code in index.by_legs.get(legs, ())]
     found += [(code, True) for code in index.by_legs.get((legs[1], legs[0]), ())]

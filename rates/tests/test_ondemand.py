@@ -524,3 +524,23 @@ def test_a_cached_rate_still_ages(monkeypatch: pytest.MonkeyPatch) -> None:
     assert rate.to_dict(now + timedelta(seconds=3))["age_s"] == 3
     late = rate.to_dict(now + timedelta(seconds=31))
     assert (late["stale"], late["status"]) == (True, "stale")
+
+
+def test_tracked_sources_put_the_pair_itself_first_and_identities_answer_only_for_themselves(
+    tracked: dict[str, dict[str, Any]],
+) -> None:
+    for code in ["USDTERC-RUB", "USDTTRC-RUB", "RUB-USDT", "USDTTRC-USDT", "BTC-RUB"]:
+        tracked[code] = {}
+    assert ondemand.tracked_sources(Pair("USDTTRC", "RUB")) == [
+        ("USDTTRC-RUB", False),
+        ("USDTERC-RUB", False),
+        ("RUB-USDT", True),
+    ]
+    assert ondemand.tracked_sources(Pair("RUB", "USDTTRC")) == [
+        ("USDTTRC-RUB", True),
+        ("RUB-USDT", False),
+        ("USDTERC-RUB", True),
+    ]
+    assert ondemand.tracked_sources(Pair("USDTTRC", "USDT")) == [("USDTTRC-USDT", False)]
+    assert ondemand.tracked_sources(Pair("USDTERC", "USDT")) == []
+    assert ondemand.tracked_sources(Pair("ETH", "RUB")) == []
