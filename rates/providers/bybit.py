@@ -34,6 +34,7 @@ from rates.providers.base import (
     to_decimal,
     utc_now,
 )
+from rates.upstream import weights
 
 logger = logging.getLogger(__name__)
 
@@ -162,10 +163,11 @@ def raise_for_ret_code(body: Any, response: httpx.Response) -> None:
         return
     code, message = body.get("retCode"), body.get("retMsg", "")
     if code == RATE_LIMIT_CODE:
-        # Reported with HTTP 200; surfaced as 429 so callers treat it like any other rate limit.
-        raise ProviderRateLimited(
-            f"retCode {code} {message}", status=429, retry_after=reset_after(response)
-        )
+        # Reported with HTTP 200; surfaced as 429 so callers treat it like any other rate limit,
+        # and on-demand keeps off Bybit until the reset (Provider.get_json only sees the 200).
+        retry_after = reset_after(response)
+        weights.hold(BybitProvider.name, retry_after)
+        raise ProviderRateLimited(f"retCode {code} {message}", status=429, retry_after=retry_after)
     raise ProviderHTTPError(f"retCode {code} {message}", status=response.status_code)
 
 

@@ -205,18 +205,23 @@ async def test_near_the_weight_limit_on_demand_stops_asking_and_the_fetcher_does
     assert (await counts(upstream, emulator_client))["binance"] == before["binance"] + 2
 
 
+@pytest.mark.parametrize(("limited", "other"), [("binance", "bybit"), ("bybit", "binance")])
 async def test_a_rate_limit_holds_on_demand_off_that_exchange_for_its_retry_after(
     async_client: AsyncClient,
     upstream: EmulatorServer,
     emulator_client: httpx.AsyncClient,
     on_demand_clock: FakeClock,
+    limited: str,
+    other: str,
 ) -> None:
-    upstream.set_fault("binance", "rate_limited", retry_after=30)
+    # Binance answers 429 with Retry-After; Bybit an HTTP 200 with retCode 10006 and the reset.
+    upstream.set_fault(limited, "rate_limited", retry_after=30)
     body = (await async_client.get("/api/v1/rates/SOL/USDT")).json()
-    assert (body["provider"], body["status"]) == ("bybit", "failover")
-    upstream.set_fault("binance", "ok")
-    asked = (await counts(upstream, emulator_client))["binance"]
-    on_demand_clock.now = ondemand.LISTING_SECONDS  # the listing is due, but Binance said wait
+    assert body["provider"] == other
+    assert weights.spare(limited, 1) == pytest.approx(30, abs=2)
+    upstream.set_fault(limited, "ok")
+    asked = (await counts(upstream, emulator_client))[limited]
+    on_demand_clock.now = ondemand.LISTING_SECONDS  # the listing is due, but the exchange said wait
     body = (await async_client.get("/api/v1/rates/ETH/USDT")).json()
-    assert body["provider"] == "bybit"
-    assert (await counts(upstream, emulator_client))["binance"] == asked
+    assert body["provider"] == other
+    assert (await counts(upstream, emulator_client))[limited] == asked
