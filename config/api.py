@@ -24,7 +24,12 @@ from config.security import throttled_view
 from items.api import router as items_router
 from items.exceptions import InvalidItem, ItemAlreadyExists, ItemNotFound
 from rates.api import router as rates_router
-from rates.exceptions import InvalidQuery, PairNotPriced, ProvidersUnavailable
+from rates.exceptions import (
+    InvalidQuery,
+    OnDemandBudgetExceeded,
+    PairNotPriced,
+    ProvidersUnavailable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +128,13 @@ def on_pair_not_priced(request: HttpRequest, exc: PairNotPriced) -> HttpResponse
 @api.exception_handler(ProvidersUnavailable)
 def on_providers_unavailable(request: HttpRequest, exc: ProvidersUnavailable) -> HttpResponse:
     return _error(request, str(exc), 503)
+
+
+@api.exception_handler(OnDemandBudgetExceeded)
+def on_budget_exceeded(request: HttpRequest, exc: OnDemandBudgetExceeded) -> HttpResponse:
+    response = _error(request, str(exc), 429)
+    response["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    return response
 
 
 @api.exception_handler(Http404)

@@ -35,6 +35,7 @@ Anything unusual falls through to Django, which then answers exactly as document
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -57,7 +58,7 @@ from config.middleware import access_logger, log_access, request_id_for
 from rates import ondemand
 from rates.courses import CoursesAnswer, CoursesCache
 from rates.detail import ItemDetailCache, ItemEntry
-from rates.exceptions import PairNotPriced, ProvidersUnavailable
+from rates.exceptions import OnDemandBudgetExceeded, PairNotPriced, ProvidersUnavailable
 from rates.providers import Pair
 from rates.schemas import ConvertIn, ConvertOut, ConvertQuery, ItemDetailOut, PairRateOut
 from rates.snapshot import RatesSnapshot
@@ -126,6 +127,7 @@ class _Request:
     secure: bool
     host: bytes
     body: Any = None  # POST /convert: the parsed JSON body
+    client: str | None = None  # the peer's address: what on-demand pricing charges
 
 
 class ReadFastPath:
@@ -266,6 +268,7 @@ class ReadFastPath:
             incoming_id="" if incoming_id is None else incoming_id.decode("latin-1"),
             secure=secure,
             host=host,
+            client=scope["client"][0] if scope.get("client") else None,
         )
 
     def _host_allowed(self, host: bytes) -> bool:
@@ -442,7 +445,10 @@ class ReadFastPath:
         if base == quote:
             return None  # Django's 422
         return await self._priced(
-            PairRateOut, lambda: ondemand.pair_rate(Pair(base, quote)), request, by_alias=False
+            PairRateOut,
+            lambda: ondemand.pair_rate(Pair(base, quote), client=request.client),
+            request,
+            by_alias=False,
         )
 
     async def _convert(self, request: _Request) -> _Answer | None:
@@ -466,7 +472,9 @@ class ReadFastPath:
             return None  # Django's 422, in the API's error shape
         return await self._priced(
             ConvertOut,
-            lambda: ondemand.convert(source=asked.from_, target=asked.to, amount=asked.amount),
+            lambda: ondemand.convert(
+                source=asked.from_, target=asked.to, amount=asked.amount, client=request.client
+            ),
             request,
             by_alias=True,
         )
@@ -486,6 +494,11 @@ class ReadFastPath:
             return self._json(404, {"detail": str(exc)}, request)
         except ProvidersUnavailable as exc:
             return self._json(503, {"detail": str(exc)}, request)
+        except OnDemandBudgetExceeded as exc:
+            body = dumps({"detail": str(exc)}).encode()
+            wait = str(max(1, math.ceil(exc.retry_after))).encode()
+            view = [(b"Content-Type", JSON), (b"Retry-After", wait)]
+            return _Answer(429, self._headers(view, len(body), request.secure), body)
         return self._render(schema, data, request, by_alias=by_alias)
 
 

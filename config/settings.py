@@ -225,6 +225,10 @@ KURS_TASKS_RATE_LIMIT = env.rate_limit("KURS_TASKS_RATE_LIMIT", "6/min")
 KURS_ADMIN_LOGIN_LIMIT = env.rate_limit("KURS_ADMIN_LOGIN_LIMIT", "5/min")
 # USDTTRC and USDTERC are USDT on TRON and Ethereum; exchanges quote plain USDT (SPEC 4).
 KURS_ASSET_ALIASES = env.aliases("KURS_ASSET_ALIASES", "USDTTRC:USDT,USDTERC:USDT")
+# Untracked pairs priced anew (rates/ondemand.py) per second, by all clients together and by one
+# client address; beyond either, /rates/{base}/{quote} and /convert answer 429 with Retry-After.
+KURS_ONDEMAND_RATE = env.positive_float("KURS_ONDEMAND_RATE", 50.0)
+KURS_ONDEMAND_CLIENT_RATE = env.positive_float("KURS_ONDEMAND_CLIENT_RATE", 5.0)
 
 # --- Metrics port of the processes without a web server (fetcher, qcluster) ------------------
 # Web processes answer GET /metrics; `run_fetch --watch` and `qcluster` serve Prometheus on this

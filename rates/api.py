@@ -159,7 +159,7 @@ async def list_candles(
     summary="The rate of any pair: tracked from the live snapshot, others fetched on demand",
 )
 async def pair_rate(request: HttpRequest, path: Path[PairPath]) -> dict[str, object]:
-    return await ondemand.pair_rate(Pair(path.base, path.quote))
+    return await ondemand.pair_rate(Pair(path.base, path.quote), client=_client(request))
 
 
 _CONVERT_RESPONSES = {200: ConvertOut, **errors(404, 422, 429, 503)}
@@ -173,7 +173,9 @@ _CONVERT_RESPONSES = {200: ConvertOut, **errors(404, 422, 429, 503)}
     summary="Convert an amount between two assets, with the rate's provenance",
 )
 async def convert(request: HttpRequest, params: Query[ConvertQuery]) -> dict[str, object]:
-    return await ondemand.convert(source=params.from_, target=params.to, amount=params.amount)
+    return await ondemand.convert(
+        source=params.from_, target=params.to, amount=params.amount, client=_client(request)
+    )
 
 
 @router.post(
@@ -184,7 +186,14 @@ async def convert(request: HttpRequest, params: Query[ConvertQuery]) -> dict[str
     summary="Convert, with a JSON body (numbers are read as exact decimals)",
 )
 async def convert_body(request: HttpRequest, payload: ConvertIn) -> dict[str, object]:
-    return await ondemand.convert(source=payload.from_, target=payload.to, amount=payload.amount)
+    return await ondemand.convert(
+        source=payload.from_, target=payload.to, amount=payload.amount, client=_client(request)
+    )
+
+
+def _client(request: HttpRequest) -> str:
+    # The address the read throttle counts (X-Forwarded-For at KURS_NUM_PROXIES' depth).
+    return read_throttle[0].client_key(request)
 
 
 @router.get("/providers", response={200: list[ProviderOut], **errors(429)}, throttle=read_throttle)

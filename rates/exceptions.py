@@ -21,3 +21,11 @@ class InvalidQuery(RatesError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+class OnDemandBudgetExceeded(RatesError):
+    """Too many pairs priced on demand just now, by this client or by all (429, Retry-After)."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

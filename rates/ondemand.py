@@ -1,35 +1,46 @@
 """The rate of any pair, and conversions (SPEC 5 `/rates/{base}/{quote}` and `/convert`).
 
 A tracked pair (an active item) is answered from the in-process snapshot, so it agrees with
-`/courses` and the WebSocket. Any other pair is fetched on demand from the providers:
+`/courses` and the WebSocket; so are its inverse and its aliases (RUB-BTC from BTC-RUB, USDT-RUB
+and RUB-USDTERC from USDTTRC-RUB): the tracked pair's current rate, inverted where needed, with
+its provider, status and staleness, so that a round trip through `/convert` comes back to the
+amount. Any other pair is priced on demand from the providers' market-wide listings:
 
-1. Providers that list the pair itself are asked at once, concurrently; the highest-priority
-   (`KURS_PROVIDERS` order) valid quote wins, so a failing or lying provider hands over to the
-   next one.
-2. Otherwise it is derived (`derived: true`, with its `route` of legs): from the inverted pair
+1. Each provider's listing (every market it quotes, in one or two requests: `Provider.listing`)
+   is fetched at most once per `listing_interval` (5 s for the exchanges, 30 s for CoinGecko,
+   5 min for the Bank of Russia's daily file), failures included; concurrent askers share one
+   request. Every on-demand pair is priced from these, so the upstream traffic they cause is
+   bounded by the listing refresh rate whatever the clients ask.
+2. A provider that lists the pair itself serves it; the highest-priority (`KURS_PROVIDERS`
+   order) valid quote wins, so a failing or lying provider hands over to the next one.
+3. Otherwise it is derived (`derived: true`, with its `route` of legs): from the inverted pair
    (RUB-BTC = 1 / BTC-RUB), else as a cross rate through USD, USDT, the USD proxy
    (`rates.policy.cross_routes`) or RUB (the Bank of Russia quotes every fiat currency against
    RUB, so AUD-CAD = AUD-RUB / CAD-RUB). Each leg may be quoted as asked or inverted; the route
-   shows every leg as its provider quoted it. One request per provider covers all the legs.
+   shows every leg as its provider quoted it.
 
 On-demand quotes pass the same checks as tracked ones (`rates.validation`: a finite positive
 value that fits the columns, a source time neither in the future nor older than the provider's
 freshness window) but skip `accept_quote` on purpose: they are not tracked pairs, so they never
 enter the live board (they must not move failover or the jump guard) nor the history.
 
-Answers are cached for CACHE_SECONDS (a failure for FAILURE_CACHE_SECONDS), and concurrent
-identical requests share one upstream round: a hundred clients asking for the same untracked
-pair at once cost one call per provider. The whole round is bounded by ROUND_SECONDS.
+Answers, found or not, are cached for CACHE_SECONDS (a failure for FAILURE_CACHE_SECONDS), and
+concurrent identical requests share one round. A round (a pair not in that cache) spends one
+token of the global and of the client's budget (`KURS_ONDEMAND_RATE`,
+`KURS_ONDEMAND_CLIENT_RATE`, `rates.upstream.RoundBudget`): beyond either, 429. A listing is not
+fetched while the exchange's request weight is near its limit (`rates.upstream.weights`): the
+rest of the limit is the fetcher's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from typing import Any
@@ -42,16 +53,9 @@ from django.utils import timezone
 from rates import policy, validation
 from rates.exceptions import PairNotPriced, ProvidersUnavailable, RatesError
 from rates.fetcher import http_client
-from rates.providers import (
-    Pair,
-    Provider,
-    ProviderError,
-    ProviderHTTPError,
-    ProviderRateLimited,
-    Quote,
-    build_providers,
-)
+from rates.providers import Listing, Pair, Provider, ProviderError, Quote, build_providers
 from rates.snapshot import snapshot
+from rates.upstream import RoundBudget, weights
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +69,12 @@ REQUEST_TIMEOUT = 3.0
 ROUND_SECONDS = 4.5
 # Cached answers kept at most (distinct pairs); expired ones go first, then the oldest.
 MAX_CACHED = 10_000
+# A provider's listing serves on-demand pairs this long before it is fetched again: the poll
+# interval for the exchanges, a quarter of the freshness window for slower sources (CoinGecko's
+# 60 s cache, the Bank of Russia's daily file), as the fetcher paces them, at most MAX_LISTING.
+LISTING_SECONDS = 5.0
+LISTING_FRACTION = 0.25
+MAX_LISTING_SECONDS = 300.0
 # Besides USD and USDT (cross_routes): the Bank of Russia quotes all its currencies against RUB.
 EXTRA_VIAS = ("RUB",)
 # Conversion results: as many decimal places as stored rates, banker's rounding (no bias).
@@ -151,13 +161,31 @@ def route_value(legs: Sequence[tuple[Leg, bool]]) -> Decimal:
         return validation.checked_value(numerator / denominator)
 
 
+def listing_interval(provider: type[Provider] | Provider) -> float:
+    """How long one listing of `provider` serves on-demand pairs before it is fetched again."""
+    if provider.freshness is None:
+        return LISTING_SECONDS
+    return min(MAX_LISTING_SECONDS, max(LISTING_SECONDS, provider.freshness * LISTING_FRACTION))
+
+
+@dataclass
+class _ListingSlot:
+    """One provider's last listing (or why there is none) and the refresh under way, if any."""
+
+    listing: Listing | None = None
+    error: str | None = None
+    until: float = 0.0  # the clock time until which this outcome serves
+    task: asyncio.Task[None] | None = None
+
+
 @dataclass
 class _Upstream:
-    """The providers of one event loop, sharing one HTTP connection pool."""
+    """The providers of one event loop, sharing one HTTP connection pool, and their listings."""
 
     client: httpx.AsyncClient
     providers: list[Provider]
     signature: tuple[Any, ...]
+    listings: dict[str, _ListingSlot] = field(default_factory=dict)
 
 
 @dataclass
@@ -169,7 +197,8 @@ class _Round:
 
 
 class OnDemandRates:
-    """Rates of untracked pairs from the providers, cached briefly, one round per pair at a time.
+    """Rates of untracked pairs from the providers' listings, cached briefly, one round per pair
+    at a time, within the round budgets.
 
     An httpx client (and a coalescing future) belongs to the event loop it was made on, so they
     are kept per loop: one per process in production, a fresh one per test loop.
@@ -182,9 +211,11 @@ class OnDemandRates:
         self._upstreams: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Upstream] = (
             weakref.WeakKeyDictionary()
         )
+        self._budget: tuple[tuple[float, float], RoundBudget] | None = None
 
-    async def get(self, pair: Pair) -> PairRate:
-        """The pair's rate; PairNotPriced (no provider lists it) or ProvidersUnavailable."""
+    async def get(self, pair: Pair, *, client: str | None = None) -> PairRate:
+        """The pair's rate; PairNotPriced (no provider lists it), ProvidersUnavailable, or
+        OnDemandBudgetExceeded (a new round beyond the global or `client`'s budget)."""
         cached = self._cache.get(pair.code)
         if cached is not None and cached[0] > self._clock():
             return _result(cached[1])
@@ -192,6 +223,8 @@ class OnDemandRates:
         key = (loop, pair.code)
         task = self._inflight.get(key)
         if task is None:
+            # Only a new round is charged: a cached answer or a shared round costs nothing.
+            self._round_budget().take(client)
             task = loop.create_task(self._lookup(pair), name=f"ondemand-{pair.code}")
             self._inflight[key] = task
             task.add_done_callback(lambda _: self._inflight.pop(key, None))
@@ -199,13 +232,24 @@ class OnDemandRates:
         return await asyncio.shield(task)
 
     def clear(self) -> None:
+        """Forget answers, listings and budgets (tests)."""
         self._cache.clear()
+        self._budget = None
+        for upstream in self._upstreams.values():
+            upstream.listings.clear()
 
     async def aclose(self) -> None:
         """Close this event loop's HTTP client (server shutdown)."""
         upstream = self._upstreams.pop(asyncio.get_running_loop(), None)
         if upstream is not None:
             await upstream.client.aclose()
+
+    def _round_budget(self) -> RoundBudget:
+        rates = (float(settings.KURS_ONDEMAND_RATE), float(settings.KURS_ONDEMAND_CLIENT_RATE))
+        if self._budget is None or self._budget[0] != rates:
+            budget = RoundBudget(rate=rates[0], client_rate=rates[1], clock=self._clock)
+            self._budget = (rates, budget)
+        return self._budget[1]
 
     async def _lookup(self, pair: Pair) -> PairRate:
         result: PairRate | RatesError
@@ -228,7 +272,7 @@ class OnDemandRates:
         self._cache.pop(code, None)  # re-inserted last: the dict's order is the age order
         self._cache[code] = (now + ttl, result)
 
-    def _upstream(self) -> list[Provider]:
+    def _upstream(self) -> _Upstream:
         loop = asyncio.get_running_loop()
         signature = (
             tuple(settings.KURS_PROVIDERS),
@@ -243,16 +287,18 @@ class OnDemandRates:
             upstream = _Upstream(client, [], ())
             self._upstreams[loop] = upstream
         if upstream.signature != signature:
-            # Providers keep state (Binance remembers symbols it does not list): built once.
             upstream.providers = build_providers(settings.KURS_PROVIDERS, client=upstream.client)
             upstream.signature = signature
-        return upstream.providers
+            upstream.listings.clear()
+        return upstream
 
     async def _resolve(self, pair: Pair) -> PairRate:
-        providers = self._upstream()
+        upstream = self._upstream()
+        providers = upstream.providers
         deadline = asyncio.get_running_loop().time() + ROUND_SECONDS
-        found = _Round(quotes={}, failed={})
-        await self._ask(providers, [pair], found, deadline)
+        routes = derivation_routes(pair)
+        wanted = list(dict.fromkeys([pair, *(leg for route in routes for leg, _ in route)]))
+        found = await self._quote(upstream, wanted, deadline)
         if direct := found.quotes.get(pair.code):
             leg = direct[0]
             return PairRate(
@@ -264,10 +310,6 @@ class OnDemandRates:
                 derived=False,
                 failover=_outranked([leg], found.failed, providers),
             )
-        routes = derivation_routes(pair)
-        legs = list(dict.fromkeys(leg for route in routes for leg, _ in route))
-        working = [provider for provider in providers if provider.name not in found.failed]
-        await self._ask(working, legs, found, deadline)
         for route in routes:
             derived = _derive(pair, route, found, providers)
             if derived is not None:
@@ -277,27 +319,81 @@ class OnDemandRates:
             raise ProvidersUnavailable(f"no provider could price {pair.code} now ({reasons})")
         raise PairNotPriced(f"no provider prices {pair.code}, directly or as a cross rate")
 
-    async def _ask(
-        self, providers: Sequence[Provider], pairs: Sequence[Pair], found: _Round, deadline: float
-    ) -> None:
-        """One request per provider that lists any of `pairs`, all at once, until `deadline`."""
-        asks = [(p, wanted) for p in providers if (wanted := [x for x in pairs if p.supports(x)])]
-        if not asks:
-            return
-        outcomes = await asyncio.gather(
-            *(_fetch(provider, wanted, deadline) for provider, wanted in asks)
+    async def _quote(self, upstream: _Upstream, pairs: Sequence[Pair], deadline: float) -> _Round:
+        """Quotes for `pairs` from the listing of every provider that lists any of them."""
+        asks = [
+            (p, wanted)
+            for p in upstream.providers
+            if (wanted := [x for x in pairs if p.supports(x)])
+        ]
+        listings = await asyncio.gather(
+            *(self._listing(upstream, provider, deadline) for provider, _ in asks)
         )
+        found = _Round(quotes={}, failed={})
         now = timezone.now()
-        for (provider, _), outcome in zip(asks, outcomes, strict=True):
-            if isinstance(outcome, str):
-                found.failed[provider.name] = outcome
+        for (provider, wanted), listing in zip(asks, listings, strict=True):
+            if isinstance(listing, str):
+                found.failed[provider.name] = listing
                 continue
-            for quote in outcome:
+            try:
+                quotes = listing.quotes(wanted)
+            except ProviderError as exc:
+                found.failed[provider.name] = str(exc)
+                continue
+            for quote in quotes:
                 leg = _checked(quote, now=now)
                 if isinstance(leg, str):
                     found.failed.setdefault(provider.name, f"{quote.pair} rejected: {leg}")
                 else:
                     found.quotes.setdefault(quote.pair, []).append(leg)
+        return found
+
+    async def _listing(
+        self, upstream: _Upstream, provider: Provider, deadline: float
+    ) -> Listing | str:
+        """The provider's listing, fetched again only when its interval has passed (one request
+        for all askers); or why there is none."""
+        slot = upstream.listings.setdefault(provider.name, _ListingSlot())
+        if slot.task is None and slot.until <= self._clock():
+            wait = weights.spare(provider.name, provider.listing_weight)
+            if wait > 0:
+                # The rest of the exchange's limit is the fetcher's; a listing still on hand
+                # serves (validation rejects its quotes once they are too old).
+                logger.info("on-demand: %s weight near its limit, not asked", provider.name)
+                if slot.listing is not None and slot.error is None:
+                    return slot.listing
+                return f"request weight kept for tracked pairs, next try in {math.ceil(wait)}s"
+            slot.task = asyncio.get_running_loop().create_task(
+                self._refresh(provider, slot), name=f"ondemand-listing-{provider.name}"
+            )
+        if slot.task is not None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await asyncio.shield(slot.task)
+            except TimeoutError:
+                return f"no answer within {ROUND_SECONDS:g}s"
+        if slot.error is not None or slot.listing is None:
+            return slot.error or "no listing"
+        return slot.listing
+
+    async def _refresh(self, provider: Provider, slot: _ListingSlot) -> None:
+        try:
+            async with asyncio.timeout(ROUND_SECONDS):
+                slot.listing, slot.error = await provider.listing(), None
+        except ProviderError as exc:
+            slot.error = str(exc)
+        except TimeoutError:
+            slot.error = f"no answer within {ROUND_SECONDS:g}s"
+        except Exception as exc:
+            # A bug in one provider's parsing must not cost the others (or answer 500).
+            logger.exception("on-demand listing from %s failed", provider.name)
+            slot.error = type(exc).__name__
+        finally:
+            # Failures wait as long as answers: a provider that is down is not asked more often.
+            slot.until = self._clock() + listing_interval(provider)
+            slot.task = None
+        if slot.error is not None:
+            logger.info("on-demand: %s listing failed: %s", provider.name, slot.error)
 
 
 def _result(result: PairRate | RatesError) -> PairRate:
@@ -305,40 +401,6 @@ def _result(result: PairRate | RatesError) -> PairRate:
         # A fresh exception per waiter: one instance raised in many tasks shares a traceback.
         raise type(result)(str(result))
     return result
-
-
-async def _fetch(provider: Provider, pairs: Sequence[Pair], deadline: float) -> list[Quote] | str:
-    """The provider's quotes for `pairs`, or why there are none (its failure).
-
-    A request the exchange refuses (a 4xx other than a rate limit, or Bybit's `retCode 10001 Not
-    supported symbols` for one unknown symbol) means it does not list the pair: no quote, but no
-    failure either, so the answer is 404 rather than 503 and no failover is reported.
-    """
-    try:
-        async with asyncio.timeout_at(deadline):
-            return await provider.fetch(pairs)
-    except ProviderRateLimited as exc:
-        reason = str(exc)
-    except ProviderHTTPError as exc:
-        if exc.status >= 500:
-            reason = str(exc)
-        else:
-            logger.info("on-demand: %s refused %s: %s", provider.name, _codes(pairs), exc)
-            return []
-    except ProviderError as exc:
-        reason = str(exc)
-    except TimeoutError:
-        reason = f"no answer within {ROUND_SECONDS:g}s"
-    except Exception as exc:
-        # A bug in one provider's parsing must not cost the others (or answer 500).
-        logger.exception("on-demand fetch from %s failed", provider.name)
-        reason = type(exc).__name__
-    logger.info("on-demand: %s failed for %s: %s", provider.name, _codes(pairs), reason)
-    return reason
-
-
-def _codes(pairs: Sequence[Pair]) -> str:
-    return ",".join(pair.code for pair in pairs)
 
 
 def _checked(quote: Quote, *, now: datetime) -> Leg | str:
@@ -407,37 +469,115 @@ def _outranked(legs: Sequence[Leg], failed: dict[str, str], providers: Sequence[
 on_demand = OnDemandRates()
 
 
-async def _tracked_course(code: str) -> dict[str, Any] | None:
+@dataclass(frozen=True, slots=True)
+class _TrackedIndex:
+    """Active pairs by their canonical legs (aliases resolved), for one items generation."""
+
+    key: tuple[int, str]
+    by_legs: dict[tuple[str, str], tuple[str, ...]]
+
+
+_tracked_index: _TrackedIndex | None = None
+
+
+def _canonical(base: str, quote: str) -> tuple[str, str]:
+    return policy.canonical_asset(base), policy.canonical_asset(quote)
+
+
+def tracked_sources(pair: Pair) -> list[tuple[str, bool]]:
+    """The tracked pairs that price `pair`, best first, each with whether it is inverted: the
+    pair itself, its exact inverse, then its aliases as asked, then its aliases inverted
+    (USDT-RUB ← USDTERC-RUB, USDTTRC-RUB; RUB-USDT ← the same, inverted)."""
+    global _tracked_index
+    key = (snapshot.items_generation, repr(settings.KURS_ASSET_ALIASES))
+    index = _tracked_index
+    if index is None or index.key != key:
+        by_legs: dict[tuple[str, str], list[str]] = {}
+        for code in sorted(snapshot.active_pairs()):
+            tracked = Pair.parse(code)
+            by_legs.setdefault(_canonical(tracked.base, tracked.quote), []).append(code)
+        index = _TrackedIndex(key, {legs: tuple(codes) for legs, codes in by_legs.items()})
+        _tracked_index = index
+    legs = _canonical(pair.base, pair.quote)
+    if legs[0] == legs[1]:
+        # An identity (USDTTRC-USDT): only the pair itself, if tracked, answers for it.
+        return [(pair.code, False)] if pair.code in index.by_legs.get(legs, ()) else []
+    inverse = f"{pair.quote}-{pair.base}"
+    found = [(code, False) for code in index.by_legs.get(legs, ())]
+    found += [(code, True) for code in index.by_legs.get((legs[1], legs[0]), ())]
+    # The pair itself first, then its exact inverse; the sort is stable.
+    found.sort(key=lambda source: (source[0] != pair.code, source[0] != inverse))
+    return found
+
+
+async def _snapshot_ready() -> None:
     if not snapshot.loaded:
         try:
             await snapshot.aload()
         except DatabaseError:
             # The database is down: tracked pairs are then priced on demand like any other.
             logger.warning("rates snapshot not loaded (database unavailable)", exc_info=True)
-    found = snapshot.courses([code])
-    return found[0] if found else None
 
 
-async def pair_rate(pair: Pair) -> dict[str, Any]:
-    """`/rates/{base}/{quote}`: the snapshot's course of a tracked pair, else on demand."""
-    course = await _tracked_course(pair.code)
-    if course is None:
-        return (await on_demand.get(pair)).to_dict(timezone.now())
+def _from_tracked(pair: Pair, course: dict[str, Any], inverted: bool) -> dict[str, Any] | None:
+    """`pair`'s answer from the course of the tracked pair that prices it; None when its
+    inverse does not fit the stored precision."""
+    value, derived, route = course["value"], course["derived"], course["route"]
+    if inverted:
+        try:
+            value = route_value([(_course_leg(course), True)])
+        except validation.QuoteRejected:
+            return None
+        # Inverted, it is derived; the legs are still shown as their providers quoted them.
+        derived, route = True, route or [_course_leg(course).to_dict()]
     return {
-        "pair": course["direction"],
-        "value": course["value"],
+        "pair": pair.code,
+        "value": value,
         "provider": course["provider"],
         "source_time": course["source_time"],
         "age_s": course["age_s"],
-        "derived": course["derived"],
+        "derived": derived,
         "stale": course["stale"],
         "status": course["status"],
-        "route": course["route"],
+        "route": route,
     }
 
 
-async def convert(*, source: str, target: str, amount: Decimal) -> dict[str, Any]:
-    """`/convert`: amount × the pair's rate, exact, rounded once to RESULT_STEP (half even)."""
+def _course_leg(course: dict[str, Any]) -> Leg:
+    return Leg(
+        pair=course["direction"],
+        provider=course["provider"],
+        value=course["value"],
+        source_time=course["source_time"],
+        fresh_until=course["source_time"],  # not read: the course carries its own staleness
+    )
+
+
+async def _priced(pair: Pair, client: str | None) -> tuple[dict[str, Any], Decimal | None]:
+    """The pair's answer, and the tracked value to divide by when it is a tracked pair inverted
+    (so that a conversion divides exactly instead of multiplying by a rounded inverse)."""
+    await _snapshot_ready()
+    for code, inverted in tracked_sources(pair):
+        found = snapshot.courses([code])
+        if not found:
+            continue  # tracked but never quoted yet
+        answer = _from_tracked(pair, found[0], inverted)
+        if answer is not None:
+            return answer, found[0]["value"] if inverted else None
+    return (await on_demand.get(pair, client=client)).to_dict(timezone.now()), None
+
+
+async def pair_rate(pair: Pair, *, client: str | None = None) -> dict[str, Any]:
+    """`/rates/{base}/{quote}`: from the snapshot when the pair, its inverse or an alias is
+    tracked, else on demand (`client`, the asker's address, is charged for a new round)."""
+    return (await _priced(pair, client))[0]
+
+
+async def convert(
+    *, source: str, target: str, amount: Decimal, client: str | None = None
+) -> dict[str, Any]:
+    """`/convert`: amount × the pair's rate (÷ the tracked rate for an inverted tracked pair),
+    exact, rounded once to RESULT_STEP (half even)."""
     if source == target:
         return {
             "from": source,
@@ -453,10 +593,11 @@ async def convert(*, source: str, target: str, amount: Decimal) -> dict[str, Any
             "status": policy.LIVE,
             "route": [],
         }
-    rate = await pair_rate(Pair(source, target))
+    rate, divisor = await _priced(Pair(source, target), client)
     with localcontext() as context:
         context.prec = _PRECISION
-        result = (amount * rate["value"]).quantize(RESULT_STEP, rounding=ROUND_HALF_EVEN)
+        exact = amount / divisor if divisor is not None else amount * rate["value"]
+        result = exact.quantize(RESULT_STEP, rounding=ROUND_HALF_EVEN)
     return {
         "from": source,
         "to": target,

@@ -4,6 +4,7 @@ WebSocket streams, and the ``/_control`` API (see README.md in this package)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -135,6 +136,8 @@ class EmulatorApp:
                 self.market.log_request(provider, method, "/" + rest, raw_query)
                 self.served_requests += 1
                 response = await self.provider_response(provider, handler, query)
+                if provider == "binance":
+                    response = self.binance_weight(rest, query, response)
         await send_response(send, response)
 
     async def provider_response(
@@ -152,6 +155,17 @@ class EmulatorApp:
                 return fmt.garbage_text_response()
             return self.garbage_shape[provider](query)
         return handler(query, fault)
+
+    def binance_weight(self, path: str, query: Query, response: HttpResponse) -> HttpResponse:
+        """The answer with the minute's used weight, as Binance counts it per IP: tickers weigh 2
+        for one `symbol` and 4 otherwise, ping and time 1. A rate-limited answer keeps its own."""
+        if response.status in (418, 429):
+            return response
+        weight = (2 if "symbol" in query else 4) if path.startswith("api/v3/ticker/") else 1
+        used = str(self.market.spend_binance_weight(weight))
+        headers = [(k, v) for k, v in response.headers if not k.startswith("X-MBX-USED-WEIGHT")]
+        headers += [("X-MBX-USED-WEIGHT-1M", used), ("X-MBX-USED-WEIGHT", used)]
+        return dataclasses.replace(response, headers=headers)
 
     # --- control API ----------------------------------------------------------------------
 
@@ -186,9 +200,10 @@ class EmulatorApp:
             case "GET", ["requests"]:
                 wanted = query.get("provider", [None])[0]
                 rows = [r.to_json() for r in self.market.requests if wanted in (None, r.provider)]
-                return json_response({"requests": rows})
+                counts = dict(self.market.request_counts)
+                return json_response({"requests": rows, "counts": counts})
             case "DELETE", ["requests"]:
-                self.market.requests.clear()
+                self.market.clear_requests()
                 return HttpResponse(204, b"")
             case "GET", [provider] if provider in PROVIDERS:
                 book = self.market.books[provider]

@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -255,6 +255,9 @@ class Market:
     books: dict[str, Book] = field(init=False)
     faults: dict[str, Fault] = field(init=False)
     requests: deque[LoggedRequest] = field(init=False)
+    # Every provider request since the last clear, by provider: the log above keeps only the
+    # last 1,000, and a test or benchmark that bounds Kurs's upstream traffic counts them all.
+    request_counts: Counter[str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -270,7 +273,10 @@ class Market:
         }
         self.faults = {provider: Fault() for provider in PROVIDERS}
         self.requests = deque(maxlen=1000)
+        self.request_counts = Counter()
         self.started_ms = now_ms()
+        # Binance's request weight in the current clock minute: (minute, weight used).
+        self._binance_weight = (0, 0)
 
     def set_fault(self, provider: str, fault: Fault) -> None:
         targets = PROVIDERS if provider == "all" else (provider,)
@@ -282,6 +288,19 @@ class Market:
 
     def log_request(self, provider: str, method: str, path: str, query: str) -> None:
         self.requests.append(LoggedRequest(provider, method, path, query, now_ms()))
+        self.request_counts[provider] += 1
+
+    def clear_requests(self) -> None:
+        self.requests.clear()
+        self.request_counts.clear()
+
+    def spend_binance_weight(self, weight: int) -> int:
+        """Add a request's weight to the current minute's; the total, as X-MBX-USED-WEIGHT-1M."""
+        minute = now_ms() // 60_000
+        current, used = self._binance_weight
+        used = used + weight if current == minute else weight
+        self._binance_weight = (minute, used)
+        return used
 
     async def run_walk(self) -> None:
         while True:

@@ -11,6 +11,7 @@ import httpx
 from django.conf import settings
 
 from rates.providers.base import (
+    Listing,
     Pair,
     Provider,
     ProviderConnectionError,
@@ -36,6 +37,7 @@ __all__ = [
     "BybitProvider",
     "CBRProvider",
     "CoinGeckoProvider",
+    "Listing",
     "Pair",
     "Provider",
     "ProviderConnectionError",

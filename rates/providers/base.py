@@ -26,6 +26,8 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
+from rates.upstream import weights
+
 logger = logging.getLogger(__name__)
 
 NAN = Decimal("NaN")
@@ -154,6 +156,15 @@ def summarise_error(status: int, url: httpx.URL | str, body: str = "", *, via: s
     return f"HTTP {status} from {host or 'the provider'}{f' ({via})' if via else ''}: {reason}"
 
 
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """Every market of one provider, from one market-wide answer: `quotes(pairs)` prices any
+    pairs from it without asking the exchange again (a pair it does not list gets no quote)."""
+
+    provider: str
+    quotes: Callable[[Sequence[Pair]], list[Quote]]
+
+
 class ProviderError(Exception):
     """Base of every provider failure; ``str()`` is a short human reason, never markup.
 
@@ -267,6 +278,9 @@ class Provider(ABC):
     # Seconds after which stream() returns so the caller reconnects before the exchange cuts the
     # connection (Binance: 24 h). None: the exchange sets no lifetime.
     connection_lifetime: ClassVar[float | None] = None
+    # What one `listing()` costs: its requests, and the request weight the exchange counts.
+    listing_requests: ClassVar[int] = 1
+    listing_weight: ClassVar[int] = 1
 
     def __init__(
         self,
@@ -320,9 +334,21 @@ class Provider(ABC):
     async def fetch(self, pairs: Sequence[Pair]) -> list[Quote]:
         """One REST round for the supported pairs among ``pairs``; unsupported ones are skipped."""
 
+    async def listing(self) -> Listing:
+        """Every market the provider quotes, in as few requests as it allows (on-demand pairs)."""
+        raise ProviderError(f"{self.name} has no market-wide listing")
+
     def stream(self, pairs: Sequence[Pair]) -> AsyncIterator[Quote]:
         """One WebSocket connection's life; streaming providers override this with a generator."""
         raise ProviderError(f"{self.name} has no WebSocket stream")
+
+    def request_weight(self, path: str, params: Mapping[str, str] | None) -> int:
+        """The weight the exchange counts for one request (its published cost)."""
+        return 1
+
+    def reported_weight(self, response: httpx.Response) -> int | None:
+        """The weight used in the current window as the exchange reports it, if it does."""
+        return None
 
     # --- REST plumbing ----------------------------------------------------------------------
 
@@ -357,7 +383,15 @@ class Provider(ABC):
             raise ProviderConnectionError(
                 f"cannot reach {path}: {exc or type(exc).__name__}"
             ) from exc
-        self.check_response(response)
+        # Every answered request counts against the exchange's limit, the fetcher's included.
+        weights.record(
+            self.name, self.request_weight(path, params), reported=self.reported_weight(response)
+        )
+        try:
+            self.check_response(response)
+        except ProviderRateLimited as exc:
+            weights.hold(self.name, exc.retry_after)
+            raise
         return decode_json(response.content, what=f"{path} body"), response
 
     def check_response(self, response: httpx.Response) -> None:

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from datetime import datetime
 from typing import Any, ClassVar
@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import httpx
 
 from rates.providers.base import (
+    Listing,
     Pair,
     Provider,
     ProviderHTTPError,
@@ -38,6 +39,9 @@ logger = logging.getLogger(__name__)
 QUOTE_ASSETS = frozenset({"USDT", "USDC", "FDUSD", "BTC", "ETH", "BNB", "EUR", "TRY"})
 # A symbol Binance does not list is left out of requests for this long, then tried again.
 UNLISTED_RETRY_AFTER = 3600.0
+# Header of the request weight the IP used in the current minute (provider-formats, section 1).
+WEIGHT_HEADER = "X-MBX-USED-WEIGHT-1M"
+TICKER_PATHS = ("/api/v3/ticker/price", "/api/v3/ticker/bookTicker")
 
 
 class BinanceProvider(Provider):
@@ -47,6 +51,9 @@ class BinanceProvider(Provider):
     # "A single connection to stream.binance.com is only valid for 24 hours": leave 30 minutes of
     # margin so our reconnect is planned rather than a cut in the middle of a burst.
     connection_lifetime: ClassVar[float | None] = 23.5 * 3600
+    # ticker/price and ticker/bookTicker for every symbol: weight 4 each.
+    listing_requests: ClassVar[int] = 2
+    listing_weight: ClassVar[int] = 8
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -98,6 +105,29 @@ class BinanceProvider(Provider):
         # (the Date header only has one-second resolution).
         received = utc_now()
         return parse_rest(prices, books, wanted, received)
+
+    async def listing(self) -> Listing:
+        prices, books = await self._tickers(None)
+        received = utc_now()
+        parse_rest(prices, books, {}, received)  # the whole answer's shape, checked once
+        price_by = {entry["symbol"]: entry for entry in prices}
+        book_by = _by_symbol(books)
+
+        def quotes(pairs: Sequence[Pair]) -> list[Quote]:
+            wanted = {s: v for s, v in self.symbols_for(pairs).items() if s in price_by}
+            listed_books = [book_by[symbol] for symbol in wanted if symbol in book_by]
+            return parse_rest([price_by[s] for s in wanted], listed_books, wanted, received)
+
+        return Listing(self.name, quotes)
+
+    def request_weight(self, path: str, params: Mapping[str, str] | None) -> int:
+        if path in TICKER_PATHS:
+            return 2 if params and "symbol" in params else 4
+        return 1
+
+    def reported_weight(self, response: httpx.Response) -> int | None:
+        raw = response.headers.get(WEIGHT_HEADER, "")
+        return int(raw) if raw.isdigit() else None
 
     async def _tickers(self, params: dict[str, str] | None) -> tuple[Any, Any]:
         (prices, _), (books, _) = await asyncio.gather(
@@ -166,10 +196,7 @@ def parse_rest(
     """Quotes from the ``ticker/price`` and ``ticker/bookTicker`` arrays (prices are strings)."""
     if not isinstance(prices, list) or not isinstance(books, list):
         raise ProviderMalformed("ticker/price and bookTicker must be JSON arrays")
-    book_by_symbol: dict[str, dict[str, Any]] = {}
-    for entry in books:
-        if isinstance(entry, dict) and isinstance(entry.get("symbol"), str):
-            book_by_symbol[entry["symbol"]] = entry
+    book_by_symbol = _by_symbol(books)
     quotes: list[Quote] = []
     for entry in prices:
         if not isinstance(entry, dict) or "symbol" not in entry or "price" not in entry:
@@ -187,6 +214,14 @@ def parse_rest(
                 )
             )
     return quotes
+
+
+def _by_symbol(entries: list[Any]) -> dict[str, dict[str, Any]]:
+    return {
+        entry["symbol"]: entry
+        for entry in entries
+        if isinstance(entry, dict) and isinstance(entry.get("symbol"), str)
+    }
 
 
 def parse_stream_message(

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import httpx
 
 from rates.providers.base import (
+    Listing,
     Pair,
     Provider,
     ProviderHTTPError,
@@ -33,6 +34,7 @@ from rates.providers.base import (
     to_decimal,
     utc_now,
 )
+from rates.upstream import weights
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +101,19 @@ class BybitProvider(Provider):
         raise_for_ret_code(body, response)
         return parse_rest(body, wanted)
 
+    async def listing(self) -> Listing:
+        body, response = await self.get_json("/v5/market/tickers", params={"category": "spot"})
+        raise_for_ret_code(body, response)
+        parse_rest(body, {})  # the whole answer's shape, checked once
+        by_symbol = {ticker["symbol"]: ticker for ticker in body["result"]["list"]}
+
+        def quotes(pairs: Sequence[Pair]) -> list[Quote]:
+            wanted = {s: v for s, v in self.symbols_for(pairs).items() if s in by_symbol}
+            listed = {**body, "result": {"list": [by_symbol[symbol] for symbol in wanted]}}
+            return parse_rest(listed, wanted)
+
+        return Listing(self.name, quotes)
+
     async def stream(self, pairs: Sequence[Pair]) -> AsyncIterator[Quote]:
         wanted = self.symbols_for(pairs)
         if not wanted or self.ws_url is None:
@@ -148,10 +163,11 @@ def raise_for_ret_code(body: Any, response: httpx.Response) -> None:
         return
     code, message = body.get("retCode"), body.get("retMsg", "")
     if code == RATE_LIMIT_CODE:
-        # Reported with HTTP 200; surfaced as 429 so callers treat it like any other rate limit.
-        raise ProviderRateLimited(
-            f"retCode {code} {message}", status=429, retry_after=reset_after(response)
-        )
+        # Reported with HTTP 200; surfaced as 429 so callers treat it like any other rate limit,
+        # and on-demand keeps off Bybit until the reset (Provider.get_json only sees the 200).
+        retry_after = reset_after(response)
+        weights.hold(BybitProvider.name, retry_after)
+        raise ProviderRateLimited(f"retCode {code} {message}", status=429, retry_after=retry_after)
     raise ProviderHTTPError(f"retCode {code} {message}", status=response.status_code)
 
 

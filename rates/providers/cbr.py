@@ -23,7 +23,15 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar
 
-from rates.providers.base import NAN, Pair, Provider, ProviderMalformed, Quote, to_decimal
+from rates.providers.base import (
+    NAN,
+    Listing,
+    Pair,
+    Provider,
+    ProviderMalformed,
+    Quote,
+    to_decimal,
+)
 
 RUB = "RUB"
 
@@ -85,12 +93,21 @@ class CBRProvider(Provider):
     def supports(self, pair: Pair) -> bool:
         return self.asset(pair.quote) == RUB and self.asset(pair.base) in self.CURRENCIES
 
+    def wanted(self, pairs: Sequence[Pair]) -> list[tuple[Pair, str]]:
+        return [(pair, self.asset(pair.base)) for pair in pairs if self.supports(pair)]
+
     async def fetch(self, pairs: Sequence[Pair]) -> list[Quote]:
-        wanted = [pair for pair in pairs if self.supports(pair)]
+        wanted = self.wanted(pairs)
         if not wanted:
             return []
         body, _ = await self.get_json("/daily_json.js")
-        return parse_daily(body, [(pair, self.asset(pair.base)) for pair in wanted])
+        return parse_daily(body, wanted)
+
+    async def listing(self) -> Listing:
+        # The daily file is the whole table already.
+        body, _ = await self.get_json("/daily_json.js")
+        parse_daily(body, [])  # the file's shape, checked once
+        return Listing(self.name, lambda pairs: parse_daily(body, self.wanted(pairs)))
 
 
 def _parse_time(raw: object) -> datetime | None:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import httpx
 
 from rates.providers.base import (
+    Listing,
     Pair,
     Provider,
     ProviderHTTPError,
@@ -99,22 +100,42 @@ class CoinGeckoProvider(Provider):
             return {"x-cg-pro-api-key": self.api_key}
         return {"x-cg-demo-api-key": self.api_key}
 
-    async def fetch(self, pairs: Sequence[Pair]) -> list[Quote]:
+    def wanted(self, pairs: Sequence[Pair]) -> Wanted:
         wanted: Wanted = defaultdict(list)
         for pair in pairs:
             key = self.coin_and_vs(pair)
             if key is not None:
                 wanted[key].append(pair)
+        return dict(wanted)
+
+    async def fetch(self, pairs: Sequence[Pair]) -> list[Quote]:
+        wanted = self.wanted(pairs)
         if not wanted:
             return []
+        body = await self._simple_price({coin for coin, _ in wanted}, {vs for _, vs in wanted})
+        return parse_simple_price(body, wanted, utc_now())
+
+    async def listing(self) -> Listing:
+        # Every coin Kurs maps in every currency it asks for: one call (the keyless API allows
+        # about 30 a minute), however many pairs it then prices.
+        body = await self._simple_price(set(COIN_IDS.values()), set(VS_CURRENCIES))
+        received = utc_now()
+        parse_simple_price(body, {}, received)  # an error body raises here
+
+        def quotes(pairs: Sequence[Pair]) -> list[Quote]:
+            return parse_simple_price(body, self.wanted(pairs), received)
+
+        return Listing(self.name, quotes)
+
+    async def _simple_price(self, coins: set[str], currencies: set[str]) -> Any:
         params = {
-            "ids": ",".join(sorted({coin for coin, _ in wanted})),
-            "vs_currencies": ",".join(sorted({vs for _, vs in wanted})),
+            "ids": ",".join(sorted(coins)),
+            "vs_currencies": ",".join(sorted(currencies)),
             "include_last_updated_at": "true",
             "precision": "full",
         }
         body, _ = await self.get_json("/api/v3/simple/price", params=params, headers=self.headers())
-        return parse_simple_price(body, wanted, utc_now())
+        return body
 
     def error_detail(self, response: httpx.Response) -> str:
         # CoinGecko errors are {"status": {"error_code": 429, "error_message": "..."}}.

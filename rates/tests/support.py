@@ -15,7 +15,7 @@ import pytest
 from django.core.cache import caches
 from django.utils import timezone
 
-from rates import fetcher, ondemand, services
+from rates import fetcher, ondemand, services, upstream
 from rates.board import QuoteBoard
 from rates.emulator import EmulatorServer, run_emulator_server
 from rates.models import CurrentRate
@@ -175,6 +175,11 @@ def tracked(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, Any]]:
 
     monkeypatch.setattr(RatesSnapshot, "loaded", property(lambda self: True))
     monkeypatch.setattr(snapshot, "courses", fake_courses)
+    # The tracked pairs are the dict's keys; their set is the items generation.
+    monkeypatch.setattr(snapshot, "active_pairs", lambda: frozenset(courses))
+    monkeypatch.setattr(
+        RatesSnapshot, "items_generation", property(lambda self: hash(frozenset(courses)))
+    )
     return courses
 
 
@@ -183,4 +188,5 @@ def on_demand_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """A fresh on-demand rates cache for one test, on a clock the test moves."""
     clock = FakeClock()
     monkeypatch.setattr(ondemand, "on_demand", ondemand.OnDemandRates(clock=clock))
+    upstream.weights.clear()  # request weights another test's exchange reported
     return clock

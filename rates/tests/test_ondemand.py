@@ -123,12 +123,14 @@ async def test_a_hundred_concurrent_requests_cost_one_call_per_provider(
     responses = await asyncio.gather(*(get_rate(async_client, "SOL", "USDT") for _ in range(100)))
     assert {r.status_code for r in responses} == {200}
     assert {r.json()["value"] for r in responses} == {141.23}
-    # Binance's one fetch is two requests (price and book); coingecko and cbr list no SOL-USDT.
+    # One listing per provider that lists the pair or a leg of a route to it: Binance's is two
+    # requests (price and book), CoinGecko lists SOL-USD; the Bank of Russia has no leg.
     assert await upstream_calls(upstream, emulator_client) == Counter(
         {
             "binance /api/v3/ticker/price": 1,
             "binance /api/v3/ticker/bookTicker": 1,
             "bybit /v5/market/tickers": 1,
+            "coingecko /api/v3/simple/price": 1,
         }
     )
 
@@ -140,14 +142,19 @@ async def test_concurrent_lookups_share_one_round_even_with_no_cache(
 ) -> None:
     # Every answer expires at once: only coalescing can keep this to one round.
     monkeypatch.setattr(ondemand, "CACHE_SECONDS", 0.0)
-    rates = ondemand.OnDemandRates(clock=FakeClock())
+    clock = FakeClock()
+    rates = ondemand.OnDemandRates(clock=clock)
     try:
         results = await asyncio.gather(*(rates.get(Pair("SOL", "USDT")) for _ in range(100)))
         assert {result.value for result in results} == {Decimal("141.23")}
         calls = await upstream_calls(upstream, emulator_client)
         assert calls["binance /api/v3/ticker/price"] == 1
         assert calls["bybit /v5/market/tickers"] == 1
-        await rates.get(Pair("SOL", "USDT"))  # the round is over and nothing is cached
+        # The round is over and no answer is cached, but the listings still serve.
+        await rates.get(Pair("SOL", "USDT"))
+        assert await upstream_calls(upstream, emulator_client) == calls
+        clock.now = ondemand.LISTING_SECONDS
+        await rates.get(Pair("SOL", "USDT"))
         calls = await upstream_calls(upstream, emulator_client)
         assert calls["binance /api/v3/ticker/price"] == 2
     finally:
@@ -272,9 +279,11 @@ async def test_it_answers_503_when_every_provider_that_could_price_it_fails(
     detail = response.json()["detail"]
     assert "binance: HTTP 503" in detail
     assert "bybit: HTTP 503" in detail
-    # A failure is remembered for a moment only: the next lookup after it asks again.
+    # A failed listing is asked again after the listing interval, not at every lookup.
     upstream.set_fault("all", "ok")
     on_demand_clock.now = ondemand.FAILURE_CACHE_SECONDS + 0.1
+    assert (await get_rate(async_client, "SOL", "USDT")).status_code == 503
+    on_demand_clock.now = ondemand.LISTING_SECONDS
     assert (await get_rate(async_client, "SOL", "USDT")).status_code == 200
 
 
@@ -321,6 +330,121 @@ async def test_a_tracked_pair_comes_from_the_snapshot_without_an_upstream_call(
     }
     assert 12 <= body["age_s"] < 13  # since the last confirmation, as /courses says
     assert await upstream_calls(upstream, emulator_client) == Counter()
+
+
+def usdt_rub(value: str, *, age: float, provider: str = "coingecko") -> dict[str, Any]:
+    """A USDT-RUB course as the snapshot shows it, last confirmed `age` seconds ago."""
+    now = timezone.now()
+    return Course(
+        direction="USDTTRC-RUB",
+        value=Decimal(value),
+        provider=provider,
+        source_time=now - timedelta(seconds=age),
+        checked_at=now - timedelta(seconds=age),
+        status="live",
+        derived=False,
+        version=4,
+    ).to_dict(now)
+
+
+@pytest.mark.usefixtures("on_demand_clock")
+async def test_aliases_and_inverses_of_a_tracked_pair_are_served_from_it_even_stale(
+    async_client: AsyncClient,
+    upstream: EmulatorServer,
+    tracked: dict[str, dict[str, Any]],
+) -> None:
+    # The issue's case: every provider down, the tracked USDTTRC-RUB stale after 130 s. Its
+    # alias USDT-RUB and the inverses answered differently (one on demand, 503) before.
+    upstream.set_fault("all", "down")
+    tracked["USDTTRC-RUB"] = usdt_rub("80.0249616", age=130)
+    answers = {}
+    for base, quote in [("USDTTRC", "RUB"), ("USDT", "RUB"), ("USDTERC", "RUB")]:
+        response = await get_rate(async_client, base, quote)
+        assert response.status_code == 200, response.content
+        answers[base, quote] = json.loads(response.content, parse_float=Decimal)
+    for base, quote in [("RUB", "USDTTRC"), ("RUB", "USDT"), ("RUB", "USDTERC")]:
+        response = await get_rate(async_client, base, quote)
+        assert response.status_code == 200, response.content
+        answers[base, quote] = json.loads(response.content, parse_float=Decimal)
+    tracked_answer = answers["USDTTRC", "RUB"]
+    inverse = quantized(1 / Decimal("80.0249616"))
+    for (base, quote), body in answers.items():
+        expected = Decimal("80.0249616") if quote == "RUB" else inverse
+        assert body["pair"] == f"{base}-{quote}"
+        assert body["value"] == expected, (base, quote)
+        assert (body["provider"], body["status"], body["stale"]) == ("coingecko", "stale", True)
+        assert body["source_time"] == tracked_answer["source_time"]
+        assert body["age_s"] == pytest.approx(tracked_answer["age_s"], abs=1)
+        # Inverted, it is a derived rate whose one leg is the tracked pair as quoted.
+        assert body["derived"] is (quote != "RUB")
+        if quote != "RUB":
+            assert [leg["pair"] for leg in body["route"]] == ["USDTTRC-RUB"]
+    assert not upstream.market.request_counts  # not one upstream request
+
+
+async def test_the_pair_itself_then_its_exact_inverse_win_over_an_alias(
+    async_client: AsyncClient,
+    upstream: EmulatorServer,
+    on_demand_clock: FakeClock,
+    tracked: dict[str, dict[str, Any]],
+) -> None:
+    tracked["USDTTRC-RUB"] = usdt_rub("80.5", age=1)
+    tracked["USDTERC-RUB"] = {**usdt_rub("79.5", age=1), "direction": "USDTERC-RUB"}
+
+    async def value(base: str, quote: str) -> Decimal:
+        response = await get_rate(async_client, base, quote)
+        return Decimal(json.loads(response.content, parse_float=Decimal)["value"])
+
+    assert await value("USDTTRC", "RUB") == Decimal("80.5")
+    assert await value("USDTERC", "RUB") == Decimal("79.5")
+    assert await value("RUB", "USDTTRC") == quantized(1 / Decimal("80.5"))
+    assert await value("RUB", "USDTERC") == quantized(1 / Decimal("79.5"))
+    # Plain USDT is an alias of both: the first tracked code in order serves it, both ways.
+    assert await value("USDT", "RUB") == Decimal("79.5")
+    assert await value("RUB", "USDT") == quantized(1 / Decimal("79.5"))
+
+
+async def test_a_round_trip_through_convert_returns_the_amount_with_coingecko_down(
+    async_client: AsyncClient,
+    upstream: EmulatorServer,
+    on_demand_clock: FakeClock,
+    tracked: dict[str, dict[str, Any]],
+) -> None:
+    # BTC-RUB tracked (Binance × the bank) while CoinGecko, the only direct RUB source, is down:
+    # the way back used to be priced on demand by another route and lost 1.34 %.
+    upstream.set_fault("coingecko", "down")
+    now = timezone.now()
+    tracked["BTC-RUB"] = Course(
+        direction="BTC-RUB",
+        value=Decimal("7104000.123456789012345678"),
+        provider="binance+cbr",
+        source_time=now,
+        checked_at=now,
+        status="failover",
+        derived=True,
+        version=9,
+        route=(
+            {
+                "pair": "BTC-USD",
+                "provider": "binance",
+                "value": Decimal("88800"),
+                "source_time": now,
+            },
+            {"pair": "USD-RUB", "provider": "cbr", "value": Decimal("80"), "source_time": now},
+        ),
+    ).to_dict(now)
+    for amount in ["0.5", "1", "0.000123", "12345.678901234567890123"]:
+        there = await async_client.get(f"/api/v1/convert?from=BTC&to=RUB&amount={amount}")
+        rub = json.loads(there.content, parse_float=Decimal)
+        back = await async_client.get(f"/api/v1/convert?from=RUB&to=BTC&amount={rub['result']}")
+        assert back.status_code == 200, back.content
+        btc = json.loads(back.content, parse_float=Decimal)
+        # Within the precision: half a step of the RUB result divided by the rate, half a step.
+        assert abs(btc["result"] - Decimal(amount)) <= STEP, (amount, btc["result"])
+        assert (btc["provider"], btc["status"]) == (rub["provider"], rub["status"])
+        assert btc["rate"] == quantized(1 / Decimal("7104000.123456789012345678"))
+        assert [leg["pair"] for leg in btc["route"]] == ["BTC-USD", "USD-RUB"]
+    assert not upstream.market.request_counts  # not one upstream request
 
 
 # --- Input ---------------------------------------------------------------------------------------
@@ -400,3 +524,23 @@ def test_a_cached_rate_still_ages(monkeypatch: pytest.MonkeyPatch) -> None:
     assert rate.to_dict(now + timedelta(seconds=3))["age_s"] == 3
     late = rate.to_dict(now + timedelta(seconds=31))
     assert (late["stale"], late["status"]) == (True, "stale")
+
+
+def test_tracked_sources_put_the_pair_itself_first_and_identities_answer_only_for_themselves(
+    tracked: dict[str, dict[str, Any]],
+) -> None:
+    for code in ["USDTERC-RUB", "USDTTRC-RUB", "RUB-USDT", "USDTTRC-USDT", "BTC-RUB"]:
+        tracked[code] = {}
+    assert ondemand.tracked_sources(Pair("USDTTRC", "RUB")) == [
+        ("USDTTRC-RUB", False),
+        ("USDTERC-RUB", False),
+        ("RUB-USDT", True),
+    ]
+    assert ondemand.tracked_sources(Pair("RUB", "USDTTRC")) == [
+        ("USDTTRC-RUB", True),
+        ("RUB-USDT", False),
+        ("USDTERC-RUB", True),
+    ]
+    assert ondemand.tracked_sources(Pair("USDTTRC", "USDT")) == [("USDTTRC-USDT", False)]
+    assert ondemand.tracked_sources(Pair("USDTERC", "USDT")) == []
+    assert ondemand.tracked_sources(Pair("ETH", "RUB")) == []
