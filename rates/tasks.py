@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from rates import fetcher, services
+from rates import fetch_control, services
 
 
 def fetch_rates() -> dict[str, Any]:
     """One REST fetch cycle over every provider: the safety net when no `--watch` runs."""
-    return fetcher.fetch_rates()
+    return fetch_control.fetch_rates()
 
 
 def prune_history() -> int:

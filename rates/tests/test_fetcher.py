@@ -17,11 +17,13 @@ from django.db import OperationalError, connection, connections
 from prometheus_client import REGISTRY
 
 from items.models import Item
-from rates import fetcher, services
+from rates import provider_health, services
 from rates.emulator import EmulatorServer
-from rates.fetcher import Fetcher, monitor_for
+from rates.fetcher import Fetcher
 from rates.models import Rate
+from rates.provider_health import monitor_for
 from rates.providers import Provider
+from rates.providers.streaming import STREAMING
 from rates.tests.conftest_emulator import make_provider
 from rates.tests.support import rate_events
 
@@ -205,7 +207,7 @@ async def test_a_429_keeps_the_circuit_open_for_retry_after_and_publishes_the_st
     assert report.providers["binance"].startswith("error: circuit open")
     assert len(emulator.market.requests) == asked  # the open circuit spares the exchange
     assert not report.ok
-    statuses = {status["name"]: status for status in fetcher.provider_statuses()}
+    statuses = {status["name"]: status for status in provider_health.provider_statuses()}
     assert statuses["binance"]["state"] == "open"
     assert statuses["binance"]["errors_5m"] == 1
 
@@ -390,9 +392,9 @@ def test_rest_failing_with_a_silent_stream_is_down_until_a_good_round() -> None:
     """SPEC 5: down when REST fails and no stream makes up for it, or when the circuit is open.
     A stream counts while it delivers; a lagging stream's late quote does not bring it back."""
     board = services.get_board()
-    monitor = fetcher.ProviderMonitor("binance")
+    monitor = provider_health.ProviderMonitor("binance")
     monitor.stream_window = 0.5
-    monitor.stream_state(fetcher.STREAMING, "connected")
+    monitor.stream_state(STREAMING, "connected")
     monitor.failed("HTTP 503", kind="http")
     assert "binance" not in board.down  # the stream just delivered: it covers for REST
     monitor.stream_quote_at = time.monotonic() - 1  # ...and then fell silent
