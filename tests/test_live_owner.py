@@ -19,6 +19,7 @@ import httpx
 import nats
 import pytest
 import pytest_asyncio
+from nats.aio.msg import Msg
 
 from rates.emulator import EmulatorServer, run_emulator_server
 from tests.services import NATS_URL, require, run_python
@@ -61,7 +62,9 @@ async def test_two_fetchers_one_owns_and_the_other_takes_over_after_a_sigkill(
     owner_name = stack.lease()[0].split(":")[0]  # type: ignore[index]
     owner, standby = (first, second) if owner_name == "fetcher-a" else (second, first)
     await wait_until(lambda: "standby" in standby.text(), within=15, what="the standby's log")
-    await wait_until(lambda: stack.query("SELECT 1 FROM rates_currentrate"), within=30, what="rate")
+    await wait_until(
+        lambda: bool(stack.query("SELECT 1 FROM rates_currentrate")), within=30, what="rate"
+    )
     epoch = stack.lease()[1]  # type: ignore[index]
     version = current_version(stack)
 
@@ -87,7 +90,7 @@ async def test_a_safety_net_cycle_during_a_live_fetcher_does_nothing_and_publish
     client = await nats.connect(NATS_URL)
     try:
 
-        async def record(msg: nats.aio.msg.Msg) -> None:
+        async def record(msg: Msg) -> None:
             heard.append((msg.headers or {}).get("Kurs-Origin", ""))
 
         await client.subscribe(f"{stack.prefix}.>", cb=record)
@@ -120,7 +123,7 @@ async def test_tasks_run_is_answered_by_the_live_owner(stack: Stack) -> None:
     origins: list[str] = []
     try:
 
-        async def record(msg: nats.aio.msg.Msg) -> None:
+        async def record(msg: Msg) -> None:
             origins.append((msg.headers or {}).get("Kurs-Origin", ""))
 
         await client.subscribe(f"{stack.prefix}.fetch.completed", cb=record)
@@ -144,7 +147,7 @@ async def owner_events(stack: Stack) -> AsyncIterator[list[dict[str, Any]]]:
     heard: list[dict[str, Any]] = []
     client = await nats.connect(NATS_URL)
 
-    async def record(msg: nats.aio.msg.Msg) -> None:
+    async def record(msg: Msg) -> None:
         heard.append(json.loads(msg.data))
 
     try:

@@ -301,7 +301,7 @@ class NatsConnection:
                 name=f"kurs:{settings.KURS_INSTANCE}",
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,  # forever
-                reconnect_time_wait=RECONNECT_MAX_S,  # between first-connect attempts
+                reconnect_time_wait=int(RECONNECT_MAX_S),  # between first-connect attempts (s)
                 reconnect_to_server_handler=self._pick_server,
                 connect_timeout=CONNECT_TIMEOUT_S,
                 error_cb=self._on_error,

@@ -12,6 +12,7 @@ import os
 import threading
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from typing import Any
 
 import nats
 import pytest
@@ -193,7 +194,7 @@ async def test_it_survives_a_nats_restart_mid_stream(own_nats: NatsServer, prefi
     await receive(ws)
     assert await connected()
 
-    async def publish_and_receive(value: str) -> dict[str, object]:
+    async def publish_and_receive(value: str) -> dict[str, Any]:
         events.publish("rate.updated", rate("ETH-USD", value))
         return await receive_until(ws, "rate.updated", wait=5)
 
