@@ -50,7 +50,7 @@ MAX_ROUND_SECONDS = 10.0
 
 @dataclass
 class ProviderRound:
-    """One provider's part of a cycle: `status` is "ok" or "error: ..." (SPEC 5)."""
+    """One provider's part of a cycle: `status` is "ok" or "error: ..." (as `/providers` shows)."""
 
     name: str
     status: str
@@ -88,7 +88,7 @@ class Fetcher:
         self.on_cycle = on_cycle
         self.poll_interval = poll_interval or settings.KURS_POLL_INTERVAL
         # Half a poll: a slow provider is known to be failing early enough to fail over within
-        # one poll plus a second (SPEC 5), and its cycle still ends before the next one starts.
+        # one poll plus a second, and its cycle still ends before the next one starts.
         self.round_timeout = round_timeout or min(MAX_ROUND_SECONDS, self.poll_interval / 2)
         self.cycles = 0
         self.stored = 0
@@ -371,7 +371,7 @@ class Fetcher:
 
 STANDBY_RETRY = 1.0
 # The owner's clock: lease renewal when due, pairs decided again (a quote outlives its window, a
-# stream falls silent). A quarter second keeps that well inside SPEC 5's "one poll plus a second".
+# stream falls silent). A quarter second keeps that well inside "one poll plus a second".
 TICK = 0.25
 # A requested cycle this recent answers a new request (see Fetcher.cycle_now).
 REQUEST_REUSE = 2.0

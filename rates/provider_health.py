@@ -102,7 +102,7 @@ class ProviderMonitor:
 
     def probe_every(self, seconds: float) -> None:
         """Keep an open circuit's back-off under one poll, so a recovered provider serves again
-        at the next poll (SPEC 5); a rate limit still holds it open for its Retry-After. A
+        at the next poll; a rate limit still holds it open for its Retry-After. A
         stream silent for half that long no longer covers for a failing REST round."""
         self.stream_window = seconds / 2
         self.breaker.base_backoff = min(self.breaker.base_backoff, seconds)
@@ -114,7 +114,7 @@ class ProviderMonitor:
         self.failed(str(exc), kind="rate_limited", retry_after=exc.retry_after)
 
     def _is_down(self) -> bool:
-        """SPEC 5: down when its circuit is open, or when REST fails and no stream makes up for
+        """Down when its circuit is open, or when REST fails and no stream makes up for
         it. A stream counts only while it delivers: a connection that sends torn frames or
         lags far behind (garbage, slow) is no source, as a closed one is not."""
         if self.breaker.state == OPEN:
@@ -239,7 +239,7 @@ _last_read_statuses: dict[str, Any] = {}
 
 
 def provider_statuses() -> list[dict[str, Any]]:
-    """Each configured provider's status as the fetching process last saved it (SPEC 5).
+    """Each configured provider's status as the fetching process last saved it.
 
     With the shared cache unreachable (a Redis outage) the statuses this process last read are
     answered: an older view beats a 500 on `/providers` and a health that calls them all down.

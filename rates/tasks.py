@@ -1,4 +1,4 @@
-"""django-q2 tasks (SPEC 6): one-line wrappers around the rates services.
+"""django-q2 tasks: one-line wrappers around the rates services.
 
 The schedules that run them are created by migration `rates.0002_schedules`.
 """

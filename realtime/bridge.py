@@ -106,7 +106,7 @@ def decode(subject: str, origin: str | None, payload: bytes, seq: int | None) ->
         pair = data.get("direction")
         if not isinstance(pair, str):
             raise Dropped("malformed rate.updated data: no direction")
-        # `status` is absent from producers older than SPEC 7's field list: None then.
+        # `status` is absent from producers older than the field list of docs/events.md: None then.
         facts = (data.get("value"), data.get("provider"), data.get("status"))
         return Event(frame, event_type, data, pair=pair, seq=seq, rate=facts)
     return Event(frame, event_type, data, seq=seq)

@@ -1,4 +1,4 @@
-"""One owner of live rates, end to end over real processes (SPEC 4, 5, 6).
+"""One owner of live rates, end to end over real processes.
 
 Fetchers (`run_fetch --watch`) and a uvicorn web process share a SQLite file and a NATS prefix on
 the machine's NATS; the emulator in this process plays the exchanges. What is checked is what a

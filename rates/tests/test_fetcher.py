@@ -434,7 +434,7 @@ async def test_a_flood_of_requested_cycles_calls_each_exchange_once(
 
 
 def test_rest_failing_with_a_silent_stream_is_down_until_a_good_round() -> None:
-    """SPEC 5: down when REST fails and no stream makes up for it, or when the circuit is open.
+    """Down when REST fails and no stream makes up for it, or when the circuit is open.
     A stream counts while it delivers; a lagging stream's late quote does not bring it back."""
     board = services.get_board()
     monitor = provider_health.ProviderMonitor("binance")

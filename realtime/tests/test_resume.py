@@ -1,4 +1,4 @@
-"""Sequence numbers and lossless resume (SPEC 7 `seq`, SPEC 8 "Resume without loss").
+"""Sequence numbers and lossless resume (`seq` and `since` in docs/events.md).
 
 Against a real NATS with JetStream: the machine's (`machine_nats`) and one this test restarts
 (`own_jetstream`, its stream kept on disk). A client reads some events, goes away, 500 events are

@@ -1,4 +1,4 @@
-"""`python manage.py run_fetch [--watch] [--provider NAME] [--json]` (SPEC 2)."""
+"""`python manage.py run_fetch [--watch] [--provider NAME] [--json]`."""
 
 from __future__ import annotations
 
