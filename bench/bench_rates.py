@@ -257,9 +257,9 @@ async def failover(
 
 def fresh_state() -> None:
     services._board = QuoteBoard()
-    from rates import fetcher
+    from rates import provider_health
 
-    fetcher._monitors.clear()
+    provider_health._monitors.clear()
 
 
 def ms(seconds: float) -> str:

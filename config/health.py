@@ -23,8 +23,8 @@ from ninja import Router
 from ninja.responses import Status
 
 from config.security import ops_throttle
-from rates.fetcher import provider_statuses
 from rates.lease import lease_holder
+from rates.provider_health import provider_statuses
 from rates.schemas import ErrorOut
 from rates.selectors import current_rates_freshness
 from realtime import nats

@@ -15,7 +15,8 @@ from ninja.errors import HttpError
 
 from config.security import read_throttle, tasks_throttle, write_auth
 from items.selectors import item_get
-from rates import fetcher, ondemand, selectors
+from rates import fetch_control as fetcher
+from rates import ondemand, selectors
 from rates.courses import courses_cache
 from rates.providers import Pair
 from rates.schemas import (

@@ -1,12 +1,10 @@
-"""Fetching: REST cycles over every provider, and the live owner (streams + polling).
+"""The live owner: REST cycles over every provider, and streams, while it holds the lease.
 
-One `Fetcher` drives a list of providers. Each provider has a `ProviderMonitor` (its circuit
-breaker, last success and error, recent errors, stream state). Only the owner of live state
-(SPEC 4) runs them: `watch` (`run_fetch --watch`) while it holds the lease, or `fetch_once` (the
-django-q2 safety net, one-shot `run_fetch`, `POST /tasks/run` when no owner answers) for one cycle
-when nobody holds it. The owner publishes `provider.state` on every breaker transition and saves
-a status snapshot in the "shared" cache (Redis with REDIS_URL, files under var/ otherwise),
-where `GET /api/v1/providers` in any web process reads it.
+One `Fetcher` drives a list of providers, each watched by its `ProviderMonitor`
+(`rates.provider_health`). Only the owner of live state runs them: `watch` (`run_fetch --watch`)
+while it holds the lease, answering `kurs.ctl.fetch` with a cycle of its own; or, for one cycle
+when nobody holds it, the entry points of `rates.fetch_control` (the django-q2 safety net,
+one-shot `run_fetch`, `POST /tasks/run` when no owner answers).
 
 A failing provider is never fatal: its error is recorded, the others go on, and the cycle ends.
 """
@@ -14,45 +12,32 @@ A failing provider is never fatal: its error is recorded, the others go on, and 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
-from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
 import httpx
-from asgiref.sync import async_to_sync, sync_to_async
+from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.core.cache import caches
 from django.db import DatabaseError, close_old_connections
 from django.utils import timezone
 
 from config.jsonenc import dumps
-from rates import metrics, policy, services
+from rates import metrics, policy, provider_health, services
 from rates.board import Entry
-from rates.breaker import OPEN, CircuitBreaker
 from rates.lease import RENEW_EVERY, Lease, lease_holder
-from rates.providers import (
-    Pair,
-    Provider,
-    ProviderError,
-    ProviderRateLimited,
-    Quote,
-    build_providers,
-)
-from rates.providers.streaming import DISCONNECTED, STREAMING, stream_forever
+from rates.provider_health import ProviderMonitor, monitor_for
+from rates.providers import Pair, Provider, ProviderError, ProviderRateLimited, Quote
+from rates.providers.streaming import stream_forever
 from realtime import events, nats
 from realtime.nats import Responder
 
-logger = logging.getLogger(__name__)
+# The fetching process logs under one name, whichever of its modules speaks.
+logger = logging.getLogger("rates.fetcher")
 
-STATUS_KEY = "rates:provider:{name}"
-ERROR_WINDOW = 300.0  # errors_5m
 # Providers with a freshness window of their own (CoinGecko's 60 s cache, CBR's daily table)
 # are polled every quarter of that window in --watch, at most hourly: their data cannot change
 # faster, and CoinGecko's public API rate-limits a 5 s poll.
@@ -61,254 +46,11 @@ MAX_PACE = 3600.0
 # A REST round that outlives this (or half a poll) is abandoned as a timeout, so one slow
 # provider cannot hold a cycle (and with it the failover to the next provider).
 MAX_ROUND_SECONDS = 10.0
-# SPEC 6: POST /tasks/run waits this long for the owner before running the safety net itself.
-CONTROL_TIMEOUT = 2.0
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat().replace("+00:00", "Z") if moment else None
-
-
-class ProviderMonitor:
-    """Health of one provider on the owner: breaker, successes, errors, stream state.
-
-    Status writes to the shared cache are never made on the event loop: `save()` only marks the
-    status dirty, and the owner writes it with `flush_statuses()` from a worker thread.
-    """
-
-    def __init__(self, name: str, *, breaker: CircuitBreaker | None = None) -> None:
-        self.name = name
-        self.breaker = breaker or CircuitBreaker(name)
-        self.breaker.on_change = self._on_breaker_change
-        self.last_success: datetime | None = None
-        self.last_error: str | None = None
-        # When it happened: an old error beside a closed circuit is history, not a fault.
-        self.last_error_at: datetime | None = None
-        self.errors: deque[float] = deque()  # wall-clock times, so other processes can count
-        self.streaming = False
-        # When the stream last delivered a quote (monotonic), and how long it may then stay
-        # silent and still count as a live source while REST fails (see `_is_down`).
-        self.stream_quote_at: float | None = None
-        self.stream_window = 5.0
-        self.rest_failed = False
-        self.dirty = True
-        metrics.CIRCUIT_STATE.labels(name).set(0)
-
-    def _on_breaker_change(self, name: str, state: str, reason: str) -> None:
-        logger.warning("%s circuit %s: %s", name, state, reason, extra={"provider": name})
-        metrics.CIRCUIT_STATE.labels(name).set(metrics.CIRCUIT_VALUES[state])
-        if services.get_board().writable():
-            events.publish("provider.state", {"name": name, "state": state, "reason": reason})
-        self.save()
-
-    def succeeded(self) -> None:
-        self.last_success = timezone.now()
-        self.rest_failed = False
-        self.breaker.record_success()
-        self._update_down()
-        self.save()
-
-    def failed(self, reason: str, *, kind: str, retry_after: float | None = None) -> None:
-        now = time.time()
-        self.last_error = reason
-        self.last_error_at = timezone.now()
-        self.errors.append(now)
-        self.rest_failed = True
-        metrics.PROVIDER_ERRORS.labels(self.name, kind).inc()
-        self.breaker.record_failure(reason, retry_after=retry_after)
-        self._update_down()
-        self.save()
-
-    def stream_state(self, state: str, reason: str) -> None:
-        streaming = state == STREAMING
-        if streaming:  # reported with a connection's first quote
-            self.stream_quote_at = time.monotonic()
-        if state == DISCONNECTED:
-            self.last_error = f"stream: {reason}"
-            self.last_error_at = timezone.now()
-            self.errors.append(time.time())
-            metrics.PROVIDER_ERRORS.labels(self.name, "stream").inc()
-        if streaming != self.streaming:
-            self.streaming = streaming
-            self._update_down()
-        self.save()
-
-    def probe_every(self, seconds: float) -> None:
-        """Keep an open circuit's back-off under one poll, so a recovered provider serves again
-        at the next poll (SPEC 5); a rate limit still holds it open for its Retry-After. A
-        stream silent for half that long no longer covers for a failing REST round."""
-        self.stream_window = seconds / 2
-        self.breaker.base_backoff = min(self.breaker.base_backoff, seconds)
-        self.breaker.max_backoff = min(self.breaker.max_backoff, seconds)
-        self.breaker.reset_backoff()
-
-    def rate_limited(self, exc: ProviderRateLimited) -> None:
-        """A 429/418 on a stream handshake: the same breaker as REST honours its Retry-After."""
-        self.failed(str(exc), kind="rate_limited", retry_after=exc.retry_after)
-
-    def _is_down(self) -> bool:
-        """SPEC 5: down when its circuit is open, or when REST fails and no stream makes up for
-        it. A stream counts only while it delivers: a connection that sends torn frames or
-        lags far behind (garbage, slow) is no source, as a closed one is not."""
-        if self.breaker.state == OPEN:
-            return True
-        if not self.rest_failed:
-            return False
-        quiet = self.stream_quote_at is None or (
-            time.monotonic() - self.stream_quote_at > self.stream_window
-        )
-        return not self.streaming or quiet
-
-    def _update_down(self) -> None:
-        services.provider_set_down(self.name, self._is_down())
-
-    def check_quiet(self) -> None:
-        """Time alone takes a provider down: its stream fell silent while REST fails. Only a
-        good REST round or a new stream connection brings it back, so a lagging stream's
-        occasional late quote does not flip its pairs back and forth."""
-        if self.name not in services.get_board().down and self._is_down():
-            self._update_down()
-
-    def stream_quote(self) -> None:
-        """The stream delivered a valid quote (a success; the cache hears it at the next flush)."""
-        self.last_success = timezone.now()
-        self.stream_quote_at = time.monotonic()
-
-    def status(self, *, priority: int) -> dict[str, Any]:
-        cutoff = time.time() - ERROR_WINDOW
-        while self.errors and self.errors[0] < cutoff:
-            self.errors.popleft()
-        return {
-            "name": self.name,
-            "priority": priority,
-            "state": self.breaker.state,
-            "last_success": _iso(self.last_success),
-            "last_error": self.last_error,
-            "last_error_at": _iso(self.last_error_at),
-            "error_times": list(self.errors),
-            "streaming": self.streaming,
-        }
-
-    def save(self) -> None:
-        self.dirty = True
-
-    def flush(self) -> None:
-        """Write the status to the shared cache if it changed (sync: blocking I/O)."""
-        if not self.dirty or not services.get_board().writable():
-            return
-        self.dirty = False
-        order = settings.KURS_PROVIDERS
-        priority = order.index(self.name) if self.name in order else len(order)
-        try:
-            caches["shared"].set(
-                STATUS_KEY.format(name=self.name), self.status(priority=priority), None
-            )
-        except Exception as exc:
-            # The status page is a convenience: a cache outage must not stop fetching.
-            self.dirty = True
-            status_saving.failed(exc)
-        else:
-            status_saving.worked()
-
-
-class OutageNotice:
-    """Whether a use of the shared cache fails. A Redis outage is said once when it starts
-    (WARNING) and once when it ends (INFO), not for every provider at every flush or read."""
-
-    def __init__(self, failing: str, back: str) -> None:
-        self.failing = False
-        self._failing_message = failing  # with one %s: the error
-        self._back_message = back
-
-    def failed(self, exc: Exception) -> None:
-        if not self.failing:
-            self.failing = True
-            logger.warning(self._failing_message, exc)
-
-    def worked(self) -> None:
-        if self.failing:
-            self.failing = False
-            logger.info(self._back_message)
-
-
-def status_saving_notice() -> OutageNotice:
-    return OutageNotice(
-        "cannot save provider statuses to the shared cache (retried at every flush, said again "
-        "when it works): %s",
-        "provider statuses are saved to the shared cache again",
-    )
-
-
-def status_reading_notice() -> OutageNotice:
-    return OutageNotice(
-        "provider statuses: the shared cache is unreachable, the statuses last read are "
-        "answered (said again when it works): %s",
-        "provider statuses are read from the shared cache again",
-    )
-
-
-status_saving = status_saving_notice()
-status_reading = status_reading_notice()
-
-
-_monitors: dict[str, ProviderMonitor] = {}
-
-
-def monitor_for(name: str) -> ProviderMonitor:
-    """The process-wide monitor of a provider (created on first use)."""
-    if name not in _monitors:
-        _monitors[name] = ProviderMonitor(name)
-    return _monitors[name]
-
-
-def flush_statuses() -> None:
-    """Save every changed provider status (sync; the owner calls it off its event loop)."""
-    for monitor in list(_monitors.values()):
-        monitor.flush()
-
-
-# What this process last read from the shared cache: served while the cache is unreachable.
-_last_read_statuses: dict[str, Any] = {}
-
-
-def provider_statuses() -> list[dict[str, Any]]:
-    """Each configured provider's status as the fetching process last saved it (SPEC 5).
-
-    With the shared cache unreachable (a Redis outage) the statuses this process last read are
-    answered: an older view beats a 500 on `/providers` and a health that calls them all down.
-    """
-    names = list(settings.KURS_PROVIDERS)
-    try:
-        saved = caches["shared"].get_many([STATUS_KEY.format(name=name) for name in names])
-    except Exception as exc:
-        status_reading.failed(exc)
-        saved = dict(_last_read_statuses)
-    else:
-        status_reading.worked()
-        _last_read_statuses.clear()
-        _last_read_statuses.update(saved)
-    cutoff = time.time() - ERROR_WINDOW
-    statuses = []
-    for priority, name in enumerate(names):
-        status = saved.get(STATUS_KEY.format(name=name)) or {}
-        statuses.append(
-            {
-                "name": name,
-                "priority": priority,
-                "state": status.get("state", "closed"),
-                "last_success": status.get("last_success"),
-                "last_error": status.get("last_error"),
-                "last_error_at": status.get("last_error_at"),
-                "errors_5m": sum(1 for at in status.get("error_times", ()) if at >= cutoff),
-                "streaming": bool(status.get("streaming", False)),
-            }
-        )
-    return statuses
 
 
 @dataclass
 class ProviderRound:
-    """One provider's part of a cycle: `status` is "ok" or "error: ..." (SPEC 5)."""
+    """One provider's part of a cycle: `status` is "ok" or "error: ..." (as `/providers` shows)."""
 
     name: str
     status: str
@@ -346,7 +88,7 @@ class Fetcher:
         self.on_cycle = on_cycle
         self.poll_interval = poll_interval or settings.KURS_POLL_INTERVAL
         # Half a poll: a slow provider is known to be failing early enough to fail over within
-        # one poll plus a second (SPEC 5), and its cycle still ends before the next one starts.
+        # one poll plus a second, and its cycle still ends before the next one starts.
         self.round_timeout = round_timeout or min(MAX_ROUND_SECONDS, self.poll_interval / 2)
         self.cycles = 0
         self.stored = 0
@@ -507,7 +249,7 @@ class Fetcher:
                 with suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), STANDBY_RETRY)
         finally:
-            board.guard = _never
+            board.guard = no_writes
             await sync_to_async(lease.release)()
 
     async def _own(self, lease: Lease, stop: asyncio.Event) -> None:
@@ -525,7 +267,7 @@ class Fetcher:
             keeper.cancel()
             with suppress(asyncio.CancelledError):
                 await keeper
-            board.guard = _never
+            board.guard = no_writes
             if lost.is_set() and not stop.is_set():
                 logger.error("owner: lease lost; stopped writing, waiting to take it again")
 
@@ -629,13 +371,14 @@ class Fetcher:
 
 STANDBY_RETRY = 1.0
 # The owner's clock: lease renewal when due, pairs decided again (a quote outlives its window, a
-# stream falls silent). A quarter second keeps that well inside SPEC 5's "one poll plus a second".
+# stream falls silent). A quarter second keeps that well inside "one poll plus a second".
 TICK = 0.25
 # A requested cycle this recent answers a new request (see Fetcher.cycle_now).
 REQUEST_REUSE = 2.0
 
 
-def _never() -> bool:
+def no_writes() -> bool:
+    """The board's guard while this process does not own live state: nothing is written."""
     return False
 
 
@@ -664,10 +407,9 @@ def _wanted_pairs() -> list[Pair]:
 
 def _after_cycle() -> None:
     """Time passed: decide every pair again, then save what changed in provider statuses."""
-    for monitor in list(_monitors.values()):
-        monitor.check_quiet()
+    provider_health.check_all_quiet()
     services.reevaluate()
-    flush_statuses()
+    provider_health.flush_statuses()
 
 
 def _table_rows() -> list[dict[str, Any]]:
@@ -698,49 +440,6 @@ def http_client(timeout: float) -> httpx.AsyncClient:
     )
 
 
-async def fetch_once(*, provider_names: Sequence[str] | None = None) -> CycleReport | None:
-    """One REST cycle now, as the safety net: only when no live owner holds the lease.
-
-    Takes the lease for the cycle (starting from the stored current rates) and gives it back.
-    Returns None, having fetched nothing, while another process owns live state.
-    """
-    lease = Lease()
-    if not await sync_to_async(lease.try_acquire)():
-        return None
-    board = services.get_board()
-    board.guard = lease.held
-    try:
-        await sync_to_async(services.board_load)()
-        names = list(provider_names or settings.KURS_PROVIDERS)
-        poll = settings.KURS_POLL_INTERVAL
-        async with http_client(min(MAX_ROUND_SECONDS, poll)) as client:
-            fetcher = Fetcher(build_providers(names, client=client), poll_interval=poll)
-            return await fetcher.cycle()
-    finally:
-        board.guard = _never
-        await sync_to_async(lease.release)()
-
-
-async def fetch_read_only(*, provider_names: Sequence[str] | None = None) -> CycleReport:
-    """A cycle that quotes but never writes or publishes (`run_fetch` while another owns)."""
-    board = services.get_board()
-    board.guard = _never
-    await sync_to_async(services.board_load)()
-    names = list(provider_names or settings.KURS_PROVIDERS)
-    poll = settings.KURS_POLL_INTERVAL
-    async with http_client(min(MAX_ROUND_SECONDS, poll)) as client:
-        return await Fetcher(build_providers(names, client=client), poll_interval=poll).cycle()
-
-
-def fetch_rates() -> dict[str, Any]:
-    """The django-q2 safety net: `fetch_once`, or nothing while a live owner runs."""
-    report = async_to_sync(fetch_once)()
-    if report is None:
-        logger.info("safety net: a live owner holds the lease; nothing to do")
-        return {"skipped": "a live owner holds the lease"}
-    return report.event()
-
-
 # --- POST /tasks/run through the owner -------------------------------------------------------
 def control_subject() -> str:
     return f"{settings.KURS_NATS_PREFIX}.ctl.fetch"
@@ -756,16 +455,3 @@ def serve_fetch_requests(fetcher: Fetcher) -> Responder:
         return dumps(report.event()).encode()
 
     return nats.serve(control_subject(), handle)
-
-
-async def request_cycle() -> dict[str, Any] | None:
-    """Ask the live owner for a cycle; its report, or None when no owner answered in time."""
-    reply = await nats.request(control_subject(), b"{}", within=CONTROL_TIMEOUT)
-    if reply is None:
-        return None
-    try:
-        report = json.loads(reply, parse_float=Decimal)
-    except ValueError:
-        logger.warning("the owner's answer on %s is not JSON", control_subject())
-        return None
-    return report if isinstance(report, dict) else None

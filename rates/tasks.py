@@ -1,4 +1,4 @@
-"""django-q2 tasks (SPEC 6): one-line wrappers around the rates services.
+"""django-q2 tasks: one-line wrappers around the rates services.
 
 The schedules that run them are created by migration `rates.0002_schedules`.
 """
@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from rates import fetcher, services
+from rates import fetch_control, services
 
 
 def fetch_rates() -> dict[str, Any]:
     """One REST fetch cycle over every provider: the safety net when no `--watch` runs."""
-    return fetcher.fetch_rates()
+    return fetch_control.fetch_rates()
 
 
 def prune_history() -> int:

@@ -10,7 +10,7 @@ it is logged and relayed to sockets as `nats.inbound`. Payloads that are not JSO
 64 KiB, are logged and dropped.
 
 Where the server has JetStream, the events under `<prefix>` are read through one ordered consumer
-of the stream (see `realtime.nats.NatsConnection.consume`), so each comes with its stream
+of the stream (see `realtime.nats.stream.StreamConsumer`), so each comes with its stream
 sequence: the bridge adds it to the frame as `seq`, drops a sequence it already handled (a
 consumer re-made after a reconnection may repeat a few), and remembers the last one (`last_seq`,
 the position a snapshot reflects). `replay()` reads the stream after a client's `since` for its
@@ -50,6 +50,8 @@ from realtime.nats import (
     connection,
     control_prefix,
     fallback_group,
+    outbox,
+    stream_consumer,
 )
 
 logger = logging.getLogger(__name__)
@@ -104,7 +106,7 @@ def decode(subject: str, origin: str | None, payload: bytes, seq: int | None) ->
         pair = data.get("direction")
         if not isinstance(pair, str):
             raise Dropped("malformed rate.updated data: no direction")
-        # `status` is absent from producers older than SPEC 7's field list: None then.
+        # `status` is absent from producers older than the field list of docs/events.md: None then.
         facts = (data.get("value"), data.get("provider"), data.get("status"))
         return Event(frame, event_type, data, pair=pair, seq=seq, rate=facts)
     return Event(frame, event_type, data, seq=seq)
@@ -149,11 +151,11 @@ class Bridge:
 
     async def _start(self) -> None:
         prefix = settings.KURS_NATS_PREFIX
-        connection.set_local_fallback(self.deliver_threadsafe)
+        outbox.set_local_fallback(self.deliver_threadsafe)
         # The seeds' subject is outside the stream: a plain subscription, its frames have no seq.
         sub_id, future = connection.subscribe(SEED_SUBJECT, self._on_nats_message)
         self._sub_ids.append(sub_id)
-        consumed = connection.consume(
+        consumed = stream_consumer.consume(
             f"{prefix}.>",
             self._on_stream_message,
             position=lambda: self._received,
@@ -187,10 +189,10 @@ class Bridge:
         for sub_id in self._sub_ids:
             connection.unsubscribe(sub_id)
         self._sub_ids.clear()
-        connection.stop_consuming()
+        stream_consumer.stop_consuming()
         self.last_seq = None
         self._received = None
-        connection.set_local_fallback(None)
+        outbox.set_local_fallback(None)
         for task in (self._listener, self._start_task):
             if task is not None and not task.done():
                 task.cancel()

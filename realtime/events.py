@@ -1,8 +1,8 @@
-"""The one way every event leaves Kurs (STYLE 1): an envelope, a subject, a publish.
+"""The one way every event leaves Kurs: an envelope, a subject, a publish.
 
-`publish()` builds the envelope of SPEC 7 and hands it to the process's transport. Writers use
-`publish_on_commit()`: the event leaves once the write is durable, never mid-transaction, and a
-rolled-back write publishes nothing.
+`publish()` builds the envelope of docs/events.md and hands it to the process's transport.
+Writers use `publish_on_commit()`: the event leaves once the write is durable, never
+mid-transaction, and a rolled-back write publishes nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 Envelope = dict[str, Any]
 Transport = Callable[[str, Envelope], None]
 
-# type -> subject suffix below KURS_NATS_PREFIX (SPEC 7)
+# type -> subject suffix below KURS_NATS_PREFIX (docs/events.md)
 _SUBJECTS = {
     "item.created": "items.created",
     "item.updated": "items.updated",

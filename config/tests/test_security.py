@@ -10,7 +10,7 @@ from django.core.cache import cache
 from django.test import Client
 
 from items import services
-from rates import fetcher
+from rates import fetch_control
 from tests.services import run_python
 
 pytestmark = pytest.mark.django_db
@@ -62,7 +62,7 @@ def cycles(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         asked.append(1)
         return {"stored": 0, "providers": {}, "duration_ms": 1}
 
-    monkeypatch.setattr(fetcher, "request_cycle", request_cycle)
+    monkeypatch.setattr(fetch_control, "request_cycle", request_cycle)
     return asked
 
 

@@ -15,7 +15,7 @@ import pytest
 from django.core.cache import caches
 from django.utils import timezone
 
-from rates import fetcher, ondemand, services, upstream
+from rates import ondemand, provider_health, services, upstream
 from rates.board import QuoteBoard
 from rates.emulator import EmulatorServer, run_emulator_server
 from rates.models import CurrentRate
@@ -31,9 +31,9 @@ def fresh_board(monkeypatch: pytest.MonkeyPatch) -> QuoteBoard:
     for one test."""
     fresh = QuoteBoard()
     monkeypatch.setattr(services, "_board", fresh)
-    monkeypatch.setattr(fetcher, "_monitors", {})
-    monkeypatch.setattr(fetcher, "status_saving", fetcher.status_saving_notice())
-    monkeypatch.setattr(fetcher, "status_reading", fetcher.status_reading_notice())
+    monkeypatch.setattr(provider_health, "_monitors", {})
+    monkeypatch.setattr(provider_health, "status_saving", provider_health.status_saving_notice())
+    monkeypatch.setattr(provider_health, "status_reading", provider_health.status_reading_notice())
     caches["shared"].clear()
     return fresh
 

@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 from django.core.cache import caches
 
-from rates import fetcher
+from rates import provider_health
 from rates.board import QuoteBoard
-from rates.fetcher import STATUS_KEY, flush_statuses, monitor_for, provider_statuses
+from rates.provider_health import STATUS_KEY, flush_statuses, monitor_for, provider_statuses
 from tests.services import free_port, real_settings_environment, run_python
 
 WRITER = """
 import django
 django.setup()
-from rates.fetcher import monitor_for
+from rates.provider_health import monitor_for
 monitor = monitor_for("bybit")
 monitor.failed("HTTP 503 from /v5/market/tickers", kind="http")
 monitor.stream_state("streaming", "connected")
@@ -29,7 +29,7 @@ monitor.flush()
 READER = """
 import json, django
 django.setup()
-from rates.fetcher import provider_statuses
+from rates.provider_health import provider_statuses
 print(json.dumps(provider_statuses()))
 """
 
@@ -109,7 +109,7 @@ def test_a_shared_cache_outage_is_logged_once_when_it_starts_and_once_when_it_en
     cut_off_the_shared_cache(settings)
     with caplog.at_level(logging.INFO, logger="rates.fetcher"):
         act()
-        assert getattr(fetcher, notice).failing
+        assert getattr(provider_health, notice).failing
         act()  # the next poll or request: both providers fail again, and nothing is said
         act()
         [outage] = fetcher_logs(caplog)
@@ -121,7 +121,7 @@ def test_a_shared_cache_outage_is_logged_once_when_it_starts_and_once_when_it_en
     [outage, recovery] = fetcher_logs(caplog)
     assert recovery.levelname == "INFO"
     assert recovery.getMessage() == ends
-    assert not getattr(fetcher, notice).failing
+    assert not getattr(provider_health, notice).failing
     if use == "save":
         saved = caches["shared"].get(STATUS_KEY.format(name="bybit"))
         assert (saved["name"], saved["last_error"]) == ("bybit", "HTTP 503")

@@ -56,7 +56,7 @@ from datetime import timedelta
 from decimal import Decimal
 from django.utils import timezone
 from items.models import Item
-from rates import fetcher
+from rates import provider_health
 from rates.models import Rate
 
 now = timezone.now()
@@ -69,18 +69,18 @@ if {history}:
              received_at=now - timedelta(seconds=85 * (40 - n)))
         for n in range(40)
     )
-bybit = fetcher.monitor_for("bybit")
+bybit = provider_health.monitor_for("bybit")
 bybit.failed("HTTP 503 from /v5/market/tickers", kind="http")
 bybit.last_error_at = now - timedelta(minutes=12)
 bybit.succeeded()
-cbr = fetcher.monitor_for("cbr")
+cbr = provider_health.monitor_for("cbr")
 cbr.failed("HTTP 502 from /scripts/XML_daily.asp", kind="http")
 cbr.last_error_at = now - timedelta(minutes=40)
 cbr.succeeded()
-coingecko = fetcher.monitor_for("coingecko")
+coingecko = provider_health.monitor_for("coingecko")
 for _ in range(coingecko.breaker.threshold):
     coingecko.failed("timeout after 5.0 s", kind="timeout")
-fetcher.flush_statuses()
+provider_health.flush_statuses()
 """
 
 

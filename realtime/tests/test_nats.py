@@ -12,6 +12,7 @@ import os
 import threading
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from typing import Any
 
 import nats
 import pytest
@@ -23,7 +24,7 @@ from nats.aio.msg import Msg
 from items.models import Item
 from realtime import events
 from realtime import nats as realtime_nats
-from realtime.nats import connection, stream_name
+from realtime.nats import connection, stream_consumer, stream_name
 from realtime.tests.conftest import NatsServer, connect, receive, receive_until
 from tests.services import run_python
 
@@ -193,7 +194,7 @@ async def test_it_survives_a_nats_restart_mid_stream(own_nats: NatsServer, prefi
     await receive(ws)
     assert await connected()
 
-    async def publish_and_receive(value: str) -> dict[str, object]:
+    async def publish_and_receive(value: str) -> dict[str, Any]:
         events.publish("rate.updated", rate("ETH-USD", value))
         return await receive_until(ws, "rate.updated", wait=5)
 
@@ -258,3 +259,66 @@ async def test_a_one_shot_process_publishes_to_nats_not_to_its_dead_fallback(
     message = await asyncio.wait_for(queue.get(), 5)
     assert json.loads(message.data)["data"]["stored"] == 7
     assert "published 1, fallback 0" in result.stderr
+
+
+async def tasks_on_the_connection_loop() -> set[asyncio.Task[object]]:
+    """The tasks pending on the connection's loop, this probe excepted."""
+
+    async def probe() -> set[asyncio.Task[object]]:
+        return asyncio.all_tasks() - {asyncio.current_task()}
+
+    return set(await connection.on_loop(probe()))
+
+
+async def all_end(tasks: set[asyncio.Task[object]], wait: float = 5.0) -> bool:
+    """Whether every one of `tasks` ends within `wait` (cancelled ones take a pass of the loop)."""
+
+    async def ended() -> bool:
+        if tasks:
+            await asyncio.wait(tasks, timeout=wait)
+        return all(task.done() for task in tasks)
+
+    return bool(await connection.on_loop(ended()))
+
+
+async def test_an_ordered_consumer_leaves_no_task_behind(
+    own_jetstream: NatsServer, prefix: str
+) -> None:
+    # nats-py runs tasks of its own for an ordered consumer (heartbeat, flow control): ending the
+    # consumer through its public unsubscribe, when it is re-made, stopped or shut down, ends them.
+    async def ignore(msg: Msg, seq: int | None) -> None:
+        return None
+
+    def consume() -> asyncio.Future[None]:
+        future = stream_consumer.consume(
+            f"{prefix}.>", ignore, position=lambda: None, on_start=lambda seq: None
+        )
+        return asyncio.wrap_future(future)
+
+    assert await connected()
+    assert await wait_for(connection.stream_checked)
+    before = await tasks_on_the_connection_loop()
+    await consume()
+    assert stream_consumer.consuming_stream
+    first = await tasks_on_the_connection_loop() - before
+    assert len(first) > 1  # more than the plain subscription's one task
+    await consume()  # what a reconnection does: the consumer made anew
+    assert await all_end(first)
+    second = await tasks_on_the_connection_loop() - before
+    assert len(second) == len(first)
+    stopped = stream_consumer.stop_consuming()
+    assert stopped is not None
+    await asyncio.wrap_future(stopped)
+    assert await all_end(second)
+    assert await tasks_on_the_connection_loop() == before
+
+    await consume()
+    loop = connection.loop
+    assert loop is not None
+    # Shut down while the server is gone: unsubscribing cannot reach it, the loop still ends
+    # every task it ran instead of leaving them pending.
+    await asyncio.to_thread(own_jetstream.stop)
+    assert await wait_for(connection.disconnected)
+    await asyncio.to_thread(connection.shutdown)
+    assert loop.is_closed()
+    assert not asyncio.all_tasks(loop)

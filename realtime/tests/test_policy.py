@@ -1,6 +1,9 @@
 """Per-socket delivery policy and the resume hand-over, in the hub, without sockets.
 
 Frames here are labels; the policy judges the (value, provider, status) facts passed with them.
+The policy's intervals and heartbeats are measured on the loop's clock: the tests that depend on
+them run on a `VirtualClockLoop`, where no time passes while the test is busy, however slow the
+machine, and waiting jumps straight to the next timer.
 """
 
 from __future__ import annotations
@@ -9,9 +12,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
+import pytest
+
 from realtime.hub import DeliveryPolicy, SocketQueue
 from realtime.options import delivery_policy
 from realtime.tests.test_hub import FakeSocket, queue_for
+from realtime.tests.virtual_clock import on_virtual_clock
 
 LIVE = ("binance", "live")
 
@@ -34,6 +40,7 @@ async def put_rate(
         await asyncio.sleep(0)
 
 
+@on_virtual_clock
 async def test_it_sends_at_most_one_update_per_interval_and_the_latest_one_after_it() -> None:
     socket = FakeSocket()
     queue = queue_for(socket, pairs=None, policy=policy(interval_ms=150))
@@ -45,7 +52,7 @@ async def test_it_sends_at_most_one_update_per_interval_and_the_latest_one_after
     await socket.wait_for(2)
     # The pending one went when the interval ended, and it is the latest of the nine.
     assert socket.frames == ["v1", "v10"]
-    assert loop.time() - started >= 0.15
+    assert loop.time() - started == pytest.approx(0.15)
     # A status change passes at once, inside the interval, and replaces nothing pending.
     await put_rate(queue, "v11", "111")
     await put_rate(queue, "failover", "111", provider="coingecko", status="failover")
@@ -79,33 +86,34 @@ async def test_it_sends_only_moves_of_at_least_the_fraction_and_status_or_provid
     await queue.stop()
 
 
+@on_virtual_clock
 async def test_it_lets_a_small_move_through_when_a_heartbeat_is_due() -> None:
     socket = FakeSocket()
     queue = queue_for(socket, pairs=None, policy=policy(change="0.5", heartbeat_s=0.1))
     await put_rate(queue, "first", "100")
+    await asyncio.sleep(0.05)  # inside the heartbeat period
     await put_rate(queue, "dropped", "100.1")
     await socket.wait_for(1)
-    loop = asyncio.get_running_loop()
-    due = loop.time() + 0.1
-    while loop.time() < due:  # noqa: ASYNC110 - the heartbeat period is the subject here
-        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.06)  # the period is over
     await put_rate(queue, "heartbeat", "100.1")
     await socket.wait_for(2)
     assert socket.frames == ["first", "heartbeat"]
     await queue.stop()
 
 
+@on_virtual_clock
 async def test_a_newer_small_move_cancels_a_pending_update_within_the_fraction() -> None:
     socket = FakeSocket()
     queue = queue_for(socket, pairs=None, policy=policy(interval_ms=100, change="0.01"))
     await put_rate(queue, "first", "100")
+    await asyncio.sleep(0.01)
+    assert queue.put("eth-first", "ETH-USD", None, (Decimal(10), *LIVE))  # 10 ms after "first"
     await put_rate(queue, "big", "110")  # pending until the interval ends
+    assert queue.put("eth-big", "ETH-USD", None, (Decimal(20), *LIVE))  # pending, ends later
     await put_rate(queue, "back", "100.2")  # the client's 100 is within 1 % again: nothing to send
-    await put_rate(queue, "marker", "1", "marker", "live")  # provider change: at once
-    await socket.wait_for(2)
-    assert socket.frames == ["first", "marker"]
-    await asyncio.sleep(0.15)  # past the interval: the dropped pending update never comes
-    assert socket.frames == ["first", "marker"]
+    # ETH-USD's interval ends after BTC-USD's: had "big" still been pending, it would come first.
+    await socket.wait_for(3)
+    assert socket.frames == ["first", "eth-first", "eth-big"]
     await queue.stop()
 
 

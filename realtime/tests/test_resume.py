@@ -1,4 +1,4 @@
-"""Sequence numbers and lossless resume (SPEC 7 `seq`, SPEC 8 "Resume without loss").
+"""Sequence numbers and lossless resume (`seq` and `since` in docs/events.md).
 
 Against a real NATS with JetStream: the machine's (`machine_nats`) and one this test restarts
 (`own_jetstream`, its stream kept on disk). A client reads some events, goes away, 500 events are
@@ -23,7 +23,7 @@ from items.models import Item
 from realtime import events
 from realtime import nats as realtime_nats
 from realtime.bridge import bridge
-from realtime.nats import connection, stream_name
+from realtime.nats import connection, stream_consumer, stream_name
 from realtime.tests.conftest import NatsServer, connect, receive, receive_until
 
 pytestmark = [pytest.mark.nats, pytest.mark.django_db(transaction=True)]
@@ -64,7 +64,7 @@ async def started() -> None:
     """The bridge running and reading the stream through its ordered consumer."""
     await bridge.ensure_started()
     assert await wait_for(connection.connected)
-    assert connection.consuming_stream
+    assert stream_consumer.consuming_stream
 
 
 def publish_rates(count: int, start: int) -> list[tuple[str, int]]:
@@ -228,7 +228,7 @@ async def test_a_client_that_comes_back_through_a_nats_restart_gets_exactly_what
     assert await wait_for(connection.disconnected)
     await asyncio.to_thread(own_jetstream.start)
     assert await wait_for(connection.connected, 20)
-    assert connection.consuming_stream
+    assert stream_consumer.consuming_stream
     sent += publish_rates(MISSED - len(sent), start=100 + len(sent))
     # The live consumer was made again after the restart: the bridge sees the new events.
     await observe_all("after-restart")
@@ -285,7 +285,7 @@ async def test_without_jetstream_a_resume_says_so_and_frames_have_no_seq(
 ) -> None:
     await bridge.ensure_started()
     assert await wait_for(connection.connected)
-    assert not connection.consuming_stream
+    assert not stream_consumer.consuming_stream
     ws = await connect("/ws/items?pairs=BTC-USD&since=5")
     gap = await receive(ws)
     assert (gap["type"], gap["data"]) == ("gap", {"since": 5, "first_available": None})

@@ -1,4 +1,4 @@
-"""`python manage.py run_fetch [--watch] [--provider NAME] [--json]` (SPEC 2)."""
+"""`python manage.py run_fetch [--watch] [--provider NAME] [--json]`."""
 
 from __future__ import annotations
 
@@ -15,14 +15,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from config.jsonenc import dumps
 from config.metrics_port import serve_metrics_port
-from rates.fetcher import (
-    MAX_ROUND_SECONDS,
-    CycleReport,
-    Fetcher,
-    fetch_once,
-    fetch_read_only,
-    http_client,
-)
+from rates.fetch_control import fetch_once, fetch_read_only
+from rates.fetcher import MAX_ROUND_SECONDS, CycleReport, Fetcher, http_client
 from rates.providers import PROVIDER_CLASSES, build_providers
 
 logger = logging.getLogger("rates.run_fetch")

@@ -1,0 +1,279 @@
+"""Provider health on the live owner, and its status in the shared cache.
+
+Each provider has a `ProviderMonitor` (its circuit breaker, last success and error, recent
+errors, stream state); it takes the provider's pairs down and up (`services.provider_set_down`)
+and publishes `provider.state` on every breaker transition. The owner saves a status snapshot in
+the "shared" cache (Redis with REDIS_URL, files under var/ otherwise), where
+`GET /api/v1/providers` in any web process reads it (`provider_statuses`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from datetime import datetime
+from typing import Any
+
+from django.conf import settings
+from django.core.cache import caches
+from django.utils import timezone
+
+from rates import metrics, services
+from rates.breaker import OPEN, CircuitBreaker
+from rates.providers import ProviderRateLimited
+from rates.providers.streaming import DISCONNECTED, STREAMING
+from realtime import events
+
+# The fetching process logs under one name, whichever of its modules speaks.
+logger = logging.getLogger("rates.fetcher")
+
+STATUS_KEY = "rates:provider:{name}"
+ERROR_WINDOW = 300.0  # errors_5m
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat().replace("+00:00", "Z") if moment else None
+
+
+class ProviderMonitor:
+    """Health of one provider on the owner: breaker, successes, errors, stream state.
+
+    Status writes to the shared cache are never made on the event loop: `save()` only marks the
+    status dirty, and the owner writes it with `flush_statuses()` from a worker thread.
+    """
+
+    def __init__(self, name: str, *, breaker: CircuitBreaker | None = None) -> None:
+        self.name = name
+        self.breaker = breaker or CircuitBreaker(name)
+        self.breaker.on_change = self._on_breaker_change
+        self.last_success: datetime | None = None
+        self.last_error: str | None = None
+        # When it happened: an old error beside a closed circuit is history, not a fault.
+        self.last_error_at: datetime | None = None
+        self.errors: deque[float] = deque()  # wall-clock times, so other processes can count
+        self.streaming = False
+        # When the stream last delivered a quote (monotonic), and how long it may then stay
+        # silent and still count as a live source while REST fails (see `_is_down`).
+        self.stream_quote_at: float | None = None
+        self.stream_window = 5.0
+        self.rest_failed = False
+        self.dirty = True
+        metrics.CIRCUIT_STATE.labels(name).set(0)
+
+    def _on_breaker_change(self, name: str, state: str, reason: str) -> None:
+        logger.warning("%s circuit %s: %s", name, state, reason, extra={"provider": name})
+        metrics.CIRCUIT_STATE.labels(name).set(metrics.CIRCUIT_VALUES[state])
+        if services.get_board().writable():
+            events.publish("provider.state", {"name": name, "state": state, "reason": reason})
+        self.save()
+
+    def succeeded(self) -> None:
+        self.last_success = timezone.now()
+        self.rest_failed = False
+        self.breaker.record_success()
+        self._update_down()
+        self.save()
+
+    def failed(self, reason: str, *, kind: str, retry_after: float | None = None) -> None:
+        now = time.time()
+        self.last_error = reason
+        self.last_error_at = timezone.now()
+        self.errors.append(now)
+        self.rest_failed = True
+        metrics.PROVIDER_ERRORS.labels(self.name, kind).inc()
+        self.breaker.record_failure(reason, retry_after=retry_after)
+        self._update_down()
+        self.save()
+
+    def stream_state(self, state: str, reason: str) -> None:
+        streaming = state == STREAMING
+        if streaming:  # reported with a connection's first quote
+            self.stream_quote_at = time.monotonic()
+        if state == DISCONNECTED:
+            self.last_error = f"stream: {reason}"
+            self.last_error_at = timezone.now()
+            self.errors.append(time.time())
+            metrics.PROVIDER_ERRORS.labels(self.name, "stream").inc()
+        if streaming != self.streaming:
+            self.streaming = streaming
+            self._update_down()
+        self.save()
+
+    def probe_every(self, seconds: float) -> None:
+        """Keep an open circuit's back-off under one poll, so a recovered provider serves again
+        at the next poll; a rate limit still holds it open for its Retry-After. A
+        stream silent for half that long no longer covers for a failing REST round."""
+        self.stream_window = seconds / 2
+        self.breaker.base_backoff = min(self.breaker.base_backoff, seconds)
+        self.breaker.max_backoff = min(self.breaker.max_backoff, seconds)
+        self.breaker.reset_backoff()
+
+    def rate_limited(self, exc: ProviderRateLimited) -> None:
+        """A 429/418 on a stream handshake: the same breaker as REST honours its Retry-After."""
+        self.failed(str(exc), kind="rate_limited", retry_after=exc.retry_after)
+
+    def _is_down(self) -> bool:
+        """Down when its circuit is open, or when REST fails and no stream makes up for
+        it. A stream counts only while it delivers: a connection that sends torn frames or
+        lags far behind (garbage, slow) is no source, as a closed one is not."""
+        if self.breaker.state == OPEN:
+            return True
+        if not self.rest_failed:
+            return False
+        quiet = self.stream_quote_at is None or (
+            time.monotonic() - self.stream_quote_at > self.stream_window
+        )
+        return not self.streaming or quiet
+
+    def _update_down(self) -> None:
+        services.provider_set_down(self.name, self._is_down())
+
+    def check_quiet(self) -> None:
+        """Time alone takes a provider down: its stream fell silent while REST fails. Only a
+        good REST round or a new stream connection brings it back, so a lagging stream's
+        occasional late quote does not flip its pairs back and forth."""
+        if self.name not in services.get_board().down and self._is_down():
+            self._update_down()
+
+    def stream_quote(self) -> None:
+        """The stream delivered a valid quote (a success; the cache hears it at the next flush)."""
+        self.last_success = timezone.now()
+        self.stream_quote_at = time.monotonic()
+
+    def status(self, *, priority: int) -> dict[str, Any]:
+        cutoff = time.time() - ERROR_WINDOW
+        while self.errors and self.errors[0] < cutoff:
+            self.errors.popleft()
+        return {
+            "name": self.name,
+            "priority": priority,
+            "state": self.breaker.state,
+            "last_success": _iso(self.last_success),
+            "last_error": self.last_error,
+            "last_error_at": _iso(self.last_error_at),
+            "error_times": list(self.errors),
+            "streaming": self.streaming,
+        }
+
+    def save(self) -> None:
+        self.dirty = True
+
+    def flush(self) -> None:
+        """Write the status to the shared cache if it changed (sync: blocking I/O)."""
+        if not self.dirty or not services.get_board().writable():
+            return
+        self.dirty = False
+        order = settings.KURS_PROVIDERS
+        priority = order.index(self.name) if self.name in order else len(order)
+        try:
+            caches["shared"].set(
+                STATUS_KEY.format(name=self.name), self.status(priority=priority), None
+            )
+        except Exception as exc:
+            # The status page is a convenience: a cache outage must not stop fetching.
+            self.dirty = True
+            status_saving.failed(exc)
+        else:
+            status_saving.worked()
+
+
+class OutageNotice:
+    """Whether a use of the shared cache fails. A Redis outage is said once when it starts
+    (WARNING) and once when it ends (INFO), not for every provider at every flush or read."""
+
+    def __init__(self, failing: str, back: str) -> None:
+        self.failing = False
+        self._failing_message = failing  # with one %s: the error
+        self._back_message = back
+
+    def failed(self, exc: Exception) -> None:
+        if not self.failing:
+            self.failing = True
+            logger.warning(self._failing_message, exc)
+
+    def worked(self) -> None:
+        if self.failing:
+            self.failing = False
+            logger.info(self._back_message)
+
+
+def status_saving_notice() -> OutageNotice:
+    return OutageNotice(
+        "cannot save provider statuses to the shared cache (retried at every flush, said again "
+        "when it works): %s",
+        "provider statuses are saved to the shared cache again",
+    )
+
+
+def status_reading_notice() -> OutageNotice:
+    return OutageNotice(
+        "provider statuses: the shared cache is unreachable, the statuses last read are "
+        "answered (said again when it works): %s",
+        "provider statuses are read from the shared cache again",
+    )
+
+
+status_saving = status_saving_notice()
+status_reading = status_reading_notice()
+
+
+_monitors: dict[str, ProviderMonitor] = {}
+
+
+def monitor_for(name: str) -> ProviderMonitor:
+    """The process-wide monitor of a provider (created on first use)."""
+    if name not in _monitors:
+        _monitors[name] = ProviderMonitor(name)
+    return _monitors[name]
+
+
+def flush_statuses() -> None:
+    """Save every changed provider status (sync; the owner calls it off its event loop)."""
+    for monitor in list(_monitors.values()):
+        monitor.flush()
+
+
+# What this process last read from the shared cache: served while the cache is unreachable.
+_last_read_statuses: dict[str, Any] = {}
+
+
+def provider_statuses() -> list[dict[str, Any]]:
+    """Each configured provider's status as the fetching process last saved it.
+
+    With the shared cache unreachable (a Redis outage) the statuses this process last read are
+    answered: an older view beats a 500 on `/providers` and a health that calls them all down.
+    """
+    names = list(settings.KURS_PROVIDERS)
+    try:
+        saved = caches["shared"].get_many([STATUS_KEY.format(name=name) for name in names])
+    except Exception as exc:
+        status_reading.failed(exc)
+        saved = dict(_last_read_statuses)
+    else:
+        status_reading.worked()
+        _last_read_statuses.clear()
+        _last_read_statuses.update(saved)
+    cutoff = time.time() - ERROR_WINDOW
+    statuses = []
+    for priority, name in enumerate(names):
+        status = saved.get(STATUS_KEY.format(name=name)) or {}
+        statuses.append(
+            {
+                "name": name,
+                "priority": priority,
+                "state": status.get("state", "closed"),
+                "last_success": status.get("last_success"),
+                "last_error": status.get("last_error"),
+                "last_error_at": status.get("last_error_at"),
+                "errors_5m": sum(1 for at in status.get("error_times", ()) if at >= cutoff),
+                "streaming": bool(status.get("streaming", False)),
+            }
+        )
+    return statuses
+
+
+def check_all_quiet() -> None:
+    """Time passed: a provider whose stream fell silent while REST fails goes down now."""
+    for monitor in list(_monitors.values()):
+        monitor.check_quiet()

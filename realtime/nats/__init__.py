@@ -1,0 +1,74 @@
+"""NATS for Kurs: one connection per process, its outbox, the stream, request/reply.
+
+- `link`: the connection (its thread and loop, reconnection, plain subscriptions, the stream
+  ensured) and the small surface the rest uses.
+- `publishing`: the outbox `realtime.events.publish` fills (`transport`) and the fallback bus.
+- `stream`: the bridge's ordered consumer and the resuming client's `StreamCursor`.
+- `rpc`: `serve` and `request` (the live owner's control subject).
+- `subjects`: the names (subjects, stream, header, fallback group).
+
+docs/events.md describes the subjects and the delivery guarantees for users. The names below are
+what other modules use; importing this package registers the outbox and the consumer on the
+connection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from realtime.nats.link import NatsConnection, StreamUnavailable, connection
+from realtime.nats.publishing import outbox, transport
+from realtime.nats.rpc import Responder, request, serve
+from realtime.nats.stream import StoredMessage, StreamCursor, stream_consumer
+from realtime.nats.subjects import (
+    FALLBACK_MESSAGE_TYPE,
+    ORIGIN_HEADER,
+    SEED_SUBJECT,
+    control_prefix,
+    event_subjects,
+    fallback_group,
+    stream_name,
+)
+
+__all__ = [
+    "FALLBACK_MESSAGE_TYPE",
+    "ORIGIN_HEADER",
+    "SEED_SUBJECT",
+    "NatsConnection",
+    "Responder",
+    "StoredMessage",
+    "StreamCursor",
+    "StreamUnavailable",
+    "connection",
+    "control_prefix",
+    "event_subjects",
+    "fallback_group",
+    "outbox",
+    "request",
+    "serve",
+    "shutdown",
+    "status",
+    "stream_consumer",
+    "stream_name",
+    "transport",
+    "wait_connected",
+]
+
+
+def status() -> dict[str, Any]:
+    """For the health check: `{"status": "ok"|"degraded", "state", "server", "jetstream", ...}`.
+
+    `degraded` whenever this process is not connected to NATS (not started, connecting,
+    reconnecting, closed): events then travel over the channel-layer fallback.
+    """
+    return connection.status()
+
+
+def wait_connected(timeout: float) -> bool:
+    """Block until connected or `timeout` passes (tests, start-up of long-running commands)."""
+    connection.start()
+    return connection.connected.wait(timeout)
+
+
+def shutdown() -> None:
+    connection.shutdown()
