@@ -9,9 +9,12 @@ console error.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import httpx
+from django.test import Client
 
 from realtime.tests.test_dashboard import browser_page, chromium
 from tests.test_schemathesis import Served, served
@@ -19,6 +22,24 @@ from tests.test_schemathesis import Served, served
 # Fixtures, used by name: chromium (Debian's browser, or a skip) and served (a uvicorn web
 # process with production settings on a fresh migrated database, one fetch cycle stored).
 __all__ = ["chromium", "served"]
+
+
+def test_the_openapi_document_has_no_duplicated_key(client: Client) -> None:
+    """What Swagger UI's parser refuses; Python's json module silently keeps the last one."""
+    duplicated: list[str] = []
+
+    def members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        duplicated.extend(key for key in dict.fromkeys(keys) if keys.count(key) > 1)
+        return dict(pairs)
+
+    response = client.get("/api/v1/openapi.json")
+    assert response.status_code == 200
+    document = json.loads(response.content, object_pairs_hook=members)
+    assert duplicated == []
+    answer = document["paths"]["/api/v1/stream"]["get"]["responses"]["200"]
+    event = answer["content"]["text/event-stream"]["schema"]
+    assert event["properties"]["data"]["contentMediaType"] == "application/json"
 
 
 def documented_operations(base_url: str) -> list[tuple[str, str]]:
