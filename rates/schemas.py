@@ -260,14 +260,19 @@ AssetCode = Annotated[
 class CandleQuery(Schema):
     model_config = ConfigDict(extra="forbid")
 
-    interval: CandleInterval = Field(CandleInterval.M1, description="candle width")
+    interval: CandleInterval = Field(
+        CandleInterval.M1, description="candle width; candles are aligned to the Unix epoch (UTC)"
+    )
     since: IsoDateTime | None = Field(
         None,
-        description="from this time (ISO-8601, UTC), rounded down to a candle start; at most "
-        "1000 candles from `since` to `until`",
+        description="from this time (ISO-8601, UTC), rounded down to a candle start; default "
+        "`until` minus 6 h (1m), 1 day (5m), 7 days (1h) or 90 days (1d). At most 1000 candles "
+        "from `since` to `until`: a longer range is a 422, never truncated",
     )
     until: IsoDateTime | None = Field(
-        None, description="received before this time, later than `since`; default now"
+        None,
+        description="received before this time (ISO-8601, UTC), later than `since` (else 422); "
+        "default now",
     )
     provider: str | None = Field(
         None,

@@ -30,7 +30,7 @@ from pydantic import ConfigDict, Field, field_validator
 
 from config.security import read_throttle
 from rates.snapshot import snapshot
-from realtime import metrics, resume
+from realtime import metrics, resume, stream_openapi
 from realtime.bridge import bridge
 from realtime.hub import DeliveryPolicy, SocketQueue, hub
 from realtime.limits import Lease, client_of_request
@@ -210,21 +210,7 @@ async def _body(
                 "description": "resume after this stream sequence (wins over `since`)",
             }
         ],
-        "responses": {
-            "200": {
-                "description": "an endless event stream",
-                "content": {
-                    "text/event-stream": {
-                        "schema": {"type": "string"},
-                        "example": 'id: 42\nevent: rate.updated\ndata: {"type":"rate.updated",'
-                        '"data":{"direction":"BTC-USD","value":54000.1},"seq":42}\n\n',
-                    }
-                },
-            },
-            "403": {"description": "a browser Origin that is not allowed"},
-            "422": {"description": "an unknown pair or a bad option"},
-            "429": {"description": "over KURS_RATE_LIMIT (with Retry-After)"},
-        },
+        "responses": stream_openapi.RESPONSES,
     },
 )
 async def stream(request: HttpRequest, query: Query[StreamQuery]) -> HttpResponse:

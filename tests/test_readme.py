@@ -1,7 +1,12 @@
-"""Every shell command the README shows works as typed, in a fresh copy of the repository.
+"""Every shell command the README and `docs/*.md` show works as typed, in a fresh copy of the
+repository, and every link between them leads somewhere.
 
-The commands are read from the README's ```sh / ```bash / ```shell blocks, so the README cannot
-drift from what works. They run in a copy of the files git would commit (tracked plus untracked,
+The commands are read from the ```sh / ```bash / ```shell blocks of README.md and then of each
+`docs/*.md` (in name order), so the documents cannot drift from what works. Each command is
+classified: run here, long-running (started and checked to come up), or excluded with a reason;
+a command that matches none of them fails the test, so a new kind of command needs a decision.
+
+They run in a copy of the files git would commit (tracked plus untracked,
 not ignored: a fresh clone of the commit being made, so uncommitted edits are checked too, and
 no `.env`, database or `var/`), with the test run's virtualenv linked in as `.venv` (the
 Makefile's install stamp then makes `make install` a no-op instead of minutes of pip), in a
@@ -37,22 +42,34 @@ from tests.procs import VENV, plain_env
 from tests.services import ROOT, free_port, port_open
 
 README = ROOT / "README.md"
+DOCUMENTS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(?:sh|bash|shell)[ \t]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
-# Shown in the README but not run here, each with the reason.
+# Shown but not run here, each with the reason.
 EXCLUDED = {
     "make test": "runs the whole suite, this test included (recursive, and minutes)",
     "make bench": "runs the benchmarks for minutes",
     "make demo": "make run's process set (checked here) plus the emulator (run_emulator, checked"
     " here); a second full stack would double this test's time",
+    "docker compose up --build": "needs Docker and minutes of image builds; tests/test_deploy.py"
+    " checks the compose file and make test-prod runs the same process set natively",
 }
 # Long-running commands: how to tell each has come up.
 LONG_RUNNING = ("make run", "run_emulator", "run_fetch --watch", "qcluster")
+# What may run here: commands that end by themselves against the stack this test starts.
+RUNNABLE = (
+    re.compile(r"curl\s.*"),
+    re.compile(r"make (superuser|apikey NAME=[\w-]+)"),
+    re.compile(r"KEY=\$\(make apikey NAME=[\w-]+ \| tail -n 1\)"),
+    re.compile(r"\.venv/bin/python manage\.py (createsuperuser|run_fetch|create_api_key)\b.*"),
+)
+# `NAME=value ` assignments before a command (quoted values included).
+ASSIGNMENTS = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=(?:'[^']*'|\"[^\"]*\"|[^\s$'\"]+)\s+)*")
 PASSWORD = "kurs-Newcomer-2026!x"
 
 
 def readme_commands(text: str) -> list[str]:
-    """The commands of the README's shell blocks, in order (comments and blank lines dropped)."""
+    """The commands of a document's shell blocks, in order (comments and blank lines dropped)."""
     commands: list[str] = []
     for block in FENCE.findall(text):
         pending = ""
@@ -72,12 +89,22 @@ def bare(command: str) -> str:
     return re.sub(r"\s+#.*$", "", command).strip()
 
 
+def document_commands() -> list[str]:
+    """Every document's commands: the README's first, then docs/*.md in name order."""
+    return [command for path in DOCUMENTS for command in readme_commands(path.read_text())]
+
+
 def kind(command: str) -> str:
+    """`excluded`, `long-running`, `run`, or `unclassified` (a command nobody decided about)."""
     if bare(command) in EXCLUDED:
         return "excluded"
     if any(name == bare(command) or f" {name}" in bare(command) for name in LONG_RUNNING):
         return "long-running"
-    return "run"
+    if any(pattern.fullmatch(bare(command)) for pattern in RUNNABLE):
+        return "run"
+    if any(pattern.fullmatch(ASSIGNMENTS.sub("", bare(command))) for pattern in RUNNABLE[3:]):
+        return "run"
+    return "unclassified"
 
 
 def localize(command: str, web_port: int, emulator_port: int) -> str:
@@ -91,17 +118,69 @@ def test_the_readme_starts_with_make_run_and_make_test() -> None:
     assert [bare(command) for command in commands[:2]] == ["make run", "make test"]
 
 
-def test_the_readme_runs_manage_py_with_the_projects_virtualenv() -> None:
+@pytest.mark.parametrize("path", DOCUMENTS, ids=lambda path: path.name)
+def test_the_documents_run_manage_py_with_the_projects_virtualenv(path: Path) -> None:
     # `python manage.py` in a plain shell is the system Python, without Django.
-    text = README.read_text()
+    text = path.read_text()
     assert re.findall(r"(?<!\.venv/bin/)\bpython3? manage\.py", text) == []
 
 
-def test_every_readme_command_is_run_or_excluded_with_a_reason() -> None:
-    kinds = {bare(command): kind(command) for command in readme_commands(README.read_text())}
-    assert "make run" in kinds
+def test_every_document_command_is_run_or_excluded_with_a_reason() -> None:
+    kinds = {bare(command): kind(command) for command in document_commands()}
+    assert [command for command, what in kinds.items() if what == "unclassified"] == []
     assert kinds["make run"] == "long-running"
+    assert kinds["docker compose up --build"] == "excluded"
     assert [command for command, what in kinds.items() if what == "run"], "nothing to run"
+    # Each document block was read: the docs add commands of their own.
+    assert len(kinds) > len({bare(command) for command in readme_commands(README.read_text())})
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "rm -rf var",
+        "docker compose up -d --scale web=4",
+        "make soak",
+        "sqlite3 db.sqlite3 .backup",
+        "KEY=$(rm -rf /)",
+        "X=1 rm -rf var",
+        ".venv/bin/python manage.py flush --no-input",
+    ],
+)
+def test_a_command_nobody_classified_fails(command: str) -> None:
+    assert kind(command) == "unclassified"
+
+
+# GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens.
+def anchor(heading: str) -> str:
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.MULTILINE | re.DOTALL)
+    return {anchor(heading) for heading in re.findall(r"^#{1,6} (.+)$", text, re.MULTILINE)}
+
+
+def test_the_anchor_of_a_heading_is_githubs() -> None:
+    assert anchor("`GET /api/v1/items/{id}/rates/latest`") == "get-apiv1itemsidrateslatest"
+    assert anchor("Rates: providers, validation") == "rates-providers-validation"
+
+
+@pytest.mark.parametrize("path", DOCUMENTS, ids=lambda path: path.name)
+def test_every_link_of_a_document_leads_somewhere(path: Path) -> None:
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.MULTILINE | re.DOTALL)
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"^[a-z]+:", target):
+            continue  # an absolute URL
+        file, _, fragment = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        if not linked.exists():
+            broken.append(f"{target}: no file {linked}")
+        elif fragment and linked.suffix == ".md" and fragment not in anchors(linked):
+            broken.append(f"{target}: no heading #{fragment} in {linked.name}")
+    assert broken == []
 
 
 # --- the run in a fresh copy -------------------------------------------------------------------
@@ -262,9 +341,10 @@ def test_every_readme_command_works_as_typed_in_a_fresh_copy(
         KURS_PORT=str(web_port),
         KURS_NATS_PREFIX=f"kursreadme{os.getpid()}",
     )
-    commands = [localize(c, web_port, emulator_port) for c in readme_commands(README.read_text())]
+    commands = [localize(c, web_port, emulator_port) for c in document_commands()]
     long_running = [command for command in commands if kind(command) == "long-running"]
     to_run = [command for command in commands if kind(command) == "run"]
+    assert [command for command in commands if kind(command) == "unclassified"] == []
 
     # make run first: it writes .env and migrates, which the other commands rely on.
     long_running.sort(key=lambda command: bare(command) != "make run")

@@ -91,15 +91,20 @@ def rate_events(published: list[tuple[str, dict]], pair: str | None = None) -> l
 
 
 @contextmanager
-def emulator_in_thread() -> Iterator[EmulatorServer]:
-    """The emulator on its own event loop in a thread, for sync tests and subprocesses."""
+def emulator_in_thread(tick: float = 3600) -> Iterator[EmulatorServer]:
+    """The emulator on its own event loop in a thread, for sync tests and subprocesses.
+
+    `tick`: seconds between price moves. The default keeps prices still for a test's length; a
+    server that outlives a provider's freshness window (CoinGecko's 120 s) needs moving prices,
+    or its quotes turn stale.
+    """
     started: queue.Queue[EmulatorServer | BaseException] = queue.Queue()
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
 
     async def serve() -> None:
         try:
-            async with run_emulator_server(host="127.0.0.1", port=0, tick=3600, seed=7) as server:
+            async with run_emulator_server(host="127.0.0.1", port=0, tick=tick, seed=7) as server:
                 started.put(server)
                 await stop.wait()
         except BaseException as exc:  # reported to the test thread below
