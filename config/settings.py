@@ -284,7 +284,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 # Where collectstatic puts the files WhiteNoise serves (the image builds it here).
-STATIC_ROOT = Path(env.string("KURS_STATIC_ROOT", "") or BASE_DIR / "staticfiles")
+STATIC_ROOT: Path | None = Path(env.string("KURS_STATIC_ROOT", "") or BASE_DIR / "staticfiles")
 # App static files (the dashboard's script and styles, the admin's) are found in their folders
 # at start-up, so pages work with DEBUG off even before `collectstatic` (which the image runs;
 # its STATIC_ROOT copies are served as well). DEBUG also looks them up again on each request.

@@ -12,7 +12,7 @@ import email.utils
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -271,7 +271,7 @@ class Provider(ABC):
     async def fetch(self, pairs: Sequence[Pair]) -> list[Quote]:
         """One REST round for the supported pairs among ``pairs``; unsupported ones are skipped."""
 
-    def stream(self, pairs: Sequence[Pair]) -> AsyncIterator[Quote]:
+    def stream(self, pairs: Sequence[Pair]) -> AsyncGenerator[Quote, None]:
         """One WebSocket connection's life; streaming providers override this with a generator."""
         raise ProviderError(f"{self.name} has no WebSocket stream")
 
@@ -298,7 +298,7 @@ class Provider(ABC):
                     "%s: retrying %s once: %s",
                     self.name,
                     path,
-                    exc or type(exc).__name__,
+                    str(exc) or type(exc).__name__,
                     extra={"provider": self.name},
                 )
                 response = await self.client.get(url, params=params, headers=headers)
@@ -306,7 +306,7 @@ class Provider(ABC):
             raise ProviderTimeout(f"timed out ({type(exc).__name__}) on {path}") from exc
         except httpx.TransportError as exc:
             raise ProviderConnectionError(
-                f"cannot reach {path}: {exc or type(exc).__name__}"
+                f"cannot reach {path}: {str(exc) or type(exc).__name__}"
             ) from exc
         self.check_response(response)
         return decode_json(response.content, what=f"{path} body"), response
@@ -338,7 +338,7 @@ class Provider(ABC):
         *,
         subscribe: Sequence[str] = (),
         heartbeat: tuple[float, Callable[[], str]] | None = None,
-    ) -> AsyncIterator[str | bytes]:
+    ) -> AsyncGenerator[str | bytes, None]:
         """Raw messages of one WebSocket connection, until it closes or its lifetime is over.
 
         Protocol-level pings from the server are answered by websockets itself (it replies with a
@@ -357,12 +357,12 @@ class Provider(ABC):
             raise ProviderTimeout(f"WebSocket handshake timed out ({url})") from exc
         except (OSError, WebSocketException) as exc:
             raise ProviderConnectionError(
-                f"cannot open WebSocket: {exc or type(exc).__name__}"
+                f"cannot open WebSocket: {str(exc) or type(exc).__name__}"
             ) from exc
         heartbeat_task: asyncio.Task[None] | None = None
         try:
-            for message in subscribe:
-                await connection.send(message)
+            for request in subscribe:
+                await connection.send(request)
             if heartbeat is not None:
                 heartbeat_task = asyncio.create_task(self._heartbeat(connection, *heartbeat))
             deadline = (

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from datetime import datetime
 from typing import Any, ClassVar
@@ -99,7 +99,7 @@ class BybitProvider(Provider):
         raise_for_ret_code(body, response)
         return parse_rest(body, wanted)
 
-    async def stream(self, pairs: Sequence[Pair]) -> AsyncIterator[Quote]:
+    async def stream(self, pairs: Sequence[Pair]) -> AsyncGenerator[Quote, None]:
         wanted = self.symbols_for(pairs)
         if not wanted or self.ws_url is None:
             return
