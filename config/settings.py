@@ -11,6 +11,7 @@ import re
 import secrets
 import socket
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from dotenv import load_dotenv
@@ -152,7 +153,7 @@ else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 # --- django-q2 ------------------------------------------------------------------------------
-Q_CLUSTER: dict[str, object] = {
+Q_CLUSTER: dict[str, Any] = {
     "name": "kurs",
     "workers": 2,
     "timeout": 50,  # must stay below retry (STYLE 6)
@@ -232,7 +233,7 @@ KURS_LOG_LEVEL = env.choice(
     "KURS_LOG_LEVEL", "INFO", {"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"}, upper=True
 )
 KURS_LOG_FORMAT = env.choice("KURS_LOG_FORMAT", "console", {"console", "json"})
-LOGGING = {
+LOGGING: dict[str, Any] = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {

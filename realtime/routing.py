@@ -7,9 +7,16 @@ from django.urls import path
 from realtime.consumers import ItemsConsumer
 
 if TYPE_CHECKING:
+    from channels.consumer import AsyncConsumer
     from channels.routing import URLRouter, _ExtendedURLPattern
 
+
+def consumer_path(route: str, consumer: type[AsyncConsumer]) -> _ExtendedURLPattern:
+    """`path()` for a Channels consumer, typed as Channels' URLRouter takes it: django-stubs
+    types `path()` for Django views only (typeddjango/django-stubs#3354)."""
+    return path(route, consumer.as_asgi())  # type: ignore[arg-type,return-value]  # ASGI app
+
+
 websocket_urlpatterns: list[_ExtendedURLPattern | URLRouter] = [
-    # django-stubs types path() for views only (django-stubs#3354); Channels routes ASGI apps.
-    path("ws/items", ItemsConsumer.as_asgi()),  # type: ignore[arg-type,list-item]  # ASGI app
+    consumer_path("ws/items", ItemsConsumer),
 ]
