@@ -27,7 +27,7 @@ help:
 	@echo "make bench   run the benchmarks in bench/"
 	@echo "make soak    30 min under load with a NATS restart (SOAK_SECONDS to shorten): bench/soak.py"
 	@echo "make loadtest  locust against a running \`make run\` (LOADTEST_USERS, LOADTEST_SECONDS): docs/loadtest/"
-	@echo "make lint    ruff check, ruff format --check and the import-linter contracts"
+	@echo "make lint    ruff check, ruff format --check, the import-linter contracts and mypy"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -99,6 +99,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -99,9 +99,12 @@ def wrk(
     text = out.stdout
     if "Non-2xx or 3xx responses" in text:
         raise SystemExit(f"bench: errors from {url}:\n{text}")
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
-    value, unit = re.search(r"\s99%\s+([\d.]+)(us|ms|s)\b", text).groups()  # type: ignore[union-attr]
-    return rps, float(value) * _UNITS[unit]
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    p99 = re.search(r"\s99%\s+([\d.]+)(us|ms|s)\b", text)
+    if rps is None or p99 is None:
+        raise SystemExit(f"bench: no rate or 99th percentile in wrk's output for {url}:\n{text}")
+    value, unit = p99.groups()
+    return float(rps.group(1)), float(value) * _UNITS[unit]
 
 
 Target = tuple[str, str | None]  # (url, one extra request header)
@@ -309,8 +312,8 @@ def capture_bodies(tmp: Path, env: dict[str, str]) -> tuple[bytes, str]:
     (tmp / "www" / "api" / "v1" / "courses").write_bytes(courses)
     (tmp / "item.json").write_bytes(item)
     # nginx's workers may run as another user: the files must be readable by anyone.
-    for path in [tmp, *tmp.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    for written in [tmp, *tmp.rglob("*")]:
+        written.chmod(0o755 if written.is_dir() else 0o644)
     return courses, headers["etag"]
 
 

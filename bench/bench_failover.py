@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,7 +93,8 @@ async def steady(seconds: float, poll: float) -> tuple[dict[str, list[float]], i
         try:
             for pair in ("BTC-USD", "ETH-USD"):
                 async with watching(stack, web, pair) as watch:
-                    await wait_until(lambda w=watch: bool(w.events), within=60, what="a first rate")
+                    first = partial(bool, watch.events)  # the list fills as events arrive
+                    await wait_until(first, within=60, what="a first rate")
                     started = len(watch.events)
                     await asyncio.sleep(seconds)  # the measurement window itself
                     seen[pair] = [

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import operator
 import os
 import random
 import statistics
@@ -27,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +190,7 @@ async def pipeline(
         for price in prices(count, start=start):
             started = await asyncio.to_thread(emu.set_price, price)
             key = price.normalize()
-            if await until(lambda key=key: key in event_at, WAIT):
+            if await until(partial(operator.contains, event_at, key), WAIT):
                 to_row.append(row_at[key] - started)
                 to_event.append(event_at[key] - started)
         stop.set()
@@ -233,10 +235,11 @@ async def failover(
         try:
             for _ in range(rounds):
                 cycles = watcher.cycles
-                if not await until(
-                    lambda cycles=cycles: now_serving() == "binance" and watcher.cycles > cycles,
-                    4 * poll + 5,
-                ):
+
+                def binance_serves_again(cycles: int = cycles) -> bool:
+                    return now_serving() == "binance" and watcher.cycles > cycles
+
+                if not await until(binance_serves_again, 4 * poll + 5):
                     break
                 await asyncio.sleep(random.uniform(0, poll))
                 down_at = time.perf_counter()

@@ -51,6 +51,7 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +81,10 @@ def serve(port: int) -> None:
     from channels.generic.websocket import AsyncWebsocketConsumer
     from channels.routing import ProtocolTypeRouter, URLRouter
     from django.core.asgi import get_asgi_application
-    from django.urls import path
 
     from realtime.bridge import lifespan
     from realtime.consumers import ItemsConsumer
+    from realtime.routing import consumer_path
 
     class BaselineConsumer(AsyncWebsocketConsumer):
         async def connect(self) -> None:
@@ -102,8 +103,8 @@ def serve(port: int) -> None:
             "http": get_asgi_application(),
             "websocket": URLRouter(
                 [
-                    path("ws/items", ItemsConsumer.as_asgi()),
-                    path("ws/baseline", BaselineConsumer.as_asgi()),
+                    consumer_path("ws/items", ItemsConsumer),
+                    consumer_path("ws/baseline", BaselineConsumer),
                 ]
             ),
             "lifespan": lifespan,
@@ -285,7 +286,7 @@ class Fanout:
                 path = self.path_for(index)
                 batch.append(
                     loop.create_connection(
-                        lambda path=path: Client(self.port, path, self.on_text),
+                        partial(Client, self.port, path, self.on_text),
                         "127.0.0.1",
                         self.port,
                     )

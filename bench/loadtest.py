@@ -353,7 +353,7 @@ def shared_cores(sampler: Sampler, locust_pid: int, seconds: float) -> str:
     load = " ".join(f"{value:.2f}" for value in os.getloadavg())
     return (
         f"CPU seconds over the {seconds:.0f} s run on {os.cpu_count()} cores "
-        f"({os.cpu_count() * seconds:.0f} available): web processes {buckets['web']:.0f}, "
+        f"({(os.cpu_count() or 1) * seconds:.0f} available): web processes {buckets['web']:.0f}, "
         f"the rest of `make run` (fetcher, qcluster, …) {buckets['kurs']:.0f}, "
         f"locust {buckets['locust']:.0f}, other processes {sum(others.values()):.0f} "
         f"(busiest: {listed}); load average at the end {load}."

@@ -177,7 +177,7 @@ class SocketUser(User):
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
         self.socket: websocket.WebSocket | None = None
-        self.receiver: gevent.Greenlet | None = None
+        self.receiver: gevent.Greenlet[[websocket.WebSocket], None] | None = None
         self.ping_sent_at: float | None = None
         self.stopping = False
         self.pairs = None if random.random() < 0.5 else WS_PAIRS
@@ -199,7 +199,7 @@ class SocketUser(User):
         )
 
     def _url(self) -> str:
-        url = self.host.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+        url = (self.host or "").replace("http://", "ws://", 1).replace("https://", "wss://", 1)
         url = url.rstrip("/") + "/ws/items"
         return f"{url}?pairs={self.pairs}" if self.pairs else url
 
@@ -280,7 +280,7 @@ def http_total(environment: Environment) -> StatsEntry:
     return total
 
 
-@events.quitting.add_listener
+@events.quitting.add_listener  # type: ignore[untyped-decorator]  # locust's EventHook is untyped
 def _write_http_total(environment: Environment, **_: Any) -> None:
     # bench/loadtest.py reads `<csv prefix>_http_total.json` for the README's "total" row.
     options = environment.parsed_options

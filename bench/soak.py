@@ -58,7 +58,7 @@ READERS = int(os.environ.get("SOAK_READERS", "4"))
 POLL = 1.0
 TICK = 1.0
 PROVIDERS = ("binance", "bybit", "coingecko", "cbr")
-PAIRS = ("BTC-USD", "ETH-USD", "USDTTRC-USD", "USDTERC-USD", "BTC-RUB", "ETH-RUB")
+PAIRS: tuple[str, ...] = ("BTC-USD", "ETH-USD", "USDTTRC-USD", "USDTERC-USD", "BTC-RUB", "ETH-RUB")
 PAIRS += ("USDTTRC-RUB", "USDTERC-RUB")
 RSS_GROWTH = (0.20, 32 * 1024)  # fraction, KiB
 FD_GROWTH = 32
@@ -176,7 +176,7 @@ async def main() -> int:
     emulator_port = free_port()
     stack = Stack(
         folder=folder,
-        emulator=RemoteEmulator(emulator_port),  # type: ignore[arg-type]
+        emulator=RemoteEmulator(emulator_port),  # type: ignore[arg-type]  # its URLs suffice
         providers=",".join(PROVIDERS),
         poll=POLL,
         nats_url=nats.url,
@@ -230,8 +230,8 @@ async def main() -> int:
             "web": web.popen.pid,
             "fetcher": fetcher.popen.pid,
             "emulator": emulator.popen.pid,
-            "nats-server": nats.process.pid,  # type: ignore[union-attr]
-            "redis-server": redis.process.pid,  # type: ignore[union-attr]
+            "nats-server": nats.pid,
+            "redis-server": redis.pid,
         }
         warmup = min(60.0, max(10.0, SECONDS / 10))
         await asyncio.sleep(warmup)
@@ -292,7 +292,7 @@ async def main() -> int:
 
 def restart_nats(nats: NatsServer) -> int:
     nats.start()
-    return nats.process.pid  # type: ignore[union-attr]
+    return nats.pid
 
 
 async def nats_recovery(base: str) -> float:

@@ -42,7 +42,7 @@ async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
     first: their pooled connections to the exchanges end cleanly instead of with the loop."""
 
     async def receive_and_close() -> dict[str, Any]:
-        message = await receive()
+        message: dict[str, Any] = await receive()
         if message["type"] == "lifespan.shutdown":
             await on_demand.aclose()
         return message

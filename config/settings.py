@@ -11,6 +11,7 @@ import re
 import secrets
 import socket
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from dotenv import load_dotenv
@@ -152,7 +153,7 @@ else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 # --- django-q2 ------------------------------------------------------------------------------
-Q_CLUSTER: dict[str, object] = {
+Q_CLUSTER: dict[str, Any] = {
     "name": "kurs",
     "workers": 2,
     "timeout": 50,  # must stay below retry (STYLE 6)
@@ -243,7 +244,7 @@ KURS_LOG_LEVEL = env.choice(
     "KURS_LOG_LEVEL", "INFO", {"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"}, upper=True
 )
 KURS_LOG_FORMAT = env.choice("KURS_LOG_FORMAT", "console", {"console", "json"})
-LOGGING = {
+LOGGING: dict[str, Any] = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
@@ -295,7 +296,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 # Where collectstatic puts the files WhiteNoise serves (the image builds it here).
-STATIC_ROOT = Path(env.string("KURS_STATIC_ROOT", "") or BASE_DIR / "staticfiles")
+STATIC_ROOT: Path | None = Path(env.string("KURS_STATIC_ROOT", "") or BASE_DIR / "staticfiles")
 # App static files (the dashboard's script and styles, the admin's) are found in their folders
 # at start-up, so pages work with DEBUG off even before `collectstatic` (which the image runs;
 # its STATIC_ROOT copies are served as well). DEBUG also looks them up again on each request.

@@ -3,7 +3,7 @@ produce the same events as API changes."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django import forms
 from django.contrib import admin, messages
@@ -13,8 +13,17 @@ from django.http import HttpRequest
 from items import services
 from items.models import ApiKey, Item, normalise_asset
 
+# django-stubs makes these generic in the model; Django's classes take no subscript at run time.
+if TYPE_CHECKING:
+    ItemFormBase = forms.ModelForm[Item]
+    ItemAdminBase = admin.ModelAdmin[Item]
+    ApiKeyAdminBase = admin.ModelAdmin[ApiKey]
+else:
+    ItemFormBase = forms.ModelForm
+    ItemAdminBase = ApiKeyAdminBase = admin.ModelAdmin
 
-class ItemForm(forms.ModelForm):
+
+class ItemForm(ItemFormBase):
     class Meta:
         model = Item
         fields = ("base", "quote", "name", "is_active")
@@ -25,17 +34,9 @@ class ItemForm(forms.ModelForm):
     def clean_quote(self) -> str:
         return normalise_asset(self.cleaned_data["quote"])
 
-    def _post_clean(self) -> None:
-        # Normalise before the model's field validators see the input (`btc` -> `BTC`).
-        for field in ("base", "quote"):
-            value = self.cleaned_data.get(field)
-            if isinstance(value, str):
-                self.cleaned_data[field] = normalise_asset(value)
-        super()._post_clean()
-
 
 @admin.register(Item)
-class ItemAdmin(admin.ModelAdmin):
+class ItemAdmin(ItemAdminBase):
     form = ItemForm
     list_display = ("code", "name", "is_active", "updated_at")
     list_filter = ("is_active", "quote", "base")
@@ -83,7 +84,7 @@ class ItemAdmin(admin.ModelAdmin):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
+class ApiKeyAdmin(ApiKeyAdminBase):
     list_display = ("name", "prefix", "created_at", "last_used_at", "revoked_at")
     list_filter = ("revoked_at",)
     search_fields = ("name", "prefix")

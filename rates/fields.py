@@ -18,7 +18,9 @@ from django.db import models
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 
-class ExactDecimalField(models.DecimalField):
+# Unparametrised: django-stubs' plugin types each column, nullable or not, from DecimalField's own
+# declarations, and Django's fields take no subscript at run time.
+class ExactDecimalField(models.DecimalField):  # type: ignore[type-arg]  # generic only in stubs
     def get_internal_type(self) -> str:
         # A distinct internal type keeps SQLite's float-based decimal converter away.
         return "ExactDecimalField"
@@ -42,7 +44,9 @@ class ExactDecimalField(models.DecimalField):
     def sortable_text(self, value: Decimal) -> str:
         quantum = Decimal(1).scaleb(-self.decimal_places)
         # copy_abs, not abs(): abs() rounds to the thread context's 28 digits, a value has 38.
-        text = format(value.quantize(quantum, context=self.context).copy_abs(), "f")
+        # Django's DecimalField.context (precision max_digits), which django-stubs does not declare.
+        context = self.context  # type: ignore[attr-defined]  # missing from django-stubs
+        text = format(value.quantize(quantum, context=context).copy_abs(), "f")
         width = self.max_digits + 1  # the digits and the point
         return ("-" if value < 0 else "") + text.rjust(width, "0")
 

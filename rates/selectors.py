@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.db import NotSupportedError
 from django.db.models import BigIntegerField, Count, Func, Max, Min, QuerySet
@@ -16,6 +16,10 @@ from items.models import Item
 from rates import policy
 from rates.exceptions import InvalidQuery
 from rates.models import CurrentRate, Rate
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+    from django.db.models.sql.compiler import SQLCompiler
 
 
 def rate_list(
@@ -145,10 +149,20 @@ class _EpochBucket(Func):
         super().__init__(expression)
         self.seconds = seconds
 
-    def as_sql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+    def as_sql(
+        self,
+        compiler: SQLCompiler,
+        connection: BaseDatabaseWrapper,
+        function: str | None = None,
+        template: str | None = None,
+        arg_joiner: str | None = None,
+        **extra_context: Any,
+    ) -> tuple[str, list[str | int]]:
         raise NotSupportedError(f"candles are not implemented on {connection.vendor}")
 
-    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+    def as_sqlite(
+        self, compiler: SQLCompiler, connection: BaseDatabaseWrapper, **extra_context: Any
+    ) -> tuple[str, list[str | int]]:
         # Django stores datetimes on SQLite as UTC text, `YYYY-MM-DD HH:MM:SS[.ffffff]`. SQLite
         # parses fractions to the millisecond, rounding: 00:00:59.9999 would become 00:01:00,
         # so the whole seconds (the first 19 characters) are read and the fraction dropped.
@@ -159,7 +173,9 @@ class _EpochBucket(Func):
             ["%s", *params, self.seconds, self.seconds],
         )
 
-    def as_postgresql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+    def as_postgresql(
+        self, compiler: SQLCompiler, connection: BaseDatabaseWrapper, **extra_context: Any
+    ) -> tuple[str, list[str | int]]:
         # EXTRACT(EPOCH ...) is NUMERIC (exact) and UTC whatever the session time zone.
         sql, params = compiler.compile(self.source_expressions[0])
         return (

@@ -297,7 +297,8 @@ def _persist(
     Returns whether a history row was written. The board learns the new current rate only once
     it is committed, so a failed write is simply decided again with the next quote.
     """
-    if (history is None and current is None) or not board.writable():
+    subject = current or history  # the rate a failure is reported under
+    if subject is None or not board.writable():
         return False
     entries = [history] if history is not None else []
     if current is not None:
@@ -325,8 +326,7 @@ def _persist(
         # would skip its row and leave a current rate without history.
         for entry in entries:
             board.last_stored.pop((pair, entry.provider), None)
-        provider = (current or history).provider  # type: ignore[union-attr]
-        logger.error("cannot store the %s rate of %s: %s", provider, pair, exc)
+        logger.error("cannot store the %s rate of %s: %s", subject.provider, pair, exc)
         close_old_connections()
         return False
     if current is not None:

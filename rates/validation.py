@@ -39,7 +39,7 @@ class QuoteRejected(Exception):
         self.detail = detail
 
 
-def checked_value(value: Decimal) -> Decimal:
+def checked_value(value: object) -> Decimal:
     """The value as it will be stored (quantized to 18 places), or QuoteRejected."""
     if not isinstance(value, Decimal) or not value.is_finite():
         raise QuoteRejected("not_a_number", f"value {value!r} is not a finite number")

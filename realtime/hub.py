@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from decimal import Decimal
 from typing import Any
 
@@ -45,7 +45,8 @@ SEND_TIMEOUT_S = 5.0
 HELD_LIMIT_FACTOR = 16
 
 SendText = Callable[[str], Awaitable[None]]
-Close = Callable[[int], Awaitable[None]]
+# A coroutine, not any awaitable: kick() runs it as a task of its own.
+Close = Callable[[int], Coroutine[Any, Any, None]]
 # (frame or None for a position marker, the stream sequence it covers or None)
 Prelude = AsyncIterator[tuple[str | None, int | None]]
 # What a delivery policy looks at in a rate update: (value, provider, status).
@@ -83,7 +84,8 @@ class DeliveryPolicy:
             return True  # a payload without a usable value is not ours to hold back
         if last_value == 0:
             return value != 0
-        return abs(value - last_value) >= self.min_change * abs(last_value)
+        # As Decimals (exact for an int): abs() of a Decimal-or-int is typed as a bare object.
+        return abs(Decimal(value) - last_value) >= self.min_change * abs(Decimal(last_value))
 
     def drop_pending(self, pair: str) -> None:
         self.pending.pop(pair, None)

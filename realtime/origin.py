@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import ParseResult, urlparse
 
-from channels.security.websocket import OriginValidator
+from channels.security.websocket import OriginValidator, WebsocketDenier
 from django.conf import settings
 
 
@@ -51,5 +51,6 @@ class BrowserOriginValidator(OriginValidator):
         return _allowed(parsed_origin)
 
 
-# Channels' matcher (scheme, default ports, `.example.com` sub-domains) without its own list.
-_MATCHER = OriginValidator(None, [])
+# Channels' matcher (scheme, default ports, `.example.com` sub-domains) without its own list. It
+# only matches, never serves a connection: its application is Channels' denier.
+_MATCHER = OriginValidator(WebsocketDenier.as_asgi(), [])

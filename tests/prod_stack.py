@@ -86,7 +86,7 @@ def render_template(text: str, values: Mapping[str, str | Sequence[str]]) -> str
         if missing:
             raise KeyError(f"no value for ${{{missing[0]}}} in: {line.strip()}")
         listed = [name for name in names if not isinstance(values[name], str)]
-        copies = list(values[listed[0]]) if listed else [None]
+        copies: list[str | None] = list(values[listed[0]]) if listed else [None]
         for item in copies:
 
             def value(match: re.Match[str], item: str | None = item) -> str:
@@ -623,8 +623,9 @@ def wrk(url: str, seconds: float = 3.0, connections: int = 64) -> float:
     ).stdout
     check("Non-2xx or 3xx responses" not in out, f"wrk saw errors on {url}:\n{out}")
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    check(match is not None, f"wrk said:\n{out}")
-    return float(match.group(1))  # type: ignore[union-attr]
+    if match is None:
+        raise Failed(f"wrk said:\n{out}")
+    return float(match.group(1))
 
 
 def bench_courses(stack: ProdStack, repeats: int = 3) -> tuple[float, float]:

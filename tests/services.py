@@ -120,6 +120,11 @@ class ServerProcess:
     def arguments(self) -> list[str]:
         raise NotImplementedError
 
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, f"{type(self).__name__} is not running"
+        return self.process.pid
+
     def start(self) -> None:
         if not self.binary.exists():
             pytest.fail(f"{self.binary} is missing: {self.install_hint}")

@@ -154,10 +154,10 @@ class Stack:
         """`sql` with `?` placeholders, on whichever database the stack has; the rows, if any."""
         if self.database_url:
             with psycopg.connect(self.database_url, autocommit=True) as db:
-                cursor = db.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
+                cursor = db.execute(sql.replace("?", "%s"), params)
                 return cursor.fetchall() if cursor.description else []
-        with contextlib.closing(sqlite3.connect(self.database, timeout=10)) as db, db:
-            return db.execute(sql, params).fetchall()
+        with contextlib.closing(sqlite3.connect(self.database, timeout=10)) as lite, lite:
+            return lite.execute(sql, params).fetchall()
 
     def item_id(self, code: str) -> int:
         return int(self.query("SELECT id FROM items_item WHERE code = ?", code)[0][0])

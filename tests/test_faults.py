@@ -450,7 +450,8 @@ async def test_postgres_backends_terminated_mid_write_leave_nothing_half_written
     versions never repeat (one owner at a time), and writing resumes by itself."""
     stack = faults.stack
     await settled(faults)
-    database = stack.database_url.rsplit("/", 1)[1]  # type: ignore[union-attr]
+    assert stack.database_url, "the storm needs PostgreSQL"
+    database = stack.database_url.rsplit("/", 1)[1]
     heard: list[tuple[str, str, int]] = []
     client = await nats.connect(faults.nats.url)
 
@@ -481,15 +482,18 @@ async def test_postgres_backends_terminated_mid_write_leave_nothing_half_written
                 half_written += probe.execute(HALF_WRITTEN).fetchall()
                 await asyncio.sleep(0.1)  # the storm's pace: ten rounds a second
             item = stack.item_id(PAIR)
-            version = probe.execute(
-                "SELECT version FROM rates_currentrate WHERE item_id = %s", [item]
-            ).fetchone()[0]  # type: ignore[index]
+
+            def stored_version() -> int:
+                row = probe.execute(
+                    "SELECT version FROM rates_currentrate WHERE item_id = %s", [item]
+                ).fetchone()
+                assert row is not None, f"{PAIR} has no current rate"
+                return int(row[0])
+
+            version = stored_version()
             started = time.monotonic()
             await wait_until(
-                lambda: probe.execute(
-                    "SELECT version FROM rates_currentrate WHERE item_id = %s", [item]
-                ).fetchone()[0]  # type: ignore[index]
-                > version,
+                lambda: stored_version() > version,
                 within=15,
                 what="writes resuming after the storm",
             )

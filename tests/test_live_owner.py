@@ -54,18 +54,24 @@ def current_version(stack: Stack) -> int:
     return int(rows[0][0]) if rows else 0
 
 
+def held_lease(stack: Stack) -> tuple[str, int]:
+    lease = stack.lease()
+    assert lease is not None, "no fetcher holds the lease"
+    return lease
+
+
 async def test_two_fetchers_one_owns_and_the_other_takes_over_after_a_sigkill(
     stack: Stack,
 ) -> None:
     first, second = stack.fetcher("fetcher-a"), stack.fetcher("fetcher-b")
     await wait_until(lambda: stack.lease() is not None, within=30, what="a lease")
-    owner_name = stack.lease()[0].split(":")[0]  # type: ignore[index]
+    owner_name = held_lease(stack)[0].split(":")[0]
     owner, standby = (first, second) if owner_name == "fetcher-a" else (second, first)
     await wait_until(lambda: "standby" in standby.text(), within=15, what="the standby's log")
     await wait_until(
         lambda: bool(stack.query("SELECT 1 FROM rates_currentrate")), within=30, what="rate"
     )
-    epoch = stack.lease()[1]  # type: ignore[index]
+    epoch = held_lease(stack)[1]
     version = current_version(stack)
 
     await asyncio.to_thread(owner.kill)
@@ -75,7 +81,7 @@ async def test_two_fetchers_one_owns_and_the_other_takes_over_after_a_sigkill(
         within=30,
         what="the standby taking the lease over",
     )
-    assert stack.lease()[1] == epoch + 1  # type: ignore[index]
+    assert held_lease(stack)[1] == epoch + 1
     # ...and it writes: the pair is confirmed by the new owner, the version goes on from there.
     await wait_until(lambda: current_version(stack) > version, within=10, what="a new write")
     assert "owner: live rates loaded for" in standby.text()

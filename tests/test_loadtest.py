@@ -16,6 +16,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,7 +50,7 @@ DESCRIBE_USERS = textwrap.dedent(
 )
 
 
-def describe_users(ws_clients: int) -> dict[str, dict]:
+def describe_users(ws_clients: int) -> dict[str, dict[str, Any]]:
     result = subprocess.run(
         [sys.executable, "-c", DESCRIBE_USERS],
         cwd=ROOT,

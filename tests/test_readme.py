@@ -32,7 +32,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,7 +262,7 @@ class Script:
     output: str = ""
     statuses: dict[int, int] = field(default_factory=dict)
 
-    PROMPTS = (
+    PROMPTS: tuple[tuple[re.Pattern[str], Callable[[int], str]], ...] = (
         (re.compile(r"Username[^\n]*: $"), lambda n: f"newcomer{n}"),
         (re.compile(r"Email address: $"), lambda n: "newcomer@example.org"),
         (re.compile(r"Password( \(again\))?: $"), lambda n: PASSWORD),

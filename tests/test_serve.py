@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from websockets.asyncio.client import connect as ws_connect
+from websockets.typing import Origin
 
 from tests.services import ROOT, NatsServer, free_port, wait_for_port
 
@@ -105,7 +106,7 @@ async def test_it_serves_http_and_websockets_starts_the_bridge_and_stops_cleanly
         assert item.status_code == 200
         assert item.json()["code"]
 
-    origin = f"http://127.0.0.1:{port}"
+    origin = Origin(f"http://127.0.0.1:{port}")
     ws = await ws_connect(f"ws://127.0.0.1:{port}/ws/items", origin=origin)
     first = json.loads(await asyncio.wait_for(ws.recv(), 10))
     assert first["type"] == "snapshot"

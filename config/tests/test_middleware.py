@@ -86,7 +86,7 @@ async def test_it_logs_one_access_line_with_the_request_id_in_async_views(
     lines = [record for record in caplog.records if record.name == "kurs.access"]
     assert len(lines) == 1
     assert lines[0].getMessage().startswith("GET /api/v1/no-such-thing?x=1 404 ")
-    assert lines[0].status == 404  # type: ignore[attr-defined]
+    assert lines[0].status == 404  # type: ignore[attr-defined]  # the log call's `extra`
     assert response["X-Request-ID"] == "trace-12345678"
 
 

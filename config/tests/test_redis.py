@@ -59,5 +59,6 @@ def test_without_redis_url_the_defaults_are_in_process(settings: pytest.FixtureR
         pytest.skip("this run sets REDIS_URL")
     from django.conf import settings as django_settings
 
-    assert django_settings.CACHES["default"]["BACKEND"].endswith("LocMemCache")
-    assert django_settings.CHANNEL_LAYERS["default"]["BACKEND"].endswith("InMemoryChannelLayer")
+    cache, layer = django_settings.CACHES["default"], django_settings.CHANNEL_LAYERS["default"]
+    assert cache["BACKEND"] == "django.core.cache.backends.locmem.LocMemCache"
+    assert layer["BACKEND"] == "channels.layers.InMemoryChannelLayer"

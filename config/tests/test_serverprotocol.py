@@ -51,15 +51,15 @@ def answered() -> list[Recorder]:
 
 
 class RecordedKurs(KursHttpProtocol):
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn
         RECORDERS.append(recorder := Recorder(transport))
-        super().connection_made(recorder)  # type: ignore[arg-type]
+        super().connection_made(recorder)  # type: ignore[arg-type]  # a duck-typed Transport
 
 
 class RecordedStock(HttpToolsProtocol):
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn
         RECORDERS.append(recorder := Recorder(transport))
-        super().connection_made(recorder)  # type: ignore[arg-type]
+        super().connection_made(recorder)  # type: ignore[arg-type]  # a duck-typed Transport
 
 
 class App:
@@ -113,7 +113,7 @@ async def serving(
         http=protocol,
         lifespan="off",
         log_level="warning",
-        timeout_keep_alive=keep_alive,  # type: ignore[arg-type]
+        timeout_keep_alive=keep_alive,  # type: ignore[arg-type]  # typed int, used as a float
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

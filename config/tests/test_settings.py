@@ -106,7 +106,9 @@ def test_debug_runs_without_a_secret_key() -> None:
     ("value", "expected"),
     [("50/s", (50, 1)), ("1000/min", (1000, 60)), ("10/h", (10, 3600)), ("5/day", (5, 86400))],
 )
-def test_rate_limits_parse(monkeypatch: pytest.MonkeyPatch, value: str, expected: tuple) -> None:
+def test_rate_limits_parse(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: tuple[int, int]
+) -> None:
     monkeypatch.setenv("KURS_RATE_LIMIT", value)
     assert env.rate_limit("KURS_RATE_LIMIT") == expected
 

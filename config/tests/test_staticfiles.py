@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -38,9 +39,9 @@ async def get(path: str) -> tuple[int, bytes]:
         await hang.wait()
         return {"type": "http.disconnect"}
 
-    sent: list[dict[str, Any]] = []
+    sent: list[Mapping[str, Any]] = []
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Mapping[str, Any]) -> None:
         sent.append(message)
 
     await django_asgi_app(scope, receive, send)
@@ -53,7 +54,7 @@ async def test_an_api_request_never_hops_back_from_a_thread(
     hops = []
     original = AsyncToSync.__call__
 
-    def counting(self: AsyncToSync, *args: Any, **kwargs: Any) -> Any:
+    def counting(self: AsyncToSync[..., Any], *args: Any, **kwargs: Any) -> Any:
         hops.append(self)
         return original(self, *args, **kwargs)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from django.db import migrations
+from django.db.backends.base.schema import BaseDatabaseSchemaEditor
+from django.db.migrations.state import StateApps
 
 BASES = ("BTC", "ETH", "USDTTRC", "USDTERC")
 QUOTES = ("RUB", "USD")
@@ -14,7 +16,7 @@ NAMES = {
 }
 
 
-def seed(apps, schema_editor):  # type: ignore[no-untyped-def]
+def seed(apps: StateApps, schema_editor: BaseDatabaseSchemaEditor) -> None:
     Item = apps.get_model("items", "Item")
     for base in BASES:
         for quote in QUOTES:
@@ -25,7 +27,7 @@ def seed(apps, schema_editor):  # type: ignore[no-untyped-def]
             )
 
 
-def unseed(apps, schema_editor):  # type: ignore[no-untyped-def]
+def unseed(apps: StateApps, schema_editor: BaseDatabaseSchemaEditor) -> None:
     Item = apps.get_model("items", "Item")
     Item.objects.filter(code__in=[f"{b}-{q}" for b in BASES for q in QUOTES]).delete()
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 import re
 
 from django.db import migrations, models
+from django.db.backends.base.schema import BaseDatabaseSchemaEditor
+from django.db.migrations.state import StateApps
 
 import items.models
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def clean_names(apps, schema_editor):  # type: ignore[no-untyped-def]
+def clean_names(apps: StateApps, schema_editor: BaseDatabaseSchemaEditor) -> None:
     # Items are tracked pairs, a few dozen rows: read them all rather than trust each database's
     # regex dialect with control characters.
     Item = apps.get_model("items", "Item")

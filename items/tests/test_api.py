@@ -13,7 +13,7 @@ from django.test import Client
 from django.utils import timezone
 
 from items import services
-from items.models import ITEM_FIELDS, Item
+from items.models import ITEM_FIELDS, ApiKey, Item
 from items.schemas import ItemOut
 from items.services import item_to_event
 from rates.models import Rate
@@ -38,12 +38,12 @@ def auth(api_key: str) -> dict[str, str]:
     return {"HTTP_X_API_KEY": api_key}
 
 
-def post(client: Client, path: str, body: Any, **headers: str) -> Any:
+def post(client: Client, path: str, body: Any, **headers: Any) -> Any:
     data = body if isinstance(body, str | bytes) else json.dumps(body)
     return client.post(path, data=data, content_type="application/json", **headers)
 
 
-def patch(client: Client, path: str, body: Any, **headers: str) -> Any:
+def patch(client: Client, path: str, body: Any, **headers: Any) -> Any:
     data = body if isinstance(body, str | bytes) else json.dumps(body)
     return client.patch(path, data=data, content_type="application/json", **headers)
 
@@ -228,7 +228,7 @@ def test_a_bearer_key_is_accepted_and_use_is_recorded(client: Client, api_key: s
     assert (
         post(client, "/api/v1/items", {"base": "SOL", "quote": "USD"}, **headers).status_code == 201
     )
-    assert services.ApiKey.objects.get(key_hash=services.hash_api_key(api_key)).last_used_at
+    assert ApiKey.objects.get(key_hash=services.hash_api_key(api_key)).last_used_at
 
 
 def test_a_malformed_authorization_header_is_401(client: Client, api_key: str) -> None:
@@ -288,7 +288,7 @@ def test_patching_with_bad_json_is_400(client: Client, auth: dict[str, str]) -> 
 
 
 # --- delete ---------------------------------------------------------------------------------
-def test_it_deletes_an_item_and_its_history(client: Client, auth: dict[str, str]) -> None:
+def test_it_deletes_an_item_and_its_history(client: Client, auth: dict[str, Any]) -> None:
     item = Item.objects.get(code="USDTERC-RUB")
     now = timezone.now()
     Rate.objects.create(
@@ -302,7 +302,7 @@ def test_it_deletes_an_item_and_its_history(client: Client, auth: dict[str, str]
     assert_error(client.get(f"/api/v1/items/{item.id}"), 404)
 
 
-def test_deleting_an_unknown_item_is_404(client: Client, auth: dict[str, str]) -> None:
+def test_deleting_an_unknown_item_is_404(client: Client, auth: dict[str, Any]) -> None:
     assert_error(client.delete("/api/v1/items/424242", **auth), 404)
 
 

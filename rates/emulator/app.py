@@ -16,7 +16,7 @@ from urllib.parse import parse_qs
 
 from rates.emulator import exchanges as fmt
 from rates.emulator.exchanges import HttpResponse, json_response
-from rates.emulator.market import MODES, PROVIDERS, Fault, Market, PriceChange
+from rates.emulator.market import MODES, PROVIDERS, Fault, Market, PriceChange, now_ms
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class EmulatorApp:
                 books["binance"], "bookTicker", q, f
             ),
             ("binance", "/api/v3/ping"): lambda q, f: json_response({}),
-            ("binance", "/api/v3/time"): lambda q, f: json_response({"serverTime": fmt.now_ms()}),
+            ("binance", "/api/v3/time"): lambda q, f: json_response({"serverTime": now_ms()}),
             ("bybit", "/v5/market/tickers"): lambda q, f: fmt.bybit_rest(books["bybit"], q, f),
             ("coingecko", "/api/v3/simple/price"): lambda q, f: fmt.coingecko_rest(
                 books["coingecko"], q, f

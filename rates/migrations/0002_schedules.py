@@ -5,16 +5,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.db import migrations
+from django.db.backends.base.schema import BaseDatabaseSchemaEditor
+from django.db.migrations.state import StateApps
 from django.utils import timezone
 
-SCHEDULES = {
+SCHEDULES: dict[str, dict[str, Any]] = {
     "rates.fetch_rates": {"func": "rates.tasks.fetch_rates", "schedule_type": "I", "minutes": 1},
     "rates.prune_history": {"func": "rates.tasks.prune_history", "schedule_type": "D"},
 }
 
 
-def create_schedules(apps, schema_editor):
+def create_schedules(apps: StateApps, schema_editor: BaseDatabaseSchemaEditor) -> None:
     Schedule = apps.get_model("django_q", "Schedule")
     for name, fields in SCHEDULES.items():
         Schedule.objects.update_or_create(
@@ -24,7 +28,7 @@ def create_schedules(apps, schema_editor):
         )
 
 
-def delete_schedules(apps, schema_editor):
+def delete_schedules(apps: StateApps, schema_editor: BaseDatabaseSchemaEditor) -> None:
     Schedule = apps.get_model("django_q", "Schedule")
     Schedule.objects.filter(name__in=SCHEDULES).delete()
 

@@ -6,6 +6,7 @@ Nothing here needs Django until :func:`build_providers`, which reads the setting
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import httpx
 from django.conf import settings
@@ -59,7 +60,7 @@ def build_providers(names: Iterable[str], *, client: httpx.AsyncClient) -> list[
         if cls is None:
             raise ValueError(f"unknown provider {name!r} (known: {', '.join(PROVIDER_CLASSES)})")
         urls = settings.KURS_PROVIDER_URLS[name]
-        options = {
+        options: dict[str, Any] = {
             "rest_url": urls["rest"],
             "ws_url": urls.get("ws"),
             "client": client,

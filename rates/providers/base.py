@@ -14,7 +14,7 @@ import json
 import logging
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -338,7 +338,7 @@ class Provider(ABC):
         """Every market the provider quotes, in as few requests as it allows (on-demand pairs)."""
         raise ProviderError(f"{self.name} has no market-wide listing")
 
-    def stream(self, pairs: Sequence[Pair]) -> AsyncIterator[Quote]:
+    def stream(self, pairs: Sequence[Pair]) -> AsyncGenerator[Quote, None]:
         """One WebSocket connection's life; streaming providers override this with a generator."""
         raise ProviderError(f"{self.name} has no WebSocket stream")
 
@@ -373,7 +373,7 @@ class Provider(ABC):
                     "%s: retrying %s once: %s",
                     self.name,
                     path,
-                    exc or type(exc).__name__,
+                    str(exc) or type(exc).__name__,
                     extra={"provider": self.name},
                 )
                 response = await self.client.get(url, params=params, headers=headers)
@@ -381,7 +381,7 @@ class Provider(ABC):
             raise ProviderTimeout(f"timed out ({type(exc).__name__}) on {path}") from exc
         except httpx.TransportError as exc:
             raise ProviderConnectionError(
-                f"cannot reach {path}: {exc or type(exc).__name__}"
+                f"cannot reach {path}: {str(exc) or type(exc).__name__}"
             ) from exc
         # Every answered request counts against the exchange's limit, the fetcher's included.
         weights.record(
@@ -425,7 +425,7 @@ class Provider(ABC):
         *,
         subscribe: Sequence[str] = (),
         heartbeat: tuple[float, Callable[[], str]] | None = None,
-    ) -> AsyncIterator[str | bytes]:
+    ) -> AsyncGenerator[str | bytes, None]:
         """Raw messages of one WebSocket connection, until it closes or its lifetime is over.
 
         Protocol-level pings from the server are answered by websockets itself (it replies with a
@@ -444,12 +444,12 @@ class Provider(ABC):
             raise ProviderTimeout(f"WebSocket handshake timed out ({url})") from exc
         except (OSError, WebSocketException) as exc:
             raise ProviderConnectionError(
-                f"cannot open WebSocket: {exc or type(exc).__name__}"
+                f"cannot open WebSocket: {str(exc) or type(exc).__name__}"
             ) from exc
         heartbeat_task: asyncio.Task[None] | None = None
         try:
-            for message in subscribe:
-                await connection.send(message)
+            for request in subscribe:
+                await connection.send(request)
             if heartbeat is not None:
                 heartbeat_task = asyncio.create_task(self._heartbeat(connection, *heartbeat))
             deadline = (

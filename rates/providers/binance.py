@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from datetime import datetime
 from typing import Any, ClassVar
@@ -138,7 +138,7 @@ class BinanceProvider(Provider):
             raise ProviderMalformed("ticker/price must be a JSON array")
         return prices, books
 
-    async def stream(self, pairs: Sequence[Pair]) -> AsyncIterator[Quote]:
+    async def stream(self, pairs: Sequence[Pair]) -> AsyncGenerator[Quote, None]:
         wanted = self.symbols_for(pairs)
         if not wanted or self.ws_url is None:
             return

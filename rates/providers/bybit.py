@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from datetime import datetime
 from typing import Any, ClassVar
@@ -114,7 +114,7 @@ class BybitProvider(Provider):
 
         return Listing(self.name, quotes)
 
-    async def stream(self, pairs: Sequence[Pair]) -> AsyncIterator[Quote]:
+    async def stream(self, pairs: Sequence[Pair]) -> AsyncGenerator[Quote, None]:
         wanted = self.symbols_for(pairs)
         if not wanted or self.ws_url is None:
             return

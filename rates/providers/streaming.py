@@ -30,7 +30,7 @@ def backoff_delay(attempt: int, *, base: float, cap: float) -> float:
     The random half spreads reconnects of many processes after an exchange outage; the fixed half
     keeps a single process from hammering a server that refuses it.
     """
-    step = min(cap, base * 2**attempt)
+    step = min(cap, base * 2.0**attempt)
     return step / 2 + random.uniform(0, step / 2)
 
 

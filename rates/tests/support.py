@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from django.core.cache import caches
 from django.utils import timezone
+from pytest_django import Settings
 
 from rates import ondemand, provider_health, services, upstream
 from rates.board import QuoteBoard
@@ -39,18 +40,18 @@ def fresh_board(monkeypatch: pytest.MonkeyPatch) -> QuoteBoard:
 
 
 @pytest.fixture
-def rate_settings(settings: object) -> Iterator[object]:
-    settings.KURS_PROVIDERS = list(PROVIDERS)  # type: ignore[attr-defined]
-    settings.KURS_STALE_AFTER = 30.0  # type: ignore[attr-defined]
-    settings.KURS_MAX_JUMP = 0.2  # type: ignore[attr-defined]
-    settings.KURS_USD_PROXY = "USDT"  # type: ignore[attr-defined]
-    settings.KURS_ASSET_ALIASES = {"USDTTRC": "USDT", "USDTERC": "USDT"}  # type: ignore[attr-defined]
+def rate_settings(settings: Settings) -> Settings:
+    settings.KURS_PROVIDERS = list(PROVIDERS)
+    settings.KURS_STALE_AFTER = 30.0
+    settings.KURS_MAX_JUMP = 0.2
+    settings.KURS_USD_PROXY = "USDT"
+    settings.KURS_ASSET_ALIASES = {"USDTTRC": "USDT", "USDTERC": "USDT"}
     return settings
 
 
-def point_settings_at(settings: object, emulator: EmulatorServer) -> None:
+def point_settings_at(settings: Settings, emulator: EmulatorServer) -> None:
     """Every provider URL setting pointed at the emulator."""
-    settings.KURS_PROVIDER_URLS = {  # type: ignore[attr-defined]
+    settings.KURS_PROVIDER_URLS = {
         name: {
             "rest": emulator.rest_url(name),
             "ws": emulator.ws_url(name) if name in ("binance", "bybit") else None,
@@ -80,7 +81,9 @@ def make_quote(
     )
 
 
-def rate_events(published: list[tuple[str, dict]], pair: str | None = None) -> list[dict]:
+def rate_events(
+    published: list[tuple[str, dict[str, Any]]], pair: str | None = None
+) -> list[dict[str, Any]]:
     """The data of every `rate.updated` seen (for one pair if given)."""
     return [
         envelope["data"]

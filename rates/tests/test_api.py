@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -33,7 +32,7 @@ def btc() -> Item:
 
 
 @pytest.fixture
-def history(btc: Item) -> Iterator[list[Rate]]:
+def history(btc: Item) -> list[Rate]:
     """Five rates: three on DAY (binance, bybit, binance), one the day before, one after."""
     rows = []
     for offset, provider, value in [
@@ -317,11 +316,11 @@ def test_the_openapi_declares_rate_values_as_numbers_as_they_are_sent(
         assert fields["value"] == {"title": "Value", "type": "number"}
         for optional in ("bid", "ask"):
             assert fields[optional]["anyOf"] == [{"type": "number"}, {"type": "null"}]
-    for name, fields in (
+    for name, numbers in (
         ("CandleOut", ("open", "high", "low", "close")),
         ("CourseOut", ("value",)),
     ):
-        assert all(_schema(spec, name)[field]["type"] == "number" for field in fields)
+        assert all(_schema(spec, name)[field]["type"] == "number" for field in numbers)
     assert _schema(spec, "PairRateOut")["value"]["type"] == "number"
     # ... and the wire says the same: JSON numbers, not strings.
     row = client.get(f"/api/v1/items/{btc.id}/rates").json()["items"][0]

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import TypedDict, Unpack
+
 from rates.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 
 
@@ -11,14 +13,20 @@ class FakeClock:
         return self.now
 
 
-def make(**options: object) -> tuple[CircuitBreaker, FakeClock, list[tuple[str, str]]]:
+class Options(TypedDict, total=False):
+    threshold: int
+    backoff: float
+    max_backoff: float
+
+
+def make(**options: Unpack[Options]) -> tuple[CircuitBreaker, FakeClock, list[tuple[str, str]]]:
     clock = FakeClock()
     changes: list[tuple[str, str]] = []
     breaker = CircuitBreaker(
         "binance",
         clock=clock,
         on_change=lambda name, state, reason: changes.append((state, reason)),
-        **options,  # type: ignore[arg-type]
+        **options,
     )
     return breaker, clock, changes
 

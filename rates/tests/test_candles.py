@@ -66,7 +66,7 @@ def candle(t: datetime, o: str, h: str, low: str, c: str, n: int) -> Candle:
     return Candle(t, Decimal(o), Decimal(h), Decimal(low), Decimal(c), n)
 
 
-def candles(item: Item, interval: str, *, provider: str = "binance", **range_: Any) -> list:
+def candles(item: Item, interval: str, *, provider: str = "binance", **range_: Any) -> list[Candle]:
     since = range_.get("since", T0 - timedelta(hours=1))
     until = range_.get("until", T0 + timedelta(hours=1))
     return candle_list(

@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from channels.testing import WebsocketCommunicator
 from django.conf import LazySettings
 
 from items.models import Item
@@ -271,8 +272,6 @@ async def test_rate_events_update_the_snapshot(pairs: None) -> None:
 
 
 async def test_the_socket_refuses_a_foreign_origin(pairs: None) -> None:
-    from channels.testing import WebsocketCommunicator
-
     from config.asgi import application
 
     ws = WebsocketCommunicator(application, "/ws/items", headers=[(b"origin", b"http://evil")])
@@ -293,10 +292,10 @@ def marker(name: str) -> None:
     events.publish("provider.state", {"name": name, "state": "closed", "reason": ""})
 
 
-async def next_kind(ws: object, name: str) -> tuple[str, object]:
+async def next_kind(ws: WebsocketCommunicator, name: str) -> tuple[str, object]:
     """The next rate value or marker name, ticks skipped: what the client actually got."""
     while True:
-        message = await receive(ws)  # type: ignore[arg-type]
+        message = await receive(ws)
         if message["type"] == "rate.updated":
             return ("rate", message["data"]["value"])
         if message["type"] == "provider.state":

@@ -26,8 +26,8 @@ import pytest
 from config import csp
 from realtime import events
 from realtime import nats as realtime_nats
-from realtime.tests.conftest import REPO, NatsServer, WebProcess
-from tests.services import in_ci, real_settings_environment, run_python
+from realtime.tests.conftest import REPO, WebProcess
+from tests.services import NatsServer, in_ci, real_settings_environment, run_python
 
 if TYPE_CHECKING:
     from playwright.async_api import Page

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Required, TypedDict, Unpack
 
-from realtime.hub import CLOSE_TRY_AGAIN_LATER, Hub, SocketQueue
+from realtime.hub import CLOSE_TRY_AGAIN_LATER, DeliveryPolicy, Hub, SocketQueue
 
 
 class FakeSocket:
@@ -34,8 +35,15 @@ class FakeSocket:
                 await self.got.wait()
 
 
-def queue_for(socket: FakeSocket, **kwargs: object) -> SocketQueue:
-    queue = SocketQueue(socket.send, socket.close, **kwargs)  # type: ignore[arg-type]
+class QueueOptions(TypedDict, total=False):
+    pairs: Required[set[str] | None]
+    queue_limit: int
+    send_timeout: float
+    policy: DeliveryPolicy
+
+
+def queue_for(socket: FakeSocket, **kwargs: Unpack[QueueOptions]) -> SocketQueue:
+    queue = SocketQueue(socket.send, socket.close, **kwargs)
     queue.start()
     return queue
 

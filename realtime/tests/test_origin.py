@@ -10,6 +10,7 @@ from channels.testing import WebsocketCommunicator
 from django.conf import LazySettings
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
+from websockets.typing import Origin
 
 from realtime.origin import origin_allowed
 
@@ -76,11 +77,11 @@ async def test_over_real_http_a_foreign_origin_gets_403_and_no_origin_connects(
     settings.ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
     url = f"ws://127.0.0.1:{asgi_server}/ws/items"
     with pytest.raises(InvalidStatus) as refused:
-        await ws_connect(url, origin="https://evil.example")  # type: ignore[arg-type]
+        await ws_connect(url, origin=Origin("https://evil.example"))
     assert refused.value.response.status_code == 403
     async with ws_connect(url) as ws:  # websockets sends no Origin unless told to
         assert json.loads(await ws.recv())["type"] == "snapshot"
-    async with ws_connect(url, origin=f"http://127.0.0.1:{asgi_server}") as ws:  # type: ignore[arg-type]
+    async with ws_connect(url, origin=Origin(f"http://127.0.0.1:{asgi_server}")) as ws:
         assert json.loads(await ws.recv())["type"] == "snapshot"
     # The event stream follows the same rule.
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{asgi_server}") as client:

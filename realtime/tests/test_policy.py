@@ -59,7 +59,8 @@ async def test_it_sends_at_most_one_update_per_interval_and_the_latest_one_after
     await socket.wait_for(3)
     assert socket.frames == ["v1", "v10", "failover"]
     await queue.stop()
-    assert not queue.policy.timers  # type: ignore[union-attr]
+    assert queue.policy is not None
+    assert not queue.policy.timers
 
 
 async def test_it_sends_only_moves_of_at_least_the_fraction_and_status_or_provider_changes() -> (

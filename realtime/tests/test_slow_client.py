@@ -26,7 +26,8 @@ from items.models import Item
 from realtime import events, hub
 from realtime import nats as realtime_nats
 from realtime.hub import CLOSE_TRY_AGAIN_LATER
-from realtime.tests.conftest import NatsServer, serving
+from realtime.tests.conftest import serving
+from tests.services import NatsServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -87,7 +88,7 @@ class SlowClient:
             self.protocol.receive_eof()
         for event in self.protocol.events_received():
             if isinstance(event, Frame) and event.opcode is Opcode.TEXT:
-                self.messages.append(event.data.decode())
+                self.messages.append(bytes(event.data).decode())
         await self._flush()
         return bool(data)
 
@@ -123,7 +124,7 @@ async def test_a_slow_client_is_coalesced_then_closed_while_a_fast_one_keeps_up(
 ) -> None:
     fast = await ws_connect(
         f"ws://127.0.0.1:{server}/ws/items?pairs={PAIR}",
-        origin=f"http://127.0.0.1:{server}",  # type: ignore[arg-type]
+        origin=Origin(f"http://127.0.0.1:{server}"),
     )
     slow = SlowClient(server)
     reader: asyncio.Task[None] | None = None

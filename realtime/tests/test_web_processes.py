@@ -15,12 +15,13 @@ import pytest
 from django.conf import LazySettings
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
+from websockets.typing import Origin
 
 from realtime import events
 from realtime import nats as realtime_nats
 from realtime.nats import connection
-from realtime.tests.conftest import REDIS_TEST_URL, NatsServer, WebProcess
-from tests.services import require
+from realtime.tests.conftest import REDIS_TEST_URL, WebProcess
+from tests.services import NatsServer, require
 
 pytestmark = [pytest.mark.nats, pytest.mark.redis]
 
@@ -32,7 +33,7 @@ async def open_sockets(webs: list[WebProcess]) -> list[ClientConnection]:
     sockets = []
     for web in webs:
         for _ in range(SOCKETS_PER_PROCESS):
-            ws = await ws_connect(web.ws_url, origin=web.origin)  # type: ignore[arg-type]
+            ws = await ws_connect(web.ws_url, origin=Origin(web.origin))
             first = json.loads(await asyncio.wait_for(ws.recv(), 10))
             assert first["type"] == "snapshot"
             sockets.append(ws)

@@ -14,7 +14,7 @@ from django_q.management.commands.qcluster import Command as ClusterCommand
 from config.metrics_port import serve_metrics_port
 
 
-class Command(ClusterCommand):
+class Command(ClusterCommand):  # type: ignore[misc]  # django-q2 ships no type information
     def handle(self, *args: Any, **options: Any) -> None:
         serve_metrics_port("qcluster")
         super().handle(*args, **options)

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import asyncio
+import socket
+import struct
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -9,6 +13,7 @@ import pytest
 from rates.providers import (
     BinanceProvider,
     Pair,
+    ProviderConnectionError,
     ProviderError,
     ProviderHTTPError,
     ProviderMalformed,
@@ -60,6 +65,32 @@ def test_every_failure_is_a_provider_error_with_a_short_reason() -> None:
     assert isinstance(limited, ProviderHTTPError)
     assert isinstance(limited, ProviderError)
     assert (limited.status, limited.retry_after, str(limited)) == (429, 2.0, "HTTP 429")
+
+
+@pytest.fixture
+async def resetting_server() -> AsyncIterator[int]:
+    """A loopback port whose server resets each connection once the request starts arriving."""
+
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        # SO_LINGER 0: the close sends RST, which httpx reports as a ReadError with no text.
+        linger = struct.pack("ii", 1, 0)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        writer.transport.abort()
+
+    server = await asyncio.start_server(reset, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
+async def test_a_failure_without_text_is_named_by_its_kind(resetting_server: int) -> None:
+    async with httpx.AsyncClient(timeout=5) as client:
+        provider = BinanceProvider(
+            rest_url=f"http://127.0.0.1:{resetting_server}", ws_url=None, client=client
+        )
+        with pytest.raises(ProviderConnectionError) as failure:
+            await provider.fetch([Pair("BTC", "USDT")])
+    assert failure.match(r"^cannot reach /api/v3/ticker/\w+: ReadError$")
 
 
 async def test_a_provider_without_a_stream_says_so() -> None:

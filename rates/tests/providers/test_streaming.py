@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 from decimal import Decimal
+from typing import TypedDict, Unpack
 
 import httpx
 import pytest
@@ -20,7 +21,14 @@ from rates.providers.streaming import (
 from rates.tests.conftest_emulator import make_provider
 
 WAIT = 3.0
-FAST = {"backoff_base": 0.01, "backoff_cap": 0.05}
+
+
+class Backoff(TypedDict, total=False):
+    backoff_base: float
+    backoff_cap: float
+
+
+FAST: Backoff = {"backoff_base": 0.01, "backoff_cap": 0.05}
 
 
 class Recorder:
@@ -42,7 +50,7 @@ class Recorder:
         return self.seen.setdefault(state, asyncio.Event())
 
     def stream(
-        self, provider: Provider, pair: Pair, stop: asyncio.Event, **options: float
+        self, provider: Provider, pair: Pair, stop: asyncio.Event, **options: Unpack[Backoff]
     ) -> asyncio.Task[None]:
         """`stream_forever` for one pair in a task, reporting to this recorder."""
         return asyncio.create_task(
