@@ -111,7 +111,7 @@ async def fill(url: str, prefix: str) -> int:
             subject = f"{prefix}.rates.{pair}"
             acks.append(js.publish(subject, envelope("rate.updated", data), headers=headers))
         await asyncio.gather(*acks)
-    marker = {"name": MARKER, "state": "closed", "reason": ""}
+    marker: dict[str, object] = {"name": MARKER, "state": "closed", "reason": ""}
     ack = await js.publish(
         f"{prefix}.provider.state", envelope("provider.state", marker), headers=headers
     )

@@ -38,7 +38,7 @@ class ItemForm(ItemFormBase):
 @admin.register(Item)
 class ItemAdmin(ItemAdminBase):
     form = ItemForm
-    list_display = ("code", "name", "is_active", "updated_at")
+    list_display: tuple[str, ...] = ("code", "name", "is_active", "updated_at")
     list_filter = ("is_active", "quote", "base")
     search_fields = ("code", "name", "base", "quote")
     ordering = ("code",)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from decimal import Decimal
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from django.contrib import admin
 from django.core.paginator import Paginator
+from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils import timezone
@@ -23,6 +25,13 @@ from items.models import Item
 from rates.models import CurrentRate, Rate
 from rates.policy import read_status
 from rates.selectors import COUNT_CAP
+
+if TYPE_CHECKING:
+    RatePaginatorBase = Paginator[Rate]
+    RateAdminBase = admin.ModelAdmin[Rate]
+else:  # neither is subscriptable at run time
+    RatePaginatorBase = Paginator
+    RateAdminBase = admin.ModelAdmin
 
 
 def current_of(item: Item) -> CurrentRate | None:
@@ -75,17 +84,18 @@ class RatedItemAdmin(ItemAdmin):
         return format_html('<a href="{}">rates</a>', history_url(item))
 
 
-class CappedCountPaginator(Paginator):
+class CappedCountPaginator(RatePaginatorBase):
     """A history holds millions of rows: counting them all would take seconds per page, so the
     count stops at the API's cap (the last page link then shows the first COUNT_CAP rates)."""
 
     @cached_property
     def count(self) -> int:
-        return int(self.object_list[:COUNT_CAP].count())
+        rates: QuerySet[Rate] = self.object_list  # type: ignore[assignment]  # the admin pages a QuerySet
+        return rates[:COUNT_CAP].count()
 
 
 @admin.register(Rate)
-class RateAdmin(admin.ModelAdmin):
+class RateAdmin(RateAdminBase):
     """Every stored rate, read-only: history is what the providers said, never edited."""
 
     list_display = ("received_at", "item", "provider", "rate", "bid", "ask", "source_time")

@@ -195,7 +195,7 @@ class ItemsConsumer(AsyncWebsocketConsumer):
     async def _send_text(self, frame: str) -> None:
         # Straight to the server's ASGI send: the consumer's send() adds two coroutine layers
         # per frame and socket on the fan-out's hottest line.
-        await self.base_send({"type": "websocket.send", "text": frame})
+        await self.base_send({"type": "websocket.send", "text": frame, "bytes": None})
 
     async def _close_slow(self, code: int) -> None:
         await self.close(code=code)

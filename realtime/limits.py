@@ -26,6 +26,7 @@ import logging
 import threading
 import weakref
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
@@ -48,7 +49,7 @@ def client_of_request(request: HttpRequest) -> str | None:
     return ident or None
 
 
-def client_of_scope(scope: dict[str, Any]) -> str | None:
+def client_of_scope(scope: Mapping[str, Any]) -> str | None:
     """The same for a WebSocket handshake: Django's own request over its scope, so its headers
     (X-Forwarded-For repeated or not) and address read exactly as for an HTTP request."""
     request = ASGIRequest({**scope, "method": "GET"}, io.BytesIO())

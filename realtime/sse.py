@@ -213,7 +213,9 @@ async def _body(
         "responses": stream_openapi.RESPONSES,
     },
 )
-async def stream(request: HttpRequest, query: Query[StreamQuery]) -> HttpResponse:
+async def stream(
+    request: HttpRequest, query: Query[StreamQuery]
+) -> HttpResponse | StreamingHttpResponse:
     origin = request.headers.get("Origin")
     if not origin_allowed(origin):
         raise HttpError(403, f"origin {origin!r} is not allowed")
@@ -240,9 +242,9 @@ async def stream(request: HttpRequest, query: Query[StreamQuery]) -> HttpRespons
     try:
         connection, replay = resume.admit(client_of_request(request), start)
     except resume.Refused as refused:
-        response = JsonResponse({"detail": refused.detail}, status=429)
-        response["Retry-After"] = str(refused.retry_after)
-        return response
+        refusal = JsonResponse({"detail": refused.detail}, status=429)
+        refusal["Retry-After"] = str(refused.retry_after)
+        return refusal
     body = _body(pairs, start, policy, connection, replay)
     # A body Django never starts (the client left before the first byte) runs no `finally`:
     # its slots are then freed when it is collected.

@@ -23,7 +23,7 @@ import random
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
 
 from django.conf import settings
 from nats.aio.client import Client
@@ -36,6 +36,7 @@ from nats.js.errors import NotFoundError, ServiceUnavailableError
 from realtime import metrics
 from realtime.nats.subjects import event_subjects, stream_name
 
+T = TypeVar("T")
 logger = logging.getLogger("realtime.nats")
 
 STREAM_MAX_AGE_S = 24 * 3600
@@ -86,7 +87,7 @@ class Part:
 
 def _reconnect_delay(attempts: int) -> float:
     ceiling = min(RECONNECT_MAX_S, RECONNECT_BASE_S * (2 ** min(attempts, 16)))
-    return ceiling * random.uniform(0.5, 1.0)
+    return float(ceiling * random.uniform(0.5, 1.0))
 
 
 class NatsConnection:
@@ -159,7 +160,7 @@ class NatsConnection:
         assert loop is not None
         return asyncio.run_coroutine_threadsafe(coro, loop)
 
-    async def on_loop(self, coro: Coroutine[Any, Any, Any]) -> Any:
+    async def on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` on the connection's loop and wait for it from the caller's loop."""
         loop = self._loop
         if loop is None or loop.is_closed():
@@ -196,12 +197,15 @@ class NatsConnection:
             logger.debug("nats: %s", message)
 
     # --- lifecycle ------------------------------------------------------------------------
+    def started(self) -> bool:
+        return self._thread is not None
+
     def start(self) -> None:
         """Start the connection thread once per process (idempotent, cheap when running)."""
-        if self._thread is not None:
+        if self.started():
             return
         with self._lock:
-            if self._thread is not None:
+            if self.started():  # another thread started it while this one waited for the lock
                 return
             self._servers = list(settings.NATS_SERVERS)
             self._prefix = settings.KURS_NATS_PREFIX

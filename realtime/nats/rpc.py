@@ -58,7 +58,9 @@ async def request(
         return None
 
     async def ask() -> bytes:
-        return (await client.request(subject, payload, timeout=within)).data
+        reply = await client.request(subject, payload, timeout=within)
+        data: bytes = reply.data
+        return data
 
     try:
         return await link.on_loop(ask())

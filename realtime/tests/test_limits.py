@@ -26,7 +26,7 @@ from items.models import Item
 from realtime import events
 from realtime.bridge import bridge
 from realtime.limits import caps
-from realtime.nats import connection
+from realtime.nats import connection, stream_consumer
 from realtime.tests.conftest import connect, receive, receive_until, serving
 from realtime.tests.test_resume import publish_marker, rate, until_marker
 from realtime.tests.test_sse import next_event, sse_events
@@ -185,7 +185,7 @@ async def test_no_slot_is_kept_after_clients_come_and_go_in_every_way(
 async def started() -> None:
     await bridge.ensure_started()
     assert await asyncio.to_thread(connection.connected.wait, 10)
-    assert connection.consuming_stream
+    assert stream_consumer.consuming_stream
 
 
 async def publish_and_observe(count: int, marker: str) -> int:

@@ -25,8 +25,8 @@ from items.models import Item
 from realtime import events
 from realtime import nats as realtime_nats
 from realtime.nats import connection, stream_consumer, stream_name
-from realtime.tests.conftest import NatsServer, connect, receive, receive_until
-from tests.services import run_python
+from realtime.tests.conftest import connect, receive, receive_until
+from tests.services import NatsServer, run_python
 
 pytestmark = [pytest.mark.nats, pytest.mark.django_db(transaction=True)]
 

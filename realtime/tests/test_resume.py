@@ -24,7 +24,8 @@ from realtime import events
 from realtime import nats as realtime_nats
 from realtime.bridge import bridge
 from realtime.nats import connection, stream_consumer, stream_name
-from realtime.tests.conftest import NatsServer, connect, receive, receive_until
+from realtime.tests.conftest import connect, receive, receive_until
+from tests.services import NatsServer
 
 pytestmark = [pytest.mark.nats, pytest.mark.django_db(transaction=True)]
 
