@@ -1,4 +1,4 @@
-# Kurs: `make run` and `make test` do all their own set-up (SPEC 2).
+# Kurs: `make run` and `make test` do all their own set-up (docs/operations.md#commands).
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -39,7 +39,8 @@ $(STAMP): requirements.txt requirements-dev.txt
 install: $(STAMP)
 
 # A local .env on first run (DJANGO_DEBUG=true, a generated secret), never overwriting one, so
-# that every `manage.py` command works as typed in a plain shell (SPEC 2).
+# that every `manage.py` command works as typed in a plain shell
+# (docs/settings.md#env-on-first-run).
 dotenv:
 	@$(PYTHON) scripts/write_env.py
 
@@ -129,8 +130,9 @@ prod-tools:
 		else echo "missing:$$missing: test-prod will skip (or fail under CI)"; fi; \
 	fi
 
-# The production process set natively (SPEC 2): two web processes behind nginx, qcluster, the
-# fetcher on the emulator, on the machine's PostgreSQL, Redis and NATS; prints its figures.
+# The production process set natively (docs/operations.md#make-test-prod): two web processes
+# behind nginx, qcluster, the fetcher on the emulator, on the machine's PostgreSQL, Redis and
+# NATS; prints its figures.
 test-prod: install prod-tools
 	$(BIN)/python -m tests.prod_stack
 

@@ -307,7 +307,8 @@ _versions = iter(range(1, 10**9))
 
 
 def bench_rate(index: int) -> dict[str, Any]:
-    """The next `rate.updated` (SPEC 7 fields) of pair number `index`; the value moves by 1.
+    """The next `rate.updated` (docs/events.md#envelope-and-event-types) of pair number `index`; the
+    value moves by 1.
 
     Each event of a burst is for another pair: the hub coalesces a pair's updates that wait
     unsent (the latest wins), which would make the deliveries fewer than the events.

@@ -16,9 +16,9 @@ After a warm-up (a tenth of the run, 10 to 60 s) the baseline is taken: RSS and 
 of every process, and the Rate row count. At the end the same again. It fails (exit 1) when:
 - a process's RSS grew by more than 20 % + 32 MiB over its own baseline, or it holds more than
   32 descriptors over its baseline (a leak, not the clients, who are all connected at both ends);
-- Rate rows grew faster than one per pair, provider and emulator tick (the storage rule of SPEC 4
-  allows no more), or not at all in some sampling interval (writing stalled, e.g. across the
-  NATS restart);
+- Rate rows grew faster than one per pair, provider and emulator tick (the storage rule of
+  docs/rates.md#history allows no more), or not at all in some sampling interval (writing stalled,
+  e.g. across the NATS restart);
 - a client received nothing in the last sampling interval, or was told of a gap.
 """
 

@@ -1,5 +1,6 @@
-"""The one JSON encoder (STYLE): Decimals as exact JSON numbers, UTC times as ISO-8601 with `Z`;
-and its decoder for request bodies: JSON numbers with a fraction or exponent as exact Decimals.
+"""The one JSON encoder (docs/api.md#json-shapes): Decimals as exact JSON numbers, UTC times as
+ISO-8601 with `Z`; and its decoder for request bodies: JSON numbers with a fraction or exponent as
+exact Decimals.
 
 REST answers, NATS payloads, WebSocket frames and command output all use `dumps`, so the same
 value has the same bytes on every surface. It imports nothing of the apps: anything may use it.
@@ -36,7 +37,7 @@ def _json_default(value: Any) -> Any:
 
 
 def dumps(data: Any) -> str:
-    """JSON with Decimals as exact JSON numbers (SPEC 5: full precision, never floats)."""
+    """JSON with Decimals as exact JSON numbers (docs/api.md#json-shapes: never floats)."""
     return simplejson.dumps(
         _normalise(data), use_decimal=True, default=_json_default, separators=(",", ":")
     )

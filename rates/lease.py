@@ -1,4 +1,5 @@
-"""The owner's lease (SPEC 4, "One owner"): who may write current rates and run breakers now.
+"""The owner's lease (docs/architecture.md#one-owner-of-live-state): who may write current rates and
+run breakers now.
 
 A row in the database (`OwnerLease`), not a Redis key or an advisory lock: every deployment has
 the database (Redis is optional), the same code serves SQLite and PostgreSQL, and the current

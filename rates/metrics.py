@@ -1,4 +1,4 @@
-"""Prometheus metrics of the rates pipeline (SPEC 5 `/metrics`).
+"""Prometheus metrics of the rates pipeline (docs/operations.md#metrics).
 
 They live in the default registry, so whatever serves `/metrics` in a process exports them.
 Label values are bounded: provider names (derived ones are `a+b` of two known names), rejection

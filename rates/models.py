@@ -50,7 +50,7 @@ CURRENT_FIELDS = (
 
 
 class CurrentRate(models.Model):
-    """The read model (SPEC 4): the rate the service stands behind now, one row per item.
+    """The read model (docs/api.md#json-shapes): the rate Kurs stands behind now, one row per item.
 
     Written only by the live owner (`rates.services`), in the same transaction as any history
     row of the same quote; every reader (REST `latest`, the web snapshot, health) reads it, so
@@ -81,7 +81,8 @@ class CurrentRate(models.Model):
 
 
 class OwnerLease(models.Model):
-    """Who owns live state (SPEC 4, "One owner"): one row per lease name, held until `expires_at`.
+    """Who owns live state (docs/architecture.md#one-owner-of-live-state): one row per lease name,
+    held until `expires_at`.
 
     A holder renews it well before it expires; a holder that dies (even SIGKILL) simply stops
     renewing, and a standby takes it once it has expired. Times are the database's clock, so

@@ -1,4 +1,4 @@
-"""The rate of any pair, and conversions (SPEC 5 `/rates/{base}/{quote}` and `/convert`).
+"""The rate of any pair, and conversions (docs/api.md#get-apiv1ratesbasequote and `/convert`).
 
 A tracked pair (an active item) is answered from the in-process snapshot, so it agrees with
 `/courses` and the WebSocket; so are its inverse and its aliases (RUB-BTC from BTC-RUB, USDT-RUB

@@ -2,7 +2,8 @@
 
 Every caller that asks "is this rate fresh?" (validation, the owner's board, the web snapshot,
 REST `latest`, health, the dashboard's JSON) asks `is_stale` here, so the rule is written once
-(SPEC 4: staleness is judged when read, from `checked_at` and the serving provider's window).
+(docs/architecture.md#one-owner-of-live-state: staleness is judged when read, from `checked_at` and
+the serving provider's window).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def is_stale(provider: str, checked_at: datetime, *, now: datetime) -> bool:
 
 
 def heartbeat_seconds() -> float:
-    """How often an unchanged current rate is confirmed to readers (SPEC 7: KURS_STALE_AFTER/2).
+    """How often an unchanged rate is confirmed: KURS_STALE_AFTER/2 (docs/rates.md#events).
 
     Half the window, so that a reader applying `is_stale` to the last confirmation never sees a
     live pair as stale between two heartbeats.
@@ -88,7 +89,7 @@ def cross_routes(pair: Pair) -> list[tuple[Pair, Pair]]:
     """The (BASE-X, X-QUOTE) legs a pair can be derived from: X is USD, USDT and the USD proxy.
 
     With `KURS_USD_PROXY` empty, BTC-USD thus comes from a true USD quote or from
-    BTC-USDT × USDT-USD (SPEC 3).
+    BTC-USDT × USDT-USD (docs/rates.md#aliases-the-usd-proxy-and-cross-rates).
     """
     vias = dict.fromkeys(["USD", "USDT", settings.KURS_USD_PROXY or "USD"])
     assets = {canonical_asset(pair.base), canonical_asset(pair.quote)}

@@ -55,7 +55,7 @@ async def rate_count(rates: QuerySet[Rate]) -> int:
 
 
 def current_rate_view(row: CurrentRate, *, now: datetime) -> dict[str, Any]:
-    """The current rate as REST shows it (SPEC 5 `latest`): status and age judged now."""
+    """The current rate as REST shows it (docs/api.md#get-apiv1itemsidrateslatest), judged now."""
     status = policy.read_status(row.status, row.provider, row.checked_at, now=now)
     return {
         "provider": row.provider,

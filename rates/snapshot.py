@@ -1,4 +1,5 @@
-"""The web process's snapshot of the current rate of each active pair (ARCHITECTURE, web).
+"""The web process's snapshot of the current rate of each active pair
+(docs/architecture.md#inside-a-web-process).
 
 It is first loaded from the read model (`CurrentRate`, written by the live owner), then kept
 current by the realtime bridge from `rate.updated` and `item.*` events, so that readers (the

@@ -1,4 +1,4 @@
-"""The checks every quote passes before Kurs believes it (SPEC 9).
+"""The checks every quote passes before Kurs believes it (docs/rates.md#validation).
 
 Each check raises :class:`QuoteRejected` with a short machine-readable ``reason`` (the label of
 the ``kurs_quotes_rejected_total`` metric) and a human ``detail`` (the log line).

@@ -1,4 +1,5 @@
-"""`/ws/items`: the push side of SPEC 8. Thin: parse, ask the snapshot, hand frames to the hub.
+"""`/ws/items`: the push side of docs/events.md#websocket-wsitems. Thin: parse, ask the snapshot,
+hand frames to the hub.
 
 Every frame to the client, replies included, goes through this socket's queue in the hub, so the
 order is kept and only one task ever writes to the socket.

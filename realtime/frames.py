@@ -1,7 +1,8 @@
 """The frames Kurs pushes that are not events from the bus: snapshot, gap, error, inbound.
 
 One home for their shapes, shared by the WebSocket consumer, the SSE stream and the bridge's
-replay. `with_seq` adds the JetStream stream sequence (SPEC 7) to an envelope already serialised.
+replay. `with_seq` adds the JetStream stream sequence (docs/events.md#nats) to an envelope already
+serialised.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Local fan-out of events to this process's sockets (ARCHITECTURE: the hub).
+"""Local fan-out of events to this process's sockets (docs/architecture.md#inside-a-web-process).
 
 The bridge hands every event to the hub once, as the JSON text frame already serialised. The hub
 puts that same string into the bounded queue of each socket it concerns (rate events by pair,
@@ -54,7 +54,8 @@ RateFacts = tuple[Any, Any, Any]
 
 
 class DeliveryPolicy:
-    """One subscription's `min_interval_ms` / `min_change` (SPEC 8) and its per-pair state.
+    """One subscription's `min_interval_ms` / `min_change` (docs/events.md#delivery-policy) and its
+    per-pair state.
 
     A rate update passes at once when it is the pair's first, or its provider or status differs
     from the last one delivered. Otherwise, with `min_change`, it is dropped unless the value

@@ -1,4 +1,5 @@
-"""A subscription's options, from a query string or a `subscribe` action (SPEC 8).
+"""A subscription's options, from a query string or a `subscribe` action
+(docs/events.md#delivery-policy).
 
 `pairs`, `since` (resume after that stream sequence), `min_interval_ms` and `min_change` (the
 delivery policy). Shared by the WebSocket consumer and the SSE stream, so both read them alike.
@@ -74,6 +75,6 @@ def delivery_policy(min_interval_ms: Any, min_change: Any) -> DeliveryPolicy | N
     return DeliveryPolicy(
         min_interval_s=interval / 1000,
         min_change=change,
-        # "A heartbeat is due": the producer's own heartbeat period (SPEC 7).
+        # "A heartbeat is due": the producer's own heartbeat period (docs/rates.md#events).
         heartbeat_s=settings.KURS_STALE_AFTER / 2,
     )

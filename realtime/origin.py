@@ -1,4 +1,4 @@
-"""Who may open `/ws/items` and the event stream (SPEC 8, "Who may connect").
+"""Who may open `/ws/items` and the event stream (docs/events.md#who-may-connect).
 
 A client that sends no `Origin` header is not a browser page (a server, a script, a mobile app):
 it is accepted, since Origin checks protect browsers' users from cross-site pages, and such a
@@ -40,7 +40,8 @@ def _allowed(parsed: ParseResult) -> bool:
 
 
 class BrowserOriginValidator(OriginValidator):
-    """Channels' OriginValidator with SPEC 8's rule: no Origin is fine, a foreign one is 403."""
+    """Channels' OriginValidator with docs/events.md#who-may-connect's rule: no Origin is fine, a
+    foreign one is 403."""
 
     def __init__(self, application: Any) -> None:
         super().__init__(application, [])

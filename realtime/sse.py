@@ -1,4 +1,5 @@
-"""`GET /api/v1/stream`: the events of `/ws/items` as Server-Sent Events (SPEC 8).
+"""`GET /api/v1/stream`: the events of `/ws/items` as Server-Sent Events
+(docs/events.md#server-sent-events-apiv1stream).
 
 A django-ninja operation (so it is in the OpenAPI document, throttled and its errors are JSON
 like every other read endpoint) that answers a `StreamingHttpResponse` over an async generator.
@@ -87,7 +88,7 @@ class StreamQuery(Schema):
     @field_validator("pairs", "since", "min_interval_ms", "min_change", mode="before")
     @classmethod
     def _empty_is_absent(cls, value: Any) -> Any:
-        # SPEC 5: `?since=&pairs=` mean absent.
+        # docs/api.md#query-parameters: `?since=&pairs=` mean absent.
         return None if value == "" else value
 
 

@@ -1,4 +1,5 @@
-"""Write a local development `.env` on first run (SPEC 2); an existing `.env` is never touched.
+"""Write a local development `.env` on first run (docs/settings.md#env-on-first-run); an existing
+`.env` is never touched.
 
 `make run`, `make demo`, `make superuser` and `make apikey` call this, so that every
 `manage.py` command in the README then works as typed in a plain shell: settings read `.env`.

@@ -1,4 +1,5 @@
-"""`make test-prod` (SPEC 2): the production process set, natively, checked through nginx.
+"""`make test-prod` (docs/operations.md#make-test-prod): the production process set, natively,
+checked through nginx.
 
     .venv/bin/python -m tests.prod_stack [--keep-logs]
 

@@ -1,4 +1,4 @@
-"""Reachability of the real test services (SPEC 10).
+"""Reachability of the real test services (docs/operations.md#tests-and-ci).
 
 Outside CI an absent server skips the tests that need it, with the reason; under `CI=true`
 absence is a failure, because CI promises that PostgreSQL, Redis and NATS are up.

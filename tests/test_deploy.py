@@ -1,4 +1,5 @@
-"""The production shape's files (SPEC 2): docker-compose.yml, Dockerfile, deploy/, .env.example.
+"""The production shape's files (docs/operations.md#deploying-with-docker-compose):
+docker-compose.yml, Dockerfile, deploy/, .env.example.
 
 There is no Docker engine in CI, so the files are checked for what `docker compose up --build`
 relies on: the Compose Specification's JSON schema (the copy the check-jsonschema package

@@ -1,4 +1,5 @@
-"""Faults over real servers this module starts (SPEC 5, 7, 9, 10; issue 12).
+"""Faults over real servers this module starts (docs/rates.md#failover,
+docs/operations.md#reliability-faults-and-soak; issue 12).
 
 One stack for the whole module: a nats-server with JetStream and a redis-server of its own on free
 ports, a PostgreSQL database of its own on the machine's server, the exchange emulator (prices
@@ -44,8 +45,8 @@ pytestmark = [
 ]
 
 POLL = 1.0
-# SPEC 5: every surface shows the next provider within one poll plus a second, and the first
-# serves again within one poll of its recovery (plus the same second for delivery).
+# docs/rates.md#failover: every surface shows the next provider within one poll plus a second, and
+# the first serves again within one poll of its recovery (plus the same second for delivery).
 BOUND = POLL + 1.0
 PAIR = "BTC-USD"
 PAIRS = ("BTC-USD", "ETH-USD")
@@ -216,8 +217,8 @@ async def test_each_fault_fails_over_on_every_surface_and_recovers_within_one_po
 
 
 async def test_a_dropped_stream_is_covered_by_rest_polling_without_a_flip(faults: Faults) -> None:
-    """`drop_stream`: REST still answers, so Binance keeps serving (SPEC 9: polling covers the
-    gap) on every surface; the stream is back once its reconnect back-off has run out."""
+    """`drop_stream`: REST still answers, so Binance keeps serving (docs/rates.md#fetching: polling
+    covers the gap) on every surface; the stream is back once its reconnect back-off has run out."""
     stack, emulator = faults.stack, faults.emulator
     await settled(faults)
     async with watching(stack, faults.web, PAIR, EVERY_SURFACE) as watch:
@@ -229,7 +230,7 @@ async def test_a_dropped_stream_is_covered_by_rest_polling_without_a_flip(faults
         await asyncio.sleep(BOUND + POLL)
         started = time.monotonic()
         emulator.set_fault("binance", "ok")
-        # The stream reconnects with its jittered back-off (SPEC 9), capped at 30 s.
+        # The stream reconnects with its jittered back-off (docs/rates.md#fetching), capped at 30 s.
         streaming = await wait_until_streaming(faults, "binance", within=35)
         faults.table.append(("drop_stream", "recovery", {"stream": streaming}))
         flips = [shown for shown in watch.shown[mark:] if shown[1] != "binance"]

@@ -380,7 +380,7 @@ async def abuse_messages(port: int) -> list[int]:
         assert [m["type"] for m in first] == ["snapshot", "error"]
         assert "NOPE-USD" in first[1]["detail"]
         await ws.send(b"\x00\x01binary")
-        await ws.send("x" * 5000)  # over SPEC 8's 4 KiB: an error, the socket stays
+        await ws.send("x" * 5000)  # over 4 KiB (docs/events.md): an error, it stays
         await ws.send(json.dumps({"action": "subscribe", "pairs": ["NOPE-RUB"] * 100}))
         await ws.send(json.dumps({"action": "subscribe", "pairs": PAIRS * 13}))  # 104 pairs
         await ws.send(json.dumps({"action": "subscribe", "pairs": ["BTC-USD"], "min_change": 9}))

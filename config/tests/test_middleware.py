@@ -1,4 +1,4 @@
-"""config.middleware: request ids, the access line, and the `/api/` rules of SPEC 5."""
+"""config.middleware: request ids, the access line, the `/api/` rules (docs/api.md#conventions)."""
 
 from __future__ import annotations
 

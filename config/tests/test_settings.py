@@ -1,4 +1,4 @@
-"""Settings: every bad value stops start-up with one clear line naming the setting (SPEC 3)."""
+"""Settings: a bad value stops start-up with one clear line naming it (docs/settings.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Seed the eight default pairs: BTC, ETH, USDTTRC, USDTERC against RUB and USD (SPEC 4)."""
+"""The eight default pairs: BTC, ETH, USDTTRC, USDTERC against RUB and USD (docs/api.md#items)."""
 
 from __future__ import annotations
 

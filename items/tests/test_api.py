@@ -1,4 +1,4 @@
-"""The items endpoints, success and error paths (SPEC 5). Runs on SQLite and on PostgreSQL."""
+"""The items endpoints, success and error paths (docs/api.md#items). SQLite and PostgreSQL."""
 
 from __future__ import annotations
 

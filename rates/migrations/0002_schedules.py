@@ -1,4 +1,4 @@
-"""The django-q2 schedules of SPEC 6, created idempotently (update_or_create by name).
+"""The django-q2 schedules of docs/rates.md#fetching, made idempotently (update_or_create by name).
 
 `catch_up` is off cluster-wide (Q_CLUSTER): after downtime, one run, not a burst of missed ones.
 """

@@ -1,4 +1,4 @@
-"""The rates endpoints, success and error paths (SPEC 5). Runs on SQLite and on PostgreSQL."""
+"""The rates endpoints, success and error paths (docs/api.md). Runs on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -327,8 +327,9 @@ def test_the_openapi_declares_rate_values_as_numbers_as_they_are_sent(
     assert all(isinstance(row[field], int | float) for field in ("value", "bid"))
 
 
-# Each route and the errors it gives (SPEC 5): 401 on writes, 404 for an unknown item, 409 for a
-# pair that exists, 422 for bad input, 429 where a limit applies, 400 for a body that is no JSON.
+# Each route and the errors it gives (docs/api.md#errors): 401 on writes, 404 for an unknown item,
+# 409 for a pair that exists, 422 for bad input, 429 where a limit applies, 400 for a body that is
+# no JSON.
 DOCUMENTED = [
     ("get", "/api/v1/items", {"200", "422", "429"}),
     ("post", "/api/v1/items", {"201", "400", "401", "409", "422"}),
@@ -368,5 +369,5 @@ def test_the_openapi_states_the_input_constraints(client: Client) -> None:
     assert (limit["minimum"], limit["maximum"]) == (1, 500)
     since = history["since"]["schema"]["anyOf"][0]["anyOf"][0]
     assert since == {"format": "date-time", "type": "string"}
-    # SPEC 5: an empty query parameter means absent, and the schema says so.
+    # docs/api.md#query-parameters: an empty query parameter means absent, and the schema says so.
     assert history["since"]["schema"]["anyOf"][1]["maxLength"] == 0

@@ -1,4 +1,7 @@
-"""Candles of an item's history (SPEC 5), against hand-computed OHLC. SQLite and PostgreSQL."""
+"""Candles of an item's history, against hand-computed OHLC. SQLite and PostgreSQL.
+
+What they promise: docs/api.md#get-apiv1itemsidcandles.
+"""
 
 from __future__ import annotations
 
@@ -269,5 +272,6 @@ def test_the_openapi_schema_declares_the_answers(client: Client) -> None:
         for p in spec["paths"]["/api/v1/items/{item_id}/candles"]["get"]["parameters"]
         if p["name"] == "interval"
     )
-    # Optional, so empty is absent too (SPEC 5): the enum is the first alternative.
+    # Optional, so empty is absent too (docs/api.md#query-parameters): the enum is the first
+    # alternative.
     assert interval["schema"]["anyOf"][0]["allOf"][0]["enum"] == ["1m", "5m", "1h", "1d"]

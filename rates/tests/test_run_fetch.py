@@ -1,4 +1,4 @@
-"""`manage.py run_fetch` (SPEC 2): a cycle with a table or JSON, exit codes, --provider, --watch."""
+"""`manage.py run_fetch` (docs/rates.md#fetching): table/JSON, exit codes, --provider, --watch."""
 
 from __future__ import annotations
 

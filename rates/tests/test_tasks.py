@@ -1,4 +1,4 @@
-"""django-q2 (SPEC 6): the schedules exist after migrate, and a real qcluster runs the fetch."""
+"""django-q2 (docs/rates.md#fetching): schedules exist after migrate; a real qcluster fetches."""
 
 from __future__ import annotations
 

@@ -73,7 +73,8 @@ async def realtime_isolated(settings: LazySettings, prefix: str) -> AsyncIterato
 
 @pytest.fixture
 async def machine_nats(settings: LazySettings, prefix: str) -> AsyncIterator[str]:
-    """The machine's NATS with JetStream (SPEC 10); skipped, or failed under CI, when absent.
+    """The machine's NATS with JetStream (docs/operations.md#tests-and-ci); skipped, or failed under
+    CI, when absent.
 
     The connection ensures a stream for this test's prefix there: it is deleted afterwards.
     """

@@ -206,7 +206,7 @@ def rate(
     status: str = "live",
     version: int = 1,
 ) -> dict[str, object]:
-    """`rate.updated` data with the fields of SPEC 7."""
+    """`rate.updated` data with the fields of docs/events.md#envelope-and-event-types."""
     checked = datetime.now(UTC) - timedelta(seconds=age_s)
     return {
         "direction": direction,

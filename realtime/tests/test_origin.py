@@ -1,4 +1,4 @@
-"""Who may open `/ws/items` (SPEC 8): no Origin, an allowed host, a listed origin; else 403."""
+"""docs/events.md#who-may-connect: no Origin, an allowed host, a listed origin; else 403."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`python manage.py qcluster`: django-q2's cluster (SPEC 6), with the metrics port when set.
+"""`python manage.py qcluster`: django-q2's cluster (docs/rates.md#fetching), with the metrics port
+when set.
 
 The `rates` app is listed before `django_q` in INSTALLED_APPS, so this command is the one run.
 The port is served by the cluster's main process, before it forks the sentinel and workers; it
