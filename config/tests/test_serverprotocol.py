@@ -3,13 +3,19 @@
 The server's transport is wrapped, below the protocol, in a recorder that counts the writes
 reaching the socket: an answer must leave in one, a streamed body chunk by chunk as it is made,
 and a WebSocket must get the plain transport.
+
+The request-read limits run with an injected clock (`FrozenClock`): the protocol's timer still
+fires on the loop (every 50 ms here), but whether a deadline has passed is the test's decision,
+so no assertion depends on how fast this machine is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -43,6 +49,7 @@ class Recorder:
 
 
 RECORDERS: list[Recorder] = []
+CHANGED = asyncio.Event()  # set by the server side when something a test may wait on changed
 
 
 def answered() -> list[Recorder]:
@@ -67,6 +74,7 @@ class App:
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
+        self.received: list[str] = []  # the types of the messages `/echo` received
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -79,6 +87,22 @@ class App:
             await send({"type": "websocket.close", "code": 1000})
             return
         headers = [(b"content-type", b"application/json")]
+        if scope["path"] == "/echo":  # answers the length of the body it read
+            size = 0
+            while True:
+                message = await receive()
+                self.received.append(message["type"])
+                CHANGED.set()
+                if message["type"] == "http.disconnect":
+                    return
+                size += len(message["body"])
+                if not message.get("more_body"):
+                    break
+            body = str(size).encode()
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
         if scope["path"] == "/big":
             # 2 MiB in 64 chunks, never yielding to the loop in between (send does not block).
             total = len(BIG_CHUNK) * BIG_CHUNKS
@@ -103,6 +127,8 @@ class App:
 async def serving(
     protocol: type[HttpToolsProtocol], keep_alive: float = 5
 ) -> AsyncIterator[tuple[int, App, Any]]:
+    global CHANGED
+    CHANGED = asyncio.Event()  # one per test: an Event belongs to the loop that first waits on it
     RECORDERS.clear()
     app = App()
     port = free_port()
@@ -193,35 +219,13 @@ async def test_a_websocket_gets_the_plain_transport() -> None:
         assert await asyncio.wait_for(socket.recv(), 5) == "echo:hello"
 
 
-async def test_an_idle_connection_is_closed_after_the_keep_alive_timeout() -> None:
-    async with serving(RecordedKurs, keep_alive=0.4) as (port, _app, _server):
+async def test_an_idle_connection_is_closed_by_uvicorns_keep_alive() -> None:
+    # Keep-alive between requests is uvicorn's own; the request-read timer must not hold it off.
+    async with serving(RecordedKurs, keep_alive=0.2) as (port, _app, _server):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        loop = asyncio.get_running_loop()
         writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         await read_response(reader)
-        idle_from = loop.time()
         assert await asyncio.wait_for(reader.read(), 5) == b""  # the server closed it
-        assert 0.35 <= loop.time() - idle_from < 2.0
-        writer.close()
-
-
-async def test_a_connection_in_use_outlives_the_keep_alive_timeout() -> None:
-    # Requests every 0.15 s for 1.2 s on one connection with a 0.4 s timeout: the lazy timer
-    # fires during the run and must find the connection busy or freshly idle, never close it.
-    async with serving(RecordedKurs, keep_alive=0.4) as (port, _app, _server):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        answers = 0
-        while loop.time() - started < 1.2:
-            writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            _head, body = await read_response(reader)
-            assert body == BODY
-            answers += 1
-            await asyncio.sleep(0.15)  # the client's pace, below the timeout
-        assert answers >= 6
-        (recorder,) = answered()  # one connection throughout
-        assert len(recorder.writes) == answers
         writer.close()
 
 
@@ -237,3 +241,195 @@ async def test_a_large_answer_reaches_the_socket_as_it_grows_not_at_the_end_of_t
         assert len(recorder.writes) >= len(body) // (FLUSH_AT + len(BIG_CHUNK))
         assert max(map(len, recorder.writes)) < FLUSH_AT + len(BIG_CHUNK) + 1024
         writer.close()
+
+
+# --- Request-read limits: slow or oversized requests ------------------------------------------
+class FrozenClock:
+    """The deadlines' clock, moved only by the test."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+CLOCK = FrozenClock()
+LIMITED: list[Limited] = []
+
+
+class Limited(KursHttpProtocol):
+    """Deadlines on `CLOCK`, checked every 50 ms of real time; counts the timer's checks."""
+
+    HEADER_TIMEOUT = 0.05
+    BODY_TIMEOUT = 0.05
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._clock = CLOCK
+        self.checks = 0
+        LIMITED.append(self)
+        CHANGED.set()
+
+    def _check_deadline(self) -> None:
+        self.checks += 1
+        super()._check_deadline()
+        CHANGED.set()
+
+
+@contextlib.asynccontextmanager
+async def limited() -> AsyncIterator[tuple[int, App]]:
+    CLOCK.now = 0.0
+    async with serving(Limited) as (port, app, _server):
+        LIMITED.clear()  # not the probe that waited for the port
+        yield port, app
+
+
+async def until(check: Callable[[], bool], what: str) -> None:
+    """Wait (5 s at most) for server-side state, woken by each `CHANGED.set()`."""
+    try:
+        async with asyncio.timeout(5):
+            while True:
+                CHANGED.clear()
+                if check():
+                    return
+                await CHANGED.wait()
+    except TimeoutError:
+        raise AssertionError(f"not within 5 s: {what}") from None
+
+
+async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Limited]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await until(lambda: bool(LIMITED), "the server's side of the connection")
+    return reader, writer, LIMITED[-1]
+
+
+async def wait_checked(protocol: Limited, times: int = 2) -> None:
+    """The timer has looked at the deadline `times` more times (so it would have acted)."""
+    target = protocol.checks + times
+    await until(lambda: protocol.checks >= target, "the deadline checked")
+
+
+def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "config.serverprotocol"]
+
+
+async def read_all(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.read(), 5)  # until the server closes
+
+
+def status_and_detail(answer: bytes) -> tuple[int, str]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"connection: close" in head.split(b"\r\n")
+    return int(head.split(b" ")[1]), json.loads(body)["detail"]
+
+
+@pytest.mark.parametrize(
+    ("sent", "answer"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: a", b"408"),
+        (b"", b""),  # opened and silent: closed without an answer or a log line
+    ],
+    ids=["half-sent head", "nothing sent"],
+)
+async def test_a_head_not_received_by_its_deadline_closes_the_connection(
+    sent: bytes, answer: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    async with limited() as (port, _app):
+        reader, writer, protocol = await connect(port)
+        writer.write(sent)
+        await writer.drain()
+        await wait_checked(protocol)  # the deadline not reached: the timer let it be
+        assert not protocol.transport.is_closing()
+        CLOCK.now += Limited.HEADER_TIMEOUT
+        got = await read_all(reader)
+        writer.close()
+    if not answer:
+        assert (got, refusals(caplog)) == (b"", [])
+        return
+    reason = "request head not received within 0.05s"
+    assert status_and_detail(got) == (408, reason)
+    peer = f"127.0.0.1:{writer.get_extra_info('sockname')[1]}"
+    assert refusals(caplog) == [f"http: {peer} answered 408: {reason}"]
+
+
+async def test_a_body_shorter_than_its_content_length_is_closed_after_the_body_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    async with limited() as (port, app):
+        reader, writer, protocol = await connect(port)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\nabc")
+        await until(lambda: app.received == ["http.request"], "the first part of the body")
+        CLOCK.now += Limited.HEADER_TIMEOUT  # the head's deadline is past, not the body's
+        await wait_checked(protocol)
+        assert not protocol.transport.is_closing()
+        CLOCK.now += Limited.BODY_TIMEOUT
+        assert await read_all(reader) == b""  # the app is waiting on the body: nothing to say
+        await until(lambda: app.received[-1:] == ["http.disconnect"], "the app told")
+        writer.close()
+    assert len(refusals(caplog)) == 1
+    assert refusals(caplog)[0].endswith("closed: request body not received within 0.05s")
+
+
+async def test_each_request_has_its_own_deadline_on_a_keep_alive_connection() -> None:
+    # The connection outlives many timeouts: only the head or body being awaited is timed.
+    async with limited() as (port, _app):
+        reader, writer, protocol = await connect(port)
+        for _ in range(3):
+            writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            _head, body = await read_response(reader)
+            assert body == BODY
+            CLOCK.now += 10 * Limited.HEADER_TIMEOUT  # idle between requests: nothing owed
+            await wait_checked(protocol, 1)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\nabc")
+        _head, body = await read_response(reader)
+        assert body == b"3"
+        assert not protocol.transport.is_closing()
+        writer.close()
+
+
+@pytest.mark.parametrize(("count", "status"), [(100, 200), (101, 431), (1000, 431)])
+async def test_at_most_100_headers(
+    count: int, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    extra = b"".join(b"X-H%d: v\r\n" % n for n in range(count - 1))  # and Host
+    async with limited() as (port, _app):
+        reader, writer, _protocol = await connect(port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + extra + b"\r\n")
+        if status == 200:
+            head, body = await read_response(reader)
+            assert (head.split(b" ")[1], body) == (b"200", BODY)
+        else:
+            assert status_and_detail(await read_all(reader)) == (431, "too many headers")
+        writer.close()
+    assert len(refusals(caplog)) == (status != 200)
+
+
+@pytest.mark.parametrize("ends", [True, False], ids=["whole", "never-ending"])
+async def test_a_head_over_64_kib_is_answered_431_without_waiting_for_its_end(
+    ends: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A never-ending head is cut off as it grows: the frozen clock rules the timeout out.
+    caplog.set_level(logging.WARNING)
+    big = b"X-Big: " + b"x" * (70 * 1024) + (b"\r\n\r\n" if ends else b"")
+    async with limited() as (port, _app):
+        reader, writer, _protocol = await connect(port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + big)
+        answer = await read_all(reader)
+        writer.close()
+    assert status_and_detail(answer) == (431, "request head too large")
+    assert len(refusals(caplog)) == 1
+
+
+async def test_a_large_body_read_with_its_head_is_not_taken_for_a_large_head() -> None:
+    body = b"y" * (200 * 1024)
+    async with limited() as (port, _app):
+        reader, writer, _protocol = await connect(port)
+        head = b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
+        writer.write(head % len(body) + body)  # one write: the server reads head and body at once
+        _head, answer = await read_response(reader)
+        writer.close()
+    assert answer == str(len(body)).encode()
