@@ -16,7 +16,7 @@ fi
 # One /metrics for all processes: each writes its own files here, the web process sums them.
 export PROMETHEUS_MULTIPROC_DIR="${PROMETHEUS_MULTIPROC_DIR:-$PWD/var/prometheus}"
 rm -rf "$PROMETHEUS_MULTIPROC_DIR" && mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
-# The embedded NATS only when nothing else provides one (SPEC 2).
+# The embedded NATS only when nothing else provides one (docs/operations.md).
 if [ -z "${NATS_URL:-}" ] && ! .venv/bin/python scripts/port_open.py 127.0.0.1 4222; then
   processes="$processes nats"
   echo "NATS:       embedded nats-server with JetStream on nats://127.0.0.1:4222"
