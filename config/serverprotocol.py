@@ -135,7 +135,9 @@ class KursHttpProtocol(HttpToolsProtocol):
     - a head over `MAX_HEAD_BYTES` (checked as it arrives, so an endless one is cut off) or with
       more than `MAX_HEADERS` headers is answered 431 and the connection closed.
 
-    Each refusal is one WARNING line. Between requests the connection waits at most uvicorn's
+    Each refusal is one WARNING line; an answered one closes as nginx does, reading and dropping
+    what the client still sends for `LINGER` seconds so that it gets the answer, not a reset.
+    Between requests the connection waits at most uvicorn's
     `--timeout-keep-alive`, then is closed without a word, as with uvicorn.
 
     One timer per connection serves all three waits (keep-alive, head, body). uvicorn arms a fresh
@@ -151,6 +153,7 @@ class KursHttpProtocol(HttpToolsProtocol):
     BODY_TIMEOUT = 30.0
     MAX_HEADERS = 100
     MAX_HEAD_BYTES = 64 * 1024
+    LINGER = 2.0  # after a refusal, how long what the client still sends is read and dropped
 
     _clock: Callable[[], float]
     _deadline: float | None = None  # when the phase the client owes us must be over
@@ -173,6 +176,8 @@ class KursHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # answered and closing: what the client still sends is dropped (see _refuse)
         if self._in_body:
             super().data_received(data)
             return
@@ -233,6 +238,8 @@ class KursHttpProtocol(HttpToolsProtocol):
                 self._arm(self.timeout_keep_alive)
 
     def handle_websocket_upgrade(self) -> None:
+        if self._refused:
+            return  # the upgrade request was refused (431) before uvicorn took it in
         self._deadline = None
         self._stop_watchdog()
         transport = self.transport
@@ -265,6 +272,8 @@ class KursHttpProtocol(HttpToolsProtocol):
         remaining = deadline - self._clock()
         if remaining > 0:
             self._arm(remaining)
+        elif self._refused:
+            self.transport.close()  # the lingering after a refusal is over
         elif self._in_body:
             self._close(f"request body not received within {self.BODY_TIMEOUT:g}s")
         elif self._head_bytes:
@@ -276,20 +285,31 @@ class KursHttpProtocol(HttpToolsProtocol):
             self.transport.close()  # idle (keep-alive) or opened and silent: nothing to say
 
     def _refuse(self, status: HTTPStatus, reason: str) -> None:
-        if not self.transport.is_closing():
-            self.transport.write(refusal(status, reason))
-        self._close(reason, status)
+        """Answer `status`, then close as nginx does (a lingering close): the answer and our FIN
+        leave now, and what the client is still sending is read and dropped for `LINGER`
+        seconds at most (the connection ends sooner if the client closes its side). Closing at
+        once, with its request unread, would make our kernel reset the connection, and a
+        client still writing would get the reset instead of the answer."""
+        if self._refused or self.transport.is_closing():
+            return
+        self._log(f"answered {status.value}", reason)
+        self._refused = True
+        self.transport.write(refusal(status, reason))
+        self.transport.write_eof()
+        self._start_phase(self.LINGER)
 
-    def _close(self, reason: str, status: HTTPStatus | None = None) -> None:
+    def _close(self, reason: str) -> None:
+        if self._refused or self.transport.is_closing():
+            return
+        self._log("closed", reason)
         self._refused = True
         self._deadline = None
         self._stop_watchdog()
-        if self.transport.is_closing():
-            return
-        peer = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown peer"
-        answer = f"answered {status.value}" if status else "closed"
-        logger.warning("http: %s %s: %s", peer, answer, reason)
         self.transport.close()
+
+    def _log(self, outcome: str, reason: str) -> None:
+        peer = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown peer"
+        logger.warning("http: %s %s: %s", peer, outcome, reason)
 
 
 def refusal(status: HTTPStatus, detail: str) -> bytes:
