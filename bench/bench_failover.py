@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -41,14 +42,14 @@ from tests.stack import Stack, wait_until, watching  # noqa: E402
 
 SURFACES = ("rest", "ws", "nats")
 # The emulator's switch and its options, per fault (`rates.emulator.market.Fault`).
-FAULTS: dict[str, dict[str, object]] = {
-    "down": {},
-    "stale": {},
-    "rate_limited": {"retry_after": 1},
-    "slow": {"delay": 5},  # longer than a round may take
-    "garbage": {},
-    "garbage_shape": {"variant": "shape"},
-    "absurd": {},
+FAULTS: dict[str, dict[str, Any]] = {
+    "down": {"mode": "down"},
+    "stale": {"mode": "stale"},
+    "rate_limited": {"mode": "rate_limited", "retry_after": 1},
+    "slow": {"mode": "slow", "delay": 5},  # longer than a round may take
+    "garbage": {"mode": "garbage"},
+    "garbage_shape": {"mode": "garbage", "variant": "shape"},
+    "absurd": {"mode": "absurd"},
 }
 
 
@@ -81,7 +82,7 @@ async def measure(fault: str, switches: int, poll: float) -> dict[str, list[dict
                         await watch.until(
                             second,
                             "failover",
-                            lambda: emulator.set_fault(first, fault, **FAULTS[fault]),
+                            lambda: emulator.set_fault(first, **FAULTS[fault]),
                             within=30,
                         )
                     )
