@@ -54,6 +54,7 @@ UNDOCUMENTED: dict[type, tuple[str, ...]] = {
         "server_state",
         "flow",
         "pipeline",
+        "cycle",  # the current request's; its `response_complete` says whether it was answered
         "_start_asgi_task",
     ),
     WebSocketsSansIOProtocol: (

@@ -217,8 +217,13 @@ class KursHttpProtocol(HttpToolsProtocol):
         if self._refused:
             return
         self._in_body = False
-        self._deadline = None  # the app has the request: the client owes nothing now
         super().on_message_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete:
+            # Answered before its body was in (a refusal, say): idle now, so keep-alive's wait.
+            self._start_phase(self.timeout_keep_alive)
+        else:
+            self._deadline = None  # the app has the request: the client owes nothing now
 
     def _unset_keepalive_if_required(self) -> None:
         pass  # uvicorn's keep-alive timer is the deadline timer here: data_received moves it on

@@ -87,6 +87,11 @@ class App:
             await send({"type": "websocket.close", "code": 1000})
             return
         headers = [(b"content-type", b"application/json")]
+        if scope["path"] == "/early":  # answers without reading the body, as a refusal does
+            headers.append((b"content-length", str(len(BODY)).encode()))
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": BODY})
+            return
         if scope["path"] == "/echo":  # answers the length of the body it read
             size = 0
             while True:
@@ -388,6 +393,26 @@ async def test_each_request_has_its_own_deadline_on_a_keep_alive_connection() ->
         assert body == b"3"
         assert not protocol.transport.is_closing()
         writer.close()
+
+
+async def test_a_request_answered_before_its_body_ends_leaves_the_connection_timed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Once the rest of the body is in, the connection is idle: keep-alive's wait applies.
+    caplog.set_level(logging.WARNING)
+    async with limited() as (port, _app):
+        reader, writer, protocol = await connect(port)
+        writer.write(b"POST /early HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\na")
+        _head, body = await read_response(reader)
+        assert body == BODY
+        writer.write(b"bc")
+        await until(lambda: not protocol._in_body, "the rest of the body read")
+        await wait_checked(protocol)
+        assert not protocol.transport.is_closing()
+        CLOCK.now += 5  # uvicorn's --timeout-keep-alive, as `serving` sets it
+        assert await read_all(reader) == b""
+        writer.close()
+    assert refusals(caplog) == []  # closed as idle, not for a late body
 
 
 @pytest.mark.parametrize(("count", "status"), [(100, 200), (101, 431), (1000, 431)])
