@@ -16,9 +16,11 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import pytest_asyncio
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from websockets.asyncio.client import connect as ws_connect
@@ -282,12 +284,34 @@ class Limited(KursHttpProtocol):
         CHANGED.set()
 
 
-@contextlib.asynccontextmanager
-async def limited() -> AsyncIterator[tuple[int, App]]:
+@dataclass
+class Client:
+    """One connection to a server on `Limited`, and the server's side of it."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    protocol: Limited
+    app: App
+
+    async def read_all(self) -> bytes:
+        return await asyncio.wait_for(self.reader.read(), 5)  # until the server closes
+
+    async def checked(self, times: int = 2) -> None:
+        """The timer has looked at the deadline `times` more times (so it would have acted)."""
+        target = self.protocol.checks + times
+        await until(lambda: self.protocol.checks >= target, "the deadline checked")
+
+
+@pytest_asyncio.fixture
+async def client(caplog: pytest.LogCaptureFixture) -> AsyncIterator[Client]:
+    caplog.set_level(logging.WARNING)
     CLOCK.now = 0.0
     async with serving(Limited) as (port, app, _server):
         LIMITED.clear()  # not the probe that waited for the port
-        yield port, app
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await until(lambda: bool(LIMITED), "the server's side of the connection")
+        yield Client(reader, writer, LIMITED[-1], app)
+        writer.close()
 
 
 async def until(check: Callable[[], bool], what: str) -> None:
@@ -303,24 +327,8 @@ async def until(check: Callable[[], bool], what: str) -> None:
         raise AssertionError(f"not within 5 s: {what}") from None
 
 
-async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Limited]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    await until(lambda: bool(LIMITED), "the server's side of the connection")
-    return reader, writer, LIMITED[-1]
-
-
-async def wait_checked(protocol: Limited, times: int = 2) -> None:
-    """The timer has looked at the deadline `times` more times (so it would have acted)."""
-    target = protocol.checks + times
-    await until(lambda: protocol.checks >= target, "the deadline checked")
-
-
 def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "config.serverprotocol"]
-
-
-async def read_all(reader: asyncio.StreamReader) -> bytes:
-    return await asyncio.wait_for(reader.read(), 5)  # until the server closes
 
 
 def status_and_detail(answer: bytes) -> tuple[int, str]:
@@ -338,98 +346,82 @@ def status_and_detail(answer: bytes) -> tuple[int, str]:
     ids=["half-sent head", "nothing sent"],
 )
 async def test_a_head_not_received_by_its_deadline_closes_the_connection(
-    sent: bytes, answer: bytes, caplog: pytest.LogCaptureFixture
+    client: Client, sent: bytes, answer: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING)
-    async with limited() as (port, _app):
-        reader, writer, protocol = await connect(port)
-        writer.write(sent)
-        await writer.drain()
-        await wait_checked(protocol)  # the deadline not reached: the timer let it be
-        assert not protocol.transport.is_closing()
-        CLOCK.now += Limited.HEADER_TIMEOUT
-        got = await read_all(reader)
-        writer.close()
+    client.writer.write(sent)
+    await client.writer.drain()
+    await client.checked()  # the deadline not reached: the timer let it be
+    assert not client.protocol.transport.is_closing()
+    CLOCK.now += Limited.HEADER_TIMEOUT
+    got = await client.read_all()
     if not answer:
         assert (got, refusals(caplog)) == (b"", [])
         return
     reason = "request head not received within 0.05s"
     assert status_and_detail(got) == (408, reason)
-    peer = f"127.0.0.1:{writer.get_extra_info('sockname')[1]}"
+    peer = f"127.0.0.1:{client.writer.get_extra_info('sockname')[1]}"
     assert refusals(caplog) == [f"http: {peer} answered 408: {reason}"]
 
 
 async def test_a_body_shorter_than_its_content_length_is_closed_after_the_body_deadline(
-    caplog: pytest.LogCaptureFixture,
+    client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING)
-    async with limited() as (port, app):
-        reader, writer, protocol = await connect(port)
-        writer.write(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\nabc")
-        await until(lambda: app.received == ["http.request"], "the first part of the body")
-        CLOCK.now += Limited.HEADER_TIMEOUT  # the head's deadline is past, not the body's
-        await wait_checked(protocol)
-        assert not protocol.transport.is_closing()
-        CLOCK.now += Limited.BODY_TIMEOUT
-        assert await read_all(reader) == b""  # the app is waiting on the body: nothing to say
-        await until(lambda: app.received[-1:] == ["http.disconnect"], "the app told")
-        writer.close()
+    client.writer.write(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\nabc")
+    await until(lambda: client.app.received == ["http.request"], "the first part of the body")
+    CLOCK.now += Limited.HEADER_TIMEOUT  # the head's deadline is past, not the body's
+    await client.checked()
+    assert not client.protocol.transport.is_closing()
+    CLOCK.now += Limited.BODY_TIMEOUT
+    assert await client.read_all() == b""  # the app is waiting on the body: nothing to say
+    await until(lambda: client.app.received[-1:] == ["http.disconnect"], "the app told")
     assert len(refusals(caplog)) == 1
     assert refusals(caplog)[0].endswith("closed: request body not received within 0.05s")
 
 
-async def test_each_request_has_its_own_deadline_on_a_keep_alive_connection() -> None:
-    # The connection outlives many timeouts: only the head or body being awaited is timed.
-    async with limited() as (port, _app):
-        reader, writer, protocol = await connect(port)
-        for _ in range(3):
-            writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            _head, body = await read_response(reader)
-            assert body == BODY
-            CLOCK.now += 10 * Limited.HEADER_TIMEOUT  # idle between requests: nothing owed
-            await wait_checked(protocol, 1)
-        writer.write(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\nabc")
-        _head, body = await read_response(reader)
-        assert body == b"3"
-        assert not protocol.transport.is_closing()
-        writer.close()
+async def test_each_request_has_its_own_deadline_on_a_keep_alive_connection(
+    client: Client,
+) -> None:
+    # The connection outlives many head timeouts: only the head or body being awaited is timed
+    # by them; between requests the wait is keep-alive's (5 s).
+    for _ in range(3):
+        client.writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        _head, body = await read_response(client.reader)
+        assert body == BODY
+        CLOCK.now += 10 * Limited.HEADER_TIMEOUT  # idle, well within keep-alive's wait
+        await client.checked(1)
+    client.writer.write(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\nabc")
+    _head, body = await read_response(client.reader)
+    assert body == b"3"
+    assert not client.protocol.transport.is_closing()
 
 
 async def test_a_request_answered_before_its_body_ends_leaves_the_connection_timed(
-    caplog: pytest.LogCaptureFixture,
+    client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Once the rest of the body is in, the connection is idle: keep-alive's wait applies.
-    caplog.set_level(logging.WARNING)
-    async with limited() as (port, _app):
-        reader, writer, protocol = await connect(port)
-        writer.write(b"POST /early HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\na")
-        _head, body = await read_response(reader)
-        assert body == BODY
-        writer.write(b"bc")
-        await until(lambda: not protocol._in_body, "the rest of the body read")
-        await wait_checked(protocol)
-        assert not protocol.transport.is_closing()
-        CLOCK.now += 5  # uvicorn's --timeout-keep-alive, as `serving` sets it
-        assert await read_all(reader) == b""
-        writer.close()
+    client.writer.write(b"POST /early HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\na")
+    _head, body = await read_response(client.reader)
+    assert body == BODY
+    client.writer.write(b"bc")
+    await until(lambda: not client.protocol._in_body, "the rest of the body read")
+    await client.checked()
+    assert not client.protocol.transport.is_closing()
+    CLOCK.now += 5  # uvicorn's --timeout-keep-alive, as `serving` sets it
+    assert await client.read_all() == b""
     assert refusals(caplog) == []  # closed as idle, not for a late body
 
 
 @pytest.mark.parametrize(("count", "status"), [(100, 200), (101, 431), (1000, 431)])
 async def test_at_most_100_headers(
-    count: int, status: int, caplog: pytest.LogCaptureFixture
+    client: Client, count: int, status: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING)
     extra = b"".join(b"X-H%d: v\r\n" % n for n in range(count - 1))  # and Host
-    async with limited() as (port, _app):
-        reader, writer, _protocol = await connect(port)
-        writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + extra + b"\r\n")
-        if status == 200:
-            head, body = await read_response(reader)
-            assert (head.split(b" ")[1], body) == (b"200", BODY)
-        else:
-            assert status_and_detail(await read_all(reader)) == (431, "too many headers")
-        writer.close()
+    client.writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + extra + b"\r\n")
+    if status == 200:
+        head, body = await read_response(client.reader)
+        assert (head.split(b" ")[1], body) == (b"200", BODY)
+    else:
+        assert status_and_detail(await client.read_all()) == (431, "too many headers")
     assert len(refusals(caplog)) == (status != 200)
 
 
@@ -439,47 +431,36 @@ async def test_at_most_100_headers(
     ids=["70 KiB", "70 KiB never-ending", "1 MiB never-ending"],
 )
 async def test_a_head_over_64_kib_is_answered_431_without_waiting_for_its_end(
-    size: int, ends: bool, caplog: pytest.LogCaptureFixture
+    client: Client, size: int, ends: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A never-ending head is cut off as it grows: the frozen clock rules the timeout out. The
     # client's writing all of 1 MiB, after the server has answered, still ends in the answer,
     # not a reset: the server reads and drops the rest before it closes (a lingering close).
-    caplog.set_level(logging.WARNING)
     big = b"X-Big: " + b"x" * size + (b"\r\n\r\n" if ends else b"")
-    async with limited() as (port, _app):
-        reader, writer, _protocol = await connect(port)
-        writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + big)
-        await writer.drain()
-        answer = await read_all(reader)
-        writer.close()
-    assert status_and_detail(answer) == (431, "request head too large")
+    client.writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + big)
+    await client.writer.drain()
+    assert status_and_detail(await client.read_all()) == (431, "request head too large")
     assert len(refusals(caplog)) == 1
 
 
 async def test_a_websocket_upgrade_with_too_many_headers_is_answered_431_without_an_error(
-    caplog: pytest.LogCaptureFixture,
+    client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING)
     extra = b"".join(b"X-H%d: v\r\n" % n for n in range(200))
     upgrade = (
         b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
     )
-    async with limited() as (port, _app):
-        reader, writer, _protocol = await connect(port)
-        writer.write(upgrade + extra + b"\r\n")
-        answer = await read_all(reader)
-        writer.close()
-    assert status_and_detail(answer) == (431, "too many headers")
+    client.writer.write(upgrade + extra + b"\r\n")
+    assert status_and_detail(await client.read_all()) == (431, "too many headers")
     assert [r.levelname for r in caplog.records] == ["WARNING"], caplog.text
 
 
-async def test_a_large_body_read_with_its_head_is_not_taken_for_a_large_head() -> None:
+async def test_a_large_body_read_with_its_head_is_not_taken_for_a_large_head(
+    client: Client,
+) -> None:
     body = b"y" * (200 * 1024)
-    async with limited() as (port, _app):
-        reader, writer, _protocol = await connect(port)
-        head = b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
-        writer.write(head % len(body) + body)  # one write: the server reads head and body at once
-        _head, answer = await read_response(reader)
-        writer.close()
+    head = b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
+    client.writer.write(head % len(body) + body)  # one write: the server reads both at once
+    _head, answer = await read_response(client.reader)
     assert answer == str(len(body)).encode()
