@@ -12,9 +12,11 @@ fails when another version is installed or a listed name is gone: an upgrade is 
 act (read the new version's classes, adjust the subclasses, bump the version here), never a
 subclass silently overriding a method that is no longer called.
 
-Upstream: request-read timeouts and header-count limits are uvicorn issue #157 (Kludex/uvicorn,
-open since 2018, `--timeout-request-start`/`--timeout-request-complete` never implemented); the
-emulator's refused-handshake fix is Kludex/uvicorn pull request #3138 (open).
+Upstream: request-read timeouts were proposed in Kludex/uvicorn issue #157
+(`--timeout-request-start`, `--timeout-request-complete`), never implemented, and a header-count
+limit declined there ("the header size limitation is enough": uvicorn's h11 protocol has one,
+its httptools protocol, the one Kurs runs, none); the
+emulator's refused-handshake fix is Kludex/uvicorn pull request #3138, open.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from uvicorn.server import Server
 if TYPE_CHECKING:
     # The message type of the protocols' `send`, which an override must accept whole (asgiref's
     # union lacks uvicorn's early-hint event). A private module: for type checking only.
-    pass
+    from uvicorn._types import ASGISendEvent as ASGISendEvent
 
 WRITTEN_AGAINST = "0.54.0"
 PRIVATE_MODULES = ("uvicorn._types",)
