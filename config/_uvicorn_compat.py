@@ -13,10 +13,10 @@ act (read the new version's classes, adjust the subclasses, bump the version her
 subclass silently overriding a method that is no longer called.
 
 Upstream: request-read timeouts were proposed in Kludex/uvicorn issue #157
-(`--timeout-request-start`, `--timeout-request-complete`), never implemented, and a header-count
-limit declined there ("the header size limitation is enough": uvicorn's h11 protocol has one,
-its httptools protocol, the one Kurs runs, none); the
-emulator's refused-handshake fix is Kludex/uvicorn pull request #3138, open.
+(`--timeout-request-start`, `--timeout-request-complete`) and never implemented; a header-count
+limit was declined there ("the header size limitation is enough": uvicorn's h11 protocol has
+one, its httptools protocol, the one Kurs runs, none). The emulator's refused-handshake fix is
+Kludex/uvicorn pull request #3138, open.
 """
 
 from __future__ import annotations
