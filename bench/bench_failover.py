@@ -1,13 +1,18 @@
 """Failover and recovery as a user sees them: REST `latest`, `/ws/items` and NATS, real processes.
 
     .venv/bin/python bench/bench_failover.py [--switches 10] [--poll 2] [--steady 60]
+        [--faults down,stale,rate_limited,slow,garbage,garbage_shape,absurd]
 
 A fetcher (`run_fetch --watch`) and a uvicorn web process run against the exchange emulator, a
 SQLite file and the machine's NATS (127.0.0.1:4222). For each fault the serving provider is
 switched `--switches` times; each time the seconds until every surface shows the next provider
 with `status: failover` are recorded, then, after the reset, until the first provider serves
-`live` again. Two faults: `down` (HTTP 503, streams refused) and `stale` (a stalled feed without
-errors: Bybit's times freeze and its stream goes silent; the bound adds KURS_STALE_AFTER).
+`live` again. The faults: `down` (HTTP 503, streams refused), `stale` (a stalled feed without
+errors: Bybit's times freeze and its stream goes silent; the bound adds KURS_STALE_AFTER), and
+the other switches `tests/test_faults.py` checks the behaviour of (HTTP 429, answers slower than
+a round, garbage bodies, a wrong shape, absurd prices). The bound is one poll plus a second;
+each row reports how many switches stayed within it. `tests/test_faults.py` asserts only that
+the failover happens: this is where its speed is measured.
 The in-run baseline is the NATS subscriber, the event bus itself: REST and WebSocket are shown
 as a ratio to it. Last, with prices held still for `--steady` seconds, the `rate.updated` events
 per pair per minute: the heartbeat (KURS_STALE_AFTER / 2), and no duplicate versions.
@@ -27,6 +32,7 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -36,14 +42,25 @@ from rates.emulator import run_emulator_server  # noqa: E402
 from tests.stack import Stack, wait_until, watching  # noqa: E402
 
 SURFACES = ("rest", "ws", "nats")
+# The emulator's switch and its options, per fault (`rates.emulator.market.Fault`).
+FAULTS: dict[str, dict[str, Any]] = {
+    "down": {"mode": "down"},
+    "stale": {"mode": "stale"},
+    "rate_limited": {"mode": "rate_limited", "retry_after": 1},
+    "slow": {"mode": "slow", "delay": 5},  # longer than a round may take
+    "garbage": {"mode": "garbage"},
+    "garbage_shape": {"mode": "garbage", "variant": "shape"},
+    "absurd": {"mode": "absurd"},
+}
 
 
-async def measure(mode: str, switches: int, poll: float) -> dict[str, list[dict[str, float]]]:
+async def measure(fault: str, switches: int, poll: float) -> dict[str, list[dict[str, float]]]:
     async with run_emulator_server(host="127.0.0.1", port=0, tick=3600, seed=7) as emulator:
         stack = Stack(
-            folder=Path(tempfile.mkdtemp(prefix=f"kurs-bench-{mode}-")),
+            folder=Path(tempfile.mkdtemp(prefix=f"kurs-bench-{fault}-")),
             emulator=emulator,
-            providers="binance,bybit" if mode == "down" else "bybit,binance",
+            # `stale` is a Bybit fault in the emulator; the others act on any provider.
+            providers="bybit,binance" if fault == "stale" else "binance,bybit",
             poll=poll,
             stale_after=4.0,
         )
@@ -64,7 +81,10 @@ async def measure(mode: str, switches: int, poll: float) -> dict[str, list[dict[
                     await asyncio.sleep(random.uniform(0, poll))
                     runs["failover"].append(
                         await watch.until(
-                            second, "failover", lambda: emulator.set_fault(first, mode), within=30
+                            second,
+                            "failover",
+                            lambda: emulator.set_fault(first, **FAULTS[fault]),
+                            within=30,
                         )
                     )
                     await asyncio.sleep(random.uniform(0, poll))
@@ -122,17 +142,21 @@ def summary(runs: list[dict[str, float]], surface: str) -> tuple[float, float, i
     return statistics.median(values), max(values), len(values)
 
 
-def report(mode: str, runs: dict[str, list[dict[str, float]]], bound: float) -> None:
-    print(f"\n{mode}: {len(runs['failover'])} switches; bound {bound:g} s")
-    print(f"  {'surface':8} {'phase':9} {'median s':>9} {'max s':>7} {'seen':>5} {'÷ NATS':>7}")
+def report(fault: str, runs: dict[str, list[dict[str, float]]], bound: float) -> None:
+    print(f"\n{fault}: {len(runs['failover'])} switches; bound {bound:g} s")
+    print(
+        f"  {'surface':8} {'phase':9} {'median s':>9} {'max s':>7} {'seen':>5} {'÷ NATS':>7}"
+        f" {'in bound':>8}"
+    )
     for phase in ("failover", "recovery"):
         base, _, _ = summary(runs[phase], "nats")
         for surface in SURFACES:
             median, worst, seen = summary(runs[phase], surface)
             ratio = median / base if base else float("nan")
+            within = sum(1 for run in runs[phase] if run.get(surface, bound + 1) <= bound)
             print(
                 f"  {surface:8} {phase:9} {median:9.2f} {worst:7.2f} "
-                f"{seen:>3}/{len(runs[phase])} {ratio:7.2f}"
+                f"{seen:>3}/{len(runs[phase])} {ratio:7.2f} {within:>5}/{len(runs[phase])}"
             )
 
 
@@ -143,13 +167,18 @@ async def main() -> None:
     parser.add_argument(
         "--steady", type=float, default=60.0, help="seconds of steady prices (heartbeats: 15 s)"
     )
+    parser.add_argument(
+        "--faults", default=",".join(FAULTS), help=f"comma-separated, of: {', '.join(FAULTS)}"
+    )
     options = parser.parse_args()
     print(f"cores: {os.cpu_count()}; load average {os.getloadavg()[0]:.2f} at start")
     started = time.monotonic()
-    for mode in ("down", "stale"):
-        runs = await measure(mode, options.switches, options.poll)
-        bound = options.poll + 1 + (4.0 if mode == "stale" else 0)
-        report(mode, runs, bound)
+    for fault in options.faults.split(","):
+        if fault not in FAULTS:
+            parser.error(f"unknown fault {fault!r}: one of {', '.join(FAULTS)}")
+        runs = await measure(fault, options.switches, options.poll)
+        bound = options.poll + 1 + (4.0 if fault == "stale" else 0)
+        report(fault, runs, bound)
     gaps, duplicates = await steady(options.steady, options.poll)
     print(f"\nsteady prices for {options.steady:g} s, KURS_STALE_AFTER 30 (heartbeat 15 s):")
     for pair, between in gaps.items():

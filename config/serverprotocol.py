@@ -1,4 +1,5 @@
-"""The HTTP protocol Kurs is served with: uvicorn's httptools protocol, each answer in one send().
+"""The HTTP protocol Kurs is served with: uvicorn's httptools protocol, each answer in one send(),
+and a client that is slow to send its request, or sends too many or too large headers, refused.
 
 `scripts/serve.sh` selects it (`--http config.serverprotocol:KursHttpProtocol`).
 
@@ -16,14 +17,25 @@ uvicorn's flow control pauses a fast writer as it would without this protocol. M
 with `bench/bench_courses.py --servers`: about a quarter more requests per second for the same
 CPU, with one worker and with two. A WebSocket upgrade hands the plain transport to the
 WebSocket protocol (`realtime.wsprotocol`): its frames keep their own path.
+
+The request-read limits are `KursHttpProtocol`'s class attributes (timeouts, header count and
+size): a deployment behind nginx has nginx's own, and `make run` gets these. The uvicorn members
+the class relies on are listed, and checked against the installed uvicorn, in
+`config._uvicorn_compat`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from config._uvicorn_compat import HttpToolsProtocol
+
+logger = logging.getLogger(__name__)
 
 # Kept at most this much before handing it on at once: a large answer or a body streamed without
 # yielding to the loop reaches the real transport as it grows, whose high-water mark then pauses
@@ -109,59 +121,209 @@ class CoalescingTransport:
 
 
 class KursHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol on a `CoalescingTransport`, with a lazy keep-alive timer.
+    """uvicorn's httptools protocol on a `CoalescingTransport`, with request-read limits.
 
-    uvicorn arms a `call_later` for its keep-alive timeout after every answer and cancels it on
-    the next request's first bytes: a timer made and thrown away per request. Here one timer per
-    idle spell notes when the connection went idle; if a request came meanwhile it does nothing,
-    and the next answer arms it again. The timeout itself is uvicorn's (`--timeout-keep-alive`).
+    Without a proxy in front (`make run`), uvicorn waits for a request as long as its client
+    likes: a head sent a byte at a time, or a body shorter than its Content-Length, held the
+    socket open indefinitely, and neither the number of headers nor their size was bounded. Here:
+
+    - a request head must arrive whole within `HEADER_TIMEOUT` seconds of its first byte (of the
+      connection's opening, for the first request): a client that sent part of one is answered
+      408 and closed, a connection that never sent a byte is closed without an answer;
+    - its body within `BODY_TIMEOUT` seconds more (the whole request within both of its first
+      byte), or the connection is closed (the app, waiting on the body, gets `http.disconnect`);
+    - a head over `MAX_HEAD_BYTES` (checked as it arrives, so an endless one is cut off) or with
+      more than `MAX_HEADERS` headers is answered 431 and the connection closed.
+
+    Each refusal is one WARNING line; an answered one closes as nginx does, reading and dropping
+    what the client still sends for `LINGER` seconds so that it gets the answer, not a reset.
+    Between requests the connection waits at most uvicorn's
+    `--timeout-keep-alive`, then is closed without a word, as with uvicorn.
+
+    One timer per connection serves all three waits (keep-alive, head, body). uvicorn arms a fresh
+    keep-alive timer after every answer and cancels it at the next request's first bytes; here a
+    phase only moves the deadline, and the timer, when it fires early, sleeps again until the
+    deadline. Every wait is at most `_tick` (the shortest of the timeouts) ahead, so a deadline
+    is acted on at most that late, and a busy connection makes one timer per `_tick`, not two
+    timer calls per request. uvicorn's keep-alive methods (`on_response_complete`,
+    `_unset_keepalive_if_required`) are replaced for this; see `config._uvicorn_compat`.
     """
 
-    _idle_since: float | None = None
+    HEADER_TIMEOUT = 10.0
+    BODY_TIMEOUT = 30.0
+    MAX_HEADERS = 100
+    MAX_HEAD_BYTES = 64 * 1024
+    LINGER = 2.0  # after a refusal, how long what the client still sends is read and dropped
+
+    _clock: Callable[[], float]
+    _deadline: float | None = None  # when the phase the client owes us must be over
+    _in_body = False
+    _head_bytes = 0  # received since the current head began (with any body in the same read)
+    _watchdog: asyncio.TimerHandle | None = None
+    _refused = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._clock = self.loop.time  # the deadlines' clock: a test's subclass injects its own
+        self._tick = min(self.timeout_keep_alive, self.HEADER_TIMEOUT, self.BODY_TIMEOUT)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+        self._start_phase(self.HEADER_TIMEOUT)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.timeout_keep_alive_task is not None:
-            self.timeout_keep_alive_task.cancel()
-            self.timeout_keep_alive_task = None
+        self._stop_watchdog()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # answered and closing: what the client still sends is dropped (see _refuse)
+        if self._in_body:
+            super().data_received(data)
+            return
+        if not self._head_bytes:  # a request's first bytes: its head's deadline starts
+            self._deadline = self._clock() + self.HEADER_TIMEOUT  # _start_phase, inlined (hot)
+            if self._watchdog is None:
+                self._arm(self.HEADER_TIMEOUT)
+        self._head_bytes += len(data)
+        super().data_received(data)
+        if not self._in_body and self._head_bytes > self.MAX_HEAD_BYTES:
+            self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large")
+
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        if len(self.headers) > self.MAX_HEADERS:
+            self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many headers")
+            return
+        if self._head_bytes > self.MAX_HEAD_BYTES and self._head_size() > self.MAX_HEAD_BYTES:
+            # The whole head came in one large read (counted above with any body it carried).
+            self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large")
+            return
+        self._in_body = True
+        self._head_bytes = 0
+        if self._deadline is not None:
+            # The body's deadline follows the head's (no clock read: a GET's body ends at once).
+            self._deadline += self.BODY_TIMEOUT
+        else:  # a pipelined request, parsed in the read that ended the one before
+            self._start_phase(self.BODY_TIMEOUT)
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        self._in_body = False
+        super().on_message_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete:
+            # Answered before its body was in (a refusal, say): idle now, so keep-alive's wait.
+            self._start_phase(self.timeout_keep_alive)
+        else:
+            self._deadline = None  # the app has the request: the client owes nothing now
+
     def _unset_keepalive_if_required(self) -> None:
-        self._idle_since = None  # busy: an armed timer finds it so and lets the connection be
+        pass  # uvicorn's keep-alive timer is the deadline timer here: data_received moves it on
 
     def on_response_complete(self) -> None:
-        # uvicorn 0.54's own, but for the timer (`_keep_alive_check`).
+        # uvicorn 0.54's own but for the keep-alive wait, a phase of the deadline timer here.
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
-        self._idle_since = None
         self.flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
-            return
-        self._idle_since = self.loop.time()
-        if self.timeout_keep_alive_task is None:
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self._keep_alive_check
-            )
-
-    def _keep_alive_check(self) -> None:
-        self.timeout_keep_alive_task = None
-        idle_since = self._idle_since
-        if idle_since is None:
-            return  # a request is being served: its answer arms the timer again
-        remaining = idle_since + self.timeout_keep_alive - self.loop.time()
-        if remaining > 0:
-            self.timeout_keep_alive_task = self.loop.call_later(remaining, self._keep_alive_check)
-        else:
-            self.timeout_keep_alive_handler()
+        elif self._deadline is None:  # not already reading the client's next request
+            self._deadline = self._clock() + self.timeout_keep_alive  # _start_phase, inlined
+            if self._watchdog is None:
+                self._arm(self.timeout_keep_alive)
 
     def handle_websocket_upgrade(self) -> None:
+        if self._refused:
+            return  # the upgrade request was refused (431) before uvicorn took it in
+        self._deadline = None
+        self._stop_watchdog()
         transport = self.transport
         if isinstance(transport, CoalescingTransport):
             transport.flush()
             self.transport = transport.wrapped
         super().handle_websocket_upgrade()
+
+    def _head_size(self) -> int:
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+
+    def _start_phase(self, timeout: float) -> None:
+        self._deadline = self._clock() + timeout
+        if self._watchdog is None:
+            self._arm(timeout)
+
+    def _arm(self, delay: float) -> None:
+        self._watchdog = self.loop.call_later(min(delay, self._tick), self._check_deadline)
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _check_deadline(self) -> None:
+        self._watchdog = None
+        deadline = self._deadline
+        if deadline is None or self.transport.is_closing():
+            return  # nothing owed: the next phase arms the timer again
+        remaining = deadline - self._clock()
+        if remaining > 0:
+            self._arm(remaining)
+        elif self._refused:
+            self.transport.close()  # the lingering after a refusal is over
+        elif self._in_body:
+            self._close(f"request body not received within {self.BODY_TIMEOUT:g}s")
+        elif self._head_bytes:
+            self._refuse(
+                HTTPStatus.REQUEST_TIMEOUT,
+                f"request head not received within {self.HEADER_TIMEOUT:g}s",
+            )
+        else:
+            self.transport.close()  # idle (keep-alive) or opened and silent: nothing to say
+
+    def _refuse(self, status: HTTPStatus, reason: str) -> None:
+        """Answer `status`, then close as nginx does (a lingering close): the answer and our FIN
+        leave now, and what the client is still sending is read and dropped for `LINGER`
+        seconds at most (the connection ends sooner if the client closes its side). Closing at
+        once, with its request unread, would make our kernel reset the connection, and a
+        client still writing would get the reset instead of the answer."""
+        if self._refused or self.transport.is_closing():
+            return
+        self._log(f"answered {status.value}", reason)
+        self._refused = True
+        self.transport.write(refusal(status, reason))
+        self.transport.write_eof()
+        self._start_phase(self.LINGER)
+
+    def _close(self, reason: str) -> None:
+        if self._refused or self.transport.is_closing():
+            return
+        self._log("closed", reason)
+        self._refused = True
+        self._deadline = None
+        self._stop_watchdog()
+        self.transport.close()
+
+    def _log(self, outcome: str, reason: str) -> None:
+        peer = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown peer"
+        logger.warning("http: %s %s: %s", peer, outcome, reason)
+
+
+def refusal(status: HTTPStatus, detail: str) -> bytes:
+    """A whole `Connection: close` answer with a JSON `detail`, as every Kurs error has."""
+    body = json.dumps({"detail": detail}).encode()
+    head = (
+        f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+        "content-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body

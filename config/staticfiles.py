@@ -3,8 +3,9 @@
 WhiteNoise 6's middleware is sync-only, so under ASGI Django wrapped it for every request:
 sync_to_async into a fresh per-request thread, then async_to_sync back to the event loop for the
 rest of the chain (py-spy on `GET /api/v1/items/1`: 72 % of samples waited on that hand-over).
-This subclass is async-capable: a path that is not a static file (every API request) goes
-straight on in the event loop; only a static file is looked up and opened in a thread.
+This subclass is async-capable: a path outside WhiteNoise's prefix (every API request) goes
+straight on in the event loop; one under it is given to WhiteNoise's own `__call__` in a thread,
+which answers the file or hands back a marker, and then the request goes on in the loop too.
 """
 
 from __future__ import annotations
@@ -13,8 +14,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
 from whitenoise.middleware import WhiteNoiseMiddleware
+
+from config._whitenoise_compat import served_prefix
+
+# What WhiteNoise's `__call__` returns, from the thread, for a path that is not a static file:
+# calling the async rest of the chain from there would hop back to the loop and wait for it.
+NOT_A_FILE = HttpResponse(status=404)
+
+
+def _not_a_file(request: HttpRequest) -> HttpResponse:
+    return NOT_A_FILE
 
 
 class AsyncWhiteNoiseMiddleware(WhiteNoiseMiddleware):
@@ -22,28 +34,28 @@ class AsyncWhiteNoiseMiddleware(WhiteNoiseMiddleware):
     async_capable = True
 
     def __init__(self, get_response: Callable[[HttpRequest], Any], **kwargs: Any) -> None:
-        super().__init__(get_response, **kwargs)
         self._async = iscoroutinefunction(get_response)
+        self._next: Any = get_response
+        super().__init__(_not_a_file if self._async else get_response, **kwargs)
+        self._prefix = served_prefix(self)
         if self._async:
             markcoroutinefunction(self)
 
-    def __call__(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
+    def __call__(self, request: HttpRequest) -> HttpResponseBase | Awaitable[HttpResponseBase]:
         if self._async:
             return self._acall(request)
-        return super().__call__(request)
+        response: HttpResponseBase = super().__call__(request)
+        return response
 
-    async def _acall(self, request: HttpRequest) -> HttpResponse:
-        path = request.path_info
-        if self.autorefresh:
-            # DEBUG: files are looked up on disk at each request; only under the static prefix.
-            found = path.startswith(self.static_prefix)
-            static_file = await sync_to_async(self.find_file)(path) if found else None
-        else:
-            static_file = self.files.get(path)
-        if static_file is None:
-            return await self.get_response(request)  # type: ignore[no-any-return,misc]
-        response = await sync_to_async(self.serve)(static_file, request)
-        if response.streaming and not response.is_async:
+    async def _acall(self, request: HttpRequest) -> HttpResponseBase:
+        if not request.path_info.startswith(self._prefix):
+            response: HttpResponseBase = await self._next(request)
+            return response
+        response = await sync_to_async(super().__call__)(request)
+        if response is NOT_A_FILE:
+            response = await self._next(request)
+            return response
+        if isinstance(response, StreamingHttpResponse) and not response.is_async:
             # A file body iterated synchronously makes Django warn on stderr for every static
             # file (a non-JSON line in production logs) and read it whole: read it in a thread.
             response.streaming_content = _chunks_in_a_thread(response.streaming_content)

@@ -10,6 +10,9 @@ mistakes answered the way a server should, not with a hang or a traceback.
 - **A text message that is not UTF-8** is closed with 1007 as uvicorn does, but uvicorn logs an
   ERROR with a traceback each time (`logger.exception`): a client can flood the log. Here it is
   one WARNING line.
+
+The uvicorn members this subclass reads, sets and overrides are listed in `config._uvicorn_compat`,
+whose test fails on another uvicorn version.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from __future__ import annotations
 import logging
 from http import HTTPStatus
 
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import SecurityError
 from websockets.frames import CloseCode
+
+from config._uvicorn_compat import WebSocketsSansIOProtocol
 
 logger = logging.getLogger(__name__)
 

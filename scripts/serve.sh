@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # The production web server, as `make run` (Procfile `web:`) starts it: uvicorn with uvloop and
 # Kurs's HTTP protocol (config/serverprotocol.py: uvicorn's httptools protocol sending each answer
-# in one write, a quarter more requests per second) serving config.asgi:application (HTTP, the /courses fast path, WebSocket, lifespan ->
-# the NATS bridge). Chosen by measurement against granian (README "Serving").
+# in one write, a quarter more requests per second) serving config.asgi:application (HTTP, the
+# /courses fast path, WebSocket, lifespan -> the NATS bridge). Chosen by measurement against
+# granian (README "Serving").
+# Slow or oversized requests, for when no nginx stands in front (config/serverprotocol.py): a
+# request head must arrive within 10 s of its first byte (else 408), its body within 30 s more
+# (else the connection is closed); more than 100 headers or a head over 64 KiB is answered 431.
+# Idle keep-alive connections close after uvicorn's --timeout-keep-alive (5 s).
 #   KURS_HOST (127.0.0.1), KURS_PORT (8000), KURS_WEB_WORKERS (2): one process per worker, each
 #   with its own bridge and snapshot. --no-proxy-headers: uvicorn would otherwise trust
 #   X-Forwarded-For from 127.0.0.1; who is a trusted proxy is KURS_NUM_PROXIES's call

@@ -1,5 +1,6 @@
 """The production server as `make run` starts it (`scripts/serve.sh`): HTTP, the `/courses` fast
-path, WebSocket, lifespan (the NATS bridge) and a graceful shutdown on SIGTERM."""
+path, WebSocket, lifespan (the NATS bridge), Kurs's request limits (config/serverprotocol.py)
+and a graceful shutdown on SIGTERM."""
 
 from __future__ import annotations
 
@@ -105,6 +106,17 @@ async def test_it_serves_http_and_websockets_starts_the_bridge_and_stops_cleanly
         item = await client.get("/api/v1/items/1")
         assert item.status_code == 200
         assert item.json()["code"]
+
+    # Kurs's protocol is the one serving: too many headers, or one of 1 MB, are refused with 431
+    # (the timeouts are tested with an injected clock in config/tests/test_serverprotocol.py).
+    many = b"".join(b"X-H%d: v\r\n" % n for n in range(1000))
+    huge = b"X-Big: " + b"x" * 1024 * 1024 + b"\r\n"
+    for extra in (many, huge):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /api/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + extra + b"\r\n")
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 431 "), answer
 
     origin = Origin(f"http://127.0.0.1:{port}")
     ws = await ws_connect(f"ws://127.0.0.1:{port}/ws/items", origin=origin)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import warnings
 from collections.abc import Mapping
+from importlib.metadata import version
 from typing import Any
 
 import pytest
 from asgiref.sync import AsyncToSync
+from whitenoise.middleware import WhiteNoiseMiddleware
 
+from config._whitenoise_compat import UNDOCUMENTED, WRITTEN_AGAINST, served_prefix
 from config.asgi import django_asgi_app
 
 pytestmark = pytest.mark.django_db
@@ -77,3 +80,25 @@ async def test_a_static_file_is_streamed_without_djangos_sync_iterator_warning()
         status, body = await get("/static/admin/css/base.css")
     assert status == 200
     assert b"{" in body
+
+
+async def test_a_path_under_the_static_prefix_that_is_no_file_goes_on_to_django() -> None:
+    status, body = await get("/static/no-such-file.css")
+    assert status == 404
+    assert body  # Django's own answer, not WhiteNoise's empty not-a-file marker
+
+
+def test_the_installed_whitenoise_is_the_one_the_adapter_was_written_against() -> None:
+    assert version("whitenoise") == WRITTEN_AGAINST, (
+        f"whitenoise {version('whitenoise')} is installed; config/_whitenoise_compat.py was"
+        f" written against {WRITTEN_AGAINST}: check the names it lists, then bump it"
+    )
+
+
+def test_the_undocumented_names_still_exist_and_give_the_static_prefix() -> None:
+    middleware = WhiteNoiseMiddleware(lambda request: None)
+    for cls, names in UNDOCUMENTED.items():
+        assert isinstance(middleware, cls)
+        for name in names:
+            assert hasattr(middleware, name), f"{cls.__name__} no longer has {name!r}"
+    assert served_prefix(middleware) == "/static/"

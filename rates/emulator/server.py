@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import uvicorn
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from config._uvicorn_compat import WebSocketsSansIOProtocol
 from rates.emulator.app import EmulatorApp
 from rates.emulator.market import Fault, Market
 
 if TYPE_CHECKING:
-    from uvicorn._types import ASGISendEvent
+    from config._uvicorn_compat import ASGISendEvent
 
 
 class EmulatorWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -26,7 +26,8 @@ class EmulatorWebSocketProtocol(WebSocketsSansIOProtocol):
     The emulator refuses a stream as an exchange does, with an HTTP answer (503 when down, 429
     with Retry-After). uvicorn 0.54 counts the handshake complete only after an accept or a
     close, so each refusal also logged ERROR "ASGI callable returned without completing
-    handshake" (Kludex/uvicorn#3138): here a refusal sent in full completes it too.
+    handshake" (Kludex/uvicorn#3138, an open pull request): here a refusal sent in full
+    completes it too. The uvicorn members it touches are listed in `config._uvicorn_compat`.
     """
 
     async def send(self, message: ASGISendEvent) -> None:

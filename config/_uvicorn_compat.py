@@ -1,0 +1,91 @@
+"""The one place Kurs reaches into uvicorn below its documented surface.
+
+uvicorn documents its settings (`--http`, `--ws` accept a protocol class) but not the protocol
+classes themselves. Kurs subclasses two of them: `config.serverprotocol.KursHttpProtocol`
+(one write per answer, request-read timeouts and header limits) and the WebSocket protocols of
+`realtime.wsprotocol` and `rates.emulator.server` (a refused handshake answered, not held), and
+the emulator drives `uvicorn.Server` step by step. Every such class is imported from here, and
+every undocumented member those subclasses read, set or override is listed below.
+
+`WRITTEN_AGAINST` is the uvicorn these names were read from. `config/tests/test_uvicorn_compat.py`
+fails when another version is installed or a listed name is gone: an upgrade is then a deliberate
+act (read the new version's classes, adjust the subclasses, bump the version here), never a
+subclass silently overriding a method that is no longer called.
+
+Upstream: request-read timeouts were proposed in Kludex/uvicorn issue #157
+(`--timeout-request-start`, `--timeout-request-complete`) and never implemented; a header-count
+limit was declined there ("the header size limitation is enough": uvicorn's h11 protocol has
+one, its httptools protocol, the one Kurs runs, none). The emulator's refused-handshake fix is
+Kludex/uvicorn pull request #3138, open.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import Server
+
+if TYPE_CHECKING:
+    # The message type of the protocols' `send`, which an override must accept whole (asgiref's
+    # union lacks uvicorn's early-hint event). A private module: for type checking only.
+    from uvicorn._types import ASGISendEvent as ASGISendEvent
+
+WRITTEN_AGAINST = "0.54.0"
+PRIVATE_MODULES = ("uvicorn._types",)
+
+# Undocumented members used by Kurs's subclasses and the emulator, per uvicorn class.
+# Methods that are overridden are marked so; the rest are read or set.
+UNDOCUMENTED: dict[type, tuple[str, ...]] = {
+    HttpToolsProtocol: (
+        "loop",  # the event loop the protocol schedules its timers on
+        "transport",  # replaced by a coalescing wrapper; restored at a WebSocket upgrade
+        "client",  # the peer, for the refusal log line
+        "url",  # the request target as received, for the head's size
+        "headers",  # the request's headers as received, for their count and size
+        "on_headers_complete",  # overridden (httptools callback): head limits, body phase
+        "on_body",  # overridden (httptools callback): ignored after a refusal
+        "on_message_complete",  # overridden (httptools callback): the request is whole
+        "handle_websocket_upgrade",  # overridden: the plain transport for WebSocket frames
+        # The keep-alive wait, moved onto Kurs's deadline timer: `on_response_complete` is
+        # uvicorn 0.54's own but for that wait, so it must be compared with each new version's.
+        "on_response_complete",  # overridden, as a copy
+        "_unset_keepalive_if_required",  # overridden: uvicorn calls it at each read
+        "timeout_keep_alive",  # `--timeout-keep-alive`
+        "server_state",
+        "flow",
+        "pipeline",
+        "cycle",  # the current request's; its `response_complete` says whether it was answered
+        "_start_asgi_task",
+    ),
+    WebSocketsSansIOProtocol: (
+        "conn",  # websockets' ServerProtocol (documented by websockets)
+        "transport",
+        "client",
+        "handshake_initiated",
+        "handshake_complete",
+        "close_sent",
+        "frames",  # the fragments of the message being received
+        "curr_msg_data_type",  # "text" or "bytes"
+        "send_receive_event_to_app",  # overridden: invalid UTF-8 closed with one log line
+        "handle_parser_exception",  # called: closes the connection after a protocol error
+        "send",  # overridden by the emulator (uvicorn PR #3138)
+    ),
+    Server: (
+        "startup",  # the emulator runs the server without `serve()`'s signal handlers,
+        "main_loop",  # which would take SIGINT from `run_emulator`'s own handler
+        "shutdown",
+        "lifespan",
+        "should_exit",
+    ),
+}
+
+__all__ = [
+    "PRIVATE_MODULES",
+    "UNDOCUMENTED",
+    "WRITTEN_AGAINST",
+    "HttpToolsProtocol",
+    "Server",
+    "WebSocketsSansIOProtocol",
+]
