@@ -274,10 +274,6 @@ class QuoteBoard:
                 return False
             return priority is None or any(rank < priority for rank, _ in awaited.values())
 
-    def in_first_round(self, pair: str) -> bool:
-        with self._lock:
-            return pair in self.first_round
-
     def pairs(self) -> list[str]:
         """Every pair the board has a current rate or a quote for."""
         with self._lock:

@@ -118,7 +118,7 @@ class Fetcher:
         # Pairs that appeared since the last cycle: every provider able to quote them is asked
         # in the next one, however recently it was polled (see `pairs`).
         self._new_pairs: set[Pair] = set()
-        # Set when an item event arrives (`listen_for_items`): the owner reads the pairs at once.
+        # Set when an item event arrives (`ItemListener`): the owner reads the pairs at once.
         self._items_changed = asyncio.Event()
         self._reached = False  # has any provider answered this process yet?
         self._offline_hinted = False
@@ -210,7 +210,11 @@ class Fetcher:
     def _hint_if_offline(self, rounds: Sequence[ProviderRound]) -> None:
         """Once: no provider has answered at all, as when Kurs runs with no network. The
         emulator (`make demo`) serves every provider's API locally."""
-        self._reached = self._reached or any(item.reached for item in rounds)
+        self._reached = (
+            self._reached
+            or any(item.reached for item in rounds)
+            or any(monitor_for(provider.name).last_success for provider in self.providers)
+        )
         if self._reached or self._offline_hinted or not rounds:
             return
         self._offline_hinted = True
@@ -334,7 +338,7 @@ class Fetcher:
         lost = asyncio.Event()
         keeper = asyncio.create_task(self._keep(lease, lost, stop))
         responder = serve_fetch_requests(self)
-        items = listen_for_items(self._items_changed)
+        items = ItemListener(self._items_changed)
         try:
             await self._run(stop, lost)
         finally:
@@ -577,16 +581,13 @@ class ItemListener:
         loop = asyncio.get_running_loop()
 
         async def heard(_msg: Msg) -> None:
-            loop.call_soon_threadsafe(changed.set)
+            with suppress(RuntimeError):  # the owner's loop ended with a message in flight
+                loop.call_soon_threadsafe(changed.set)
 
         self._sub_id, _ = nats.connection.subscribe(f"{settings.KURS_NATS_PREFIX}.items.>", heard)
 
     def close(self) -> None:
         nats.connection.unsubscribe(self._sub_id)
-
-
-def listen_for_items(changed: asyncio.Event) -> ItemListener:
-    return ItemListener(changed)
 
 
 def serve_fetch_requests(fetcher: Fetcher) -> Responder:
