@@ -94,6 +94,9 @@ class QuoteBoard:
     # pair -> the best priority among providers able to quote it (set by the fetcher).
     best_possible: dict[str, tuple[int, ...]] = field(default_factory=dict)
     down: set[str] = field(default_factory=set)
+    # A new pair's first round (see `start_first_round`): pair -> provider -> (its priority,
+    # time.monotonic() after which it is no longer waited for).
+    first_round: dict[str, dict[str, tuple[tuple[int, ...], float]]] = field(default_factory=dict)
     # Active items: code -> id, refreshed by rates.services when older than its TTL.
     items: dict[str, int] = field(default_factory=dict)
     items_loaded_at: float | None = None
@@ -135,6 +138,7 @@ class QuoteBoard:
                 self.current,
                 self.last_stored,
                 self.best_possible,
+                self.first_round,
             ):
                 table.clear()
             self.down.clear()
@@ -192,8 +196,16 @@ class QuoteBoard:
             return self.accepted.get(pair, {}).pop(provider, None) is not None
 
     # --- who serves ---------------------------------------------------------------------------
-    def best(self, pair: str, *, now: datetime, direct_only: bool = False) -> Entry | None:
-        """The entry that serves `pair`: fresh, from a provider that is up, highest priority."""
+    def best(
+        self,
+        pair: str,
+        *,
+        now: datetime,
+        direct_only: bool = False,
+        among: frozenset[str] | None = None,
+    ) -> Entry | None:
+        """The entry that serves `pair`: fresh, from a provider that is up, highest priority
+        (and, with `among`, from those providers alone, a cross rate's legs included)."""
         with self._lock:
             entries = list(self.accepted.get(pair, {}).values())
             down = set(self.down)
@@ -203,6 +215,7 @@ class QuoteBoard:
             if entry.fresh_until >= now
             and not down.intersection(entry.sources)
             and not (direct_only and entry.derived)
+            and (among is None or among.issuperset(entry.sources))
         ]
         return min(usable, key=lambda entry: entry.priority, default=None)
 
@@ -220,6 +233,47 @@ class QuoteBoard:
         with self._lock:
             self.best_possible = dict(priorities)
 
+    # --- a new pair's first round -------------------------------------------------------------
+    def start_first_round(
+        self, providers: dict[str, dict[str, tuple[int, ...]]], *, until: float
+    ) -> None:
+        """New pairs (pair -> provider -> priority of each provider that can quote it): until
+        each of those providers has answered or failed (`end_first_round`), or `until` passes,
+        only a `live` decision is news for the pair (see `awaits_better`). A second provider's
+        stream answering first must not publish a `failover` that the next moment corrects."""
+        with self._lock:
+            for pair, awaited in providers.items():
+                self.first_round[pair] = {name: (rank, until) for name, rank in awaited.items()}
+
+    def end_first_round(self, provider: str, pairs: Iterable[str]) -> list[str]:
+        """`provider`'s round over `pairs` ended; the pairs that were waiting for it."""
+        ended = []
+        with self._lock:
+            for pair in pairs:
+                awaited = self.first_round.get(pair)
+                if awaited is None or awaited.pop(provider, None) is None:
+                    continue
+                ended.append(pair)
+                if not awaited:
+                    del self.first_round[pair]
+        return ended
+
+    def awaits_better(self, pair: str, priority: tuple[int, ...] | None) -> bool:
+        """Is `pair` in its first round, waiting for a provider that outranks `priority` (any
+        provider when None: nothing serves yet)?"""
+        now = time.monotonic()
+        with self._lock:
+            awaited = self.first_round.get(pair)
+            if not awaited:
+                return False
+            for name, (_, until) in list(awaited.items()):
+                if until < now:  # a round that never ended (cancelled) holds nothing for long
+                    del awaited[name]
+            if not awaited:
+                del self.first_round[pair]
+                return False
+            return priority is None or any(rank < priority for rank, _ in awaited.values())
+
     def pairs(self) -> list[str]:
         """Every pair the board has a current rate or a quote for."""
         with self._lock:
@@ -228,6 +282,12 @@ class QuoteBoard:
     def get_current(self, pair: str) -> Current | None:
         with self._lock:
             return self.current.get(pair)
+
+    def adopt_current(self, pair: str, current: Current) -> None:
+        """A stored current rate this owner has not loaded (an item activated again): later
+        writes continue its `version`, so readers that know it take them as newer."""
+        with self._lock:
+            self.current.setdefault(pair, current)
 
     def set_current(self, pair: str, current: Current) -> None:
         with self._lock:

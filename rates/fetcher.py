@@ -6,7 +6,11 @@ while it holds the lease, answering `kurs.ctl.fetch` with a cycle of its own; or
 when nobody holds it, the entry points of `rates.fetch_control` (the django-q2 safety net,
 one-shot `run_fetch`, `POST /tasks/run` when no owner answers).
 
-A failing provider is never fatal: its error is recorded, the others go on, and the cycle ends.
+The owner hears item events on NATS: a created (or re-activated) item's pair is quoted at once by
+every provider able to quote it, however recently a slow provider (CBR, CoinGecko) was polled.
+
+A failing provider is never fatal: its error is recorded, the others go on, and the cycle ends. An
+outage is logged once when it starts and once when it ends (`ProviderMonitor`).
 """
 
 from __future__ import annotations
@@ -24,14 +28,23 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections
 from django.utils import timezone
+from nats.aio.msg import Msg
 
 from config.jsonenc import dumps
 from rates import metrics, policy, provider_health, services
 from rates.board import Entry
 from rates.lease import RENEW_EVERY, Lease, lease_holder
 from rates.provider_health import ProviderMonitor, monitor_for
-from rates.providers import Pair, Provider, ProviderError, ProviderRateLimited, Quote
-from rates.providers.streaming import stream_forever
+from rates.providers import (
+    Pair,
+    Provider,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderRateLimited,
+    ProviderTimeout,
+    Quote,
+)
+from rates.providers.streaming import crash_reason, stream_forever
 from realtime import events, nats
 from realtime.nats import Responder
 
@@ -56,6 +69,8 @@ class ProviderRound:
     status: str
     valid: int = 0
     stored: int = 0
+    # Did the provider answer at all (an HTTP error counts; a refused connection does not)?
+    reached: bool = True
 
 
 @dataclass
@@ -100,10 +115,22 @@ class Fetcher:
             monitor_for(provider.name).probe_every(self.poll_interval * 0.9)
         self._requested: asyncio.Future[CycleReport] | None = None
         self._last_requested: tuple[float, CycleReport] | None = None
+        # Pairs that appeared since the last cycle: every provider able to quote them is asked
+        # in the next one, however recently it was polled (see `pairs`).
+        self._new_pairs: set[Pair] = set()
+        # Set when an item event arrives (`ItemListener`): the owner reads the pairs at once.
+        self._items_changed = asyncio.Event()
+        self._reached = False  # has any provider answered this process yet?
+        self._offline_hinted = False
 
     async def pairs(self) -> list[Pair]:
+        """The pairs to quote now, read afresh. A pair new since the last read (an item created
+        or activated again) starts its first round: its first status waits for every provider
+        of this fetcher that can quote it (`QuoteBoard.start_first_round`), and each of them is
+        asked for it in the next cycle."""
         pairs = await sync_to_async(_wanted_pairs)()
-        services.get_board().set_best_possible(
+        board = services.get_board()
+        board.set_best_possible(
             {
                 pair.code: policy.provider_priority(provider.name)
                 for provider in reversed(self.providers)
@@ -111,6 +138,23 @@ class Fetcher:
                 if provider.supports(pair)
             }
         )
+        known = set(self._pairs)
+        new = [pair for pair in pairs if pair not in known]
+        if new:
+            await sync_to_async(services.adopt_stored)([pair.code for pair in new])
+            board.start_first_round(
+                {
+                    pair.code: {
+                        provider.name: policy.provider_priority(provider.name)
+                        for provider in self.providers
+                        if provider.supports(pair)
+                    }
+                    for pair in new
+                },
+                # A round ends within its timeout; this bounds a wait whose round never ran.
+                until=time.monotonic() + self.poll_interval + self.round_timeout,
+            )
+            self._new_pairs.update(new)
         self._pairs = pairs
         return pairs
 
@@ -137,7 +181,12 @@ class Fetcher:
         started = time.perf_counter()
         if pairs is None:
             pairs = await self.pairs()
-        polled = [provider for provider in self.providers if not pace or self.due(provider)]
+        new, self._new_pairs = self._new_pairs, set()
+        polled = [
+            provider
+            for provider in self.providers
+            if not pace or self.due(provider) or any(provider.supports(pair) for pair in new)
+        ]
         rounds = await asyncio.gather(*(self._round(provider, pairs) for provider in polled))
         await sync_to_async(_after_cycle)()
         duration = time.perf_counter() - started
@@ -147,22 +196,47 @@ class Fetcher:
             duration_ms=round(duration * 1000),
             valid=sum(item.valid for item in rounds),
         )
-        report.rows = await sync_to_async(_table_rows)()
+        among = frozenset(provider.name for provider in self.providers)
+        report.rows = await sync_to_async(_table_rows)(among)
         self.cycles += 1
         self.stored += report.stored
         metrics.FETCH_CYCLES.labels("ok" if report.ok else "failed").inc()
         metrics.FETCH_DURATION.observe(duration)
         if services.get_board().writable():
             events.publish("fetch.completed", report.event())
+        self._hint_if_offline(rounds)
         return report
+
+    def _hint_if_offline(self, rounds: Sequence[ProviderRound]) -> None:
+        """Once: no provider has answered at all, as when Kurs runs with no network. The
+        emulator (`make demo`) serves every provider's API locally."""
+        self._reached = (
+            self._reached
+            or any(item.reached for item in rounds)
+            or any(monitor_for(provider.name).last_success for provider in self.providers)
+        )
+        if self._reached or self._offline_hinted or not rounds:
+            return
+        self._offline_hinted = True
+        logger.warning(
+            "no provider could be reached (%s): without a network, `make demo` runs Kurs "
+            "against the built-in exchange emulator",
+            ", ".join(item.name for item in rounds),
+        )
 
     async def _round(self, provider: Provider, pairs: Sequence[Pair]) -> ProviderRound:
         board = services.get_board()
         was_down = provider.name in board.down
-        result = await self._guarded_round(provider, pairs)
+        try:
+            result = await self._guarded_round(provider, pairs)
+        finally:
+            waited = board.end_first_round(provider.name, [pair.code for pair in pairs])
         if result.status != "ok" or (provider.name in board.down) != was_down:
             # Fail its pairs over (or back) now, not when the slowest provider's round ends.
             await sync_to_async(services.reevaluate)()
+        elif waited:
+            # New pairs were waiting for this provider's answer to publish their first status.
+            await sync_to_async(services.reevaluate)(pairs=waited)
         return result
 
     async def _guarded_round(self, provider: Provider, pairs: Sequence[Pair]) -> ProviderRound:
@@ -175,7 +249,7 @@ class Fetcher:
             await asyncio.sleep(retry)
         if not monitor.breaker.allow():
             retry = monitor.breaker.retry_in()
-            return ProviderRound(name, f"error: circuit open, retry in {retry:.0f}s")
+            return ProviderRound(name, f"error: circuit open, retry in {retry:.0f}s", reached=False)
         supported = [pair for pair in pairs if provider.supports(pair)]
         if not supported:
             return ProviderRound(name, "ok")
@@ -185,13 +259,16 @@ class Fetcher:
         except ProviderRateLimited as exc:
             return self._failed(monitor, str(exc), "rate_limited", retry_after=exc.retry_after)
         except ProviderError as exc:
-            return self._failed(monitor, str(exc), type(exc).__name__)
+            unreached = isinstance(exc, ProviderConnectionError | ProviderTimeout)
+            return self._failed(monitor, str(exc), type(exc).__name__, reached=not unreached)
         except TimeoutError:
-            return self._failed(monitor, f"timed out after {self.round_timeout:g}s", "timeout")
+            reason = f"timed out after {self.round_timeout:g}s"
+            return self._failed(monitor, reason, "timeout", reached=False)
         except Exception as exc:
-            # A provider bug must not stop the others or the cycle.
+            # A provider bug must not stop the others or the cycle. The traceback is logged;
+            # what `/providers` and the dashboard show is bounded plain text.
             logger.exception("%s: fetch crashed", name)
-            return self._failed(monitor, f"{type(exc).__name__}: {exc}", "crash")
+            return self._failed(monitor, crash_reason(exc), "crash")
         results = await sync_to_async(services.accept_quotes)(quotes)
         valid = sum(result.accepted for result in results)
         stored = sum(result.stored_count for result in results)
@@ -211,10 +288,11 @@ class Fetcher:
         *,
         retry_after: float | None = None,
         stored: int = 0,
+        reached: bool = True,
     ) -> ProviderRound:
-        logger.warning("%s: %s", monitor.name, reason, extra={"provider": monitor.name})
+        # The monitor logs it (once per outage, not once per round).
         monitor.failed(reason, kind=kind, retry_after=retry_after)
-        return ProviderRound(monitor.name, f"error: {reason}", stored=stored)
+        return ProviderRound(monitor.name, f"error: {reason}", stored=stored, reached=reached)
 
     # --- the live owner ----------------------------------------------------------------------
     async def watch(self, stop: asyncio.Event, *, lease: Lease | None = None) -> None:
@@ -260,9 +338,11 @@ class Fetcher:
         lost = asyncio.Event()
         keeper = asyncio.create_task(self._keep(lease, lost, stop))
         responder = serve_fetch_requests(self)
+        items = ItemListener(self._items_changed)
         try:
             await self._run(stop, lost)
         finally:
+            items.close()
             responder.close()
             keeper.cancel()
             with suppress(asyncio.CancelledError):
@@ -290,17 +370,39 @@ class Fetcher:
     async def _run(self, stop: asyncio.Event, lost: asyncio.Event) -> None:
         """Streams from every streaming provider plus a REST cycle every poll interval.
 
-        The set of pairs is re-read each cycle; when items change, the streams resubscribe.
+        The set of pairs is re-read each cycle, and at once when an item event arrives: a new
+        pair starts a cycle of its own (its first round) and the streams resubscribe.
         """
         streams: list[asyncio.Task[None]] = []
         stream_stop = asyncio.Event()
         streamed: list[Pair] = []
         ended = asyncio.create_task(_first_of(stop, lost))
+        last_started = due = time.monotonic()
         try:
             while not ended.done():
-                started = time.monotonic()
+                pairs = None
+                if await self._wait(ended, due):
+                    # An item changed: a cycle now (not before WAKE_GAP after the last one, so
+                    # that a burst of item writes cannot multiply the calls to the exchanges),
+                    # if the pairs changed; else the cadence goes on.
+                    await self._wait(ended, last_started + WAKE_GAP, wake=False)
+                    if ended.done():
+                        break
+                    try:
+                        pairs = await self.pairs()
+                    except Exception:
+                        logger.exception("reading the items failed")
+                        continue
+                    if pairs == streamed:
+                        continue
+                if ended.done():
+                    break
+                last_started = time.monotonic()
+                # A steady cadence: the next cycle starts one interval after this one started.
+                due = last_started + self.poll_interval
                 try:
-                    pairs = await self.pairs()
+                    if pairs is None:
+                        pairs = await self.pairs()
                     if pairs != streamed:
                         await _stop_streams(streams, stream_stop)
                         stream_stop = asyncio.Event()
@@ -316,13 +418,29 @@ class Fetcher:
                 except Exception:
                     # A database outage ends this cycle, not the fetcher: the next one retries.
                     logger.exception("fetch cycle failed")
-                # A steady cadence: the next cycle starts one interval after this one started.
-                pause = max(0.0, started + self.poll_interval - time.monotonic())
-                with suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(ended), pause)
         finally:
             ended.cancel()
             await _stop_streams(streams, stream_stop)
+
+    async def _wait(self, ended: asyncio.Task[None], until: float, *, wake: bool = True) -> bool:
+        """Wait until the monotonic time `until`, or the end; True when an item event (with
+        `wake`) cut it short."""
+        pause = until - time.monotonic()
+        if pause <= 0:
+            return False
+        waits: set[asyncio.Future[Any]] = {ended}
+        woken = asyncio.ensure_future(self._items_changed.wait()) if wake else None
+        if woken is not None:
+            waits.add(woken)
+        try:
+            await asyncio.wait(waits, timeout=pause, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if woken is not None:
+                woken.cancel()
+        if woken is not None and self._items_changed.is_set():
+            self._items_changed.clear()
+            return True
+        return False
 
     async def _stream(self, provider: Provider, pairs: list[Pair], stop: asyncio.Event) -> None:
         monitor = monitor_for(provider.name)
@@ -370,6 +488,8 @@ class Fetcher:
 
 
 STANDBY_RETRY = 1.0
+# The least time between the starts of two cycles when an item event asks for one early.
+WAKE_GAP = 0.5
 # The owner's clock: lease renewal when due, pairs decided again (a quote outlives its window, a
 # stream falls silent). A quarter second keeps that well inside "one poll plus a second".
 TICK = 0.25
@@ -402,6 +522,8 @@ def _wanted_pairs() -> list[Pair]:
     # 0, any) connection once per cycle, as Django does between requests, so the next query
     # reconnects instead of failing forever.
     close_old_connections()
+    # Read afresh, not from the items cache: a new item is quoted in the cycle that follows.
+    services.get_board().forget_items()
     return services.wanted_pairs(services.active_items())
 
 
@@ -412,13 +534,19 @@ def _after_cycle() -> None:
     provider_health.flush_statuses()
 
 
-def _table_rows() -> list[dict[str, Any]]:
-    """Pair, value, provider and age of every active item as this process now serves it."""
+def _table_rows(among: frozenset[str]) -> list[dict[str, Any]]:
+    """Pair, value, provider and age of every active item as this fetcher's providers quote it
+    (`run_fetch --provider binance` shows Binance's rates, not those the owner stored from
+    others); a pair they cannot quote is listed without a value only when every configured
+    provider was asked."""
     board = services.get_board()
     now = timezone.now()
+    every = among.issuperset(settings.KURS_PROVIDERS)
     rows = []
     for code in sorted(services.active_items(board=board)):
-        entry: Entry | None = board.best(code, now=now)
+        entry: Entry | None = board.best(code, now=now, among=among)
+        if entry is None and not every:
+            continue
         rows.append(
             {
                 "pair": code,
@@ -443,6 +571,23 @@ def http_client(timeout: float) -> httpx.AsyncClient:
 # --- POST /tasks/run through the owner -------------------------------------------------------
 def control_subject() -> str:
     return f"{settings.KURS_NATS_PREFIX}.ctl.fetch"
+
+
+class ItemListener:
+    """Item events on NATS (`<prefix>.items.>`, from whichever process wrote the item) set
+    `changed` on the owner's loop; without NATS the owner still reads the items every poll."""
+
+    def __init__(self, changed: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def heard(_msg: Msg) -> None:
+            with suppress(RuntimeError):  # the owner's loop ended with a message in flight
+                loop.call_soon_threadsafe(changed.set)
+
+        self._sub_id, _ = nats.connection.subscribe(f"{settings.KURS_NATS_PREFIX}.items.>", heard)
+
+    def close(self) -> None:
+        nats.connection.unsubscribe(self._sub_id)
 
 
 def serve_fetch_requests(fetcher: Fetcher) -> Responder:

@@ -20,7 +20,7 @@ from django.core.cache import caches
 from django.utils import timezone
 
 from rates import metrics, services
-from rates.breaker import OPEN, CircuitBreaker
+from rates.breaker import CLOSED, OPEN, CircuitBreaker
 from rates.providers import ProviderRateLimited
 from rates.providers.streaming import DISCONNECTED, STREAMING
 from realtime import events
@@ -58,11 +58,19 @@ class ProviderMonitor:
         self.stream_quote_at: float | None = None
         self.stream_window = 5.0
         self.rest_failed = False
+        # A run of failed rounds: (its monotonic start, rounds). It is logged once at WARNING
+        # when it starts and once at INFO when it ends; the rounds and circuit moves between
+        # are DEBUG, so that a provider down for an hour (or a `make run` with no network)
+        # does not log every poll.
+        self.outage: tuple[float, int] | None = None
         self.dirty = True
         metrics.CIRCUIT_STATE.labels(name).set(0)
 
     def _on_breaker_change(self, name: str, state: str, reason: str) -> None:
-        logger.warning("%s circuit %s: %s", name, state, reason, extra={"provider": name})
+        # Within an outage already said (or its end, said by `succeeded`), a circuit move is
+        # detail; on its own (none so far) it is news.
+        level = logging.DEBUG if self.outage is not None or state == CLOSED else logging.INFO
+        logger.log(level, "%s circuit %s: %s", name, state, reason, extra={"provider": name})
         metrics.CIRCUIT_STATE.labels(name).set(metrics.CIRCUIT_VALUES[state])
         if services.get_board().writable():
             events.publish("provider.state", {"name": name, "state": state, "reason": reason})
@@ -71,11 +79,32 @@ class ProviderMonitor:
     def succeeded(self) -> None:
         self.last_success = timezone.now()
         self.rest_failed = False
+        if self.outage is not None:
+            started, rounds = self.outage
+            logger.info(
+                "%s answers again (after %d failed rounds in %.0fs)",
+                self.name,
+                rounds,
+                time.monotonic() - started,
+                extra={"provider": self.name},
+            )
+        self.outage = None
         self.breaker.record_success()
         self._update_down()
         self.save()
 
     def failed(self, reason: str, *, kind: str, retry_after: float | None = None) -> None:
+        if self.outage is None:
+            self.outage = (time.monotonic(), 1)
+            logger.warning(
+                "%s failing: %s (logged again when it answers; failures until then at DEBUG)",
+                self.name,
+                reason,
+                extra={"provider": self.name},
+            )
+        else:
+            self.outage = (self.outage[0], self.outage[1] + 1)
+            logger.debug("%s: %s", self.name, reason, extra={"provider": self.name})
         now = time.time()
         self.last_error = reason
         self.last_error_at = timezone.now()

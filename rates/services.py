@@ -14,7 +14,10 @@ One quote, one straight path (ARCHITECTURE), each step a function below:
    provider whose latest accepted quote is still fresh and which is not down; direct quotes
    outrank cross rates. The answer is the pair's new current rate when it is news: another value
    or provider, another status (live/failover/stale), or a confirmation (`checked_at` moved) once
-   `KURS_STALE_AFTER / 2` has passed since the last write (the heartbeat of SPEC 7).
+   `KURS_STALE_AFTER / 2` has passed since the last write (the heartbeat of SPEC 7). A new pair
+   (an item created or activated again) is in its first round until every provider that can
+   quote it has answered or failed once: meanwhile only a `live` answer is news, so its first
+   published status is the true one, and a pair never served counts no failover.
 3. `_persist` (one transaction): the history row when due (an accepted quote of a tracked item
    whose value differs from the last row of that item and provider, or whose last row is 60 s
    old; every provider's quotes are kept, cross rates only while they serve) and the
@@ -147,6 +150,18 @@ def board_load(*, board: QuoteBoard | None = None) -> int:
     return len(loaded)
 
 
+def adopt_stored(codes: Iterable[str], *, board: QuoteBoard | None = None) -> None:
+    """Pairs that became active after the owner loaded (an item activated again): the stored
+    current rate of each the board lacks, so that its next write continues the `version`
+    readers already hold (the web snapshot keeps an inactive pair's last course)."""
+    board = board or _board
+    missing = [code for code in codes if board.get_current(code) is None]
+    if not missing:
+        return
+    for row in CurrentRate.objects.select_related("item").filter(item__code__in=missing):
+        board.adopt_current(row.item.code, current_from_row(row))
+
+
 # --- accept_quote ------------------------------------------------------------------------------
 def accept_quote(
     quote: Quote, *, now: datetime | None = None, board: QuoteBoard | None = None
@@ -243,11 +258,16 @@ def _decide(pair: str, *, now: datetime, board: QuoteBoard) -> Current | None:
     best = board.best(pair, now=now)
     current = board.get_current(pair)
     if best is None:
-        # No fresh source: keep the last value, and say so once.
-        if current is None or current.status == policy.STALE:
+        # No fresh source: keep the last value, and say so once (a new pair's first round
+        # first, which may yet bring one).
+        if current is None or current.status == policy.STALE or board.awaits_better(pair, None):
             return None
         return replace(current, status=policy.STALE, version=current.version + 1)
     status = policy.serving_status(best.priority, board.expected_priority(pair))
+    if status != policy.LIVE and board.awaits_better(pair, best.priority):
+        # A new pair's first round: a provider that outranks `best` has not answered yet, and
+        # its answer, not the first to arrive, makes the pair's first status.
+        return None
     if current is not None and current.same_rate(best):
         checked_at = max(current.checked_at, best.checked_at)
         confirmed = checked_at > current.checked_at
@@ -342,12 +362,13 @@ def _export_current(pair: str, current: Current) -> None:
 
 
 def _observe_current(pair: str, previous: Current | None, current: Current) -> None:
-    """The pair's gauges, and a failover each time another provider takes over."""
+    """The pair's gauges, and a failover each time another provider takes over (a pair never
+    served before has nothing to fail over from, whatever its first status)."""
     _export_current(pair, current)
-    if current.status == policy.FAILOVER and (
-        previous is None
-        or previous.status != policy.FAILOVER
-        or previous.provider != current.provider
+    if (
+        current.status == policy.FAILOVER
+        and previous is not None
+        and (previous.status != policy.FAILOVER or previous.provider != current.provider)
     ):
         metrics.FAILOVERS.labels(pair, current.provider).inc()
 
@@ -498,8 +519,10 @@ def provider_set_down(name: str, down: bool, *, board: QuoteBoard | None = None)
     """
     board = board or _board
     changed = board.set_down(name, down)
-    if changed and down:
-        logger.warning("%s is down: failing over the pairs it served", name)
+    if changed and down and board.writable():
+        # Only an owner fails pairs over (a read-only cycle, `run_fetch` beside a live owner,
+        # stores nothing). INFO: the provider's failure itself was the warning.
+        logger.info("%s is down: failing over the pairs it served", name)
     return changed
 
 

@@ -13,7 +13,15 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import aclosing, suppress
 
-from rates.providers.base import Pair, Provider, ProviderError, ProviderRateLimited, Quote
+from rates.providers.base import (
+    REASON_LIMIT,
+    Pair,
+    Provider,
+    ProviderError,
+    ProviderRateLimited,
+    Quote,
+    readable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +30,13 @@ CONNECTING = "connecting"
 STREAMING = "streaming"
 DISCONNECTED = "disconnected"
 STOPPED = "stopped"
+
+
+def crash_reason(exc: BaseException) -> str:
+    """An unexpected exception (a bug, not a ProviderError) as a provider's error, which
+    `/providers` and the dashboard show: its type and message as bounded plain text."""
+    name = type(exc).__name__
+    return f"{name}: {readable(str(exc), max(REASON_LIMIT - len(name) - 2, 20))}"
 
 
 def backoff_delay(attempt: int, *, base: float, cap: float) -> float:
@@ -59,6 +74,10 @@ async def stream_forever(
     honours its ``Retry-After``) before the next attempt waits for the gate.
     """
     loop = asyncio.get_running_loop()
+    # Drops since a connection last delivered a quote: the first is a WARNING, the rest DEBUG
+    # (a provider unreachable for an hour reconnects every half minute), and the first quote
+    # after them an INFO.
+    failing = 0
 
     def report(state: str, reason: str = "") -> None:
         if on_state is None:
@@ -71,6 +90,7 @@ async def stream_forever(
             )
 
     async def one_connection() -> None:
+        nonlocal failing
         report(CONNECTING)
         async with aclosing(provider.stream(pairs)) as quotes:
             first = True
@@ -78,6 +98,14 @@ async def stream_forever(
                 if first:
                     report(STREAMING)
                     first = False
+                    if failing:
+                        logger.info(
+                            "%s: stream delivers again (after %d failed connections)",
+                            provider.name,
+                            failing,
+                            extra={"provider": provider.name},
+                        )
+                    failing = 0
                 try:
                     await on_quote(quote)
                 except Exception:
@@ -131,7 +159,7 @@ async def stream_forever(
                 if isinstance(error, ProviderRateLimited) and on_rate_limited is not None:
                     on_rate_limited(error)
             else:
-                reason = repr(error)
+                reason = crash_reason(error)
                 logger.error(
                     "%s: stream crashed",
                     provider.name,
@@ -142,12 +170,17 @@ async def stream_forever(
             if gate is not None:
                 delay = max(delay, gate())
             attempt += 1
+            failing += 1
             report(DISCONNECTED, reason)
-            logger.warning(
-                "%s: stream dropped (%s); reconnecting in %.2fs",
+            logger.log(
+                logging.WARNING if failing == 1 else logging.DEBUG,
+                "%s: stream dropped (%s); reconnecting in %.2fs%s",
                 provider.name,
                 reason,
                 delay,
+                " (logged again when it delivers; drops until then at DEBUG)"
+                if failing == 1
+                else "",
                 extra={"provider": provider.name},
             )
             with suppress(TimeoutError):

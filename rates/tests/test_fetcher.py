@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,15 +18,20 @@ from django.db import OperationalError, connection, connections
 from prometheus_client import REGISTRY
 
 from items.models import Item
+from items.services import item_create, item_update
 from rates import provider_health, services
 from rates.emulator import EmulatorServer
 from rates.fetcher import Fetcher
 from rates.models import Rate
 from rates.provider_health import monitor_for
 from rates.providers import Provider
+from rates.providers.base import REASON_LIMIT
 from rates.providers.streaming import STREAMING
+from rates.snapshot import RatesSnapshot
 from rates.tests.conftest_emulator import make_provider
-from rates.tests.support import rate_events
+from rates.tests.support import rate_events, store_current
+from realtime import nats
+from tests.services import NATS_URL, require
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -107,6 +113,47 @@ def over(
 def serving(published: Events, pair: str) -> str | None:
     events = rate_events(published, pair)
     return events[-1]["provider"] if events else None
+
+
+@pytest.fixture
+async def nats_link(settings: Any) -> AsyncIterator[None]:
+    """This process's NATS connection on the machine's NATS (item events reach the owner)."""
+    host, port = NATS_URL.removeprefix("nats://").split(":")
+    require("NATS", host, int(port))
+    await asyncio.to_thread(nats.connection.shutdown)  # another test may have pointed it away
+    settings.NATS_SERVERS = [NATS_URL]
+    assert await asyncio.to_thread(nats.wait_connected, 10)
+    yield
+    await asyncio.to_thread(nats.connection.shutdown)
+
+
+class Watching:
+    """A `watch` task of `fetcher` until the block ends; `cycled` is set after each cycle."""
+
+    def __init__(self, fetcher: Fetcher) -> None:
+        self.fetcher = fetcher
+        self.cycled = asyncio.Event()
+        self.stop = asyncio.Event()
+        fetcher.on_cycle = lambda report: self.cycled.set()
+
+    async def __aenter__(self) -> Watching:
+        self.task = asyncio.create_task(self.fetcher.watch(self.stop))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 5)
+
+    async def next_cycle(self, within: float = 5.0) -> None:
+        self.cycled.clear()
+        await asyncio.wait_for(self.cycled.wait(), within)
+
+
+def failovers(pair: str) -> float:
+    return sum(
+        REGISTRY.get_sample_value("kurs_failovers_total", {"pair": pair, "provider": name}) or 0
+        for name in ("binance", "bybit", "coingecko", "cbr")
+    )
 
 
 async def test_a_cycle_stores_every_providers_quotes_and_reports_each(
@@ -277,6 +324,35 @@ async def test_an_unreachable_exchange_is_reported_never_fatal(
     assert report.providers["binance"].startswith("error: cannot reach")
     assert report.providers["bybit"] == "ok"
     assert report.ok
+
+
+async def test_a_crashing_provider_is_reported_as_bounded_plain_text(
+    client: httpx.AsyncClient, emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in a provider (not a ProviderError): the round fails with its type and message,
+    without markup and bounded, in the report and in the status `/providers` shows."""
+    await track("BTC-USD")
+    broken = make_provider("binance", emulator, client)
+
+    async def crash(pairs: object) -> list[Any]:
+        raise ValueError("<html><title>Oops</title>" + "y" * 5000 + "</html>")
+
+    monkeypatch.setattr(broken, "fetch", crash)
+    report = await Fetcher([broken]).cycle()
+    status = report.providers["binance"]
+    assert status == "error: ValueError: Oops"
+    (saved,) = [s for s in provider_health.provider_statuses() if s["name"] == "binance"]
+    assert saved["last_error"] == "ValueError: Oops"
+    long = make_provider("bybit", emulator, client)
+
+    async def long_crash(pairs: object) -> list[Any]:
+        raise RuntimeError("<b>no</b> " + "z" * 5000)
+
+    monkeypatch.setattr(long, "fetch", long_crash)
+    reason = (await Fetcher([long]).cycle()).providers["bybit"].removeprefix("error: ")
+    assert reason.startswith("RuntimeError: no zzz")
+    assert len(reason) <= REASON_LIMIT
+    assert "<" not in reason
 
 
 async def test_watch_streams_prices_and_reconnects_after_a_dropped_stream(
@@ -454,3 +530,178 @@ def test_rest_failing_with_a_silent_stream_is_down_until_a_good_round() -> None:
     monitor.stream_quote()
     monitor.check_quiet()
     assert "binance" in board.down
+
+
+@pytest.mark.nats
+@pytest.mark.usefixtures("nats_link")
+async def test_a_new_pair_is_first_published_live_from_the_top_provider_at_once(
+    emulator: EmulatorServer, client: httpx.AsyncClient, published_events: Events, settings: Any
+) -> None:
+    """Bybit answers first (Binance is slow), yet the first status of a new SOL-USD is Binance's
+    `live`, not a `failover` corrected a moment later; and the owner hears the item event
+    instead of waiting for its next poll."""
+    settings.KURS_PROVIDERS = ["binance", "bybit"]
+    await track("BTC-USD")
+    emulator.set_fault("binance", "slow", delay=0.3)  # its REST answers and its stream frames
+    poll = 6.0
+    async with Watching(over(emulator, client, "binance", "bybit", poll=poll)) as watching:
+        await watching.next_cycle()
+        created = time.monotonic()  # just after a cycle: the next poll is `poll` away
+        await sync_to_async(item_create)(base="SOL", quote="USD")
+        await until(lambda: bool(rate_events(published_events, "SOL-USD")), within=poll)
+        latency = time.monotonic() - created
+        await watching.next_cycle(within=2 * poll)  # Bybit's quotes too have long arrived
+    first, *later = rate_events(published_events, "SOL-USD")
+    assert (first["provider"], first["status"], first["version"]) == ("binance", "live", 1)
+    assert all(event["status"] == "live" for event in later)
+    assert failovers("SOL-USD") == 0
+    # At once: well before the poll that would have found the item otherwise.
+    assert latency < poll / 3, latency
+    print(f"SOL-USD: item created -> first rate.updated (binance, live) in {latency:.3f}s")
+
+
+async def test_a_new_pair_whose_top_provider_fails_its_first_round_is_no_failover(
+    emulator: EmulatorServer, client: httpx.AsyncClient, published_events: Events, settings: Any
+) -> None:
+    """Binance cannot quote the new pair: Bybit's quote is its true first status, `failover`,
+    published once Binance's round failed, and no failover is counted for a pair never served."""
+    settings.KURS_PROVIDERS = ["binance", "bybit"]
+    await track("BTC-USD")
+    fetcher = over(emulator, client, "binance", "bybit")
+    await fetcher.cycle()
+    emulator.set_fault("binance", "slow", delay=3 * ROUND)  # a timeout, after Bybit answered
+    await sync_to_async(item_create)(base="SOL", quote="USD")
+    report = await fetcher.cycle()
+    assert report.providers["binance"].startswith("error: timed out")
+    (first,) = rate_events(published_events, "SOL-USD")
+    assert (first["provider"], first["status"]) == ("bybit", "failover")
+    assert failovers("SOL-USD") == 0
+
+
+async def test_a_pair_only_cbr_quotes_is_published_within_one_poll_of_its_creation(
+    emulator: EmulatorServer, client: httpx.AsyncClient, published_events: Events
+) -> None:
+    """CBR is asked at most hourly (its table changes daily), but a new pair it alone can quote
+    is asked for in the next cycle and so reaches the web snapshot (`/courses`) within a poll."""
+    await track("BTC-USD", "USD-RUB")
+    web = RatesSnapshot()
+    await sync_to_async(web.load)()
+    poll = 1.0
+    async with Watching(over(emulator, client, "binance", "cbr", poll=poll)) as watching:
+        await watching.next_cycle()
+        created = time.monotonic()
+        item = await sync_to_async(item_create)(base="CNY", quote="RUB")
+        await until(lambda: bool(rate_events(published_events, "CNY-RUB")), within=poll + ROUND)
+        latency = time.monotonic() - created
+    (event,) = rate_events(published_events, "CNY-RUB")
+    assert (event["provider"], event["status"]) == ("cbr", "live")
+    # What the web process's bridge does with the events it hears:
+    web.apply_item("item.created", {"code": item.code, "is_active": True})
+    web.apply_rate(event)
+    (course,) = web.courses(["CNY-RUB"])
+    assert (course["provider"], course["status"]) == ("cbr", "live")
+    print(f"CNY-RUB: item created -> first rate.updated (cbr, live) in {latency:.3f}s")
+
+
+async def test_an_item_activated_again_continues_its_stored_version(
+    emulator: EmulatorServer, client: httpx.AsyncClient, published_events: Events
+) -> None:
+    """The web snapshot keeps an inactive pair's last course (version 7 here): the owner's
+    first write after the activation must be version 8, or readers would drop it as old."""
+    await track("BTC-USD", "ETH-USD")
+    eth = await Item.objects.aget(code="ETH-USD")
+    await sync_to_async(store_current)(eth, "binance", "3000", checked_ago=3600, version=7)
+    await sync_to_async(item_update)(item=eth, is_active=False)
+    fetcher = over(emulator, client, "binance")
+    await fetcher.cycle()
+    assert not rate_events(published_events, "ETH-USD")
+    await sync_to_async(item_update)(item=eth, is_active=True)
+    await fetcher.cycle()
+    (event,) = rate_events(published_events, "ETH-USD")
+    assert (event["provider"], event["status"], event["version"]) == ("binance", "live", 8)
+
+
+def provider_lines(
+    records: list[logging.LogRecord], name: str, level: int
+) -> list[logging.LogRecord]:
+    return [
+        record
+        for record in records
+        if record.levelno == level and record.getMessage().startswith(f"{name}")
+    ]
+
+
+async def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
+    emulator: EmulatorServer,
+    client: httpx.AsyncClient,
+    published_events: Events,
+    caplog: pytest.LogCaptureFixture,
+    settings: Any,
+) -> None:
+    settings.KURS_PROVIDERS = ["binance", "bybit"]
+    caplog.set_level(logging.DEBUG, logger="rates")
+    await track("BTC-USD")
+    async with Watching(over(emulator, client, "binance", "bybit", poll=0.3)) as watching:
+        await until(lambda: serving(published_events, "BTC-USD") == "binance")
+        emulator.set_fault("binance", "down")
+        for _ in range(6):  # past the circuit's opening, several probes and stream retries
+            await watching.next_cycle()
+        said = len([r for r in caplog.records if r.levelno >= logging.WARNING])
+        for _ in range(3):
+            await watching.next_cycle()
+        assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == said
+        emulator.set_fault("binance", "ok")
+        await until(lambda: serving(published_events, "BTC-USD") == "binance", within=10)
+        await until(lambda: monitor_for("binance").streaming, within=10)
+    warnings = sorted(r.getMessage() for r in provider_lines(caplog.records, "binance", 30))
+    assert len(warnings) == 2, warnings  # REST and the stream, each once
+    assert warnings[0].startswith("binance failing: HTTP 503")
+    assert warnings[1].startswith("binance: stream dropped")
+    repeats = provider_lines(caplog.records, "binance", logging.DEBUG)
+    assert len(repeats) >= 5  # each failed round after the first, at DEBUG
+    ended = [r.getMessage() for r in provider_lines(caplog.records, "binance", logging.INFO)]
+    assert len([line for line in ended if "answers again" in line]) == 1
+    assert len([line for line in ended if "stream delivers again" in line]) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "bybit" in r.msg]
+    assert not [r for r in caplog.records if "make demo" in r.getMessage()]
+
+
+async def test_with_no_provider_reachable_it_suggests_the_emulator_once(
+    emulator: EmulatorServer,
+    client: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+    settings: Any,
+) -> None:
+    """Offline: one warning per provider when it first fails, one hint at `make demo`, and
+    then silence at WARNING however many polls go by."""
+    settings.KURS_PROVIDERS = ["binance", "bybit", "cbr"]
+    caplog.set_level(logging.DEBUG, logger="rates")
+    await track("BTC-USD", "USD-RUB")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    nowhere = f"127.0.0.1:{closed}"
+    dead = [
+        make_provider(
+            name,
+            emulator,
+            client,
+            rest_url=f"http://{nowhere}/{name}",
+            ws_url=f"ws://{nowhere}/{name}" if name != "cbr" else None,
+        )
+        for name in ("binance", "bybit", "cbr")
+    ]
+    fetcher = Fetcher(dead, poll_interval=0.3, round_timeout=ROUND)
+    async with Watching(fetcher) as watching:
+        for _ in range(5):
+            await watching.next_cycle()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    hints = [line for line in warnings if "make demo" in line]
+    assert len(hints) == 1
+    assert hints[0].startswith("no provider could be reached")
+    for name in ("binance", "bybit", "cbr"):
+        failing = [line for line in warnings if line.startswith(f"{name} failing: cannot reach")]
+        assert len(failing) == 1, warnings
+    streams = [line for line in warnings if "stream dropped" in line]
+    assert sorted(line.split(":")[0] for line in streams) == ["binance", "bybit"]
+    assert len(warnings) == 3 + 2 + 1, warnings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from django.db import connections
 
 from items.models import Item
 from rates.emulator import EmulatorServer
+from rates.lease import Lease
 from rates.models import Rate
 from rates.tests.support import PROVIDERS, emulator_env, emulator_in_thread, point_settings_at
 
@@ -114,6 +116,45 @@ def test_provider_limits_the_cycle_to_one_provider(emulator: EmulatorServer) -> 
     report = json.loads(out)
     assert list(report["providers"]) == ["bybit"]
     assert set(Rate.objects.values_list("provider", flat=True)) == {"bybit"}
+
+
+def test_provider_prints_only_the_rows_that_provider_serves(emulator: EmulatorServer) -> None:
+    """The stored rates (CoinGecko's BTC-RUB, CBR's cross legs) are not Binance's: after a full
+    cycle, `--provider binance` lists Binance's quotes and cross rates of Binance's legs only."""
+    assert run_fetch()[0] == 0  # every provider's rates stored, as a live owner would have
+    code, out = run_fetch("--json", "--provider", "binance")
+    assert code == 0
+    rows = {row["pair"]: row for row in json.loads(out, parse_float=Decimal)["rates"]}
+    assert rows["BTC-USD"]["provider"] == "binance"
+    assert all(set(row["provider"].split("+")) == {"binance"} for row in rows.values()), rows
+    assert "BTC-RUB" not in rows  # CoinGecko's or Binance × CBR: nothing Binance alone prices
+    code, table = run_fetch("--provider", "binance")
+    assert code == 0
+    listed = [line.split() for line in table.split("\n\n")[0].splitlines()[1:]]
+    assert {line[0] for line in listed} == set(rows)
+    assert {line[2] for line in listed} == {"binance"}
+
+
+def test_a_one_shot_cycle_beside_a_live_owner_says_nothing_of_failing_over(
+    emulator: EmulatorServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It stores nothing, so it fails nothing over: Binance's error is reported, once."""
+    assert Lease(holder="the-live-owner").try_acquire()
+    emulator.set_fault("binance", "down")
+    caplog.set_level(logging.DEBUG, logger="rates")
+    code, out = run_fetch()
+    assert code == 0  # bybit and the others answered
+    assert "binance: error: HTTP 503" in out
+    assert not Rate.objects.exists()
+    lines = [record.getMessage() for record in caplog.records]
+    assert "a live fetcher owns rates: this cycle only quotes, it stores nothing" in lines
+    assert not [line for line in lines if "failing over" in line or "failover" in line]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [line for line in warnings if line.startswith("binance")] == [
+        "binance failing: HTTP 503 from 127.0.0.1:"
+        + out.split("binance: error: HTTP 503 from 127.0.0.1:")[1].split("\n")[0]
+        + " (logged again when it answers; failures until then at DEBUG)"
+    ]
 
 
 def test_an_unknown_provider_is_a_clear_error() -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import TypedDict, Unpack
 
@@ -10,6 +11,7 @@ import pytest
 from rates.breaker import CircuitBreaker
 from rates.emulator import EmulatorServer
 from rates.providers import Pair, Provider, ProviderRateLimited, Quote
+from rates.providers.base import REASON_LIMIT
 from rates.providers.streaming import (
     CONNECTING,
     DISCONNECTED,
@@ -105,6 +107,29 @@ async def test_it_keeps_trying_while_the_exchange_refuses(
     await asyncio.wait_for(recorder.quotes.get(), WAIT)
     stop.set()
     await asyncio.wait_for(task, WAIT)
+
+
+async def test_a_crash_is_reported_as_bounded_plain_text(
+    emulator: EmulatorServer, emulator_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug (not a ProviderError) ends a connection: its reason, which `/providers` shows, has
+    no markup and a bounded length, however long and marked-up the exception's text."""
+    provider = make_provider("binance", emulator, emulator_client)
+
+    async def crashing(pairs: object) -> AsyncIterator[Quote]:
+        raise RuntimeError("<html><body><b>bad</b> " + "x" * 5000 + "</body></html>")
+        yield  # an async generator, as `stream` is
+
+    monkeypatch.setattr(provider, "stream", crashing)
+    recorder, stop = Recorder(), asyncio.Event()
+    task = recorder.stream(provider, Pair("BTC", "USD"), stop, **FAST)
+    await asyncio.wait_for(recorder.event(DISCONNECTED).wait(), WAIT)
+    stop.set()
+    await asyncio.wait_for(task, WAIT)
+    reason = next(reason for state, reason in recorder.states if state == DISCONNECTED)
+    assert reason.startswith("RuntimeError: bad xxx")
+    assert len(reason) <= REASON_LIMIT
+    assert "<" not in reason
 
 
 async def test_it_returns_promptly_when_stopped_mid_backoff(
