@@ -572,7 +572,8 @@ async def test_one_address_holds_at_most_50_streams_and_sockets_and_is_told_why_
             response = await held.enter_async_context(http.stream("GET", "/api/v1/stream"))
             if response.status_code == 200:
                 lines = response.aiter_lines()
-                held.push_async_callback(response.aclose)  # kept: a dropped one closes the stream
+                # Kept: a dropped iterator closes its stream (httpx's is an async generator).
+                held.push_async_callback(lines.aclose)  # type: ignore[attr-defined]
                 async with asyncio.timeout(5):
                     while await anext(lines) != "event: snapshot":
                         pass
