@@ -3,7 +3,7 @@
 # Kurs's HTTP protocol (config/serverprotocol.py: uvicorn's httptools protocol sending each answer
 # in one write, a quarter more requests per second) serving config.asgi:application (HTTP, the
 # /courses fast path, WebSocket, lifespan -> the NATS bridge). Chosen by measurement against
-# granian (README "Serving").
+# granian (docs/decisions.md#the-web-server-uvicorn-with-kurss-http-protocol).
 # Slow or oversized requests, for when no nginx stands in front (config/serverprotocol.py): a
 # request head must arrive within 10 s of its first byte (else 408), its body within 30 s more
 # (else the connection is closed); more than 100 headers or a head over 64 KiB is answered 431.

@@ -39,7 +39,7 @@ from tests.services import ROOT, NatsServer, free_port, wait_for_port
 
 pytestmark = pytest.mark.nats
 
-# README "Limits and close codes": every code a client of /ws/items may see.
+# docs/events.md#limits-and-close-codes: every code a client of /ws/items may see.
 DOCUMENTED_CLOSE_CODES = {1000, 1002, 1007, 1008, 1009, 1011, 1012, 1013}
 PAIRS = [f"{b}-{q}" for b in ("BTC", "ETH", "USDTTRC", "USDTERC") for q in ("RUB", "USD")]
 RATE_EVERY_S = 0.05  # one rate event every 50 ms, round-robin over the 8 pairs
