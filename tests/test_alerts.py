@@ -54,7 +54,9 @@ def test_the_rules_pass_their_promtool_unit_tests() -> None:
 
 def test_the_unit_tests_catch_a_broken_rule(tmp_path: Path) -> None:
     shutil.copy(ALERT_TESTS, tmp_path / ALERT_TESTS.name)
-    broken = ALERTS.read_text().replace("(kurs_rate_status) == 2", "(kurs_rate_status) == 3")
+    broken = ALERTS.read_text().replace(
+        "kurs_owner_lease_held == 1) == 2", "kurs_owner_lease_held == 1) == 3"
+    )
     assert broken != ALERTS.read_text()
     (tmp_path / ALERTS.name).write_text(broken)
     result = promtool("test", "rules", str(tmp_path / ALERT_TESTS.name))
@@ -97,7 +99,7 @@ def test_every_alert_reads_metrics_kurs_exports_by_their_labels() -> None:
         known = set().union(*(declared[name] for name in used)) | TARGET_LABELS
         grouped = {
             label.strip()
-            for group in re.findall(r"\bby \(([^)]*)\)", expr)
+            for group in re.findall(r"\b(?:by|on) \(([^)]*)\)", expr)
             for label in group.split(",")
         }
         matched = {
