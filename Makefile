@@ -81,7 +81,7 @@ browser:
 		else echo "chromium is absent: the dashboard test will skip (or fail under CI)"; fi; \
 	fi
 
-test: install browser
+test: install browser prod-tools
 	@$(MAKE) --no-print-directory test-sqlite
 	@$(MAKE) --no-print-directory test-postgres
 
@@ -118,16 +118,17 @@ bench-tools:
 	fi
 
 # `make test-prod` runs the repo's deploy/nginx.conf on Debian's nginx, checks metrics with
-# promtool (Debian's prometheus package) and loads /courses with wrk.
+# promtool (Debian's prometheus package) and loads /courses with wrk. `make test` needs them too:
+# nginx -t and promtool check the deploy files and unit-test the alerting rules (tests/test_alerts.py).
 prod-tools:
 	@missing=""; for pair in nginx:nginx-light promtool:prometheus wrk:wrk; do \
 		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			echo "Installing Debian's$$missing for test-prod..."; \
+			echo "Installing Debian's$$missing for the deploy tests..."; \
 			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null) \
-				|| echo "could not install$$missing: test-prod will skip (or fail under CI)"; \
-		else echo "missing:$$missing: test-prod will skip (or fail under CI)"; fi; \
+				|| echo "could not install$$missing: their tests will skip (or fail under CI)"; \
+		else echo "missing:$$missing: their tests will skip (or fail under CI)"; fi; \
 	fi
 
 # The production process set natively (docs/operations.md#make-test-prod): two web processes

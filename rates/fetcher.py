@@ -334,6 +334,7 @@ class Fetcher:
         board = services.get_board()
         loaded = await sync_to_async(services.board_load)()
         board.guard = lease.held
+        metrics.OWNER_LEASE_HELD.set(1)
         logger.info("owner: live rates loaded for %d pairs (epoch %s)", loaded, lease.epoch)
         lost = asyncio.Event()
         keeper = asyncio.create_task(self._keep(lease, lost, stop))
@@ -348,6 +349,7 @@ class Fetcher:
             with suppress(asyncio.CancelledError):
                 await keeper
             board.guard = no_writes
+            metrics.OWNER_LEASE_HELD.set(0)
             if lost.is_set() and not stop.is_set():
                 logger.error("owner: lease lost; stopped writing, waiting to take it again")
 

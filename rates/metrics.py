@@ -66,6 +66,12 @@ FAILOVERS = Counter(
     "Times a pair went to failover, by pair and the lower-priority provider that took it over.",
     ["pair", "provider"],
 )
+OWNER_LEASE_HELD = Gauge(
+    "kurs_owner_lease_held",
+    "1 while this process owns live state (holds the owner's lease and writes rates), else 0.",
+    # Summed over live processes: 1 when one owner runs, 0 when none (the alert's case).
+    multiprocess_mode="livesum",
+)
 
 CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 STATUS_VALUES = {"live": 0, "failover": 1, "stale": 2}

@@ -28,6 +28,7 @@ import contextlib
 import gc
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -242,7 +243,8 @@ class Bridge:
             if self._received is not None and seq <= self._received:
                 return
             self._received = seq
-        self._call_in_loop(msg.subject, origin_of(msg.headers), msg.data, seq)
+        stored_at = msg.metadata.timestamp.timestamp() if seq is not None else None
+        self._call_in_loop(msg.subject, origin_of(msg.headers), msg.data, seq, stored_at)
 
     def _on_stream_start(self, seq: int) -> None:
         """The consumer starts after `seq`, the stream's end: the position a snapshot reflects
@@ -262,14 +264,33 @@ class Bridge:
         self._call_in_loop(subject, FALLBACK_ORIGIN, payload)
 
     def _call_in_loop(
-        self, subject: str, origin: str | None, payload: bytes, seq: int | None = None
+        self,
+        subject: str,
+        origin: str | None,
+        payload: bytes,
+        seq: int | None = None,
+        stored_at: float | None = None,
     ) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
         # RuntimeError: the loop closed between the check and the call (the process is stopping).
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(self.handle, subject, origin, payload, seq)
+            loop.call_soon_threadsafe(self._handle_stored, subject, origin, payload, seq, stored_at)
+
+    def _handle_stored(
+        self,
+        subject: str,
+        origin: str | None,
+        payload: bytes,
+        seq: int | None,
+        stored_at: float | None,
+    ) -> None:
+        if stored_at is not None:
+            # Measured on the loop, where the sockets are fed: a busy loop is lag too. Clocks of
+            # NATS and this host may differ a little; a negative difference counts as none.
+            metrics.BRIDGE_EVENT_LAG.observe(max(0.0, time.time() - stored_at))
+        self.handle(subject, origin, payload, seq)
 
     def handle(
         self, subject: str, origin: str | None, payload: bytes, seq: int | None = None

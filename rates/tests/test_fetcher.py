@@ -442,9 +442,12 @@ async def test_watch_survives_a_database_error_while_taking_ownership(
         await until(lambda: serving(published_events, "BTC-USD") == "binance", within=10)
         assert not failures
         assert not task.done()
+        # The "no owner of live state" alert reads this (docs/operations.md#alerts).
+        assert REGISTRY.get_sample_value("kurs_owner_lease_held") == 1
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
+    assert REGISTRY.get_sample_value("kurs_owner_lease_held") == 0
 
 
 async def test_watch_paces_providers_whose_data_changes_slowly(

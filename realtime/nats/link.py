@@ -215,6 +215,7 @@ class NatsConnection:
             self._last_logged_error = None
             self._errors = 0
             self.connected.clear()
+            metrics.NATS_DISCONNECTED.set(1)
             self.stream_checked.clear()
             loop = asyncio.new_event_loop()
             ready = threading.Event()
@@ -259,6 +260,7 @@ class NatsConnection:
             self._client = None
             self._live_subs.clear()
             self.connected.clear()
+            metrics.NATS_DISCONNECTED.set(0)  # stopped on purpose: not cut off
             self._state = "closed"
         atexit.unregister(self.shutdown)
 
@@ -274,6 +276,7 @@ class NatsConnection:
         self.disconnected = threading.Event()
         self.stream_checked = threading.Event()
         self._state = "not_started"
+        metrics.NATS_DISCONNECTED.set(0)
         for part in self._parts:
             part.forget_after_fork()
 
@@ -337,6 +340,7 @@ class NatsConnection:
             await part.connected()
         self.disconnected.clear()
         self.connected.set()
+        metrics.NATS_DISCONNECTED.set(0)
         if self._first_attempt is not None:
             self._first_attempt.set()
         for part in self._parts:
@@ -357,6 +361,7 @@ class NatsConnection:
         self.connected.clear()
         self.disconnected.set()
         if self._state != "closing":
+            metrics.NATS_DISCONNECTED.set(1)
             self._state = "reconnecting"
             logger.warning("nats: disconnected; events go to the fallback bus until reconnected")
 
