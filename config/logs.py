@@ -1,7 +1,7 @@
 """Log formatting: ISO-8601 UTC timestamps, and the request id on every line logged in a request.
 
 Used by `LOGGING` in `config/settings.py`. The request id is set by
-:class:`config.middleware.RequestContextMiddleware` in a context variable, so it reaches every log
+`edge.layer.EdgeLayer` in a context variable, so it reaches every log
 line of the request (views, services, sync code run through `sync_to_async`) without threading
 it through calls.
 """

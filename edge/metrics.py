@@ -20,7 +20,6 @@ import asyncio
 import atexit
 import os
 import re
-import time
 from bisect import bisect_left
 from collections.abc import Iterable
 from typing import Any
@@ -37,8 +36,6 @@ from prometheus_client import (
     multiprocess,
 )
 
-from config.middleware import HybridMiddleware
-
 HTTP_REQUESTS = Counter(
     "kurs_http_requests_total",
     "HTTP requests by method, route and status.",
@@ -52,12 +49,12 @@ HTTP_LATENCY = Histogram(
 )
 
 
-# How long the fast path's requests may wait to be counted (RequestTally).
+# How long a request may wait to be counted (RequestTally).
 TALLY_FLUSH_S = 0.5
 
 
 class RequestTally:
-    """Requests counted in plain numbers, added to the HTTP metrics in bulk (the fast path's).
+    """Requests counted in plain numbers, added to the HTTP metrics in bulk (`edge.layer`'s).
 
     A fast-path answer takes a few microseconds of Python; three locked increments per request
     (the counter, the histogram's sum and bucket) were a third of them (cProfile, `/courses`).
@@ -112,28 +109,6 @@ def _observe_many(histogram: Any, values: list[float]) -> None:
 request_tally = RequestTally()
 
 
-def _route(request: HttpRequest) -> str:
-    # The URL pattern, not the path, keeps label values bounded (/api/v1/items/<id>, not ids).
-    match = getattr(request, "resolver_match", None)
-    return match.route if match is not None and match.route else "unmatched"
-
-
-class HttpMetricsMiddleware(HybridMiddleware):
-    def before(self, request: HttpRequest) -> float:
-        return time.perf_counter()
-
-    def after(self, request: HttpRequest, response: HttpResponse, state: float) -> HttpResponse:
-        self._observe(request, response, state)
-        return response
-
-    @staticmethod
-    def _observe(request: HttpRequest, response: HttpResponse, started: float) -> None:
-        route = _route(request)
-        method = request.method or "?"
-        HTTP_REQUESTS.labels(method, route, str(response.status_code)).inc()
-        HTTP_LATENCY.labels(method, route).observe(time.perf_counter() - started)
-
-
 def mark_dead_at_exit() -> None:
     """With PROMETHEUS_MULTIPROC_DIR, this process's live gauges go when it exits."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -182,5 +157,5 @@ def scrape_registry() -> CollectorRegistry:
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:
-    request_tally.flush()  # this process's fast-path requests, counted up to now
+    request_tally.flush()  # this process's requests, counted up to now
     return HttpResponse(generate_latest(scrape_registry()), content_type=CONTENT_TYPE_LATEST)
