@@ -6,9 +6,12 @@
 - One access line per request (`kurs.access`), whichever entrance answered: the servers' own
   access logs are off in `LOGGING`, so nothing is logged twice.
 - The lines are written as nginx's `access_log ... buffer= flush=` writes them:
-  `BufferedStreamHandler` (the `access` handler in `LOGGING`) formats each line when it is logged
-  and writes the lines together, when CAPACITY lines are waiting or FLUSH_S after the first of
-  them, and at exit. One write per line was 40 % of a `/courses` answer's cost (docs/benchmarks.md).
+  `BufferedStreamHandler` (the `access` handler in `LOGGING`) keeps the records and formats and
+  writes them together, when CAPACITY lines are waiting or every FLUSH_S, and at exit, with the
+  configured formatter (console or JSON, `config.logs`). A request pays for a small record and a
+  list append; `Logger.log` made a full LogRecord (the caller's file, thread and process looked
+  up) and the handler formatted and wrote each line at once: together most of a `/courses`
+  answer's cost (profiled in-process; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -57,6 +60,43 @@ def request_id_for(incoming: str) -> str:
     return incoming if incoming and _SANE_ID.fullmatch(incoming) else new_request_id()
 
 
+class AccessRecord(logging.LogRecord):
+    """A LogRecord made cheaply: an access line has no caller, exception or stack to look up,
+    and its formats read only its time, level, name, message and the request's fields."""
+
+    def __init__(self, level: int, msg: str, args: tuple[Any, ...], fields: dict[str, Any]) -> None:
+        self.__dict__.update(fields)
+        self.name = access_logger.name
+        self.msg = msg
+        self.args = args
+        self.levelno = level
+        self.levelname = logging.getLevelName(level)
+        self.pathname = self.filename = self.module = __name__
+        self.lineno = 0
+        self.funcName = None
+        self.exc_info = self.exc_text = self.stack_info = None
+        self.created = time.time()
+        self.msecs = int(self.created * 1000) % 1000 + 0.0
+        self.relativeCreated = (self.created - logging._startTime) * 1000
+        self.thread = self.threadName = None
+        self.process = _PROCESS.pid
+        self.processName = None
+
+
+class _Process:
+    """This process's id, kept: `os.getpid()` is a system call."""
+
+    def __init__(self) -> None:
+        self._read()
+        os.register_at_fork(after_in_child=self._read)
+
+    def _read(self) -> None:
+        self.pid = os.getpid()
+
+
+_PROCESS = _Process()
+
+
 def log_access(
     method: str,
     full_path: str,
@@ -70,17 +110,11 @@ def log_access(
     level = logging.WARNING if status >= 500 else logging.INFO
     if not access_logger.isEnabledFor(level):
         return
-    # Made here rather than by `Logger.log`, which walks the stack for the caller's file and
-    # line: no format uses them, and the walk cost as much as the rest of the line.
-    record = access_logger.makeRecord(
-        access_logger.name,
+    record = AccessRecord(
         level,
-        __file__,
-        0,
         "%s %s %d %.1fms",
         (method, full_path, status, duration_ms),
-        None,
-        extra={
+        {
             "method": method,
             "path": path,
             "status": status,
@@ -105,36 +139,37 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(stream)
         self.capacity = capacity
         self.flush_s = flush_s
-        self._lines: list[str] = []
+        self._records: list[logging.LogRecord] = []
         self._flusher: threading.Thread | None = None
         self._pid = 0
         atexit.register(self.flush)
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
-            line = self.format(record) + self.terminator
-        except Exception:
-            self.handleError(record)
-            return
-        self._lines.append(line)
-        if len(self._lines) >= self.capacity:
+        self._records.append(record)
+        if len(self._records) >= self.capacity:
             self.flush()
-        elif self._pid != os.getpid():
+        elif self._pid != _PROCESS.pid:
             self._start_flusher()
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
-            lines, self._lines = self._lines, []
+            records, self._records = self._records, []
+            lines = []
+            for record in records:
+                try:
+                    lines.append(self.format(record) + self.terminator)
+                except Exception:  # as StreamHandler: a bad record must not stop the others
+                    self.handleError(record)
             if lines:
                 try:
                     self.stream.write("".join(lines))
                     self.stream.flush()
-                except Exception:  # as StreamHandler: a broken stream must not break requests
-                    self.handleError(logging.makeLogRecord({"msg": "access log write failed"}))
+                except Exception:
+                    self.handleError(records[-1])
 
     def _start_flusher(self) -> None:
         # One per process (a forked worker starts its own): waits FLUSH_S between flushes.
-        self._pid = os.getpid()
+        self._pid = _PROCESS.pid
         self._flusher = threading.Thread(target=self._run, name="access-log", daemon=True)
         self._flusher.start()
 

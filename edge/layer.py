@@ -27,9 +27,10 @@ again: tests that change them call it).
 
 from __future__ import annotations
 
+import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
@@ -38,7 +39,7 @@ from django.utils.encoding import escape_uri_path, iri_to_uri
 
 from config.logs import request_id as request_id_var
 from edge import csp
-from edge.accesslog import log_access, request_id_for
+from edge.accesslog import access_logger, log_access, request_id_for
 from edge.answer import Answer, ASGIApp, Message, Receive, Scope, Send, json_answer
 from edge.caching import cache_control
 from edge.errors import retry_after
@@ -112,7 +113,6 @@ class _Exchange:
     started: float
     status: int = 0
     rewrite: bytes | None = None  # the JSON body replacing Django's HTML error
-    present: set[bytes] = field(default_factory=set)
 
 
 class EdgeLayer:
@@ -124,7 +124,8 @@ class EdgeLayer:
         self.limiter = limiter or ReadLimiter()
         self.tally = tally or request_tally
         self.resolve = Resolver()
-        self._encoded: dict[tuple[tuple[str, str], ...], Headers] = {}
+        # Per secure (False, True): complete headers by answer (`_send`).
+        self._prepared: tuple[dict[tuple[Any, ...], Headers], ...] = ({}, {})
         self.reload()
 
     # --- settings ---------------------------------------------------------------------------
@@ -157,6 +158,8 @@ class EdgeLayer:
         self.max_body: int | None = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         self.resolve.clear()
         self.limiter.clear()
+        for prepared in self._prepared:
+            prepared.clear()
 
     # --- a request --------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -203,7 +206,6 @@ class EdgeLayer:
             started=started,
         )
         resolution = self.resolve(path_info)
-        token = request_id_var.set(exchange.request_id)
         try:
             if self.forwarded_host and forwarded_host is not None:
                 host, hosts = forwarded_host, 1
@@ -224,7 +226,6 @@ class EdgeLayer:
                 return
             await self._dispatch(scope, receive, send, exchange, resolution, if_none_match)
         finally:
-            request_id_var.reset(token)
             self._done(exchange, resolution, scope)
 
     def _refusal(
@@ -318,23 +319,34 @@ class EdgeLayer:
                     return
         if method != exchange.method or query is not exchange.query:
             scope = {**scope, "method": method, "query_string": query}
-        await self.app(scope, receive, self._wrapped(send, exchange))
+        # Django's log lines carry the id (the route table's answers log nothing but this line).
+        token = request_id_var.set(exchange.request_id)
+        try:
+            await self.app(scope, receive, self._wrapped(send, exchange))
+        finally:
+            request_id_var.reset(token)
 
     # --- the answer -------------------------------------------------------------------------
     async def _send(self, send: Send, exchange: _Exchange, answer: Any) -> None:
         """An answer of the edge or of the route table, with what every answer gets."""
-        encoded = self._encoded.get(answer.headers)
-        if encoded is None:
-            encoded = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in answer.headers]
-            if len(self._encoded) < MAX_RESOLVED:
-                self._encoded[answer.headers] = encoded
-        headers = [*encoded]
-        present = {name.lower() for name, _ in encoded}
-        if answer.status != 304:  # RFC 9110 8.6: a 304 repeats no length but the 200's
-            headers.append((b"Content-Length", str(len(answer.body)).encode()))
-        exchange.status = answer.status
-        self._complete(headers, exchange, present)
-        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+        status = answer.status
+        exchange.status = status
+        # The complete headers but the request id, prepared once per kind of answer: the same
+        # headers, status and length to the same method and path, on the same kind of channel.
+        key = (answer.headers, status, len(answer.body), exchange.method, exchange.path)
+        prepared = self._prepared[exchange.secure].get(key)
+        if prepared is None:
+            prepared = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in answer.headers]
+            present = {name.lower() for name, _ in prepared}
+            if status != 304:  # RFC 9110 8.6: a 304 repeats no length but the 200's
+                prepared.append((b"Content-Length", str(len(answer.body)).encode()))
+            self._complete(prepared, exchange, present)
+            known = self._prepared[exchange.secure]
+            if len(known) >= MAX_RESOLVED:
+                known.clear()
+            known[key] = prepared
+        headers = [*prepared, (b"X-Request-ID", exchange.request_id.encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         body = b"" if exchange.method == "HEAD" else answer.body
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -358,6 +370,7 @@ class EdgeLayer:
                     headers.append((b"Content-Type", _JSON))
                     headers.append((b"Content-Length", str(len(exchange.rewrite)).encode()))
                 self._complete(headers, exchange, present)
+                headers.append((b"X-Request-ID", exchange.request_id.encode()))
                 message = {**message, "headers": headers}
             elif kind == "http.response.body":
                 if exchange.rewrite is not None:
@@ -372,7 +385,7 @@ class EdgeLayer:
         return wrapped
 
     def _complete(self, headers: Headers, exchange: _Exchange, present: set[bytes]) -> None:
-        """Add what every answer gets, where the answer did not set it itself."""
+        """Add what every answer gets (but its id), where the answer did not set it itself."""
         if b"cache-control" not in present:
             policy = cache_control(exchange.method, exchange.path, exchange.status)
             if policy is not None:
@@ -388,12 +401,13 @@ class EdgeLayer:
             headers.append(self.hsts)
         if csp.covered(exchange.path) and b"content-security-policy" not in present:
             headers.append((b"Content-Security-Policy", csp.POLICY.encode()))
-        headers.append((b"X-Request-ID", exchange.request_id.encode()))
 
     def _done(self, exchange: _Exchange, resolution: Resolution, scope: Scope) -> None:
         elapsed = time.perf_counter() - exchange.started
         status = exchange.status or 500  # the app raised before it answered
         self.tally.observe(exchange.method, resolution.label, status, elapsed)
+        if not access_logger.isEnabledFor(logging.WARNING if status >= 500 else logging.INFO):
+            return  # checked first: the line's arguments cost more than a whole fast answer
         query = exchange.query.decode("latin-1")
         client = scope.get("client")
         log_access(

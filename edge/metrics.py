@@ -20,9 +20,7 @@ import asyncio
 import atexit
 import os
 import re
-from bisect import bisect_left
 from collections.abc import Iterable
-from typing import Any
 
 from django.http import HttpRequest, HttpResponse
 from prometheus_client import (
@@ -36,16 +34,19 @@ from prometheus_client import (
     multiprocess,
 )
 
+from edge.promclient import observe_many
+
 HTTP_REQUESTS = Counter(
     "kurs_http_requests_total",
     "HTTP requests by method, route and status.",
     ["method", "route", "status"],
 )
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 HTTP_LATENCY = Histogram(
     "kurs_http_request_seconds",
     "HTTP request latency by method and route.",
     ["method", "route"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    buckets=LATENCY_BUCKETS,
 )
 
 
@@ -90,20 +91,7 @@ class RequestTally:
         for (method, route, status), n in counts.items():
             HTTP_REQUESTS.labels(method, route, str(status)).inc(n)
         for (method, route), values in seconds.items():
-            _observe_many(HTTP_LATENCY.labels(method, route), values)
-
-
-def _observe_many(histogram: Any, values: list[float]) -> None:
-    # prometheus_client 0.26's Histogram child: `_upper_bounds` (ending with +Inf), one value
-    # per bucket in `_buckets`, `_sum` (tests/config compare it with `observe()`).
-    bounds = histogram._upper_bounds
-    per_bucket = [0] * len(bounds)
-    for value in values:
-        per_bucket[bisect_left(bounds, value)] += 1
-    histogram._sum.inc(sum(values))
-    for bucket, n in zip(histogram._buckets, per_bucket, strict=True):
-        if n:
-            bucket.inc(n)
+            observe_many(HTTP_LATENCY.labels(method, route), values)
 
 
 request_tally = RequestTally()
@@ -141,8 +129,12 @@ def _alive(pid: int) -> bool:
 class LiveProcessesCollector(multiprocess.MultiProcessCollector):
     """The sum of every process's files, the dead ones' live gauges forgotten first."""
 
+    def __init__(self, registry: CollectorRegistry, directory: str) -> None:
+        super().__init__(registry, path=directory)
+        self.directory = directory
+
     def collect(self) -> Iterable[Metric]:
-        forget_dead_processes(self._path)
+        forget_dead_processes(self.directory)
         return super().collect()
 
 
@@ -152,7 +144,7 @@ def scrape_registry() -> CollectorRegistry:
     if not directory:
         return REGISTRY
     registry = CollectorRegistry()
-    LiveProcessesCollector(registry, path=directory)
+    LiveProcessesCollector(registry, directory)
     return registry
 
 

@@ -122,6 +122,26 @@ def test_the_access_handler_formats_as_the_configured_formatter() -> None:
     assert stream.getvalue().endswith("[request_id=rrrrrrrr]\n")
 
 
+@pytest.mark.parametrize("kind", ["console", "json"])
+def test_an_access_record_formats_as_a_logged_one(kind: str) -> None:
+    from logging.config import DictConfigurator
+
+    from django.conf import settings
+
+    from edge.accesslog import AccessRecord
+
+    formatter = DictConfigurator({}).configure_formatter(dict(settings.LOGGING["formatters"][kind]))
+    fields = {"method": "GET", "path": "/x", "status": 200, "client": "1.2.3.4"}
+    args = ("GET", "/x?a=1", 200, 1.25)
+    cheap = AccessRecord(logging.INFO, "%s %s %d %.1fms", args, {**fields, "request_id": "r" * 8})
+    full = logging.getLogger("kurs.access").makeRecord(
+        "kurs.access", logging.INFO, "x.py", 1, "%s %s %d %.1fms", args, None, extra=fields
+    )
+    full.request_id = "r" * 8
+    full.created, full.msecs = cheap.created, cheap.msecs
+    assert formatter.format(cheap) == formatter.format(full)
+
+
 # --- hosts -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("host", "patterns", "allowed"),
