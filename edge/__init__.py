@@ -11,7 +11,12 @@ concern lives in one place:
   Cache-Control table in `edge.caching`);
 - request metrics and `/metrics`: `edge.metrics`;
 - the read throttle (per worker process) and API keys: `edge.security`;
-- exception -> status: `edge.errors`; the bytes of an answer: `edge.answer`;
+- exception -> status: `edge.errors` (a read whose database connection ended is tried once more,
+  by `edge.layer` for Django and `edge.routes.answer` for the route table, then answered 503);
+  the bytes of an answer: `edge.answer`;
+- prometheus_client's private names: `edge.promclient` (pinned to the version it was written
+  against by a test); the TLS deploy checks Django runs only with its SecurityMiddleware:
+  `edge.checks`;
 - the operations probes: `/api/v1/health` (`edge.health`), a router of the API that checks every
   component of the deployment (no app owns it), beside `/metrics`.
 """

@@ -36,8 +36,8 @@ _SANE_ID = re.compile(r"[A-Za-z0-9._:+/=-]{8,128}")
 class _RequestIds:
     """New request ids: 32 hex digits, a random per-process prefix and a counter.
 
-    Unique like uuid4's without its `os.urandom` system call per request (12 % of the /courses
-    fast path's time under load, profiled with py-spy). A forked child draws a new prefix.
+    Unique like uuid4's without its `os.urandom` system call per request (12 % of a /courses
+    answer's time from memory under load, profiled with py-spy). A forked child draws a new prefix.
     """
 
     def __init__(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from django.core.exceptions import RequestDataTooBig
+from django.db import InterfaceError, OperationalError
 from django.http import Http404
 from ninja.errors import AuthenticationError, Throttled
 
@@ -31,7 +32,18 @@ STATUS: dict[type[Exception], tuple[int, str | None]] = {
     Throttled: (429, "too many requests"),
     # A body past DATA_UPLOAD_MAX_MEMORY_SIZE: the client's fault, not a 500.
     RequestDataTooBig: (413, "request body too large"),
+    # The database's connection ended under a read (a restart, a failover, an administrator):
+    # the edge tries a read once more on a new connection (`RETRY_HEADER`), then answers this.
+    OperationalError: (503, "the database is unavailable; retry shortly"),
+    InterfaceError: (503, "the database is unavailable; retry shortly"),
 }
+# Marks a database failure's answer, so that the edge retries a read once; never sent out.
+RETRY_HEADER = "Kurs-Retry"
+_DATABASE = (OperationalError, InterfaceError)
+
+
+def database_failure(exc: Exception) -> bool:
+    return isinstance(exc, _DATABASE)
 
 
 def retry_after(wait: float | None) -> tuple[str, str]:
@@ -57,4 +69,6 @@ def answer_for(exc: Exception) -> Answer | None:
         headers = (("WWW-Authenticate", 'Bearer realm="kurs"'),)
     elif isinstance(exc, Throttled):
         headers = (retry_after(exc.wait),)
+    elif database_failure(exc):
+        headers = (retry_after(1), (RETRY_HEADER, "database"))
     return json_answer(status, {"detail": message}, headers)

@@ -42,7 +42,7 @@ from edge import csp
 from edge.accesslog import access_logger, log_access, request_id_for
 from edge.answer import Answer, ASGIApp, Message, Receive, Scope, Send, json_answer
 from edge.caching import cache_control
-from edge.errors import retry_after
+from edge.errors import RETRY_HEADER, retry_after
 from edge.hosts import AllowedHosts
 from edge.metrics import RequestTally, request_tally
 from edge.routes import ROUTES, Call, read_json_body
@@ -64,6 +64,8 @@ JSON_ERRORS = {
     500: "internal error",
 }
 MAX_RESOLVED = 4096
+_RETRY = RETRY_HEADER.lower().encode()
+logger = logging.getLogger(__name__)
 _JSON = b"application/json; charset=utf-8"
 _HTML = "text/html; charset=utf-8"
 
@@ -113,6 +115,7 @@ class _Exchange:
     started: float
     status: int = 0
     rewrite: bytes | None = None  # the JSON body replacing Django's HTML error
+    retry: bool = False  # Django's answer said the database failed: ask once more
 
 
 class EdgeLayer:
@@ -322,7 +325,16 @@ class EdgeLayer:
         # Django's log lines carry the id (the route table's answers log nothing but this line).
         token = request_id_var.set(exchange.request_id)
         try:
-            await self.app(scope, receive, self._wrapped(send, exchange))
+            if method != "GET":
+                await self.app(scope, receive, self._wrapped(send, exchange, retry=False))
+                return
+            # A read whose database connection ended is answered again, once, on a new one
+            # (Django opens a connection per request); its body, if any, is not read again.
+            await self.app(scope, receive, self._wrapped(send, exchange, retry=True))
+            if exchange.retry:
+                logger.warning("%s %s: the database failed; reading again", method, exchange.path)
+                exchange.retry = False
+                await self.app(scope, _no_body(receive), self._wrapped(send, exchange, retry=False))
         finally:
             request_id_var.reset(token)
 
@@ -336,7 +348,11 @@ class EdgeLayer:
         key = (answer.headers, status, len(answer.body), exchange.method, exchange.path)
         prepared = self._prepared[exchange.secure].get(key)
         if prepared is None:
-            prepared = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in answer.headers]
+            prepared = [
+                (n.encode("latin-1"), v.encode("latin-1"))
+                for n, v in answer.headers
+                if n != RETRY_HEADER
+            ]
             present = {name.lower() for name, _ in prepared}
             if status != 304:  # RFC 9110 8.6: a 304 repeats no length but the 200's
                 prepared.append((b"Content-Length", str(len(answer.body)).encode()))
@@ -350,15 +366,23 @@ class EdgeLayer:
         body = b"" if exchange.method == "HEAD" else answer.body
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
-    def _wrapped(self, send: Send, exchange: _Exchange) -> Send:
-        """Django's answer, with what every answer gets."""
+    def _wrapped(self, send: Send, exchange: _Exchange, *, retry: bool) -> Send:
+        """Django's answer, with what every answer gets (held back when `retry` and the answer
+        says the database failed: `_dispatch` asks again)."""
 
         async def wrapped(message: Message) -> None:
             kind = message["type"]
+            if exchange.retry:
+                return  # the failed attempt's answer: dropped
             if kind == "http.response.start":
                 status = message["status"]
-                exchange.status = status
                 headers: Headers = list(message.get("headers", ()))
+                if any(name.lower() == _RETRY for name, _ in headers):
+                    if retry:
+                        exchange.retry = True
+                        return
+                    headers = [(n, v) for n, v in headers if n.lower() != _RETRY]
+                exchange.status = status
                 present = {name.lower() for name, _ in headers}
                 if exchange.api and status in JSON_ERRORS and not _is_json(headers):
                     exchange.rewrite = json_answer(status, {"detail": JSON_ERRORS[status]}).body
@@ -437,6 +461,20 @@ def _without_empty_values(query: bytes) -> bytes:
     parts = query.split(b"&")
     kept = [part for part in parts if part.partition(b"=")[2]]
     return query if len(kept) == len(parts) else b"&".join(kept)
+
+
+def _no_body(receive: Receive) -> Receive:
+    """An empty request body, then what the client sends (its disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    return replay
 
 
 def _is_json(headers: Headers) -> bool:

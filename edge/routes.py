@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from config.jsonenc import loads
 from edge.answer import Answer, Message, Receive, Scope
-from edge.errors import answer_for
+from edge.errors import answer_for, database_failure
 from rates.answers import convert_answer, pair_answer
 from rates.courses import courses_cache
 from rates.detail import item_details
@@ -115,11 +115,18 @@ ROUTES: dict[tuple[str, str], Route] = {
 }
 
 
-async def answer(route: Route, call: Call) -> Any:
-    """The route's answer (an `Answer` or a `CoursesAnswer`), or None when Django must answer."""
+async def answer(route: Route, call: Call, *, retry: bool = True) -> Any:
+    """The route's answer (an `Answer` or a `CoursesAnswer`), or None when Django must answer.
+
+    A database connection that ends under the read is tried once more (the handlers' reads
+    close an unusable connection, so the second one opens a new one), then answered 503.
+    """
     try:
         return await route.handler(call)
     except Exception as exc:
+        if retry and database_failure(exc):
+            logger.warning("fast entrance: %s; reading again on a new connection", exc)
+            return await answer(route, call, retry=False)
         mapped = answer_for(exc)
         if mapped is None:
             logger.warning("fast entrance: %r left to Django", exc, exc_info=True)

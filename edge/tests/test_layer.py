@@ -381,3 +381,84 @@ async def test_behind_a_tls_proxy_plain_http_is_redirected_and_https_gets_hsts(
 @pytest.mark.usefixtures("tls")
 async def test_probes_are_exempt_from_the_redirect() -> None:
     assert (await call("/metrics")).status == 200
+
+
+# --- the database going away under a read ------------------------------------------------------
+@pytest.fixture
+def failing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """`rates.selectors.current_rate_get` (latest) loses its connection, as many times as the
+    list says (one entry per failure left)."""
+    from django.db import OperationalError
+
+    from rates import selectors
+
+    failures = [1]
+    calls: list[int] = []
+    original = selectors.current_rate_get
+
+    async def current_rate_get(**kwargs: Any) -> Any:
+        calls.append(1)
+        if failures:
+            failures.pop()
+            raise OperationalError("terminating connection due to administrator command")
+        return await original(**kwargs)
+
+    monkeypatch.setattr(selectors, "current_rate_get", current_rate_get)
+    return failures
+
+
+async def test_a_read_whose_connection_ended_is_read_again(
+    item: Item, failing: list[int], logged: list[logging.LogRecord]
+) -> None:
+    from asgiref.sync import sync_to_async
+
+    from rates.tests.support import store_current
+
+    await sync_to_async(store_current)(item, "binance", "54000.5")
+    answer = await call(f"/api/v1/items/{item.id}/rates/latest")
+    assert answer.status == 200, answer.body
+    assert answer.json()["value"] == 54000.5
+    assert answer.header("Kurs-Retry") is None
+    assert not any(record.exc_info for record in logged)
+
+
+async def test_a_read_that_fails_twice_is_a_json_503_with_retry_after(
+    item: Item, failing: list[int]
+) -> None:
+    failing.extend([1, 1])
+    answer = await call(f"/api/v1/items/{item.id}/rates/latest")
+    assert answer.status == 503
+    assert answer.json() == {"detail": "the database is unavailable; retry shortly"}
+    assert answer.header("Retry-After") == b"1"
+    assert answer.header("Kurs-Retry") is None
+    assert answer.header("Cache-Control") == b"no-store"
+
+
+@pytest.mark.parametrize(("failures", "status"), [(1, 200), (2, 503)])
+async def test_the_route_table_reads_again_once_too(
+    item: Item, monkeypatch: pytest.MonkeyPatch, failures: int, status: int
+) -> None:
+    from django.db import OperationalError
+
+    from rates import detail
+
+    left = [failures]
+    original = detail._read
+
+    def read(item_id: int) -> Any:
+        if left[0]:
+            left[0] -= 1
+            raise OperationalError("server closed the connection unexpectedly")
+        return original(item_id)
+
+    monkeypatch.setattr(detail, "_read", read)
+    detail.item_details.invalidate()
+    with counting() as django:
+        answer = await call(f"/api/v1/items/{item.id}")
+    assert django.count == 0
+    assert answer.status == status
+    if status == 503:
+        assert answer.header("Retry-After") == b"1"
+        assert answer.header("Kurs-Retry") is None
+    else:
+        assert answer.json()["code"] == "BTC-USD"

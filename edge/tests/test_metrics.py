@@ -118,7 +118,7 @@ def test_a_killed_processs_gauge_leaves_at_the_next_scrape(tmp_path: Path) -> No
     assert not list(tmp_path.glob(f"gauge_live*_{victim.pid}.db"))
 
 
-# --- the fast path's tally -------------------------------------------------------------------
+# --- the request tally -----------------------------------------------------------------------
 def _samples(name: str, labels: dict[str, str]) -> dict[str, float]:
     """The `name` series with these labels: {suffix + le: value} from this process's registry."""
     from prometheus_client import REGISTRY
