@@ -65,22 +65,34 @@ class AccessRecord(logging.LogRecord):
     and its formats read only its time, level, name, message and the request's fields."""
 
     def __init__(self, level: int, msg: str, args: tuple[Any, ...], fields: dict[str, Any]) -> None:
+        self.__dict__.update(_CONSTANT)  # formats read the instance's own attributes
         self.__dict__.update(fields)
-        self.name = access_logger.name
         self.msg = msg
         self.args = args
         self.levelno = level
-        self.levelname = logging.getLevelName(level)
-        self.pathname = self.filename = self.module = __name__
-        self.lineno = 0
-        self.funcName = None
-        self.exc_info = self.exc_text = self.stack_info = None
-        self.created = time.time()
-        self.msecs = int(self.created * 1000) % 1000 + 0.0
-        self.relativeCreated = (self.created - logging._startTime) * 1000
-        self.thread = self.threadName = None
+        self.levelname = _LEVEL_NAMES[level]
+        created = self.created = time.time()
+        self.msecs = int((created - int(created)) * 1000) + 0.0  # as LogRecord
         self.process = _PROCESS.pid
-        self.processName = None
+
+
+_LEVEL_NAMES = {logging.INFO: "INFO", logging.WARNING: "WARNING"}
+# What LogRecord would look up for each record, the same for every access line.
+_CONSTANT: dict[str, Any] = {
+    "name": access_logger.name,
+    "pathname": __name__,
+    "filename": __name__,
+    "module": __name__,
+    "lineno": 0,
+    "funcName": None,
+    "exc_info": None,
+    "exc_text": None,
+    "stack_info": None,
+    "thread": None,
+    "threadName": None,
+    "processName": None,
+    "relativeCreated": 0.0,  # no format of Kurs's reads it
+}
 
 
 class _Process:
