@@ -302,20 +302,15 @@ class EdgeLayer:
         query = exchange.query
         if exchange.api and query:
             query = _without_empty_values(query)
-        route = ROUTES.get((resolution.name, method)) if resolution.name and self.fast else None  # type: ignore[arg-type]
+        name = resolution.name
+        route = ROUTES.get((name, method)) if self.fast and name is not None else None
         if route is not None and query.isascii() and not scope.get("root_path"):
             body = None
             if route.reads_body:
                 body, receive = await read_json_body(scope, receive)
             if body is not None or not route.reads_body:
-                call = Call(
-                    kwargs=resolution.kwargs,
-                    query=query.decode("ascii"),
-                    if_none_match=None
-                    if if_none_match is None
-                    else if_none_match.decode("latin-1"),
-                    body=body,
-                )
+                tags = None if if_none_match is None else if_none_match.decode("latin-1")
+                call = Call(resolution.kwargs, query.decode("ascii"), tags, body)
                 answer = await route_answer(route, call)
                 if answer is not None:
                     await self._send(send, exchange, answer)

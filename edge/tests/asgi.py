@@ -12,8 +12,8 @@ from decimal import Decimal
 from typing import Any
 
 from config.asgi import http_app
+from edge.answer import Message
 
-Message = dict[str, Any]
 HOST = b"127.0.0.1:8000"
 
 

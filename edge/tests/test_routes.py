@@ -57,7 +57,10 @@ def frozen(monkeypatch: pytest.MonkeyPatch) -> datetime:
 
 
 def test_every_route_of_the_table_is_one_of_django_s() -> None:
-    kwargs = {"get_item": {"item_id": 1}, "pair_rate": {"base": "BTC", "quote": "USD"}}
+    kwargs: dict[str, dict[str, Any]] = {
+        "get_item": {"item_id": 1},
+        "pair_rate": {"base": "BTC", "quote": "USD"},
+    }
     for name, method in ROUTES:
         path = reverse(name, kwargs=kwargs.get(name.split(":")[1]))
         assert path.startswith("/api/v1/"), (name, method)
