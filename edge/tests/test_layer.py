@@ -86,6 +86,54 @@ async def test_each_request_logs_one_access_line_with_its_id(
     assert answer.header("X-Request-ID") == b"trace-12345678"
 
 
+async def test_lines_logged_while_django_answers_carry_the_request_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from config.logs import RequestIdFilter
+    from rates import api
+
+    seen: list[str | None] = []
+
+    class Probe(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            RequestIdFilter().filter(record)  # as the handlers of LOGGING do
+            seen.append(getattr(record, "request_id", None))
+
+    def statuses() -> list[dict[str, Any]]:
+        logging.getLogger("rates.api").warning("inside the view")
+        return []
+
+    monkeypatch.setattr(api.fetcher, "provider_statuses", statuses)
+    probe = Probe(level=logging.INFO)
+    logging.getLogger("rates.api").addHandler(probe)
+    try:
+        answer = await call("/api/v1/providers", headers=[(b"x-request-id", b"trace-87654321")])
+    finally:
+        logging.getLogger("rates.api").removeHandler(probe)
+    assert answer.status == 200
+    assert seen == ["trace-87654321"]
+
+
+def test_json_logs_carry_an_iso_8601_utc_ts_and_extra_fields() -> None:
+    from datetime import UTC, datetime
+    from logging.config import DictConfigurator
+
+    from django.conf import settings
+
+    formatter = DictConfigurator({}).configure_formatter(
+        dict(settings.LOGGING["formatters"]["json"])
+    )
+    record = logging.LogRecord("rates.fetcher", logging.WARNING, __file__, 1, "down", None, None)
+    record.created = datetime(2026, 11, 30, 18, 24, 36, 657000, tzinfo=UTC).timestamp()
+    record.provider = "binance"
+    record.color_message = "\x1b[36mdown\x1b[0m"  # what uvicorn adds to its records
+    line = json.loads(formatter.format(record))
+    assert line["ts"] == "2026-11-30T18:24:36.657Z"
+    assert line["level"] == "WARNING"
+    assert line["provider"] == "binance"
+    assert "color_message" not in line
+
+
 def test_the_access_handler_writes_its_lines_together() -> None:
     stream = io.StringIO()
     writes: list[str] = []

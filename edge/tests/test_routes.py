@@ -142,6 +142,16 @@ async def test_courses_are_the_same_on_both_entrances(
 
 @pytest.mark.django_db
 @pytest.mark.usefixtures("courses")
+async def test_headers_with_underscores_are_ignored_on_both_entrances() -> None:
+    # Django drops them (no `If_None_Match` posing as If-None-Match): so does the edge.
+    fast, slow = await both(COURSES, b"", [(b"if_none_match", b"*"), (b"x_request_id", b"x" * 9)])
+    assert fast.comparable() == slow.comparable()
+    assert fast.status == 200
+    assert fast.header(b"X-Request-ID") != b"x" * 9
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("courses")
 async def test_the_answer_is_the_seed_format_with_mixed_and_stale() -> None:
     answer = await call(COURSES)
     assert answer.status == 200
