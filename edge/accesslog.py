@@ -11,7 +11,7 @@
   configured formatter (console or JSON, `config.logs`). A request pays for a small record and a
   list append; `Logger.log` made a full LogRecord (the caller's file, thread and process looked
   up) and the handler formatted and wrote each line at once: together most of a `/courses`
-  answer's cost (profiled in-process; docs/benchmarks.md).
+  answer's cost (`bench/bench_edge_inprocess.py --log-level INFO` against `WARNING`).
 """
 
 from __future__ import annotations
