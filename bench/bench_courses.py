@@ -10,12 +10,12 @@ own `config.asgi:application` and a nats-server of its own (the machine's NATS k
 load comes from wrk (`-t1 -c64`, keep-alive) on 127.0.0.1.
 Figures are medians of --repeats runs of --duration seconds, each printed with its baseline:
 
-1. `GET /api/v1/courses` (the fast path in `config/fastpath.py`) with 1 and 2 workers, against a
+1. `GET /api/v1/courses` (the edge's route table, `edge/routes.py`) with 1 and 2 workers, against a
    minimal FastAPI app on stock uvicorn (uvloop, httptools, same workers) and nginx serving the
    same bytes as a static file (same worker count): targets >= 2x FastAPI, >= 0.25x nginx;
 2. the 304 path (`If-None-Match` with the current ETag), against the 200 path;
 3. item detail `GET /api/v1/items/1`, `GET /api/v1/rates/BTC/USD` and
-   `GET /api/v1/convert?from=BTC&to=USD&amount=0.5` (all from memory on the fast path) against a
+   `GET /api/v1/convert?from=BTC&to=USD&amount=0.5` (all from memory, by the route table) against a
    plain django-ninja endpoint on the same server returning the item's bytes
    (`bench/plain_urls.py`), the floor of Django's request path: target >= 1.3x.
 
@@ -140,7 +140,7 @@ def get(url: str, header: tuple[str, str] | None = None) -> tuple[int, dict[str,
 
 
 # --- servers ---------------------------------------------------------------------------------
-def server_env(tmp: Path, nats_port: int) -> dict[str, str]:
+def server_env(tmp: Path, nats_port: int, log_level: str = "INFO") -> dict[str, str]:
     env = {
         key: value
         for key, value in os.environ.items()
@@ -151,7 +151,9 @@ def server_env(tmp: Path, nats_port: int) -> dict[str, str]:
         DJANGO_DEBUG="false",
         DJANGO_SECRET_KEY="kurs-bench-secret-key-not-for-production-0123456789",
         DATABASE_URL=f"sqlite:///{tmp}/bench.sqlite3",
-        KURS_LOG_LEVEL="WARNING",
+        # INFO: Kurs writes its access log (one line per request) to the server's output, as in
+        # production; the baselines write none.
+        KURS_LOG_LEVEL=log_level,
         # The bench's own nats-server: the machine's keeps no stream or subject of the run.
         NATS_URL=f"nats://127.0.0.1:{nats_port}",
         # Courses stay fresh for the whole run (stable ETags).
@@ -285,8 +287,8 @@ def neighbours(before: dict[int, tuple[str, float]], seconds: float) -> str:
 
 
 # --- the bench -------------------------------------------------------------------------------
-def prepare(tmp: Path, nats_port: int) -> dict[str, str]:
-    env = server_env(tmp, nats_port)
+def prepare(tmp: Path, nats_port: int, log_level: str) -> dict[str, str]:
+    env = server_env(tmp, nats_port, log_level)
     (tmp / "www" / "api" / "v1").mkdir(parents=True)
     (tmp / "item.json").write_bytes(b"{}")
     for args in (
@@ -370,6 +372,7 @@ def bench(
             assert after == courses, f"/courses changed during the bench: {courses!r} -> {after!r}"
     print(
         f"wrk -t1 -c{args.connections}, {args.repeats} x {args.duration:g} s each, medians; "
+        f"Kurs KURS_LOG_LEVEL={args.log_level}; "
         f"uvicorn --loop uvloop, Kurs --http {KURS_HTTP}, FastAPI --http httptools; "
         f"/courses body {len(courses)} bytes"
     )
@@ -444,6 +447,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--servers", action="store_true", help="compare uvicorn and granian")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        help="Kurs's KURS_LOG_LEVEL (INFO: the access log on; WARNING: off)",
+    )
     args = parser.parse_args()
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None:
@@ -457,7 +465,7 @@ def main() -> None:
         nats = subprocess.Popen(nats_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_for_port(nats_port, 10.0)
-            run(args, tmp, prepare(tmp, nats_port))
+            run(args, tmp, prepare(tmp, nats_port, args.log_level))
         finally:
             nats.terminate()
             nats.wait(10)

@@ -9,7 +9,6 @@ from django.http import HttpRequest, HttpResponse
 from django.urls import path
 from ninja import NinjaAPI
 
-from config.urls import handler404, handler500
 from config.urls import urlpatterns as project_urlpatterns
 
 # The bytes of `GET /api/v1/items/1`, written by the bench before the server starts.
@@ -25,4 +24,4 @@ async def plain_item(request: HttpRequest) -> HttpResponse:
 
 urlpatterns = [*project_urlpatterns, path("bench/plain/", plain.urls)]
 
-__all__ = ["handler404", "handler500", "urlpatterns"]
+__all__ = ["urlpatterns"]

@@ -12,7 +12,7 @@ lockout is checked by the admin's login form before it authenticates. A username
 locks the real user out for that minute: the price of stopping a distributed guesser.
 
 The client is the address the API's rate limits see (ninja's `get_ident` under KURS_NUM_PROXIES,
-through `config.security.ReadThrottle`).
+through `edge.clients`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from django.core.cache import caches
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse
 
-from config.security import ReadThrottle
+from edge.clients import client_of_request
 
 LOCKED_MESSAGE = "Too many failed sign-in attempts. Try again in %(seconds)d seconds."
 
@@ -37,7 +37,7 @@ LOCKED_MESSAGE = "Too many failed sign-in attempts. Try again in %(seconds)d sec
 def _keys(request: HttpRequest | None, username: Any) -> list[str]:
     keys = []
     if request is not None:
-        address = ReadThrottle().get_ident(request)
+        address = client_of_request(request)
         if address:
             keys.append(f"admin-login:address:{address}")
     if isinstance(username, str) and username:

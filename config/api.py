@@ -1,35 +1,30 @@
 """The NinjaAPI instance: version, renderer, the routers, and the one error shape.
 
-Every error leaves as JSON `{"detail": ...}`; domain exceptions are mapped here, once. Only
-`config.urls` imports this module (an import-linter contract): the encoder lives in
-`config.jsonenc`, auth and throttling in `config.security`.
+Every error leaves as JSON `{"detail": ...}`: the domain exceptions by the one table of
+`edge.errors` (which the edge's route table answers from too), ninja's validation and HTTP errors
+here. Only `config.urls` imports this module (an import-linter contract): the encoder lives in
+`config.jsonenc`, auth and throttling in `edge.security`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse
+from django.http.response import HttpResponseBase
 from ninja import NinjaAPI
-from ninja.errors import AuthenticationError, HttpError, Throttled, ValidationError
+from ninja.errors import HttpError, ValidationError
 from ninja.openapi.schema import OpenAPISchema
 from ninja.parser import Parser
 from ninja.renderers import BaseRenderer
 
-from config.health import router as health_router
 from config.jsonenc import dumps, loads
-from config.security import throttled_view
+from edge.answer import to_response
+from edge.errors import STATUS, answer_for
+from edge.health import router as health_router
 from items.api import router as items_router
-from items.exceptions import InvalidItem, ItemAlreadyExists, ItemNotFound
 from rates.api import router as rates_router
-from rates.exceptions import (
-    InvalidQuery,
-    OnDemandBudgetExceeded,
-    PairNotPriced,
-    ProvidersUnavailable,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +44,7 @@ class DecimalJSONParser(Parser):
 
 
 # The alternative every optional query parameter has (SPEC 5: `?since=&provider=` means absent,
-# `config.middleware` drops such values before any schema reads them).
+# the edge drops such values before either entrance reads them, `edge.layer`).
 EMPTY_MEANS_ABSENT = {"type": "string", "maxLength": 0, "description": "empty: absent"}
 
 
@@ -72,8 +67,6 @@ api = KursAPI(
     urls_namespace="api-v1",
     renderer=DecimalJSONRenderer(),
     parser=DecimalJSONParser(),
-    # The OpenAPI document and the docs page count against the ops limit, as health does.
-    docs_decorator=throttled_view,
 )
 
 
@@ -101,66 +94,6 @@ def on_validation_error(request: HttpRequest, exc: ValidationError) -> HttpRespo
     return _error(request, detail or "invalid input", 422, errors=errors)
 
 
-@api.exception_handler(InvalidItem)
-def on_invalid_item(request: HttpRequest, exc: InvalidItem) -> HttpResponse:
-    return _error(
-        request, f"{exc.field}: {exc}", 422, errors=[{"field": exc.field, "message": str(exc)}]
-    )
-
-
-@api.exception_handler(InvalidQuery)
-def on_invalid_query(request: HttpRequest, exc: InvalidQuery) -> HttpResponse:
-    return _error(
-        request, f"{exc.field}: {exc}", 422, errors=[{"field": exc.field, "message": str(exc)}]
-    )
-
-
-@api.exception_handler(ItemNotFound)
-def on_not_found(request: HttpRequest, exc: ItemNotFound) -> HttpResponse:
-    return _error(request, str(exc), 404)
-
-
-@api.exception_handler(PairNotPriced)
-def on_pair_not_priced(request: HttpRequest, exc: PairNotPriced) -> HttpResponse:
-    return _error(request, str(exc), 404)
-
-
-@api.exception_handler(ProvidersUnavailable)
-def on_providers_unavailable(request: HttpRequest, exc: ProvidersUnavailable) -> HttpResponse:
-    return _error(request, str(exc), 503)
-
-
-@api.exception_handler(OnDemandBudgetExceeded)
-def on_budget_exceeded(request: HttpRequest, exc: OnDemandBudgetExceeded) -> HttpResponse:
-    response = _error(request, str(exc), 429)
-    response["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-    return response
-
-
-@api.exception_handler(Http404)
-def on_http404(request: HttpRequest, exc: Http404) -> HttpResponse:
-    return _error(request, "not found", 404)
-
-
-@api.exception_handler(ItemAlreadyExists)
-def on_conflict(request: HttpRequest, exc: ItemAlreadyExists) -> HttpResponse:
-    return _error(request, str(exc), 409)
-
-
-@api.exception_handler(AuthenticationError)
-def on_unauthorized(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
-    response = _error(request, "a valid API key is required (X-API-Key or Bearer)", 401)
-    response["WWW-Authenticate"] = 'Bearer realm="kurs"'
-    return response
-
-
-@api.exception_handler(Throttled)
-def on_throttled(request: HttpRequest, exc: Throttled) -> HttpResponse:
-    response = _error(request, "too many requests", 429)
-    response["Retry-After"] = str(max(1, math.ceil(exc.wait or 1)))
-    return response
-
-
 @api.exception_handler(HttpError)
 def on_http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
     detail = str(exc)
@@ -174,6 +107,15 @@ def on_unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
     # A bug, not bad input: log it in full, answer without leaking internals.
     logger.exception("unhandled error on %s %s", request.method, request.path)
     return _error(request, "internal error", 500)
+
+
+def on_mapped_error(request: HttpRequest, exc: Exception) -> HttpResponseBase:
+    answer = answer_for(exc)
+    return on_unexpected(request, exc) if answer is None else to_response(answer)
+
+
+for _mapped in STATUS:
+    api.add_exception_handler(_mapped, on_mapped_error)
 
 
 api.add_router("/health", health_router)

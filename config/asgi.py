@@ -1,5 +1,5 @@
-"""ASGI entry point: HTTP through Django (the hottest reads first through the fast path),
-WebSocket through Channels, lifespan to the NATS bridge."""
+"""ASGI entry point: HTTP through the edge (`edge.layer`: its route table answers the hottest
+reads, Django the rest), WebSocket through Channels, lifespan to the NATS bridge."""
 
 from __future__ import annotations
 
@@ -23,18 +23,13 @@ from django.core.asgi import get_asgi_application
 django_asgi_app = get_asgi_application()
 
 # Imported after Django is set up: the consumers use models and settings.
-from config.fastpath import ReadFastPath  # noqa: E402
-from rates.courses import courses_cache  # noqa: E402
-from rates.detail import item_details  # noqa: E402
+from edge.layer import EdgeLayer  # noqa: E402
 from rates.ondemand import on_demand  # noqa: E402
-from rates.snapshot import snapshot  # noqa: E402
 from realtime.bridge import lifespan as bridge_lifespan  # noqa: E402
 from realtime.origin import BrowserOriginValidator  # noqa: E402
 from realtime.routing import websocket_urlpatterns  # noqa: E402
 
-# `/courses`, item detail, `/rates/{base}/{quote}` and `/convert` are answered from memory
-# before Django (config/fastpath.py).
-http_app = ReadFastPath(django_asgi_app, cache=courses_cache, snapshot=snapshot, items=item_details)
+http_app = EdgeLayer(django_asgi_app)
 
 
 async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -1,13 +1,14 @@
 """Log formatting: ISO-8601 UTC timestamps, and the request id on every line logged in a request.
 
 Used by `LOGGING` in `config/settings.py`. The request id is set by
-:class:`config.middleware.RequestContextMiddleware` in a context variable, so it reaches every log
+`edge.layer.EdgeLayer` in a context variable, so it reaches every log
 line of the request (views, services, sync code run through `sync_to_async`) without threading
 it through calls.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from contextvars import ContextVar
@@ -22,7 +23,13 @@ def iso_utc(created: float) -> str:
     """`2026-11-30T18:24:36.657Z`: what log shippers parse without guessing a zone."""
     seconds = int(created)
     millis = int((created - seconds) * 1000)
-    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{millis:03d}Z"
+    return f"{_utc_second(seconds)}.{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_second(seconds: int) -> str:
+    # Lines come many to a second (the access log): the second's text is made once.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 class ConsoleFormatter(logging.Formatter):

@@ -1,6 +1,6 @@
 """Prometheus metrics of the processes that serve no HTTP: the fetcher and the qcluster.
 
-Web processes answer `GET /metrics` (`config.metrics`). `run_fetch --watch` and `qcluster` have no
+Web processes answer `GET /metrics` (`edge.metrics`). `run_fetch --watch` and `qcluster` have no
 web server, yet the quote, circuit and rate-age metrics live in the fetcher (and the safety net's
 cycles in qcluster's workers); with `KURS_METRICS_PORT` set they serve the same text on that port
 (on `KURS_METRICS_HOST`, 127.0.0.1 by default; compose uses 0.0.0.0 and Prometheus scrapes them).
@@ -17,7 +17,7 @@ import logging
 from django.conf import settings
 from prometheus_client import start_http_server
 
-from config.metrics import scrape_registry
+from edge.metrics import scrape_registry
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,7 @@ from django.contrib import admin
 from django.urls import path
 
 from config.api import api
-from config.metrics import metrics_view
-from config.security import throttled_view
+from edge.metrics import metrics_view
 from realtime.sse import router as stream_router
 from realtime.views import dashboard
 
@@ -16,8 +15,5 @@ urlpatterns = [
     path("", dashboard, name="dashboard"),
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
-    path("metrics", throttled_view(metrics_view), name="metrics"),
+    path("metrics", metrics_view, name="metrics"),
 ]
-
-handler404 = "config.views.not_found"
-handler500 = "config.views.server_error"

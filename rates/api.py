@@ -1,24 +1,31 @@
 """Rates endpoints: an item's history, latest rate and candles, any pair's rate, conversions,
-providers, and a fetch cycle on demand."""
+providers, and a fetch cycle on demand.
+
+The hot reads (`/courses`, a pair, `/convert`) are thin declarations: ninja parses and validates
+what they document, then they call the one handler the edge's route table calls too
+(`rates.courses`, `rates.answers`) and return its bytes. Reads are throttled by the edge
+(`edge.security`), before either entrance; `errors(429)` documents it.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 
 from asgiref.sync import sync_to_async
 from django.db import DatabaseError
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from ninja import Path, Query, Router
 from ninja.errors import HttpError
 
-from config.security import read_throttle, tasks_throttle, write_auth
+from edge.answer import Answer, to_response
+from edge.clients import client_of_request
+from edge.security import tasks_throttle, write_auth
 from items.selectors import item_get
 from rates import fetch_control as fetcher
-from rates import ondemand, selectors
+from rates import selectors
+from rates.answers import convert_answer, pair_answer
 from rates.courses import courses_cache
-from rates.providers import Pair
 from rates.schemas import (
     CandleOut,
     CandleQuery,
@@ -46,11 +53,10 @@ router = Router(tags=["rates"])
 @router.get(
     "/courses",
     response={200: CoursesOut, 304: None, **errors(422, 429, 503)},
-    throttle=read_throttle,
     summary="The current course of each pair (the seed format), with ETag",
 )
 async def list_courses(request: HttpRequest, filters: Query[CoursesQueryIn]) -> HttpResponseBase:
-    """From the in-process snapshot; `config/fastpath.py` serves the same bytes before Django.
+    """From the in-process snapshot; the edge's route table serves the same bytes before Django.
 
     A stale course keeps its last value and says `"stale": true`; a pair never quoted is left
     out. `If-None-Match` with the current ETag answers 304 with no body. 503 while the
@@ -65,38 +71,12 @@ async def list_courses(request: HttpRequest, filters: Query[CoursesQueryIn]) -> 
     answer = courses_cache.answer(
         filters.direction, filters.exchanger, request.headers.get("If-None-Match")
     )
-    response = (
-        _NotModified() if answer.status == 304 else HttpResponse(answer.body, status=answer.status)
-    )
-    for name, value in answer.headers:
-        response[name] = value
-    return response
-
-
-async def _no_body() -> AsyncIterator[bytes]:
-    return
-    yield b""  # an async generator that yields nothing
-
-
-class _NotModified(StreamingHttpResponse):
-    """A 304 without a body or a Content-Length header.
-
-    CommonMiddleware gives every non-streaming response a length, `0` here, which RFC 9110 8.6
-    forbids (a 304 may only repeat the 200's length), and uvicorn refuses a 304 that announces
-    the 200's length without its bytes; streaming responses keep none.
-    """
-
-    status_code = 304
-
-    def __init__(self) -> None:
-        super().__init__(_no_body())
-        del self["Content-Type"]
+    return to_response(Answer(answer.status, answer.body, answer.headers))
 
 
 @router.get(
     "/items/{int:item_id}/rates",
     response={200: RateListOut, **errors(404, 422, 429)},
-    throttle=read_throttle,
     summary="An item's rate history, newest first",
 )
 async def list_rates(
@@ -115,7 +95,6 @@ async def list_rates(
 @router.get(
     "/items/{int:item_id}/rates/latest",
     response={200: CurrentRateOut, **errors(404, 429)},
-    throttle=read_throttle,
     summary="The item's current rate: who serves it, its status and age (404 before the first)",
 )
 async def latest_rate(request: HttpRequest, item_id: int) -> dict[str, object]:
@@ -129,7 +108,6 @@ async def latest_rate(request: HttpRequest, item_id: int) -> dict[str, object]:
 @router.get(
     "/items/{int:item_id}/candles",
     response={200: list[CandleOut], **errors(404, 422, 429)},
-    throttle=read_throttle,
     summary="OHLC candles of an item's history, one provider's rates (header Kurs-Provider)",
 )
 async def list_candles(
@@ -156,11 +134,10 @@ async def list_candles(
 @router.get(
     "/rates/{base}/{quote}",
     response={200: PairRateOut, **errors(404, 422, 429, 503)},
-    throttle=read_throttle,
     summary="The rate of any pair: tracked from the live snapshot, others fetched on demand",
 )
-async def pair_rate(request: HttpRequest, path: Path[PairPath]) -> dict[str, object]:
-    return await ondemand.pair_rate(Pair(path.base, path.quote), client=_client(request))
+async def pair_rate(request: HttpRequest, path: Path[PairPath]) -> HttpResponseBase:
+    return to_response(await pair_answer(path, client_of_request(request)))
 
 
 _CONVERT_RESPONSES = {200: ConvertOut, **errors(404, 422, 429, 503)}
@@ -170,34 +147,23 @@ _CONVERT_RESPONSES = {200: ConvertOut, **errors(404, 422, 429, 503)}
     "/convert",
     response=_CONVERT_RESPONSES,
     by_alias=True,
-    throttle=read_throttle,
     summary="Convert an amount between two assets, with the rate's provenance",
 )
-async def convert(request: HttpRequest, params: Query[ConvertQuery]) -> dict[str, object]:
-    return await ondemand.convert(
-        source=params.from_, target=params.to, amount=params.amount, client=_client(request)
-    )
+async def convert(request: HttpRequest, params: Query[ConvertQuery]) -> HttpResponseBase:
+    return to_response(await convert_answer(params, client_of_request(request)))
 
 
 @router.post(
     "/convert",
     response={**_CONVERT_RESPONSES, **errors(400)},
     by_alias=True,
-    throttle=read_throttle,
     summary="Convert, with a JSON body (numbers are read as exact decimals)",
 )
-async def convert_body(request: HttpRequest, payload: ConvertIn) -> dict[str, object]:
-    return await ondemand.convert(
-        source=payload.from_, target=payload.to, amount=payload.amount, client=_client(request)
-    )
+async def convert_body(request: HttpRequest, payload: ConvertIn) -> HttpResponseBase:
+    return to_response(await convert_answer(payload, client_of_request(request)))
 
 
-def _client(request: HttpRequest) -> str:
-    # The address the read throttle counts (X-Forwarded-For at KURS_NUM_PROXIES' depth).
-    return read_throttle[0].client_key(request)
-
-
-@router.get("/providers", response={200: list[ProviderOut], **errors(429)}, throttle=read_throttle)
+@router.get("/providers", response={200: list[ProviderOut], **errors(429)})
 async def list_providers(request: HttpRequest) -> list[dict[str, object]]:
     return await sync_to_async(fetcher.provider_statuses)()
 

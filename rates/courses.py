@@ -1,9 +1,9 @@
 """`GET /api/v1/courses`: the seed's answer, built once per snapshot state and filter (SPEC 5).
 
-Both doors use this module: the ninja route (`rates.api`, the documented definition) and the
-thin ASGI path in `config/fastpath.py` that answers before Django. Each hands in the raw query
-values and the `If-None-Match` header and sends the `CoursesAnswer` it gets back as it is, so
-the two cannot disagree on a byte.
+Both entrances use this module: the ninja route (`rates.api`, the documented definition) and the
+route table of the edge (`edge.routes`) that answers before Django. Each hands in the query and
+the `If-None-Match` header and sends the `CoursesAnswer` it gets back as it is, so the two cannot
+disagree on a byte.
 
 A body depends on the snapshot (its `version` bumps on every change) and on time: a fresh course
 turns stale when its provider's freshness window passes, without any event. So a cached body is
@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import parse_qsl
 
 from django.conf import settings
 
@@ -199,6 +200,7 @@ class CoursesCache:
         self._version = -1
         self._generation = 0
         self._built: dict[CoursesQuery, _Built] = {}
+        self._answers: dict[tuple[str, str | None], CoursesAnswer] = {}
         self.builds = 0  # how many bodies were rendered: tests watch reuse with it
 
     def answer(
@@ -213,6 +215,27 @@ class CoursesCache:
             return CoursesAnswer(304, b"", built.not_modified, built)
         return CoursesAnswer(200, built.body, built.ok, built)
 
+    def answer_query(self, query: str, if_none_match: str | None) -> CoursesAnswer:
+        """`answer` for a query string, read as Django's QueryDict reads it (blank values kept,
+        `&` only, the last `exchanger` wins); remembered for as long as it stands."""
+        key = (query, if_none_match)
+        known = self._answers.get(key)
+        if known is not None and known.built is not None and self.is_current(known.built):
+            return known
+        directions: list[str] = []
+        exchanger: str | None = None
+        for name, value in parse_qsl(query, keep_blank_values=True):
+            if name == "direction":
+                directions.append(value)
+            elif name == "exchanger":
+                exchanger = value
+        answer = self.answer(directions, exchanger, if_none_match)
+        if answer.built is not None:  # errors echo their input: not worth keeping
+            if len(self._answers) >= self._max_entries:
+                self._answers.clear()
+            self._answers[key] = answer
+        return answer
+
     def is_current(self, built: _Built) -> bool:
         """Whether `answer` would still give this body (no change, no flip, no clear since)."""
         return built.stamp == (self._source.version, self._generation) and (
@@ -221,6 +244,7 @@ class CoursesCache:
 
     def clear(self) -> None:
         self._built.clear()
+        self._answers.clear()
         self._generation += 1
 
     def _get(self, query: CoursesQuery) -> _Built:
@@ -262,5 +286,5 @@ def _configured_providers() -> Sequence[str]:
     return settings.KURS_PROVIDERS
 
 
-# The process's one cache, shared by the ninja route and the ASGI fast path.
+# The process's one cache, shared by the ninja route and the edge's route table.
 courses_cache = CoursesCache(snapshot, providers=_configured_providers)

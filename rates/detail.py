@@ -1,8 +1,9 @@
-"""`GET /api/v1/items/{id}` from memory, for the ASGI fast path (`config/fastpath.py`).
+"""`GET /api/v1/items/{id}`: the one handler of both entrances, and its cache.
 
-The ninja route (`items.api.get_item`, the documented definition) reads the item and its
-`CurrentRate` row from the database on every request: two queries and a connection, most of its
-cost. This cache keeps what those queries return, per item, and an entry stands only while:
+`item_details.answer(item_id)` reads the item and its `CurrentRate` row and renders the answer;
+the edge's route table (`edge.routes`) calls it with the cache, the ninja route
+(`items.api.get_item`, the documented definition) without (`fresh=True`: two queries and a
+connection, the cost the cache saves). A cache entry stands only while:
 
 - no item event has arrived since it was read (`snapshot.items_generation`: any
   `item.created|updated|deleted` clears every entry at once; items change rarely);
@@ -10,8 +11,9 @@ cost. This cache keeps what those queries return, per item, and an entry stands 
   owner bumps `version` on every write of the row and publishes `rate.updated` after commit);
 - it is younger than MAX_AGE_S: the bound when events are lost (NATS and the fallback bus both
   down), the `max-age` `/courses` advertises as well;
-- `invalidate()` was not called since (the fast path calls it after every write request it hands
-  to Django in this process, so a client reads its own write before the event comes back).
+- `invalidate()` was not called since: every item event this process publishes calls it (the
+  API's and the admin's writes go through `items.services`, which publish after commit), so a
+  client reads its own write before the event comes back through NATS.
 
 Concurrent misses for one item share one read. Status and age are judged per request, exactly as
 the route does (`rates.selectors.current_rate_view`), so the two give the same answer.
@@ -28,16 +30,22 @@ from typing import Any, Protocol
 
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections
+from django.utils import timezone
 
+from edge.answer import Answer, json_answer
+from items.exceptions import ItemNotFound
 from items.models import Item
 from items.selectors import item_fields
 from rates.models import CurrentRate
+from rates.schemas import ItemDetailOut
 from rates.selectors import current_rate_view
 from rates.snapshot import snapshot
+from realtime import events
 
 MAX_AGE_S = 1.0
 # Items held at most; past it the cache starts over (a client walking ids costs reads, not memory).
 MAX_ENTRIES = 4096
+_MAX_ID = 2**63 - 1  # BigAutoField: a larger id cannot exist (items.selectors.item_get)
 
 
 class VersionSource(Protocol):
@@ -93,12 +101,45 @@ class ItemDetailCache:
         self._entries: dict[int, ItemEntry] = {}
         # Keyed by generation too: a request that comes after a write never joins an older read.
         self._inflight: dict[tuple[Any, ...], asyncio.Task[ItemEntry | None]] = {}
+        # The dumped answer per entry: only `latest`'s age and status change between requests.
+        self._dumped: dict[int, tuple[ItemEntry, dict[str, Any]]] = {}
         self.reads = 0  # database reads: tests watch reuse with it
+
+    async def answer(self, item_id: int, *, fresh: bool = False) -> Answer:
+        """200 with the item and its current rate judged now; ItemNotFound when there is none.
+
+        `fresh` reads the database whatever the cache holds (and keeps what it read).
+        """
+        if not 0 < item_id <= _MAX_ID:
+            raise ItemNotFound(f"item {item_id} not found")
+        entry = await (self._load(item_id) if fresh else self.entry(item_id))
+        if entry is None:
+            raise ItemNotFound(f"item {item_id} not found")
+        data = entry.view(timezone.now())
+        # Validated once per entry (a pydantic pass costs 100 us here): validating a new age or
+        # status changes neither, so they are put into the dumped entry as they are.
+        known = self._dumped.get(item_id)
+        if known is None or known[0] is not entry:
+            dumped = ItemDetailOut.model_validate(data).model_dump()
+            if len(self._dumped) >= self._max_entries:
+                self._dumped.clear()
+            self._dumped[item_id] = (entry, dumped)
+        elif data["latest"] is None:
+            dumped = known[1]
+        else:
+            judged = {"age_s": data["latest"]["age_s"], "status": data["latest"]["status"]}
+            dumped = {**known[1], "latest": {**known[1]["latest"], **judged}}
+        return json_answer(200, dumped)
 
     def invalidate(self) -> None:
         """Forget every entry (a write went through this process)."""
         self._local_generation += 1
         self._entries.clear()
+
+    def on_event(self, subject: str, envelope: dict[str, Any]) -> None:
+        """An `events` transport: an item event published here invalidates the cache."""
+        if str(envelope.get("type", "")).startswith("item."):
+            self.invalidate()
 
     async def get(self, item_id: int, *, now: datetime) -> dict[str, Any] | None:
         """What the route answers for the item (its fields and `latest`), or None if none."""
@@ -151,3 +192,4 @@ class ItemDetailCache:
 
 # The process's one cache, fed by the same snapshot as `/courses`.
 item_details = ItemDetailCache(snapshot)
+events.add_transport(item_details.on_event)

@@ -171,7 +171,7 @@ def exchanger_pattern(providers: list[str]) -> str:
 
 class CoursesQueryIn(Schema):
     """The filters of `/courses`; `rates.courses.parse_query` validates and normalises them
-    (the patterns below only document it: the fast path answers the same without this schema)."""
+    (the patterns below only document it: the edge's route table answers the same without it)."""
 
     direction: list[str] = Field(
         default_factory=list,

@@ -8,7 +8,7 @@ class RealtimeConfig(AppConfig):
     verbose_name = "Realtime"
 
     def ready(self) -> None:
-        from config.metrics import mark_dead_at_exit
+        from edge.metrics import mark_dead_at_exit
         from realtime import events, nats
 
         # Every process publishes through its one NATS connection, started on first publish.

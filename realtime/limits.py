@@ -1,7 +1,7 @@
 """Per-client caps of the streaming endpoints, `/ws/items` and `GET /api/v1/stream`.
 
 A *client* is an address, found as every rate limit of the API finds it (ninja's `get_ident`
-under KURS_NUM_PROXIES, through `config.security.ReadThrottle`), so a proxy's clients are told
+under KURS_NUM_PROXIES, through `edge.clients`), so a proxy's clients are told
 apart by their X-Forwarded-For entry, and a client cannot pick another address by sending one.
 
 Two caps, counted in this worker process (each uvicorn worker counts its own clients: a client
@@ -21,7 +21,6 @@ whose disconnect never ran), so no path leaks a slot for the life of the process
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import weakref
@@ -30,10 +29,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
-from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest
 
-from config.security import ReadThrottle
+from edge.clients import client_of_request as address_of_request
+from edge.clients import client_of_scope as address_of_scope
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +43,14 @@ CONNECTION_RETRY_AFTER_S = 10
 
 
 def client_of_request(request: HttpRequest) -> str | None:
-    """The client's address as the API's rate limits see it; None when there is none."""
-    ident = ReadThrottle().get_ident(request)
-    return ident or None
+    """The client's address as every per-client limit sees it (edge.clients); None when there
+    is none (such connections are not counted)."""
+    return address_of_request(request) or None
 
 
 def client_of_scope(scope: Mapping[str, Any]) -> str | None:
-    """The same for a WebSocket handshake: Django's own request over its scope, so its headers
-    (X-Forwarded-For repeated or not) and address read exactly as for an HTTP request."""
-    request = ASGIRequest({**scope, "method": "GET"}, io.BytesIO())
-    return client_of_request(request)
+    """The same for a WebSocket handshake."""
+    return address_of_scope(scope) or None
 
 
 class Lease:

@@ -29,7 +29,6 @@ from ninja import Query, Router, Schema
 from ninja.errors import HttpError
 from pydantic import ConfigDict, Field, field_validator
 
-from config.security import read_throttle
 from rates.snapshot import snapshot
 from realtime import metrics, resume, stream_openapi
 from realtime.bridge import bridge
@@ -200,7 +199,6 @@ async def _body(
     "",
     summary="Live events as Server-Sent Events (text/event-stream)",
     description=DESCRIPTION,
-    throttle=read_throttle,
     openapi_extra={
         "parameters": [
             {

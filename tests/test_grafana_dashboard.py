@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from config import metrics as config_metrics
+from edge import metrics as config_metrics
 from rates import metrics as rates_metrics
 from realtime import metrics as realtime_metrics
 from tests.prod_stack import DASHBOARD, dashboard_metrics, exported_names

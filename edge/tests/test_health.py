@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from django.test import Client
 
-from config import health
+from edge import health
 from items.models import Item
 from rates.lease import lease_try_acquire
 from rates.tests.support import store_current

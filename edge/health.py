@@ -1,5 +1,9 @@
 """`GET /api/v1/health`: each component checked for real, with a short timeout.
 
+A router of the API that no app owns: it probes the whole deployment (database, cache, channel
+layer, NATS, the providers' owner, freshness), as `/metrics` (`edge.metrics`) measures it; both
+count against the edge's operations budget (`edge.security`).
+
 `down` (503) when the database cannot be used: nothing can be served or stored. Any other
 failing component makes the service `degraded` (200): it still answers, from what it has.
 """
@@ -22,7 +26,6 @@ from django.utils import timezone
 from ninja import Router
 from ninja.responses import Status
 
-from config.security import ops_throttle
 from rates.lease import lease_holder
 from rates.provider_health import provider_statuses
 from rates.schemas import ErrorOut
@@ -149,7 +152,7 @@ async def health_report() -> dict[str, Any]:
     return {"status": overall, "components": components}
 
 
-@router.get("", response={200: dict, 503: dict, 429: ErrorOut}, throttle=ops_throttle)
+@router.get("", response={200: dict, 503: dict, 429: ErrorOut})
 async def health(request: HttpRequest) -> Status[dict[str, Any]]:
     report = await health_report()
     return Status(503 if report["status"] == "down" else 200, report)

@@ -1,9 +1,19 @@
-"""Who may write (API keys) and how fast anyone may call (KURS_RATE_LIMIT and friends)."""
+"""Who may write (API keys) and how fast anyone may call (KURS_RATE_LIMIT and friends).
+
+Reads are limited by the edge (`edge.layer`), before either entrance, with `ReadLimiter`: a fixed
+window per client, counted in this worker process's memory. The limit is therefore per worker:
+with N web workers a client gets at most N times KURS_RATE_LIMIT (the kernel spreads its
+connections over them), and a limited deployment keeps the speed of the unlimited one (a shared
+count would cost a cache round trip per request). The operations endpoints (health, `/metrics`,
+the OpenAPI document and docs) count apart from the data reads, so a client reading hard from
+the address of a probe does not turn the probe's answer into a 429.
+
+`POST /tasks/run` is limited per API key in the shared cache (KURS_TASKS_RATE_LIMIT): each call
+makes every exchange answer at once, so the budget must hold across every process.
+"""
 
 from __future__ import annotations
 
-import functools
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +21,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache import cache
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest
 from ninja.security import APIKeyHeader, HttpBearer
 from ninja.throttling import BaseThrottle
 
@@ -55,17 +65,45 @@ class ApiKeyBearerAuth(HttpBearer):
 write_auth = [ApiKeyHeaderAuth(), ApiKeyBearerAuth()]
 
 
-# --- Throttling -----------------------------------------------------------------------------
-class ReadThrottle(BaseThrottle):
-    """Fixed-window per-client limit, counted in the shared cache.
+# --- Reads: in this process -----------------------------------------------------------------
+# Clients remembered at most; past it the count starts over (a flood of addresses costs a reset
+# of everyone's window, never memory).
+MAX_CLIENTS = 100_000
 
-    `scope` keeps separate budgets: the operations endpoints (health, `/metrics`, the OpenAPI)
-    count apart from the data reads, so a client reading hard from behind the same address as a
-    probe does not turn the probe's answer into a 429. `limit` names the setting; off (one
-    attribute read) when it is empty, which is the default of KURS_RATE_LIMIT.
-    """
 
-    def __init__(self, scope: str = "read", limit: str = "KURS_RATE_LIMIT") -> None:
+class ReadLimiter:
+    """Fixed windows of `period` seconds per (budget, client) in this process's memory."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._counts: dict[tuple[str, str], list[int]] = {}
+
+    def wait(self, budget: str, client: str, limit: tuple[int, int]) -> float | None:
+        """None when the request may go on; else the seconds until the client's next window."""
+        count, period = limit
+        now = self._clock()
+        window = int(now // period)
+        key = (budget, client)
+        entry = self._counts.get(key)
+        if entry is None or entry[0] != window:
+            if len(self._counts) >= MAX_CLIENTS:
+                self._counts.clear()
+            entry = self._counts[key] = [window, 0]
+        entry[1] += 1
+        if entry[1] <= count:
+            return None
+        return (window + 1) * period - now
+
+    def clear(self) -> None:
+        self._counts.clear()
+
+
+# --- Tasks: in the shared cache -------------------------------------------------------------
+class KeyThrottle(BaseThrottle):
+    """Fixed-window limit per API key (the address when keys are not required), counted in the
+    shared cache; off when the setting named by `limit` is empty."""
+
+    def __init__(self, scope: str = "tasks", limit: str = "KURS_TASKS_RATE_LIMIT") -> None:
         self.scope = scope
         self.limit = limit
         self._wait: float | None = None
@@ -91,43 +129,13 @@ class ReadThrottle(BaseThrottle):
         return False
 
     def client_key(self, request: HttpRequest) -> str:
+        api_key = getattr(request, "auth", None)
+        if api_key is not None and hasattr(api_key, "pk"):
+            return f"key{api_key.pk}"
         return str(self.get_ident(request))
 
     def wait(self) -> float | None:
         return self._wait
 
 
-class KeyThrottle(ReadThrottle):
-    """Per API key (the address when keys are not required): `POST /tasks/run` makes the
-    service call every exchange at once, so one key holder must not get it banned by them."""
-
-    def client_key(self, request: HttpRequest) -> str:
-        api_key = getattr(request, "auth", None)
-        if api_key is not None and hasattr(api_key, "pk"):
-            return f"key{api_key.pk}"
-        return super().client_key(request)
-
-
-read_throttle = [ReadThrottle()]
-ops_throttle = [ReadThrottle(scope="ops")]
-tasks_throttle = [KeyThrottle(scope="tasks", limit="KURS_TASKS_RATE_LIMIT")]
-
-
-def throttled_view(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """The ops limit for plain Django views (`/metrics`, the OpenAPI document and docs):
-    429 `{"detail"}` with `Retry-After`, as `config.api` answers for ninja routes."""
-
-    @functools.wraps(view)
-    def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        throttle = ReadThrottle(scope="ops")
-        if not throttle.allow_request(request):
-            return too_many_requests(throttle.wait())
-        return view(request, *args, **kwargs)
-
-    return wrapped
-
-
-def too_many_requests(wait: float | None) -> HttpResponse:
-    response = JsonResponse({"detail": "too many requests"}, status=429)
-    response["Retry-After"] = str(max(1, math.ceil(wait or 1)))
-    return response
+tasks_throttle = [KeyThrottle()]

@@ -20,10 +20,7 @@ import asyncio
 import atexit
 import os
 import re
-import time
-from bisect import bisect_left
 from collections.abc import Iterable
-from typing import Any
 
 from django.http import HttpRequest, HttpResponse
 from prometheus_client import (
@@ -37,27 +34,28 @@ from prometheus_client import (
     multiprocess,
 )
 
-from config.middleware import HybridMiddleware
+from edge.promclient import observe_many
 
 HTTP_REQUESTS = Counter(
     "kurs_http_requests_total",
     "HTTP requests by method, route and status.",
     ["method", "route", "status"],
 )
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 HTTP_LATENCY = Histogram(
     "kurs_http_request_seconds",
     "HTTP request latency by method and route.",
     ["method", "route"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    buckets=LATENCY_BUCKETS,
 )
 
 
-# How long the fast path's requests may wait to be counted (RequestTally).
+# How long a request may wait to be counted (RequestTally).
 TALLY_FLUSH_S = 0.5
 
 
 class RequestTally:
-    """Requests counted in plain numbers, added to the HTTP metrics in bulk (the fast path's).
+    """Requests counted in plain numbers, added to the HTTP metrics in bulk (`edge.layer`'s).
 
     A fast-path answer takes a few microseconds of Python; three locked increments per request
     (the counter, the histogram's sum and bucket) were a third of them (cProfile, `/courses`).
@@ -93,45 +91,10 @@ class RequestTally:
         for (method, route, status), n in counts.items():
             HTTP_REQUESTS.labels(method, route, str(status)).inc(n)
         for (method, route), values in seconds.items():
-            _observe_many(HTTP_LATENCY.labels(method, route), values)
-
-
-def _observe_many(histogram: Any, values: list[float]) -> None:
-    # prometheus_client 0.26's Histogram child: `_upper_bounds` (ending with +Inf), one value
-    # per bucket in `_buckets`, `_sum` (tests/config compare it with `observe()`).
-    bounds = histogram._upper_bounds
-    per_bucket = [0] * len(bounds)
-    for value in values:
-        per_bucket[bisect_left(bounds, value)] += 1
-    histogram._sum.inc(sum(values))
-    for bucket, n in zip(histogram._buckets, per_bucket, strict=True):
-        if n:
-            bucket.inc(n)
+            observe_many(HTTP_LATENCY.labels(method, route), values)
 
 
 request_tally = RequestTally()
-
-
-def _route(request: HttpRequest) -> str:
-    # The URL pattern, not the path, keeps label values bounded (/api/v1/items/<id>, not ids).
-    match = getattr(request, "resolver_match", None)
-    return match.route if match is not None and match.route else "unmatched"
-
-
-class HttpMetricsMiddleware(HybridMiddleware):
-    def before(self, request: HttpRequest) -> float:
-        return time.perf_counter()
-
-    def after(self, request: HttpRequest, response: HttpResponse, state: float) -> HttpResponse:
-        self._observe(request, response, state)
-        return response
-
-    @staticmethod
-    def _observe(request: HttpRequest, response: HttpResponse, started: float) -> None:
-        route = _route(request)
-        method = request.method or "?"
-        HTTP_REQUESTS.labels(method, route, str(response.status_code)).inc()
-        HTTP_LATENCY.labels(method, route).observe(time.perf_counter() - started)
 
 
 def mark_dead_at_exit() -> None:
@@ -166,8 +129,12 @@ def _alive(pid: int) -> bool:
 class LiveProcessesCollector(multiprocess.MultiProcessCollector):
     """The sum of every process's files, the dead ones' live gauges forgotten first."""
 
+    def __init__(self, registry: CollectorRegistry, directory: str) -> None:
+        super().__init__(registry, path=directory)
+        self.directory = directory
+
     def collect(self) -> Iterable[Metric]:
-        forget_dead_processes(self._path)
+        forget_dead_processes(self.directory)
         return super().collect()
 
 
@@ -177,10 +144,10 @@ def scrape_registry() -> CollectorRegistry:
     if not directory:
         return REGISTRY
     registry = CollectorRegistry()
-    LiveProcessesCollector(registry, path=directory)
+    LiveProcessesCollector(registry, directory)
     return registry
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:
-    request_tally.flush()  # this process's fast-path requests, counted up to now
+    request_tally.flush()  # this process's requests, counted up to now
     return HttpResponse(generate_latest(scrape_registry()), content_type=CONTENT_TYPE_LATEST)

@@ -6,19 +6,19 @@ import sys
 from pathlib import Path
 
 import pytest
-from django.test import Client
 
+from edge.tests.asgi import call
 from tests.services import ROOT, run_python
 
 pytestmark = pytest.mark.django_db
 
 
-def test_metrics_count_requests_by_route(client: Client) -> None:
-    assert client.get("/api/v1/items").status_code == 200
-    response = client.get("/metrics")
-    assert response.status_code == 200
-    assert response["Content-Type"].startswith("text/plain")
-    text = response.content.decode()
+async def test_metrics_count_requests_by_route() -> None:
+    assert (await call("/api/v1/items")).status == 200
+    response = await call("/metrics")
+    assert response.status == 200
+    assert (response.header("Content-Type") or b"").startswith(b"text/plain")
+    text = response.body.decode()
     line = next(
         line
         for line in text.splitlines()
@@ -118,7 +118,7 @@ def test_a_killed_processs_gauge_leaves_at_the_next_scrape(tmp_path: Path) -> No
     assert not list(tmp_path.glob(f"gauge_live*_{victim.pid}.db"))
 
 
-# --- the fast path's tally -------------------------------------------------------------------
+# --- the request tally -----------------------------------------------------------------------
 def _samples(name: str, labels: dict[str, str]) -> dict[str, float]:
     """The `name` series with these labels: {suffix + le: value} from this process's registry."""
     from prometheus_client import REGISTRY
@@ -139,13 +139,13 @@ async def test_the_tally_adds_what_observe_would_within_its_flush_interval() -> 
 
     from prometheus_client import CollectorRegistry, Histogram
 
-    from config.metrics import HTTP_LATENCY, RequestTally
+    from edge.metrics import LATENCY_BUCKETS, RequestTally
 
     labels = {"method": "GET", "route": "tally-test"}
     # On the bounds and between them, below the first and above the last.
     values = [0.0, 0.001, 0.0011, 0.0025, 0.004, 0.05, 0.7, 2.5, 3.0, 9.0, 0.001]
     reference = Histogram(
-        "ref_seconds", "reference", ["method", "route"], buckets=HTTP_LATENCY._upper_bounds[:-1],
+        "ref_seconds", "reference", ["method", "route"], buckets=LATENCY_BUCKETS,
         registry=CollectorRegistry(),
     )  # fmt: skip
     tally = RequestTally(flush_after=0.2)
@@ -179,3 +179,16 @@ async def test_the_tally_adds_what_observe_would_within_its_flush_interval() -> 
     assert {k: v for k, v in got.items() if not k.startswith("_created")} == pytest.approx(want)
     assert want["_bucket+Inf"] == 11  # the reference counted all
     assert want["_bucket0.001"] == 3
+
+
+def test_the_prometheus_adapter_was_written_against_the_installed_version() -> None:
+    """edge/promclient.py reads private names: an upgrade must be checked, then pinned here."""
+    from importlib.metadata import version
+
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from edge import promclient
+
+    assert version("prometheus_client") == promclient.WRITTEN_AGAINST
+    child = Histogram("adapter_seconds", "probe", ["x"], registry=CollectorRegistry()).labels("a")
+    assert all(hasattr(child, name) for name in promclient.PRIVATE_NAMES)

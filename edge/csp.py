@@ -13,12 +13,6 @@ already has a policy keeps it.
 
 from __future__ import annotations
 
-from typing import Any
-
-from django.http import HttpRequest, HttpResponse
-
-from config.middleware import HybridMiddleware
-
 HEADER = "Content-Security-Policy"
 POLICY = "; ".join(
     (
@@ -35,11 +29,5 @@ PREFIXES = ("/admin/",)
 
 
 def covered(path: str) -> bool:
+    """Whether the answer to `path` gets the policy (`edge.layer` adds it)."""
     return path in PAGES or path.startswith(PREFIXES)
-
-
-class ContentSecurityPolicyMiddleware(HybridMiddleware):
-    def after(self, request: HttpRequest, response: HttpResponse, state: Any) -> HttpResponse:
-        if covered(request.path) and HEADER not in response:
-            response[HEADER] = POLICY
-        return response

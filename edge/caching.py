@@ -1,9 +1,8 @@
 """`Cache-Control` of the API's answers: what a browser or a proxy may keep, and how long.
 
-One table, applied by `config.middleware` to every answer under `/api/` and to `/metrics` that
-has no `Cache-Control` of its own. `/courses` is left to its two paths (`config.fastpath` and its
-route answer the same bytes and headers: `max-age=1` with its ETag), and the event stream sets
-its own:
+One table, applied by `edge.layer` to every answer under `/api/` and to `/metrics` that has no
+`Cache-Control` of its own. `/courses` sets its own on its answers (`max-age=1` with its ETag,
+`rates.courses`), and so does the event stream:
 
 - errors and writes: `no-store`. A 404 or a 429 must not outlive its cause in a cache, and a
   write's answer (and `POST /convert`, `POST /tasks/run`) is the answer to that one request;
@@ -34,10 +33,12 @@ _COURSES = "/api/v1/courses"
 
 def cache_control(method: str, path: str, status: int) -> str | None:
     """The `Cache-Control` value of an answer to `method path` with `status`; None: not ours."""
-    if path != "/metrics" and (not path.startswith("/api/") or path == _COURSES):
+    if path != "/metrics" and not path.startswith("/api/"):
         return None
     if status >= 400 or method not in ("GET", "HEAD"):
         return NO_STORE
+    if path == _COURSES:
+        return None  # its own: `max-age=1` with its ETag
     if path == "/metrics":
         return NO_STORE
     route = path.removeprefix(_API_PREFIX)

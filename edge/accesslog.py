@@ -1,0 +1,201 @@
+"""Request ids and the access log: one line per request, written in batches.
+
+- Every request gets an id: a sane incoming `X-Request-ID` (from nginx or a client) is kept,
+  otherwise one is generated; the edge returns it as `X-Request-ID` and puts it on every log line
+  of the request (`config.logs.request_id`, a context variable).
+- One access line per request (`kurs.access`), whichever entrance answered: the servers' own
+  access logs are off in `LOGGING`, so nothing is logged twice.
+- The lines are written as nginx's `access_log ... buffer= flush=` writes them:
+  `BufferedStreamHandler` (the `access` handler in `LOGGING`) keeps the records and formats and
+  writes them together, when CAPACITY lines are waiting or every FLUSH_S, and at exit, with the
+  configured formatter (console or JSON, `config.logs`). A request pays for a small record and a
+  list append; `Logger.log` made a full LogRecord (the caller's file, thread and process looked
+  up) and the handler formatted and wrote each line at once: together most of a `/courses`
+  answer's cost (`bench/bench_edge_inprocess.py --log-level INFO` against `WARNING`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from typing import IO, Any
+
+access_logger = logging.getLogger("kurs.access")
+
+HEADER = "X-Request-ID"
+# Anything else (too long, spaces, control characters) could forge log lines or bloat them.
+_SANE_ID = re.compile(r"[A-Za-z0-9._:+/=-]{8,128}")
+
+
+class _RequestIds:
+    """New request ids: 32 hex digits, a random per-process prefix and a counter.
+
+    Unique like uuid4's without its `os.urandom` system call per request (12 % of a /courses
+    answer's time from memory under load, profiled with py-spy). A forked child draws a new prefix.
+    """
+
+    def __init__(self) -> None:
+        self._reseed()
+        os.register_at_fork(after_in_child=self._reseed)
+
+    def _reseed(self) -> None:
+        self._prefix = uuid.uuid4().hex[:16]
+        self._counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+new_request_id = _RequestIds()
+
+
+def request_id_for(incoming: str) -> str:
+    """A sane incoming `X-Request-ID`, else a new one."""
+    return incoming if incoming and _SANE_ID.fullmatch(incoming) else new_request_id()
+
+
+class AccessRecord(logging.LogRecord):
+    """A LogRecord made cheaply: an access line has no caller, exception or stack to look up,
+    and its formats read only its time, level, name, message and the request's fields."""
+
+    def __init__(self, level: int, msg: str, args: tuple[Any, ...], fields: dict[str, Any]) -> None:
+        self.__dict__.update(_CONSTANT)  # formats read the instance's own attributes
+        self.__dict__.update(fields)
+        self.msg = msg
+        self.args = args
+        self.levelno = level
+        self.levelname = _LEVEL_NAMES[level]
+        created = self.created = time.time()
+        self.msecs = int((created - int(created)) * 1000) + 0.0  # as LogRecord
+        self.process = _PROCESS.pid
+
+
+_LEVEL_NAMES = {logging.INFO: "INFO", logging.WARNING: "WARNING"}
+# What LogRecord would look up for each record, the same for every access line.
+_CONSTANT: dict[str, Any] = {
+    "name": access_logger.name,
+    "pathname": __name__,
+    "filename": __name__,
+    "module": __name__,
+    "lineno": 0,
+    "funcName": None,
+    "exc_info": None,
+    "exc_text": None,
+    "stack_info": None,
+    "thread": None,
+    "threadName": None,
+    "processName": None,
+    "relativeCreated": 0.0,  # no format of Kurs's reads it
+}
+
+
+class _Process:
+    """This process's id, kept: `os.getpid()` is a system call."""
+
+    def __init__(self) -> None:
+        self._read()
+        os.register_at_fork(after_in_child=self._read)
+
+    def _read(self) -> None:
+        self.pid = os.getpid()
+
+
+_PROCESS = _Process()
+
+
+def log_access(
+    method: str,
+    full_path: str,
+    path: str,
+    status: int,
+    duration_ms: float,
+    client: str | None,
+    request_id: str,
+) -> None:
+    """The one access line of a request, when its level is on."""
+    level = logging.WARNING if status >= 500 else logging.INFO
+    if not access_logger.isEnabledFor(level):
+        return
+    record = AccessRecord(
+        level,
+        "%s %s %d %.1fms",
+        (method, full_path, status, duration_ms),
+        {
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": round(duration_ms, 2),
+            "client": client,
+            "request_id": request_id,
+        },
+    )
+    access_logger.handle(record)
+
+
+CAPACITY = 256
+FLUSH_S = 0.5
+
+
+class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler that writes its lines in batches (see the module's docstring)."""
+
+    def __init__(
+        self, stream: IO[str] | None = None, capacity: int = CAPACITY, flush_s: float = FLUSH_S
+    ) -> None:
+        super().__init__(stream)
+        self.capacity = capacity
+        self.flush_s = flush_s
+        self._records: list[logging.LogRecord] = []
+        self._flusher: threading.Thread | None = None
+        self._pid = 0
+        atexit.register(self.flush)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._records.append(record)
+        if len(self._records) >= self.capacity:
+            self.flush()
+        elif self._pid != _PROCESS.pid:
+            self._start_flusher()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            records, self._records = self._records, []
+            lines = []
+            for record in records:
+                try:
+                    lines.append(self.format(record) + self.terminator)
+                except Exception:  # as StreamHandler: a bad record must not stop the others
+                    self.handleError(record)
+            if lines:
+                try:
+                    self.stream.write("".join(lines))
+                    self.stream.flush()
+                except Exception:
+                    self.handleError(records[-1])
+
+    def _start_flusher(self) -> None:
+        # One per process (a forked worker starts its own): waits FLUSH_S between flushes.
+        self._pid = _PROCESS.pid
+        self._flusher = threading.Thread(target=self._run, name="access-log", daemon=True)
+        self._flusher.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.flush_s)
+            self.flush()
+
+    def close(self) -> None:
+        self.flush()
+        super().close()
+
+
+def flush_access_log(**_: Any) -> None:
+    """Write every waiting access line now (tests read them at once)."""
+    for handler in access_logger.handlers:
+        handler.flush()
