@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
-import ninja.conf
 import pytest
 from django.conf import LazySettings
 from django.contrib.auth import get_user_model
@@ -62,10 +62,10 @@ def test_five_failures_lock_the_address_out_even_with_the_right_password(
 
 
 def test_failures_for_one_username_from_many_addresses_lock_that_username(
-    admin_site: httpx.Client, monkeypatch: pytest.MonkeyPatch
+    admin_site: httpx.Client, settings: Any
 ) -> None:
     """Behind one proxy (KURS_NUM_PROXIES=1) the address is X-Forwarded-For's last entry."""
-    monkeypatch.setattr(ninja.conf.settings, "NUM_PROXIES", 1)
+    settings.NINJA_NUM_PROXIES = 1  # KURS_NUM_PROXIES
     for n in range(5):
         answer = sign_in(admin_site, "boss", "guess", **{"X-Forwarded-For": f"10.0.0.{n}"})
         assert answer.status_code == 200

@@ -15,7 +15,7 @@ from edge.clients import client_of
 from edge.security import ReadLimiter
 from edge.tests.asgi import Answer, call, counting
 from items import services
-from rates import fetcher
+from rates import fetch_control
 from rates.snapshot import snapshot
 from tests.services import run_python
 
@@ -141,7 +141,7 @@ def cycles(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         asked.append(1)
         return {"stored": 0, "providers": {}, "duration_ms": 1}
 
-    monkeypatch.setattr(fetcher, "request_cycle", request_cycle)
+    monkeypatch.setattr(fetch_control, "request_cycle", request_cycle)
     return asked
 
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import nats
-import ninja.conf
 import pytest
 from asgiref.sync import sync_to_async
 from django.conf import LazySettings
@@ -139,7 +138,7 @@ async def test_the_client_is_the_address_the_rate_limits_see(
         _, code, _ = await refused_socket(f"{url}?pairs=BTC-USD")
         assert code == 1008
 
-        monkeypatch.setattr(ninja.conf.settings, "NUM_PROXIES", 1)
+        settings.NINJA_NUM_PROXIES = 1  # KURS_NUM_PROXIES
         async with client.stream("GET", "/api/v1/stream", headers=forged) as proxied:
             assert proxied.status_code == 200
             reader = sse_events(proxied)
