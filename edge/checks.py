@@ -1,8 +1,12 @@
-"""`manage.py check --deploy`: the TLS checks Django runs only with its SecurityMiddleware.
+"""`manage.py check --deploy`: the checks Django runs only with its own security middleware.
 
-Django checks SECURE_HSTS_SECONDS (security.W004) and SECURE_SSL_REDIRECT (security.W008) only
-when SecurityMiddleware is in MIDDLEWARE; the edge (`edge.layer`) does that middleware's work
-from the same settings, so it asks the same questions, under its own ids.
+Django asks about HSTS (security.W004, W005, W021), nosniff (W006), the TLS redirect (W008),
+the Referrer-Policy (W022) and X-Frame-Options (W019) only when SecurityMiddleware and
+XFrameOptionsMiddleware are in MIDDLEWARE (else it says W001/W002, silenced in the settings).
+The edge (`edge.layer`) does those middlewares' work from the same settings, for every answer,
+so it asks the same questions with Django's own words, under `edge.` ids. Behind a TLS proxy
+(`KURS_TLS_PROXY`) exactly edge.W005 and edge.W021 remain until an operator opts in to HSTS for
+every subdomain and to the preload list (docs/operations.md#check---deploy).
 """
 
 from __future__ import annotations
@@ -10,29 +14,37 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
-from django.core.checks import Tags, Warning, register
+from django.core.checks import CheckMessage, Tags, Warning, register
+from django.core.checks.security import base
 
-W004 = Warning(
-    "You have not set a value for the SECURE_HSTS_SECONDS setting. If your entire site is served "
-    "only over SSL, you may want to consider setting a value and enabling HTTP Strict Transport "
-    "Security (KURS_TLS_PROXY). Be sure to read the documentation first; enabling HSTS "
-    "carelessly can cause serious, irreversible problems.",
-    id="edge.W004",
-)
-W008 = Warning(
-    "Your SECURE_SSL_REDIRECT setting is not set to True. Unless your site should be available "
-    "over both SSL and non-SSL connections, you may want to either set this setting True or "
-    "configure a load balancer or reverse-proxy server to redirect all connections to HTTPS "
-    "(KURS_TLS_PROXY).",
-    id="edge.W008",
+
+def _as_edge(warning: CheckMessage) -> Warning:
+    code = (warning.id or "").rsplit(".", 1)[-1]
+    return Warning(warning.msg, hint=warning.hint, id=f"edge.{code}")
+
+
+W004, W005, W006, W008, W019, W021, W022 = (
+    _as_edge(w)
+    for w in (base.W004, base.W005, base.W006, base.W008, base.W019, base.W021, base.W022)
 )
 
 
 @register(Tags.security, deploy=True)
-def check_tls(app_configs: Any, **kwargs: Any) -> list[Warning]:
+def check_edge_security(app_configs: Any, **kwargs: Any) -> list[Warning]:
     warnings = []
     if not settings.SECURE_HSTS_SECONDS:
         warnings.append(W004)
-    if not settings.SECURE_SSL_REDIRECT:
+    else:
+        if settings.SECURE_HSTS_INCLUDE_SUBDOMAINS is not True:
+            warnings.append(W005)
+        if settings.SECURE_HSTS_PRELOAD is not True:
+            warnings.append(W021)
+    if settings.SECURE_CONTENT_TYPE_NOSNIFF is not True:
+        warnings.append(W006)
+    if settings.SECURE_SSL_REDIRECT is not True:
         warnings.append(W008)
+    if settings.SECURE_REFERRER_POLICY is None:
+        warnings.append(W022)
+    if settings.X_FRAME_OPTIONS != "DENY":
+        warnings.append(W019)
     return warnings

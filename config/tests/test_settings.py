@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -38,6 +39,16 @@ def test_behind_a_tls_proxy_check_deploy_finds_nothing() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "no issues" in result.stdout
+
+
+def test_behind_a_tls_proxy_only_the_operators_two_hsts_choices_remain() -> None:
+    """HSTS for every subdomain and the preload list bind a whole domain for good: Kurs leaves
+    them off (docs/operations.md#check---deploy), and check --deploy says exactly that."""
+    result = run_check("--deploy", DJANGO_SECRET_KEY=DEPLOY_KEY, KURS_TLS_PROXY="true")
+    assert result.returncode == 0, result.stderr
+    reported = set(re.findall(r"\(([a-z]+\.[EW]\d+)\)", result.stderr))
+    assert reported == {"edge.W005", "edge.W021"}, result.stderr
+    assert "2 issues (2 silenced)" in result.stderr
 
 
 def test_without_the_tls_settings_check_deploy_names_them() -> None:
