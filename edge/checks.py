@@ -43,7 +43,7 @@ def check_edge_security(app_configs: Any, **kwargs: Any) -> list[Warning]:
         warnings.append(W006)
     if settings.SECURE_SSL_REDIRECT is not True:
         warnings.append(W008)
-    if settings.SECURE_REFERRER_POLICY is None:
+    if not settings.SECURE_REFERRER_POLICY:
         warnings.append(W022)
     if settings.X_FRAME_OPTIONS != "DENY":
         warnings.append(W019)
