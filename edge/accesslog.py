@@ -6,12 +6,16 @@
 - One access line per request (`kurs.access`), whichever entrance answered: the servers' own
   access logs are off in `LOGGING`, so nothing is logged twice.
 - The lines are written as nginx's `access_log ... buffer= flush=` writes them:
-  `BufferedStreamHandler` (the `access` handler in `LOGGING`) keeps the records and formats and
-  writes them together, when CAPACITY lines are waiting or every FLUSH_S, and at exit, with the
-  configured formatter (console or JSON, `config.logs`). A request pays for a small record and a
-  list append; `Logger.log` made a full LogRecord (the caller's file, thread and process looked
-  up) and the handler formatted and wrote each line at once: together most of a `/courses`
-  answer's cost (`bench/bench_edge_inprocess.py --log-level INFO` against `WARNING`).
+  `BufferedStreamHandler` (the `access` handler in `LOGGING`) keeps the requests' fields and
+  formats and writes them together, when CAPACITY lines are waiting or every FLUSH_S, and at
+  exit, with the configured formatter (console or JSON, `config.logs`). A request pays for a
+  tuple and a list append; `Logger.log` made a full LogRecord (the caller's file, thread and
+  process looked up) and the handler formatted and wrote each line at once: together most of a
+  `/courses` answer's cost (`bench/bench_edge_inprocess.py --log-level INFO` against `WARNING`).
+- The console format's line is written by one f-string when the configured formatter gives the
+  same text for a probe line (`BufferedStreamHandler.setFormatter` checks): the stdlib formatter
+  cost three times as much per line. Any other formatter (JSON, a changed format) formats
+  AccessRecords as usual.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import re
 import threading
 import time
 import uuid
-from typing import IO, Any
+from typing import IO, Any, cast
+
+from config.logs import iso_utc
 
 access_logger = logging.getLogger("kurs.access")
 
@@ -109,6 +115,42 @@ class _Process:
 _PROCESS = _Process()
 
 
+# One request's line, as log_access hands it to a BufferedStreamHandler: (created, level, method,
+# full path, path, status, duration in ms, client, request id).
+Entry = tuple[float, int, str, str, str, int, float, str | None, str]
+_MESSAGE = "%s %s %d %.1fms"
+
+
+def access_record(entry: Entry) -> AccessRecord:
+    created, level, method, full_path, path, status, duration_ms, client, request_id = entry
+    fields = {
+        "method": method,
+        "path": path,
+        "status": status,
+        "duration_ms": round(duration_ms, 2),
+        "client": client,
+        "request_id": request_id,
+    }
+    record = AccessRecord(level, _MESSAGE, (method, full_path, status, duration_ms), fields)
+    record.created = created
+    record.msecs = int((created - int(created)) * 1000) + 0.0
+    return record
+
+
+def _as_record(item: logging.LogRecord | Entry) -> logging.LogRecord:
+    return item if isinstance(item, logging.LogRecord) else access_record(item)
+
+
+def console_line(entry: Entry) -> str:
+    """The line `config.logs.ConsoleFormatter` makes of an access record with Kurs's console
+    format (`LOGGING["formatters"]["console"]`), made directly."""
+    created, level, method, full_path, _, status, duration_ms, _, request_id = entry
+    return (
+        f"{iso_utc(created)} {_LEVEL_NAMES[level]:<7} kurs.access: "
+        f"{method} {full_path} {status:d} {duration_ms:.1f}ms [request_id={request_id}]"
+    )
+
+
 def log_access(
     method: str,
     full_path: str,
@@ -122,20 +164,23 @@ def log_access(
     level = logging.WARNING if status >= 500 else logging.INFO
     if not access_logger.isEnabledFor(level):
         return
-    record = AccessRecord(
+    entry: Entry = (
+        time.time(),
         level,
-        "%s %s %d %.1fms",
-        (method, full_path, status, duration_ms),
-        {
-            "method": method,
-            "path": path,
-            "status": status,
-            "duration_ms": round(duration_ms, 2),
-            "client": client,
-            "request_id": request_id,
-        },
+        method,
+        full_path,
+        path,
+        status,
+        duration_ms,
+        client,
+        request_id,
     )
-    access_logger.handle(record)
+    handlers = access_logger.handlers
+    if access_logger.filters or not all(type(h) is BufferedStreamHandler for h in handlers):
+        access_logger.handle(access_record(entry))  # as logged: filters and other handlers
+        return
+    for handler in handlers:
+        cast(BufferedStreamHandler, handler).add(entry)
 
 
 CAPACITY = 256
@@ -151,13 +196,23 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(stream)
         self.capacity = capacity
         self.flush_s = flush_s
-        self._records: list[logging.LogRecord] = []
+        self._records: list[logging.LogRecord | Entry] = []
+        self._console = False
         self._flusher: threading.Thread | None = None
         self._pid = 0
         atexit.register(self.flush)
 
+    def setFormatter(self, fmt: logging.Formatter | None) -> None:
+        super().setFormatter(fmt)
+        probe: Entry = (1.5, logging.INFO, "GET", "/p?q=1", "/p", 200, 1.25, None, "r" * 8)
+        self._console = fmt is not None and fmt.format(access_record(probe)) == console_line(probe)
+
     def emit(self, record: logging.LogRecord) -> None:
-        self._records.append(record)
+        self.add(record)
+
+    def add(self, item: logging.LogRecord | Entry) -> None:
+        """Keep a record, or a request's fields from `log_access`, for the next write."""
+        self._records.append(item)
         if len(self._records) >= self.capacity:
             self.flush()
         elif self._pid != _PROCESS.pid:
@@ -167,17 +222,32 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         with self.lock:  # type: ignore[union-attr]
             records, self._records = self._records, []
             lines = []
-            for record in records:
+            for item in records:
+                record = self._record_of(item)
+                if record is None:
+                    continue
                 try:
-                    lines.append(self.format(record) + self.terminator)
+                    line = record if isinstance(record, str) else self.format(record)
+                    lines.append(line + self.terminator)
                 except Exception:  # as StreamHandler: a bad record must not stop the others
-                    self.handleError(record)
+                    self.handleError(_as_record(item))
             if lines:
                 try:
                     self.stream.write("".join(lines))
                     self.stream.flush()
                 except Exception:
-                    self.handleError(records[-1])
+                    self.handleError(_as_record(records[-1]))
+
+    def _record_of(self, item: logging.LogRecord | Entry) -> logging.LogRecord | str | None:
+        """What to format (or the line itself), or None when the handler drops it."""
+        if isinstance(item, logging.LogRecord):
+            return item  # handle() has filtered it already
+        if item[1] < self.level:
+            return None  # as Logger.callHandlers: below the handler's level
+        if self._console and not self.filters:
+            return console_line(item)
+        record = access_record(item)
+        return record if self.filter(record) else None
 
     def _start_flusher(self) -> None:
         # One per process (a forked worker starts its own): waits FLUSH_S between flushes.

@@ -510,3 +510,76 @@ async def test_the_route_table_reads_again_once_too(
         assert answer.header("Kurs-Retry") is None
     else:
         assert answer.json()["code"] == "BTC-USD"
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        (
+            1765000000.0004,
+            logging.INFO,
+            "GET",
+            "/api/v1/courses",
+            "/api/v1/courses",
+            200,
+            0.04,
+            "1.2.3.4",
+            "a" * 32,
+        ),
+        (
+            1765000000.9996,
+            logging.WARNING,
+            "POST",
+            "/x?q=%41&b=%s",
+            "/x",
+            503,
+            1234.5678,
+            None,
+            "r" * 8,
+        ),
+        (
+            59.5,
+            logging.INFO,
+            "HEAD",
+            "/api/v1/items/1",
+            "/api/v1/items/1",
+            304,
+            0.0,
+            "::1",
+            "req-1234",
+        ),
+    ],
+)
+def test_the_fast_console_line_is_the_configured_console_formatters(entry: Any) -> None:
+    from logging.config import DictConfigurator
+
+    from django.conf import settings
+
+    from edge.accesslog import access_record, console_line
+
+    console = DictConfigurator({}).configure_formatter(
+        dict(settings.LOGGING["formatters"]["console"])
+    )
+    assert console_line(entry) == console.format(access_record(entry))
+    handler = BufferedStreamHandler(io.StringIO(), capacity=1)
+    handler.setFormatter(console)
+    assert handler._console  # the fast line is used only because it is the same text
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    assert not handler._console
+
+
+def test_entries_are_written_through_any_other_formatter_and_the_handlers_level() -> None:
+    from edge.accesslog import access_record
+
+    stream = io.StringIO()
+    handler = BufferedStreamHandler(stream, capacity=10)
+    formatter = logging.Formatter("%(levelname)s %(message)s %(status)s")
+    handler.setFormatter(formatter)
+    handler.setLevel(logging.WARNING)
+    info = (1.0, logging.INFO, "GET", "/a", "/a", 200, 1.0, None, "r" * 8)
+    warning = (2.0, logging.WARNING, "GET", "/b", "/b", 500, 2.0, None, "r" * 8)
+    handler.add(info)
+    handler.add(warning)
+    handler.flush()
+    assert stream.getvalue() == formatter.format(access_record(warning)) + "\n"
+    assert stream.getvalue() == "WARNING GET /b 500 2.0ms 500\n"
