@@ -6,7 +6,7 @@ XFrameOptionsMiddleware are in MIDDLEWARE (else it says W001/W002, silenced in t
 The edge (`edge.layer`) does those middlewares' work from the same settings, for every answer,
 so it asks the same questions with Django's own words, under `edge.` ids. Behind a TLS proxy
 (`KURS_TLS_PROXY`) exactly edge.W005 and edge.W021 remain until an operator opts in to HSTS for
-every subdomain and to the preload list (docs/operations.md#check---deploy).
+every subdomain and to the preload list (docs/operations.md#deploy-checks).
 """
 
 from __future__ import annotations

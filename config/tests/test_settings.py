@@ -43,7 +43,7 @@ def test_behind_a_tls_proxy_check_deploy_finds_nothing() -> None:
 
 def test_behind_a_tls_proxy_only_the_operators_two_hsts_choices_remain() -> None:
     """HSTS for every subdomain and the preload list bind a whole domain for good: Kurs leaves
-    them off (docs/operations.md#check---deploy), and check --deploy says exactly that."""
+    them off (docs/operations.md#deploy-checks), and check --deploy says exactly that."""
     result = run_check("--deploy", DJANGO_SECRET_KEY=DEPLOY_KEY, KURS_TLS_PROXY="true")
     assert result.returncode == 0, result.stderr
     reported = set(re.findall(r"\(([a-z]+\.[EW]\d+)\)", result.stderr))
