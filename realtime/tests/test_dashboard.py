@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from config import csp
+from edge import csp
 from realtime import events
 from realtime import nats as realtime_nats
 from realtime.tests.conftest import REPO, WebProcess
