@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     # union lacks uvicorn's early-hint event). A private module: for type checking only.
     from uvicorn._types import ASGISendEvent as ASGISendEvent
 
+    # The type of `HttpToolsProtocol.cycle` (listed below), for annotations only.
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle as RequestResponseCycle
+
 WRITTEN_AGAINST = "0.54.0"
 PRIVATE_MODULES = ("uvicorn._types",)
 

@@ -31,9 +31,12 @@ import json
 import logging
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from config._uvicorn_compat import HttpToolsProtocol
+
+if TYPE_CHECKING:
+    from config._uvicorn_compat import RequestResponseCycle
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +190,10 @@ class KursHttpProtocol(HttpToolsProtocol):
                 self._arm(self.HEADER_TIMEOUT)
         self._head_bytes += len(data)
         super().data_received(data)
-        if not self._in_body and self._head_bytes > self.MAX_HEAD_BYTES:
+        # Read again (a declared local, which mypy does not narrow to the False tested above):
+        # the call just made may have ended the head, on_headers_complete setting it.
+        in_body: bool = self._in_body
+        if not in_body and self._head_bytes > self.MAX_HEAD_BYTES:
             self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large")
 
     def on_headers_complete(self) -> None:
@@ -218,7 +224,9 @@ class KursHttpProtocol(HttpToolsProtocol):
             return
         self._in_body = False
         super().on_message_complete()
-        cycle = self.cycle
+        # uvicorn annotates `cycle` without None, yet it is None until a request that is not an
+        # upgrade has had its head read.
+        cycle: RequestResponseCycle | None = self.cycle
         if cycle is not None and cycle.response_complete:
             # Answered before its body was in (a refusal, say): idle now, so keep-alive's wait.
             self._start_phase(self.timeout_keep_alive)
@@ -247,7 +255,8 @@ class KursHttpProtocol(HttpToolsProtocol):
             return  # the upgrade request was refused (431) before uvicorn took it in
         self._deadline = None
         self._stop_watchdog()
-        transport = self.transport
+        # uvicorn annotates it as an asyncio.Transport; connection_made installed the wrapper.
+        transport: asyncio.Transport | CoalescingTransport = self.transport
         if isinstance(transport, CoalescingTransport):
             transport.flush()
             self.transport = transport.wrapped

@@ -10,7 +10,7 @@ which answers the file or hands back a marker, and then the request goes on in t
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
@@ -29,7 +29,7 @@ def _not_a_file(request: HttpRequest) -> HttpResponse:
     return NOT_A_FILE
 
 
-class AsyncWhiteNoiseMiddleware(WhiteNoiseMiddleware):
+class AsyncWhiteNoiseMiddleware(WhiteNoiseMiddleware):  # type: ignore[misc]  # whitenoise is untyped
     sync_capable = True
     async_capable = True
 
@@ -58,12 +58,17 @@ class AsyncWhiteNoiseMiddleware(WhiteNoiseMiddleware):
         if isinstance(response, StreamingHttpResponse) and not response.is_async:
             # A file body iterated synchronously makes Django warn on stderr for every static
             # file (a non-JSON line in production logs) and read it whole: read it in a thread.
-            response.streaming_content = _chunks_in_a_thread(response.streaming_content)
+            content = response.streaming_content
+            if isinstance(content, Iterator):  # always, when not `is_async`
+                response.streaming_content = _chunks_in_a_thread(content)
         return response
 
 
-async def _chunks_in_a_thread(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
-    iterator = iter(chunks)
-    read = sync_to_async(next, thread_sensitive=False)
-    while (chunk := await read(iterator, None)) is not None:
+def _next_chunk(chunks: Iterator[bytes]) -> bytes | None:
+    return next(chunks, None)
+
+
+async def _chunks_in_a_thread(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    read = sync_to_async(_next_chunk, thread_sensitive=False)
+    while (chunk := await read(chunks)) is not None:
         yield chunk

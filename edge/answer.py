@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from django.http import HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
@@ -23,7 +23,19 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class DownstreamApp(Protocol):
+    """The app the edge hands requests on to: Django's ASGIHandler, or a test's app.
+
+    Scope and send are Any because two typings of the same dicts disagree: django-stubs has
+    the handler take a `dict` scope and call `send` with a `Mapping`, while servers and httpx's
+    ASGITransport (as `Scope` and `Send` above) give a `MutableMapping` scope and a `send` for
+    `MutableMapping`s; whatever the edge receives it passes on as is.
+    """
+
+    def __call__(self, scope: Any, receive: Receive, send: Any) -> Awaitable[None]: ...
+
 
 JSON = "application/json; charset=utf-8"
 Headers = tuple[tuple[str, str], ...]
@@ -57,8 +69,10 @@ def to_response(answer: Answer) -> HttpResponseBase:
 
 
 async def _no_body() -> AsyncIterator[bytes]:
-    return
-    yield b""  # an async generator that yields nothing
+    """An async generator that yields nothing."""
+    nothing: tuple[bytes, ...] = ()
+    for chunk in nothing:
+        yield chunk
 
 
 class _NotModified(StreamingHttpResponse):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,7 @@ from django.utils.encoding import escape_uri_path, iri_to_uri
 from config.logs import request_id as request_id_var
 from edge import csp
 from edge.accesslog import access_logger, log_access, request_id_for
-from edge.answer import Answer, ASGIApp, Message, Receive, Scope, Send, json_answer
+from edge.answer import Answer, DownstreamApp, Message, Receive, Scope, Send, json_answer
 from edge.caching import cache_control
 from edge.clients import client_of, client_of_scope
 from edge.errors import RETRY_HEADER, retry_after
@@ -121,7 +122,11 @@ class _Exchange:
 
 class EdgeLayer:
     def __init__(
-        self, app: ASGIApp, *, limiter: ReadLimiter | None = None, tally: RequestTally | None = None
+        self,
+        app: DownstreamApp,
+        *,
+        limiter: ReadLimiter | None = None,
+        tally: RequestTally | None = None,
     ) -> None:
         self.app = app
         self.fast = True  # tests switch the route table off to hear Django's answer
@@ -139,7 +144,9 @@ class EdgeLayer:
         self.forwarded_host = settings.USE_X_FORWARDED_HOST
         self.proto_header: bytes | None = None
         self.proto_secure = b""
-        proxy = settings.SECURE_PROXY_SSL_HEADER
+        # The setting's type, not the one django-stubs reads off config.settings (which sets it
+        # only behind a TLS proxy, never to None).
+        proxy: tuple[str, str] | None = settings.SECURE_PROXY_SSL_HEADER
         if proxy and proxy[0].startswith("HTTP_"):
             # The META name (HTTP_X_FORWARDED_PROTO) as the header's name (x-forwarded-proto).
             self.proto_header = proxy[0][5:].lower().replace("_", "-").encode("latin-1")
@@ -490,7 +497,8 @@ def _common_headers() -> list[tuple[bytes, bytes, bytes]]:
         headers.append(("X-Frame-Options", settings.X_FRAME_OPTIONS.upper()))
     if settings.SECURE_CONTENT_TYPE_NOSNIFF:
         headers.append(("X-Content-Type-Options", "nosniff"))
-    policy = settings.SECURE_REFERRER_POLICY
+    # Django takes a string or a list of policies (django-stubs says only str).
+    policy: str | Iterable[str] = settings.SECURE_REFERRER_POLICY
     if policy:
         value = (
             ",".join(v.strip() for v in policy.split(","))

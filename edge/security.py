@@ -138,4 +138,4 @@ class KeyThrottle(BaseThrottle):
         return self._wait
 
 
-tasks_throttle = [KeyThrottle()]
+tasks_throttle: list[BaseThrottle] = [KeyThrottle()]

@@ -90,7 +90,7 @@ async def test_lines_logged_while_django_answers_carry_the_request_id(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from config.logs import RequestIdFilter
-    from rates import api
+    from rates import fetch_control
 
     seen: list[str | None] = []
 
@@ -103,7 +103,7 @@ async def test_lines_logged_while_django_answers_carry_the_request_id(
         logging.getLogger("rates.api").warning("inside the view")
         return []
 
-    monkeypatch.setattr(api.fetcher, "provider_statuses", statuses)
+    monkeypatch.setattr(fetch_control, "provider_statuses", statuses)
     probe = Probe(level=logging.INFO)
     logging.getLogger("rates.api").addHandler(probe)
     try:

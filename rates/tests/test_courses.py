@@ -236,6 +236,7 @@ def test_a_body_is_reused_until_the_snapshot_changes(source: FakeSource, clock: 
     source.put("BTC-USD", "54000", "binance")
     cache = make_cache(source, clock)
     first = cache.answer([], None, None)
+    assert first.built is not None
     clock.now += 10
     assert cache.answer([], None, None) == first
     assert cache.builds == 1
@@ -270,6 +271,7 @@ def test_reuse_is_bounded_even_when_no_course_would_flip(source: FakeSource, clo
     source.put("BTC-USD", "54000", "binance", age_s=40)  # already stale: nothing will flip
     cache = make_cache(source, clock, max_reuse_s=1.0)
     first = cache.answer([], None, None)
+    assert first.built is not None
     clock.now += 0.9
     cache.answer([], None, None)
     assert cache.builds == 1
@@ -316,7 +318,10 @@ def test_a_real_snapshot_course_turns_stale_in_the_cached_body_on_time(
 
 
 def test_the_openapi_patterns_say_what_the_filters_accept() -> None:
-    direction, exchanger = re.compile(DIRECTION_PATTERN), re.compile(exchanger_pattern(PROVIDERS))
+    direction, exchanger = (
+        re.compile(DIRECTION_PATTERN),
+        re.compile(exchanger_pattern(list(PROVIDERS))),
+    )
     for accepted in (" eth-usd ", "BTC-USD,eth-rub", ",,BTC-USD,"):
         assert direction.match(accepted)
         parse_query([accepted], None, providers=PROVIDERS)

@@ -103,7 +103,9 @@ async def test_a_request_after_an_invalidation_never_joins_an_older_read(
             started.set()
             assert release.wait(10)
             return read(item_id)
-        fields, row = read(item_id)
+        found = read(item_id)
+        assert found is not None
+        fields, row = found
         return {**fields, "name": "second"}, row  # what the write changed
 
     monkeypatch.setattr(detail, "_read", slow_first)

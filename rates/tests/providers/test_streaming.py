@@ -117,8 +117,10 @@ async def test_a_crash_is_reported_as_bounded_plain_text(
     provider = make_provider("binance", emulator, emulator_client)
 
     async def crashing(pairs: object) -> AsyncIterator[Quote]:
+        before_the_crash: list[Quote] = []  # none, but an async generator, as `stream` is
+        for quote in before_the_crash:
+            yield quote
         raise RuntimeError("<html><body><b>bad</b> " + "x" * 5000 + "</body></html>")
-        yield  # an async generator, as `stream` is
 
     monkeypatch.setattr(provider, "stream", crashing)
     recorder, stop = Recorder(), asyncio.Event()
