@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_courses.py --servers    # the server choice, measured
 
 The web server is the production one (`scripts/serve.sh`'s uvicorn with uvloop and Kurs's HTTP
-protocol, `config/serverprotocol.py`: uvicorn's httptools protocol sending each answer in one write)
+protocol, `edge/serverprotocol.py`: uvicorn's httptools protocol sending each answer in one write)
 on a free port, production settings (DEBUG off), SQLite on a temporary file, with the project's
 own `config.asgi:application` and a nats-server of its own (the machine's NATS keeps no trace);
 load comes from wrk (`-t1 -c64`, keep-alive) on 127.0.0.1.
@@ -58,7 +58,7 @@ ITEM = "/api/v1/items/1"
 PAIR = "/api/v1/rates/BTC/USD"
 CONVERT = "/api/v1/convert?from=BTC&to=USD&amount=0.5"
 PLAIN = "/bench/plain/item"
-KURS_HTTP = "config.serverprotocol:KursHttpProtocol"  # as scripts/serve.sh
+KURS_HTTP = "edge.serverprotocol:KursHttpProtocol"  # as scripts/serve.sh
 START_TIMEOUT = 60.0
 
 SEED_RATES = textwrap.dedent(

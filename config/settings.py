@@ -61,7 +61,7 @@ INSTALLED_APPS = [
 # Cache-Control, request metrics and the read throttle are the edge's (`edge/layer.py`, an ASGI
 # layer around Django and the fast route table): what is left here is what pages need.
 MIDDLEWARE = [
-    "config.staticfiles.AsyncWhiteNoiseMiddleware",
+    "edge.staticfiles.AsyncWhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",

@@ -11,7 +11,7 @@ mistakes answered the way a server should, not with a hang or a traceback.
   ERROR with a traceback each time (`logger.exception`): a client can flood the log. Here it is
   one WARNING line.
 
-The uvicorn members this subclass reads, sets and overrides are listed in `config._uvicorn_compat`,
+The uvicorn members this subclass reads, sets and overrides are listed in `edge._uvicorn_compat`,
 whose test fails on another uvicorn version.
 """
 
@@ -23,7 +23,7 @@ from http import HTTPStatus
 from websockets.exceptions import SecurityError
 from websockets.frames import CloseCode
 
-from config._uvicorn_compat import WebSocketsSansIOProtocol
+from edge._uvicorn_compat import WebSocketsSansIOProtocol
 
 logger = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The production web server, as `make run` (Procfile `web:`) starts it: uvicorn with uvloop and
-# Kurs's HTTP protocol (config/serverprotocol.py: uvicorn's httptools protocol sending each answer
+# Kurs's HTTP protocol (edge/serverprotocol.py: uvicorn's httptools protocol sending each answer
 # in one write, a quarter more requests per second) serving config.asgi:application (HTTP, the
 # /courses fast path, WebSocket, lifespan -> the NATS bridge). Chosen by measurement against
 # granian (docs/decisions.md#the-web-server-uvicorn-with-kurss-http-protocol).
-# Slow or oversized requests, for when no nginx stands in front (config/serverprotocol.py): a
+# Slow or oversized requests, for when no nginx stands in front (edge/serverprotocol.py): a
 # request head must arrive within 10 s of its first byte (else 408), its body within 30 s more
 # (else the connection is closed); more than 100 headers or a head over 64 KiB is answered 431.
 # Idle keep-alive connections close after uvicorn's --timeout-keep-alive (5 s).
@@ -26,6 +26,6 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 exec uvicorn config.asgi:application \
   --host "${KURS_HOST:-127.0.0.1}" --port "${KURS_PORT:-8000}" \
-  --workers "${KURS_WEB_WORKERS:-2}" --loop uvloop --http config.serverprotocol:KursHttpProtocol \
+  --workers "${KURS_WEB_WORKERS:-2}" --loop uvloop --http edge.serverprotocol:KursHttpProtocol \
   --lifespan on --no-access-log --no-proxy-headers --timeout-graceful-shutdown 10 \
   --ws realtime.wsprotocol:KursWebSocketProtocol --ws-max-size 65536

@@ -186,7 +186,7 @@ class Stack:
         port = free_port()
         uvicorn = str(Path(sys.executable).parent / "uvicorn")
         args = [uvicorn, "config.asgi:application", "--host", "127.0.0.1", "--port", str(port)]
-        args += ["--http", "config.serverprotocol:KursHttpProtocol"]  # as scripts/serve.sh
+        args += ["--http", "edge.serverprotocol:KursHttpProtocol"]  # as scripts/serve.sh
         process = self.spawn(name, [*args, "--lifespan", "on", "--no-access-log"], port=port)
         try:
             wait_for_port(port, 30.0)

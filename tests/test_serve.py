@@ -1,5 +1,5 @@
 """The production server as `make run` starts it (`scripts/serve.sh`): HTTP, the `/courses` fast
-path, WebSocket, lifespan (the NATS bridge), Kurs's request limits (config/serverprotocol.py)
+path, WebSocket, lifespan (the NATS bridge), Kurs's request limits (edge/serverprotocol.py)
 and a graceful shutdown on SIGTERM."""
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ async def test_it_serves_http_and_websockets_starts_the_bridge_and_stops_cleanly
         assert item.json()["code"]
 
     # Kurs's protocol is the one serving: too many headers, or one of 1 MB, are refused with 431
-    # (the timeouts are tested with an injected clock in config/tests/test_serverprotocol.py).
+    # (the timeouts are tested with an injected clock in edge/tests/test_serverprotocol.py).
     many = b"".join(b"X-H%d: v\r\n" % n for n in range(1000))
     huge = b"X-Big: " + b"x" * 1024 * 1024 + b"\r\n"
     for extra in (many, huge):

@@ -479,7 +479,7 @@ async def abuse_handshakes(server: Server) -> None:
         assert took < REFUSAL_S
     text = server.log_text(start)
     # Refused by websockets (via realtime/wsprotocol.py) or, over 100 headers or 64 KiB of head,
-    # by Kurs's HTTP protocol first (config/serverprotocol.py): one line either way.
+    # by Kurs's HTTP protocol first (edge/serverprotocol.py): one line either way.
     refusals = sum(map(text.count, ("handshake from 127.0.0.1", "Invalid HTTP", " answered 431")))
     assert refusals == len(oversized), text
 

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from config._uvicorn_compat import WebSocketsSansIOProtocol
+from edge._uvicorn_compat import WebSocketsSansIOProtocol
 from rates.emulator.app import EmulatorApp
 from rates.emulator.market import Fault, Market
 
 if TYPE_CHECKING:
-    from config._uvicorn_compat import ASGISendEvent
+    from edge._uvicorn_compat import ASGISendEvent
 
 
 class EmulatorWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -27,7 +27,7 @@ class EmulatorWebSocketProtocol(WebSocketsSansIOProtocol):
     with Retry-After). uvicorn 0.54 counts the handshake complete only after an accept or a
     close, so each refusal also logged ERROR "ASGI callable returned without completing
     handshake" (Kludex/uvicorn#3138, an open pull request): here a refusal sent in full
-    completes it too. The uvicorn members it touches are listed in `config._uvicorn_compat`.
+    completes it too. The uvicorn members it touches are listed in `edge._uvicorn_compat`.
     """
 
     async def send(self, message: ASGISendEvent) -> None:

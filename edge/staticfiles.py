@@ -18,7 +18,7 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from whitenoise.middleware import WhiteNoiseMiddleware
 
-from config._whitenoise_compat import served_prefix
+from edge._whitenoise_compat import served_prefix
 
 # What WhiteNoise's `__call__` returns, from the thread, for a path that is not a static file:
 # calling the async rest of the chain from there would hop back to the loop and wait for it.

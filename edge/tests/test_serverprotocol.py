@@ -1,4 +1,4 @@
-"""Kurs's HTTP protocol (`config.serverprotocol`) on a real uvicorn server and real sockets.
+"""Kurs's HTTP protocol (`edge.serverprotocol`) on a real uvicorn server and real sockets.
 
 The server's transport is wrapped, below the protocol, in a recorder that counts the writes
 reaching the socket: an answer must leave in one, a streamed body chunk by chunk as it is made,
@@ -25,7 +25,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from websockets.asyncio.client import connect as ws_connect
 
-from config.serverprotocol import FLUSH_AT, CoalescingTransport, KursHttpProtocol
+from edge.serverprotocol import FLUSH_AT, CoalescingTransport, KursHttpProtocol
 from tests.services import free_port, wait_for_port
 
 BODY = b'{"courses":[]}'
@@ -328,7 +328,7 @@ async def until(check: Callable[[], bool], what: str) -> None:
 
 
 def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "config.serverprotocol"]
+    return [r.getMessage() for r in caplog.records if r.name == "edge.serverprotocol"]
 
 
 def status_and_detail(answer: bytes) -> tuple[int, str]:

@@ -1,7 +1,7 @@
 """The uvicorn Kurs's protocols were written against, and the undocumented names they use.
 
 A failure here is the signal to read the new uvicorn's protocol classes before upgrading:
-see `config/_uvicorn_compat.py`.
+see `edge/_uvicorn_compat.py`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from importlib.metadata import version
 
 import pytest
 
-from config._uvicorn_compat import PRIVATE_MODULES, UNDOCUMENTED, WRITTEN_AGAINST
+from edge._uvicorn_compat import PRIVATE_MODULES, UNDOCUMENTED, WRITTEN_AGAINST
 
 
 def test_the_installed_uvicorn_is_the_one_the_adapters_were_written_against() -> None:
     assert version("uvicorn") == WRITTEN_AGAINST, (
-        f"uvicorn {version('uvicorn')} is installed; config/_uvicorn_compat.py was written against"
+        f"uvicorn {version('uvicorn')} is installed; edge/_uvicorn_compat.py was written against"
         f" {WRITTEN_AGAINST}: check every name it lists in the new version, then bump it"
     )
 

@@ -1,12 +1,12 @@
 """The one name Kurs reads from WhiteNoise below its documented surface.
 
-`config.staticfiles.AsyncWhiteNoiseMiddleware` serves static files with WhiteNoise's own
+`edge.staticfiles.AsyncWhiteNoiseMiddleware` serves static files with WhiteNoise's own
 `__call__`, in a thread; every other request must go on in the event loop without that hop, so
 the middleware must know which paths WhiteNoise may answer. WhiteNoise computes that prefix from
 the settings it documents (`STATIC_URL`, `FORCE_SCRIPT_NAME`, `WHITENOISE_STATIC_PREFIX`) but
 keeps the result in an undocumented attribute, read here rather than computed a second time.
 
-`WRITTEN_AGAINST` is the WhiteNoise it was read from; `config/tests/test_staticfiles.py` fails
+`WRITTEN_AGAINST` is the WhiteNoise it was read from; `edge/tests/test_staticfiles.py` fails
 when another version is installed or the attribute is gone. Upstream, WhiteNoise has no async
 middleware (evansd/whitenoise#179, and the async rewrite in pull request #359 became the
 separate ServeStatic project); an upgrade that adds one would make this module unnecessary.

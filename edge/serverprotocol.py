@@ -1,7 +1,7 @@
 """The HTTP protocol Kurs is served with: uvicorn's httptools protocol, each answer in one send(),
 and a client that is slow to send its request, or sends too many or too large headers, refused.
 
-`scripts/serve.sh` selects it (`--http config.serverprotocol:KursHttpProtocol`).
+`scripts/serve.sh` selects it (`--http edge.serverprotocol:KursHttpProtocol`).
 
 uvicorn writes a response's head when the app sends `http.response.start` and its body when the
 app sends `http.response.body`: two `send()` system calls for every answer. Profiled under wrk
@@ -21,7 +21,7 @@ WebSocket protocol (`realtime.wsprotocol`): its frames keep their own path.
 The request-read limits are `KursHttpProtocol`'s class attributes (timeouts, header count and
 size): a deployment behind nginx has nginx's own, and `make run` gets these. The uvicorn members
 the class relies on are listed, and checked against the installed uvicorn, in
-`config._uvicorn_compat`.
+`edge._uvicorn_compat`.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from config._uvicorn_compat import HttpToolsProtocol
+from edge._uvicorn_compat import HttpToolsProtocol
 
 if TYPE_CHECKING:
-    from config._uvicorn_compat import RequestResponseCycle
+    from edge._uvicorn_compat import RequestResponseCycle
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class KursHttpProtocol(HttpToolsProtocol):
     deadline. Every wait is at most `_tick` (the shortest of the timeouts) ahead, so a deadline
     is acted on at most that late, and a busy connection makes one timer per `_tick`, not two
     timer calls per request. uvicorn's keep-alive methods (`on_response_complete`,
-    `_unset_keepalive_if_required`) are replaced for this; see `config._uvicorn_compat`.
+    `_unset_keepalive_if_required`) are replaced for this; see `edge._uvicorn_compat`.
     """
 
     HEADER_TIMEOUT = 10.0

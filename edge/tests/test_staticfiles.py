@@ -12,8 +12,8 @@ import pytest
 from asgiref.sync import AsyncToSync
 from whitenoise.middleware import WhiteNoiseMiddleware
 
-from config._whitenoise_compat import UNDOCUMENTED, WRITTEN_AGAINST, served_prefix
 from config.asgi import django_asgi_app
+from edge._whitenoise_compat import UNDOCUMENTED, WRITTEN_AGAINST, served_prefix
 
 pytestmark = pytest.mark.django_db
 
@@ -90,7 +90,7 @@ async def test_a_path_under_the_static_prefix_that_is_no_file_goes_on_to_django(
 
 def test_the_installed_whitenoise_is_the_one_the_adapter_was_written_against() -> None:
     assert version("whitenoise") == WRITTEN_AGAINST, (
-        f"whitenoise {version('whitenoise')} is installed; config/_whitenoise_compat.py was"
+        f"whitenoise {version('whitenoise')} is installed; edge/_whitenoise_compat.py was"
         f" written against {WRITTEN_AGAINST}: check the names it lists, then bump it"
     )
 

@@ -1,13 +1,13 @@
 """The one place Kurs reaches into uvicorn below its documented surface.
 
 uvicorn documents its settings (`--http`, `--ws` accept a protocol class) but not the protocol
-classes themselves. Kurs subclasses two of them: `config.serverprotocol.KursHttpProtocol`
+classes themselves. Kurs subclasses two of them: `edge.serverprotocol.KursHttpProtocol`
 (one write per answer, request-read timeouts and header limits) and the WebSocket protocols of
 `realtime.wsprotocol` and `rates.emulator.server` (a refused handshake answered, not held), and
 the emulator drives `uvicorn.Server` step by step. Every such class is imported from here, and
 every undocumented member those subclasses read, set or override is listed below.
 
-`WRITTEN_AGAINST` is the uvicorn these names were read from. `config/tests/test_uvicorn_compat.py`
+`WRITTEN_AGAINST` is the uvicorn these names were read from. `edge/tests/test_uvicorn_compat.py`
 fails when another version is installed or a listed name is gone: an upgrade is then a deliberate
 act (read the new version's classes, adjust the subclasses, bump the version here), never a
 subclass silently overriding a method that is no longer called.
