@@ -39,6 +39,7 @@ import pytest_asyncio
 from websockets.asyncio.client import connect as ws_connect
 
 from rates.emulator import EmulatorServer, run_emulator_server
+from tests.pgstorm import storm, storm_reads
 from tests.services import POSTGRES_URL, NatsServer, RedisServer, free_port, require
 from tests.stack import EVERY_SURFACE, Process, Stack, wait_until, watching
 
@@ -539,111 +540,28 @@ async def test_postgres_backends_terminated_mid_write_leave_nothing_half_written
 
 
 # --- PostgreSQL backends terminated under reads ---------------------------------------------------
-STORM_SECONDS = 10.0
-STORM_CLIENTS = 4
-
-
-def storm_reads(faults: Faults) -> list[str]:
-    """The reads issue 17 saw answer 500 in the storm, and the cheap ones around them."""
-    item = faults.stack.item_id(PAIR)
-    return [
-        f"/api/v1/items/{item}/candles?interval=1m",
-        f"/api/v1/items/{item}/rates?limit=5",
-        f"/api/v1/items/{item}/rates/latest",
-        "/api/v1/items",
-        f"/api/v1/items/{item}",
-        "/api/v1/providers",
-        "/api/v1/health",
-        "/",
-    ]
-
-
-async def terminate_backends(faults: Faults, ends: float) -> int:
-    """pg_terminate_backend on every connection of the fetchers and web, ten times a second
-    until `ends` (time.monotonic()); how many backends it ended."""
-    stack = faults.stack
-    assert stack.database_url, "the storm needs PostgreSQL"
-    database = stack.database_url.rsplit("/", 1)[1]
-    terminated = 0
-    async with await psycopg.AsyncConnection.connect(
-        f"{stack.database_url}?application_name={PROBE}", autocommit=True
-    ) as probe:
-        while time.monotonic() < ends:
-            cursor = await probe.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = %s AND pid <> pg_backend_pid() AND application_name <> %s",
-                [database, PROBE],
-            )
-            terminated += len(await cursor.fetchall())
-            await asyncio.sleep(0.1)  # the storm's pace: ten rounds a second
-    return terminated
-
-
-async def read_in_storm(
-    faults: Faults, paths: list[str], ends: float, seen: list[tuple[str, httpx.Response]]
-) -> None:
-    """One client reading `paths` in turn, as fast as answers come, until `ends`."""
-    async with httpx.AsyncClient(base_url=faults.base, timeout=10) as client:
-        for path in itertools.cycle(paths):
-            if time.monotonic() >= ends:
-                return
-            seen.append((path, await client.get(path)))
-
-
-def refused_cleanly(path: str, response: httpx.Response) -> bool:
-    """A 503 a client can act on: JSON {"detail": ...} and when to ask again; or health's
-    report saying the database is down (health's contract, for load balancers)."""
-    if response.status_code != 503:
-        return False
-    try:
-        body = response.json()
-    except ValueError:
-        return False
-    if path == "/api/v1/health":
-        return body.get("status") == "down"
-    return "Retry-After" in response.headers and isinstance(body.get("detail"), str)
-
-
 async def test_postgres_backends_terminated_while_reading_answer_200_or_a_clean_503(
     faults: Faults, pytestconfig: pytest.Config
 ) -> None:
     """Issue 17: every connection of the fetchers and web terminated ten times a second for
     ten seconds while four clients read (candles, history, latest, the items, an item, the
     providers, health, the dashboard): each read is answered 200 (read again on a new
-    connection when its own ended) or 503 JSON with Retry-After, never 500."""
+    connection when its own ended) or 503 JSON with Retry-After, never 500. The counts are
+    printed (`bench/bench_pg_storm.py` measures the same on a stack of its own)."""
     await settled(faults)
-    paths = storm_reads(faults)
+    paths = storm_reads(faults.stack.item_id(PAIR))
     log_start = len(faults.web.text())
-    seen: list[tuple[str, httpx.Response]] = []
-    ends = time.monotonic() + STORM_SECONDS
-    terminated, *_ = await asyncio.gather(
-        terminate_backends(faults, ends),
-        *(read_in_storm(faults, paths, ends, seen) for _ in range(STORM_CLIENTS)),
-    )
-    counts: dict[int, int] = {}
-    for _, response in seen:
-        counts[response.status_code] = counts.get(response.status_code, 0) + 1
-    failed = [
-        (path, r.status_code, r.text[:200])
-        for path, r in seen
-        if r.status_code >= 500 and not refused_cleanly(path, r)
-    ]
-    by_path = {path: sorted({r.status_code for p, r in seen if p == path}) for path in paths}
+    result = await storm(faults.stack, faults.base, paths, seconds=10, clients=4)
     reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
     capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
     if reporter is not None and capture is not None:
         with capture.global_and_fixture_disabled():
             reporter.write_line("")
-            reporter.write_line(
-                f"pg storm ({STORM_SECONDS:g} s, {terminated} backends terminated,"
-                f" {STORM_CLIENTS} clients): {len(seen)} reads, {counts.get(200, 0)} x 200,"
-                f" {counts.get(503, 0)} x 503 (JSON, Retry-After), {len(failed)} x other 5xx;"
-                f" statuses by path {by_path}"
-            )
-    assert terminated >= 50, f"only {terminated} backends terminated"
-    assert counts.get(200, 0) > 0, counts
-    assert failed == [], (failed[:5], faults.web.text()[log_start:][-4000:])
-    assert set(counts) <= {200, 503}, counts
+            reporter.write_line(result.summary())
+    assert result.terminated >= 50, f"only {result.terminated} backends terminated"
+    assert result.counts[200] > 0, result.counts
+    assert result.failed == [], (result.failed[:5], faults.web.text()[log_start:][-4000:])
+    assert set(result.counts) <= {200, 503}, result.counts
     # After the storm every read answers again.
     await healthy(faults, within=WITHIN)
     for path in paths:
