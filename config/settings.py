@@ -67,6 +67,8 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    # A view whose database connection ended: 503 JSON, read again once by the edge (a GET).
+    "edge.errors.DatabaseFailureMiddleware",
 ]
 # security.W001/W002 say SecurityMiddleware and XFrameOptionsMiddleware are missing from
 # MIDDLEWARE: the edge sends what they would (edge/layer.py, tested in edge/tests/test_layer.py),

@@ -12,10 +12,12 @@ import math
 
 from django.core.exceptions import RequestDataTooBig
 from django.db import InterfaceError, OperationalError
-from django.http import Http404
+from django.http import Http404, HttpRequest
+from django.http.response import HttpResponseBase
+from django.utils.deprecation import MiddlewareMixin
 from ninja.errors import AuthenticationError, Throttled
 
-from edge.answer import Answer, json_answer
+from edge.answer import Answer, json_answer, to_response
 from items.exceptions import InvalidItem, ItemAlreadyExists, ItemNotFound
 from rates.exceptions import (
     InvalidQuery,
@@ -80,3 +82,17 @@ def answer_for(exc: Exception) -> Answer | None:
     elif database_failure(exc):
         headers = (retry_after(1), (RETRY_HEADER, "database"))
     return json_answer(status, {"detail": message}, headers)
+
+
+class DatabaseFailureMiddleware(MiddlewareMixin):
+    """Django's own views (the dashboard, the admin) answer a database connection that ended
+    under them as the API does: 503 JSON with Retry-After and the retry mark, so that the edge
+    reads a GET once more on a new connection, rather than Django's HTML 500."""
+
+    def process_exception(
+        self, request: HttpRequest, exception: Exception
+    ) -> HttpResponseBase | None:
+        if not database_failure(exception):
+            return None
+        answer = answer_for(exception)
+        return None if answer is None else to_response(answer)

@@ -20,7 +20,7 @@ from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.cache import cache
-from django.db import connection
+from django.db import InterfaceError, OperationalError, connection
 from django.http import HttpRequest
 from django.utils import timezone
 from ninja import Router
@@ -40,6 +40,16 @@ Check = dict[str, Any]
 
 
 def _ping_database() -> None:
+    try:
+        _select_one()
+    except (OperationalError, InterfaceError):
+        # This worker's connection ended (a restart, an administrator), not necessarily the
+        # database: asked once more on a new connection before saying `down`.
+        connection.close()
+        _select_one()
+
+
+def _select_one() -> None:
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
         cursor.fetchone()

@@ -39,6 +39,7 @@ import pytest_asyncio
 from websockets.asyncio.client import connect as ws_connect
 
 from rates.emulator import EmulatorServer, run_emulator_server
+from tests.pgstorm import storm, storm_reads
 from tests.services import POSTGRES_URL, NatsServer, RedisServer, free_port, require
 from tests.stack import EVERY_SURFACE, Process, Stack, wait_until, watching
 
@@ -536,3 +537,32 @@ async def test_postgres_backends_terminated_mid_write_leave_nothing_half_written
     origins = [origin for origin, _, _ in heard]
     changes = sum(1 for a, b in itertools.pairwise(origins) if a != b)
     assert changes <= lease_after[1] - lease_before[1], (lease_before, lease_after, origins)
+
+
+# --- PostgreSQL backends terminated under reads ---------------------------------------------------
+async def test_postgres_backends_terminated_while_reading_answer_200_or_a_clean_503(
+    faults: Faults, pytestconfig: pytest.Config
+) -> None:
+    """Issue 17: every connection of the fetchers and web terminated ten times a second for
+    ten seconds while four clients read (candles, history, latest, the items, an item, the
+    providers, health, the dashboard): each read is answered 200 (read again on a new
+    connection when its own ended) or 503 JSON with Retry-After, never 500. The counts are
+    printed (`bench/bench_pg_storm.py` measures the same on a stack of its own)."""
+    await settled(faults)
+    paths = storm_reads(faults.stack.item_id(PAIR))
+    log_start = len(faults.web.text())
+    result = await storm(faults.stack, faults.base, paths, seconds=10, clients=4)
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line("")
+            reporter.write_line(result.summary())
+    assert result.terminated >= 50, f"only {result.terminated} backends terminated"
+    assert result.counts[200] > 0, result.counts
+    assert result.failed == [], (result.failed[:5], faults.web.text()[log_start:][-4000:])
+    assert set(result.counts) <= {200, 503}, result.counts
+    # After the storm every read answers again.
+    await healthy(faults, within=WITHIN)
+    for path in paths:
+        assert (await faults.get(path)).status_code == 200, path

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.test import Client
 
 from edge import health
@@ -84,3 +85,30 @@ def test_it_names_the_owner_of_live_rates(client: Client) -> None:
     lease_try_acquire(holder="fetcher-host:42:ab12")
     owner = client.get("/api/v1/health").json()["components"]["providers"]["owner"]
     assert (owner["holder"], owner["epoch"]) == ("fetcher-host:42:ab12", 1)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(("failures", "status"), [(1, "ok"), (2, "down")])
+def test_a_database_connection_that_ended_is_pinged_again_on_a_new_one(
+    monkeypatch: pytest.MonkeyPatch, failures: int, status: str
+) -> None:
+    """One worker's connection terminated (a restart, an administrator) is not the database
+    down: health asks once more on a new connection first."""
+    from django.db import OperationalError, connection
+
+    left = [failures]
+    original = health._select_one
+    opened: list[object] = []
+
+    def select_one() -> None:
+        opened.append(connection.connection)
+        if left[0]:
+            left[0] -= 1
+            raise OperationalError("terminating connection due to administrator command")
+        original()
+
+    monkeypatch.setattr(health, "_select_one", select_one)
+    database = async_to_sync(health._run)("database", health.check_database)
+    assert database["status"] == status, database
+    assert left == [0]
+    assert len(opened) == 2

@@ -583,3 +583,34 @@ def test_entries_are_written_through_any_other_formatter_and_the_handlers_level(
     handler.flush()
     assert stream.getvalue() == formatter.format(access_record(warning)) + "\n"
     assert stream.getvalue() == "WARNING GET /b 500 2.0ms 500\n"
+
+
+@pytest.mark.parametrize(("failures", "status"), [(1, 200), (2, 503)])
+async def test_the_dashboard_page_reads_again_once_then_answers_503_not_500(
+    item: Item, monkeypatch: pytest.MonkeyPatch, failures: int, status: int
+) -> None:
+    """Django's own views answer a database failure as the API does (edge.errors'
+    DatabaseFailureMiddleware), so the edge reads the page again on a new connection."""
+    from django.db import OperationalError
+
+    from realtime import views
+
+    left = [failures]
+    original = views.item_list
+
+    def item_list(**kwargs: Any) -> Any:
+        if left[0]:
+            left[0] -= 1
+            raise OperationalError("terminating connection due to administrator command")
+        return original(**kwargs)
+
+    monkeypatch.setattr(views, "item_list", item_list)
+    answer = await call("/")
+    assert answer.status == status
+    assert left == [0]
+    assert answer.header("Kurs-Retry") is None
+    if status == 503:
+        assert answer.json() == {"detail": "the database is unavailable; retry shortly"}
+        assert answer.header("Retry-After") == b"1"
+    else:
+        assert b"BTC-USD" in answer.body
