@@ -130,7 +130,7 @@ async def storm(
     """`clients` clients reading `paths` from `base` while the storm lasts `seconds`."""
     result = Storm(seconds, clients)
     ends = time.monotonic() + seconds
-    result.terminated, *_ = await asyncio.gather(
-        _terminate(stack, ends), *(_read(base, paths, ends, result.seen) for _ in range(clients))
-    )
+    terminated = asyncio.ensure_future(_terminate(stack, ends))
+    await asyncio.gather(*(_read(base, paths, ends, result.seen) for _ in range(clients)))
+    result.terminated = await terminated
     return result
