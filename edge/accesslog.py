@@ -13,9 +13,9 @@
   process looked up) and the handler formatted and wrote each line at once: together most of a
   `/courses` answer's cost (`bench/bench_edge_inprocess.py --log-level INFO` against `WARNING`).
 - The console format's line is written by one f-string when the configured formatter gives the
-  same text for a probe line (`BufferedStreamHandler.setFormatter` checks): a record and the stdlib
-  formatter cost 6.1 us a line, the f-string 1.6 us (docs/decisions.md). Any other formatter (JSON, a changed format) formats
-  AccessRecords as usual.
+  same text for a probe line (`BufferedStreamHandler.setFormatter` checks): a record and the
+  stdlib formatter cost 6.1 us a line, the f-string 1.6 us (docs/decisions.md). Any other
+  formatter (JSON, a changed format) formats AccessRecords as usual.
 """
 
 from __future__ import annotations
