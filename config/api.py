@@ -43,8 +43,8 @@ class DecimalJSONParser(Parser):
         return loads(request.body)
 
 
-# The alternative every optional query parameter has (SPEC 5: `?since=&provider=` means absent,
-# the edge drops such values before either entrance reads them, `edge.layer`).
+# The alternative every optional query parameter has: `?since=&provider=` means absent
+# (docs/api.md#query-parameters); the edge drops such values before either entrance reads them.
 EMPTY_MEANS_ABSENT = {"type": "string", "maxLength": 0, "description": "empty: absent"}
 
 

@@ -48,7 +48,8 @@ async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
 application = ProtocolTypeRouter(
     {
         "http": http_app,
-        # No Origin (servers, scripts) is accepted; a foreign browser Origin is refused (SPEC 8).
+        # No Origin (servers, scripts) is accepted; a foreign browser Origin is refused
+        # (docs/events.md#who-may-connect).
         "websocket": BrowserOriginValidator(URLRouter(websocket_urlpatterns)),
         # uvicorn (and granian) send lifespan events: the NATS bridge starts with the server.
         "lifespan": lifespan,

@@ -161,7 +161,8 @@ else:
 Q_CLUSTER: dict[str, Any] = {
     "name": "kurs",
     "workers": 2,
-    "timeout": 50,  # must stay below retry (STYLE 6)
+    # Must stay below retry (docs/decisions.md#django-q2-timeout-below-retry-no-catch-up).
+    "timeout": 50,
     "retry": 120,
     "max_attempts": 1,
     "catch_up": False,
@@ -216,7 +217,8 @@ KURS_STALE_AFTER = env.positive_float("KURS_STALE_AFTER", 30.0)
 KURS_MAX_JUMP = env.positive_float("KURS_MAX_JUMP", 0.2)
 KURS_HISTORY_DAYS = env.positive_int("KURS_HISTORY_DAYS", 90)
 KURS_WS_HEARTBEAT = env.positive_float("KURS_WS_HEARTBEAT", 30.0)
-# Browser origins allowed on /ws/items and the stream besides DJANGO_ALLOWED_HOSTS (SPEC 8).
+# Browser origins allowed on /ws/items and the stream besides DJANGO_ALLOWED_HOSTS
+# (docs/events.md#who-may-connect).
 KURS_WS_ALLOWED_ORIGINS = env.origins("KURS_WS_ALLOWED_ORIGINS")
 # Per client address and web worker process, WebSocket and SSE together (realtime/limits.py).
 KURS_MAX_CONNECTIONS_PER_CLIENT = env.positive_int("KURS_MAX_CONNECTIONS_PER_CLIENT", 50)
@@ -229,7 +231,8 @@ KURS_RATE_LIMIT = env.rate_limit("KURS_RATE_LIMIT")
 KURS_TASKS_RATE_LIMIT = env.rate_limit("KURS_TASKS_RATE_LIMIT", "6/min")
 # Failed admin sign-ins per address and per username before a lockout of the period.
 KURS_ADMIN_LOGIN_LIMIT = env.rate_limit("KURS_ADMIN_LOGIN_LIMIT", "5/min")
-# USDTTRC and USDTERC are USDT on TRON and Ethereum; exchanges quote plain USDT (SPEC 4).
+# USDTTRC and USDTERC are USDT on TRON and Ethereum; exchanges quote plain USDT
+# (docs/rates.md#aliases-the-usd-proxy-and-cross-rates).
 KURS_ASSET_ALIASES = env.aliases("KURS_ASSET_ALIASES", "USDTTRC:USDT,USDTERC:USDT")
 # Untracked pairs priced anew (rates/ondemand.py) per second, by all clients together and by one
 # client address; beyond either, /rates/{base}/{quote} and /convert answer 429 with Retry-After.
@@ -323,7 +326,8 @@ AUTH_PASSWORD_VALIDATORS = [
 NINJA_PAGINATION_MAX_LIMIT = 500
 # How many reverse proxies (nginx: 1) stand in front of the web processes: the client address
 # for rate limiting is then taken from X-Forwarded-For at that depth, which clients cannot forge.
-# 0 (SPEC 3): the TCP peer, X-Forwarded-For ignored (ninja's None would trust the whole header).
+# 0 (docs/settings.md): the TCP peer, X-Forwarded-For ignored (ninja's None would trust the
+# whole header).
 NINJA_NUM_PROXIES = env.non_negative_int("KURS_NUM_PROXIES", 0)
 
 # --- Behind a TLS-terminating proxy (nginx with certificates, a load balancer) ----------------

@@ -175,7 +175,8 @@ async def list_providers(request: HttpRequest) -> list[dict[str, object]]:
     throttle=tasks_throttle,
 )
 async def run_task(request: HttpRequest) -> dict[str, object]:
-    """Asks the live owner for a cycle (SPEC 6); without an answer in 2 s, runs the safety net.
+    """Asks the live owner for a cycle; without an answer in 2 s, runs the safety net
+    (docs/api.md#post-apiv1tasksrun).
 
     503 when a live owner holds the lease but did not answer (NATS unreachable from here): a
     second cycle beside the owner's would break "one owner of live state".

@@ -1,6 +1,6 @@
 """The owner's quote board: what each provider last said about each pair, and who serves it.
 
-Only the live owner (ARCHITECTURE, "one owner of live state") keeps a board that writes: the
+Only the live owner (docs/architecture.md#one-owner-of-live-state) keeps a board that writes: the
 fetcher while it holds the lease, or the safety net for one cycle. It starts from the stored
 current rates (`load`), so a restart or a hand-over neither flips a pair to another provider nor
 forgets the jump guard's reference. `rates.services` is its only writer; everything it answers
@@ -43,7 +43,7 @@ class Entry:
     ask: Decimal | None = None
     derived: bool = False
     proxied: bool = False
-    # A cross rate's legs: [{"pair", "provider", "value", "source_time"}] (SPEC 4).
+    # A cross rate's legs: [{"pair", "provider", "value", "source_time"}] (docs/api.md#json-shapes).
     route: tuple[dict[str, Any], ...] = ()
 
     @property

@@ -1,4 +1,5 @@
-"""`GET /api/v1/courses`: the seed's answer, built once per snapshot state and filter (SPEC 5).
+"""`GET /api/v1/courses`: the seed's answer, built once per snapshot state and filter
+(docs/api.md#get-apiv1courses).
 
 Both entrances use this module: the ninja route (`rates.api`, the documented definition) and the
 route table of the edge (`edge.routes`) that answers before Django. Each hands in the query and

@@ -55,7 +55,7 @@ PROVIDER_PATTERN = r"^[a-z0-9_+ ]+$"
 
 
 class RateOut(Schema):
-    """One history row (SPEC 5 "Rate JSON")."""
+    """One history row (docs/api.md#json-shapes)."""
 
     provider: str
     value: JsonDecimal
@@ -73,7 +73,7 @@ class RouteLegOut(Schema):
 
 
 class CurrentRateOut(Schema):
-    """The rate the service stands behind now (SPEC 4 "Current rate", SPEC 5 `latest`)."""
+    """The rate the service stands behind now (docs/api.md#json-shapes, `latest`)."""
 
     provider: str = Field(description="the serving provider (`a+b` for a cross rate)")
     value: JsonDecimal
@@ -224,7 +224,7 @@ def errors(*codes: int) -> dict[int, type[Schema]]:
 
 
 def _empty_is_absent(value: object) -> object:
-    # SPEC 5: `?since=&provider=` means the parameters are absent.
+    # docs/api.md#query-parameters: `?since=&provider=` means the parameters are absent.
     return None if value == "" else value
 
 

@@ -1,6 +1,6 @@
-"""Rates writes: every quote goes through `accept_quote` (STYLE 1), once, on the live owner.
+"""Rates writes: every quote goes through `accept_quote`, once, on the live owner.
 
-One quote, one straight path (ARCHITECTURE), each step a function below:
+One quote, one straight path (docs/architecture.md#the-quote-pipeline), each step a function below:
 
 1. `_validate` (a value or a reason): a finite positive number that fits the column, a source time
    not in the future (5 s of clock skew allowed) and not older than the provider's freshness
@@ -14,10 +14,11 @@ One quote, one straight path (ARCHITECTURE), each step a function below:
    provider whose latest accepted quote is still fresh and which is not down; direct quotes
    outrank cross rates. The answer is the pair's new current rate when it is news: another value
    or provider, another status (live/failover/stale), or a confirmation (`checked_at` moved) once
-   `KURS_STALE_AFTER / 2` has passed since the last write (the heartbeat of SPEC 7). A new pair
-   (an item created or activated again) is in its first round until every provider that can
-   quote it has answered or failed once: meanwhile only a `live` answer is news, so its first
-   published status is the true one, and a pair never served counts no failover.
+   `KURS_STALE_AFTER / 2` has passed since the last write (the heartbeat of
+   docs/rates.md#events). A new pair (an item created or activated again) is in its first round
+   until every provider that can quote it has answered or failed once: meanwhile only a `live`
+   answer is news, so its first published status is the true one, and a pair never served
+   counts no failover.
 3. `_persist` (one transaction): the history row when due (an accepted quote of a tracked item
    whose value differs from the last row of that item and provider, or whose last row is 60 s
    old; every provider's quotes are kept, cross rates only while they serve) and the
@@ -27,11 +28,11 @@ One quote, one straight path (ARCHITECTURE), each step a function below:
 Only a board whose `guard` allows it (the owner's lease) persists and publishes: a process that
 does not own live state may quote (the one-shot `run_fetch` table) but never writes.
 
-Cross rates (SPEC 4): a pair is also derived as `BASE-X × X-QUOTE` through X = USD, USDT and the
-`KURS_USD_PROXY` asset when both legs are fresh, e.g. BTC-RUB = binance BTC-USD (the BTCUSDT
-market) × cbr USD-RUB, named `binance+cbr` and marked `derived`, with its legs as `route`. Legs
-need not be tracked items: the fetch asks providers for them too, and the board keeps them in
-memory only. Cross rates are new quotes entering the same path.
+Cross rates (docs/rates.md#aliases-the-usd-proxy-and-cross-rates): a pair is also derived as
+`BASE-X × X-QUOTE` through X = USD, USDT and the `KURS_USD_PROXY` asset when both legs are
+fresh, e.g. BTC-RUB = binance BTC-USD (the BTCUSDT market) × cbr USD-RUB, named `binance+cbr`
+and marked `derived`, with its legs as `route`. Legs need not be tracked items: the fetch asks
+providers for them too, and the board keeps them in memory only. Cross rates are new quotes entering the same path.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from realtime import events
 
 logger = logging.getLogger(__name__)
 
-# SPEC 4: a rate is stored when its value changed or the last stored one is this old.
+# docs/rates.md#history: a rate is stored when its value changed or the last stored one is this old.
 STORE_EVERY = timedelta(seconds=60)
 # A jump no other provider can confirm or contradict (a pair with one source, e.g. USD-RUB from
 # cbr) is accepted once that source has held the new level this long: a real crash must not
@@ -470,7 +471,8 @@ def _cross_quotes(leg: str, *, now: datetime, board: QuoteBoard) -> list[CrossQu
 
 # --- Re-evaluation: time passing, providers going down ------------------------------------------
 def rate_event(pair: str, current: Current) -> dict[str, Any]:
-    """`rate.updated` data (SPEC 7); the JSON encoder formats the times."""
+    """`rate.updated` data (docs/events.md#envelope-and-event-types); the JSON encoder formats
+    the times."""
     return {
         "direction": pair,
         "value": current.value,
