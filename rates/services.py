@@ -32,7 +32,8 @@ Cross rates (docs/rates.md#aliases-the-usd-proxy-and-cross-rates): a pair is als
 `BASE-X × X-QUOTE` through X = USD, USDT and the `KURS_USD_PROXY` asset when both legs are
 fresh, e.g. BTC-RUB = binance BTC-USD (the BTCUSDT market) × cbr USD-RUB, named `binance+cbr`
 and marked `derived`, with its legs as `route`. Legs need not be tracked items: the fetch asks
-providers for them too, and the board keeps them in memory only. Cross rates are new quotes entering the same path.
+providers for them too, and the board keeps them in memory only. Cross rates are new quotes
+entering the same path.
 """
 
 from __future__ import annotations
