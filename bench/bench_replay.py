@@ -163,6 +163,7 @@ async def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="kurs-bench-replay-"))
     server = NatsServer(port=free_port(), store_dir=folder / "jetstream")
     server.start()
+    # No emulator: the stand-in has the one method the stack calls.
     stack = ReplayStack(folder=folder, emulator=NoEmulator(), nats_url=server.url)  # type: ignore[arg-type]
     try:
         await asyncio.to_thread(stack.migrate, active=PAIRS)

@@ -187,6 +187,7 @@ CAPACITY = 256
 FLUSH_S = 0.5
 
 
+# typeshed makes StreamHandler generic in its stream; subscripting it fails at run time.
 class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A StreamHandler that writes its lines in batches (see the module's docstring)."""
 
@@ -219,6 +220,7 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self._start_flusher()
 
     def flush(self) -> None:
+        # typeshed types the lock Optional; Handler.__init__ always makes it.
         with self.lock:  # type: ignore[union-attr]
             records, self._records = self._records, []
             lines = []

@@ -170,6 +170,7 @@ class KursHttpProtocol(HttpToolsProtocol):
         self._clock = self.loop.time  # the deadlines' clock: a test's subclass injects its own
         self._tick = min(self.timeout_keep_alive, self.HEADER_TIMEOUT, self.BODY_TIMEOUT)
 
+    # uvicorn types the transport as asyncio.Transport; CoalescingTransport stands in for one.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
         self._start_phase(self.HEADER_TIMEOUT)

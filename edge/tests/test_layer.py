@@ -81,6 +81,7 @@ async def test_each_request_logs_one_access_line_with_its_id(
     lines = [record for record in logged if record.name == "kurs.access"]
     assert len(lines) == 1
     assert lines[0].getMessage().startswith(f"GET {path}?x=1 {answer.status} ")
+    # The record's `extra` fields exist only at run time.
     assert lines[0].request_id == "trace-12345678"  # type: ignore[attr-defined]
     assert lines[0].status == answer.status  # type: ignore[attr-defined]
     assert answer.header("X-Request-ID") == b"trace-12345678"
@@ -143,6 +144,7 @@ def test_the_access_handler_writes_its_lines_together() -> None:
         writes.append(text)
         return original(text)
 
+    # Counting the stream's writes by replacing its method.
     stream.write = counted  # type: ignore[method-assign]
     handler = BufferedStreamHandler(stream, capacity=3, flush_s=3600)
     handler.setFormatter(logging.Formatter("%(message)s"))
