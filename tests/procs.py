@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -33,6 +34,38 @@ def plain_env(*, venv_on_path: bool = True, **overrides: str) -> dict[str, str]:
         env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(overrides)
     return env
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid`, found through /proc before anything is killed: a child
+    that started a session of its own (qcluster under scripts/own_group.py) is outside the
+    group a `killpg` reaches, and would outlive the test once its parent is gone."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        # The command name may hold spaces and parentheses: the fields follow its last ")".
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid`, its process group and every descendant, wherever their group."""
+    below = descendants(pid)
+    for target in (pid, *below):
+        for kill in (os.killpg, os.kill):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill(target, signal.SIGKILL)
 
 
 class Honcho:
@@ -91,7 +124,7 @@ class Honcho:
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+                kill_tree(self.process.pid)
                 self.process.wait()
 
     def output_of(self, name: str) -> list[str]:

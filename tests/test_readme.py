@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import VENV, plain_env
+from tests.procs import VENV, kill_tree, plain_env
 from tests.services import ROOT, free_port, port_open
 
 README = ROOT / "README.md"
@@ -249,9 +249,9 @@ class Background:
         return time.monotonic() - started
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        """Whatever the test did: the command, and everything it started, is gone."""
+        kill_tree(self.process.pid)
+        self.process.wait()
 
 
 @dataclass
