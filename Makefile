@@ -20,7 +20,7 @@ EMULATOR_WS := ws://127.0.0.1:$(EMULATOR_PORT)
 help:
 	@echo "make run     start Kurs on embedded defaults (web :8000, qcluster, fetcher, NATS)"
 	@echo "make demo    the same, with providers pointed at the local exchange emulator"
-	@echo "make test    install and run the whole suite (SQLite, then PostgreSQL)"
+	@echo "make test    install and run the whole suite (SQLite and PostgreSQL side by side)"
 	@echo "make superuser         create an admin user for /admin/ (asks for a password)"
 	@echo "make apikey NAME=...   create an API key for the write endpoints (printed once)"
 	@echo "make test-prod  the production process set natively behind nginx, checked (tests/prod_stack.py)"
@@ -81,9 +81,10 @@ browser:
 		else echo "chromium is absent: the dashboard test will skip (or fail under CI)"; fi; \
 	fi
 
+# The two suites run side by side (each isolates its databases, Redis db and NATS prefix), each
+# one's output printed whole when it ends (docs/operations.md#tests-and-ci).
 test: install browser prod-tools
-	@$(MAKE) --no-print-directory test-sqlite
-	@$(MAKE) --no-print-directory test-postgres
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-sqlite test-postgres
 
 test-sqlite: install
 	@echo "== tests on SQLite =="
@@ -92,7 +93,8 @@ test-sqlite: install
 test-postgres: install
 	@echo "== tests on PostgreSQL ($(TEST_POSTGRES_URL)) =="
 	@if $(BIN)/python scripts/port_open.py 127.0.0.1 5432; then \
-		DATABASE_URL=$(TEST_POSTGRES_URL) $(BIN)/pytest $(PYTEST_ARGS); \
+		DATABASE_URL=$(TEST_POSTGRES_URL) KURS_TEST_REDIS_URL=redis://127.0.0.1:6379/1 \
+		KURS_TEST_REDIS_REALTIME_URL=redis://127.0.0.1:6379/6 $(BIN)/pytest $(PYTEST_ARGS); \
 	elif [ "$$CI" = true ]; then echo "PostgreSQL is not reachable and CI=true: failing"; exit 1; \
 	else echo "SKIPPED: PostgreSQL is not reachable on 127.0.0.1:5432 (the SQLite run above still counts)"; fi
 

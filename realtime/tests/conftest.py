@@ -167,7 +167,8 @@ async def receive_until(
             return message
 
 
-REDIS_TEST_URL = "redis://127.0.0.1:6379/5"
+# `make test` runs the SQLite and PostgreSQL suites side by side: each names its own database.
+REDIS_TEST_URL = os.environ.get("KURS_TEST_REDIS_REALTIME_URL", "redis://127.0.0.1:6379/5")
 
 
 @pytest.fixture(scope="session")
