@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kurs_client import Event, EventStream, RateUpdate, Snapshot
 from websockets.asyncio.client import connect as ws_connect
 
+from rates.emulator import run_emulator_server
+from tests.services import NatsServer, RedisServer, free_port
 from tests.stack import Process, Stack, wait_until
 
 WITHIN = 30.0
@@ -49,6 +52,59 @@ class Recorder:
         """Until `more` rate events arrive after now."""
         target = self.count() + more
         await wait_until(lambda: self.count() >= target, within=WITHIN, what="rate events")
+
+
+class Kurs:
+    """A running stack for the client: its web process restarts in place."""
+
+    def __init__(self, stack: Stack, web: Process, nats: NatsServer) -> None:
+        self.stack, self.web, self.nats = stack, web, nats
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.web.port}"
+
+    def restart_web(self, *, kill: bool = True) -> None:
+        self.web = restart_web(self.stack, self.web, kill=kill)
+
+
+@contextlib.asynccontextmanager
+async def kurs_stack(folder: Path, pairs: tuple[str, ...], *, seed: int) -> AsyncIterator[Kurs]:
+    """A nats-server with JetStream and a redis-server of its own, the emulator (prices moving
+    every 0.5 s), a fetcher polling every second and a web process, rates for every pair."""
+    nats_server = NatsServer(port=free_port(), store_dir=folder / "jetstream")
+    redis = RedisServer(port=free_port())
+    nats_server.start()
+    redis.start()
+    try:
+        async with run_emulator_server(host="127.0.0.1", port=0, tick=0.5, seed=seed) as emulator:
+            stack = Stack(
+                folder=folder,
+                emulator=emulator,
+                poll=1.0,
+                nats_url=nats_server.url,
+                redis_url=redis.url,
+            )
+            await asyncio.to_thread(stack.migrate, active=pairs)
+            stack.fetcher()
+            web = await asyncio.to_thread(stack.web)
+            try:
+                await wait_until(
+                    lambda: len(stack.query("SELECT 1 FROM rates_currentrate")) == len(pairs),
+                    within=60,
+                    what="current rates for every pair",
+                )
+                yield Kurs(stack, web, nats_server)
+            finally:
+                await asyncio.to_thread(stack.stop)
+    finally:
+        nats_server.kill()
+        redis.kill()
+
+
+def caught_up(recorder: Recorder, target: dict[str, int]) -> Callable[[], bool]:
+    """Whether `recorder` has each pair's `target` version (or a later one)."""
+    return lambda: all(recorder.latest(pair) >= version for pair, version in target.items())
 
 
 @contextlib.asynccontextmanager

@@ -26,16 +26,17 @@ import pytest
 import pytest_asyncio
 from kurs_client import models
 
-from rates.emulator import run_emulator_server
 from tests.clientrun import (
+    Kurs,
+    caught_up,
     database_versions,
     first_versions,
+    kurs_stack,
     recording,
-    restart_web,
     versions_report,
 )
-from tests.services import ROOT, NatsServer, RedisServer, free_port
-from tests.stack import Process, Stack, wait_until
+from tests.services import ROOT, free_port
+from tests.stack import wait_until
 
 pytestmark = [
     pytest.mark.nats,
@@ -48,49 +49,10 @@ PAIRS = ("BTC-USD", "ETH-USD")
 WITHIN = 30.0
 
 
-class Kurs:
-    def __init__(self, stack: Stack, web: Process, nats: NatsServer) -> None:
-        self.stack, self.web, self.nats = stack, web, nats
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.web.port}"
-
-    def restart_web(self, *, kill: bool = True) -> None:
-        self.web = restart_web(self.stack, self.web, kill=kill)
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def kurs(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Kurs]:
-    folder = tmp_path_factory.mktemp("client")
-    nats_server = NatsServer(port=free_port(), store_dir=folder / "jetstream")
-    redis = RedisServer(port=free_port())
-    nats_server.start()
-    redis.start()
-    try:
-        async with run_emulator_server(host="127.0.0.1", port=0, tick=0.5, seed=11) as emulator:
-            stack = Stack(
-                folder=folder,
-                emulator=emulator,
-                poll=1.0,
-                nats_url=nats_server.url,
-                redis_url=redis.url,
-            )
-            await asyncio.to_thread(stack.migrate, active=PAIRS)
-            stack.fetcher()
-            web = await asyncio.to_thread(stack.web)
-            try:
-                await wait_until(
-                    lambda: len(stack.query("SELECT 1 FROM rates_currentrate")) == len(PAIRS),
-                    within=60,
-                    what="current rates for every pair",
-                )
-                yield Kurs(stack, web, nats_server)
-            finally:
-                await asyncio.to_thread(stack.stop)
-    finally:
-        nats_server.stop()
-        redis.kill()
+    async with kurs_stack(tmp_path_factory.mktemp("client"), PAIRS, seed=11) as running:
+        yield running
 
 
 # --- The models against the live OpenAPI document ---
@@ -272,7 +234,7 @@ async def test_the_stream_resumes_through_killed_web_processes_without_loss(kurs
         target = database_versions(kurs.stack, PAIRS)
         for recorder in (by_socket, by_sse):
             await wait_until(
-                lambda r=recorder: all(r.latest(p) >= target[p] for p in PAIRS),  # type: ignore[misc]
+                caught_up(recorder, target),
                 within=WITHIN,
                 what="the stream caught up",
             )
@@ -308,7 +270,7 @@ async def test_the_stream_keeps_order_through_a_nats_restart(kurs: Kurs) -> None
         await recorder.until_more(2)
         target = database_versions(kurs.stack, PAIRS)
         await wait_until(
-            lambda: all(recorder.latest(p) >= target[p] for p in PAIRS),
+            caught_up(recorder, target),
             within=WITHIN,
             what="the stream caught up",
         )
