@@ -182,8 +182,9 @@ class Stack:
     def fetcher(self, name: str = "fetcher") -> Process:
         return self.spawn(name, [sys.executable, "manage.py", "run_fetch", "--watch"])
 
-    def web(self, name: str = "web") -> Process:
-        port = free_port()
+    def web(self, name: str = "web", *, port: int | None = None) -> Process:
+        """A uvicorn web process, on `port` (a web process restarted in place) or a free one."""
+        port = port or free_port()
         uvicorn = str(Path(sys.executable).parent / "uvicorn")
         args = [uvicorn, "config.asgi:application", "--host", "127.0.0.1", "--port", str(port)]
         args += ["--http", "edge.serverprotocol:KursHttpProtocol"]  # as scripts/serve.sh

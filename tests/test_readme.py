@@ -51,6 +51,8 @@ EXCLUDED = {
     "make bench": "runs the benchmarks for minutes",
     "make demo": "make run's process set (checked here) plus the emulator (run_emulator, checked"
     " here); a second full stack would double this test's time",
+    ".venv/bin/pip install ./clients/python": "installs into the test run's virtualenv, which"
+    " `make install` already did (requirements-dev.txt); tests/test_client.py builds the package",
     "docker compose up --build": "needs Docker and minutes of image builds; tests/test_deploy.py"
     " checks the compose file and make test-prod runs the same process set natively",
 }
