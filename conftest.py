@@ -39,6 +39,7 @@ SUITE_DATABASE_UNUSED = frozenset(
         "tests/test_ws_abuse.py",  # a web process on a SQLite file
         "tests/test_live_owner.py",  # tests/stack.py on SQLite
         "tests/test_metrics_port.py",  # tests/stack.py on SQLite
+        "tests/test_client.py",  # the Python client against tests/stack.py on SQLite
         "tests/test_faults.py",  # its own PostgreSQL database in both runs
         "tests/test_alerts.py",  # promtool on deploy/alerts*.yml
         "tests/test_grafana_dashboard.py",  # the dashboard JSON against exported metric names
