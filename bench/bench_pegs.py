@@ -193,7 +193,7 @@ async def main() -> None:
     worst_off, worst_on = max(r["error"] for r in before), max(r["error"] for r in after)
     print(f"  peg check off: median {off:.4%} (max {worst_off:.4%}), ", end="")
     print(f"status {sorted({r['status'] for r in before})}")
-    print(f"  peg check on:  median {on:.4%} (max {worst_on:.4%}), ", end="")
+    print(f"  peg check on:  median {on:.6%} (max {worst_on:.6%}), ", end="")
     print(f"status {sorted({r['status'] for r in after})}; ratio on/off {on / off:.3f}")
     print("\nseconds from the switch (medians; ÷ NATS: ratio to the event bus):")
     print(f"  {'surface':8} {'depeg shown':>11} {'÷ NATS':>7} {'peg.broken':>10} {'÷ NATS':>7}")

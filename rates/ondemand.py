@@ -81,6 +81,9 @@ EXTRA_VIAS = ("RUB",)
 RESULT_STEP = Decimal(1).scaleb(-validation.DECIMAL_PLACES)
 # Exact products and quotients of 38-digit decimals before the one final rounding.
 _PRECISION = 80
+# Digits a derived rate keeps at least (route_value): two of them multiply to within 1e-23 of
+# the exact product, so a rate and its reverse agree to the 18 places with margin.
+SIGNIFICANT = 24
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,9 +149,12 @@ def derivation_routes(pair: Pair) -> list[Route]:
 
 
 def route_value(legs: Sequence[tuple[Leg, bool]]) -> Decimal:
-    """The product of the legs, inverted ones dividing, rounded once to the stored precision.
+    """The product of the legs, inverted ones dividing, rounded once: to the stored 18 decimal
+    places, or to SIGNIFICANT digits where those are fewer (a small inverse: RUB-BTC).
 
-    Raises QuoteRejected when the result does not fit (e.g. it rounds to zero).
+    A pair and its reverse through one anchor then multiply to 1 within the stated 18 places
+    (fixed places alone would leave 1/7200987.65 eleven digits, and the product off by 1e-12).
+    Raises QuoteRejected when the result does not fit (e.g. it rounds to zero at 18 places).
     """
     with localcontext() as context:
         context.prec = _PRECISION
@@ -158,7 +164,10 @@ def route_value(legs: Sequence[tuple[Leg, bool]]) -> Decimal:
                 denominator *= leg.value
             else:
                 numerator *= leg.value
-        return validation.checked_value(numerator / denominator)
+        exact = numerator / denominator
+        validation.checked_value(exact)  # the bounds a stored rate has
+        places = max(validation.DECIMAL_PLACES, SIGNIFICANT - 1 - exact.adjusted())
+        return exact.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_EVEN)
 
 
 def listing_interval(provider: type[Provider] | Provider) -> float:
