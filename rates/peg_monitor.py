@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache import caches
 
@@ -101,17 +103,8 @@ class PegMonitor:
     def load(self, *, now: datetime) -> None:
         """A new owner's start: the states the last owner saved, so that a peg broken before a
         restart or a hand-over is not served as whole until measured again."""
-        loaded = {}
-        for row in peg_statuses():
-            peg = next(p for p in self.pegs if p.pair == f"{row['asset']}-{row['reference']}")
-            since = row["since"]
-            loaded[peg.pair] = pegs.PegState(
-                peg,
-                state=row["state"],
-                value=None if row["value"] is None else Decimal(row["value"]),
-                since=None if since is None else datetime.fromisoformat(since),
-                measured_at=now,
-            )
+        rows = zip(peg_statuses(), self.pegs, strict=True)
+        loaded = {peg.pair: _loaded(row, peg, now) for row, peg in rows}
         with self._lock:
             self.states = loaded
             self._proxy = pegs.proxy_peg(loaded.values(), settings.KURS_USD_PROXY)
@@ -144,6 +137,40 @@ def get_monitor() -> PegMonitor:
     return _monitor
 
 
+# The proxy's peg as a web process last read it: (time.monotonic() of the read, the state).
+_read: tuple[float, pegs.PegState | None] | None = None
+READ_EVERY = 0.5
+
+
+async def proxy_peg() -> pegs.PegState | None:
+    """The USD proxy's peg as the owner last saved it, read at most every READ_EVERY seconds
+    (on-demand pairs priced through the proxy in a web process, docs/rates.md#pegs)."""
+    global _read
+    now = time.monotonic()
+    if _read is not None and now - _read[0] < READ_EVERY:
+        return _read[1]
+    rows = await sync_to_async(peg_statuses)()
+    states = [_loaded(row, peg) for row, peg in zip(rows, _configured(), strict=True)]
+    state = pegs.proxy_peg(states, settings.KURS_USD_PROXY)
+    _read = (now, state)
+    return state
+
+
+def _configured() -> tuple[pegs.Peg, ...]:
+    return pegs.configured(settings.KURS_PEGS)
+
+
+def _loaded(row: dict[str, Any], peg: pegs.Peg, now: datetime | None = None) -> pegs.PegState:
+    since = row["since"]
+    return pegs.PegState(
+        peg,
+        state=row["state"],
+        value=None if row["value"] is None else Decimal(row["value"]),
+        since=None if since is None else datetime.fromisoformat(since),
+        measured_at=now,
+    )
+
+
 def peg_statuses() -> list[dict[str, Any]]:
     """Each configured peg as the owner last saved it (`unknown` before any owner measured it,
     or when the shared cache cannot be read)."""
@@ -154,7 +181,7 @@ def peg_statuses() -> list[dict[str, Any]]:
         saved = []
     by_pair = {f"{row['asset']}-{row['reference']}": row for row in saved}
     statuses = []
-    for peg in pegs.configured(settings.KURS_PEGS):
+    for peg in _configured():
         row = by_pair.get(peg.pair)
         if row is None or row.get("band") != str(peg.band):
             row = _saved(pegs.PegState(peg))

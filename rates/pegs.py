@@ -223,6 +223,35 @@ def proxy_peg(states: Iterable[PegState], proxy: str) -> PegState | None:
     )
 
 
+def _peg_leg(peg: PegState, fallback_time: datetime) -> dict[str, Any]:
+    return {
+        "pair": peg.peg.pair,
+        "provider": PEG_PROVIDER,
+        "value": peg.value,
+        "source_time": peg.measured_at or fallback_time,
+    }
+
+
+def _market_leg(pair: str, peg: PegState, provider: str, value: Decimal, when: datetime) -> Any:
+    """A proxied direct quote as the market it is: BTC-USD from binance is its BTC-USDT."""
+    market = f"{Pair.parse(pair).base}-{peg.peg.asset}"
+    return {"pair": market, "provider": provider, "value": value, "source_time": when}
+
+
+def _times(value: Decimal | None, rate: Decimal, power: int = 1) -> Decimal | None:
+    """`value` × rate^power, exact, then rounded once to the stored 18 places (None: unusable)."""
+    if value is None:
+        return None
+    with localcontext() as context:
+        context.prec = 80
+        return validation.optional_value(value * rate**power)
+
+
+def broken(peg: PegState | None) -> PegState | None:
+    """`peg` when it is broken with a measured value, else None (the proxy applies)."""
+    return peg if peg is not None and peg.state == BROKEN and peg.value is not None else None
+
+
 def through(pair: str, entry: Entry, status: str, peg: PegState | None) -> tuple[Entry, str]:
     """The entry serving `pair`, and its status, given the proxy's peg.
 
@@ -231,29 +260,41 @@ def through(pair: str, entry: Entry, status: str, peg: PegState | None) -> tuple
     multiplied by it, its `route` ending in the peg's leg, marked derived, status `depeg`.
     Anything else is served as it is.
     """
-    if peg is None or peg.state != BROKEN or peg.value is None or not entry.proxied:
+    peg = broken(peg)
+    if peg is None or peg.value is None or not entry.proxied:
         return entry, status
-    rate = peg.value
-    legs = entry.route or (
-        {
-            "pair": f"{Pair.parse(pair).base}-{peg.peg.asset}",
-            "provider": entry.provider,
-            "value": entry.value,
-            "source_time": entry.source_time,
-        },
-    )
-    leg = {
-        "pair": peg.peg.pair,
-        "provider": PEG_PROVIDER,
-        "value": rate,
-        "source_time": peg.measured_at or entry.source_time,
-    }
-    with localcontext() as context:
-        context.prec = 80  # exact products, then rounded once to the stored 18 places
-        value = validation.optional_value(entry.value * rate)
-        bid = None if entry.bid is None else validation.optional_value(entry.bid * rate)
-        ask = None if entry.ask is None else validation.optional_value(entry.ask * rate)
+    value = _times(entry.value, peg.value)
     if value is None:  # cannot happen for a valid entry and a positive rate; never serve 0
         return entry, DEPEG
-    converted = replace(entry, value=value, bid=bid, ask=ask, derived=True, route=(*legs, leg))
+    legs = entry.route or (_market_leg(pair, peg, entry.provider, entry.value, entry.source_time),)
+    converted = replace(
+        entry,
+        value=value,
+        bid=_times(entry.bid, peg.value),
+        ask=_times(entry.ask, peg.value),
+        derived=True,
+        route=(*legs, _peg_leg(peg, entry.source_time)),
+    )
     return converted, DEPEG
+
+
+def convert_answer(answer: dict[str, Any], power: int, peg: PegState | None) -> dict[str, Any]:
+    """An on-demand answer (`/rates`, `/convert`) priced through the proxy `power` times (-1: the
+    proxied leg divides), converted like `through` while the peg is broken."""
+    peg = broken(peg)
+    if peg is None or peg.value is None or power == 0:
+        return answer
+    value = _times(answer["value"], peg.value, power)
+    if value is None:
+        return answer
+    route = answer["route"] or [
+        _market_leg(answer["pair"], peg, answer["provider"], answer["value"], answer["source_time"])
+    ]
+    status = answer["status"] if answer["stale"] else DEPEG
+    return {
+        **answer,
+        "value": value,
+        "derived": True,
+        "route": [*route, _peg_leg(peg, answer["source_time"])],
+        "status": status,
+    }

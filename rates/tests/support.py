@@ -34,6 +34,7 @@ def fresh_board(monkeypatch: pytest.MonkeyPatch) -> QuoteBoard:
     monkeypatch.setattr(services, "_board", fresh)
     monkeypatch.setattr(provider_health, "_monitors", {})
     monkeypatch.setattr(peg_monitor, "_monitor", None)
+    monkeypatch.setattr(peg_monitor, "_read", None)
     monkeypatch.setattr(provider_health, "status_saving", provider_health.status_saving_notice())
     monkeypatch.setattr(provider_health, "status_reading", provider_health.status_reading_notice())
     caches["shared"].clear()

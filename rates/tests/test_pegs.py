@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -25,6 +26,7 @@ from rates.fetcher import Fetcher
 from rates.models import CurrentRate
 from rates.pegs import BROKEN, OK, UNKNOWN, Peg, PegState
 from rates.tests.conftest_emulator import make_provider
+from rates.tests.support import point_settings_at
 
 T0 = datetime(2026, 12, 7, 12, 0, tzinfo=timezone.get_current_timezone())
 USDT = Peg("USDT", "USD", Decimal("0.01"))
@@ -201,7 +203,7 @@ def peg_gauge() -> float | None:
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("rate_settings", "fresh_board")
+@pytest.mark.usefixtures("rate_settings", "fresh_board", "on_demand_clock")
 async def test_a_depeg_converts_what_the_proxy_serves_and_everyone_hears_it(
     emulator: EmulatorServer,
     client: httpx.AsyncClient,
@@ -210,6 +212,7 @@ async def test_a_depeg_converts_what_the_proxy_serves_and_everyone_hears_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings.KURS_PEGS = [("USDT", "USD", Decimal("0.01"))]
+    point_settings_at(settings, emulator)
     await sync_to_async(track)("BTC-USD", "USDTTRC-USD")
     names = ("binance", "bybit", "coingecko")
     fetcher = Fetcher(
@@ -260,6 +263,13 @@ async def test_a_depeg_converts_what_the_proxy_serves_and_everyone_hears_it(
     assert health["status"] != "ok"
     latest = (await web.get(f"/api/v1/items/{btc.item_id}/rates/latest")).json()
     assert latest["status"] == "depeg"
+    # An untracked pair through the proxy, priced on demand by the web: converted too.
+    true_eth = emulator.market.books["coingecko"].prices["ethereum.usd"]
+    for path in ("/api/v1/rates/ETH/USD", "/api/v1/convert?from=ETH&to=USD&amount=1"):
+        eth = json.loads((await web.get(path)).content, parse_float=Decimal)
+        assert eth["status"] == "depeg", eth
+        assert abs(eth.get("value", eth.get("rate")) / true_eth - 1) < Decimal("0.002")
+        assert [leg["provider"] for leg in eth["route"]] == ["binance", "peg"]
 
     # Back at parity: restored once the hold has passed (no wait here), and served live again.
     monkeypatch.setattr(pegs, "RESTORE_HOLD", timedelta(0))
@@ -273,3 +283,23 @@ async def test_a_depeg_converts_what_the_proxy_serves_and_everyone_hears_it(
         "peg.restored",
     ]
     assert (await web.get("/api/v1/pegs")).json()[0]["state"] == "ok"
+
+
+def test_an_on_demand_answer_divided_by_a_proxied_leg_is_divided_by_the_peg() -> None:
+    broken = pegs.step(PegState(USDT), Decimal("0.97"), (), now=T0)
+    answer = {
+        "pair": "USD-ETH",
+        "value": Decimal("0.000323333333333333"),  # 1 / ETH-USD from ETHUSDT 3092.78
+        "provider": "binance",
+        "source_time": T0,
+        "stale": False,
+        "status": "live",
+        "derived": True,
+        "route": [{"pair": "ETH-USD", "provider": "binance", "value": 3092, "source_time": T0}],
+    }
+    converted = pegs.convert_answer(answer, -1, broken)
+    assert converted["value"] == Decimal("0.000333333333333333")  # ÷ 0.97
+    assert converted["status"] == "depeg"
+    assert converted["route"][-1]["pair"] == "USDT-USD"
+    assert pegs.convert_answer({**answer, "stale": True}, -1, broken)["status"] == "live"
+    assert pegs.convert_answer(answer, -1, PegState(USDT, state=OK)) is answer
