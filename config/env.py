@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from decimal import Decimal, InvalidOperation
 from urllib.parse import urlsplit
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -147,6 +148,35 @@ def aliases(name: str, default: str) -> dict[str, str]:
         if not sep or not _ASSET_RE.match(alias) or not _ASSET_RE.match(target):
             raise ConfigError(f"{name}: expected ALIAS:SYMBOL pairs, got {entry!r}")
         result[alias] = target
+    return result
+
+
+def pegs(name: str, default: str) -> list[tuple[str, str, Decimal]]:
+    """`USDT:USD:0.01,USDC:USD:0.005` -> [("USDT", "USD", Decimal("0.01")), ...]; empty: none.
+
+    The band is a fraction (0.01 = 1 %), above 0 and below 1; an asset is pegged once.
+    """
+    result: list[tuple[str, str, Decimal]] = []
+    for entry in csv(name, default):
+        parts = [part.strip().upper() for part in entry.split(":")]
+        try:
+            band = Decimal(parts[2]) if len(parts) == 3 else None
+        except InvalidOperation:
+            band = None
+        if (
+            band is None
+            or not _ASSET_RE.match(parts[0])
+            or not _ASSET_RE.match(parts[1])
+            or parts[0] == parts[1]
+            or not Decimal(0) < band < Decimal(1)
+        ):
+            raise ConfigError(
+                f"{name}: expected ASSET:REFERENCE:BAND entries with a band between 0 and 1 "
+                f"(e.g. USDT:USD:0.01), got {entry!r}"
+            )
+        if any(asset == parts[0] for asset, _, _ in result):
+            raise ConfigError(f"{name}: {parts[0]} is pegged twice")
+        result.append((parts[0], parts[1], band))
     return result
 
 

@@ -213,6 +213,9 @@ KURS_POLL_INTERVAL = env.positive_float("KURS_POLL_INTERVAL", 5.0)
 KURS_USD_PROXY = env.string("KURS_USD_PROXY", "USDT").upper()
 if KURS_USD_PROXY and not re.match(r"^[A-Z0-9]{2,12}$", KURS_USD_PROXY):
     raise ConfigError(f"KURS_USD_PROXY: expected an asset code or empty, got {KURS_USD_PROXY!r}")
+# Assets assumed equal to a reference within a band, measured continuously; outside the band the
+# pairs priced through them are converted and marked `depeg` (docs/rates.md#pegs).
+KURS_PEGS = env.pegs("KURS_PEGS", "USDT:USD:0.01")
 KURS_STALE_AFTER = env.positive_float("KURS_STALE_AFTER", 30.0)
 KURS_MAX_JUMP = env.positive_float("KURS_MAX_JUMP", 0.2)
 KURS_HISTORY_DAYS = env.positive_int("KURS_HISTORY_DAYS", 90)

@@ -1,8 +1,8 @@
 """`GET /api/v1/health`: each component checked for real, with a short timeout.
 
 A router of the API that no app owns: it probes the whole deployment (database, cache, channel
-layer, NATS, the providers' owner, freshness), as `/metrics` (`edge.metrics`) measures it; both
-count against the edge's operations budget (`edge.security`).
+layer, NATS, the providers' owner, freshness, the pegs), as `/metrics` (`edge.metrics`) measures
+it; both count against the edge's operations budget (`edge.security`).
 
 `down` (503) when the database cannot be used: nothing can be served or stored. Any other
 failing component makes the service `degraded` (200): it still answers, from what it has.
@@ -27,6 +27,7 @@ from ninja import Router
 from ninja.responses import Status
 
 from rates.lease import lease_holder
+from rates.peg_monitor import peg_statuses
 from rates.provider_health import provider_statuses
 from rates.schemas import ErrorOut
 from rates.selectors import current_rates_freshness
@@ -128,6 +129,17 @@ async def check_freshness() -> Check:
     return await sync_to_async(_freshness)()
 
 
+async def check_pegs() -> Check:
+    """`degraded` while a peg of KURS_PEGS is broken: pairs priced through it are converted
+    and marked `depeg` (docs/rates.md#pegs). An unknown peg (no evidence yet) is not a fault."""
+    statuses = await sync_to_async(peg_statuses)()
+    states = {f"{peg['asset']}-{peg['reference']}": peg["state"] for peg in statuses}
+    broken = sorted(pair for pair, state in states.items() if state == "broken")
+    if broken:
+        return {"status": "degraded", "detail": f"broken: {', '.join(broken)}", "states": states}
+    return {"status": "ok", "states": states}
+
+
 CHECKS: dict[str, Callable[[], Awaitable[Check]]] = {
     "database": check_database,
     "cache": check_cache,
@@ -135,6 +147,7 @@ CHECKS: dict[str, Callable[[], Awaitable[Check]]] = {
     "nats": check_nats,
     "providers": check_providers,
     "freshness": check_freshness,
+    "pegs": check_pegs,
 }
 
 

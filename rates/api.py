@@ -26,6 +26,7 @@ from rates import fetch_control as fetcher
 from rates import selectors
 from rates.answers import convert_answer, pair_answer
 from rates.courses import courses_cache
+from rates.peg_monitor import peg_statuses
 from rates.schemas import (
     CandleOut,
     CandleQuery,
@@ -37,6 +38,7 @@ from rates.schemas import (
     CurrentRateOut,
     PairPath,
     PairRateOut,
+    PegOut,
     ProviderOut,
     RateListOut,
     RateListQuery,
@@ -166,6 +168,12 @@ async def convert_body(request: HttpRequest, payload: ConvertIn) -> HttpResponse
 @router.get("/providers", response={200: list[ProviderOut], **errors(429)})
 async def list_providers(request: HttpRequest) -> list[dict[str, object]]:
     return await sync_to_async(fetcher.provider_statuses)()
+
+
+@router.get("/pegs", response={200: list[PegOut], **errors(429)})
+async def list_pegs(request: HttpRequest) -> list[dict[str, object]]:
+    """Each peg of KURS_PEGS, as the live owner last measured it (docs/api.md#get-apiv1pegs)."""
+    return await sync_to_async(peg_statuses)()
 
 
 @router.post(

@@ -31,7 +31,7 @@ from django.utils import timezone
 from nats.aio.msg import Msg
 
 from config.jsonenc import dumps
-from rates import metrics, policy, provider_health, services
+from rates import metrics, peg_monitor, policy, provider_health, services
 from rates.board import Entry
 from rates.lease import RENEW_EVERY, Lease, lease_holder
 from rates.provider_health import ProviderMonitor, monitor_for
@@ -333,6 +333,7 @@ class Fetcher:
     async def _own(self, lease: Lease, stop: asyncio.Event) -> None:
         board = services.get_board()
         loaded = await sync_to_async(services.board_load)()
+        await sync_to_async(peg_monitor.get_monitor().load)(now=timezone.now())
         board.guard = lease.held
         metrics.OWNER_LEASE_HELD.set(1)
         logger.info("owner: live rates loaded for %d pairs (epoch %s)", loaded, lease.epoch)
@@ -530,10 +531,14 @@ def _wanted_pairs() -> list[Pair]:
 
 
 def _after_cycle() -> None:
-    """Time passed: decide every pair again, then save what changed in provider statuses."""
+    """Time passed: measure the pegs, decide every pair again, then save what changed in
+    provider statuses and peg states."""
     provider_health.check_all_quiet()
+    board, pegs = services.get_board(), peg_monitor.get_monitor()
+    pegs.evaluate(board, now=timezone.now())
     services.reevaluate()
     provider_health.flush_statuses()
+    pegs.flush(board)
 
 
 def _table_rows(among: frozenset[str]) -> list[dict[str, Any]]:

@@ -73,5 +73,20 @@ OWNER_LEASE_HELD = Gauge(
     multiprocess_mode="livesum",
 )
 
+PEG_STATE = Gauge(
+    "kurs_peg_state",
+    "State of each peg of KURS_PEGS (ASSET-REFERENCE) as the owner measures it: 0 ok, 1 broken "
+    "(pairs priced through it are converted and marked depeg), 2 unknown (no evidence).",
+    ["peg"],
+    multiprocess_mode="livemax",
+)
+PEG_DEVIATION = Gauge(
+    "kurs_peg_deviation",
+    "Measured value of each peg's asset in its reference, minus 1 (-0.03: 3 % below parity).",
+    ["peg"],
+    multiprocess_mode="livemax",
+)
+
 CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
-STATUS_VALUES = {"live": 0, "failover": 1, "stale": 2}
+STATUS_VALUES = {"live": 0, "failover": 1, "stale": 2, "depeg": 4}
+PEG_VALUES = {"ok": 0, "broken": 1, "unknown": 2}

@@ -50,9 +50,10 @@ from django.conf import settings
 from django.db import DatabaseError
 from django.utils import timezone
 
-from rates import policy, validation
+from rates import pegs, policy, validation
 from rates.exceptions import PairNotPriced, ProvidersUnavailable, RatesError
 from rates.fetcher import http_client
+from rates.peg_monitor import proxy_peg
 from rates.providers import Listing, Pair, Provider, ProviderError, Quote, build_providers
 from rates.snapshot import snapshot
 from rates.upstream import RoundBudget, weights
@@ -81,6 +82,9 @@ EXTRA_VIAS = ("RUB",)
 RESULT_STEP = Decimal(1).scaleb(-validation.DECIMAL_PLACES)
 # Exact products and quotients of 38-digit decimals before the one final rounding.
 _PRECISION = 80
+# Digits a derived rate keeps at least (route_value): two of them multiply to within 1e-23 of
+# the exact product, so a rate and its reverse agree to the 18 places with margin.
+SIGNIFICANT = 24
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +96,8 @@ class Leg:
     value: Decimal
     source_time: datetime
     fresh_until: datetime
+    # Served through the USD proxy (BTC-USD from BTCUSDT): its peg applies (docs/rates.md#pegs).
+    proxied: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -113,6 +119,8 @@ class PairRate:
     # A higher-priority provider that lists one of the pairs failed or was rejected this round.
     failover: bool
     route: tuple[Leg, ...] = ()
+    # How the USD proxy's peg enters the value: +1 per proxied leg multiplied, -1 per divided.
+    peg_power: int = 0
 
     def to_dict(self, now: datetime) -> dict[str, Any]:
         stale = now > self.fresh_until
@@ -146,9 +154,12 @@ def derivation_routes(pair: Pair) -> list[Route]:
 
 
 def route_value(legs: Sequence[tuple[Leg, bool]]) -> Decimal:
-    """The product of the legs, inverted ones dividing, rounded once to the stored precision.
+    """The product of the legs, inverted ones dividing, rounded once: to the stored 18 decimal
+    places, or to SIGNIFICANT digits where those are fewer (a small inverse: RUB-BTC).
 
-    Raises QuoteRejected when the result does not fit (e.g. it rounds to zero).
+    A pair and its reverse through one anchor then multiply to 1 within the stated 18 places
+    (fixed places alone would leave 1/7200987.65 eleven digits, and the product off by 1e-12).
+    Raises QuoteRejected when the result does not fit (e.g. it rounds to zero at 18 places).
     """
     with localcontext() as context:
         context.prec = _PRECISION
@@ -158,7 +169,10 @@ def route_value(legs: Sequence[tuple[Leg, bool]]) -> Decimal:
                 denominator *= leg.value
             else:
                 numerator *= leg.value
-        return validation.checked_value(numerator / denominator)
+        exact = numerator / denominator
+        validation.checked_value(exact)  # the bounds a stored rate has
+        places = max(validation.DECIMAL_PLACES, SIGNIFICANT - 1 - exact.adjusted())
+        return exact.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_EVEN)
 
 
 def listing_interval(provider: type[Provider] | Provider) -> float:
@@ -309,6 +323,7 @@ class OnDemandRates:
                 fresh_until=leg.fresh_until,
                 derived=False,
                 failover=_outranked([leg], found.failed, providers),
+                peg_power=int(leg.proxied),
             )
         for route in routes:
             derived = _derive(pair, route, found, providers)
@@ -425,6 +440,7 @@ def _checked(quote: Quote, *, now: datetime) -> Leg | str:
         value=value,
         source_time=quote.source_time,
         fresh_until=policy.fresh_until(quote.provider, quote.source_time),
+        proxied=quote.proxied,
     )
 
 
@@ -452,6 +468,7 @@ def _derive(
         derived=True,
         failover=_outranked(used, found.failed, providers),
         route=tuple(used),
+        peg_power=sum((-1 if inverted else 1) for leg, inverted in legs if leg.proxied),
     )
 
 
@@ -564,7 +581,11 @@ async def _priced(pair: Pair, client: str | None) -> tuple[dict[str, Any], Decim
         answer = _from_tracked(pair, found[0], inverted)
         if answer is not None:
             return answer, found[0]["value"] if inverted else None
-    return (await on_demand.get(pair, client=client)).to_dict(timezone.now()), None
+    priced = await on_demand.get(pair, client=client)
+    answer = priced.to_dict(timezone.now())
+    if priced.peg_power:  # through the USD proxy: converted while its peg is broken
+        answer = pegs.convert_answer(answer, priced.peg_power, await proxy_peg())
+    return answer, None
 
 
 async def pair_rate(pair: Pair, *, client: str | None = None) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from rates import metrics, services
 from rates.breaker import CLOSED, OPEN, CircuitBreaker
+from rates.notices import OutageNotice
 from rates.providers import ProviderRateLimited
 from rates.providers.streaming import DISCONNECTED, STREAMING
 from realtime import events
@@ -205,26 +206,6 @@ class ProviderMonitor:
             status_saving.failed(exc)
         else:
             status_saving.worked()
-
-
-class OutageNotice:
-    """Whether a use of the shared cache fails. A Redis outage is said once when it starts
-    (WARNING) and once when it ends (INFO), not for every provider at every flush or read."""
-
-    def __init__(self, failing: str, back: str) -> None:
-        self.failing = False
-        self._failing_message = failing  # with one %s: the error
-        self._back_message = back
-
-    def failed(self, exc: Exception) -> None:
-        if not self.failing:
-            self.failing = True
-            logger.warning(self._failing_message, exc)
-
-    def worked(self) -> None:
-        if self.failing:
-            self.failing = False
-            logger.info(self._back_message)
 
 
 def status_saving_notice() -> OutageNotice:

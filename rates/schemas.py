@@ -83,7 +83,7 @@ class CurrentRateOut(Schema):
     checked_at: datetime = Field(description="the last time a source confirmed this value")
     received_at: datetime = Field(description="when Kurs first received this value")
     age_s: float = Field(description="seconds since checked_at")
-    status: Literal["live", "failover", "stale"]
+    status: Literal["live", "failover", "stale", "depeg"]
     derived: bool
     route: list[RouteLegOut] = Field(description="a cross rate's legs; empty otherwise")
     version: int = Field(description="+1 on every published change of the pair")
@@ -145,6 +145,24 @@ class ProviderOut(Schema):
     last_error_at: datetime | None
     errors_5m: int
     streaming: bool
+
+
+class PegEvidenceOut(Schema):
+    source: str
+    value: JsonDecimal
+
+
+class PegOut(Schema):
+    """A peg of KURS_PEGS as the owner measures it (docs/api.md#get-apiv1pegs)."""
+
+    asset: str
+    reference: str
+    band: JsonDecimal
+    value: JsonDecimal | None
+    deviation: JsonDecimal | None
+    state: Literal["ok", "broken", "unknown"]
+    since: datetime | None
+    evidence: list[PegEvidenceOut]
 
 
 # --- Errors, as config/api.py shapes them (declared so that OpenAPI documents them) -----------
@@ -320,7 +338,7 @@ class PairRateOut(Schema):
     age_s: float
     derived: bool
     stale: bool
-    status: Literal["live", "failover", "stale"]
+    status: Literal["live", "failover", "stale", "depeg"]
     route: list[RouteLegOut] = Field(description="a derived rate's legs; empty otherwise")
 
 
@@ -425,5 +443,5 @@ class ConvertOut(Schema):
     age_s: float | None
     derived: bool
     stale: bool
-    status: Literal["live", "failover", "stale"]
+    status: Literal["live", "failover", "stale", "depeg"]
     route: list[RouteLegOut] = Field(description="a derived rate's legs; empty otherwise")

@@ -51,7 +51,7 @@ from django.db import DatabaseError, IntegrityError, close_old_connections, tran
 from django.utils import timezone
 
 from items.models import Item
-from rates import metrics, policy, validation
+from rates import metrics, peg_monitor, policy, validation
 from rates.board import Current, Entry, QuoteBoard
 from rates.models import CURRENT_FIELDS, CurrentRate, Rate
 from rates.providers import Pair, Quote
@@ -266,6 +266,8 @@ def _decide(pair: str, *, now: datetime, board: QuoteBoard) -> Current | None:
             return None
         return replace(current, status=policy.STALE, version=current.version + 1)
     status = policy.serving_status(best.priority, board.expected_priority(pair))
+    # Through a broken peg: converted with its measured value, `depeg` (docs/rates.md#pegs).
+    best, status = peg_monitor.get_monitor().through(pair, best, status)
     if status != policy.LIVE and board.awaits_better(pair, best.priority):
         # A new pair's first round: a provider that outranks `best` has not answered yet, and
         # its answer, not the first to arrive, makes the pair's first status.

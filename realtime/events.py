@@ -28,6 +28,8 @@ _SUBJECTS = {
     "item.deleted": "items.deleted",
     "fetch.completed": "fetch.completed",
     "provider.state": "provider.state",
+    "peg.broken": "peg.broken",
+    "peg.restored": "peg.restored",
 }
 
 _transports: list[Transport] = []

@@ -20,7 +20,7 @@ Schema = dict[str, Any]
 
 _TIME: Schema = {"type": "string", "format": "date-time"}
 _NUMBER: Schema = {"type": "number"}
-_STATUS: Schema = {"type": "string", "enum": ["live", "failover", "stale"]}
+_STATUS: Schema = {"type": "string", "enum": ["live", "failover", "stale", "depeg"]}
 _ROUTE: Schema = {
     "type": "array",
     "description": "a cross rate's legs as their providers quoted them; empty otherwise",
@@ -55,6 +55,19 @@ def _object(properties: Schema, description: str = "") -> Schema:
     return schema
 
 
+_PEG = _object(
+    {
+        "asset": {"type": "string", "examples": ["USDT"]},
+        "reference": {"type": "string", "examples": ["USD"]},
+        "value": {**_NUMBER, "description": "the measured value of one asset in the reference"},
+        "band": {**_NUMBER, "description": "the band, a fraction (0.01: 1 %)"},
+        "evidence": {
+            "type": "array",
+            "items": _object({"source": {"type": "string"}, "value": _NUMBER}),
+        },
+    },
+    "a peg left its band (`peg.broken`) or came back within it (`peg.restored`)",
+)
 _COURSE = _object(
     {
         **_RATE_FIELDS,
@@ -106,6 +119,8 @@ EVENT_DATA: dict[str, Schema] = {
             "reason": {"type": "string"},
         }
     ),
+    "peg.broken": _PEG,
+    "peg.restored": _PEG,
     "gap": _object(
         {
             "since": {"type": "integer"},

@@ -74,6 +74,8 @@ class Stack:
     redis_url: str | None = None
     prefix: str = field(default_factory=lambda: f"kurse2e{uuid.uuid4().hex[:8]}")
     processes: list[Process] = field(default_factory=list)
+    # More settings for every process (KURS_PEGS, ...), over the stack's own.
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def database(self) -> Path:
@@ -103,6 +105,7 @@ class Stack:
                 "KURS_MAX_CONNECTIONS_PER_CLIENT": "100000",
             }
         )
+        env.update(self.extra_env)
         if self.redis_url:
             env["REDIS_URL"] = self.redis_url
         for name in ("binance", "bybit", "coingecko", "cbr"):
@@ -230,6 +233,9 @@ class Watchers:
         self.shown: list[tuple[str, str, str | None]] = []
         self.events: list[dict[str, Any]] = []
         self.arrivals: list[float] = []  # time.monotonic() of each NATS event
+        # Envelope type -> surface -> when it first came over the WebSocket or the stream (a
+        # caller forgets a type to time its next one).
+        self.heard: dict[str, dict[str, float]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = {name: asyncio.Event() for name in self.latest}
 
@@ -246,6 +252,7 @@ class Watchers:
                     sighting.everywhere.set()
 
     def _saw_envelope(self, surface: str, message: dict[str, Any]) -> None:
+        self.heard.setdefault(message["type"], {}).setdefault(surface, time.monotonic())
         if message["type"] == "snapshot":
             for course in message["data"]["courses"]:
                 self._saw(surface, course["provider"], course["status"])

@@ -73,6 +73,7 @@ def test_it_alerts_on_what_an_operator_must_know() -> None:
         "KursNatsDisconnected",
         "KursHighErrorRatio",
         "KursWebEventLag",
+        "KursPegBroken",
     ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from decimal import Decimal
 
 import pytest
 
@@ -88,6 +89,11 @@ def test_good_defaults_start() -> None:
         ("KURS_METRICS_PORT", "70000"),
         ("KURS_NATS_PREFIX", "kurs.>"),
         ("KURS_USD_PROXY", "US DT"),
+        ("KURS_PEGS", "USDT:USD"),
+        ("KURS_PEGS", "USDT:USD:2"),
+        ("KURS_PEGS", "USDT:USD:abc"),
+        ("KURS_PEGS", "USDT:USDT:0.01"),
+        ("KURS_PEGS", "USDT:USD:0.01,USDT:EUR:0.01"),
         ("KURS_ASSET_ALIASES", "USDTTRC=USDT"),
         ("NATS_URL", "http://127.0.0.1:4222"),
         ("DATABASE_URL", "mysql://localhost/kurs"),
@@ -162,3 +168,13 @@ def test_a_bad_boolean_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("KURS_FLAG", "sometimes")
     with pytest.raises(ConfigError, match=r"^KURS_FLAG: expected true or false"):
         env.boolean("KURS_FLAG", True)
+
+
+def test_pegs_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KURS_PEGS", " usdt:usd:0.01 , USDC:USD:0.005")
+    assert env.pegs("KURS_PEGS", "") == [
+        ("USDT", "USD", Decimal("0.01")),
+        ("USDC", "USD", Decimal("0.005")),
+    ]
+    monkeypatch.setenv("KURS_PEGS", "")
+    assert env.pegs("KURS_PEGS", "USDT:USD:0.01") == []  # empty disables the check

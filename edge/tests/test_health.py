@@ -16,7 +16,7 @@ from tests.services import require
 
 pytestmark = pytest.mark.django_db
 
-COMPONENTS = {"database", "cache", "channel_layer", "nats", "providers", "freshness"}
+COMPONENTS = {"database", "cache", "channel_layer", "nats", "providers", "freshness", "pegs"}
 
 
 def test_it_reports_every_component(client: Client) -> None:

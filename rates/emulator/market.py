@@ -18,7 +18,17 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 PROVIDERS = ("binance", "bybit", "coingecko", "cbr")
-MODES = ("ok", "slow", "down", "rate_limited", "garbage", "absurd", "drop_stream", "stale")
+MODES = (
+    "ok",
+    "slow",
+    "down",
+    "rate_limited",
+    "garbage",
+    "absurd",
+    "skew",
+    "drop_stream",
+    "stale",
+)
 GARBAGE_VARIANTS = ("text", "shape")
 
 # Crypto markets shared by Binance and Bybit: symbol → (start price, decimals).
@@ -72,8 +82,28 @@ CBR_IDS: Mapping[str, tuple[str, str]] = {
     "KZT": ("R01335", "398"),
     "AMD": ("R01060", "051"),
 }
-# Relative standard deviation of one random-walk step.
+# Relative standard deviation of one random-walk step of an asset's market (BTC, ETH, ...): one
+# step per asset and tick, shared by every book that lists it, as arbitrage keeps real exchanges
+# together. Each book adds its own noise around it, which does not accumulate (a basis point), so
+# two providers' prices of one coin stay a few basis points apart however long the walk runs.
 VOLATILITY = 0.0005
+BOOK_NOISE = 0.0001
+# Assets that do not walk (fiat and the stablecoins, at their pegs).
+STEADY_ASSETS = frozenset({"USD", "USDT", "USDC", "EUR", "RUB"})
+COINGECKO_ASSETS: Mapping[str, str] = {
+    "bitcoin": "BTC",
+    "ethereum": "ETH",
+    "tether": "USDT",
+    "usd-coin": "USDC",
+    "solana": "SOL",
+}
+EXCHANGE_QUOTES = ("USDT", "BTC", "EUR")
+# The `depeg` scenario: the books quoted in USDT on the exchanges, and the CoinGecko ids of USDT.
+USDT_QUOTED = "USDT"
+TETHER_PREFIX = "tether."
+# Bounds of the USDT price a depeg may set, and of a `skew` in percent: a fault stays plausible.
+DEPEG_RANGE = (Decimal("0.01"), Decimal(100))
+SKEW_LIMIT = Decimal(50)
 
 
 def _scaled(prices: Mapping[str, tuple[str, int]], factor: Decimal) -> dict[str, tuple[str, int]]:
@@ -81,6 +111,17 @@ def _scaled(prices: Mapping[str, tuple[str, int]], factor: Decimal) -> dict[str,
         symbol: (str((Decimal(price) * factor).quantize(Decimal(1).scaleb(-decimals))), decimals)
         for symbol, (price, decimals) in prices.items()
     }
+
+
+def symbol_assets(symbol: str) -> tuple[str, str]:
+    """(base, quote) assets of a book symbol: ``BTCUSDT``, ``bitcoin.usd``, CBR's ``USD`` (RUB)."""
+    coin, dot, vs = symbol.partition(".")
+    if dot:
+        return COINGECKO_ASSETS.get(coin, coin.upper()), vs.upper()
+    for quote in EXCHANGE_QUOTES:
+        if symbol.endswith(quote) and symbol != quote:
+            return symbol.removesuffix(quote), quote
+    return symbol, "RUB"
 
 
 def now_ms() -> int:
@@ -104,6 +145,8 @@ class Fault:
     retry_after: float | None = 2.0
     status: int | None = None
     factor: Decimal = Decimal(1000)
+    # `skew`: every price off by this many percent (well-formed, plausible, steady).
+    percent: Decimal = Decimal(2)
     variant: str = "text"
     # `stale`: when the provider froze (ms); its REST answers carry this time, its streams
     # stay open but silent, and its prices stop moving.
@@ -116,13 +159,15 @@ class Fault:
             "retry_after": self.retry_after,
             "status": self.status,
             "factor": str(self.factor),
+            "percent": str(self.percent),
             "variant": self.variant,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Fault:
         """Validate a control request body; raises ValueError naming the bad field."""
-        unknown = set(data) - {"mode", "delay", "retry_after", "status", "factor", "variant"}
+        known = {"mode", "delay", "retry_after", "status", "factor", "percent", "variant"}
+        unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
         fault = cls()
@@ -141,15 +186,48 @@ class Fault:
                 raise ValueError(f"status: expected an HTTP error status, got {status!r}")
             fault.status = status
         if "factor" in data:
-            try:
-                fault.factor = Decimal(str(data["factor"]))
-            except InvalidOperation:
-                raise ValueError(f"factor: expected a number, got {data['factor']!r}") from None
+            fault.factor = _decimal(data["factor"], "factor")
+        if "percent" in data:
+            fault.percent = _decimal(data["percent"], "percent")
+            if abs(fault.percent) > SKEW_LIMIT:
+                raise ValueError(
+                    f"percent: expected -{SKEW_LIMIT} to {SKEW_LIMIT}, got {data['percent']!r}"
+                )
         if "variant" in data:
             if data["variant"] not in GARBAGE_VARIANTS:
                 raise ValueError(f"variant: expected one of {', '.join(GARBAGE_VARIANTS)}")
             fault.variant = data["variant"]
         return fault
+
+    @property
+    def price_factor(self) -> Decimal:
+        """What every price this provider serves is multiplied by (`absurd`, `skew`)."""
+        if self.mode == "absurd":
+            return self.factor
+        if self.mode == "skew":
+            return 1 + self.percent / 100
+        return Decimal(1)
+
+
+def _decimal(raw: object, name: str) -> Decimal:
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str | Decimal):
+        raise ValueError(f"{name}: expected a number, got {raw!r}")
+    try:
+        value = Decimal(str(raw))
+    except InvalidOperation:
+        raise ValueError(f"{name}: expected a number, got {raw!r}") from None
+    if not value.is_finite():
+        raise ValueError(f"{name}: expected a finite number, got {raw!r}")
+    return value
+
+
+def parse_depeg(raw: object) -> Decimal:
+    """The USD price of USDT for the `depeg` scenario; raises ValueError naming the bound."""
+    price = _decimal(raw, "price")
+    low, high = DEPEG_RANGE
+    if not low <= price <= high:
+        raise ValueError(f"price: expected a USD price of USDT from {low} to {high}, got {raw!r}")
+    return price
 
 
 def _non_negative(raw: object, name: str) -> float:
@@ -189,6 +267,9 @@ class Book:
         self.prices = {symbol: Decimal(price) for symbol, (price, _) in prices.items()}
         self.changed_ms = dict.fromkeys(prices, stamp)
         self.walks = walks
+        self.assets = {symbol: symbol_assets(symbol) for symbol in prices}
+        # Each symbol's own noise around its assets' common walk (see BOOK_NOISE).
+        self.noise = dict.fromkeys(prices, 0.0)
         # None in a queue is a wake-up: the connection re-reads its fault switch.
         self.subscribers: set[asyncio.Queue[PriceChange | None]] = set()
 
@@ -203,13 +284,21 @@ class Book:
             queue.put_nowait(change)
         return change
 
-    def walk(self, rng: random.Random) -> None:
+    def rounded(self, symbol: str, price: Decimal) -> Decimal:
+        """``price`` to the symbol's tick size (how the exchange would print it)."""
+        return price.quantize(Decimal(1).scaleb(-self.decimals[symbol]))
+
+    def walk(self, rng: random.Random, steps: Mapping[str, float]) -> None:
+        """One tick: each symbol follows its assets' common ``steps`` and redraws its noise."""
         if not self.walks:
             return
         for symbol, price in list(self.prices.items()):
-            step = Decimal(str(rng.gauss(0, VOLATILITY)))
-            quantum = Decimal(1).scaleb(-self.decimals[symbol])
-            moved = (price * (1 + step)).quantize(quantum)
+            base, quote = self.assets[symbol]
+            noise = rng.gauss(0, BOOK_NOISE)
+            move = (1 + steps.get(base, 0.0)) / (1 + steps.get(quote, 0.0))
+            factor = move * (1 + noise) / (1 + self.noise[symbol])
+            self.noise[symbol] = noise
+            moved = self.rounded(symbol, price * Decimal(str(factor)))
             if moved > 0:
                 self.set(symbol, moved)
 
@@ -275,6 +364,8 @@ class Market:
         self.requests = deque(maxlen=1000)
         self.request_counts = Counter()
         self.started_ms = now_ms()
+        # The `depeg` scenario: what one USDT is worth in USD on every exchange and on CoinGecko.
+        self.usdt_usd = Decimal(1)
         # Binance's request weight in the current clock minute: (minute, weight used).
         self._binance_weight = (0, 0)
 
@@ -285,6 +376,19 @@ class Market:
             self.faults[name] = dataclasses.replace(fault, frozen_ms=frozen)
             # Stream connections re-read their switch at once (drop_stream closes them).
             self.books[name].wake()
+
+    def set_depeg(self, usdt_usd: Decimal) -> None:
+        """USDT trades at ``usdt_usd`` dollars everywhere: every USDT-quoted exchange price scales
+        by 1/price (a coin costs more USDT), CoinGecko's tether prices by price, and its true USD
+        prices (bitcoin.usd) stay. ``1`` restores the peg. The change is pushed on the streams."""
+        ratio = self.usdt_usd / usdt_usd
+        self.usdt_usd = usdt_usd
+        for name, book in self.books.items():
+            for symbol, price in list(book.prices.items()):
+                if name in ("binance", "bybit") and symbol.endswith(USDT_QUOTED):
+                    book.set(symbol, book.rounded(symbol, price * ratio))
+                elif name == "coingecko" and symbol.startswith(TETHER_PREFIX):
+                    book.set(symbol, book.rounded(symbol, price / ratio))
 
     def log_request(self, provider: str, method: str, path: str, query: str) -> None:
         self.requests.append(LoggedRequest(provider, method, path, query, now_ms()))
@@ -305,6 +409,18 @@ class Market:
     async def run_walk(self) -> None:
         while True:
             await asyncio.sleep(self.tick)
-            for name, book in self.books.items():
-                if self.faults[name].mode != "stale":
-                    book.walk(self.rng)
+            self.walk()
+
+    def walk(self) -> None:
+        """One tick of every book (a stale provider's prices stand still)."""
+        assets = {
+            asset for book in self.books.values() for pair in book.assets.values() for asset in pair
+        }
+        steps = {
+            asset: self.rng.gauss(0, VOLATILITY)
+            for asset in sorted(assets)
+            if asset not in STEADY_ASSETS
+        }
+        for name, book in self.books.items():
+            if self.faults[name].mode != "stale":
+                book.walk(self.rng, steps)

@@ -16,7 +16,7 @@ from django.core.cache import caches
 from django.utils import timezone
 from pytest_django import Settings
 
-from rates import ondemand, provider_health, services, upstream
+from rates import ondemand, peg_monitor, provider_health, services, upstream
 from rates.board import QuoteBoard
 from rates.emulator import EmulatorServer, run_emulator_server
 from rates.models import CurrentRate
@@ -33,6 +33,8 @@ def fresh_board(monkeypatch: pytest.MonkeyPatch) -> QuoteBoard:
     fresh = QuoteBoard()
     monkeypatch.setattr(services, "_board", fresh)
     monkeypatch.setattr(provider_health, "_monitors", {})
+    monkeypatch.setattr(peg_monitor, "_monitor", None)
+    monkeypatch.setattr(peg_monitor, "_read", None)
     monkeypatch.setattr(provider_health, "status_saving", provider_health.status_saving_notice())
     monkeypatch.setattr(provider_health, "status_reading", provider_health.status_reading_notice())
     caches["shared"].clear()

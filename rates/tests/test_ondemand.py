@@ -50,9 +50,11 @@ async def upstream_calls(emulator: EmulatorServer, client: httpx.AsyncClient) ->
 
 
 def quantized(value: Decimal) -> Decimal:
+    """A derived rate as `route_value` rounds it: 18 places, or 24 significant digits."""
     with localcontext() as context:
         context.prec = 80
-        return value.quantize(STEP)
+        places = max(18, ondemand.SIGNIFICANT - 1 - value.adjusted())
+        return value.quantize(Decimal(1).scaleb(-places))
 
 
 async def get_rate(client: AsyncClient, base: str, quote: str) -> Any:
@@ -211,8 +213,8 @@ async def test_it_inverts_a_pair_listed_the_other_way_round(
     async_client: AsyncClient, upstream: EmulatorServer, on_demand_clock: FakeClock
 ) -> None:
     body = json.loads((await get_rate(async_client, "RUB", "BTC")).content, parse_float=Decimal)
-    # 1 / 7200987.654321 = 0.000000138869839528 to 18 places.
-    assert body["value"] == Decimal("0.000000138869839528")
+    # 1 / 7200987.654321 to 24 significant digits (18 places would keep only 11 of them).
+    assert body["value"] == Decimal("0.000000138869839528185196012482")
     assert body["value"] == quantized(1 / Decimal("7200987.654321"))
     assert (body["provider"], body["derived"], body["status"]) == ("coingecko", True, "live")
     assert [(leg["pair"], leg["provider"], leg["value"]) for leg in body["route"]] == [
@@ -242,7 +244,7 @@ async def test_it_derives_a_fiat_cross_through_rub_from_the_bank_of_russia(
 ) -> None:
     body = json.loads((await get_rate(async_client, "AUD", "CAD")).content, parse_float=Decimal)
     # AUD-RUB 52.3107 / CAD-RUB 57.4012, rounded once.
-    assert body["value"] == Decimal("0.911317185006585228")
+    assert body["value"] == Decimal("0.911317185006585228183383")
     assert body["value"] == quantized(Decimal("52.3107") / Decimal("57.4012"))
     assert (body["pair"], body["provider"], body["derived"]) == ("AUD-CAD", "cbr+cbr", True)
     assert [leg["pair"] for leg in body["route"]] == ["AUD-RUB", "CAD-RUB"]

@@ -1,0 +1,189 @@
+"""Pegs on the live owner, and their state in the shared cache (docs/rates.md#pegs).
+
+The owner measures every peg of `KURS_PEGS` on its clock (`evaluate`, every quarter second and
+after each cycle, before the pairs are decided again), from the quotes on its board, with the
+pure rules of `rates.pegs`. A state change publishes `peg.broken` / `peg.restored`; the gauges
+follow; the states go to the "shared" cache (Redis with REDIS_URL, files under var/ otherwise),
+where `GET /api/v1/pegs` and the health check of any web process read them (`peg_statuses`).
+
+`through` is the decide step's hook: a pair served through the USD proxy while the proxy's peg
+is broken is converted with the measured value and marked `depeg` (`rates.pegs.through`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.cache import caches
+
+from rates import metrics, pegs
+from rates.board import Entry, QuoteBoard
+from rates.notices import OutageNotice
+from realtime import events
+
+logger = logging.getLogger("rates.fetcher")
+
+STATE_KEY = "rates:pegs"
+
+
+class PegMonitor:
+    """Every configured peg's state on this process (only the owner's is ever saved)."""
+
+    def __init__(self, configured: tuple[pegs.Peg, ...]) -> None:
+        self.pegs = configured
+        self.states = {peg.pair: pegs.PegState(peg) for peg in configured}
+        self._lock = threading.Lock()
+        self._proxy: pegs.PegState | None = None
+        self.dirty = True
+
+    def evaluate(self, board: QuoteBoard, *, now: datetime) -> list[str]:
+        """Measure every peg from the board; publish and log each change; the events sent."""
+        if not self.states:
+            return []
+        accepted = {pair: dict(entries) for pair, entries in list(board.accepted.items())}
+        sent = []
+        for key, previous in list(self.states.items()):
+            evidence = pegs.observe(previous.peg, accepted, now=now, proxy=settings.KURS_USD_PROXY)
+            current = pegs.step(previous, pegs.measure(evidence), evidence, now=now)
+            change = pegs.transition(previous, current)
+            with self._lock:
+                self.states[key] = current
+            if current != previous:
+                self.dirty = True
+            if current.state != previous.state or current.value != previous.value:
+                self._export(current)
+            if change is not None and board.writable():
+                log = logger.warning if change == "peg.broken" else logger.info
+                log(
+                    "%s: %s is worth %s %s (band %s)",
+                    change,
+                    current.peg.asset,
+                    current.value,
+                    current.peg.reference,
+                    current.peg.band,
+                )
+                events.publish(change, current.event())
+                sent.append(change)
+        with self._lock:
+            self._proxy = pegs.proxy_peg(self.states.values(), settings.KURS_USD_PROXY)
+        return sent
+
+    def through(self, pair: str, entry: Entry, status: str) -> tuple[Entry, str]:
+        with self._lock:
+            proxy = self._proxy
+        return pegs.through(pair, entry, status, proxy)
+
+    def _export(self, state: pegs.PegState) -> None:
+        metrics.PEG_STATE.labels(state.peg.pair).set(metrics.PEG_VALUES[state.state])
+        deviation = state.deviation
+        metrics.PEG_DEVIATION.labels(state.peg.pair).set(float(deviation or 0))
+
+    def flush(self, board: QuoteBoard) -> None:
+        """Save the states to the shared cache if they changed (sync: blocking I/O)."""
+        if not self.dirty or not board.writable():
+            return
+        self.dirty = False
+        with self._lock:
+            saved = [_saved(state) for state in self.states.values()]
+        try:
+            caches["shared"].set(STATE_KEY, saved, None)
+        except Exception as exc:
+            self.dirty = True
+            saving.failed(exc)
+        else:
+            saving.worked()
+
+    def load(self, *, now: datetime) -> None:
+        """A new owner's start: the states the last owner saved, so that a peg broken before a
+        restart or a hand-over is not served as whole until measured again."""
+        rows = zip(peg_statuses(), self.pegs, strict=True)
+        loaded = {peg.pair: _loaded(row, peg, now) for row, peg in rows}
+        with self._lock:
+            self.states = loaded
+            self._proxy = pegs.proxy_peg(loaded.values(), settings.KURS_USD_PROXY)
+        self.dirty = True
+
+
+def _saved(state: pegs.PegState) -> dict[str, Any]:
+    body = state.to_json()
+    for name in ("band", "value", "deviation"):
+        body[name] = None if body[name] is None else str(body[name])
+    body["since"] = None if state.since is None else state.since.isoformat()
+    body["evidence"] = [{"source": o.source, "value": str(o.value)} for o in state.evidence]
+    return body
+
+
+saving = OutageNotice(
+    "cannot save peg states to the shared cache (retried at every flush): %s",
+    "peg states are saved to the shared cache again",
+)
+
+_monitor: PegMonitor | None = None
+
+
+def get_monitor() -> PegMonitor:
+    """The process's monitor, for the pegs configured now (tests change KURS_PEGS)."""
+    global _monitor
+    configured = pegs.configured(settings.KURS_PEGS)
+    if _monitor is None or _monitor.pegs != configured:
+        _monitor = PegMonitor(configured)
+    return _monitor
+
+
+# The proxy's peg as a web process last read it: (time.monotonic() of the read, the state).
+_read: tuple[float, pegs.PegState | None] | None = None
+READ_EVERY = 0.5
+
+
+async def proxy_peg() -> pegs.PegState | None:
+    """The USD proxy's peg as the owner last saved it, read at most every READ_EVERY seconds
+    (on-demand pairs priced through the proxy in a web process, docs/rates.md#pegs)."""
+    global _read
+    now = time.monotonic()
+    if _read is not None and now - _read[0] < READ_EVERY:
+        return _read[1]
+    rows = await sync_to_async(peg_statuses)()
+    states = [_loaded(row, peg) for row, peg in zip(rows, _configured(), strict=True)]
+    state = pegs.proxy_peg(states, settings.KURS_USD_PROXY)
+    _read = (now, state)
+    return state
+
+
+def _configured() -> tuple[pegs.Peg, ...]:
+    return pegs.configured(settings.KURS_PEGS)
+
+
+def _loaded(row: dict[str, Any], peg: pegs.Peg, now: datetime | None = None) -> pegs.PegState:
+    since = row["since"]
+    return pegs.PegState(
+        peg,
+        state=row["state"],
+        value=None if row["value"] is None else Decimal(row["value"]),
+        since=None if since is None else datetime.fromisoformat(since),
+        measured_at=now,
+    )
+
+
+def peg_statuses() -> list[dict[str, Any]]:
+    """Each configured peg as the owner last saved it (`unknown` before any owner measured it,
+    or when the shared cache cannot be read)."""
+    try:
+        saved = caches["shared"].get(STATE_KEY) or []
+    except Exception:
+        logger.warning("peg states: the shared cache is unreachable", exc_info=True)
+        saved = []
+    by_pair = {f"{row['asset']}-{row['reference']}": row for row in saved}
+    statuses = []
+    for peg in _configured():
+        row = by_pair.get(peg.pair)
+        if row is None or row.get("band") != str(peg.band):
+            row = _saved(pegs.PegState(peg))
+        statuses.append(row)
+    return statuses
