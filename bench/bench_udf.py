@@ -36,14 +36,14 @@ from bench_courses import (
     REPO,
     VENV_BIN,
     cpu_times,
-    free_port,
     get,
     kurs_cmd,
     neighbours,
     running,
     server_env,
-    wait_for_port,
 )
+
+from tests.services import free_port, wait_for_port
 
 DAY = 86400
 # The day ends at a whole minute an hour ago: the bench's reads do not depend on when it runs.

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from items.models import ASSET_CODE_RE
 from rates.exceptions import InvalidQuery
 from rates.selectors import Candle, CandleInterval
 
@@ -89,7 +90,17 @@ def parse_symbol(text: str) -> str:
     code = text.rsplit(":", 1)[-1].strip().upper()
     if not code:
         raise InvalidQuery("symbol", "is required, e.g. BTC-USD")
+    base, _, quote = code.partition("-")
+    if not (ASSET_CODE_RE.match(base) and ASSET_CODE_RE.match(quote)):
+        raise InvalidQuery("symbol", f"{text[:40]!r} is not a pair code like BTC-USD")
     return code
+
+
+def parse_search(text: str) -> str:
+    """A search's text: its first 40 characters, trimmed; a NUL cannot be searched for."""
+    if "\x00" in text:
+        raise InvalidQuery("query", "must not contain NUL characters")
+    return text.strip()[:40]
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,8 +232,9 @@ def pricescale(value: Decimal | None) -> int:
     pair has no rate yet): 54000.12 -> 1000, 0.0123456 -> 10**9."""
     if value is None or value == 0:
         return 100
-    whole = value.copy_abs().adjusted() + 1  # digits before the point (<= 0 below 0.1)
-    return 10 ** min(10, max(2, _SIGNIFICANT - whole))
+    whole: int = value.copy_abs().adjusted() + 1  # digits before the point (<= 0 below 0.1)
+    decimals: int = min(10, max(2, _SIGNIFICANT - whole))
+    return int(10**decimals)  # int ** int is typed Any (a negative power is a float)
 
 
 def symbol_payload(

@@ -88,7 +88,19 @@ async def config(request: HttpRequest) -> HttpResponseBase:
     return to_response(json_answer(200, udf.config_payload()))
 
 
-@router.get("/time", response={200: str, **errors(429)}, summary="UDF server time, Unix seconds")
+@router.get(
+    "/time",
+    response={**errors(429)},
+    summary="UDF server time, Unix seconds",
+    openapi_extra={
+        "responses": {
+            "200": {
+                "description": "the server's Unix time in whole seconds, as plain text",
+                "content": {"text/plain": {"schema": {"type": "string", "pattern": "^[0-9]+$"}}},
+            }
+        }
+    },
+)
 async def server_time(request: HttpRequest) -> HttpResponse:
     return HttpResponse(str(int(time.time())), content_type="text/plain")
 
@@ -111,7 +123,7 @@ async def search(request: HttpRequest, query: Query[SearchQuery]) -> HttpRespons
         limit = udf.DEFAULT_SEARCH
         if query.limit:
             limit = udf.parse_int("limit", query.limit, low=1, high=udf.MAX_SEARCH)
-        return await udf_selectors.search(query.query.strip()[:40], limit)
+        return await udf_selectors.search(udf.parse_search(query.query), limit)
 
     return await _answer(read())
 

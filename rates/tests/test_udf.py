@@ -198,6 +198,8 @@ def test_no_data_points_to_the_closest_earlier_bar(client: Client, btc: Item) ->
         ({"symbol": "BTC-USD", "resolution": "1", "from": S0}, 422, "to"),
         ({"symbol": "BTC-USD", "resolution": "1", "to": S0 + 60, "countback": 0}, 422, "countback"),
         ({"symbol": "", "resolution": "1", "from": S0, "to": S0 + 60}, 422, "symbol"),
+        ({"symbol": "BTC\x00-USD", "resolution": "1", "from": S0, "to": S0 + 60}, 422, "symbol"),
+        ({"symbol": "BTCUSD", "resolution": "1", "from": S0, "to": S0 + 60}, 422, "symbol"),
     ],
 )
 def test_bad_input_is_a_4xx_both_readers_understand(
@@ -252,3 +254,4 @@ def test_search_finds_active_pairs_by_code_or_name(client: Client, btc: Item) ->
     assert "ETH-USD" not in [hit["symbol"] for hit in usd]
     assert "BTC-USD" in [hit["symbol"] for hit in usd]
     assert get(client, "search", limit=1000)[0] == 422
+    assert get(client, "search", query="a\x00")[0] == 422

@@ -1,5 +1,5 @@
 "use strict";
-// The dashboard's pair chart (docs/api.md#dashboard): TradingView's lightweight-charts, vendored
+// The dashboard's pair chart (docs/operations.md#the-dashboard): TradingView's lightweight-charts, vendored
 // (scripts/vendor_lightweight_charts.sh). One pair at a time, chosen in the list or by a click
 // on its row; 1-minute candles from the candles endpoint, extended live by the socket's rate
 // updates (dashboard.js re-dispatches every message as a "kurs:message" event). A click on a bar
