@@ -255,3 +255,40 @@ def test_search_finds_active_pairs_by_code_or_name(client: Client, btc: Item) ->
     assert "BTC-USD" in [hit["symbol"] for hit in usd]
     assert get(client, "search", limit=1000)[0] == 422
     assert get(client, "search", query="a\x00")[0] == 422
+
+
+# The protocol's own history example (TradingView's UDF page, "Bars"): four one-minute bars.
+DOC_T = [1386493512, 1386493572, 1386493632, 1386493692]
+DOC_C = [42.1, 43.4, 44.3, 42.8]
+DOC_O = [41.0, 42.9, 43.7, 44.5]
+DOC_H = [43.0, 44.1, 44.8, 44.5]
+DOC_L = [40.4, 42.1, 42.8, 42.3]
+
+
+@pytest.mark.django_db
+def test_the_protocols_documented_example_bar_for_bar(client: Client) -> None:
+    """Rates that make the example's bars (open, high, low, close in each minute) answer its
+    arrays; `t` is each bar's start (bars are aligned to the minute, the example's times are not)
+    and `v` the quotes (4 each: a rate has no traded volume). Past the last bar, `no_data` points
+    back to it, as the example's `{"s": "no_data", "nextTime": ...}`."""
+    item = Item.objects.get_or_create(base="BTC", quote="USD")[0]
+    for t, o, h, low, c in zip(DOC_T, DOC_O, DOC_H, DOC_L, DOC_C, strict=True):
+        for offset, value in enumerate((o, h, low, c)):
+            at = datetime.fromtimestamp(t + offset, tz=UTC)
+            Rate.objects.create(
+                item=item, provider="binance", value=Decimal(str(value)), source_time=at,
+                received_at=at,
+            )  # fmt: skip
+    first, last = DOC_T[0] - DOC_T[0] % 60, DOC_T[-1] + 60
+    status, body = get(client, "history", symbol="BTC-USD", resolution="1", to=last,
+                       **{"from": first})  # fmt: skip
+    assert status == 200
+    assert body == {
+        "s": "ok",
+        "t": [t - t % 60 for t in DOC_T],
+        "o": DOC_O, "h": DOC_H, "l": DOC_L, "c": DOC_C,
+        "v": [4, 4, 4, 4],
+    }  # fmt: skip
+    _, later = get(client, "history", symbol="BTC-USD", resolution="1", to=last + 3600,
+                   **{"from": last})  # fmt: skip
+    assert later == {"s": "no_data", "nextTime": DOC_T[-1] - DOC_T[-1] % 60}
