@@ -24,15 +24,16 @@ from edge.errors import answer_for
 from items.exceptions import ItemNotFound
 from rates import udf, udf_selectors
 from rates.exceptions import InvalidQuery
-from rates.schemas import errors
+from rates.schemas import FieldErrorOut, errors
 
 router = Router(tags=["udf"])
 
 
 class UdfError(Schema):
     s: str = Field(description='"error"')
-    errmsg: str
+    errmsg: str = Field(description="the same text as `detail`, for the UDF adapter")
     detail: str
+    errors: list[FieldErrorOut] | None = Field(None, description="422: the field at fault")
 
 
 class SymbolQuery(Schema):
@@ -69,7 +70,8 @@ class HistoryOut(Schema):
     nextTime: int | None = None
 
 
-_ERRORS = {404: UdfError, 422: UdfError, 429: UdfError}
+# The edge throttles before the route: its 429 is the plain `{"detail"}`.
+_ERRORS = {404: UdfError, 422: UdfError, **errors(429)}
 
 
 async def _answer(reading: Awaitable[Any]) -> HttpResponseBase:
