@@ -15,7 +15,7 @@ EMULATOR := http://127.0.0.1:$(EMULATOR_PORT)
 EMULATOR_WS := ws://127.0.0.1:$(EMULATOR_PORT)
 
 .PHONY: help install dotenv migrate run demo superuser apikey test test-sqlite test-postgres lint \
-	format bench bench-tools browser loadtest prod-tools test-prod soak
+	format bench bench-tools browser loadtest prod-tools test-prod soak vendor
 
 help:
 	@echo "make run     start Kurs on embedded defaults (web :8000, qcluster, fetcher, NATS)"
@@ -28,6 +28,7 @@ help:
 	@echo "make soak    30 min under load with a NATS restart (SOAK_SECONDS to shorten): bench/soak.py"
 	@echo "make loadtest  locust against a running \`make run\` (LOADTEST_USERS, LOADTEST_SECONDS): docs/loadtest/"
 	@echo "make lint    ruff check, ruff format --check, the import-linter contracts and mypy"
+	@echo "make vendor  re-vendor lightweight-charts (pinned, sha512-checked; needs npm and network)"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -152,3 +153,8 @@ LOADTEST_USERS ?= 200
 LOADTEST_SECONDS ?= 60
 loadtest: install
 	$(BIN)/python bench/loadtest.py --users $(LOADTEST_USERS) --seconds $(LOADTEST_SECONDS)
+
+# The dashboard's chart library, committed under realtime/static/realtime/vendor/: run only to
+# change its pinned version (scripts/vendor_lightweight_charts.sh says how).
+vendor:
+	scripts/vendor_lightweight_charts.sh

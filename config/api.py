@@ -25,6 +25,7 @@ from edge.errors import STATUS, answer_for
 from edge.health import router as health_router
 from items.api import router as items_router
 from rates.api import router as rates_router
+from rates.udf_api import router as udf_router
 
 logger = logging.getLogger(__name__)
 
@@ -124,3 +125,4 @@ for _mapped in STATUS:
 api.add_router("/health", health_router)
 api.add_router("/items", items_router)
 api.add_router("", rates_router)
+api.add_router("/udf", udf_router)

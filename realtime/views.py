@@ -17,6 +17,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "providers_url": "/api/v1/providers",
         # Each pair's chart starts from its candles; the socket's courses name pairs, not ids.
         "candles_url": "/api/v1/items/{id}/candles",
+        # A click on the pair chart asks what was served then (`?at=`).
+        "latest_url": "/api/v1/items/{id}/rates/latest",
         "items": {item.code: item.id for item in item_list(is_active=True).only("id", "code")},
         "stale_after": settings.KURS_STALE_AFTER,
         # Each provider's freshness window; a cross rate "a+b" takes its legs' smallest.

@@ -342,6 +342,85 @@ async def test_the_dashboard_shows_statuses_and_charts_from_candles_extended_liv
             await page.screenshot(path=str(REPO / "docs" / "dashboard.png"))
 
 
+# Pixels of the candles' colours (chart.js: up #3fb950, down #f85149) on the chart's canvases.
+CANDLE_PIXELS = """() => {
+  let count = 0;
+  for (const canvas of document.querySelectorAll("#chart canvas")) {
+    const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+    for (let i = 0; i < data.length; i += 4) {
+      const [r, g, b] = [data[i], data[i + 1], data[i + 2]];
+      if ((r === 0x3f && g === 0xb9 && b === 0x50) || (r === 0xf8 && g === 0x51 && b === 0x49)) {
+        count++;
+      }
+    }
+  }
+  return count;
+}"""
+
+
+async def test_the_pair_chart_draws_candles_extends_live_and_looks_up_a_point_in_time(
+    chromium: Path,
+    start_web: Callable[..., WebProcess],
+    tmp_path: Path,
+) -> None:
+    """lightweight-charts (vendored) under the strict policy: BTC-USD's 40 one-minute candles
+    from the API, a live rate opening the 41st bar and another moving it, then a click on a bar
+    asking `rates/latest?at=` and showing the server's answer, whatever it is."""
+    from playwright.async_api import expect
+
+    web = start_web(True)
+    assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
+    viewport = {"width": 1200, "height": 900}
+    async with browser_page(chromium, viewport=viewport) as (page, errors):
+        await page.goto(f"http://127.0.0.1:{web.port}/")
+        await expect(page.locator("#status")).to_have_attribute("data-socket", "open")
+        events.publish("rate.updated", rate("BTC-USD", "54321.5", "binance"))
+        chart = page.locator("#chart")
+        await expect(page.locator("#chart-panel")).to_have_attribute("data-pair", "BTC-USD")
+        await expect(chart).to_have_attribute("data-loaded", "candles", timeout=10_000)
+        await expect(chart).to_have_attribute("data-bars", "41")
+        await expect(page.locator("#chart-pair")).to_have_value("BTC-USD")
+        assert await chart.locator("canvas").count() > 0
+        async with asyncio.timeout(10):
+            while await page.evaluate(CANDLE_PIXELS) < 100:  # noqa: ASYNC110 - drawn by frames
+                await asyncio.sleep(0.05)
+        # The same minute's next rate moves the live bar, not a new one.
+        events.publish("rate.updated", rate("BTC-USD", "54400.25", "binance", version=2))
+        await expect(chart).to_have_attribute("data-close", "54400.25", timeout=10_000)
+        await expect(chart).to_have_attribute("data-bars", "41")
+
+        # A click on a bar asks what was served at the end of its minute.
+        box = await chart.bounding_box()
+        assert box is not None
+        async with page.expect_response(re.compile(r"/rates/latest\?at=")) as answered:
+            await page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+        response = await answered.value
+        body = await response.json()
+        answer = page.locator("#chart-at")
+        await expect(answer).to_have_attribute("data-status", str(response.status))
+        if response.status >= 400:
+            await expect(answer).to_have_class("error")
+            await expect(answer).to_contain_text(f"(HTTP {response.status}): {body['detail']}")
+        elif "valid_from" in body:
+            await expect(answer).to_have_class("answer")
+            await expect(answer).to_contain_text(f"served from {body['valid_from']}")
+        else:
+            await expect(answer).to_contain_text("does not answer ?at= yet")
+        at = await answer.get_attribute("data-at")
+        assert at is not None
+        assert response.url.endswith("at=" + at.replace(":", "%3A"))
+        assert datetime.fromisoformat(at) <= datetime.now(UTC)
+
+        # A click on another row charts that pair; the only 4xx allowed is the lookup's own.
+        await page.locator('tr[data-pair="BTC-USD"] td.pair').click()
+        expected = [f"{response.status} {response.url}"] if response.status >= 400 else []
+        assert [e for e in errors if "Failed to load resource" not in e] == expected
+        assert await csp_violations(page) == []
+        await page.screenshot(path=str(tmp_path / "dashboard-chart.png"), full_page=True)
+        if os.environ.get("KURS_UPDATE_SCREENSHOT"):
+            shutil.copy(tmp_path / "dashboard-chart.png", REPO / "docs" / "img")
+
+
 async def test_the_admin_works_under_the_content_security_policy(
     chromium: Path,
     start_web: Callable[..., WebProcess],

@@ -304,6 +304,8 @@
   }
 
   function handle(message) {
+    // The pair chart (chart.js) follows the same socket.
+    document.dispatchEvent(new CustomEvent("kurs:message", { detail: message }));
     switch (message.type) {
       case "snapshot":
         snapshotSeen = true;
