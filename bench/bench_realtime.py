@@ -429,11 +429,12 @@ async def full_path_latency(
         for i in range(ticks + 3):
             price += Decimal("1.25")
             key = str(price.normalize())
-            waiting[key] = loop.create_future()
+            # Held here too: the frame may arrive (and on_text pop it) before set_price returns.
+            arrived = waiting[key] = loop.create_future()
             started = time.perf_counter()
             await asyncio.to_thread(set_price, emulator_port, str(price))
             try:
-                received = await asyncio.wait_for(waiting[key], 10)
+                received = await asyncio.wait_for(arrived, 10)
             except TimeoutError:
                 raise SystemExit(f"bench: emulator tick {price} never reached the socket") from None
             if i >= 3:  # the first ticks warm up the stream and the breaker

@@ -2,15 +2,18 @@
 
 The bridge hands every event to the hub once, as the JSON text frame already serialised. The hub
 puts that same string into the bounded queue of each socket it concerns (rate events by pair,
-everything else to all) and returns at once: it never awaits a socket. Each socket has its own
-sender task. While a socket is behind (its send blocked on a full transport, or a quarter of
-its queue waiting), a newer rate update for a pair replaces the older one still unsent (the
-latest wins); it takes its own place at the end of the queue, so frames still leave in stream
-order and a client's last `seq` is a safe place to resume from. A burst of events that merely
-arrives within one turn of the event loop, before the sender ran, is not "behind": each of its
-updates is sent (a client that keeps up loses none). A socket that
-stays behind (its queue full, or one send blocked longer than `send_timeout`) is closed with
-1013, so one slow client never delays the others.
+everything else to all) and returns at once: it never waits for a socket. A socket whose
+transport takes the frame is written to there and then, in the hub's call: the server's send
+completes without suspending while the client reads, so no task wakes per socket and event
+(`SocketQueue._pump`; the loop's wake-ups were a fifth of the fan-out's time,
+docs/benchmarks.md). A send that does suspend (the client stopped reading and the server's
+buffer is full) hands the socket to a task of its own, which finishes that send, drains what
+came meanwhile and hands the socket back. While a socket is behind (its send blocked, or a
+quarter of its queue waiting), a newer rate update for a pair replaces the older one still
+unsent (the latest wins); it takes its own place at the end of the queue, so frames still leave
+in stream order and a client's last `seq` is a safe place to resume from. A client that keeps up
+loses none. A socket that stays behind (its queue full, or one send blocked longer than
+`send_timeout`) is closed with 1013, so one slow client never delays the others.
 
 Two things a socket may add, each costing nothing to sockets without it:
 - a *prelude* (a resume: `?since=`): frames read from the stream and sent before anything live;
@@ -25,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import types
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable
 from decimal import Decimal
 from typing import Any
 
@@ -44,7 +48,8 @@ SEND_TIMEOUT_S = 5.0
 # Frames held while a prelude replays, before the socket is judged too far behind.
 HELD_LIMIT_FACTOR = 16
 
-SendText = Callable[[str], Awaitable[None]]
+# A coroutine, not any awaitable: the hub runs it by hand (`_pump`) until it first suspends.
+SendText = Callable[[str], Coroutine[Any, Any, None]]
 # A coroutine, not any awaitable: kick() runs it as a task of its own.
 Close = Callable[[int], Coroutine[Any, Any, None]]
 # (frame or None for a position marker, the stream sequence it covers or None)
@@ -101,8 +106,34 @@ class DeliveryPolicy:
         self.pending.clear()
 
 
+@types.coroutine
+def resume_suspended(coro: Coroutine[Any, Any, None], awaiting: Any) -> Generator[Any, Any, None]:
+    """The rest of `coro`, already run by hand until it suspended on `awaiting`, as an awaitable
+    a task can run: what `yield from` does, from the middle. Each value the coroutine yields
+    (the future it waits on) goes up to the task, and each result or exception comes back down.
+    """
+    while True:
+        try:
+            sent = yield awaiting
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # cancellation included: the coroutine sees it as thrown
+            try:
+                awaiting = coro.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                awaiting = coro.send(sent)
+            except StopIteration:
+                return
+
+
 class SocketQueue:
-    """One socket's end of the hub: a bounded, coalescing queue and the task that drains it."""
+    """One socket's end of the hub: a bounded, coalescing queue, written to in the hub's call
+    while the socket keeps up and by a task of its own while a send waits (or a resume replays).
+    """
 
     def __init__(
         self,
@@ -128,7 +159,9 @@ class SocketQueue:
         self._rates: dict[str, tuple[str, int]] = {}
         self._token = 0
         self._stale = 0  # superseded entries still in the queue
-        self._ready = asyncio.Event()
+        # True while something else owns the writes: before start(), while the pump sends, while
+        # the task runs (a replay, or a send that suspended), and for good once the send failed.
+        self._busy = True
         self._sending_since: float | None = None
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[None] | None = None
@@ -144,7 +177,12 @@ class SocketQueue:
         self.policy = policy if policy is not None and policy.active else None
 
     def start(self) -> None:
-        self._task = self._loop.create_task(self._drain())
+        """Frames put before now leave now (a resume's replay first, in a task)."""
+        if self._prelude is not None:
+            self._task = self._loop.create_task(self._drain(None))
+            return
+        self._busy = False
+        self._pump()
 
     def set_policy(self, policy: DeliveryPolicy | None) -> None:
         if self.policy is not None:
@@ -243,14 +281,14 @@ class SocketQueue:
                 metrics.WS_COALESCED.inc()
                 if self._stale > self._queue_limit * 4:
                     self._compact()
-                self._ready.set()
+                self._pump()
                 return True
             if bounded and len(self._queue) - self._stale >= self._queue_limit:
                 self.kick("queue full")
                 return False
             self._rates[pair] = (frame, self._token)
             self._queue.append((pair, self._token))
-            self._ready.set()
+            self._pump()
             return True
         return self._put_plain(frame, bounded)
 
@@ -259,7 +297,7 @@ class SocketQueue:
             self.kick("queue full")
             return False
         self._queue.append(frame)
-        self._ready.set()
+        self._pump()
         return True
 
     def _behind(self) -> bool:
@@ -277,33 +315,74 @@ class SocketQueue:
         )
         self._stale = 0
 
-    async def _drain(self) -> None:
+    def _next_frame(self) -> str | None:
+        """The queue's next frame to send; None for a superseded entry (skipped)."""
+        entry = self._queue.popleft()
+        if isinstance(entry, str):
+            return entry
+        latest = self._rates.get(entry[0])
+        if latest is None or latest[1] != entry[1]:
+            self._stale -= 1
+            return None
+        return self._rates.pop(entry[0])[0]
+
+    def _pump(self) -> None:
+        """Send what waits, here and now, while each send completes without suspending.
+
+        The server's send is a coroutine that only suspends when the client stopped reading;
+        run by hand, it costs a call, not a task's wake-up. One that suspends is finished by a
+        task (`_drain`), which owns the socket's writes until the queue is empty.
+        """
+        if self._busy:
+            return  # not started, replaying, a task is sending, or this very pump (re-entered)
+        self._busy = True
+        queue = self._queue
+        while queue:
+            frame = self._next_frame()
+            if frame is None:
+                continue
+            send = self._send(frame)
+            try:
+                awaiting = send.send(None)
+            except StopIteration:
+                self.sent += 1
+                continue
+            except Exception as exc:
+                # The client went away mid-send; its disconnect event follows and cleans up.
+                logger.debug("ws: send failed, socket gone: %r", exc)
+                self.kicked = True
+                return
+            self._sending_since = self._loop.time()
+            self._task = self._loop.create_task(self._drain(resume_suspended(send, awaiting)))
+            return
+        self._busy = False
+
+    async def _drain(self, suspended: Awaitable[None] | None) -> None:
+        """The socket's writes while a send waits or a resume replays; ends with the queue empty,
+        handing the socket back to `_pump`."""
         if self._prelude is not None and not await self._run_prelude(self._prelude):
             return
-        rates = self._rates
-        while True:
-            await self._ready.wait()
-            self._ready.clear()
-            while self._queue:
-                entry = self._queue.popleft()
-                if isinstance(entry, str):
-                    frame = entry
-                else:
-                    latest = rates.get(entry[0])
-                    if latest is None or latest[1] != entry[1]:
-                        self._stale -= 1
-                        continue
-                    frame = rates.pop(entry[0])[0]
-                self._sending_since = self._loop.time()
-                try:
-                    await self._send(frame)
-                except Exception as exc:
-                    # The client went away mid-send; its disconnect event follows and cleans up.
-                    logger.debug("ws: send failed, socket gone: %r", exc)
-                    self.kicked = True
-                    return
+        try:
+            if suspended is not None:
+                await suspended
                 self._sending_since = None
                 self.sent += 1
+            while self._queue:
+                frame = self._next_frame()
+                if frame is None:
+                    continue
+                self._sending_since = self._loop.time()
+                await self._send(frame)
+                self._sending_since = None
+                self.sent += 1
+        except Exception as exc:
+            # The client went away mid-send; its disconnect event follows and cleans up.
+            logger.debug("ws: send failed, socket gone: %r", exc)
+            self.kicked = True
+            return
+        # No await since the queue was last seen empty: nothing can have slipped in between.
+        self._task = None
+        self._busy = False
 
     async def _run_prelude(self, prelude: Prelude) -> bool:
         """Send the replayed frames, then release the held live ones it did not cover."""

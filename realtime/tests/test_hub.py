@@ -80,11 +80,13 @@ async def test_a_burst_to_a_client_that_keeps_up_is_sent_whole() -> None:
 
 async def test_a_backlog_of_a_quarter_of_the_queue_counts_as_behind() -> None:
     socket = FakeSocket()
-    queue = queue_for(socket, pairs=None, queue_limit=8)  # behind from 2 frames waiting
-    # Put before the sender runs: A2 finds E1 and A1 waiting (behind), supersedes A1; A3
-    # supersedes A2 likewise.
+    # Behind from 2 frames waiting. Put before the queue starts (as a consumer's first frames
+    # are): A2 finds E1 and A1 waiting (behind), supersedes A1; A3 supersedes A2 likewise.
+    queue = SocketQueue(socket.send, socket.close, pairs=None, queue_limit=8)
     for frame, pair in [("E1", None), ("A1", "A"), ("A2", "A"), ("B1", "B"), ("A3", "A")]:
         assert queue.put(frame, pair)
+    assert socket.frames == []
+    queue.start()
     await socket.wait_for(3)
     assert socket.frames == ["E1", "B1", "A3"]
     assert queue.coalesced == 2
@@ -165,3 +167,56 @@ async def test_rates_go_to_their_pair_and_to_wildcard_sockets_only() -> None:
     assert eth.frames == ["btc2", "btc3"]
     for queue in queues:
         await queue.stop()
+
+
+async def test_a_client_that_keeps_up_is_written_to_in_the_hubs_call() -> None:
+    # No task wakes per socket and event: the frame is sent before put() returns.
+    socket = FakeSocket()
+    queue = queue_for(socket, pairs=None)
+    assert queue.put("E1")
+    assert queue.put("A1", "A")
+    assert socket.frames == ["E1", "A1"]
+    await queue.stop()
+
+
+async def test_a_send_that_waits_is_finished_by_a_task_then_the_socket_is_written_at_once() -> (
+    None
+):
+    socket = FakeSocket()
+    socket.gate.clear()
+    queue = queue_for(socket, pairs=None)
+    assert queue.put("E1")  # blocks in send: a task takes over
+    assert queue.put("E2")
+    await asyncio.sleep(0)
+    assert socket.frames == []
+    socket.gate.set()
+    await socket.wait_for(2)
+    assert socket.frames == ["E1", "E2"]
+    await asyncio.sleep(0)  # the task ends with the queue empty
+    assert queue.put("E3")
+    assert socket.frames == ["E1", "E2", "E3"]  # in the hub's call again
+    assert queue.sent == 3
+    await queue.stop()
+
+
+async def test_a_send_that_fails_after_waiting_marks_the_socket_gone() -> None:
+    failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    sent: list[str] = []
+
+    async def send(frame: str) -> None:
+        await failure
+        sent.append(frame)
+
+    async def close(code: int) -> None:
+        raise AssertionError("a socket that went away is not closed by the hub")
+
+    queue = SocketQueue(send, close, pairs=None)
+    queue.start()
+    assert queue.put("E1")
+    failure.set_exception(ConnectionResetError("peer gone"))
+    async with asyncio.timeout(2):
+        while not queue.kicked:
+            await asyncio.sleep(0)
+    assert queue.put("E2") is False
+    assert sent == []
+    await queue.stop()
