@@ -80,13 +80,11 @@ async def test_a_burst_to_a_client_that_keeps_up_is_sent_whole() -> None:
 
 async def test_a_backlog_of_a_quarter_of_the_queue_counts_as_behind() -> None:
     socket = FakeSocket()
-    # Behind from 2 frames waiting. Put before the queue starts (as a consumer's first frames
-    # are): A2 finds E1 and A1 waiting (behind), supersedes A1; A3 supersedes A2 likewise.
-    queue = SocketQueue(socket.send, socket.close, pairs=None, queue_limit=8)
+    queue = queue_for(socket, pairs=None, queue_limit=8)  # behind from 2 frames waiting
+    # Put within one turn, before the writes: A2 finds E1 and A1 waiting (behind), supersedes
+    # A1; A3 supersedes A2 likewise.
     for frame, pair in [("E1", None), ("A1", "A"), ("A2", "A"), ("B1", "B"), ("A3", "A")]:
         assert queue.put(frame, pair)
-    assert socket.frames == []
-    queue.start()
     await socket.wait_for(3)
     assert socket.frames == ["E1", "B1", "A3"]
     assert queue.coalesced == 2
@@ -169,19 +167,26 @@ async def test_rates_go_to_their_pair_and_to_wildcard_sockets_only() -> None:
         await queue.stop()
 
 
-async def test_a_client_that_keeps_up_is_written_to_in_the_hubs_call() -> None:
-    # No task wakes per socket and event: the frame is sent before put() returns.
-    socket = FakeSocket()
-    queue = queue_for(socket, pairs=None)
-    assert queue.put("E1")
-    assert queue.put("A1", "A")
-    assert socket.frames == ["E1", "A1"]
-    await queue.stop()
+async def test_sockets_that_keep_up_are_written_to_by_one_callback_at_the_end_of_the_turn() -> None:
+    # No task wakes per socket and event: the frames go at the next turn of the loop, before
+    # anything scheduled after them.
+    sockets = [FakeSocket() for _ in range(3)]
+    queues = [queue_for(socket, pairs=None) for socket in sockets]
+    hub = Hub()
+    for queue in queues:
+        hub.add(queue)
+    hub.publish("E1")
+    hub.publish_rate("A", "A1")
+    assert all(socket.frames == [] for socket in sockets)
+    after = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(after.set_result, None)
+    await after
+    assert all(socket.frames == ["E1", "A1"] for socket in sockets)
+    for queue in queues:
+        await queue.stop()
 
 
-async def test_a_send_that_waits_is_finished_by_a_task_then_the_socket_is_written_at_once() -> (
-    None
-):
+async def test_a_send_that_waits_is_finished_by_a_task_then_the_socket_is_written_at_once() -> None:
     socket = FakeSocket()
     socket.gate.clear()
     queue = queue_for(socket, pairs=None)
@@ -194,7 +199,8 @@ async def test_a_send_that_waits_is_finished_by_a_task_then_the_socket_is_writte
     assert socket.frames == ["E1", "E2"]
     await asyncio.sleep(0)  # the task ends with the queue empty
     assert queue.put("E3")
-    assert socket.frames == ["E1", "E2", "E3"]  # in the hub's call again
+    await asyncio.sleep(0)
+    assert socket.frames == ["E1", "E2", "E3"]  # at the turn's end again, by no task
     assert queue.sent == 3
     await queue.stop()
 
@@ -202,10 +208,14 @@ async def test_a_send_that_waits_is_finished_by_a_task_then_the_socket_is_writte
 async def test_a_send_that_fails_after_waiting_marks_the_socket_gone() -> None:
     failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     sent: list[str] = []
+    finished = asyncio.Event()
 
     async def send(frame: str) -> None:
-        await failure
-        sent.append(frame)
+        try:
+            await failure
+            sent.append(frame)
+        finally:
+            finished.set()  # the error goes on up to the queue's task in the same step
 
     async def close(code: int) -> None:
         raise AssertionError("a socket that went away is not closed by the hub")
@@ -213,10 +223,11 @@ async def test_a_send_that_fails_after_waiting_marks_the_socket_gone() -> None:
     queue = SocketQueue(send, close, pairs=None)
     queue.start()
     assert queue.put("E1")
+    await asyncio.sleep(0)  # the turn's writes: E1's send waits on `failure`
     failure.set_exception(ConnectionResetError("peer gone"))
     async with asyncio.timeout(2):
-        while not queue.kicked:
-            await asyncio.sleep(0)
+        await finished.wait()
+    assert queue.kicked
     assert queue.put("E2") is False
     assert sent == []
     await queue.stop()
