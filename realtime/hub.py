@@ -417,10 +417,7 @@ class SocketQueue:
                 frame = self._next_frame()
                 if frame is None:
                     continue
-                self._sending_since = self._loop.time()
-                await self._send(frame)
-                self._sending_since = None
-                self.sent += 1
+                await self._send_watched(frame)
         except Exception as exc:
             # The client went away mid-send; its disconnect event follows and cleans up.
             logger.debug("ws: send failed, socket gone: %r", exc)
@@ -429,6 +426,13 @@ class SocketQueue:
         # No await since the queue was last seen empty: nothing can have slipped in between.
         self._task = None
         self._busy = False
+
+    async def _send_watched(self, frame: str) -> None:
+        """One send in the task, timed for `stuck()` while it waits."""
+        self._sending_since = self._loop.time()
+        await self._send(frame)
+        self._sending_since = None
+        self.sent += 1
 
     async def _run_prelude(self, prelude: Prelude) -> bool:
         """Send the replayed frames, then release the held live ones it did not cover."""
@@ -439,10 +443,7 @@ class SocketQueue:
                     covered = seq
                 if frame is None:
                     continue
-                self._sending_since = self._loop.time()
-                await self._send(frame)
-                self._sending_since = None
-                self.sent += 1
+                await self._send_watched(frame)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
