@@ -225,6 +225,7 @@ class SocketQueue:
         self.policy = policy if policy is not None and policy.active else None
 
     async def stop(self) -> None:
+        self._busy = True  # nothing is written any more, not even frames due this turn
         if self.policy is not None:
             self.policy.cancel()
         if self._task is not None and self._task is not asyncio.current_task():

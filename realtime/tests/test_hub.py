@@ -231,3 +231,12 @@ async def test_a_send_that_fails_after_waiting_marks_the_socket_gone() -> None:
     assert queue.put("E2") is False
     assert sent == []
     await queue.stop()
+
+
+async def test_a_stopped_queue_writes_nothing_more_not_even_the_frames_due_this_turn() -> None:
+    socket = FakeSocket()
+    queue = queue_for(socket, pairs=None)
+    assert queue.put("E1")
+    await queue.stop()  # the socket went away before the turn's writes
+    await asyncio.sleep(0)
+    assert socket.frames == []
