@@ -22,9 +22,10 @@ the server alone. Needs Redis on 127.0.0.1:6379 (the group_send baseline; DB 6) 
 
 Figures (each run's, then the median of --repeat runs, with the ratio to the in-run baseline):
 1. deliveries/s to N sockets: Kurs against the raw websockets server (target >= 0.5x) and the
-   group_send baseline;
+   group_send baseline; and each server's CPU per delivery (from /proc: barely moved by the
+   load of other processes, unlike the wall clock);
 2. latency from `events.publish()` until all N sockets have the event: median and p99
-   (target p99 < 50 ms);
+   (target p99 < 50 ms), and the web process's CPU per event;
 3. resume: --resume-rounds disconnect/reconnect rounds with `?since=`: events expected,
    received, duplicated, missing;
 4. SSE: deliveries/s to --sse-clients readers of `/api/v1/stream`, against the raw SSE server;

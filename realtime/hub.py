@@ -6,9 +6,10 @@ everything else to all) and returns at once: it never waits for a socket. One ca
 end of the loop's turn (`Writes`) then writes each socket's waiting frames, a socket at a time:
 the server's send completes without suspending while the client reads, so it is run by hand
 (`SocketQueue._pump`) and no task wakes per socket and event (those wake-ups were a fifth of
-the fan-out's time, docs/benchmarks.md#realtime-before-and-after-2026-12-07). A send that does
-suspend (the client stopped reading and the server's buffer is full) hands the socket to a task
-of its own, which finishes that send, drains what came meanwhile and hands the socket back.
+the fan-out's time: docs/benchmarks.md#realtime-one-write-pass-per-loop-turn-2026-12-07). A
+send that does suspend (the client stopped reading and the server's buffer is full) hands the
+socket to a task of its own, which finishes that send, drains what came meanwhile and hands the
+socket back.
 While a socket is behind (its send blocked, or a quarter of its queue waiting), a newer rate
 update for a pair replaces the older one still unsent (the latest wins); it takes its own place
 at the end of the queue, so frames still leave in stream order and a client's last `seq` is a
