@@ -22,9 +22,10 @@ the server alone. Needs Redis on 127.0.0.1:6379 (the group_send baseline; DB 6) 
 
 Figures (each run's, then the median of --repeat runs, with the ratio to the in-run baseline):
 1. deliveries/s to N sockets: Kurs against the raw websockets server (target >= 0.5x) and the
-   group_send baseline;
+   group_send baseline; and each server's CPU per delivery (from /proc: barely moved by the
+   load of other processes, unlike the wall clock);
 2. latency from `events.publish()` until all N sockets have the event: median and p99
-   (target p99 < 50 ms);
+   (target p99 < 50 ms), and the web process's CPU per event;
 3. resume: --resume-rounds disconnect/reconnect rounds with `?since=`: events expected,
    received, duplicated, missing;
 4. SSE: deliveries/s to --sse-clients readers of `/api/v1/stream`, against the raw SSE server;
@@ -429,11 +430,12 @@ async def full_path_latency(
         for i in range(ticks + 3):
             price += Decimal("1.25")
             key = str(price.normalize())
-            waiting[key] = loop.create_future()
+            # Held here too: the frame may arrive (and on_text pop it) before set_price returns.
+            arrived = waiting[key] = loop.create_future()
             started = time.perf_counter()
             await asyncio.to_thread(set_price, emulator_port, str(price))
             try:
-                received = await asyncio.wait_for(waiting[key], 10)
+                received = await asyncio.wait_for(arrived, 10)
             except TimeoutError:
                 raise SystemExit(f"bench: emulator tick {price} never reached the socket") from None
             if i >= 3:  # the first ticks warm up the stream and the breaker
@@ -711,6 +713,17 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from /proc (Linux).
+
+    On a machine other sessions share, wall-clock figures swing with their load; the CPU a
+    server spends per delivery barely does, so it compares code within one run and across runs.
+    """
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    # utime and stime are the 14th and 15th fields; the 3rd is the first after the name.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # --- orchestration ----------------------------------------------------------------------------
 class Processes:
     def __init__(self, profile_dir: Path | None = None) -> None:
@@ -811,14 +824,14 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
     # Connected first, so that this process creates the stream before the web process consumes.
     if not await asyncio.to_thread(realtime_nats.wait_connected, 10):
         raise SystemExit("bench: cannot connect to the bench's nats-server")
-    processes.start(
+    web = processes.start(
         [PYTHON, __file__, "--serve", str(web_port)],
         {**env, "KURS_INSTANCE": "bench-web"},
         workdir / "web.log",
         profile="web",
     )
     raw_sse_port = free_port()
-    processes.start(
+    raw_server = processes.start(
         [PYTHON, __file__, "--raw-serve", str(raw_port), "--raw-sse", str(raw_sse_port)],
         env,
         workdir / "raw.log",
@@ -833,19 +846,29 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
     raw_rates: list[float] = []
     group_rates: list[float] = []
     latencies_runs: list[list[float]] = []
+    # CPU seconds of each server per delivery, during the throughput runs: Kurs's, the raw's.
+    kurs_cpu: list[float] = []
+    raw_cpu: list[float] = []
+    latency_cpu: list[float] = []  # the web process's CPU seconds per event to all N sockets
     seq_seen = False
     for run_index in range(args.repeat):
         kurs = Fanout(
             web_port, "/ws/items", n, policy_every=args.policy_every, policy_query=POLICY_QUERY
         )
         await kurs.connect(first_frames=1)  # the snapshot
+        cpu = cpu_seconds(web.pid)
         kurs_rates.append(await publish_throughput(kurs, m))
+        kurs_cpu.append((cpu_seconds(web.pid) - cpu) / (n * m))
         seq_seen = seq_seen or b'"seq":' in kurs.last_frame
+        cpu = cpu_seconds(web.pid)
         latencies_runs.append(await kurs_latency(kurs, args.latency_events))
+        latency_cpu.append((cpu_seconds(web.pid) - cpu) / args.latency_events)
         kurs.close()
         raw = Fanout(raw_port, "/", n)
         await raw.connect(first_frames=1)  # "joined"
+        cpu = cpu_seconds(raw_server.pid)
         raw_rates.append(await publish_throughput(raw, m))
+        raw_cpu.append((cpu_seconds(raw_server.pid) - cpu) / (n * m))
         raw.close()
         line = (
             f"  run {run_index + 1}: kurs {kurs_rates[-1]:,.0f}/s, raw {raw_rates[-1]:,.0f}/s "
@@ -874,6 +897,12 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
     print(f"  kurs (NATS -> bridge -> hub)      {kurs_rate:>10,.0f} deliveries/s")
     print(f"  raw websockets broadcast          {raw_rate:>10,.0f} deliveries/s")
     print(f"  ratio kurs / raw                  {kurs_rate / raw_rate:>10.2f}x  (target >= 0.5x)")
+    kurs_us, raw_us = statistics.median(kurs_cpu) * 1e6, statistics.median(raw_cpu) * 1e6
+    if raw_us > 0:  # not in a run too short for the 10 ms clock
+        print(
+            f"  server CPU per delivery           kurs {kurs_us:.1f} us, raw {raw_us:.1f} us: "
+            f"{kurs_us / raw_us:.2f}x (load-independent; the clock ticks at 10 ms)"
+        )
     if group_rates:
         group_rate = statistics.median(group_rates)
         print(f"  Channels group_send               {group_rate:>10,.0f} deliveries/s")
@@ -892,6 +921,7 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
         f"  (target p99 < 50 ms: {'met' if p99 < 50 else 'NOT met'})",
         flush=True,
     )
+    print(f"  web process CPU per event         {statistics.median(latency_cpu) * 1000:.1f} ms")
 
     if args.resume_rounds:
         tally = await resume_rounds(web_port, args.resume_rounds)

@@ -2,15 +2,21 @@
 
 The bridge hands every event to the hub once, as the JSON text frame already serialised. The hub
 puts that same string into the bounded queue of each socket it concerns (rate events by pair,
-everything else to all) and returns at once: it never awaits a socket. Each socket has its own
-sender task. While a socket is behind (its send blocked on a full transport, or a quarter of
-its queue waiting), a newer rate update for a pair replaces the older one still unsent (the
-latest wins); it takes its own place at the end of the queue, so frames still leave in stream
-order and a client's last `seq` is a safe place to resume from. A burst of events that merely
-arrives within one turn of the event loop, before the sender ran, is not "behind": each of its
-updates is sent (a client that keeps up loses none). A socket that
-stays behind (its queue full, or one send blocked longer than `send_timeout`) is closed with
-1013, so one slow client never delays the others.
+everything else to all) and returns at once: it never waits for a socket. One callback at the
+end of the loop's turn (`Writes`) then writes each socket's waiting frames, a socket at a time:
+the server's send completes without suspending while the client reads, so it is run by hand
+(`SocketQueue._pump`) and no task wakes per socket and event (those wake-ups were a fifth of
+the fan-out's time: docs/benchmarks.md#realtime-one-write-pass-per-loop-turn-2026-12-07). A
+send that does suspend (the client stopped reading and the server's buffer is full) hands the
+socket to a task of its own, which finishes that send, drains what came meanwhile and hands the
+socket back.
+While a socket is behind (its send blocked, or a quarter of its queue waiting), a newer rate
+update for a pair replaces the older one still unsent (the latest wins); it takes its own place
+at the end of the queue, so frames still leave in stream order and a client's last `seq` is a
+safe place to resume from. A burst of events that merely arrives within one turn of the event
+loop, before the writes, is not "behind": each of its updates is sent (a client that keeps up
+loses none). A socket that stays behind (its queue full, or one send blocked longer than
+`send_timeout`) is closed with 1013, so one slow client never delays the others.
 
 Two things a socket may add, each costing nothing to sockets without it:
 - a *prelude* (a resume: `?since=`): frames read from the stream and sent before anything live;
@@ -25,8 +31,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import types
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable
 from decimal import Decimal
 from typing import Any
 
@@ -44,7 +51,8 @@ SEND_TIMEOUT_S = 5.0
 # Frames held while a prelude replays, before the socket is judged too far behind.
 HELD_LIMIT_FACTOR = 16
 
-SendText = Callable[[str], Awaitable[None]]
+# A coroutine, not any awaitable: the hub runs it by hand (`_pump`) until it first suspends.
+SendText = Callable[[str], Coroutine[Any, Any, None]]
 # A coroutine, not any awaitable: kick() runs it as a task of its own.
 Close = Callable[[int], Coroutine[Any, Any, None]]
 # (frame or None for a position marker, the stream sequence it covers or None)
@@ -101,8 +109,66 @@ class DeliveryPolicy:
         self.pending.clear()
 
 
+@types.coroutine
+def resume_suspended(coro: Coroutine[Any, Any, None], awaiting: Any) -> Generator[Any, Any, None]:
+    """The rest of `coro`, already run by hand until it suspended on `awaiting`, as an awaitable
+    a task can run: what `yield from` does, from the middle. Each value the coroutine yields
+    (the future it waits on) goes up to the task, and each result or exception comes back down.
+    """
+    while True:
+        try:
+            sent = yield awaiting
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # cancellation included: the coroutine sees it as thrown
+            try:
+                awaiting = coro.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                awaiting = coro.send(sent)
+            except StopIteration:
+                return
+
+
+class Writes:
+    """The sockets with frames waiting, written once per turn of the event loop.
+
+    One callback for all sockets, not one per socket and event; and a burst of events (many
+    arrive in one turn under load) leaves each socket's frames back to back, which costs the
+    kernel less than going round every socket once per event (server CPU per delivery 1.0x the
+    raw broadcast's this way, 1.5x written at each event: bench/bench_realtime.py).
+    """
+
+    def __init__(self) -> None:
+        self._due: list[SocketQueue] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scheduled = False
+
+    def add(self, socket: SocketQueue, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is not self._loop:  # the first use, or another loop (only tests run several)
+            self._due, self._loop, self._scheduled = [], loop, False
+        self._due.append(socket)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        due, self._due, self._scheduled = self._due, [], False
+        for socket in due:
+            socket.write_due()
+
+
+writes = Writes()
+
+
 class SocketQueue:
-    """One socket's end of the hub: a bounded, coalescing queue and the task that drains it."""
+    """One socket's end of the hub: a bounded, coalescing queue, written to once per turn of the
+    loop while the socket keeps up and by a task of its own while a send waits (or a resume
+    replays).
+    """
 
     def __init__(
         self,
@@ -128,7 +194,10 @@ class SocketQueue:
         self._rates: dict[str, tuple[str, int]] = {}
         self._token = 0
         self._stale = 0  # superseded entries still in the queue
-        self._ready = asyncio.Event()
+        # True while something else owns the writes: before start(), while the pump sends, while
+        # the task runs (a replay, or a send that suspended), and for good once the send failed.
+        self._busy = True
+        self._due = False  # in `writes`, to be written at the end of this turn
         self._sending_since: float | None = None
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[None] | None = None
@@ -144,7 +213,12 @@ class SocketQueue:
         self.policy = policy if policy is not None and policy.active else None
 
     def start(self) -> None:
-        self._task = self._loop.create_task(self._drain())
+        """Frames put before now leave now (a resume's replay first, in a task)."""
+        if self._prelude is not None:
+            self._task = self._loop.create_task(self._drain(None))
+            return
+        self._busy = False
+        self._wake()
 
     def set_policy(self, policy: DeliveryPolicy | None) -> None:
         if self.policy is not None:
@@ -152,6 +226,7 @@ class SocketQueue:
         self.policy = policy if policy is not None and policy.active else None
 
     async def stop(self) -> None:
+        self._busy = True  # nothing is written any more, not even frames due this turn
         if self.policy is not None:
             self.policy.cancel()
         if self._task is not None and self._task is not asyncio.current_task():
@@ -243,14 +318,14 @@ class SocketQueue:
                 metrics.WS_COALESCED.inc()
                 if self._stale > self._queue_limit * 4:
                     self._compact()
-                self._ready.set()
+                self._wake()
                 return True
             if bounded and len(self._queue) - self._stale >= self._queue_limit:
                 self.kick("queue full")
                 return False
             self._rates[pair] = (frame, self._token)
             self._queue.append((pair, self._token))
-            self._ready.set()
+            self._wake()
             return True
         return self._put_plain(frame, bounded)
 
@@ -259,7 +334,7 @@ class SocketQueue:
             self.kick("queue full")
             return False
         self._queue.append(frame)
-        self._ready.set()
+        self._wake()
         return True
 
     def _behind(self) -> bool:
@@ -277,33 +352,89 @@ class SocketQueue:
         )
         self._stale = 0
 
-    async def _drain(self) -> None:
+    def _next_frame(self) -> str | None:
+        """The queue's next frame to send; None for a superseded entry (skipped)."""
+        entry = self._queue.popleft()
+        if isinstance(entry, str):
+            return entry
+        latest = self._rates.get(entry[0])
+        if latest is None or latest[1] != entry[1]:
+            self._stale -= 1
+            return None
+        return self._rates.pop(entry[0])[0]
+
+    def _wake(self) -> None:
+        """Frames wait: to be written at the end of this turn, unless a task owns the writes."""
+        if not self._busy and not self._due and self._queue:
+            self._due = True
+            writes.add(self, self._loop)
+
+    def write_due(self) -> None:
+        """`writes` calls this once per turn in which frames were put."""
+        self._due = False
+        self._pump()
+
+    def _pump(self) -> None:
+        """Send what waits, here and now, while each send completes without suspending.
+
+        The server's send is a coroutine that only suspends when the client stopped reading;
+        run by hand, it costs a call, not a task's wake-up. One that suspends is finished by a
+        task (`_drain`), which owns the socket's writes until the queue is empty.
+        """
+        if self._busy or self.kicked:
+            return  # not started, replaying, a task is sending, this very pump, or closed
+        self._busy = True
+        queue = self._queue
+        while queue:
+            frame = self._next_frame()
+            if frame is None:
+                continue
+            send = self._send(frame)
+            try:
+                awaiting = send.send(None)
+            except StopIteration:
+                self.sent += 1
+                continue
+            except Exception as exc:
+                # The client went away mid-send; its disconnect event follows and cleans up.
+                logger.debug("ws: send failed, socket gone: %r", exc)
+                self.kicked = True
+                return
+            self._sending_since = self._loop.time()
+            self._task = self._loop.create_task(self._drain(resume_suspended(send, awaiting)))
+            return
+        self._busy = False
+
+    async def _drain(self, suspended: Awaitable[None] | None) -> None:
+        """The socket's writes while a send waits or a resume replays; ends with the queue empty,
+        handing the socket back to `_pump`."""
         if self._prelude is not None and not await self._run_prelude(self._prelude):
             return
-        rates = self._rates
-        while True:
-            await self._ready.wait()
-            self._ready.clear()
-            while self._queue:
-                entry = self._queue.popleft()
-                if isinstance(entry, str):
-                    frame = entry
-                else:
-                    latest = rates.get(entry[0])
-                    if latest is None or latest[1] != entry[1]:
-                        self._stale -= 1
-                        continue
-                    frame = rates.pop(entry[0])[0]
-                self._sending_since = self._loop.time()
-                try:
-                    await self._send(frame)
-                except Exception as exc:
-                    # The client went away mid-send; its disconnect event follows and cleans up.
-                    logger.debug("ws: send failed, socket gone: %r", exc)
-                    self.kicked = True
-                    return
+        try:
+            if suspended is not None:
+                await suspended
                 self._sending_since = None
                 self.sent += 1
+            while self._queue:
+                frame = self._next_frame()
+                if frame is None:
+                    continue
+                await self._send_watched(frame)
+        except Exception as exc:
+            # The client went away mid-send; its disconnect event follows and cleans up.
+            logger.debug("ws: send failed, socket gone: %r", exc)
+            self.kicked = True
+            return
+        # No await since the queue was last seen empty: nothing can have slipped in between.
+        self._task = None
+        self._busy = False
+
+    async def _send_watched(self, frame: str) -> None:
+        """One send in the task, timed for `stuck()` while it waits."""
+        self._sending_since = self._loop.time()
+        await self._send(frame)
+        self._sending_since = None
+        self.sent += 1
 
     async def _run_prelude(self, prelude: Prelude) -> bool:
         """Send the replayed frames, then release the held live ones it did not cover."""
@@ -314,10 +445,7 @@ class SocketQueue:
                     covered = seq
                 if frame is None:
                     continue
-                self._sending_since = self._loop.time()
-                await self._send(frame)
-                self._sending_since = None
-                self.sent += 1
+                await self._send_watched(frame)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

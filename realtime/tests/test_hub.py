@@ -81,8 +81,8 @@ async def test_a_burst_to_a_client_that_keeps_up_is_sent_whole() -> None:
 async def test_a_backlog_of_a_quarter_of_the_queue_counts_as_behind() -> None:
     socket = FakeSocket()
     queue = queue_for(socket, pairs=None, queue_limit=8)  # behind from 2 frames waiting
-    # Put before the sender runs: A2 finds E1 and A1 waiting (behind), supersedes A1; A3
-    # supersedes A2 likewise.
+    # Put within one turn, before the writes: A2 finds E1 and A1 waiting (behind), supersedes
+    # A1; A3 supersedes A2 likewise.
     for frame, pair in [("E1", None), ("A1", "A"), ("A2", "A"), ("B1", "B"), ("A3", "A")]:
         assert queue.put(frame, pair)
     await socket.wait_for(3)
@@ -165,3 +165,78 @@ async def test_rates_go_to_their_pair_and_to_wildcard_sockets_only() -> None:
     assert eth.frames == ["btc2", "btc3"]
     for queue in queues:
         await queue.stop()
+
+
+async def test_sockets_that_keep_up_are_written_to_by_one_callback_at_the_end_of_the_turn() -> None:
+    # No task wakes per socket and event: the frames go at the next turn of the loop, before
+    # anything scheduled after them.
+    sockets = [FakeSocket() for _ in range(3)]
+    queues = [queue_for(socket, pairs=None) for socket in sockets]
+    hub = Hub()
+    for queue in queues:
+        hub.add(queue)
+    hub.publish("E1")
+    hub.publish_rate("A", "A1")
+    assert all(socket.frames == [] for socket in sockets)
+    after = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(after.set_result, None)
+    await after
+    assert all(socket.frames == ["E1", "A1"] for socket in sockets)
+    for queue in queues:
+        await queue.stop()
+
+
+async def test_a_send_that_waits_is_finished_by_a_task_then_the_socket_is_written_at_once() -> None:
+    socket = FakeSocket()
+    socket.gate.clear()
+    queue = queue_for(socket, pairs=None)
+    assert queue.put("E1")  # blocks in send: a task takes over
+    assert queue.put("E2")
+    await asyncio.sleep(0)
+    assert socket.frames == []
+    socket.gate.set()
+    await socket.wait_for(2)
+    assert socket.frames == ["E1", "E2"]
+    await asyncio.sleep(0)  # the task ends with the queue empty
+    assert queue.put("E3")
+    await asyncio.sleep(0)
+    assert socket.frames == ["E1", "E2", "E3"]  # at the turn's end again, by no task
+    assert queue.sent == 3
+    await queue.stop()
+
+
+async def test_a_send_that_fails_after_waiting_marks_the_socket_gone() -> None:
+    failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    sent: list[str] = []
+    finished = asyncio.Event()
+
+    async def send(frame: str) -> None:
+        try:
+            await failure
+            sent.append(frame)
+        finally:
+            finished.set()  # the error goes on up to the queue's task in the same step
+
+    async def close(code: int) -> None:
+        raise AssertionError("a socket that went away is not closed by the hub")
+
+    queue = SocketQueue(send, close, pairs=None)
+    queue.start()
+    assert queue.put("E1")
+    await asyncio.sleep(0)  # the turn's writes: E1's send waits on `failure`
+    failure.set_exception(ConnectionResetError("peer gone"))
+    async with asyncio.timeout(2):
+        await finished.wait()
+    assert queue.kicked
+    assert queue.put("E2") is False
+    assert sent == []
+    await queue.stop()
+
+
+async def test_a_stopped_queue_writes_nothing_more_not_even_the_frames_due_this_turn() -> None:
+    socket = FakeSocket()
+    queue = queue_for(socket, pairs=None)
+    assert queue.put("E1")
+    await queue.stop()  # the socket went away before the turn's writes
+    await asyncio.sleep(0)
+    assert socket.frames == []
