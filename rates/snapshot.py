@@ -24,9 +24,22 @@ from django.utils import timezone
 
 from items.models import Item
 from rates import policy
+from rates.consensus import spread_bps
 from rates.models import CurrentRate
 
 logger = logging.getLogger(__name__)
+
+
+# The evidence fields of a current rate (docs/api.md#json-shapes) and what they are when an
+# older writer left them out: one list for the event, the row and the snapshot.
+EVIDENCE_DEFAULTS: dict[str, Any] = {
+    "mode": policy.PRIORITY,
+    "n_sources": 1,
+    "dispersion_bps": None,
+    "bid": None,
+    "ask": None,
+    "spread_bps": None,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +53,15 @@ class Course:
     derived: bool
     version: int
     route: tuple[dict[str, Any], ...] = ()
+    # `mode`, `n_sources`, `dispersion_bps`, `bid`, `ask`, `spread_bps`: computed once by the
+    # owner for this version, shown as they are.
+    evidence: tuple[tuple[str, Any], ...] = ()
+    # Every source considered (shown with `expand=sources`).
+    sources: tuple[dict[str, Any], ...] = ()
 
-    def to_dict(self, now: datetime) -> dict[str, Any]:
+    def to_dict(self, now: datetime, *, expand: bool = False) -> dict[str, Any]:
         status = policy.read_status(self.status, self.provider, self.checked_at, now=now)
-        return {
+        answer = {
             "direction": self.direction,
             "value": self.value,
             "provider": self.provider,
@@ -55,7 +73,11 @@ class Course:
             "version": self.version,
             "stale": status == policy.STALE,
             "age_s": round(max(0.0, (now - self.checked_at).total_seconds()), 3),
+            **dict(self.evidence),
         }
+        if expand:
+            answer["sources"] = sources_view(self.sources, now=now)
+        return answer
 
     @property
     def fresh_until(self) -> datetime:
@@ -90,6 +112,61 @@ def route_from_db(legs: Any) -> tuple[dict[str, Any], ...]:
     )
 
 
+def _optional_decimal(value: Any) -> Decimal | None:
+    return None if value is None else _decimal(value)
+
+
+def sources_to_db(sources: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sources as JSON text values (the CurrentRate column), exact decimals as strings."""
+    return [
+        {
+            **source,
+            "value": format(source["value"], "f"),
+            "bid": None if source["bid"] is None else format(source["bid"], "f"),
+            "ask": None if source["ask"] is None else format(source["ask"], "f"),
+            "source_time": _parse_time(source["source_time"]).isoformat(),
+        }
+        for source in sources
+    ]
+
+
+def sources_from_db(sources: Any) -> tuple[dict[str, Any], ...]:
+    """Sources from JSON (an event, or the CurrentRate column) with typed values."""
+    if not sources:
+        return ()
+    return tuple(
+        {
+            "provider": str(source["provider"]),
+            "value": _decimal(source["value"]),
+            "bid": _optional_decimal(source.get("bid")),
+            "ask": _optional_decimal(source.get("ask")),
+            "source_time": _parse_time(source["source_time"]),
+            "excluded": bool(source.get("excluded", False)),
+            "reason": None if source.get("reason") is None else str(source["reason"]),
+        }
+        for source in sources
+    )
+
+
+def sources_view(sources: Iterable[dict[str, Any]], *, now: datetime) -> list[dict[str, Any]]:
+    """`sources` as payloads show them (`expand=sources`), each with its age at `now`."""
+    return [
+        {**source, "age_s": round(max(0.0, (now - source["source_time"]).total_seconds()), 3)}
+        for source in sources
+    ]
+
+
+def evidence_from(data: Any) -> tuple[tuple[str, Any], ...]:
+    """The evidence fields of an event's data or a row's fields, typed, defaults for absent."""
+    get = data.get if isinstance(data, dict) else lambda name, default: getattr(data, name, default)
+    found = {name: get(name, default) for name, default in EVIDENCE_DEFAULTS.items()}
+    found["mode"] = str(found["mode"])
+    found["n_sources"] = int(found["n_sources"])
+    for name in ("dispersion_bps", "bid", "ask", "spread_bps"):
+        found[name] = _optional_decimal(found[name])
+    return tuple(found.items())
+
+
 def course_from_event(data: dict[str, Any]) -> Course:
     """A `rate.updated` payload as a Course; ValueError when it is malformed."""
     try:
@@ -105,6 +182,8 @@ def course_from_event(data: dict[str, Any]) -> Course:
             derived=bool(data.get("derived", False)),
             version=int(data.get("version") or 0),
             route=route_from_db(data.get("route")),
+            evidence=evidence_from(data),
+            sources=sources_from_db(data.get("sources")),
         )
     except (KeyError, TypeError, ValueError, InvalidOperation) as exc:
         raise ValueError(f"malformed rate.updated data: {exc}") from None
@@ -121,6 +200,15 @@ def course_from_row(code: str, row: CurrentRate) -> Course:
         derived=row.derived,
         version=row.version,
         route=route_from_db(row.route),
+        evidence=evidence_from(
+            {
+                **{name: getattr(row, name) for name in ("mode", "n_sources", "dispersion_bps")},
+                "bid": row.bid,
+                "ask": row.ask,
+                "spread_bps": spread_bps(row.bid, row.ask, row.value),
+            }
+        ),
+        sources=sources_from_db(row.sources),
     )
 
 
@@ -204,16 +292,19 @@ class RatesSnapshot:
         with self._lock:
             return frozenset(self._active)
 
-    def courses(self, pairs: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    def courses(
+        self, pairs: Iterable[str] | None = None, *, expand: bool = False
+    ) -> list[dict[str, Any]]:
         """The latest course of each active pair asked for (all when None), sorted by pair.
 
-        A pair never quoted is left out; each course says whether it is `stale`.
+        A pair never quoted is left out; each course says whether it is `stale`, and with
+        `expand` lists its `sources`.
         """
         now = timezone.now()
         with self._lock:
             wanted = self._active if pairs is None else self._active.intersection(pairs)
             found = [self._courses[code] for code in sorted(wanted) if code in self._courses]
-        return [course.to_dict(now) for course in found]
+        return [course.to_dict(now, expand=expand) for course in found]
 
     def next_change(self, now: datetime | None = None) -> datetime | None:
         """The earliest moment a fresh course turns stale with no event (cache expiry)."""
@@ -235,6 +326,6 @@ class RatesSnapshot:
 snapshot = RatesSnapshot()
 
 
-def courses(pairs: Iterable[str] | None = None) -> list[dict[str, Any]]:
+def courses(pairs: Iterable[str] | None = None, *, expand: bool = False) -> list[dict[str, Any]]:
     """Module-level shortcut: `snapshot.courses(pairs)`."""
-    return snapshot.courses(pairs)
+    return snapshot.courses(pairs, expand=expand)
