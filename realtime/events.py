@@ -28,6 +28,7 @@ _SUBJECTS = {
     "item.deleted": "items.deleted",
     "fetch.completed": "fetch.completed",
     "provider.state": "provider.state",
+    "quote.excluded": "quotes.excluded",
 }
 
 _transports: list[Transport] = []

@@ -34,7 +34,7 @@ def event_subjects(prefix: str) -> list[str]:
     answered by JetStream's publish acknowledgement before the owner could reply, and control
     requests are not events anyone should replay.
     """
-    return [f"{prefix}.{family}.>" for family in ("items", "rates", "fetch", "provider")]
+    return [f"{prefix}.{family}.>" for family in ("items", "rates", "fetch", "provider", "quotes")]
 
 
 def control_prefix(prefix: str) -> str:
