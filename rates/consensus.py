@@ -147,3 +147,17 @@ def price(sources: Sequence[Source], *, places: int) -> Priced:
         n_sources=len(included),
         dispersion_bps=dispersion_bps([source.value for source in included], value),
     )
+
+
+def with_markup(
+    value: Decimal, bid: Decimal | None, ask: Decimal | None, markup_bps: Decimal, *, places: int
+) -> tuple[Decimal, Decimal]:
+    """(buy, sell): ask × (1 + markup) and bid × (1 − markup), the value in place of a missing
+    side, rounded half-even to `places`."""
+    step = Decimal(1).scaleb(-places)
+    with localcontext() as context:
+        context.prec = _WIDE
+        markup = markup_bps / _BP
+        buy = (value if ask is None else ask) * (1 + markup)
+        sell = (value if bid is None else bid) * (1 - markup)
+    return buy.quantize(step, ROUND_HALF_EVEN), sell.quantize(step, ROUND_HALF_EVEN)

@@ -24,10 +24,13 @@ from django.utils import timezone
 
 from items.models import Item
 from rates import policy
-from rates.consensus import spread_bps
+from rates.consensus import spread_bps, with_markup
 from rates.models import CurrentRate
+from rates.validation import DECIMAL_PLACES
 
 logger = logging.getLogger(__name__)
+
+_NO_MARKUP = Decimal(0)
 
 
 # The evidence fields of a current rate (docs/api.md#json-shapes) and what they are when an
@@ -40,6 +43,8 @@ EVIDENCE_DEFAULTS: dict[str, Any] = {
     "ask": None,
     "spread_bps": None,
 }
+# Every evidence field a payload may carry (docs/api.md#json-shapes).
+EVIDENCE_FIELDS = (*EVIDENCE_DEFAULTS, "buy", "sell", "sources")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +64,11 @@ class Course:
     # Every source considered (shown with `expand=sources`).
     sources: tuple[dict[str, Any], ...] = ()
 
-    def to_dict(self, now: datetime, *, expand: bool = False) -> dict[str, Any]:
+    def to_dict(
+        self, now: datetime, *, expand: bool = False, markup_bps: Decimal = _NO_MARKUP
+    ) -> dict[str, Any]:
         status = policy.read_status(self.status, self.provider, self.checked_at, now=now)
-        answer = {
+        return {
             "direction": self.direction,
             "value": self.value,
             "provider": self.provider,
@@ -73,11 +80,15 @@ class Course:
             "version": self.version,
             "stale": status == policy.STALE,
             "age_s": round(max(0.0, (now - self.checked_at).total_seconds()), 3),
-            **dict(self.evidence),
+            **rate_evidence(
+                self.value,
+                dict(self.evidence),
+                self.sources,
+                now=now,
+                expand=expand,
+                markup_bps=markup_bps,
+            ),
         }
-        if expand:
-            answer["sources"] = sources_view(self.sources, now=now)
-        return answer
 
     @property
     def fresh_until(self) -> datetime:
@@ -148,6 +159,27 @@ def sources_from_db(sources: Any) -> tuple[dict[str, Any], ...]:
     )
 
 
+def rate_evidence(
+    value: Decimal,
+    evidence: dict[str, Any],
+    sources: Iterable[dict[str, Any]],
+    *,
+    now: datetime,
+    expand: bool,
+    markup_bps: Decimal,
+) -> dict[str, Any]:
+    """The evidence fields of a current-rate payload (docs/api.md#json-shapes): the owner's
+    (`mode`, `n_sources`, `dispersion_bps`, `bid`, `ask`, `spread_bps`), the item's `buy` and
+    `sell`, and with `expand` the `sources`. The one function every surface renders them with."""
+    found = {**EVIDENCE_DEFAULTS, **evidence}
+    found["buy"], found["sell"] = with_markup(
+        value, found["bid"], found["ask"], markup_bps, places=DECIMAL_PLACES
+    )
+    if expand:
+        found["sources"] = sources_view(sources, now=now)
+    return found
+
+
 def sources_view(sources: Iterable[dict[str, Any]], *, now: datetime) -> list[dict[str, Any]]:
     """`sources` as payloads show them (`expand=sources`), each with its age at `now`."""
     return [
@@ -200,16 +232,28 @@ def course_from_row(code: str, row: CurrentRate) -> Course:
         derived=row.derived,
         version=row.version,
         route=route_from_db(row.route),
-        evidence=evidence_from(
-            {
-                **{name: getattr(row, name) for name in ("mode", "n_sources", "dispersion_bps")},
-                "bid": row.bid,
-                "ask": row.ask,
-                "spread_bps": spread_bps(row.bid, row.ask, row.value),
-            }
-        ),
+        evidence=row_evidence(row),
         sources=sources_from_db(row.sources),
     )
+
+
+def row_evidence(row: CurrentRate) -> tuple[tuple[str, Any], ...]:
+    """The evidence fields of a CurrentRate row (`spread_bps` computed from its sides)."""
+    return evidence_from(
+        {
+            **{name: getattr(row, name) for name in ("mode", "n_sources", "dispersion_bps")},
+            "bid": row.bid,
+            "ask": row.ask,
+            "spread_bps": spread_bps(row.bid, row.ask, row.value),
+        }
+    )
+
+
+def _markup_of(data: dict[str, Any]) -> Decimal:
+    try:
+        return _decimal(data.get("markup_bps") or 0)
+    except (ValueError, InvalidOperation):
+        return _NO_MARKUP
 
 
 class RatesSnapshot:
@@ -217,6 +261,8 @@ class RatesSnapshot:
         self._lock = threading.Lock()
         self._courses: dict[str, Course] = {}
         self._active: set[str] = set()
+        # Each active pair's item markup (items.models.Item.markup_bps), for `buy` and `sell`.
+        self._markup: dict[str, Decimal] = {}
         self._loaded = False
         self._version = 0
         self._items_generation = 0
@@ -242,12 +288,14 @@ class RatesSnapshot:
 
     def load(self) -> None:
         """Read the active items and the current rate of each from the read model (sync)."""
-        items = list(Item.objects.filter(is_active=True).values_list("id", "code"))
-        codes = dict(items)
+        items = list(Item.objects.filter(is_active=True).values_list("id", "code", "markup_bps"))
+        codes = {item_id: code for item_id, code, _ in items}
+        markup = {code: bps for _, code, bps in items}
         rows = CurrentRate.objects.filter(item_id__in=codes)
         loaded = {codes[row.item_id]: course_from_row(codes[row.item_id], row) for row in rows}
         with self._lock:
             self._active = set(codes.values())
+            self._markup = markup
             for code, course in loaded.items():
                 current = self._courses.get(code)
                 # An event that arrived while we were reading may be newer than the row.
@@ -283,10 +331,15 @@ class RatesSnapshot:
                 self._courses.pop(code, None)
             elif data.get("is_active", True):
                 self._active.add(code)
+                self._markup[code] = _markup_of(data)
             else:
                 self._active.discard(code)
             self._version += 1
             self._items_generation += 1
+
+    def markup_of(self, code: str) -> Decimal:
+        """The pair's item markup in bp (0 when unknown)."""
+        return self._markup.get(code, _NO_MARKUP)
 
     def active_pairs(self) -> frozenset[str]:
         with self._lock:
@@ -304,7 +357,11 @@ class RatesSnapshot:
         with self._lock:
             wanted = self._active if pairs is None else self._active.intersection(pairs)
             found = [self._courses[code] for code in sorted(wanted) if code in self._courses]
-        return [course.to_dict(now, expand=expand) for course in found]
+            markup = self._markup
+        return [
+            course.to_dict(now, expand=expand, markup_bps=markup.get(course.direction, _NO_MARKUP))
+            for course in found
+        ]
 
     def next_change(self, now: datetime | None = None) -> datetime | None:
         """The earliest moment a fresh course turns stale with no event (cache expiry)."""

@@ -51,7 +51,10 @@ def test_a_normal_spread_between_binance_bybit_and_coingecko_excludes_nobody(
     values: tuple[str, str, str],
 ) -> None:
     priced = consensus.price(
-        [source(name, value) for name, value in zip(("binance", "bybit", "coingecko"), values)],
+        [
+            source(name, value)
+            for name, value in zip(("binance", "bybit", "coingecko"), values, strict=True)
+        ],
         places=18,
     )
     assert excluded(priced) == []
@@ -120,7 +123,6 @@ def test_dispersion_is_half_the_interquartile_range_in_bp() -> None:
 
 
 def consensus_item(code: str = "BTC-USD") -> Item:
-    base, quote = code.split("-")
     return tracked(code, "consensus")
 
 
@@ -282,4 +284,5 @@ def test_a_new_owner_loads_a_consensus_rate_without_taking_it_for_a_source(
     services.board_load(board=board)
     state = board.state("BTC-USD", now=timezone.now())
     assert state.usable == ()
-    assert state.current is not None and state.current.sources[0]["provider"] == "binance"
+    assert state.current is not None
+    assert state.current.sources[0]["provider"] == "binance"
