@@ -358,7 +358,7 @@ def _priced_by_priority(
         # its answer, not the first to arrive, makes the pair's first status.
         return None, best
     others = [entry for entry in independent(state.usable) if entry is not best]
-    evidence = {
+    evidence: dict[str, Any] = {
         "mode": policy.PRIORITY,
         "n_sources": 1,
         "dispersion_bps": None,

@@ -188,12 +188,13 @@ def sources_view(sources: Iterable[dict[str, Any]], *, now: datetime) -> list[di
     ]
 
 
-def evidence_from(data: Any) -> tuple[tuple[str, Any], ...]:
+def evidence_from(data: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     """The evidence fields of an event's data or a row's fields, typed, defaults for absent."""
-    get = data.get if isinstance(data, dict) else lambda name, default: getattr(data, name, default)
-    found = {name: get(name, default) for name, default in EVIDENCE_DEFAULTS.items()}
+    found: dict[str, Any] = {
+        name: data.get(name, default) for name, default in EVIDENCE_DEFAULTS.items()
+    }
     found["mode"] = str(found["mode"])
-    found["n_sources"] = int(found["n_sources"])
+    found["n_sources"] = int(found["n_sources"] or 1)
     for name in ("dispersion_bps", "bid", "ask", "spread_bps"):
         found[name] = _optional_decimal(found[name])
     return tuple(found.items())

@@ -230,9 +230,9 @@ def test_the_default_pricing_is_the_setting_and_an_item_overrides_it(
     settings.KURS_PRICING = "consensus"
     by_default = tracked("BTC-USD", None)
     by_priority = tracked("ETH-USD", "priority")
-    for name, btc, eth in (("binance", "100", "10"), ("bybit", "102", "10.2")):
-        accept(make_quote(name, "BTC-USD", btc), django_capture_on_commit_callbacks)
-        accept(make_quote(name, "ETH-USD", eth), django_capture_on_commit_callbacks)
+    for name, btc_value, eth_value in (("binance", "100", "10"), ("bybit", "102", "10.2")):
+        accept(make_quote(name, "BTC-USD", btc_value), django_capture_on_commit_callbacks)
+        accept(make_quote(name, "ETH-USD", eth_value), django_capture_on_commit_callbacks)
     btc = CurrentRate.objects.get(item=by_default)
     eth = CurrentRate.objects.get(item=by_priority)
     assert (btc.provider, btc.value, btc.n_sources, btc.dispersion_bps) == (

@@ -23,7 +23,7 @@ D = Decimal
 
 
 @pytest.fixture
-def auth() -> dict[str, str]:
+def auth() -> dict[str, Any]:
     _, raw_key = item_services.api_key_create(name="tests")
     return {"HTTP_X_API_KEY": raw_key}
 
@@ -47,7 +47,7 @@ def quote_btc_usd(capture: Any, skewed: str = "97010") -> None:
 
 
 def test_pricing_and_markup_are_set_by_post_and_patch_and_validated(
-    client: Client, auth: dict[str, str]
+    client: Client, auth: dict[str, Any]
 ) -> None:
     created = body(
         client.post(
