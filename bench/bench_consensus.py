@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import random
@@ -31,7 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -55,7 +56,7 @@ SURFACES = ("rest", "ws", "sse", "nats")
 
 def truth(emulator: Any) -> Decimal:
     books = emulator.market.books
-    values = [
+    values: list[Decimal] = [
         books["binance"].prices["BTCUSDT"],
         books["bybit"].prices["BTCUSDT"],
         books["coingecko"].prices["bitcoin.usd"],
@@ -174,8 +175,8 @@ async def measure(pricing: str, runs: int, poll: float, skew: float) -> list[dic
                     if latest is None:
                         return False
                     if pricing == "priority":
-                        return latest["provider"] == "binance" and latest["status"] == "live"
-                    return latest["n_sources"] == 3 and latest["status"] == "live"
+                        return bool(latest["provider"] == "binance" and latest["status"] == "live")
+                    return bool(latest["n_sources"] == 3 and latest["status"] == "live")
 
                 await wait_until(agreed, within=90, what=f"{pricing}: three sources agreeing")
                 for _ in range(runs):
@@ -237,9 +238,13 @@ def decide_cost(decides: int) -> tuple[float, float]:
     usable = (entry("binance", "97000.12"), entry("bybit", "97003.5"), entry("coingecko", "96990"))
     costs = []
     for mode in (policy.PRIORITY, policy.CONSENSUS):
-        state = PairState(usable, None, (0, 0), (), mode)
-        step: Callable[[], Any] = lambda state=state: services.decide(  # noqa: E731
-            PAIR, state, now=now, incoming=usable[1], monotonic=time.monotonic()
+        step = functools.partial(
+            services.decide,
+            PAIR,
+            PairState(usable, None, (0, 0), (), mode),
+            now=now,
+            incoming=usable[1],
+            monotonic=time.monotonic(),
         )
         step()
         rounds = []

@@ -33,7 +33,7 @@ async def list_items(request: HttpRequest, filters: Query[ItemListQuery]) -> Que
     return selectors.item_list(is_active=filters.is_active)
 
 
-@router.get("/{int:item_id}", response={200: ItemDetailOut, **errors(404, 429)})
+@router.get("/{int:item_id}", response={200: ItemDetailOut, **errors(404, 422, 429)})
 async def get_item(
     request: HttpRequest, item_id: int, query: Query[ExpandQuery]
 ) -> HttpResponseBase:

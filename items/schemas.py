@@ -2,11 +2,19 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Annotated, Literal
 
 from ninja import Schema
-from pydantic import ConfigDict, Field, StrictBool, StrictStr, WithJsonSchema, field_validator
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    WithJsonSchema,
+    field_validator,
+)
 
 from items.models import ASSET_CODE_RE, MAX_MARKUP_BPS, normalise_asset
 
@@ -19,10 +27,19 @@ ASSET_CODE_INPUT_RE = re.compile(ASSET_CODE_INPUT_PATTERN)
 
 
 Pricing = Literal["priority", "consensus"]
-# A markup in basis points, 0 to 1000 (10 %), at most 2 decimal places; exact JSON numbers.
+_MARKUP_STEP = Decimal("0.01")
+
+
+def _markup_places(value: Decimal) -> Decimal:
+    # The column keeps hundredths of a basis point: more places are rounded once, half to even.
+    return value.quantize(_MARKUP_STEP, rounding=ROUND_HALF_EVEN)
+
+
+# A markup in basis points, 0 to 1000 (10 %), kept to 2 decimal places; exact JSON numbers.
 MarkupBps = Annotated[
     Decimal,
-    Field(ge=0, le=MAX_MARKUP_BPS, decimal_places=2),
+    Field(ge=0, le=MAX_MARKUP_BPS),
+    AfterValidator(_markup_places),
     WithJsonSchema({"type": "number", "minimum": 0, "maximum": 1000}),
 ]
 _PRICING_DOC = "`priority` or `consensus`; null: the default, KURS_PRICING"

@@ -95,7 +95,7 @@ async def list_rates(
 
 @router.get(
     "/items/{int:item_id}/rates/latest",
-    response={200: CurrentRateOut, **errors(404, 429)},
+    response={200: CurrentRateOut, **errors(404, 422, 429)},
     summary="The item's current rate: who serves it, its status and age (404 before the first)",
 )
 async def latest_rate(

@@ -69,7 +69,16 @@ def test_pricing_and_markup_are_set_by_post_and_patch_and_validated(
     )
     assert (patched["pricing"], patched["markup_bps"]) == (None, D("25.5"))
     assert Item.objects.get(pk=item_id).pricing is None
-    for bad in ({"pricing": "median"}, {"markup_bps": 1001}, {"markup_bps": "0.001"}):
+    rounded = body(
+        client.patch(
+            f"/api/v1/items/{item_id}",
+            {"markup_bps": "12.345"},
+            content_type="application/json",
+            **auth,
+        )
+    )
+    assert rounded["markup_bps"] == D("12.34")  # hundredths of a bp, half to even
+    for bad in ({"pricing": "median"}, {"markup_bps": 1001}, {"markup_bps": "abc"}):
         response = client.patch(
             f"/api/v1/items/{item_id}", bad, content_type="application/json", **auth
         )
