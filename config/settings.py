@@ -218,6 +218,9 @@ if KURS_USD_PROXY and not re.match(r"^[A-Z0-9]{2,12}$", KURS_USD_PROXY):
 KURS_PEGS = env.pegs("KURS_PEGS", "USDT:USD:0.01")
 KURS_STALE_AFTER = env.positive_float("KURS_STALE_AFTER", 30.0)
 KURS_MAX_JUMP = env.positive_float("KURS_MAX_JUMP", 0.2)
+# How items that do not set their own `pricing` are priced (docs/rates.md#consensus-pricing).
+KURS_PRICING = env.choice("KURS_PRICING", "priority", {"priority", "consensus"})
+KURS_CONSENSUS_MIN_SOURCES = env.positive_int("KURS_CONSENSUS_MIN_SOURCES", 2)
 KURS_HISTORY_DAYS = env.positive_int("KURS_HISTORY_DAYS", 90)
 KURS_WS_HEARTBEAT = env.positive_float("KURS_WS_HEARTBEAT", 30.0)
 # Browser origins allowed on /ws/items and the stream besides DJANGO_ALLOWED_HOSTS

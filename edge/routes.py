@@ -72,11 +72,15 @@ async def _courses(call: Call) -> Any:
     return courses_cache.answer_query(call.query, call.if_none_match)
 
 
-async def _item(call: Call) -> Answer:
+async def _item(call: Call) -> Answer | None:
+    if call.query:
+        return None  # `expand=sources` (or a query ninja ignores): Django's route answers
     return await item_details.answer(call.kwargs["item_id"])
 
 
 async def _pair(call: Call) -> Answer | None:
+    if call.query:
+        return None  # `expand=sources` (or a query ninja ignores): Django's route answers
     try:
         pair = PairPath.model_validate(call.kwargs)
     except ValidationError:

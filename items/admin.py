@@ -3,6 +3,7 @@ produce the same events as API changes."""
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from django import forms
@@ -26,7 +27,15 @@ else:
 class ItemForm(ItemFormBase):
     class Meta:
         model = Item
-        fields = ("base", "quote", "name", "is_active")
+        fields = ("base", "quote", "name", "is_active", "pricing", "markup_bps")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["markup_bps"].required = False  # empty: no markup
+
+    def clean_markup_bps(self) -> Decimal:
+        value = self.cleaned_data.get("markup_bps")
+        return Decimal(0) if value is None else value
 
     def clean_base(self) -> str:
         return normalise_asset(self.cleaned_data["base"])
@@ -38,7 +47,7 @@ class ItemForm(ItemFormBase):
 @admin.register(Item)
 class ItemAdmin(ItemAdminBase):
     form = ItemForm
-    list_display: tuple[str, ...] = ("code", "name", "is_active", "updated_at")
+    list_display: tuple[str, ...] = ("code", "name", "is_active", "pricing", "updated_at")
     list_filter = ("is_active", "quote", "base")
     search_fields = ("code", "name", "base", "quote")
     ordering = ("code",)
@@ -56,10 +65,17 @@ class ItemAdmin(ItemAdminBase):
                 item=Item.objects.get(pk=obj.pk),
                 name=form.cleaned_data["name"],
                 is_active=form.cleaned_data["is_active"],
+                pricing=form.cleaned_data["pricing"] or None,
+                markup_bps=form.cleaned_data["markup_bps"],
             )
         else:
             created = services.item_create(
-                base=obj.base, quote=obj.quote, name=obj.name, is_active=obj.is_active
+                base=obj.base,
+                quote=obj.quote,
+                name=obj.name,
+                is_active=obj.is_active,
+                pricing=obj.pricing or None,
+                markup_bps=obj.markup_bps,
             )
             obj.pk, obj.code = created.pk, created.code
 

@@ -18,7 +18,7 @@ from items import selectors, services
 from items.models import Item
 from items.schemas import ItemIn, ItemOut, ItemPatch
 from rates.detail import item_details
-from rates.schemas import ItemDetailOut, errors
+from rates.schemas import ExpandQuery, ItemDetailOut, errors
 
 router = Router(tags=["items"])
 
@@ -33,16 +33,24 @@ async def list_items(request: HttpRequest, filters: Query[ItemListQuery]) -> Que
     return selectors.item_list(is_active=filters.is_active)
 
 
-@router.get("/{int:item_id}", response={200: ItemDetailOut, **errors(404, 429)})
-async def get_item(request: HttpRequest, item_id: int) -> HttpResponseBase:
+@router.get("/{int:item_id}", response={200: ItemDetailOut, **errors(404, 422, 429)})
+async def get_item(
+    request: HttpRequest, item_id: int, query: Query[ExpandQuery]
+) -> HttpResponseBase:
     # The edge's route table answers from the cache; this entrance reads the database.
-    return to_response(await item_details.answer(item_id, fresh=True))
+    answer = await item_details.answer(item_id, fresh=True, expand=query.expand is not None)
+    return to_response(answer)
 
 
 @router.post("", response={201: ItemOut, **errors(400, 401, 409, 422)}, auth=write_auth)
 async def create_item(request: HttpRequest, payload: ItemIn) -> Status[Item]:
     item = await sync_to_async(services.item_create)(
-        base=payload.base, quote=payload.quote, name=payload.name, is_active=payload.is_active
+        base=payload.base,
+        quote=payload.quote,
+        name=payload.name,
+        is_active=payload.is_active,
+        pricing=payload.pricing,
+        markup_bps=payload.markup_bps,
     )
     return Status(201, item)
 
@@ -53,7 +61,7 @@ async def create_item(request: HttpRequest, payload: ItemIn) -> Status[Item]:
 async def patch_item(request: HttpRequest, item_id: int, payload: ItemPatch) -> Item:
     item = await selectors.item_get(item_id=item_id)
     return await sync_to_async(services.item_update)(
-        item=item, name=payload.name, is_active=payload.is_active
+        item=item, **payload.model_dump(exclude_unset=True)
     )
 
 

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from typing import Any
 
 from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 ASSET_CODE_RE = re.compile(r"^[A-Z0-9]{2,12}$")
@@ -34,7 +36,23 @@ def validate_printable(value: str) -> None:
 
 
 # What an Item is to the outside world (API, events): one list, used by the schema and the events.
-ITEM_FIELDS = ("id", "code", "base", "quote", "name", "is_active", "created_at", "updated_at")
+ITEM_FIELDS = (
+    "id",
+    "code",
+    "base",
+    "quote",
+    "name",
+    "is_active",
+    "pricing",
+    "markup_bps",
+    "created_at",
+    "updated_at",
+)
+
+# How an item's rate is priced (docs/rates.md#consensus-pricing); null: KURS_PRICING.
+PRICING_CHOICES = [("priority", "priority"), ("consensus", "consensus")]
+# A markup of at most 10 % (1000 bp), in hundredths of a basis point.
+MAX_MARKUP_BPS = Decimal(1000)
 
 
 class Item(models.Model):
@@ -45,6 +63,21 @@ class Item(models.Model):
     code = models.CharField(max_length=25, unique=True, editable=False)
     name = models.CharField(max_length=100, blank=True, default="", validators=[validate_printable])
     is_active = models.BooleanField(default=True, db_index=True)
+    # Null, not "": the API shows `"pricing": null` for "the default" (KURS_PRICING).
+    pricing = models.CharField(  # noqa: DJ001
+        max_length=16,
+        choices=PRICING_CHOICES,
+        null=True,
+        blank=True,
+        help_text="priority or consensus; empty: the default, KURS_PRICING",
+    )
+    markup_bps = models.DecimalField(
+        max_digits=6,
+        decimal_places=2,
+        default=Decimal(0),
+        validators=[MinValueValidator(Decimal(0)), MaxValueValidator(MAX_MARKUP_BPS)],
+        help_text="basis points added to ask (buy) and taken from bid (sell), 0 to 1000",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

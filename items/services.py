@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import secrets
+from decimal import Decimal
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -16,6 +18,13 @@ from items.selectors import item_fields
 from realtime import events
 
 API_KEY_PREFIX = "kurs_"
+
+
+class _Unset(enum.Enum):
+    UNSET = "unset"
+
+
+UNSET = _Unset.UNSET
 
 
 def item_to_event(item: Item) -> dict[str, Any]:
@@ -40,7 +49,15 @@ def _checked_name(name: str) -> str:
 
 
 @transaction.atomic
-def item_create(*, base: str, quote: str, name: str = "", is_active: bool = True) -> Item:
+def item_create(
+    *,
+    base: str,
+    quote: str,
+    name: str = "",
+    is_active: bool = True,
+    pricing: str | None = None,
+    markup_bps: Decimal = Decimal(0),
+) -> Item:
     base = _checked_asset("base", base)
     quote = _checked_asset("quote", quote)
     name = _checked_name(name)
@@ -52,7 +69,14 @@ def item_create(*, base: str, quote: str, name: str = "", is_active: bool = True
     try:
         # A savepoint, so that losing a race to a concurrent create leaves this transaction usable.
         with transaction.atomic():
-            item = Item.objects.create(base=base, quote=quote, name=name, is_active=is_active)
+            item = Item.objects.create(
+                base=base,
+                quote=quote,
+                name=name,
+                is_active=is_active,
+                pricing=pricing,
+                markup_bps=markup_bps,
+            )
     except IntegrityError:
         raise ItemAlreadyExists(f"item {code} already exists") from None
     events.publish_on_commit("item.created", item_to_event(item))
@@ -60,7 +84,15 @@ def item_create(*, base: str, quote: str, name: str = "", is_active: bool = True
 
 
 @transaction.atomic
-def item_update(*, item: Item, name: str | None = None, is_active: bool | None = None) -> Item:
+def item_update(
+    *,
+    item: Item,
+    name: str | None = None,
+    is_active: bool | None = None,
+    pricing: str | None | _Unset = UNSET,
+    markup_bps: Decimal | None = None,
+) -> Item:
+    """Change what is given (`pricing=None` sets the default pricing; UNSET leaves it)."""
     fields: list[str] = []
     if name is not None:
         name = _checked_name(name)
@@ -70,6 +102,12 @@ def item_update(*, item: Item, name: str | None = None, is_active: bool | None =
     if is_active is not None and is_active != item.is_active:
         item.is_active = is_active
         fields.append("is_active")
+    if not isinstance(pricing, _Unset) and pricing != item.pricing:
+        item.pricing = pricing
+        fields.append("pricing")
+    if markup_bps is not None and markup_bps != item.markup_bps:
+        item.markup_bps = markup_bps
+        fields.append("markup_bps")
     if fields:
         item.save(update_fields=[*fields, "updated_at"])
         events.publish_on_commit("item.updated", item_to_event(item))

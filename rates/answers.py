@@ -15,14 +15,21 @@ from rates.providers import Pair
 from rates.schemas import ConvertIn, ConvertOut, PairPath, PairRateOut
 
 
-async def pair_answer(pair: PairPath, client: str) -> Answer:
+async def pair_answer(pair: PairPath, client: str, *, expand: bool = False) -> Answer:
     """`client` (edge.clients) pays for a pair priced anew (rates.ondemand's budgets)."""
-    priced = await ondemand.pair_rate(Pair(pair.base, pair.quote), client=client or None)
+    priced = await ondemand.pair_rate(
+        Pair(pair.base, pair.quote), client=client or None, expand=expand
+    )
     return render(PairRateOut, priced)
 
 
 async def convert_answer(asked: ConvertIn, client: str) -> Answer:
     result = await ondemand.convert(
-        source=asked.from_, target=asked.to, amount=asked.amount, client=client or None
+        source=asked.from_,
+        target=asked.to,
+        amount=asked.amount,
+        client=client or None,
+        side=asked.side,
+        expand=asked.expand is not None,
     )
     return render(ConvertOut, result, by_alias=True)

@@ -36,6 +36,7 @@ from rates.schemas import (
     CoursesOut,
     CoursesQueryIn,
     CurrentRateOut,
+    ExpandQuery,
     PairPath,
     PairRateOut,
     PegOut,
@@ -96,12 +97,16 @@ async def list_rates(
 
 @router.get(
     "/items/{int:item_id}/rates/latest",
-    response={200: CurrentRateOut, **errors(404, 429)},
+    response={200: CurrentRateOut, **errors(404, 422, 429)},
     summary="The item's current rate: who serves it, its status and age (404 before the first)",
 )
-async def latest_rate(request: HttpRequest, item_id: int) -> dict[str, object]:
+async def latest_rate(
+    request: HttpRequest, item_id: int, query: Query[ExpandQuery]
+) -> dict[str, object]:
     item = await item_get(item_id=item_id)
-    current = await selectors.current_rate_get(item_id=item.id)
+    current = await selectors.current_rate_get(
+        item_id=item.id, expand=query.expand is not None, markup_bps=item.markup_bps
+    )
     if current is None:
         raise HttpError(404, f"item {item_id} has no rate yet")
     return current
@@ -138,8 +143,11 @@ async def list_candles(
     response={200: PairRateOut, **errors(404, 422, 429, 503)},
     summary="The rate of any pair: tracked from the live snapshot, others fetched on demand",
 )
-async def pair_rate(request: HttpRequest, path: Path[PairPath]) -> HttpResponseBase:
-    return to_response(await pair_answer(path, client_of_request(request)))
+async def pair_rate(
+    request: HttpRequest, path: Path[PairPath], query: Query[ExpandQuery]
+) -> HttpResponseBase:
+    answer = await pair_answer(path, client_of_request(request), expand=query.expand is not None)
+    return to_response(answer)
 
 
 _CONVERT_RESPONSES = {200: ConvertOut, **errors(404, 422, 429, 503)}

@@ -19,6 +19,8 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
+
 from rates import policy
 from rates.validation import relative_change
 
@@ -72,11 +74,52 @@ class Current:
     route: tuple[dict[str, Any], ...]
     status: str
     version: int
+    # The evidence (docs/rates.md#consensus-pricing): `priority` or `consensus`, how many sources
+    # the value rests on, how far they disagree, and every source considered as the payloads
+    # show it ({"provider", "value", "bid", "ask", "source_time", "excluded", "reason"}).
+    mode: str = policy.PRIORITY
+    n_sources: int = 1
+    dispersion_bps: Decimal | None = None
+    sources: tuple[dict[str, Any], ...] = ()
     # time.monotonic() of the last write, for the confirmation throttle.
     written: float = 0.0
 
     def same_rate(self, entry: Entry) -> bool:
         return self.provider == entry.provider and self.value == entry.value
+
+    @property
+    def excluded_providers(self) -> frozenset[str]:
+        """The sources this rate's pricing left out as outliers."""
+        return frozenset(
+            source["provider"] for source in self.sources if source.get("reason") == "outlier"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PairState:
+    """One pair as the board holds it at `now`, read under one lock: what `decide` needs."""
+
+    # Fresh entries of providers that are up, best priority first (direct before cross rates).
+    usable: tuple[Entry, ...]
+    current: Current | None
+    # The best priority that could serve the pair (`expected_priority`).
+    expected: tuple[int, ...] | None
+    # A new pair's first round: the priorities of the providers not yet heard from.
+    awaited: tuple[tuple[int, ...], ...]
+    # The item's pricing (`priority` or `consensus`), KURS_PRICING applied.
+    mode: str
+
+    def best(self, *, direct_only: bool = False) -> Entry | None:
+        for entry in self.usable:
+            if not (direct_only and entry.derived):
+                return entry
+        return None
+
+    def awaits_better(self, priority: tuple[int, ...] | None) -> bool:
+        """Waiting, in its first round, for a provider that outranks `priority` (any: None)?"""
+        if not self.awaited:
+            return False
+        return priority is None or any(rank < priority for rank in self.awaited)
 
 
 @dataclass
@@ -97,8 +140,10 @@ class QuoteBoard:
     # A new pair's first round (see `start_first_round`): pair -> provider -> (its priority,
     # time.monotonic() after which it is no longer waited for).
     first_round: dict[str, dict[str, tuple[tuple[int, ...], float]]] = field(default_factory=dict)
-    # Active items: code -> id, refreshed by rates.services when older than its TTL.
+    # Active items: code -> id, and code -> pricing (null: KURS_PRICING), refreshed by
+    # rates.services when older than its TTL.
     items: dict[str, int] = field(default_factory=dict)
+    pricing: dict[str, str | None] = field(default_factory=dict)
     items_loaded_at: float | None = None
     # May this board write and publish? The owner's lease check; None: always (tests, benches).
     guard: Callable[[], bool] | None = None
@@ -114,6 +159,8 @@ class QuoteBoard:
             for pair, current in rows:
                 self.current[pair] = current
                 self.references[pair] = current.value
+                if current.provider == policy.CONSENSUS_PROVIDER:
+                    continue  # a median is no source: the providers' next quotes are
                 entry = Entry(
                     provider=current.provider,
                     value=current.value,
@@ -219,12 +266,46 @@ class QuoteBoard:
         ]
         return min(usable, key=lambda entry: entry.priority, default=None)
 
-    def expected_priority(self, pair: str) -> tuple[int, ...] | None:
-        """The best priority that could serve `pair`: a provider that quotes it, or has."""
+    def state(self, pair: str, *, now: datetime) -> PairState:
+        """Everything `rates.services.decide` reads about `pair`, in one locked read."""
+        monotonic = time.monotonic()
         with self._lock:
-            known = [entry.priority for entry in self.accepted.get(pair, {}).values()]
-            known += [entry.priority for entry in self.candidates.get(pair, {}).values()]
-            possible = self.best_possible.get(pair)
+            entries = list(self.accepted.get(pair, {}).values())
+            down = set(self.down)
+            current = self.current.get(pair)
+            expected = self._expected_priority(pair)
+            awaited = self._awaited(pair, monotonic)
+            mode = self.pricing.get(pair) or settings.KURS_PRICING
+        usable = sorted(
+            (
+                entry
+                for entry in entries
+                if entry.fresh_until >= now and not down.intersection(entry.sources)
+            ),
+            key=lambda entry: entry.priority,
+        )
+        return PairState(tuple(usable), current, expected, awaited, mode)
+
+    def _awaited(self, pair: str, monotonic: float) -> tuple[tuple[int, ...], ...]:
+        awaited = self.first_round.get(pair)
+        if not awaited:
+            return ()
+        for name, (_, until) in list(awaited.items()):
+            if until < monotonic:  # a round that never ended (cancelled) holds nothing for long
+                del awaited[name]
+        if not awaited:
+            del self.first_round[pair]
+        return tuple(rank for rank, _ in awaited.values())
+
+    def expected_priority(self, pair: str) -> tuple[int, ...] | None:
+        with self._lock:
+            return self._expected_priority(pair)
+
+    def _expected_priority(self, pair: str) -> tuple[int, ...] | None:
+        """The best priority that could serve `pair`: a provider that quotes it, or has."""
+        known = [entry.priority for entry in self.accepted.get(pair, {}).values()]
+        known += [entry.priority for entry in self.candidates.get(pair, {}).values()]
+        possible = self.best_possible.get(pair)
         if possible is not None:
             known.append(possible)
         return min(known, default=None)
@@ -261,18 +342,9 @@ class QuoteBoard:
     def awaits_better(self, pair: str, priority: tuple[int, ...] | None) -> bool:
         """Is `pair` in its first round, waiting for a provider that outranks `priority` (any
         provider when None: nothing serves yet)?"""
-        now = time.monotonic()
         with self._lock:
-            awaited = self.first_round.get(pair)
-            if not awaited:
-                return False
-            for name, (_, until) in list(awaited.items()):
-                if until < now:  # a round that never ended (cancelled) holds nothing for long
-                    del awaited[name]
-            if not awaited:
-                del self.first_round[pair]
-                return False
-            return priority is None or any(rank < priority for rank, _ in awaited.values())
+            awaited = self._awaited(pair, time.monotonic())
+        return bool(awaited) and (priority is None or any(rank < priority for rank in awaited))
 
     def pairs(self) -> list[str]:
         """Every pair the board has a current rate or a quote for."""
@@ -318,7 +390,10 @@ class QuoteBoard:
         with self._lock:
             self.items_loaded_at = None
 
-    def set_items(self, items: Iterable[tuple[str, int]]) -> None:
+    def set_items(self, items: Iterable[tuple[str, int, str | None]]) -> None:
+        """The active items as (code, id, pricing)."""
         with self._lock:
-            self.items = dict(items)
+            rows = list(items)
+            self.items = {code: item_id for code, item_id, _ in rows}
+            self.pricing = {code: pricing for code, _, pricing in rows}
             self.items_loaded_at = time.monotonic()

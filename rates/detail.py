@@ -66,10 +66,16 @@ class ItemEntry:
     generation: tuple[int, int]  # (snapshot items generation, local generation) when read
     read_at: float
 
-    def view(self, now: datetime) -> dict[str, Any]:
-        """What the route answers: the item's fields and `latest`, judged at `now`."""
+    def view(self, now: datetime, *, expand: bool = False) -> dict[str, Any]:
+        """What the route answers: the item's fields and `latest`, judged at `now` (with its
+        `sources` when `expand`)."""
         row = self.row
-        return {**self.item, "latest": None if row is None else current_rate_view(row, now=now)}
+        latest = (
+            None
+            if row is None
+            else current_rate_view(row, now=now, expand=expand, markup_bps=self.item["markup_bps"])
+        )
+        return {**self.item, "latest": latest}
 
 
 def _read(item_id: int) -> tuple[dict[str, Any], CurrentRate | None] | None:
@@ -105,16 +111,22 @@ class ItemDetailCache:
         self._dumped: dict[int, tuple[ItemEntry, dict[str, Any]]] = {}
         self.reads = 0  # database reads: tests watch reuse with it
 
-    async def answer(self, item_id: int, *, fresh: bool = False) -> Answer:
+    async def answer(self, item_id: int, *, fresh: bool = False, expand: bool = False) -> Answer:
         """200 with the item and its current rate judged now; ItemNotFound when there is none.
 
-        `fresh` reads the database whatever the cache holds (and keeps what it read).
+        `fresh` reads the database whatever the cache holds (and keeps what it read); `expand`
+        lists the rate's sources (each with its age now: validated per request).
         """
         if not 0 < item_id <= _MAX_ID:
             raise ItemNotFound(f"item {item_id} not found")
         entry = await (self._load(item_id) if fresh else self.entry(item_id))
         if entry is None:
             raise ItemNotFound(f"item {item_id} not found")
+        if expand:
+            return json_answer(
+                200,
+                ItemDetailOut.model_validate(entry.view(timezone.now(), expand=True)).model_dump(),
+            )
         data = entry.view(timezone.now())
         # Validated once per entry (a pydantic pass costs 100 us here): validating a new age or
         # status changes neither, so they are put into the dumped entry as they are.

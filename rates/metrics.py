@@ -61,6 +61,12 @@ RATE_CHECKED = Gauge(
     ["pair"],
     multiprocess_mode="livemax",
 )
+QUOTES_EXCLUDED = Counter(
+    "kurs_quotes_excluded_total",
+    "Sources a consensus left out of a pair's value, by provider and reason "
+    "(counted when the exclusion starts).",
+    ["provider", "reason"],
+)
 FAILOVERS = Counter(
     "kurs_failovers_total",
     "Times a pair went to failover, by pair and the lower-priority provider that took it over.",
@@ -88,5 +94,5 @@ PEG_DEVIATION = Gauge(
 )
 
 CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
-STATUS_VALUES = {"live": 0, "failover": 1, "stale": 2, "depeg": 4}
+STATUS_VALUES = {"live": 0, "failover": 1, "stale": 2, "thin": 3, "depeg": 4}
 PEG_VALUES = {"ok": 0, "broken": 1, "unknown": 2}

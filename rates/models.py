@@ -19,6 +19,11 @@ class Rate(models.Model):
     source_time = models.DateTimeField()
     received_at = models.DateTimeField()
     derived = models.BooleanField(default=False)
+    # How the value was priced: one provider's quote (`priority`) or the median of `n_sources`
+    # agreeing sources (`consensus`, provider `consensus`; docs/rates.md#consensus-pricing).
+    mode = models.CharField(max_length=16, default="priority")
+    n_sources = models.PositiveSmallIntegerField(default=1)
+    dispersion_bps = models.DecimalField(max_digits=12, decimal_places=2, null=True, blank=True)
 
     class Meta:
         ordering = ["-received_at", "-id"]
@@ -46,6 +51,9 @@ CURRENT_FIELDS = (
     "derived",
     "status",
     "version",
+    "mode",
+    "n_sources",
+    "dispersion_bps",
 )
 
 
@@ -75,6 +83,12 @@ class CurrentRate(models.Model):
     status = models.CharField(max_length=16)
     # +1 on every published change of the pair: readers apply events in this order.
     version = models.PositiveBigIntegerField(default=0)
+    # The evidence (docs/rates.md#consensus-pricing): how the value was priced, how many sources
+    # it rests on, how far they disagree, and each source considered (JSON, as `route`).
+    mode = models.CharField(max_length=16, default="priority")
+    n_sources = models.PositiveSmallIntegerField(default=1)
+    dispersion_bps = models.DecimalField(max_digits=12, decimal_places=2, null=True, blank=True)
+    sources = models.JSONField(default=list, blank=True)
 
     def __str__(self) -> str:
         return f"{self.item_id} {self.provider} {self.value} v{self.version}"

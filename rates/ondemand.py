@@ -41,7 +41,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from typing import Any
 
@@ -51,11 +51,12 @@ from django.db import DatabaseError
 from django.utils import timezone
 
 from rates import pegs, policy, validation
+from rates.consensus import spread_bps, with_markup
 from rates.exceptions import PairNotPriced, ProvidersUnavailable, RatesError
 from rates.fetcher import http_client
 from rates.peg_monitor import proxy_peg
 from rates.providers import Listing, Pair, Provider, ProviderError, Quote, build_providers
-from rates.snapshot import snapshot
+from rates.snapshot import EVIDENCE_DEFAULTS, EVIDENCE_FIELDS, rate_evidence, snapshot
 from rates.upstream import RoundBudget, weights
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ _PRECISION = 80
 # Digits a derived rate keeps at least (route_value): two of them multiply to within 1e-23 of
 # the exact product, so a rate and its reverse agree to the 18 places with margin.
 SIGNIFICANT = 24
+_EPOCH = datetime.fromtimestamp(0, UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +136,15 @@ class PairRate:
             "stale": stale,
             "status": policy.STALE if stale else policy.FAILOVER if self.failover else policy.LIVE,
             "route": [leg.to_dict() for leg in self.route],
+            # Priced on demand by one provider (or one route's legs): nothing to compare.
+            **rate_evidence(
+                self.value,
+                dict(EVIDENCE_DEFAULTS),
+                (),
+                now=now,
+                expand=False,
+                markup_bps=Decimal(0),
+            ),
         }
 
 
@@ -538,15 +549,23 @@ async def _snapshot_ready() -> None:
 
 def _from_tracked(pair: Pair, course: dict[str, Any], inverted: bool) -> dict[str, Any] | None:
     """`pair`'s answer from the course of the tracked pair that prices it; None when its
-    inverse does not fit the stored precision."""
+    inverse does not fit the stored precision. Inverted, bid and ask are the inverses of ask
+    and bid, and buy and sell follow from them; `sources` still describe the tracked pair."""
     value, derived, route = course["value"], course["derived"], course["route"]
+    evidence = {name: course[name] for name in EVIDENCE_FIELDS if name in course}
     if inverted:
         try:
             value = route_value([(_course_leg(course), True)])
+            bid, ask = (_inverse(course["ask"]), _inverse(course["bid"]))
         except validation.QuoteRejected:
             return None
         # Inverted, it is derived; the legs are still shown as their providers quoted them.
         derived, route = True, route or [_course_leg(course).to_dict()]
+        markup = snapshot.markup_of(course["direction"])
+        buy, sell = with_markup(value, bid, ask, markup, places=validation.DECIMAL_PLACES)
+        evidence.update(
+            bid=bid, ask=ask, spread_bps=spread_bps(bid, ask, value), buy=buy, sell=sell
+        )
     return {
         "pair": pair.code,
         "value": value,
@@ -557,7 +576,14 @@ def _from_tracked(pair: Pair, course: dict[str, Any], inverted: bool) -> dict[st
         "stale": course["stale"],
         "status": course["status"],
         "route": route,
+        **evidence,
     }
+
+
+def _inverse(value: Decimal | None) -> Decimal | None:
+    if value is None:
+        return None
+    return route_value([(Leg("", "", value, _EPOCH, _EPOCH), True)])
 
 
 def _course_leg(course: dict[str, Any]) -> Leg:
@@ -570,12 +596,14 @@ def _course_leg(course: dict[str, Any]) -> Leg:
     )
 
 
-async def _priced(pair: Pair, client: str | None) -> tuple[dict[str, Any], Decimal | None]:
+async def _priced(
+    pair: Pair, client: str | None, *, expand: bool = False
+) -> tuple[dict[str, Any], Decimal | None]:
     """The pair's answer, and the tracked value to divide by when it is a tracked pair inverted
     (so that a conversion divides exactly instead of multiplying by a rounded inverse)."""
     await _snapshot_ready()
     for code, inverted in tracked_sources(pair):
-        found = snapshot.courses([code])
+        found = snapshot.courses([code], expand=expand)
         if not found:
             continue  # tracked but never quoted yet
         answer = _from_tracked(pair, found[0], inverted)
@@ -588,22 +616,32 @@ async def _priced(pair: Pair, client: str | None) -> tuple[dict[str, Any], Decim
     return answer, None
 
 
-async def pair_rate(pair: Pair, *, client: str | None = None) -> dict[str, Any]:
+async def pair_rate(
+    pair: Pair, *, client: str | None = None, expand: bool = False
+) -> dict[str, Any]:
     """`/rates/{base}/{quote}`: from the snapshot when the pair, its inverse or an alias is
     tracked, else on demand (`client`, the asker's address, is charged for a new round)."""
-    return (await _priced(pair, client))[0]
+    return (await _priced(pair, client, expand=expand))[0]
 
 
 async def convert(
-    *, source: str, target: str, amount: Decimal, client: str | None = None
+    *,
+    source: str,
+    target: str,
+    amount: Decimal,
+    client: str | None = None,
+    side: str = "mid",
+    expand: bool = False,
 ) -> dict[str, Any]:
-    """`/convert`: amount × the pair's rate (÷ the tracked rate for an inverted tracked pair),
-    exact, rounded once to RESULT_STEP (half even)."""
+    """`/convert`: amount × the pair's rate at `side` (`mid`: the value, ÷ the tracked rate for
+    an inverted tracked pair; `buy`/`sell`: the rate's `buy`/`sell`), exact, rounded once to
+    RESULT_STEP (half even)."""
     if source == target:
         return {
             "from": source,
             "to": target,
             "amount": amount,
+            "side": side,
             "rate": Decimal(1),
             "result": amount,
             "provider": None,
@@ -613,17 +651,26 @@ async def convert(
             "stale": False,
             "status": policy.LIVE,
             "route": [],
+            **EVIDENCE_DEFAULTS,
+            "buy": None,
+            "sell": None,
+            **({"sources": []} if expand else {}),
         }
-    rate, divisor = await _priced(Pair(source, target), client)
+    rate, divisor = await _priced(Pair(source, target), client, expand=expand)
+    if side != "mid":
+        divisor = None
+    factor = rate["value"] if side == "mid" else rate[side]
     with localcontext() as context:
         context.prec = _PRECISION
-        exact = amount / divisor if divisor is not None else amount * rate["value"]
+        exact = amount / divisor if divisor is not None else amount * factor
         result = exact.quantize(RESULT_STEP, rounding=ROUND_HALF_EVEN)
     return {
+        **{name: rate[name] for name in EVIDENCE_FIELDS if name in rate},
         "from": source,
         "to": target,
         "amount": amount,
-        "rate": rate["value"],
+        "side": side,
+        "rate": factor,
         "result": result,
         "provider": rate["provider"],
         "source_time": rate["source_time"],

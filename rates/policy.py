@@ -20,6 +20,14 @@ DERIVED_SEPARATOR = "+"
 LIVE = "live"
 FAILOVER = "failover"
 STALE = "stale"
+# Consensus pricing with fewer agreeing sources than KURS_CONSENSUS_MIN_SOURCES.
+THIN = "thin"
+
+# How a pair is priced (docs/rates.md#consensus-pricing): the item's `pricing`, else KURS_PRICING.
+PRIORITY = "priority"
+CONSENSUS = "consensus"
+# The provider a consensus-priced rate is served under (CurrentRate, history, /courses).
+CONSENSUS_PROVIDER = "consensus"
 
 Priority = tuple[int, ...]
 

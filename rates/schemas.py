@@ -72,18 +72,58 @@ class RouteLegOut(Schema):
     source_time: datetime
 
 
-class CurrentRateOut(Schema):
+RateStatus = Literal["live", "failover", "stale", "thin", "depeg"]
+
+
+class SourceOut(Schema):
+    """One source a current rate considered (`expand=sources`)."""
+
+    provider: str
+    value: JsonDecimal
+    bid: JsonDecimal | None
+    ask: JsonDecimal | None
+    source_time: datetime
+    age_s: float
+    excluded: bool = Field(description="left out of the value (an outlier, or by priority)")
+    reason: str | None = Field(description="`outlier`, `priority`, or null when included")
+
+
+class EvidenceOut(Schema):
+    """What every current-rate payload says of how its value was priced
+    (docs/rates.md#consensus-pricing)."""
+
+    mode: Literal["priority", "consensus"]
+    n_sources: int = Field(description="the sources the value rests on: 1 under priority")
+    dispersion_bps: JsonDecimal | None = Field(
+        description="half the spread between the included sources' 25th and 75th percentile, "
+        "in bp of the value; null with one source"
+    )
+    bid: JsonDecimal | None
+    ask: JsonDecimal | None
+    spread_bps: JsonDecimal | None = Field(description="(ask - bid) in bp of the value")
+    buy: JsonDecimal | None = Field(
+        description="ask × (1 + markup), the value without an ask; null for an identity"
+    )
+    sell: JsonDecimal | None = Field(
+        description="bid × (1 − markup), the value without a bid; null for an identity"
+    )
+    sources: list[SourceOut] | None = Field(
+        None,
+        description="with `expand=sources`: every source considered",
+        exclude_if=lambda value: value is None,
+    )
+
+
+class CurrentRateOut(EvidenceOut):
     """The rate the service stands behind now (docs/api.md#json-shapes, `latest`)."""
 
     provider: str = Field(description="the serving provider (`a+b` for a cross rate)")
     value: JsonDecimal
-    bid: JsonDecimal | None
-    ask: JsonDecimal | None
     source_time: datetime = Field(description="the exchange's time of this value")
     checked_at: datetime = Field(description="the last time a source confirmed this value")
     received_at: datetime = Field(description="when Kurs first received this value")
     age_s: float = Field(description="seconds since checked_at")
-    status: Literal["live", "failover", "stale", "depeg"]
+    status: RateStatus
     derived: bool
     route: list[RouteLegOut] = Field(description="a cross rate's legs; empty otherwise")
     version: int = Field(description="+1 on every published change of the pair")
@@ -330,7 +370,15 @@ class PairPath(Schema):
         return value
 
 
-class PairRateOut(Schema):
+class ExpandQuery(Schema):
+    expand: Literal["sources"] | None = Field(
+        None, description="`sources`: list every source the rate considered"
+    )
+
+    _absent = field_validator("expand", mode="before")(_empty_is_absent)
+
+
+class PairRateOut(EvidenceOut):
     pair: str = Field(examples=["AUD-CAD"])
     value: JsonDecimal
     provider: str = Field(description="a provider, or `a+b` for a cross rate's legs")
@@ -338,7 +386,7 @@ class PairRateOut(Schema):
     age_s: float
     derived: bool
     stale: bool
-    status: Literal["live", "failover", "stale", "depeg"]
+    status: RateStatus
     route: list[RouteLegOut] = Field(description="a derived rate's legs; empty otherwise")
 
 
@@ -418,30 +466,42 @@ Amount = Annotated[
 ]
 
 
+Side = Literal["buy", "sell", "mid"]
+
+
 class ConvertIn(Schema):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     from_: AssetCode = Field(alias="from", examples=["BTC"])
     to: AssetCode = Field(examples=["RUB"])
     amount: Amount
+    side: Side = Field(
+        "mid",
+        description="`buy` (at the rate's `buy`: ask plus markup), `sell` (at `sell`: bid "
+        "less markup) or `mid` (the value)",
+    )
+    expand: Literal["sources"] | None = Field(
+        None, description="`sources`: list every source the rate considered"
+    )
 
 
 class ConvertQuery(ConvertIn):
     amount: AmountText
 
 
-class ConvertOut(Schema):
+class ConvertOut(EvidenceOut):
     model_config = ConfigDict(populate_by_name=True)
 
     from_: str = Field(alias="from")
     to: str
     amount: JsonDecimal
-    rate: JsonDecimal = Field(description="1 unit of `from` in `to`")
+    side: Side
+    rate: JsonDecimal = Field(description="1 unit of `from` in `to`, at `side`")
     result: JsonDecimal = Field(description="amount × rate, rounded half-even to 18 decimal places")
     provider: str | None = Field(description="null when from = to (rate 1)")
     source_time: datetime | None
     age_s: float | None
     derived: bool
     stale: bool
-    status: Literal["live", "failover", "stale", "depeg"]
+    status: RateStatus
     route: list[RouteLegOut] = Field(description="a derived rate's legs; empty otherwise")

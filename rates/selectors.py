@@ -16,6 +16,7 @@ from items.models import Item
 from rates import policy
 from rates.exceptions import InvalidQuery
 from rates.models import CurrentRate, Rate
+from rates.snapshot import rate_evidence, row_evidence, sources_from_db
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -54,14 +55,15 @@ async def rate_count(rates: QuerySet[Rate]) -> int:
     return await rates[:COUNT_CAP].acount()
 
 
-def current_rate_view(row: CurrentRate, *, now: datetime) -> dict[str, Any]:
-    """The current rate as REST shows it (docs/api.md#get-apiv1itemsidrateslatest), judged now."""
+def current_rate_view(
+    row: CurrentRate, *, now: datetime, expand: bool = False, markup_bps: Decimal = Decimal(0)
+) -> dict[str, Any]:
+    """The current rate as REST shows it (docs/api.md#get-apiv1itemsidrateslatest), judged now;
+    with its evidence (`sources` with `expand`) and the item's `buy` and `sell`."""
     status = policy.read_status(row.status, row.provider, row.checked_at, now=now)
     return {
         "provider": row.provider,
         "value": row.value,
-        "bid": row.bid,
-        "ask": row.ask,
         "source_time": row.source_time,
         "checked_at": row.checked_at,
         "received_at": row.received_at,
@@ -70,13 +72,25 @@ def current_rate_view(row: CurrentRate, *, now: datetime) -> dict[str, Any]:
         "derived": row.derived,
         "route": row.route,
         "version": row.version,
+        **rate_evidence(
+            row.value,
+            dict(row_evidence(row)),
+            sources_from_db(row.sources),
+            now=now,
+            expand=expand,
+            markup_bps=markup_bps,
+        ),
     }
 
 
-async def current_rate_get(*, item_id: int) -> dict[str, Any] | None:
+async def current_rate_get(
+    *, item_id: int, expand: bool = False, markup_bps: Decimal = Decimal(0)
+) -> dict[str, Any] | None:
     """The item's current rate (one primary-key read of the read model), or None."""
     row = await CurrentRate.objects.filter(item_id=item_id).afirst()
-    return None if row is None else current_rate_view(row, now=timezone.now())
+    if row is None:
+        return None
+    return current_rate_view(row, now=timezone.now(), expand=expand, markup_bps=markup_bps)
 
 
 def current_rates_freshness(*, now: datetime) -> dict[str, Any]:

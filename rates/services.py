@@ -51,11 +51,11 @@ from django.db import DatabaseError, IntegrityError, close_old_connections, tran
 from django.utils import timezone
 
 from items.models import Item
-from rates import metrics, peg_monitor, policy, validation
-from rates.board import Current, Entry, QuoteBoard
+from rates import consensus, metrics, peg_monitor, pegs, policy, validation
+from rates.board import Current, Entry, PairState, QuoteBoard
 from rates.models import CURRENT_FIELDS, CurrentRate, Rate
 from rates.providers import Pair, Quote
-from rates.snapshot import route_from_db
+from rates.snapshot import route_from_db, sources_from_db, sources_to_db
 from realtime import events
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def active_items(*, board: QuoteBoard | None = None) -> dict[str, int]:
     board = board or _board
     loaded = board.items_loaded_at
     if loaded is None or time.monotonic() - loaded > ITEMS_TTL:
-        board.set_items(Item.objects.filter(is_active=True).values_list("code", "id"))
+        board.set_items(Item.objects.filter(is_active=True).values_list("code", "id", "pricing"))
     return board.items
 
 
@@ -137,7 +137,9 @@ def _dependants(leg: str, item_codes: Iterable[str]) -> list[tuple[str, Pair, Pa
 # --- Ownership: the board starts from the read model --------------------------------------------
 def current_from_row(row: CurrentRate) -> Current:
     fields = {name: getattr(row, name) for name in CURRENT_FIELDS}
-    return Current(**fields, route=tuple(route_from_db(row.route)))
+    return Current(
+        **fields, route=tuple(route_from_db(row.route)), sources=sources_from_db(row.sources)
+    )
 
 
 def board_load(*, board: QuoteBoard | None = None) -> int:
@@ -174,10 +176,11 @@ def accept_quote(
     """
     board = board or _board
     now = now or timezone.now()
-    result = _accept(quote, cross=None, now=now, board=board)
-    if result.accepted:
-        for cross in _cross_quotes(quote.pair, now=now, board=board):
-            result.derived.append(_accept(cross.quote, cross=cross, now=now, board=board))
+    active_items(board=board)  # the items (and their pricing) are current for what follows
+    result, state = _accept(quote, cross=None, now=now, board=board)
+    if state is not None:
+        for cross in _cross_quotes(quote.pair, state, now=now, board=board):
+            result.derived.append(_accept(cross.quote, cross=cross, now=now, board=board)[0])
     return result
 
 
@@ -196,23 +199,25 @@ def accept_quotes(quotes: Iterable[Quote], *, board: QuoteBoard | None = None) -
 
 def _accept(
     quote: Quote, *, cross: CrossQuote | None, now: datetime, board: QuoteBoard
-) -> Acceptance:
+) -> tuple[Acceptance, PairState | None]:
+    """One quote through validate, decide and persist; with the pair's state as decided (the
+    cross-rate step reads its best direct entry from it, not from the board again)."""
     try:
         entry = _validate(quote, cross=cross, now=now, board=board)
     except validation.QuoteRejected as exc:
-        return _reject(quote, exc, now=now, board=board)
+        return _reject(quote, exc, now=now, board=board), None
     board.accept(quote.pair, entry)
     metrics.QUOTES_ACCEPTED.labels(entry.provider).inc()
-    item_id = active_items(board=board).get(quote.pair)
+    state = board.state(quote.pair, now=now)
+    item_id = board.items.get(quote.pair)
     if item_id is None:
-        return Acceptance(quote, accepted=True)
+        return Acceptance(quote, accepted=True), state
     metrics.RATE_AGE.labels(quote.pair).set(max(0.0, (now - entry.source_time).total_seconds()))
-    current = _decide(quote.pair, now=now, board=board)
-    # Cross rates are computed, not observed: they are history only while they serve.
-    serving_cross = entry.derived and board.best(quote.pair, now=now) == entry
-    history = entry if not entry.derived or serving_cross else None
-    stored = _persist(item_id, quote.pair, history, current, now=now, board=board)
-    return Acceptance(quote, accepted=True, stored=stored, published=current is not None)
+    decision = decide(quote.pair, state, now=now, incoming=entry, monotonic=time.monotonic())
+    stored = _persist(item_id, decision, now=now, board=board)
+    return Acceptance(
+        quote, accepted=True, stored=stored, published=decision.current is not None
+    ), state
 
 
 def _validate(quote: Quote, *, cross: CrossQuote | None, now: datetime, board: QuoteBoard) -> Entry:
@@ -255,30 +260,145 @@ def _validate(quote: Quote, *, cross: CrossQuote | None, now: datetime, board: Q
     return entry
 
 
-def _decide(pair: str, *, now: datetime, board: QuoteBoard) -> Current | None:
-    """The pair's new current rate when there is news to write and publish, else None."""
-    best = board.best(pair, now=now)
-    current = board.get_current(pair)
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What `decide` made of one pair at one moment: `_persist` and publishing only read it.
+
+    `current` is the pair's new current rate when it is news (to write and publish), else None;
+    `history` the entries whose history rows are due for storing when due (the quote that led
+    here, and the entry the new current rate rests on); `excluded` the sources a consensus
+    newly leaves out (each a `quote.excluded` event).
+    """
+
+    pair: str
+    current: Current | None
+    previous: Current | None
+    history: tuple[Entry, ...] = ()
+    excluded: tuple[dict[str, Any], ...] = ()
+
+
+def decide(
+    pair: str,
+    state: PairState,
+    *,
+    now: datetime,
+    incoming: Entry | None = None,
+    monotonic: float,
+) -> Decision:
+    """The pair's one decision (pure: its state, the moment, the quote that led here)."""
+    # Through a broken peg, an entry priced through the proxy is converted with the peg's
+    # measured value and serves as `depeg` (docs/rates.md#pegs), under either pricing.
+    state, depegged = _through_pegs(pair, state)
+    if state.mode == policy.CONSENSUS:
+        current, serving = _priced_by_consensus(
+            state, now=now, monotonic=monotonic, depegged=depegged
+        )
+    else:
+        current, serving = _priced_by_priority(
+            state, now=now, monotonic=monotonic, depegged=depegged
+        )
+    history: list[Entry] = []
+    # Every provider's quotes are history; a cross rate is computed, not observed: it is
+    # history only while it serves.
+    if incoming is not None and (not incoming.derived or incoming == serving):
+        history.append(incoming)
+    # The entry that serves the new current rate is stored with it when due, whichever quote
+    # led to the decision (see `_persist`).
+    if current is not None and serving is not None and serving not in history:
+        history.append(serving)
+    previous = state.current
+    excluded: tuple[dict[str, Any], ...] = ()
+    if current is not None:
+        before = previous.excluded_providers if previous is not None else frozenset()
+        excluded = tuple(
+            source
+            for source in current.sources
+            if source["reason"] == consensus.OUTLIER and source["provider"] not in before
+        )
+    return Decision(pair, current, previous, tuple(history), excluded)
+
+
+def _through_pegs(pair: str, state: PairState) -> tuple[PairState, frozenset[str]]:
+    """The state with each usable entry as served given the proxy's peg, and the providers
+    whose entries were converted because the peg is broken."""
+    monitor = peg_monitor.get_monitor()
+    usable: list[Entry] = []
+    depegged: set[str] = set()
+    for entry in state.usable:
+        served, status = monitor.through(pair, entry, policy.LIVE)
+        if status == pegs.DEPEG:
+            depegged.add(served.provider)
+        usable.append(served)
+    if not depegged:
+        return state, frozenset()
+    return replace(state, usable=tuple(usable)), frozenset(depegged)
+
+
+def _stale_news(state: PairState) -> Current | None:
+    """No fresh source: keep the last value, and say so once (a new pair's first round first,
+    which may yet bring one)."""
+    current = state.current
+    if current is None or current.status == policy.STALE or state.awaits_better(None):
+        return None
+    return replace(current, status=policy.STALE, version=current.version + 1)
+
+
+def _source(entry: Entry, *, excluded: bool = False, reason: str | None = None) -> dict[str, Any]:
+    return {
+        "provider": entry.provider,
+        "value": entry.value,
+        "bid": entry.bid,
+        "ask": entry.ask,
+        "source_time": entry.source_time,
+        "excluded": excluded,
+        "reason": reason,
+    }
+
+
+def independent(usable: Iterable[Entry]) -> list[Entry]:
+    """One source per provider, best first: a cross rate counts only when none of its legs'
+    providers is already a source (BTC-RUB: coingecko, then binance+cbr, not coingecko+cbr)."""
+    chosen: list[Entry] = []
+    seen: set[str] = set()
+    for entry in usable:
+        if seen.isdisjoint(entry.sources):
+            chosen.append(entry)
+            seen.update(entry.sources)
+    return chosen
+
+
+def _priced_by_priority(
+    state: PairState, *, now: datetime, monotonic: float, depegged: frozenset[str]
+) -> tuple[Current | None, Entry | None]:
+    """The highest-priority fresh entry serves (docs/rates.md#failover)."""
+    best = state.best()
     if best is None:
-        # No fresh source: keep the last value, and say so once (a new pair's first round
-        # first, which may yet bring one).
-        if current is None or current.status == policy.STALE or board.awaits_better(pair, None):
-            return None
-        return replace(current, status=policy.STALE, version=current.version + 1)
-    status = policy.serving_status(best.priority, board.expected_priority(pair))
-    # Through a broken peg: converted with its measured value, `depeg` (docs/rates.md#pegs).
-    best, status = peg_monitor.get_monitor().through(pair, best, status)
-    if status != policy.LIVE and board.awaits_better(pair, best.priority):
+        return _stale_news(state), None
+    current = state.current
+    status = policy.serving_status(best.priority, state.expected)
+    if best.provider in depegged:
+        status = pegs.DEPEG
+    if status != policy.LIVE and state.awaits_better(best.priority):
         # A new pair's first round: a provider that outranks `best` has not answered yet, and
         # its answer, not the first to arrive, makes the pair's first status.
-        return None
-    if current is not None and current.same_rate(best):
+        return None, best
+    others = [entry for entry in independent(state.usable) if entry is not best]
+    evidence: dict[str, Any] = {
+        "mode": policy.PRIORITY,
+        "n_sources": 1,
+        "dispersion_bps": None,
+        "sources": (
+            _source(best),
+            *(_source(entry, excluded=True, reason="priority") for entry in others),
+        ),
+    }
+    if current is not None and current.same_rate(best) and current.mode == policy.PRIORITY:
         checked_at = max(current.checked_at, best.checked_at)
         confirmed = checked_at > current.checked_at
-        heartbeat_due = time.monotonic() - current.written >= policy.heartbeat_seconds()
+        heartbeat_due = monotonic - current.written >= policy.heartbeat_seconds()
         if status == current.status and not (confirmed and heartbeat_due):
-            return None
-        return replace(
+            return None, best
+        news = replace(
             current,
             bid=best.bid,
             ask=best.ask,
@@ -286,7 +406,9 @@ def _decide(pair: str, *, now: datetime, board: QuoteBoard) -> Current | None:
             route=best.route,
             status=status,
             version=current.version + 1,
+            **evidence,
         )
+        return news, best
     return Current(
         provider=best.provider,
         value=best.value,
@@ -299,44 +421,114 @@ def _decide(pair: str, *, now: datetime, board: QuoteBoard) -> Current | None:
         route=best.route,
         status=status,
         version=(current.version if current else 0) + 1,
+        **evidence,
+    ), best
+
+
+def _priced_by_consensus(
+    state: PairState, *, now: datetime, monotonic: float, depegged: frozenset[str]
+) -> tuple[Current | None, Entry | None]:
+    """The median of every independent fresh source, outliers left out
+    (docs/rates.md#consensus-pricing); served under the provider `consensus`."""
+    entries = independent(state.usable)
+    if not entries:
+        return _stale_news(state), None
+    priced = consensus.price(
+        [consensus.Source(e.provider, e.value, e.bid, e.ask, e.source_time) for e in entries],
+        places=validation.DECIMAL_PLACES,
     )
+    status = policy.LIVE if priced.n_sources >= settings.KURS_CONSENSUS_MIN_SOURCES else policy.THIN
+    if status != policy.LIVE and state.awaits_better(None):
+        return None, None  # a new pair's first round: the others may yet agree
+    by_provider = {entry.provider: entry for entry in entries}
+    included = [by_provider[s.provider] for s in priced.sources if not s.excluded]
+    if status == policy.LIVE and not depegged.isdisjoint(entry.provider for entry in included):
+        status = pegs.DEPEG
+    sources = tuple(
+        _source(by_provider[s.provider], excluded=s.excluded, reason=s.reason)
+        for s in priced.sources
+    )
+    checked_at = max(entry.checked_at for entry in included)
+    source_time = max(entry.source_time for entry in included)
+    serving = Entry(
+        provider=policy.CONSENSUS_PROVIDER,
+        value=priced.value,
+        source_time=source_time,
+        fresh_until=policy.fresh_until(policy.CONSENSUS_PROVIDER, checked_at),
+        priority=policy.provider_priority(policy.CONSENSUS_PROVIDER),
+        bid=priced.bid,
+        ask=priced.ask,
+        derived=all(entry.derived for entry in included),
+    )
+    current = state.current
+    version = (current.version if current else 0) + 1
+    if (
+        current is not None
+        and current.provider == policy.CONSENSUS_PROVIDER
+        and current.value == priced.value
+        and current.status == status
+        and current.n_sources == priced.n_sources
+        and current.excluded_providers == frozenset(s.provider for s in priced.excluded)
+    ):
+        checked_at = max(current.checked_at, checked_at)
+        confirmed = checked_at > current.checked_at
+        if not (confirmed and monotonic - current.written >= policy.heartbeat_seconds()):
+            return None, serving
+    received_at = (
+        current.received_at
+        if current is not None
+        and current.provider == serving.provider
+        and current.value == serving.value
+        else now
+    )
+    return Current(
+        provider=serving.provider,
+        value=serving.value,
+        bid=serving.bid,
+        ask=serving.ask,
+        source_time=source_time,
+        checked_at=checked_at,
+        received_at=received_at,
+        derived=serving.derived,
+        route=(),
+        status=status,
+        version=version,
+        mode=policy.CONSENSUS,
+        n_sources=priced.n_sources,
+        dispersion_bps=priced.dispersion_bps,
+        sources=sources,
+    ), serving
 
 
-def _persist(
-    item_id: int,
-    pair: str,
-    history: Entry | None,
-    current: Current | None,
-    *,
-    now: datetime,
-    board: QuoteBoard,
-) -> bool:
-    """One transaction: the history rows when due, the CurrentRate row; the event on commit.
+def _persist(item_id: int, decision: Decision, *, now: datetime, board: QuoteBoard) -> bool:
+    """One transaction: the history rows when due, the CurrentRate row; the events on commit.
 
-    The entry that serves the new current rate is stored with it when due, whichever quote led
-    to the decision: a quote whose own write failed earlier (a terminated connection) and is
-    decided again with another provider's quote, or a cross rate that starts serving on a tick,
-    so that no current rate is ever without its history row.
+    The entry that serves the new current rate is stored with it when due (`decide` lists it),
+    whichever quote led to the decision: a quote whose own write failed earlier (a terminated
+    connection) and is decided again with another provider's quote, or a cross rate that starts
+    serving on a tick, so that no current rate is ever without its history row.
 
     Returns whether a history row was written. The board learns the new current rate only once
     it is committed, so a failed write is simply decided again with the next quote.
     """
-    subject = current or history  # the rate a failure is reported under
+    pair, current, entries = decision.pair, decision.current, decision.history
+    subject = current or (entries[0] if entries else None)  # what a failure is reported under
     if subject is None or not board.writable():
         return False
-    entries = [history] if history is not None else []
-    if current is not None:
-        serving = board.best(pair, now=now)
-        if serving is not None and serving not in entries and current.same_rate(serving):
-            entries.append(serving)
     try:
         with transaction.atomic():
             stored = False
             for entry in entries:
-                stored = _store_history(item_id, pair, entry, now=now, board=board) or stored
+                stored = (
+                    _store_history(item_id, pair, entry, current, now=now, board=board) or stored
+                )
             if current is not None:
                 _write_current(item_id, current)
                 events.publish_on_commit("rate.updated", rate_event(pair, current))
+                for source in decision.excluded:
+                    events.publish_on_commit(
+                        "quote.excluded", excluded_event(pair, current, source)
+                    )
     except IntegrityError:
         # The item was deleted while a quote for it was in flight: a normal race, not a fault.
         logger.warning("%s was deleted while being quoted; its rate is dropped", pair)
@@ -354,7 +546,7 @@ def _persist(
         close_old_connections()
         return False
     if current is not None:
-        _observe_current(pair, board.get_current(pair), current)
+        _observe_current(pair, decision, current)
         board.set_current(pair, current)
     return stored
 
@@ -365,10 +557,14 @@ def _export_current(pair: str, current: Current) -> None:
     metrics.RATE_CHECKED.labels(pair).set(current.checked_at.timestamp())
 
 
-def _observe_current(pair: str, previous: Current | None, current: Current) -> None:
-    """The pair's gauges, and a failover each time another provider takes over (a pair never
-    served before has nothing to fail over from, whatever its first status)."""
+def _observe_current(pair: str, decision: Decision, current: Current) -> None:
+    """The pair's gauges, a failover each time another provider takes over (a pair never
+    served before has nothing to fail over from, whatever its first status), and each source
+    a consensus newly left out."""
     _export_current(pair, current)
+    for source in decision.excluded:
+        metrics.QUOTES_EXCLUDED.labels(source["provider"], source["reason"]).inc()
+    previous = decision.previous
     if (
         current.status == policy.FAILOVER
         and previous is not None
@@ -378,8 +574,15 @@ def _observe_current(pair: str, previous: Current | None, current: Current) -> N
 
 
 def _store_history(
-    item_id: int, pair: str, entry: Entry, *, now: datetime, board: QuoteBoard
+    item_id: int,
+    pair: str,
+    entry: Entry,
+    current: Current | None,
+    *,
+    now: datetime,
+    board: QuoteBoard,
 ) -> bool:
+    """`entry`'s history row when due; a consensus row keeps its evidence (from `current`)."""
     key = (pair, entry.provider)
     last = board.last_stored.get(key)
     if last is None:  # once per pair and provider per owner: later rows are remembered
@@ -400,6 +603,7 @@ def _store_history(
         source_time=entry.source_time,
         received_at=now,
         derived=entry.derived,
+        **_history_evidence(entry, current),
     )
     # Remembered at once; `_persist` forgets it again when the transaction fails.
     board.last_stored[key] = (entry.value, now)
@@ -407,9 +611,20 @@ def _store_history(
     return True
 
 
+def _history_evidence(entry: Entry, current: Current | None) -> dict[str, Any]:
+    if entry.provider != policy.CONSENSUS_PROVIDER or current is None:
+        return {}  # one provider's quote: the model's defaults (priority, one source)
+    return {
+        "mode": current.mode,
+        "n_sources": current.n_sources,
+        "dispersion_bps": current.dispersion_bps,
+    }
+
+
 def _write_current(item_id: int, current: Current) -> None:
     fields = {name: getattr(current, name) for name in CURRENT_FIELDS}
     fields["route"] = _route_to_db(current.route)
+    fields["sources"] = sources_to_db(current.sources)
     # One UPDATE in the common case (the row exists), an INSERT for a pair's first rate.
     if not CurrentRate.objects.filter(item_id=item_id).update(**fields):
         CurrentRate.objects.create(item_id=item_id, **fields)
@@ -446,12 +661,19 @@ def _reject(
     return Acceptance(quote, accepted=False, reason=rejection.reason)
 
 
-def _cross_quotes(leg: str, *, now: datetime, board: QuoteBoard) -> list[CrossQuote]:
-    """Cross rates of tracked items that use `leg`, from the best fresh direct quote of each leg."""
+def _cross_quotes(
+    leg: str, state: PairState, *, now: datetime, board: QuoteBoard
+) -> list[CrossQuote]:
+    """Cross rates of tracked items that use `leg`, from the best fresh direct quote of each leg
+    (`leg`'s from its state as just decided, the other's from the board)."""
     crosses = []
-    for code, first, second in _dependants(leg, active_items(board=board)):
-        one = board.best(first.code, now=now, direct_only=True)
-        two = board.best(second.code, now=now, direct_only=True)
+    for code, first, second in _dependants(leg, board.items):
+        one, two = (
+            state.best(direct_only=True)
+            if pair.code == leg
+            else board.state(pair.code, now=now).best(direct_only=True)
+            for pair in (first, second)
+        )
         if one is None or two is None:
             continue
         with localcontext() as context:
@@ -486,6 +708,33 @@ def rate_event(pair: str, current: Current) -> dict[str, Any]:
         "derived": current.derived,
         "route": list(current.route),
         "version": current.version,
+        **evidence(current),
+    }
+
+
+def evidence(current: Current) -> dict[str, Any]:
+    """The evidence fields of every current-rate payload (docs/api.md#json-shapes), computed
+    once per version: `mode`, `n_sources`, `dispersion_bps`, `bid`, `ask`, `spread_bps` and
+    `sources` (which readers show only with `expand=sources`)."""
+    return {
+        "mode": current.mode,
+        "n_sources": current.n_sources,
+        "dispersion_bps": current.dispersion_bps,
+        "bid": current.bid,
+        "ask": current.ask,
+        "spread_bps": consensus.spread_bps(current.bid, current.ask, current.value),
+        "sources": list(current.sources),
+    }
+
+
+def excluded_event(pair: str, current: Current, source: dict[str, Any]) -> dict[str, Any]:
+    """`quote.excluded` data (docs/events.md#envelope-and-event-types)."""
+    return {
+        "direction": pair,
+        "provider": source["provider"],
+        "value": source["value"],
+        "median": current.value,
+        "reason": source["reason"],
     }
 
 
@@ -508,9 +757,10 @@ def reevaluate(
         item_id = items.get(pair)
         if item_id is None:
             continue
-        current = _decide(pair, now=now, board=board)
-        if current is not None:
-            _persist(item_id, pair, None, current, now=now, board=board)
+        state = board.state(pair, now=now)
+        decision = decide(pair, state, now=now, monotonic=time.monotonic())
+        if decision.current is not None:
+            _persist(item_id, decision, now=now, board=board)
             changed += 1
     return changed
 

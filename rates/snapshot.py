@@ -24,9 +24,27 @@ from django.utils import timezone
 
 from items.models import Item
 from rates import policy
+from rates.consensus import spread_bps, with_markup
 from rates.models import CurrentRate
+from rates.validation import DECIMAL_PLACES
 
 logger = logging.getLogger(__name__)
+
+_NO_MARKUP = Decimal(0)
+
+
+# The evidence fields of a current rate (docs/api.md#json-shapes) and what they are when an
+# older writer left them out: one list for the event, the row and the snapshot.
+EVIDENCE_DEFAULTS: dict[str, Any] = {
+    "mode": policy.PRIORITY,
+    "n_sources": 1,
+    "dispersion_bps": None,
+    "bid": None,
+    "ask": None,
+    "spread_bps": None,
+}
+# Every evidence field a payload may carry (docs/api.md#json-shapes).
+EVIDENCE_FIELDS = (*EVIDENCE_DEFAULTS, "buy", "sell", "sources")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +58,15 @@ class Course:
     derived: bool
     version: int
     route: tuple[dict[str, Any], ...] = ()
+    # `mode`, `n_sources`, `dispersion_bps`, `bid`, `ask`, `spread_bps`: computed once by the
+    # owner for this version, shown as they are.
+    evidence: tuple[tuple[str, Any], ...] = ()
+    # Every source considered (shown with `expand=sources`).
+    sources: tuple[dict[str, Any], ...] = ()
 
-    def to_dict(self, now: datetime) -> dict[str, Any]:
+    def to_dict(
+        self, now: datetime, *, expand: bool = False, markup_bps: Decimal = _NO_MARKUP
+    ) -> dict[str, Any]:
         status = policy.read_status(self.status, self.provider, self.checked_at, now=now)
         return {
             "direction": self.direction,
@@ -55,6 +80,14 @@ class Course:
             "version": self.version,
             "stale": status == policy.STALE,
             "age_s": round(max(0.0, (now - self.checked_at).total_seconds()), 3),
+            **rate_evidence(
+                self.value,
+                dict(self.evidence),
+                self.sources,
+                now=now,
+                expand=expand,
+                markup_bps=markup_bps,
+            ),
         }
 
     @property
@@ -90,6 +123,83 @@ def route_from_db(legs: Any) -> tuple[dict[str, Any], ...]:
     )
 
 
+def _optional_decimal(value: Any) -> Decimal | None:
+    return None if value is None else _decimal(value)
+
+
+def sources_to_db(sources: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sources as JSON text values (the CurrentRate column), exact decimals as strings."""
+    return [
+        {
+            **source,
+            "value": format(source["value"], "f"),
+            "bid": None if source["bid"] is None else format(source["bid"], "f"),
+            "ask": None if source["ask"] is None else format(source["ask"], "f"),
+            "source_time": _parse_time(source["source_time"]).isoformat(),
+        }
+        for source in sources
+    ]
+
+
+def sources_from_db(sources: Any) -> tuple[dict[str, Any], ...]:
+    """Sources from JSON (an event, or the CurrentRate column) with typed values."""
+    if not sources:
+        return ()
+    return tuple(
+        {
+            "provider": str(source["provider"]),
+            "value": _decimal(source["value"]),
+            "bid": _optional_decimal(source.get("bid")),
+            "ask": _optional_decimal(source.get("ask")),
+            "source_time": _parse_time(source["source_time"]),
+            "excluded": bool(source.get("excluded", False)),
+            "reason": None if source.get("reason") is None else str(source["reason"]),
+        }
+        for source in sources
+    )
+
+
+def rate_evidence(
+    value: Decimal,
+    evidence: dict[str, Any],
+    sources: Iterable[dict[str, Any]],
+    *,
+    now: datetime,
+    expand: bool,
+    markup_bps: Decimal,
+) -> dict[str, Any]:
+    """The evidence fields of a current-rate payload (docs/api.md#json-shapes): the owner's
+    (`mode`, `n_sources`, `dispersion_bps`, `bid`, `ask`, `spread_bps`), the item's `buy` and
+    `sell`, and with `expand` the `sources`. The one function every surface renders them with."""
+    found = {**EVIDENCE_DEFAULTS, **evidence}
+    found["buy"], found["sell"] = with_markup(
+        value, found["bid"], found["ask"], markup_bps, places=DECIMAL_PLACES
+    )
+    if expand:
+        found["sources"] = sources_view(sources, now=now)
+    return found
+
+
+def sources_view(sources: Iterable[dict[str, Any]], *, now: datetime) -> list[dict[str, Any]]:
+    """`sources` as payloads show them (`expand=sources`), each with its age at `now`."""
+    return [
+        {**source, "age_s": round(max(0.0, (now - source["source_time"]).total_seconds()), 3)}
+        for source in sources
+    ]
+
+
+def evidence_from(data: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The evidence fields of an event's data or a row's fields, typed, defaults for absent."""
+    found: dict[str, Any] = {
+        name: data.get(name, default) for name, default in EVIDENCE_DEFAULTS.items()
+    }
+    found["mode"] = str(found["mode"])
+    found["n_sources"] = int(found["n_sources"] or 1)
+    for name in ("dispersion_bps", "bid", "ask", "spread_bps"):
+        found[name] = _optional_decimal(found[name])
+    return tuple(found.items())
+
+
 def course_from_event(data: dict[str, Any]) -> Course:
     """A `rate.updated` payload as a Course; ValueError when it is malformed."""
     try:
@@ -105,6 +215,8 @@ def course_from_event(data: dict[str, Any]) -> Course:
             derived=bool(data.get("derived", False)),
             version=int(data.get("version") or 0),
             route=route_from_db(data.get("route")),
+            evidence=evidence_from(data),
+            sources=sources_from_db(data.get("sources")),
         )
     except (KeyError, TypeError, ValueError, InvalidOperation) as exc:
         raise ValueError(f"malformed rate.updated data: {exc}") from None
@@ -121,7 +233,28 @@ def course_from_row(code: str, row: CurrentRate) -> Course:
         derived=row.derived,
         version=row.version,
         route=route_from_db(row.route),
+        evidence=row_evidence(row),
+        sources=sources_from_db(row.sources),
     )
+
+
+def row_evidence(row: CurrentRate) -> tuple[tuple[str, Any], ...]:
+    """The evidence fields of a CurrentRate row (`spread_bps` computed from its sides)."""
+    return evidence_from(
+        {
+            **{name: getattr(row, name) for name in ("mode", "n_sources", "dispersion_bps")},
+            "bid": row.bid,
+            "ask": row.ask,
+            "spread_bps": spread_bps(row.bid, row.ask, row.value),
+        }
+    )
+
+
+def _markup_of(data: dict[str, Any]) -> Decimal:
+    try:
+        return _decimal(data.get("markup_bps") or 0)
+    except (ValueError, InvalidOperation):
+        return _NO_MARKUP
 
 
 class RatesSnapshot:
@@ -129,6 +262,8 @@ class RatesSnapshot:
         self._lock = threading.Lock()
         self._courses: dict[str, Course] = {}
         self._active: set[str] = set()
+        # Each active pair's item markup (items.models.Item.markup_bps), for `buy` and `sell`.
+        self._markup: dict[str, Decimal] = {}
         self._loaded = False
         self._version = 0
         self._items_generation = 0
@@ -154,12 +289,14 @@ class RatesSnapshot:
 
     def load(self) -> None:
         """Read the active items and the current rate of each from the read model (sync)."""
-        items = list(Item.objects.filter(is_active=True).values_list("id", "code"))
-        codes = dict(items)
+        items = list(Item.objects.filter(is_active=True).values_list("id", "code", "markup_bps"))
+        codes = {item_id: code for item_id, code, _ in items}
+        markup = {code: bps for _, code, bps in items}
         rows = CurrentRate.objects.filter(item_id__in=codes)
         loaded = {codes[row.item_id]: course_from_row(codes[row.item_id], row) for row in rows}
         with self._lock:
             self._active = set(codes.values())
+            self._markup = markup
             for code, course in loaded.items():
                 current = self._courses.get(code)
                 # An event that arrived while we were reading may be newer than the row.
@@ -195,25 +332,37 @@ class RatesSnapshot:
                 self._courses.pop(code, None)
             elif data.get("is_active", True):
                 self._active.add(code)
+                self._markup[code] = _markup_of(data)
             else:
                 self._active.discard(code)
             self._version += 1
             self._items_generation += 1
 
+    def markup_of(self, code: str) -> Decimal:
+        """The pair's item markup in bp (0 when unknown)."""
+        return self._markup.get(code, _NO_MARKUP)
+
     def active_pairs(self) -> frozenset[str]:
         with self._lock:
             return frozenset(self._active)
 
-    def courses(self, pairs: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    def courses(
+        self, pairs: Iterable[str] | None = None, *, expand: bool = False
+    ) -> list[dict[str, Any]]:
         """The latest course of each active pair asked for (all when None), sorted by pair.
 
-        A pair never quoted is left out; each course says whether it is `stale`.
+        A pair never quoted is left out; each course says whether it is `stale`, and with
+        `expand` lists its `sources`.
         """
         now = timezone.now()
         with self._lock:
             wanted = self._active if pairs is None else self._active.intersection(pairs)
             found = [self._courses[code] for code in sorted(wanted) if code in self._courses]
-        return [course.to_dict(now) for course in found]
+            markup = self._markup
+        return [
+            course.to_dict(now, expand=expand, markup_bps=markup.get(course.direction, _NO_MARKUP))
+            for course in found
+        ]
 
     def next_change(self, now: datetime | None = None) -> datetime | None:
         """The earliest moment a fresh course turns stale with no event (cache expiry)."""
@@ -235,6 +384,6 @@ class RatesSnapshot:
 snapshot = RatesSnapshot()
 
 
-def courses(pairs: Iterable[str] | None = None) -> list[dict[str, Any]]:
+def courses(pairs: Iterable[str] | None = None, *, expand: bool = False) -> list[dict[str, Any]]:
     """Module-level shortcut: `snapshot.courses(pairs)`."""
-    return snapshot.courses(pairs)
+    return snapshot.courses(pairs, expand=expand)

@@ -38,6 +38,7 @@ from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
 from nats.aio.msg import Msg
 
+from config.jsonenc import dumps
 from rates.snapshot import snapshot
 from realtime import metrics
 from realtime.frames import gap_frame, inbound_frame, snapshot_frame, with_seq
@@ -78,6 +79,8 @@ class Event:
     pair: str | None = None
     seq: int | None = None
     rate: RateFacts | None = None
+    # A rate event's frame without `sources` (docs/events.md#expand), when it had them.
+    lean: str | None = None
 
 
 class Dropped(ValueError):
@@ -109,7 +112,11 @@ def decode(subject: str, origin: str | None, payload: bytes, seq: int | None) ->
             raise Dropped("malformed rate.updated data: no direction")
         # `status` is absent from producers older than the field list of docs/events.md: None then.
         facts = (data.get("value"), data.get("provider"), data.get("status"))
-        return Event(frame, event_type, data, pair=pair, seq=seq, rate=facts)
+        lean = None
+        if "sources" in data:
+            bare = {**message, "data": {k: v for k, v in data.items() if k != "sources"}}
+            lean = with_seq(dumps(bare), bare, seq)
+        return Event(frame, event_type, data, pair=pair, seq=seq, rate=facts, lean=lean)
     return Event(frame, event_type, data, seq=seq)
 
 
@@ -318,7 +325,7 @@ class Bridge:
                 return
             if course is None:
                 return  # older than the pair's current version: stale news, not sent
-            hub.publish_rate(course.direction, event.frame, seq, event.rate)
+            hub.publish_rate(course.direction, event.frame, seq, event.rate, event.lean)
             return
         if event.kind.startswith("item."):
             snapshot.apply_item(event.kind, event.data)

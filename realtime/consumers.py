@@ -34,7 +34,13 @@ from realtime.events import utc_now_iso
 from realtime.frames import error_frame, snapshot_frame
 from realtime.hub import CLOSE_TRY_AGAIN_LATER, DeliveryPolicy, SocketQueue, hub
 from realtime.limits import Lease, client_of_scope
-from realtime.options import BadOption, delivery_policy, pairs_from_values, parse_since
+from realtime.options import (
+    BadOption,
+    delivery_policy,
+    pairs_from_values,
+    parse_expand,
+    parse_since,
+)
 
 MAX_CLIENT_MESSAGE_BYTES = 4 * 1024
 MAX_PAIRS_PER_MESSAGE = 100
@@ -81,6 +87,10 @@ class ItemsConsumer(AsyncWebsocketConsumer):
             )
         except BadOption as exc:
             errors.append(str(exc))
+        try:
+            expand = parse_expand(last_value(query, "expand"))
+        except BadOption as exc:
+            expand, errors = False, [*errors, str(exc)]
         start = resume.plan(since)
         try:
             connection, replay = resume.admit(client_of_scope(self.scope), start)
@@ -101,7 +111,8 @@ class ItemsConsumer(AsyncWebsocketConsumer):
             prelude=None if replay is None else resume.replay(start, lambda: queue.pairs, replay),
         )
         self.queue = queue
-        for frame in resume.first_frames(start, pairs):
+        queue.expand = expand
+        for frame in resume.first_frames(start, pairs, expand=expand):
             queue.put(frame)
         if unknown:
             queue.put(error_frame(unknown_pairs_detail(unknown)))
@@ -157,18 +168,20 @@ class ItemsConsumer(AsyncWebsocketConsumer):
         assert self.queue is not None
         raw_pairs = message.get("pairs")
         options = action == "subscribe" and (
-            "min_interval_ms" in message or "min_change" in message
+            "min_interval_ms" in message or "min_change" in message or "expand" in message
         )
         frames = []
         if options:
             try:
                 policy = delivery_policy(message.get("min_interval_ms"), message.get("min_change"))
+                expand = parse_expand(message.get("expand"))
             except BadOption as exc:
                 return [error_frame(str(exc))]
             self.queue.set_policy(policy)
+            self.queue.expand = expand
             if raw_pairs is None:
                 # Options alone: the subscription's pairs stay; its snapshot acknowledges.
-                return [snapshot_frame(self.queue.pairs, bridge.last_seq)]
+                return [snapshot_frame(self.queue.pairs, bridge.last_seq, expand=expand)]
         if (
             not isinstance(raw_pairs, list)
             or not raw_pairs
@@ -191,7 +204,7 @@ class ItemsConsumer(AsyncWebsocketConsumer):
             new = (set(active) if current is None else current) - known
         hub.set_pairs(self.queue, new)
         # The new subscription's snapshot acknowledges the change and fills in added pairs.
-        frames.append(snapshot_frame(new, bridge.last_seq))
+        frames.append(snapshot_frame(new, bridge.last_seq, expand=self.queue.expand))
         return frames
 
     def _send_text(self, frame: str) -> Coroutine[Any, Any, None]:

@@ -30,6 +30,7 @@ _SUBJECTS = {
     "provider.state": "provider.state",
     "peg.broken": "peg.broken",
     "peg.restored": "peg.restored",
+    "quote.excluded": "quotes.excluded",
 }
 
 _transports: list[Transport] = []

@@ -20,12 +20,13 @@ def error_frame(detail: str) -> str:
     return dumps({"type": "error", "detail": detail})
 
 
-def snapshot_frame(pairs: Iterable[str] | None, seq: int | None) -> str:
-    """The latest course of each pair; `seq` is the last event it reflects (None: no stream)."""
+def snapshot_frame(pairs: Iterable[str] | None, seq: int | None, *, expand: bool = False) -> str:
+    """The latest course of each pair; `seq` is the last event it reflects (None: no stream);
+    with `expand`, each course lists its sources."""
     pairs = None if pairs is None else sorted(pairs)
     frame: dict[str, Any] = {
         "type": "snapshot",
-        "data": {"courses": snapshot.courses(pairs), "pairs": pairs},
+        "data": {"courses": snapshot.courses(pairs, expand=expand), "pairs": pairs},
         "ts": utc_now_iso(),
     }
     if seq is not None:

@@ -211,6 +211,8 @@ class SocketQueue:
             [] if prelude is not None else None
         )
         self.policy = policy if policy is not None and policy.active else None
+        # `expand=sources`: this subscriber's rate updates keep their `sources`.
+        self.expand = False
 
     def start(self) -> None:
         """Frames put before now leave now (a resume's replay first, in a task)."""
@@ -537,12 +539,19 @@ class Hub:
         return len(self._all)
 
     def publish_rate(
-        self, pair: str, frame: str, seq: int | None = None, rate: RateFacts | None = None
+        self,
+        pair: str,
+        frame: str,
+        seq: int | None = None,
+        rate: RateFacts | None = None,
+        lean: str | None = None,
     ) -> int:
-        """A rate event: to the sockets subscribed to `pair` and those subscribed to all."""
+        """A rate event: to the sockets subscribed to `pair` and those subscribed to all;
+        `lean` is the frame without `sources`, for the sockets that did not ask to expand."""
         targets = self._wildcard.union(self._by_pair.get(pair, ()))
         for socket in targets:
-            if not socket.put(frame, pair, seq, rate):
+            sent = frame if lean is None or socket.expand else lean
+            if not socket.put(sent, pair, seq, rate):
                 self.remove(socket)
         return len(targets)
 

@@ -30,6 +30,15 @@ def pairs_from_values(values: list[str] | None) -> list[str] | None:
     return pairs or None
 
 
+def parse_expand(value: Any) -> bool:
+    """`expand=sources`: rate payloads list their sources; absent (None or "") means not."""
+    if value is None or value == "":
+        return False
+    if value != "sources":
+        raise BadOption("expand: expected sources")
+    return True
+
+
 def parse_since(value: Any) -> int | None:
     """A stream sequence: a whole number >= 0; None or "" when absent."""
     if value is None or value == "":

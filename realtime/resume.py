@@ -74,12 +74,12 @@ def admit(client: str | None, start: Start) -> tuple[Lease, Lease | None]:
     return connection, replay
 
 
-def first_frames(start: Start, pairs: set[str] | None) -> list[str]:
+def first_frames(start: Start, pairs: set[str] | None, *, expand: bool = False) -> list[str]:
     """What the connection's queue gets before `hub.add()` (nothing when it replays). Called with
     no await before `hub.add()`, so the snapshot's `seq` is exactly where live frames begin."""
     if start.replays:
         return []
-    snapshot = snapshot_frame(pairs, bridge.last_seq)
+    snapshot = snapshot_frame(pairs, bridge.last_seq, expand=expand)
     if start.since is None:
         return [snapshot]
     return [gap_frame(start.since, start.gap_from), snapshot]

@@ -21,7 +21,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
@@ -84,7 +84,11 @@ class StreamQuery(Schema):
         "provider changed, or a heartbeat is due)",
     )
 
-    @field_validator("pairs", "since", "min_interval_ms", "min_change", mode="before")
+    expand: Literal["sources"] | None = Field(
+        None, description="`sources`: rate payloads list the sources they considered"
+    )
+
+    @field_validator("pairs", "since", "min_interval_ms", "min_change", "expand", mode="before")
     @classmethod
     def _empty_is_absent(cls, value: Any) -> Any:
         # docs/api.md#query-parameters: `?since=&pairs=` mean absent.
@@ -154,6 +158,7 @@ async def _body(
     policy: DeliveryPolicy | None,
     connection: Lease,
     replay: Lease | None,
+    expand: bool = False,
 ) -> AsyncIterator[bytes]:
     client = _Client()
     queue = SocketQueue(
@@ -163,8 +168,9 @@ async def _body(
         policy=policy,
         prelude=None if replay is None else resume.replay(start, lambda: queue.pairs, replay),
     )
+    queue.expand = expand
     # As for a WebSocket: no await between the snapshot and hub.add(), so nothing slips by.
-    for frame in resume.first_frames(start, pairs):
+    for frame in resume.first_frames(start, pairs, expand=expand):
         queue.put(frame)
     hub.add(queue)
     queue.start()
@@ -244,7 +250,7 @@ async def stream(
         refusal = JsonResponse({"detail": refused.detail}, status=429)
         refusal["Retry-After"] = str(refused.retry_after)
         return refusal
-    body = _body(pairs, start, policy, connection, replay)
+    body = _body(pairs, start, policy, connection, replay, query.expand is not None)
     # A body Django never starts (the client left before the first byte) runs no `finally`:
     # its slots are then freed when it is collected.
     connection.bind(body)

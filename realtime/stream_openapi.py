@@ -20,7 +20,8 @@ Schema = dict[str, Any]
 
 _TIME: Schema = {"type": "string", "format": "date-time"}
 _NUMBER: Schema = {"type": "number"}
-_STATUS: Schema = {"type": "string", "enum": ["live", "failover", "stale", "depeg"]}
+_STATUS: Schema = {"type": "string", "enum": ["live", "failover", "stale", "thin", "depeg"]}
+_DECIMAL_OR_NULL: Schema = {"type": ["number", "null"]}
 _ROUTE: Schema = {
     "type": "array",
     "description": "a cross rate's legs as their providers quoted them; empty otherwise",
@@ -48,8 +49,12 @@ _RATE_FIELDS: Schema = {
 }
 
 
-def _object(properties: Schema, description: str = "") -> Schema:
-    schema: Schema = {"type": "object", "required": list(properties), "properties": properties}
+def _object(properties: Schema, description: str = "", optional: Schema | None = None) -> Schema:
+    schema: Schema = {
+        "type": "object",
+        "required": list(properties),
+        "properties": {**properties, **(optional or {})},
+    }
     if description:
         schema["description"] = description
     return schema
@@ -68,12 +73,43 @@ _PEG = _object(
     },
     "a peg left its band (`peg.broken`) or came back within it (`peg.restored`)",
 )
+
+# How the value was priced (docs/rates.md#consensus-pricing); `sources` only with
+# `expand=sources`. Optional: events written before these fields have none.
+_EVIDENCE: Schema = {
+    "mode": {"type": "string", "enum": ["priority", "consensus"]},
+    "n_sources": {"type": "integer"},
+    "dispersion_bps": _DECIMAL_OR_NULL,
+    "bid": _DECIMAL_OR_NULL,
+    "ask": _DECIMAL_OR_NULL,
+    "spread_bps": _DECIMAL_OR_NULL,
+    "sources": {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "required": ["provider", "value", "source_time", "excluded", "reason"],
+            "properties": {
+                "provider": {"type": "string"},
+                "value": _NUMBER,
+                "bid": _DECIMAL_OR_NULL,
+                "ask": _DECIMAL_OR_NULL,
+                "source_time": _TIME,
+                "age_s": {"type": "number"},
+                "excluded": {"type": "boolean"},
+                "reason": {"type": ["string", "null"]},
+            },
+        },
+    },
+}
+
+
 _COURSE = _object(
     {
         **_RATE_FIELDS,
         "stale": {"type": "boolean"},
         "age_s": {"type": "number", "description": "seconds since checked_at"},
-    }
+    },
+    optional={**_EVIDENCE, "buy": _DECIMAL_OR_NULL, "sell": _DECIMAL_OR_NULL},
 )
 _ITEM = _object(
     {
@@ -83,6 +119,8 @@ _ITEM = _object(
         "quote": {"type": "string"},
         "name": {"type": "string"},
         "is_active": {"type": "boolean"},
+        "pricing": {"type": ["string", "null"], "enum": ["priority", "consensus", None]},
+        "markup_bps": _NUMBER,
         "created_at": _TIME,
         "updated_at": _TIME,
     }
@@ -101,7 +139,19 @@ EVENT_DATA: dict[str, Schema] = {
         },
         "the current course of each subscribed pair; the first event, and after a gap",
     ),
-    "rate.updated": _object(_RATE_FIELDS, "a pair's current rate changed, or a heartbeat"),
+    "rate.updated": _object(
+        _RATE_FIELDS, "a pair's current rate changed, or a heartbeat", optional=_EVIDENCE
+    ),
+    "quote.excluded": _object(
+        {
+            "direction": {"type": "string"},
+            "provider": {"type": "string"},
+            "value": _NUMBER,
+            "median": _NUMBER,
+            "reason": {"type": "string"},
+        },
+        "a consensus left a source out of a pair's value",
+    ),
     "item.created": _ITEM,
     "item.updated": _ITEM,
     "item.deleted": _object({"id": {"type": "integer"}, "code": {"type": "string"}}),

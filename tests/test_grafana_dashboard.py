@@ -95,7 +95,7 @@ def test_it_shows_what_an_operator_watches() -> None:
     status = next(p for p in panels() if "kurs_rate_status" in p["targets"][0]["expr"])
     assert "by (pair)" in status["targets"][0]["expr"]
     mapped = status["fieldConfig"]["defaults"]["mappings"][0]["options"]
-    assert {m["text"] for m in mapped.values()} == {"live", "failover", "stale"}
+    assert {m["text"] for m in mapped.values()} == {"live", "failover", "stale", "thin"}
 
 
 def test_the_dashboard_is_provisioned_from_prometheus() -> None:

@@ -67,7 +67,8 @@ def test_it_lists_items_with_count_and_pagination(client: Client) -> None:
     ids = list(Item.objects.order_by("id").values_list("id", flat=True))
     assert [item["id"] for item in body["items"]] == ids[2:5]
     assert set(body["items"][0]) == {
-        "id", "code", "base", "quote", "name", "is_active", "created_at", "updated_at",
+        "id", "code", "base", "quote", "name", "is_active", "pricing", "markup_bps",
+        "created_at", "updated_at",
     }  # fmt: skip
 
 

@@ -179,7 +179,9 @@ def tracked(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, Any]]:
     `snapshot.courses` returns them); any pair not in it is untracked."""
     courses: dict[str, dict[str, Any]] = {}
 
-    def fake_courses(pairs: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    def fake_courses(
+        pairs: Iterable[str] | None = None, *, expand: bool = False
+    ) -> list[dict[str, Any]]:
         wanted = courses if pairs is None else pairs
         return [courses[code] for code in sorted(wanted) if code in courses]
 

@@ -64,6 +64,15 @@ def test_it_converts_with_decimals_and_rounds_half_even_to_18_places(client: Cli
         "stale": False,
         "status": "live",
         "route": [],
+        "side": "mid",
+        "mode": "priority",
+        "n_sources": 1,
+        "dispersion_bps": None,
+        "bid": None,
+        "ask": None,
+        "spread_bps": None,
+        "buy": BTC_RUB,
+        "sell": BTC_RUB,
     }
 
 
@@ -221,4 +230,4 @@ def test_the_openapi_schema_declares_both_methods(client: Client) -> None:
     assert {"from", "to", "amount", "rate", "result", "provider", "source_time"} <= set(out)
     assert out["result"]["type"] == "number"
     params = {p["name"] for p in spec["paths"]["/api/v1/convert"]["get"]["parameters"]}
-    assert params == {"from", "to", "amount"}
+    assert params == {"from", "to", "amount", "side", "expand"}

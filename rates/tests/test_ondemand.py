@@ -79,6 +79,14 @@ async def test_it_prices_an_untracked_pair_from_the_highest_priority_provider(
         "stale": False,
         "status": "live",
         "route": [],
+        "mode": "priority",
+        "n_sources": 1,
+        "dispersion_bps": None,
+        "bid": None,
+        "ask": None,
+        "spread_bps": None,
+        "buy": Decimal("141.23"),
+        "sell": Decimal("141.23"),
     }
     source_time = datetime.fromisoformat(body["source_time"])
     assert before - timedelta(seconds=1) <= source_time <= timezone.now()
@@ -329,6 +337,14 @@ async def test_a_tracked_pair_comes_from_the_snapshot_without_an_upstream_call(
         "stale": False,
         "status": "failover",
         "route": [{**leg, "source_time": checked.isoformat().replace("+00:00", "Z")}],
+        "mode": "priority",
+        "n_sources": 1,
+        "dispersion_bps": None,
+        "bid": None,
+        "ask": None,
+        "spread_bps": None,
+        "buy": Decimal("7200000.123456789012345678"),
+        "sell": Decimal("7200000.123456789012345678"),
     }
     assert 12 <= body["age_s"] < 13  # since the last confirmation, as /courses says
     assert await upstream_calls(upstream, emulator_client) == Counter()

@@ -131,6 +131,23 @@ def test_the_rate_updated_event_carries_the_spec_fields(
         "derived": False,
         "route": [],
         "version": 1,
+        "mode": "priority",
+        "n_sources": 1,
+        "dispersion_bps": None,
+        "bid": None,
+        "ask": None,
+        "spread_bps": None,
+        "sources": [
+            {
+                "provider": "binance",
+                "value": Decimal("3000.10"),
+                "bid": None,
+                "ask": None,
+                "source_time": quote.source_time,
+                "excluded": False,
+                "reason": None,
+            }
+        ],
     }
 
 

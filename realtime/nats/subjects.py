@@ -34,7 +34,8 @@ def event_subjects(prefix: str) -> list[str]:
     answered by JetStream's publish acknowledgement before the owner could reply, and control
     requests are not events anyone should replay.
     """
-    return [f"{prefix}.{family}.>" for family in ("items", "rates", "fetch", "provider", "peg")]
+    families = ("items", "rates", "fetch", "provider", "peg", "quotes")
+    return [f"{prefix}.{family}.>" for family in families]
 
 
 def control_prefix(prefix: str) -> str:

@@ -104,6 +104,7 @@ async def test_it_ensures_the_jetstream_stream_where_the_server_has_it(
         f"{prefix}.fetch.>",
         f"{prefix}.provider.>",
         f"{prefix}.peg.>",
+        f"{prefix}.quotes.>",
     ]
     assert info.config.max_age == 24 * 3600
     events.publish("provider.state", {"name": "cbr", "state": "open", "reason": "timeout"})

@@ -158,9 +158,10 @@
       meta.className = "meta";
       pair.append(meta);
       row = { tr, meta, value: cell("", "num value"), provider: cell("", "provider"),
-              age: cell("", "num age"), flags: cell("", "flags") };
+              age: cell("", "num age"), flags: cell("", "flags"), sources: cell("", "sources") };
       row.value.dataset.field = "value";
-      tr.append(pair, row.value, row.provider, row.age, row.flags, chartFor(direction).td);
+      tr.append(pair, row.value, row.provider, row.age, row.flags, row.sources,
+                chartFor(direction).td);
       const placeholder = rows.querySelector(".empty-row");
       if (placeholder) placeholder.remove();
       const after = [...rows.children].find((r) => r.dataset.pair > direction);
@@ -189,6 +190,7 @@
       row.flags.dataset.flags = flags;
       row.flags.replaceChildren(...flags.split(" ").map(tag));
     }
+    renderSources(row.sources, course);
     const tr = row.tr;
     tr.classList.toggle("stale", status === "stale");
     if (previous && previous.value !== course.value) {
@@ -196,6 +198,31 @@
       tr.classList.add(Number(course.value) >= Number(previous.value) ? "up" : "down", "flash");
       setTimeout(() => tr.classList.remove("flash"), 700);
     }
+  }
+
+  // Each source the owner considered (the socket asks for `expand=sources`), an excluded one
+  // struck through with its reason, and the dispersion between the included ones.
+  function renderSources(td, course) {
+    const sources = course.sources || [];
+    const key = JSON.stringify([sources.map((s) => [s.provider, s.value, s.excluded]),
+                                course.dispersion_bps]);
+    if (td.dataset.key === key) return;
+    td.dataset.key = key;
+    const parts = sources.map((s) => {
+      const span = document.createElement("span");
+      span.className = "source" + (s.excluded ? " excluded " + (s.reason || "") : "");
+      span.textContent = s.provider + " " + formatValue(String(s.value));
+      span.title = s.excluded ? "excluded: " + s.reason + " (" + s.value + ")" : String(s.value);
+      return span;
+    });
+    if (course.dispersion_bps !== null && course.dispersion_bps !== undefined) {
+      const spread = document.createElement("span");
+      spread.className = "dispersion";
+      spread.textContent = "±" + course.dispersion_bps + " bp";
+      spread.title = "dispersion: half the interquartile range of the included sources";
+      parts.push(spread);
+    }
+    td.replaceChildren(...parts);
   }
 
   function tag(name) {
@@ -388,7 +415,9 @@
 
   function connect() {
     const scheme = location.protocol === "https:" ? "wss://" : "ws://";
-    const socket = new WebSocket(scheme + location.host + config.ws_path + location.search);
+    const query = new URLSearchParams(location.search);
+    query.set("expand", "sources");  // each pair's sources and their dispersion, in the table
+    const socket = new WebSocket(scheme + location.host + config.ws_path + "?" + query);
     socket.onopen = () => {
       retry = 0;
       socketState = "open";
