@@ -55,7 +55,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not os.environ.get("DATABASE_URL", "").startswith("postgres"):
         return
     root = Path(str(config.rootpath))
-    kept, left = [], []
+    kept: list[pytest.Item] = []
+    left: list[pytest.Item] = []
     for item in items:
         module = Path(str(item.path)).relative_to(root).as_posix()
         (left if module in SUITE_DATABASE_UNUSED else kept).append(item)

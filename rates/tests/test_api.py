@@ -333,11 +333,11 @@ def test_the_openapi_declares_rate_values_as_numbers_as_they_are_sent(
 DOCUMENTED = [
     ("get", "/api/v1/items", {"200", "422", "429"}),
     ("post", "/api/v1/items", {"201", "400", "401", "409", "422"}),
-    ("get", "/api/v1/items/{item_id}", {"200", "404", "429"}),
+    ("get", "/api/v1/items/{item_id}", {"200", "404", "422", "429"}),
     ("patch", "/api/v1/items/{item_id}", {"200", "400", "401", "404", "422"}),
     ("delete", "/api/v1/items/{item_id}", {"204", "401", "404"}),
     ("get", "/api/v1/items/{item_id}/rates", {"200", "404", "422", "429"}),
-    ("get", "/api/v1/items/{item_id}/rates/latest", {"200", "404", "429"}),
+    ("get", "/api/v1/items/{item_id}/rates/latest", {"200", "404", "422", "429"}),
     ("get", "/api/v1/courses", {"200", "304", "422", "429", "503"}),
     ("get", "/api/v1/providers", {"200", "429"}),
     ("post", "/api/v1/tasks/run", {"200", "401", "429", "503"}),

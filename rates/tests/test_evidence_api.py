@@ -123,8 +123,9 @@ def test_latest_and_item_detail_carry_the_evidence_and_expand_the_sources(
 def test_item_detail_expands_the_sources(
     client: Client, django_capture_on_commit_callbacks: Any
 ) -> None:
-    # transaction=True: the detail route closes its thread's connection after reading.
-    item = Item.objects.get(code="BTC-USD")
+    # transaction=True: the detail route closes its thread's connection after reading. An
+    # earlier transactional test may have flushed the seeded pairs: make this one if so.
+    item = Item.objects.get_or_create(base="BTC", quote="USD")[0]
     item_services.item_update(item=item, pricing="consensus")
     quote_btc_usd(django_capture_on_commit_callbacks, skewed="101860.5")
     detail = body(client.get(f"/api/v1/items/{item.id}?expand=sources"))
