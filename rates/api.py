@@ -24,19 +24,23 @@ from edge.security import tasks_throttle, write_auth
 from items.selectors import item_get
 from rates import fetch_control as fetcher
 from rates import selectors
-from rates.answers import convert_answer, pair_answer
+from rates.answers import convert_answer, latest_at_answer, pair_answer
 from rates.courses import courses_cache
 from rates.schemas import (
     CandleOut,
     CandleQuery,
+    ConvertAtOut,
     ConvertIn,
     ConvertOut,
     ConvertQuery,
     CoursesOut,
     CoursesQueryIn,
+    CurrentRateAtOut,
     CurrentRateOut,
     PairPath,
+    PairRateAtOut,
     PairRateOut,
+    PointInTimeQuery,
     ProviderOut,
     RateListOut,
     RateListQuery,
@@ -94,10 +98,17 @@ async def list_rates(
 
 @router.get(
     "/items/{int:item_id}/rates/latest",
-    response={200: CurrentRateOut, **errors(404, 429)},
+    response={200: CurrentRateOut | CurrentRateAtOut, 304: None, **errors(404, 422, 429)},
     summary="The item's current rate: who serves it, its status and age (404 before the first)",
 )
-async def latest_rate(request: HttpRequest, item_id: int) -> dict[str, object]:
+async def latest_rate(
+    request: HttpRequest, item_id: int, when: Query[PointInTimeQuery]
+) -> dict[str, object] | HttpResponseBase:
+    """With `at`: the version served at that instant (docs/api.md#point-in-time)."""
+    if when.at is not None:
+        return to_response(
+            await latest_at_answer(item_id, when, request.headers.get("If-None-Match"))
+        )
     item = await item_get(item_id=item_id)
     current = await selectors.current_rate_get(item_id=item.id)
     if current is None:
@@ -133,14 +144,20 @@ async def list_candles(
 
 @router.get(
     "/rates/{base}/{quote}",
-    response={200: PairRateOut, **errors(404, 422, 429, 503)},
+    response={200: PairRateOut | PairRateAtOut, 304: None, **errors(404, 422, 429, 503)},
     summary="The rate of any pair: tracked from the live snapshot, others fetched on demand",
 )
-async def pair_rate(request: HttpRequest, path: Path[PairPath]) -> HttpResponseBase:
-    return to_response(await pair_answer(path, client_of_request(request)))
+async def pair_rate(
+    request: HttpRequest, path: Path[PairPath], when: Query[PointInTimeQuery]
+) -> HttpResponseBase:
+    """With `at`: the version served at that instant (docs/api.md#point-in-time)."""
+    answer = await pair_answer(
+        path, client_of_request(request), when, request.headers.get("If-None-Match")
+    )
+    return to_response(answer)
 
 
-_CONVERT_RESPONSES = {200: ConvertOut, **errors(404, 422, 429, 503)}
+_CONVERT_RESPONSES = {200: ConvertOut | ConvertAtOut, **errors(404, 422, 429, 503)}
 
 
 @router.get(
@@ -150,7 +167,9 @@ _CONVERT_RESPONSES = {200: ConvertOut, **errors(404, 422, 429, 503)}
     summary="Convert an amount between two assets, with the rate's provenance",
 )
 async def convert(request: HttpRequest, params: Query[ConvertQuery]) -> HttpResponseBase:
-    return to_response(await convert_answer(params, client_of_request(request)))
+    if_none_match = request.headers.get("If-None-Match")
+    answer = await convert_answer(params, client_of_request(request), if_none_match=if_none_match)
+    return to_response(answer)
 
 
 @router.post(
@@ -160,7 +179,7 @@ async def convert(request: HttpRequest, params: Query[ConvertQuery]) -> HttpResp
     summary="Convert, with a JSON body (numbers are read as exact decimals)",
 )
 async def convert_body(request: HttpRequest, payload: ConvertIn) -> HttpResponseBase:
-    return to_response(await convert_answer(payload, client_of_request(request)))
+    return to_response(await convert_answer(payload, client_of_request(request), get=False))
 
 
 @router.get("/providers", response={200: list[ProviderOut], **errors(429)})

@@ -98,3 +98,49 @@ class OwnerLease(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} held by {self.holder} until {self.expires_at}"
+
+
+class ServedRate(models.Model):
+    """The served log (docs/api.md#point-in-time): every version of a pair's current rate, as
+    clients received it, from `served_at` until the next version of the same item.
+
+    Written by `rates.servedlog.record` in the transaction that writes the `CurrentRate` row, so
+    the log never disagrees with what was served; pruned with the history
+    (`rates.services.prune_history`). `event_id` is the id of the `rate.updated` event that
+    announced the version and `seq` its JetStream stream sequence, recorded on the publisher's
+    ack (`rates.servedlog.record_seq`); both stay null where they are not known.
+    """
+
+    item = models.ForeignKey(Item, on_delete=models.CASCADE, related_name="served_rates")
+    served_at = models.DateTimeField()
+    provider = models.CharField(max_length=65)
+    value = ExactDecimalField(max_digits=38, decimal_places=18)
+    bid = ExactDecimalField(max_digits=38, decimal_places=18, null=True, blank=True)
+    ask = ExactDecimalField(max_digits=38, decimal_places=18, null=True, blank=True)
+    source_time = models.DateTimeField()
+    checked_at = models.DateTimeField()
+    received_at = models.DateTimeField()
+    derived = models.BooleanField(default=False)
+    route = models.JSONField(default=list, blank=True)
+    status = models.CharField(max_length=16)
+    version = models.PositiveBigIntegerField()
+    # The consensus evidence of the version (filled once the current rate carries it). Null,
+    # not "", for "not recorded": versions logged before the evidence existed say nothing.
+    mode = models.CharField(max_length=16, null=True, blank=True)  # noqa: DJ001 - see above
+    n_sources = models.PositiveIntegerField(null=True, blank=True)
+    dispersion_bps = models.FloatField(null=True, blank=True)
+    sources = models.JSONField(null=True, blank=True)
+    # Null where the announcing event's id is not known when the version is written.
+    event_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001 - see above
+    seq = models.PositiveBigIntegerField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            # The point-in-time lookup: an item's last version served at or before an instant.
+            models.Index(fields=["item", "served_at"], name="served_item_at"),
+            # `record_seq`: the publisher's ack names the event.
+            models.Index(fields=["event_id"], name="served_event"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.item_id} v{self.version} {self.provider} {self.value} at {self.served_at}"

@@ -50,8 +50,8 @@ from django.conf import settings
 from django.db import DatabaseError
 from django.utils import timezone
 
-from rates import policy, validation
-from rates.exceptions import PairNotPriced, ProvidersUnavailable, RatesError
+from rates import policy, servedlog, validation
+from rates.exceptions import NotServedAt, PairNotPriced, ProvidersUnavailable, RatesError
 from rates.fetcher import http_client
 from rates.providers import Listing, Pair, Provider, ProviderError, Quote, build_providers
 from rates.snapshot import snapshot
@@ -79,6 +79,8 @@ MAX_LISTING_SECONDS = 300.0
 EXTRA_VIAS = ("RUB",)
 # Conversion results: as many decimal places as stored rates, banker's rounding (no bias).
 RESULT_STEP = Decimal(1).scaleb(-validation.DECIMAL_PLACES)
+# What an answer about an instant adds (rates.servedlog.ServedVersion.fields, and `sources`).
+_SERVED_FIELDS = ("valid_from", "valid_until", "version", "seq", "sources")
 # Exact products and quotients of 38-digit decimals before the one final rounding.
 _PRECISION = 80
 
@@ -567,19 +569,61 @@ async def _priced(pair: Pair, client: str | None) -> tuple[dict[str, Any], Decim
     return (await on_demand.get(pair, client=client)).to_dict(timezone.now()), None
 
 
-async def pair_rate(pair: Pair, *, client: str | None = None) -> dict[str, Any]:
+async def _priced_at(
+    pair: Pair, at: datetime, *, expand: bool
+) -> tuple[dict[str, Any], Decimal | None]:
+    """`_priced` at an instant (docs/api.md#point-in-time): from the served log of the tracked
+    pair that prices it, judged then, with the version's fields (and, with `expand`, each
+    provider's quote then); NotServedAt for a pair no tracked pair prices, or none served then."""
+    await _snapshot_ready()
+    missing: RatesError = NotServedAt(f"{pair.code} is not tracked: only tracked pairs are logged")
+    for code, inverted in tracked_sources(pair):
+        try:
+            version = await servedlog.aversion_at(at, code=code)
+        except NotServedAt as exc:
+            missing = exc
+            continue
+        course = version.course(code)
+        answer = _from_tracked(pair, course, inverted)
+        if answer is None:
+            continue
+        answer.update(version.fields())
+        if expand:
+            answer["sources"] = await servedlog.asources_at(
+                version.row.item_id, at, serving=version.row.provider
+            )
+        return answer, course["value"] if inverted else None
+    servedlog.check_instant(at, now=timezone.now())  # a bad instant says so, tracked or not
+    raise missing
+
+
+async def pair_rate(
+    pair: Pair, *, client: str | None = None, at: datetime | None = None, expand: bool = False
+) -> dict[str, Any]:
     """`/rates/{base}/{quote}`: from the snapshot when the pair, its inverse or an alias is
-    tracked, else on demand (`client`, the asker's address, is charged for a new round)."""
+    tracked, else on demand (`client`, the asker's address, is charged for a new round); at the
+    instant `at` from the served log."""
+    if at is not None:
+        return (await _priced_at(pair, at, expand=expand))[0]
     return (await _priced(pair, client))[0]
 
 
 async def convert(
-    *, source: str, target: str, amount: Decimal, client: str | None = None
+    *,
+    source: str,
+    target: str,
+    amount: Decimal,
+    client: str | None = None,
+    at: datetime | None = None,
+    expand: bool = False,
 ) -> dict[str, Any]:
     """`/convert`: amount × the pair's rate (÷ the tracked rate for an inverted tracked pair),
-    exact, rounded once to RESULT_STEP (half even)."""
+    exact, rounded once to RESULT_STEP (half even); at the instant `at` with the rate served
+    then (the version's fields null when from = to)."""
     if source == target:
-        return {
+        if at is not None:
+            servedlog.check_instant(at, now=timezone.now())
+        identity = {
             "from": source,
             "to": target,
             "amount": amount,
@@ -593,7 +637,11 @@ async def convert(
             "status": policy.LIVE,
             "route": [],
         }
-    rate, divisor = await _priced(Pair(source, target), client)
+        return identity if at is None else {**identity, **dict.fromkeys(_SERVED_FIELDS)}
+    pair = Pair(source, target)
+    rate, divisor = await (
+        _priced(pair, client) if at is None else _priced_at(pair, at, expand=expand)
+    )
     with localcontext() as context:
         context.prec = _PRECISION
         exact = amount / divisor if divisor is not None else amount * rate["value"]
@@ -611,4 +659,5 @@ async def convert(
         "stale": rate["stale"],
         "status": rate["status"],
         "route": rate["route"],
+        **{name: rate[name] for name in _SERVED_FIELDS if name in rate},
     }

@@ -15,7 +15,7 @@ from django.utils import timezone
 from items.models import Item
 from rates import policy
 from rates.exceptions import InvalidQuery
-from rates.models import CurrentRate, Rate
+from rates.models import CurrentRate, Rate, ServedRate
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -54,8 +54,9 @@ async def rate_count(rates: QuerySet[Rate]) -> int:
     return await rates[:COUNT_CAP].acount()
 
 
-def current_rate_view(row: CurrentRate, *, now: datetime) -> dict[str, Any]:
-    """The current rate as REST shows it (docs/api.md#get-apiv1itemsidrateslatest), judged now."""
+def current_rate_view(row: CurrentRate | ServedRate, *, now: datetime) -> dict[str, Any]:
+    """The current rate as REST shows it (docs/api.md#get-apiv1itemsidrateslatest), judged now
+    (or a served version of it, judged at the instant asked: docs/api.md#point-in-time)."""
     status = policy.read_status(row.status, row.provider, row.checked_at, now=now)
     return {
         "provider": row.provider,
