@@ -162,7 +162,7 @@ _CONVERT_RESPONSES = {200: ConvertOut | ConvertAtOut, **errors(404, 422, 429, 50
 
 @router.get(
     "/convert",
-    response=_CONVERT_RESPONSES,
+    response={**_CONVERT_RESPONSES, 304: None},
     by_alias=True,
     summary="Convert an amount between two assets, with the rate's provenance",
 )

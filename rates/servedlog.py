@@ -143,12 +143,10 @@ def check_instant(at: datetime, *, now: datetime) -> None:
     """InvalidQuery (422) for an instant in the future or beyond the retention."""
     if at > now:
         raise InvalidQuery("at", "is in the future: the served log answers for past instants")
-    start = retention_start(now)
-    if at < start:
+    if at < retention_start(now):
+        days = settings.KURS_HISTORY_DAYS
         raise InvalidQuery(
-            "at",
-            f"is beyond the retention: versions are kept for {settings.KURS_HISTORY_DAYS} days"
-            f" (KURS_HISTORY_DAYS), since {start.isoformat()}",
+            "at", f"is beyond the retention: versions are kept {days} days (KURS_HISTORY_DAYS)"
         )
 
 
