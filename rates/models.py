@@ -111,7 +111,10 @@ class ServedRate(models.Model):
     ack (`rates.servedlog.record_seq`); both stay null where they are not known.
     """
 
-    item = models.ForeignKey(Item, on_delete=models.CASCADE, related_name="served_rates")
+    # No index of its own: `served_item_at` starts with the item (an index less at 10^7 rows).
+    item = models.ForeignKey(
+        Item, on_delete=models.CASCADE, related_name="served_rates", db_index=False
+    )
     served_at = models.DateTimeField()
     provider = models.CharField(max_length=65)
     value = ExactDecimalField(max_digits=38, decimal_places=18)
@@ -138,8 +141,13 @@ class ServedRate(models.Model):
         indexes = [
             # The point-in-time lookup: an item's last version served at or before an instant.
             models.Index(fields=["item", "served_at"], name="served_item_at"),
-            # `record_seq`: the publisher's ack names the event.
-            models.Index(fields=["event_id"], name="served_event"),
+            # `record_seq`: the publisher's ack names the event; only versions still waiting
+            # for their ack are in it, so it stays small.
+            models.Index(
+                fields=["event_id"],
+                name="served_event_unacked",
+                condition=models.Q(seq__isnull=True, event_id__isnull=False),
+            ),
         ]
 
     def __str__(self) -> str:

@@ -66,7 +66,7 @@ def record(
 def record_seq(event_id: str, seq: int) -> int:
     """The stream sequence of the event `event_id`, on the publisher's JetStream ack; returns
     how many versions it named (0 for another event type, or a version already pruned)."""
-    return ServedRate.objects.filter(event_id=event_id).update(seq=seq)
+    return ServedRate.objects.filter(event_id=event_id, seq__isnull=True).update(seq=seq)
 
 
 def record_seqs(acks: Iterable[tuple[str, int]]) -> int:
