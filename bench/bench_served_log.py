@@ -26,7 +26,9 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -104,7 +106,13 @@ def fill(rows: int, items: int) -> tuple[list[int], list[tuple[int, datetime, da
         start = timezone.now() - span - timedelta(minutes=1)
         with connection.cursor() as cursor:
             cursor.execute("TRUNCATE rates_servedrate")
-            params = {"ids": ids, "rows": rows, "items": items, "start": start, "step": step}
+            params: dict[str, Any] = {
+                "ids": ids,
+                "rows": rows,
+                "items": items,
+                "start": start,
+                "step": step,
+            }
             cursor.execute(FILL, params)
             cursor.execute("VACUUM ANALYZE rates_servedrate")
         print(f"  filled in {time.perf_counter() - started:.0f} s")
@@ -119,6 +127,11 @@ def fill(rows: int, items: int) -> tuple[list[int], list[tuple[int, datetime, da
             raise SystemExit(f"item {item_id} has no versions: drop the database and run again")
         bounds.append((item_id, first, last))
     return ids, bounds
+
+
+def pk_read(key: int) -> ServedRate | None:
+    """The baseline: one row by primary key through the ORM."""
+    return ServedRate.objects.filter(pk=key).first()
 
 
 def timed(calls: list[Callable[[], object]]) -> list[float]:
@@ -151,13 +164,13 @@ def main() -> None:
     now = timezone.now()
     rounds: dict[str, list[tuple[float, float]]] = {"at": [], "pk": []}
     for _ in range(OPTIONS.repeats):
-        lookups = []
+        lookups: list[Callable[[], object]] = []
         for _ in range(OPTIONS.lookups):
             item_id, first, last = rng.choice(bounds)
             at = first + timedelta(seconds=rng.uniform(0, (last - first).total_seconds()))
-            lookups.append(lambda a=at, i=item_id: servedlog.version_at(a, item_id=i, now=now))
+            lookups.append(partial(servedlog.version_at, at, item_id=item_id, now=now))
         keys = [rng.randint(low.id, high.id) for _ in range(OPTIONS.lookups)]
-        baseline = [lambda k=k: ServedRate.objects.filter(pk=k).first() for k in keys]
+        baseline: list[Callable[[], object]] = [partial(pk_read, key) for key in keys]
         for name, calls in (("at", lookups), ("pk", baseline)):
             ms = timed(calls)
             rounds[name].append((percentile(ms, 0.5), percentile(ms, 0.99)))
@@ -173,9 +186,9 @@ def main() -> None:
 
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_total_relation_size('rates_servedrate')")
-        total = cursor.fetchone()[0]  # type: ignore[index]  # one row
+        total = cursor.fetchone()[0]
         cursor.execute("SELECT pg_relation_size('rates_servedrate')")
-        heap = cursor.fetchone()[0]  # type: ignore[index]  # one row
+        heap = cursor.fetchone()[0]
     per_row = total / rows
     per_poll = 86400 / float(settings.KURS_POLL_INTERVAL)
     per_heartbeat = 86400 / (float(settings.KURS_STALE_AFTER) / 2)
