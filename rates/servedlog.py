@@ -155,7 +155,8 @@ def version_at(
 ) -> ServedVersion:
     """The version of the item (by id or code) served at `at`; InvalidQuery or NotServedAt.
 
-    Two index reads (`served_item_at`): the last version at or before `at`, and the next one.
+    One query, two index reads (`served_item_at`): the last version at or before `at`, and the
+    served_at of the next one.
     """
     check_instant(at, now=now)
     versions = (
@@ -163,18 +164,22 @@ def version_at(
         if item_id is not None
         else ServedRate.objects.filter(item__code=code)
     )
-    row = versions.filter(served_at__lte=at).order_by("-served_at", "-id").first()
+    following = (
+        ServedRate.objects.filter(item_id=OuterRef("item_id"), served_at__gt=OuterRef("served_at"))
+        .order_by("served_at")
+        .values("served_at")[:1]
+    )
+    row = (
+        versions.filter(served_at__lte=at)
+        .annotate(following=Subquery(following))
+        .order_by("-served_at", "-id")
+        .first()
+    )
     if row is None:
         raise NotServedAt(
             f"{code or f'item {item_id}'} has no rate served at or before {at.isoformat()}"
         )
-    following = (
-        ServedRate.objects.filter(item_id=row.item_id, served_at__gt=row.served_at)
-        .order_by("served_at", "id")
-        .values_list("served_at", flat=True)
-        .first()
-    )
-    return ServedVersion(row=row, at=at, valid_until=following)
+    return ServedVersion(row=row, at=at, valid_until=row.following)
 
 
 async def aversion_at(
