@@ -10,7 +10,8 @@ KURS_POLL_INTERVAL per pair, by one `INSERT ... SELECT generate_series` (not the
 each of `--repeats` rounds, `--lookups` random (pair, instant) lookups through
 `rates.servedlog.version_at` (what `?at=` reads: the last version at or before the instant, and
 the next one), beside the same number of primary-key reads of one row through the ORM (the
-baseline: the cheapest read the ORM makes). Figures are medians of the rounds; the target is p99
+baseline: the cheapest read the ORM makes) and the lookup's SQL alone through a cursor (the
+database's share). Figures are medians of the rounds; the target is p99
 < 20 ms. Storage: `pg_total_relation_size` (table, TOAST and indexes) per row, times the versions
 a pair logs per day at the default cadence. The machine is shared (2 cores, other sessions'
 tests): the ratio to the baseline is the figure to compare between runs.
@@ -129,6 +130,22 @@ def fill(rows: int, items: int) -> tuple[list[int], list[tuple[int, datetime, da
     return ids, bounds
 
 
+# What `version_at` asks, as plain SQL through a cursor: the database's share of a lookup.
+AT_SQL = """
+SELECT s.*, (SELECT u.served_at FROM rates_servedrate u
+             WHERE u.item_id = s.item_id AND u.served_at > s.served_at
+             ORDER BY u.served_at LIMIT 1)
+FROM rates_servedrate s WHERE s.item_id = %s AND s.served_at <= %s
+ORDER BY s.served_at DESC, s.id DESC LIMIT 1
+"""
+
+
+def sql_at(item_id: int, at: datetime) -> object:
+    with connection.cursor() as cursor:
+        cursor.execute(AT_SQL, [item_id, at])
+        return cursor.fetchone()
+
+
 def pk_read(key: int) -> ServedRate | None:
     """The baseline: one row by primary key through the ORM."""
     return ServedRate.objects.filter(pk=key).first()
@@ -162,16 +179,18 @@ def main() -> None:
         raise SystemExit("the served log is empty")
     rng = random.Random(7)
     now = timezone.now()
-    rounds: dict[str, list[tuple[float, float]]] = {"at": [], "pk": []}
+    rounds: dict[str, list[tuple[float, float]]] = {"at": [], "sql": [], "pk": []}
     for _ in range(OPTIONS.repeats):
         lookups: list[Callable[[], object]] = []
+        plain: list[Callable[[], object]] = []
         for _ in range(OPTIONS.lookups):
             item_id, first, last = rng.choice(bounds)
             at = first + timedelta(seconds=rng.uniform(0, (last - first).total_seconds()))
             lookups.append(partial(servedlog.version_at, at, item_id=item_id, now=now))
+            plain.append(partial(sql_at, item_id, at))
         keys = [rng.randint(low.id, high.id) for _ in range(OPTIONS.lookups)]
         baseline: list[Callable[[], object]] = [partial(pk_read, key) for key in keys]
-        for name, calls in (("at", lookups), ("pk", baseline)):
+        for name, calls in (("at", lookups), ("sql", plain), ("pk", baseline)):
             ms = timed(calls)
             rounds[name].append((percentile(ms, 0.5), percentile(ms, 0.99)))
     p50 = {name: statistics.median(r[0] for r in results) for name, results in rounds.items()}
@@ -179,6 +198,7 @@ def main() -> None:
     print(f"\nrows {rows:,} over {len(ids)} pairs; {OPTIONS.lookups} lookups x {OPTIONS.repeats}")
     print(f"{'':28}{'p50 ms':>10}{'p99 ms':>10}")
     print(f"{'point in time (version_at)':28}{p50['at']:>10.3f}{p99['at']:>10.3f}")
+    print(f"{'  the same as plain SQL':28}{p50['sql']:>10.3f}{p99['sql']:>10.3f}")
     print(f"{'baseline: ORM pk read':28}{p50['pk']:>10.3f}{p99['pk']:>10.3f}")
     print(f"{'ratio':28}{p50['at'] / p50['pk']:>10.2f}{p99['at'] / p99['pk']:>10.2f}")
     verdict = "met" if p99["at"] < 20 else "NOT met"
