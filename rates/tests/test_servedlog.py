@@ -307,6 +307,9 @@ async def test_a_pair_and_a_conversion_at_an_instant_on_both_entrances(
     assert pair["valid_until"] == iso(T0 + timedelta(seconds=60))
     assert fast.header("Cache-Control") == IMMUTABLE.encode()
 
+    expanded = await call("/api/v1/rates/BTC/USD", moment + b"&expand=sources")
+    assert {s["provider"] for s in expanded.json()["sources"]} == {"binance", "bybit", "cbr"}
+
     inverse = (await call("/api/v1/rates/USD/BTC", moment)).json()
     assert (inverse["derived"], inverse["version"]) == (True, 1)
 
