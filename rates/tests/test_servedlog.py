@@ -19,7 +19,7 @@ from rates import servedlog, services
 from rates.exceptions import InvalidQuery, NotServedAt
 from rates.models import CURRENT_FIELDS, CurrentRate, Rate, ServedRate
 from rates.snapshot import snapshot
-from rates.tests.support import make_quote
+from rates.tests.support import make_quote, rate_events
 
 Capture = Any
 
@@ -65,6 +65,39 @@ def test_every_version_of_the_current_rate_is_logged_as_written(
     assert (last.seq, last.event_id, last.mode) == (None, None, None)
     served = [v.served_at for v in versions]
     assert served == sorted(served)
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("rate_settings", "fresh_board")
+def test_the_log_holds_exactly_what_rate_updated_announced(
+    django_capture_on_commit_callbacks: Capture, published_events: list[tuple[str, Any]]
+) -> None:
+    """Every published version has its row, with the same fields, and no row was not published."""
+    item("BTC-USD")
+    item("BTC-RUB")
+    for quote in (
+        make_quote("binance", "BTC-USD", "90000"),
+        make_quote("cbr", "USD-RUB", "80", age=60),  # BTC-RUB as a cross rate, binance+cbr
+        make_quote("coingecko", "BTC-RUB", "7200100"),
+        make_quote("binance", "BTC-USD", "90001"),
+    ):
+        accept(quote, django_capture_on_commit_callbacks)
+    announced = sorted(
+        (
+            data["direction"],
+            data["version"],
+            data["provider"],
+            Decimal(data["value"]),
+            data["status"],
+        )
+        for data in rate_events(published_events)
+    )
+    logged = sorted(
+        (row.item.code, row.version, row.provider, row.value, row.status)
+        for row in ServedRate.objects.select_related("item")
+    )
+    assert len(announced) >= 4
+    assert logged == announced
 
 
 # Committed for real: the failure must roll back a real transaction (and `_persist` closes the
