@@ -13,13 +13,17 @@ reader at that instant saw it. The instant is checked first (`check_instant`): o
 or older than the retention (KURS_HISTORY_DAYS), is refused (422); an item with no version at or
 before it has nothing to show (404, `NotServedAt`).
 
-`seq`: the JetStream stream sequence of the `rate.updated` event that announced a version. The
-publisher calls `record_seq(event_id, seq)` (or `record_seqs`) on the stream's ack; until then,
-and wherever JetStream is unavailable, it stays null.
+`seq`: the JetStream stream sequence of the `rate.updated` event that announced a version, found
+by the event's id. The publisher hands each ack to `seq_recorder.ack(event_id, seq)`, which
+writes them in batches off its loop (`record_seqs`); until then, and wherever JetStream is
+unavailable, it stays null.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,7 +31,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DatabaseError, close_old_connections, connection, transaction
 from django.db.models import Max, OuterRef, Subquery
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -37,6 +41,8 @@ from rates import policy
 from rates.exceptions import InvalidQuery, NotServedAt
 from rates.models import CURRENT_FIELDS, Rate, ServedRate
 from rates.snapshot import Course, route_from_db
+
+logger = logging.getLogger(__name__)
 
 # What a served version keeps of the current rate it copies: the read model's columns, its
 # route, and the consensus evidence once the current rate carries it (absent keys stay null).
@@ -75,6 +81,56 @@ def record_seqs(acks: Iterable[tuple[str, int]]) -> int:
     """`record_seq` for a batch of acks, in one transaction."""
     with transaction.atomic():
         return sum(record_seq(event_id, seq) for event_id, seq in acks)
+
+
+class SeqRecorder:
+    """JetStream acks to the served log, off the publisher's loop: `ack(event_id, seq)` only
+    queues (callable from any thread, never blocks); one daemon thread writes what has queued up
+    with `record_seqs`, a batch per transaction. An ack whose write fails is logged and dropped:
+    `seq` is then null for that version, as without JetStream."""
+
+    def __init__(self, *, batch: int = 500) -> None:
+        self._batch = batch
+        self._queue: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._pending = 0
+        self._thread: threading.Thread | None = None
+
+    def ack(self, event_id: str, seq: int) -> None:
+        with self._lock:
+            self._pending += 1
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="served-seq", daemon=True)
+                self._thread.start()
+        self._queue.put((event_id, seq))
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Whether every queued ack was written (or dropped) within `timeout` seconds."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self._batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                record_seqs(batch)
+            except DatabaseError as exc:
+                logger.warning("served log: %d acks not recorded: %s", len(batch), exc)
+            finally:
+                close_old_connections()
+                with self._idle:
+                    self._pending -= len(batch)
+                    self._idle.notify_all()
+
+
+# The process's recorder: the publisher's ack callback (docs/api.md#point-in-time).
+seq_recorder = SeqRecorder()
 
 
 def prune(cutoff: datetime) -> int:

@@ -165,6 +165,23 @@ def test_record_seq_names_the_version_its_event_announced() -> None:
     assert list(ServedRate.objects.order_by("version").values_list("seq", flat=True)) == [41, 42]
 
 
+# The recorder writes from its own thread, which must see committed rows.
+@pytest.mark.django_db(transaction=True)
+def test_acks_are_recorded_in_batches_off_the_callers_thread() -> None:
+    btc = item("BTC-USD")
+    now = timezone.now()
+    for version in (1, 2, 3):
+        served(btc, now - timedelta(seconds=4 - version), version, event_id=f"e-{version}")
+    recorder = servedlog.SeqRecorder(batch=2)
+    for event_id, seq in (("e-1", 7), ("e-2", 8), ("another event", 9), ("e-3", 10)):
+        recorder.ack(event_id, seq)
+    assert recorder.wait_idle(10)
+    assert list(ServedRate.objects.order_by("version").values_list("seq", flat=True)) == [7, 8, 10]
+    recorder.ack("e-1", 99)  # a duplicate ack (a relayed event) keeps the first seq
+    assert recorder.wait_idle(10)
+    assert ServedRate.objects.get(version=1).seq == 7
+
+
 # --- Reads at an instant -----------------------------------------------------------------------
 @pytest.mark.django_db
 def test_version_at_is_the_one_served_then_judged_then(settings: Any) -> None:
