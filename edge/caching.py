@@ -12,13 +12,18 @@ One table, applied by `edge.layer` to every answer under `/api/` and to `/metric
   change with every quote;
 - history and candles: `max-age=1`, as `/courses`: rows are appended every second at most, and a
   second's delay is what a dashboard polling them accepts anyway;
-- the OpenAPI document and the docs page: `max-age=60`; they change only with a deployment.
+- the OpenAPI document and the docs page: `max-age=60`; they change only with a deployment;
+- a GET about a past instant (`?at=`, docs/api.md#point-in-time) sets its own, by
+  `point_in_time`: immutable once a later version closed the one it shows, else `no-cache`
+  (the version still being served gets its `valid_until` later); both with a strong ETag.
 """
 
 from __future__ import annotations
 
 NO_STORE = "no-store"
 NO_CACHE = "no-cache"
+# A year, the longest `max-age` caches honour (RFC 9111 5.2.2.1: "never expires").
+IMMUTABLE = "public, max-age=31536000, immutable"
 
 # (route prefix relative to /api/v1/, the policy of its successful GET answers)
 _READ_POLICIES: tuple[tuple[str, str], ...] = (
@@ -48,3 +53,9 @@ def cache_control(method: str, path: str, status: int) -> str | None:
     if route.startswith("items/") and route.endswith(_HISTORY_SUFFIXES):
         return "max-age=1"
     return NO_CACHE
+
+
+def point_in_time(*, closed: bool) -> str:
+    """The `Cache-Control` of a GET answer about a past instant; `closed`: its version has a
+    successor, so the answer can never change."""
+    return IMMUTABLE if closed else NO_CACHE

@@ -21,6 +21,7 @@ from edge.answer import Answer, json_answer, to_response
 from items.exceptions import InvalidItem, ItemAlreadyExists, ItemNotFound
 from rates.exceptions import (
     InvalidQuery,
+    NotServedAt,
     OnDemandBudgetExceeded,
     PairNotPriced,
     ProvidersUnavailable,
@@ -32,6 +33,7 @@ STATUS: dict[type[Exception], tuple[int, str | None]] = {
     InvalidQuery: (422, None),
     ItemNotFound: (404, None),
     PairNotPriced: (404, None),
+    NotServedAt: (404, None),
     Http404: (404, "not found"),
     ItemAlreadyExists: (409, None),
     ProvidersUnavailable: (503, None),

@@ -13,7 +13,8 @@ Django gives the route; the path, its converters and the metric label are Django
 Each entry parses the request as the route declares it, with the route's own schema, and calls
 the route's handler. What it does not parse goes to Django, which answers exactly as documented:
 input that fails the schema (Django's 422 in the API's shape), a query with other or repeated
-fields than `/convert`'s three, a non-ASCII query, a POST body that is not one small
+fields than `/convert`'s three (so every `?at=`, docs/api.md#point-in-time), a query on
+a pair's rate (`?at=`, `?expand=`), a non-ASCII query, a POST body that is not one small
 `application/json` object, `/courses` before the snapshot is loaded (Django loads it or answers
 503), and a handler that fails with an error the exception table does not list (a database gone
 under an item read: Django answers as documented).
@@ -80,7 +81,7 @@ async def _item(call: Call) -> Answer | None:
 
 async def _pair(call: Call) -> Answer | None:
     if call.query:
-        return None  # `expand=sources` (or a query ninja ignores): Django's route answers
+        return None  # `?at=`, `?expand=` (or a query ninja ignores): Django's route answers
     try:
         pair = PairPath.model_validate(call.kwargs)
     except ValidationError:

@@ -24,22 +24,25 @@ from edge.security import tasks_throttle, write_auth
 from items.selectors import item_get
 from rates import fetch_control as fetcher
 from rates import selectors
-from rates.answers import convert_answer, pair_answer
+from rates.answers import convert_answer, latest_at_answer, pair_answer
 from rates.courses import courses_cache
 from rates.peg_monitor import peg_statuses
 from rates.schemas import (
     CandleOut,
     CandleQuery,
+    ConvertAtOut,
     ConvertIn,
     ConvertOut,
     ConvertQuery,
     CoursesOut,
     CoursesQueryIn,
+    CurrentRateAtOut,
     CurrentRateOut,
-    ExpandQuery,
     PairPath,
+    PairRateAtOut,
     PairRateOut,
     PegOut,
+    PointInTimeQuery,
     ProviderOut,
     RateListOut,
     RateListQuery,
@@ -97,15 +100,20 @@ async def list_rates(
 
 @router.get(
     "/items/{int:item_id}/rates/latest",
-    response={200: CurrentRateOut, **errors(404, 422, 429)},
+    response={200: CurrentRateOut | CurrentRateAtOut, 304: None, **errors(404, 422, 429)},
     summary="The item's current rate: who serves it, its status and age (404 before the first)",
 )
 async def latest_rate(
-    request: HttpRequest, item_id: int, query: Query[ExpandQuery]
-) -> dict[str, object]:
+    request: HttpRequest, item_id: int, when: Query[PointInTimeQuery]
+) -> dict[str, object] | HttpResponseBase:
+    """With `at`: the version served at that instant (docs/api.md#point-in-time)."""
+    if when.at is not None:
+        return to_response(
+            await latest_at_answer(item_id, when, request.headers.get("If-None-Match"))
+        )
     item = await item_get(item_id=item_id)
     current = await selectors.current_rate_get(
-        item_id=item.id, expand=query.expand is not None, markup_bps=item.markup_bps
+        item_id=item.id, expand=when.expand is not None, markup_bps=item.markup_bps
     )
     if current is None:
         raise HttpError(404, f"item {item_id} has no rate yet")
@@ -140,27 +148,32 @@ async def list_candles(
 
 @router.get(
     "/rates/{base}/{quote}",
-    response={200: PairRateOut, **errors(404, 422, 429, 503)},
+    response={200: PairRateOut | PairRateAtOut, 304: None, **errors(404, 422, 429, 503)},
     summary="The rate of any pair: tracked from the live snapshot, others fetched on demand",
 )
 async def pair_rate(
-    request: HttpRequest, path: Path[PairPath], query: Query[ExpandQuery]
+    request: HttpRequest, path: Path[PairPath], when: Query[PointInTimeQuery]
 ) -> HttpResponseBase:
-    answer = await pair_answer(path, client_of_request(request), expand=query.expand is not None)
+    """With `at`: the version served at that instant (docs/api.md#point-in-time)."""
+    answer = await pair_answer(
+        path, client_of_request(request), when, request.headers.get("If-None-Match")
+    )
     return to_response(answer)
 
 
-_CONVERT_RESPONSES = {200: ConvertOut, **errors(404, 422, 429, 503)}
+_CONVERT_RESPONSES = {200: ConvertOut | ConvertAtOut, **errors(404, 422, 429, 503)}
 
 
 @router.get(
     "/convert",
-    response=_CONVERT_RESPONSES,
+    response={**_CONVERT_RESPONSES, 304: None},
     by_alias=True,
     summary="Convert an amount between two assets, with the rate's provenance",
 )
 async def convert(request: HttpRequest, params: Query[ConvertQuery]) -> HttpResponseBase:
-    return to_response(await convert_answer(params, client_of_request(request)))
+    if_none_match = request.headers.get("If-None-Match")
+    answer = await convert_answer(params, client_of_request(request), if_none_match=if_none_match)
+    return to_response(answer)
 
 
 @router.post(
@@ -170,7 +183,7 @@ async def convert(request: HttpRequest, params: Query[ConvertQuery]) -> HttpResp
     summary="Convert, with a JSON body (numbers are read as exact decimals)",
 )
 async def convert_body(request: HttpRequest, payload: ConvertIn) -> HttpResponseBase:
-    return to_response(await convert_answer(payload, client_of_request(request)))
+    return to_response(await convert_answer(payload, client_of_request(request), get=False))
 
 
 @router.get("/providers", response={200: list[ProviderOut], **errors(429)})

@@ -29,3 +29,7 @@ class OnDemandBudgetExceeded(RatesError):
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class NotServedAt(RatesError):
+    """No version of the pair's current rate was served at or before the instant asked (404)."""

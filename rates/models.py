@@ -112,3 +112,56 @@ class OwnerLease(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} held by {self.holder} until {self.expires_at}"
+
+
+class ServedRate(models.Model):
+    """The served log (docs/api.md#point-in-time): every version of a pair's current rate, as
+    clients received it, from `served_at` until the next version of the same item.
+
+    Written by `rates.servedlog.record` in the transaction that writes the `CurrentRate` row, so
+    the log never disagrees with what was served; pruned with the history
+    (`rates.services.prune_history`). `event_id` is the id of the `rate.updated` event that
+    announced the version and `seq` its JetStream stream sequence, recorded on the publisher's
+    ack (`rates.servedlog.record_seq`); both stay null where they are not known.
+    """
+
+    # No index of its own: `served_item_at` starts with the item (an index less at 10^7 rows).
+    item = models.ForeignKey(
+        Item, on_delete=models.CASCADE, related_name="served_rates", db_index=False
+    )
+    served_at = models.DateTimeField()
+    provider = models.CharField(max_length=65)
+    value = ExactDecimalField(max_digits=38, decimal_places=18)
+    bid = ExactDecimalField(max_digits=38, decimal_places=18, null=True, blank=True)
+    ask = ExactDecimalField(max_digits=38, decimal_places=18, null=True, blank=True)
+    source_time = models.DateTimeField()
+    checked_at = models.DateTimeField()
+    received_at = models.DateTimeField()
+    derived = models.BooleanField(default=False)
+    route = models.JSONField(default=list, blank=True)
+    status = models.CharField(max_length=16)
+    version = models.PositiveBigIntegerField()
+    # The version's evidence (docs/rates.md#consensus-pricing), as CurrentRate keeps it.
+    mode = models.CharField(max_length=16, default="priority")
+    n_sources = models.PositiveSmallIntegerField(default=1)
+    dispersion_bps = models.DecimalField(max_digits=12, decimal_places=2, null=True, blank=True)
+    sources = models.JSONField(default=list, blank=True)
+    # Null where the announcing event's id is not known when the version is written.
+    event_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001 - see above
+    seq = models.PositiveBigIntegerField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            # The point-in-time lookup: an item's last version served at or before an instant.
+            models.Index(fields=["item", "served_at"], name="served_item_at"),
+            # `record_seq`: the publisher's ack names the event; only versions still waiting
+            # for their ack are in it, so it stays small.
+            models.Index(
+                fields=["event_id"],
+                name="served_event_unacked",
+                condition=models.Q(seq__isnull=True, event_id__isnull=False),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.item_id} v{self.version} {self.provider} {self.value} at {self.served_at}"

@@ -50,9 +50,9 @@ from django.conf import settings
 from django.db import DatabaseError
 from django.utils import timezone
 
-from rates import pegs, policy, validation
+from rates import pegs, policy, servedlog, validation
 from rates.consensus import spread_bps, with_markup
-from rates.exceptions import PairNotPriced, ProvidersUnavailable, RatesError
+from rates.exceptions import NotServedAt, PairNotPriced, ProvidersUnavailable, RatesError
 from rates.fetcher import http_client
 from rates.peg_monitor import proxy_peg
 from rates.providers import Listing, Pair, Provider, ProviderError, Quote, build_providers
@@ -81,6 +81,8 @@ MAX_LISTING_SECONDS = 300.0
 EXTRA_VIAS = ("RUB",)
 # Conversion results: as many decimal places as stored rates, banker's rounding (no bias).
 RESULT_STEP = Decimal(1).scaleb(-validation.DECIMAL_PLACES)
+# What an answer about an instant adds (rates.servedlog.ServedVersion.fields, and `sources`).
+_SERVED_FIELDS = ("valid_from", "valid_until", "version", "seq", "sources")
 # Exact products and quotients of 38-digit decimals before the one final rounding.
 _PRECISION = 80
 # Digits a derived rate keeps at least (route_value): two of them multiply to within 1e-23 of
@@ -616,11 +618,42 @@ async def _priced(
     return answer, None
 
 
+async def _priced_at(
+    pair: Pair, at: datetime, *, expand: bool
+) -> tuple[dict[str, Any], Decimal | None]:
+    """`_priced` at an instant (docs/api.md#point-in-time): from the served log of the tracked
+    pair that prices it, judged then, with the version's fields (and, with `expand`, each
+    provider's quote then); NotServedAt for a pair no tracked pair prices, or none served then."""
+    await _snapshot_ready()
+    missing: RatesError = NotServedAt(f"{pair.code} is not tracked: only tracked pairs are logged")
+    for code, inverted in tracked_sources(pair):
+        try:
+            version = await servedlog.aversion_at(at, code=code)
+        except NotServedAt as exc:
+            missing = exc
+            continue
+        course = version.course(code)
+        answer = _from_tracked(pair, course, inverted)
+        if answer is None:
+            continue
+        answer.update(version.fields())
+        if expand:
+            answer["sources"] = await servedlog.asources_at(
+                version.row.item_id, at, serving=version.row.provider
+            )
+        return answer, course["value"] if inverted else None
+    servedlog.check_instant(at, now=timezone.now())  # a bad instant says so, tracked or not
+    raise missing
+
+
 async def pair_rate(
-    pair: Pair, *, client: str | None = None, expand: bool = False
+    pair: Pair, *, client: str | None = None, at: datetime | None = None, expand: bool = False
 ) -> dict[str, Any]:
     """`/rates/{base}/{quote}`: from the snapshot when the pair, its inverse or an alias is
-    tracked, else on demand (`client`, the asker's address, is charged for a new round)."""
+    tracked, else on demand (`client`, the asker's address, is charged for a new round); at the
+    instant `at` from the served log."""
+    if at is not None:
+        return (await _priced_at(pair, at, expand=expand))[0]
     return (await _priced(pair, client, expand=expand))[0]
 
 
@@ -631,13 +664,17 @@ async def convert(
     amount: Decimal,
     client: str | None = None,
     side: str = "mid",
+    at: datetime | None = None,
     expand: bool = False,
 ) -> dict[str, Any]:
     """`/convert`: amount × the pair's rate at `side` (`mid`: the value, ÷ the tracked rate for
     an inverted tracked pair; `buy`/`sell`: the rate's `buy`/`sell`), exact, rounded once to
-    RESULT_STEP (half even)."""
+    RESULT_STEP (half even); at the instant `at` with the rate served then (the version's
+    fields null when from = to)."""
     if source == target:
-        return {
+        if at is not None:
+            servedlog.check_instant(at, now=timezone.now())
+        identity = {
             "from": source,
             "to": target,
             "amount": amount,
@@ -656,7 +693,11 @@ async def convert(
             "sell": None,
             **({"sources": []} if expand else {}),
         }
-    rate, divisor = await _priced(Pair(source, target), client, expand=expand)
+        return identity if at is None else {**identity, **dict.fromkeys(_SERVED_FIELDS)}
+    pair = Pair(source, target)
+    rate, divisor = await (
+        _priced(pair, client, expand=expand) if at is None else _priced_at(pair, at, expand=expand)
+    )
     if side != "mid":
         divisor = None
     factor = rate["value"] if side == "mid" else rate[side]
@@ -679,4 +720,5 @@ async def convert(
         "stale": rate["stale"],
         "status": rate["status"],
         "route": rate["route"],
+        **{name: rate[name] for name in _SERVED_FIELDS if name in rate},
     }

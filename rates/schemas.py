@@ -49,6 +49,13 @@ def _iso_date_text(value: object) -> object:
 
 IsoDateTime = Annotated[datetime, BeforeValidator(_iso_datetime_text)]
 IsoDate = Annotated[dt.date, BeforeValidator(_iso_date_text)]
+AT_DESCRIPTION = (
+    "an instant (ISO-8601, UTC): answer with the version served then (docs/api.md#point-in-time)"
+)
+EXPAND_DESCRIPTION = (
+    "`sources`: every source the rate considered (with `at`, each provider's quote at that instant)"
+)
+Expand = Literal["sources"]
 # A provider name, or a cross rate's `a+b` (an unencoded + arrives as a space); also what the
 # candles answer echoes in its Kurs-Provider header, so no control character gets that far.
 PROVIDER_PATTERN = r"^[a-z0-9_+ ]+$"
@@ -480,9 +487,14 @@ class ConvertIn(Schema):
         description="`buy` (at the rate's `buy`: ask plus markup), `sell` (at `sell`: bid "
         "less markup) or `mid` (the value)",
     )
-    expand: Literal["sources"] | None = Field(
-        None, description="`sources`: list every source the rate considered"
-    )
+    # docs/api.md#point-in-time: the conversion at the rate served at that instant.
+    at: IsoDateTime | None = Field(None, description=AT_DESCRIPTION)
+    expand: Expand | None = Field(None, description=EXPAND_DESCRIPTION)
+
+    @field_validator("at")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        return _as_utc(value)
 
 
 class ConvertQuery(ConvertIn):
@@ -505,3 +517,61 @@ class ConvertOut(EvidenceOut):
     stale: bool
     status: RateStatus
     route: list[RouteLegOut] = Field(description="a derived rate's legs; empty otherwise")
+
+
+# --- Point in time (docs/api.md#point-in-time) ---------------------------------------------------
+class PointInTimeQuery(Schema):
+    at: IsoDateTime | None = Field(None, description=AT_DESCRIPTION)
+    expand: Expand | None = Field(None, description=EXPAND_DESCRIPTION)
+
+    _absent = field_validator("at", "expand", mode="before")(_empty_is_absent)
+
+    @field_validator("at")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        return _as_utc(value)
+
+
+class SourceAtOut(Schema):
+    """A provider's last quote at the instant asked, from the history."""
+
+    provider: str
+    value: JsonDecimal
+    bid: JsonDecimal | None
+    ask: JsonDecimal | None
+    source_time: datetime
+    age_s: float = Field(description="seconds from the quote's last history row to the instant")
+    excluded: bool = Field(description="true when the quote was stale at the instant")
+    reason: str | None = Field(description="`stale`, or null")
+
+
+class ServedFieldsOut(Schema):
+    """What an answer about an instant adds: the version served then, and for how long."""
+
+    valid_from: datetime = Field(description="when this version started being served")
+    valid_until: datetime | None = Field(
+        description="when the next version replaced it; null while current"
+    )
+    version: int
+    seq: int | None = Field(
+        description="the JetStream sequence of its `rate.updated`; null if unknown"
+    )
+    sources: list[SourceAtOut] | None = Field(None, description="with `expand=sources` only")
+
+
+class CurrentRateAtOut(CurrentRateOut, ServedFieldsOut):
+    pass
+
+
+class PairRateAtOut(PairRateOut, ServedFieldsOut):
+    pass
+
+
+class ConvertAtOut(ConvertOut):
+    """A conversion at an instant; the served fields are null when from = to (rate 1)."""
+
+    valid_from: datetime | None
+    valid_until: datetime | None
+    version: int | None
+    seq: int | None
+    sources: list[SourceAtOut] | None = None

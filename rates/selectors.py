@@ -15,7 +15,7 @@ from django.utils import timezone
 from items.models import Item
 from rates import policy
 from rates.exceptions import InvalidQuery
-from rates.models import CurrentRate, Rate
+from rates.models import CurrentRate, Rate, ServedRate
 from rates.snapshot import rate_evidence, row_evidence, sources_from_db
 
 if TYPE_CHECKING:
@@ -56,10 +56,15 @@ async def rate_count(rates: QuerySet[Rate]) -> int:
 
 
 def current_rate_view(
-    row: CurrentRate, *, now: datetime, expand: bool = False, markup_bps: Decimal = Decimal(0)
+    row: CurrentRate | ServedRate,
+    *,
+    now: datetime,
+    expand: bool = False,
+    markup_bps: Decimal = Decimal(0),
 ) -> dict[str, Any]:
-    """The current rate as REST shows it (docs/api.md#get-apiv1itemsidrateslatest), judged now;
-    with its evidence (`sources` with `expand`) and the item's `buy` and `sell`."""
+    """The current rate as REST shows it (docs/api.md#get-apiv1itemsidrateslatest), judged now
+    (or a served version of it, judged at the instant asked: docs/api.md#point-in-time); with
+    its evidence (`sources` with `expand`) and the item's `buy` and `sell`."""
     status = policy.read_status(row.status, row.provider, row.checked_at, now=now)
     return {
         "provider": row.provider,

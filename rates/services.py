@@ -51,7 +51,7 @@ from django.db import DatabaseError, IntegrityError, close_old_connections, tran
 from django.utils import timezone
 
 from items.models import Item
-from rates import consensus, metrics, peg_monitor, pegs, policy, validation
+from rates import consensus, metrics, peg_monitor, pegs, policy, servedlog, validation
 from rates.board import Current, Entry, PairState, QuoteBoard
 from rates.models import CURRENT_FIELDS, CurrentRate, Rate
 from rates.providers import Pair, Quote
@@ -628,6 +628,7 @@ def _write_current(item_id: int, current: Current) -> None:
     # One UPDATE in the common case (the row exists), an INSERT for a pair's first rate.
     if not CurrentRate.objects.filter(item_id=item_id).update(**fields):
         CurrentRate.objects.create(item_id=item_id, **fields)
+    servedlog.record(item_id, fields)  # the same transaction: the log is what was served
 
 
 def _route_to_db(route: Iterable[dict[str, Any]]) -> list[dict[str, str]]:
@@ -783,9 +784,13 @@ def provider_set_down(name: str, down: bool, *, board: QuoteBoard | None = None)
 
 # --- History retention -------------------------------------------------------------------------
 def prune_history(*, days: int | None = None) -> int:
-    """Delete Rate rows received more than `days` (KURS_HISTORY_DAYS) ago; returns how many."""
+    """Delete Rate rows received more than `days` (KURS_HISTORY_DAYS) ago, and the served
+    versions no instant since then needs (`rates.servedlog.prune`); returns how many rates."""
     days = settings.KURS_HISTORY_DAYS if days is None else days
     cutoff = timezone.now() - timedelta(days=days)
     deleted, _ = Rate.objects.filter(received_at__lt=cutoff).delete()
-    logger.info("pruned %d rates received before %s", deleted, cutoff.isoformat())
+    served = servedlog.prune(cutoff)
+    logger.info(
+        "pruned %d rates and %d served versions before %s", deleted, served, cutoff.isoformat()
+    )
     return deleted

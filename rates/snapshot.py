@@ -25,7 +25,7 @@ from django.utils import timezone
 from items.models import Item
 from rates import policy
 from rates.consensus import spread_bps, with_markup
-from rates.models import CurrentRate
+from rates.models import CurrentRate, ServedRate
 from rates.validation import DECIMAL_PLACES
 
 logger = logging.getLogger(__name__)
@@ -238,8 +238,8 @@ def course_from_row(code: str, row: CurrentRate) -> Course:
     )
 
 
-def row_evidence(row: CurrentRate) -> tuple[tuple[str, Any], ...]:
-    """The evidence fields of a CurrentRate row (`spread_bps` computed from its sides)."""
+def row_evidence(row: CurrentRate | ServedRate) -> tuple[tuple[str, Any], ...]:
+    """The evidence fields of a CurrentRate (or served-log) row (`spread_bps` from its sides)."""
     return evidence_from(
         {
             **{name: getattr(row, name) for name in ("mode", "n_sources", "dispersion_bps")},

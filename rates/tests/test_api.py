@@ -337,7 +337,7 @@ DOCUMENTED = [
     ("patch", "/api/v1/items/{item_id}", {"200", "400", "401", "404", "422"}),
     ("delete", "/api/v1/items/{item_id}", {"204", "401", "404"}),
     ("get", "/api/v1/items/{item_id}/rates", {"200", "404", "422", "429"}),
-    ("get", "/api/v1/items/{item_id}/rates/latest", {"200", "404", "422", "429"}),
+    ("get", "/api/v1/items/{item_id}/rates/latest", {"200", "304", "404", "422", "429"}),
     ("get", "/api/v1/courses", {"200", "304", "422", "429", "503"}),
     ("get", "/api/v1/providers", {"200", "429"}),
     ("post", "/api/v1/tasks/run", {"200", "401", "429", "503"}),

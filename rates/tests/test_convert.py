@@ -221,13 +221,17 @@ async def test_a_pair_nobody_prices_is_404(
 
 def test_the_openapi_schema_declares_both_methods(client: Client) -> None:
     spec = client.get("/api/v1/openapi.json").json()
-    for method, bad_json in (("get", set()), ("post", {"400"})):
+    for method, own in (("get", {"304"}), ("post", {"400"})):
         answers = spec["paths"]["/api/v1/convert"][method]["responses"]
-        assert set(answers) == {"200", "404", "422", "429", "503"} | bad_json
+        assert set(answers) == {"200", "404", "422", "429", "503"} | own
         schema = answers["200"]["content"]["application/json"]["schema"]
-        assert schema == {"$ref": "#/components/schemas/ConvertOut"}
+        # The answer now, or at an instant (`at`: docs/api.md#point-in-time).
+        assert schema["anyOf"] == [
+            {"$ref": "#/components/schemas/ConvertOut"},
+            {"$ref": "#/components/schemas/ConvertAtOut"},
+        ]
     out = spec["components"]["schemas"]["ConvertOut"]["properties"]
     assert {"from", "to", "amount", "rate", "result", "provider", "source_time"} <= set(out)
     assert out["result"]["type"] == "number"
     params = {p["name"] for p in spec["paths"]["/api/v1/convert"]["get"]["parameters"]}
-    assert params == {"from", "to", "amount", "side", "expand"}
+    assert params == {"from", "to", "amount", "side", "at", "expand"}

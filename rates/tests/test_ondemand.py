@@ -500,11 +500,19 @@ def test_routes_go_inverted_then_through_usd_usdt_and_rub() -> None:
 def test_the_openapi_schema_declares_the_answers(client: Client) -> None:
     spec = client.get("/api/v1/openapi.json").json()
     answers = spec["paths"]["/api/v1/rates/{base}/{quote}"]["get"]["responses"]
+    assert "content" not in answers.pop("304")  # `If-None-Match` at an instant
     refs = {
         code: answer["content"]["application/json"]["schema"] for code, answer in answers.items()
     }
     assert refs == {
-        "200": {"$ref": "#/components/schemas/PairRateOut"},
+        # The rate now, or at an instant (`at`: docs/api.md#point-in-time).
+        "200": {
+            "anyOf": [
+                {"$ref": "#/components/schemas/PairRateOut"},
+                {"$ref": "#/components/schemas/PairRateAtOut"},
+            ],
+            "title": "Response",
+        },
         "404": {"$ref": "#/components/schemas/ErrorOut"},
         "422": {"$ref": "#/components/schemas/ValidationErrorOut"},
         "429": {"$ref": "#/components/schemas/ErrorOut"},

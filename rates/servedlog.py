@@ -1,0 +1,300 @@
+"""The served log and point-in-time reads (docs/api.md#point-in-time).
+
+Every version of a pair's current rate is a `ServedRate` row, written by `record` inside the
+transaction that writes the `CurrentRate` row (`rates.services._write_current`), so the log
+holds exactly what clients were served. A version is served from its `served_at` until the next
+version of the same item (`valid_until`, null while it is current).
+
+`version_at(item, at)` answers "what was served at `at`": the item's last version served at or
+before that instant, judged at that instant by the one freshness rule (`rates.policy`): a
+version is carried forward at most its provider's freshness window since its last confirmation
+(`checked_at`; the Bank of Russia's window is a day), after which it reads `stale`, exactly as a
+reader at that instant saw it. The instant is checked first (`check_instant`): one in the future,
+or older than the retention (KURS_HISTORY_DAYS), is refused (422); an item with no version at or
+before it has nothing to show (404, `NotServedAt`).
+
+`seq`: the JetStream stream sequence of the `rate.updated` event that announced a version, found
+by the event's id. The publisher hands each ack to `seq_recorder.ack(event_id, seq)`, which
+writes them in batches off its loop (`record_seqs`); until then, and wherever JetStream is
+unavailable, it stays null.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import DatabaseError, close_old_connections, connection, transaction
+from django.db.models import Max, OuterRef, Subquery
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from items.models import Item
+from rates import policy
+from rates.exceptions import InvalidQuery, NotServedAt
+from rates.models import CURRENT_FIELDS, Rate, ServedRate
+from rates.snapshot import Course, route_from_db
+
+logger = logging.getLogger(__name__)
+
+# What a served version keeps of the current rate it copies: the read model's columns, its
+# route, and the consensus evidence once the current rate carries it (absent keys stay null).
+EVIDENCE_FIELDS = ("mode", "n_sources", "dispersion_bps", "sources")
+SERVED_FIELDS = (*CURRENT_FIELDS, "route", *EVIDENCE_FIELDS)
+# A history row is written at least this often while a provider's value holds
+# (docs/rates.md#history: `rates.services.STORE_EVERY`), so a quote counts as fresh that longer.
+HISTORY_EVERY = timedelta(seconds=60)
+
+
+# --- Writes ------------------------------------------------------------------------------------
+def record(
+    item_id: int,
+    fields: Mapping[str, Any],
+    *,
+    event_id: str | None = None,
+    served_at: datetime | None = None,
+) -> None:
+    """Log one version of an item's current rate: `fields` as written to its CurrentRate row.
+
+    Called inside the transaction that writes that row (sync); a failure rolls both back.
+    """
+    kept = {name: fields[name] for name in SERVED_FIELDS if name in fields}
+    ServedRate.objects.create(
+        item_id=item_id, served_at=served_at or timezone.now(), event_id=event_id, **kept
+    )
+
+
+def record_seq(event_id: str, seq: int) -> int:
+    """The stream sequence of the event `event_id`, on the publisher's JetStream ack; returns
+    how many versions it named (0 for another event type, or a version already pruned)."""
+    return ServedRate.objects.filter(event_id=event_id, seq__isnull=True).update(seq=seq)
+
+
+def record_seqs(acks: Iterable[tuple[str, int]]) -> int:
+    """`record_seq` for a batch of acks, in one transaction."""
+    with transaction.atomic():
+        return sum(record_seq(event_id, seq) for event_id, seq in acks)
+
+
+class SeqRecorder:
+    """JetStream acks to the served log, off the publisher's loop: `ack(event_id, seq)` only
+    queues (callable from any thread, never blocks); one daemon thread writes what has queued up
+    with `record_seqs`, a batch per transaction. An ack whose write fails is logged and dropped:
+    `seq` is then null for that version, as without JetStream."""
+
+    def __init__(self, *, batch: int = 500) -> None:
+        self._batch = batch
+        self._queue: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._pending = 0
+        self._thread: threading.Thread | None = None
+
+    def ack(self, event_id: str, seq: int) -> None:
+        with self._lock:
+            self._pending += 1
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="served-seq", daemon=True)
+                self._thread.start()
+        self._queue.put((event_id, seq))
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Whether every queued ack was written (or dropped) within `timeout` seconds."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self._batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                record_seqs(batch)
+            except DatabaseError as exc:
+                logger.warning("served log: %d acks not recorded: %s", len(batch), exc)
+            finally:
+                close_old_connections()
+                with self._idle:
+                    self._pending -= len(batch)
+                    self._idle.notify_all()
+
+
+# The process's recorder: the publisher's ack callback (docs/api.md#point-in-time).
+seq_recorder = SeqRecorder()
+
+
+def prune(cutoff: datetime) -> int:
+    """Delete versions no longer needed to answer an instant at or after `cutoff`: each item's
+    versions served before it, except its last one (which was still served at the cutoff)."""
+    last_before = (
+        ServedRate.objects.filter(item_id=OuterRef("item_id"), served_at__lte=cutoff)
+        .values("item_id")
+        .annotate(last=Max("served_at"))
+        .values("last")
+    )
+    # Only rows older than the item's last version at the cutoff (so older than the cutoff).
+    deleted, _ = (
+        ServedRate.objects.filter(served_at__lt=cutoff)
+        .filter(served_at__lt=Subquery(last_before))
+        .delete()
+    )
+    return deleted
+
+
+# --- Point-in-time reads -----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ServedVersion:
+    """The version of an item's current rate served at `at`, and until when it was served."""
+
+    row: ServedRate
+    at: datetime
+    valid_until: datetime | None  # the next version's served_at; None while it is current
+
+    @property
+    def closed(self) -> bool:
+        """A later version exists: every answer about this instant is final (immutable)."""
+        return self.valid_until is not None
+
+    def course(self, code: str) -> dict[str, Any]:
+        """The version as a snapshot course of `code`, judged at `at`, with the point-in-time
+        fields (docs/api.md#point-in-time)."""
+        row = self.row
+        course = Course(
+            direction=code,
+            value=row.value,
+            provider=row.provider,
+            source_time=row.source_time,
+            checked_at=row.checked_at,
+            status=row.status,
+            derived=row.derived,
+            version=row.version,
+            route=route_from_db(row.route),
+        ).to_dict(self.at)
+        return {**course, **self.fields()}
+
+    def fields(self) -> dict[str, Any]:
+        """What an answer about an instant adds: when the version was served, and its event."""
+        return {
+            "valid_from": self.row.served_at,
+            "valid_until": self.valid_until,
+            "version": self.row.version,
+            "seq": self.row.seq,
+        }
+
+
+def retention_start(now: datetime) -> datetime:
+    """The oldest instant the served log answers for (KURS_HISTORY_DAYS before `now`)."""
+    return now - timedelta(days=settings.KURS_HISTORY_DAYS)
+
+
+def check_instant(at: datetime, *, now: datetime) -> None:
+    """InvalidQuery (422) for an instant in the future or beyond the retention."""
+    if at > now:
+        raise InvalidQuery("at", "is in the future: the served log answers for past instants")
+    if at < retention_start(now):
+        days = settings.KURS_HISTORY_DAYS
+        raise InvalidQuery(
+            "at", f"is beyond the retention: versions are kept {days} days (KURS_HISTORY_DAYS)"
+        )
+
+
+# The lookup as SQL: the ORM's Subquery annotation costs 4-6 times the query itself in Python
+# (docs/benchmarks.md#point-in-time-lookups); the same SQL runs on PostgreSQL and SQLite.
+_VERSION_AT_SQL = """
+SELECT s.*, (SELECT n.served_at FROM {log} n
+             WHERE n.item_id = s.item_id AND n.served_at > s.served_at
+             ORDER BY n.served_at LIMIT 1) AS following
+FROM {log} s WHERE s.item_id = {item} AND s.served_at <= %s
+ORDER BY s.served_at DESC, s.id DESC LIMIT 1
+"""
+
+
+def version_at(
+    at: datetime, *, item_id: int | None = None, code: str | None = None, now: datetime
+) -> ServedVersion:
+    """The version of the item (by id or code) served at `at`; InvalidQuery or NotServedAt.
+
+    One query, two index reads (`served_item_at`): the last version at or before `at`, and the
+    served_at of the next one.
+    """
+    check_instant(at, now=now)
+    key: int | str | None = item_id
+    item = "%s"
+    if item_id is None:
+        item, key = f"(SELECT id FROM {Item._meta.db_table} WHERE code = %s)", code
+    sql = _VERSION_AT_SQL.format(log=ServedRate._meta.db_table, item=item)
+    instant = connection.ops.adapt_datetimefield_value(at)
+    found = list(ServedRate.objects.raw(sql, [key, instant]))
+    if not found:
+        raise NotServedAt(
+            f"{code or f'item {item_id}'} has no rate served at or before {at.isoformat()}"
+        )
+    row = found[0]
+    # `following` is the SQL's own column, not a field: the backend's type, unconverted.
+    return ServedVersion(row=row, at=at, valid_until=_db_datetime(vars(row)["following"]))
+
+
+def _db_datetime(value: Any) -> datetime | None:
+    """A datetime read outside a model field: SQLite gives it naive (or as text), in UTC."""
+    if value is None:
+        return None
+    parsed = value if isinstance(value, datetime) else parse_datetime(str(value))
+    if parsed is None:
+        raise ValueError(f"not a datetime: {value!r}")
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+async def aversion_at(
+    at: datetime, *, item_id: int | None = None, code: str | None = None
+) -> ServedVersion:
+    return await sync_to_async(version_at)(at, item_id=item_id, code=code, now=timezone.now())
+
+
+def sources_at(item_id: int, at: datetime, *, serving: str) -> list[dict[str, Any]]:
+    """Each provider's last quote for the item at or before `at` (from the history), judged at
+    `at`: `excluded` with reason `stale` once its freshness window had passed.
+
+    The providers are the configured ones and the version's `serving` provider (a cross rate
+    `a+b` is history only while it serves); one history read each, newest first.
+    """
+    names = dict.fromkeys([*settings.KURS_PROVIDERS, serving])
+    start = retention_start(timezone.now())
+    found = []
+    for name in names:
+        rate = (
+            Rate.objects.filter(
+                item_id=item_id, provider=name, received_at__lte=at, received_at__gte=start
+            )
+            .order_by("-received_at", "-id")
+            .first()
+        )
+        if rate is None:
+            continue
+        stale = policy.is_stale(name, rate.received_at + HISTORY_EVERY, now=at)
+        found.append(
+            {
+                "provider": name,
+                "value": rate.value,
+                "bid": rate.bid,
+                "ask": rate.ask,
+                "source_time": rate.source_time,
+                "age_s": round(max(0.0, (at - rate.received_at).total_seconds()), 3),
+                "excluded": stale,
+                "reason": policy.STALE if stale else None,
+            }
+        )
+    return found
+
+
+async def asources_at(item_id: int, at: datetime, *, serving: str) -> list[dict[str, Any]]:
+    return await sync_to_async(sources_at)(item_id, at, serving=serving)
