@@ -60,9 +60,9 @@ def test_every_version_of_the_current_rate_is_logged_as_written(
     ]
     assert versions[0].bid == Decimal("99.5")
     last = versions[-1]
-    for name in (*CURRENT_FIELDS, "route"):
+    for name in (*CURRENT_FIELDS, "route", "sources"):
         assert getattr(last, name) == getattr(current, name), name
-    assert (last.seq, last.event_id, last.mode) == (None, None, None)
+    assert (last.mode, last.n_sources) == ("priority", 1)
     served = [v.served_at for v in versions]
     assert served == sorted(served)
 
