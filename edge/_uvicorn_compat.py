@@ -23,7 +23,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import Server
 
@@ -32,8 +38,6 @@ if TYPE_CHECKING:
     # union lacks uvicorn's early-hint event). A private module: for type checking only.
     from uvicorn._types import ASGISendEvent as ASGISendEvent
 
-    # The type of `HttpToolsProtocol.cycle` (listed below), for annotations only.
-    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle as RequestResponseCycle
 
 WRITTEN_AGAINST = "0.54.0"
 PRIVATE_MODULES = ("uvicorn._types",)
@@ -60,7 +64,25 @@ UNDOCUMENTED: dict[type, tuple[str, ...]] = {
         "flow",
         "pipeline",
         "cycle",  # the current request's; its `response_complete` says whether it was answered
-        "_start_asgi_task",
+        "_start_asgi_task",  # overridden: the cycle made a `KursCycle` before it runs
+    ),
+    # `edge.serverprotocol.KursCycle` writes a response's head as uvicorn 0.54's `send` does,
+    # with each header's check remembered: `send` must be compared with each new version's.
+    RequestResponseCycle: (
+        "send",  # overridden: the head's branch as a copy, the body's uvicorn's own
+        "scope",
+        "transport",
+        "flow",
+        "disconnected",
+        "response_started",
+        "waiting_for_100_continue",
+        "default_headers",
+        "access_log",
+        "access_logger",
+        "keep_alive",
+        "chunked_encoding",
+        "expected_content_length",
+        "response_complete",  # read by KursHttpProtocol: was the request answered
     ),
     WebSocketsSansIOProtocol: (
         "conn",  # websockets' ServerProtocol (documented by websockets)
@@ -84,11 +106,19 @@ UNDOCUMENTED: dict[type, tuple[str, ...]] = {
     ),
 }
 
+# The module's names `KursCycle.send` uses as uvicorn's own send does.
+HEAD_NAMES = ("HEADER_RE", "HEADER_VALUE_RE", "STATUS_LINE")
+
 __all__ = [
+    "HEADER_RE",
+    "HEADER_VALUE_RE",
+    "HEAD_NAMES",
     "PRIVATE_MODULES",
+    "STATUS_LINE",
     "UNDOCUMENTED",
     "WRITTEN_AGAINST",
     "HttpToolsProtocol",
+    "RequestResponseCycle",
     "Server",
     "WebSocketsSansIOProtocol",
 ]

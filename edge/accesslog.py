@@ -175,12 +175,33 @@ def log_access(
         client,
         request_id,
     )
-    handlers = access_logger.handlers
-    if access_logger.filters or not all(type(h) is BufferedStreamHandler for h in handlers):
+    buffered = _buffered.of(access_logger.handlers)
+    if buffered is None or access_logger.filters:
         access_logger.handle(access_record(entry))  # as logged: filters and other handlers
         return
-    for handler in handlers:
-        cast(BufferedStreamHandler, handler).add(entry)
+    for handler in buffered:
+        handler.add(entry)
+
+
+class _Buffered:
+    """The logger's handlers when every one is a BufferedStreamHandler (else None), worked out
+    again only when the handlers change: a list compared with its copy by identity per request,
+    not a type check per handler."""
+
+    def __init__(self) -> None:
+        self._seen: list[logging.Handler] = []
+        self._buffered: tuple[BufferedStreamHandler, ...] | None = ()
+
+    def of(self, handlers: list[logging.Handler]) -> tuple[BufferedStreamHandler, ...] | None:
+        if handlers != self._seen:
+            self._seen = list(handlers)
+            every = all(type(h) is BufferedStreamHandler for h in handlers)
+            buffered = tuple(cast(BufferedStreamHandler, h) for h in handlers)
+            self._buffered = buffered if every else None
+        return self._buffered
+
+
+_buffered = _Buffered()
 
 
 CAPACITY = 256

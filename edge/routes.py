@@ -8,16 +8,17 @@ Django gives the route; the path, its converters and the metric label are Django
 
 - `GET /api/v1/courses`: `rates.courses` (a body precomputed per snapshot state and filter);
 - `GET /api/v1/items/{id}`: `rates.detail.item_details.answer` (the item cache);
-- `GET /api/v1/rates/{base}/{quote}`, `GET|POST /api/v1/convert`: `rates.answers`.
+- `GET /api/v1/rates/{base}/{quote}`, `GET|POST /api/v1/convert`: `rates.answers`;
+- `GET /api/v1/items/{id}/candles`: `rates.candles` (computed in the database).
 
 Each entry parses the request as the route declares it, with the route's own schema, and calls
 the route's handler. What it does not parse goes to Django, which answers exactly as documented:
 input that fails the schema (Django's 422 in the API's shape), a query with other or repeated
-fields than `/convert`'s three (so every `?at=`, docs/api.md#point-in-time), a query on
-a pair's rate (`?at=`, `?expand=`), a non-ASCII query, a POST body that is not one small
-`application/json` object, `/courses` before the snapshot is loaded (Django loads it or answers
-503), and a handler that fails with an error the exception table does not list (a database gone
-under an item read: Django answers as documented).
+fields than `/convert`'s three or the candles' four (so every `?at=`,
+docs/api.md#point-in-time), a query on a pair's rate (`?at=`, `?expand=`), a non-ASCII query, a
+POST body that is not one small `application/json` object, `/courses` before the snapshot is
+loaded (Django loads it or answers 503), and a handler that fails with an error the exception
+table does not list (a database gone under an item read: Django answers as documented).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from config.jsonenc import loads
 from edge.answer import Answer, Message, Receive, Scope
 from edge.errors import answer_for, database_failure
 from rates.answers import convert_answer, pair_answer
+from rates.candles import candles_answer
 from rates.courses import courses_cache
 from rates.detail import item_details
-from rates.schemas import ConvertIn, ConvertQuery, PairPath
+from rates.schemas import CandleQuery, ConvertIn, ConvertQuery, PairPath
 from rates.snapshot import snapshot
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 4096  # a POST /convert body: three short fields
 JSON_TYPES = frozenset({b"application/json", b"application/json; charset=utf-8"})
 _CONVERT_FIELDS = ["amount", "from", "to"]
+_CANDLE_FIELDS = frozenset(CandleQuery.model_fields)
 
 
 @dataclass(slots=True)
@@ -89,6 +92,18 @@ async def _pair(call: Call) -> Answer | None:
     return await pair_answer(pair, call.client)
 
 
+async def _candles(call: Call) -> Answer | None:
+    fields = parse_qsl(call.query, keep_blank_values=True)
+    names = {name for name, _ in fields}
+    if len(names) != len(fields) or not names <= _CANDLE_FIELDS:
+        return None  # ninja refuses other fields and takes the last of repeated ones
+    try:
+        query = CandleQuery.model_validate(dict(fields))
+    except ValidationError:
+        return None
+    return await candles_answer(call.kwargs["item_id"], query)
+
+
 async def _convert_query(call: Call) -> Answer | None:
     fields = parse_qsl(call.query, keep_blank_values=True)
     if sorted(name for name, _ in fields) != _CONVERT_FIELDS:
@@ -116,6 +131,7 @@ async def _convert(schema: type[ConvertIn], fields: dict[str, Any], client: str)
 ROUTES: dict[tuple[str, str], Route] = {
     ("api-v1:list_courses", "GET"): Route(_courses),
     ("api-v1:get_item", "GET"): Route(_item),
+    ("api-v1:list_candles", "GET"): Route(_candles),
     ("api-v1:pair_rate", "GET"): Route(_pair, charges_client=True),
     ("api-v1:convert", "GET"): Route(_convert_query, charges_client=True),
     ("api-v1:convert", "POST"): Route(_convert_body, reads_body=True, charges_client=True),

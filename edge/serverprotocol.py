@@ -18,6 +18,12 @@ with `bench/bench_courses.py --servers`: about a quarter more requests per secon
 CPU, with one worker and with two. A WebSocket upgrade hands the plain transport to the
 WebSocket protocol (`realtime.wsprotocol`): its frames keep their own path.
 
+Each response head is written as uvicorn writes it (`KursCycle`), but a header line once checked
+(a name and value without the characters HTTP forbids) is remembered with its bytes: an answer of
+the edge repeats the same nine or ten headers, and uvicorn's two regular expressions per header
+per answer were the largest cost of `/courses` in Python after the edge itself (py-spy under wrk,
+docs/benchmarks.md).
+
 The request-read limits are `KursHttpProtocol`'s class attributes (timeouts, header count and
 size): a deployment behind nginx has nginx's own, and `make run` gets these. The uvicorn members
 the class relies on are listed, and checked against the installed uvicorn, in
@@ -33,10 +39,16 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from edge._uvicorn_compat import HttpToolsProtocol
+from edge._uvicorn_compat import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 if TYPE_CHECKING:
-    from edge._uvicorn_compat import RequestResponseCycle
+    from edge._uvicorn_compat import ASGISendEvent
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +133,85 @@ class CoalescingTransport:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+
+# Header lines checked once, by (name, value) as the app sent them: (the line, its kind). Kept at
+# most MAX_LINES; past it the memo starts over (request ids are new on every answer).
+MAX_LINES = 1024
+_PLAIN, _LENGTH, _CHUNKED, _CLOSE = range(4)
+_lines: dict[tuple[bytes, bytes], tuple[bytes, int]] = {}
+
+
+def _checked(name: bytes, value: bytes) -> tuple[bytes, int]:
+    """The header's line and kind, checked as uvicorn checks it (RuntimeError if invalid)."""
+    if HEADER_RE.search(name):
+        raise RuntimeError("Invalid HTTP header name.")
+    if HEADER_VALUE_RE.search(value):
+        raise RuntimeError("Invalid HTTP header value.")
+    lower = name.lower()
+    kind = _PLAIN
+    if lower == b"content-length":
+        kind = _LENGTH
+    elif lower == b"transfer-encoding" and value.lower() == b"chunked":
+        kind = _CHUNKED
+    elif lower == b"connection" and b"close" in [t.lower().strip() for t in value.split(b",")]:
+        kind = _CLOSE
+    line = (b"".join((lower, b": ", value, b"\r\n")), kind)
+    if len(_lines) >= MAX_LINES:
+        _lines.clear()
+    _lines[name, value] = line
+    return line
+
+
+class KursCycle(RequestResponseCycle):
+    """uvicorn's request-response cycle, writing the response head from remembered lines.
+
+    The head's branch of uvicorn 0.54's `send`, but for the per-header checks (`_checked`, once
+    per distinct header); everything else (a body, uvicorn's own access log, a paused or gone
+    client) is uvicorn's `send` itself.
+    """
+
+    async def send(self, message: ASGISendEvent) -> None:
+        if (
+            self.response_started
+            or message["type"] != "http.response.start"
+            or self.access_log
+            or self.flow.write_paused
+            or self.disconnected
+        ):
+            await super().send(message)
+            return
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        status_code = message["status"]
+        content = [STATUS_LINE[status_code]]
+        has_connection_close = False
+        for headers in (self.default_headers, message.get("headers", ())):
+            for header in headers:
+                line, kind = _lines.get(header) or _checked(*header)
+                if kind:
+                    if kind == _LENGTH:
+                        if self.chunked_encoding is None:
+                            self.expected_content_length = int(header[1].decode())
+                            self.chunked_encoding = False
+                    elif kind == _CHUNKED:
+                        self.expected_content_length = 0
+                        self.chunked_encoding = True
+                    else:
+                        self.keep_alive = False
+                        has_connection_close = True
+                content.append(line)
+        if not self.keep_alive and not has_connection_close:
+            content.append(b"connection: close\r\n")
+        if (
+            self.chunked_encoding is None
+            and self.scope["method"] != "HEAD"
+            and status_code not in (204, 304)
+        ):
+            self.chunked_encoding = True
+            content.append(b"transfer-encoding: chunked\r\n")
+        content.append(b"\r\n")
+        self.transport.write(b"".join(content))
 
 
 class KursHttpProtocol(HttpToolsProtocol):
@@ -233,6 +324,12 @@ class KursHttpProtocol(HttpToolsProtocol):
             self._start_phase(self.timeout_keep_alive)
         else:
             self._deadline = None  # the app has the request: the client owes nothing now
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        # Made by uvicorn's on_headers_complete; its task has not run yet, so every `send` of
+        # the request is KursCycle's.
+        cycle.__class__ = KursCycle
+        super()._start_asgi_task(cycle, app)
 
     def _unset_keepalive_if_required(self) -> None:
         pass  # uvicorn's keep-alive timer is the deadline timer here: data_received moves it on

@@ -1,10 +1,10 @@
 """Rates endpoints: an item's history, latest rate and candles, any pair's rate, conversions,
 providers, and a fetch cycle on demand.
 
-The hot reads (`/courses`, a pair, `/convert`) are thin declarations: ninja parses and validates
-what they document, then they call the one handler the edge's route table calls too
-(`rates.courses`, `rates.answers`) and return its bytes. Reads are throttled by the edge
-(`edge.security`), before either entrance; `errors(429)` documents it.
+The hot reads (`/courses`, candles, a pair, `/convert`) are thin declarations: ninja parses and
+validates what they document, then they call the one handler the edge's route table calls too
+(`rates.courses`, `rates.candles`, `rates.answers`) and return its bytes. Reads are throttled by
+the edge (`edge.security`), before either entrance; `errors(429)` documents it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 
 from asgiref.sync import sync_to_async
 from django.db import DatabaseError
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 from ninja import Path, Query, Router
 from ninja.errors import HttpError
@@ -25,6 +25,7 @@ from items.selectors import item_get
 from rates import fetch_control as fetcher
 from rates import selectors
 from rates.answers import convert_answer, latest_at_answer, pair_answer
+from rates.candles import candles_answer
 from rates.courses import courses_cache
 from rates.peg_monitor import peg_statuses
 from rates.schemas import (
@@ -126,24 +127,9 @@ async def latest_rate(
     summary="OHLC candles of an item's history, one provider's rates (header Kurs-Provider)",
 )
 async def list_candles(
-    request: HttpRequest, item_id: int, filters: Query[CandleQuery], response: HttpResponse
-) -> list[selectors.Candle]:
-    item = await item_get(item_id=item_id)
-    since, until = selectors.candle_range(
-        interval=filters.interval, since=filters.since, until=filters.until
-    )
-    # Cross rates are named `binance+cbr`; an unencoded `+` in a query string arrives as a space.
-    provider = filters.provider.replace(" ", "+") if filters.provider else None
-    if provider is None:
-        provider = await sync_to_async(selectors.candle_provider)(
-            item=item, since=since, until=until
-        )
-        if provider is None:
-            return []
-    response["Kurs-Provider"] = provider
-    return await sync_to_async(selectors.candle_list)(
-        item=item, interval=filters.interval, since=since, until=until, provider=provider
-    )
+    request: HttpRequest, item_id: int, filters: Query[CandleQuery]
+) -> HttpResponseBase:
+    return to_response(await candles_answer(item_id, filters))
 
 
 @router.get(

@@ -10,7 +10,8 @@ A body depends on the snapshot (its `version` bumps on every change) and on time
 turns stale when its provider's freshness window passes, without any event. So a cached body is
 reused only while the snapshot version is unchanged and the earliest such flip among its courses
 has not come; `MAX_REUSE_S` bounds the reuse as well, so even a staleness rule this module does
-not know about (the read model's) shows within a second, the `max-age` the answer advertises.
+not know about (the read model's) shows within a second, the `max-age` the edge gives the answer
+(`edge.caching`, the one place `Cache-Control` is decided).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from rates.policy import provider_freshness
 from rates.snapshot import snapshot
 
 CONTENT_TYPE = "application/json; charset=utf-8"
-CACHE_CONTROL = "max-age=1"
 MAX_DIRECTIONS = 100
 MAX_REUSE_S = 1.0
 # Distinct filter combinations kept per snapshot version; past it the cache starts over, so a
@@ -78,12 +78,8 @@ class _Built:
     not_modified: tuple[tuple[str, str], ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.ok = (
-            ("Content-Type", CONTENT_TYPE),
-            ("ETag", self.etag),
-            ("Cache-Control", CACHE_CONTROL),
-        )
-        self.not_modified = (("ETag", self.etag), ("Cache-Control", CACHE_CONTROL))
+        self.ok = (("Content-Type", CONTENT_TYPE), ("ETag", self.etag))
+        self.not_modified = (("ETag", self.etag),)
 
 
 @dataclass(frozen=True, slots=True)

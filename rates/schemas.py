@@ -83,16 +83,23 @@ RateStatus = Literal["live", "failover", "stale", "thin", "depeg"]
 
 
 class SourceOut(Schema):
-    """One source a current rate considered (`expand=sources`)."""
+    """One source a rate considered (`expand=sources`); at an instant (`at`), each provider's
+    last quote then, from the history."""
 
     provider: str
     value: JsonDecimal
     bid: JsonDecimal | None
     ask: JsonDecimal | None
     source_time: datetime
-    age_s: float
-    excluded: bool = Field(description="left out of the value (an outlier, or by priority)")
-    reason: str | None = Field(description="`outlier`, `priority`, or null when included")
+    age_s: float = Field(
+        description="seconds since the quote (at an instant: from its last history row to then)"
+    )
+    excluded: bool = Field(
+        description="left out of the value (an outlier, by priority, or stale at the instant)"
+    )
+    reason: str | None = Field(
+        description="`outlier`, `priority`, `stale` (at an instant), or null when included"
+    )
 
 
 class EvidenceOut(Schema):
@@ -532,19 +539,6 @@ class PointInTimeQuery(Schema):
         return _as_utc(value)
 
 
-class SourceAtOut(Schema):
-    """A provider's last quote at the instant asked, from the history."""
-
-    provider: str
-    value: JsonDecimal
-    bid: JsonDecimal | None
-    ask: JsonDecimal | None
-    source_time: datetime
-    age_s: float = Field(description="seconds from the quote's last history row to the instant")
-    excluded: bool = Field(description="true when the quote was stale at the instant")
-    reason: str | None = Field(description="`stale`, or null")
-
-
 class ServedFieldsOut(Schema):
     """What an answer about an instant adds: the version served then, and for how long."""
 
@@ -556,7 +550,6 @@ class ServedFieldsOut(Schema):
     seq: int | None = Field(
         description="the JetStream sequence of its `rate.updated`; null if unknown"
     )
-    sources: list[SourceAtOut] | None = Field(None, description="with `expand=sources` only")
 
 
 class CurrentRateAtOut(CurrentRateOut, ServedFieldsOut):
@@ -574,4 +567,3 @@ class ConvertAtOut(ConvertOut):
     valid_until: datetime | None
     version: int | None
     seq: int | None
-    sources: list[SourceAtOut] | None = None

@@ -12,22 +12,28 @@ rendered template with Debian's nginx), and Prometheus scraping every process th
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 from functools import cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import pytest
 import yaml
 
+from edge.caching import IN_FRONT, NO_STORE
 from tests.prod_stack import nginx_cmd, nginx_main_conf, render_template
-from tests.services import ROOT, in_ci
+from tests.services import ROOT, free_port, in_ci, wait_for_port
 
 COMPOSE = ROOT / "docker-compose.yml"
 NGINX = ROOT / "deploy" / "nginx.conf"
@@ -359,6 +365,7 @@ def test_debians_nginx_accepts_the_rendered_config(tmp_path: Path) -> None:
         **compose_nginx_values(),
         "KURS_NGINX_LISTEN": "127.0.0.1:1",
         "KURS_WEB_UPSTREAM": ["127.0.0.1:2", "127.0.0.1:3"],
+        "KURS_NGINX_CACHE_DIR": str(tmp_path / "cache"),
     }
     site.write_text(render_template(NGINX.read_text(), values))
     result = subprocess.run(
@@ -368,3 +375,103 @@ def test_debians_nginx_accepts_the_rendered_config(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+# --- /courses cached in front (docs/operations.md#caches-in-front) ------------------------------
+class Upstream:
+    """A web process stand-in behind nginx: `/api/v1/courses` answers with Kurs's Cache-Control
+    (edge.caching) and the number of requests it got for that query; `direction=BAD` is a 422
+    that says no-store, as every Kurs error does."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.lock = threading.Lock()
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                with upstream.lock:
+                    count = upstream.counts[self.path] = upstream.counts.get(self.path, 0) + 1
+                bad = "direction=BAD" in self.path
+                body = json.dumps({"path": self.path, "count": count}).encode()
+                self.send_response(422 if bad else 200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", NO_STORE if bad else IN_FRONT)
+                self.send_header("X-Request-ID", self.headers.get("X-Request-ID", ""))
+                if not bad:
+                    self.send_header("ETag", f'"{hash(self.path) & 0xFFFF:x}-{count}"')
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_nginx_caches_courses_by_query_and_never_an_error(tmp_path: Path) -> None:
+    require_tool("nginx")
+    shared = Path(tempfile.mkdtemp(prefix="kurs-nginx-cache-"))
+    shared.chmod(0o755)
+    upstream = Upstream()
+    port = free_port()
+    site = tmp_path / "site.conf"
+    values: dict[str, str | list[str]] = {
+        **compose_nginx_values(),
+        "KURS_NGINX_LISTEN": f"127.0.0.1:{port}",
+        "KURS_WEB_UPSTREAM": [f"127.0.0.1:{upstream.port}"],
+        # nginx's workers run as another user, and pytest's folders are the owner's alone.
+        "KURS_NGINX_CACHE_DIR": str(shared / "cache"),
+    }
+    site.write_text(render_template(NGINX.read_text(), values))
+    nginx = subprocess.Popen(
+        nginx_cmd(nginx_main_conf(tmp_path, site), tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, 10)
+        origin = f"http://127.0.0.1:{port}/api/v1/courses"
+        with httpx.Client(timeout=5) as client:
+            first = client.get(origin)
+            second = client.get(origin)
+            assert first.status_code == second.status_code == 200
+            assert first.headers["x-cache-status"] == "MISS"
+            assert second.headers["x-cache-status"] == "HIT"
+            assert second.content == first.content  # one request reached the upstream
+            assert first.headers["x-request-id"] != second.headers["x-request-id"]
+            assert (
+                client.get(origin, headers={"If-None-Match": first.headers["etag"]}).status_code
+                == 304
+            )
+            # Another query string is another answer.
+            filtered = client.get(origin + "?direction=BTC-USD")
+            assert filtered.headers["x-cache-status"] == "MISS"
+            assert filtered.json()["path"] == "/api/v1/courses?direction=BTC-USD"
+            # An error is never kept: each one reaches the upstream.
+            errors = [client.get(origin + "?direction=BAD") for _ in range(3)]
+            assert [e.status_code for e in errors] == [422] * 3
+            assert [e.json()["count"] for e in errors] == [1, 2, 3]
+            # Many clients at once on a cold query: one request reaches the upstream.
+            cold = origin + "?exchanger=binance"
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(lambda _: httpx.get(cold, timeout=5), range(16)))
+            assert {a.status_code for a in answers} == {200}
+            assert {a.json()["count"] for a in answers} == {1}
+        assert upstream.counts["/api/v1/courses"] == 1
+        assert upstream.counts["/api/v1/courses?exchanger=binance"] == 1
+    finally:
+        nginx.terminate()
+        nginx.wait(10)
+        upstream.close()
+        shutil.rmtree(shared, ignore_errors=True)

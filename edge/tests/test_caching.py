@@ -7,7 +7,7 @@ import json
 import pytest
 from django.conf import LazySettings
 
-from edge.caching import cache_control
+from edge.caching import IN_FRONT, cache_control
 from edge.tests.asgi import call
 from items import services
 from items.models import Item
@@ -31,13 +31,16 @@ def key() -> str:
 READS = [
     ("/api/v1/items", 200, "no-cache"),
     ("/api/v1/items/{id}", 200, "no-cache"),
-    ("/api/v1/items/{id}/rates/latest", 200, "no-cache"),
+    ("/api/v1/items/{id}/rates/latest", 200, IN_FRONT),
     ("/api/v1/items/{id}/rates", 200, "max-age=1"),
     ("/api/v1/items/{id}/candles", 200, "max-age=1"),
     ("/api/v1/providers", 200, "no-cache"),
     ("/metrics", 200, "no-store"),
     ("/api/v1/openapi.json", 200, "max-age=60"),
-    ("/api/v1/courses", 200, "max-age=1"),  # its own (rates.courses)
+    ("/api/v1/courses", 200, IN_FRONT),
+    ("/api/v1/rates/BTC/USD", 200, IN_FRONT),
+    ("/api/v1/courses?direction=NO-SUCH", 422, "no-store"),
+    ("/api/v1/rates/BTC/BTC", 422, "no-store"),
     ("/api/v1/items/999999", 404, "no-store"),
     ("/api/v1/items/{id}/rates?limit=0", 422, "no-store"),
     ("/api/v1/no-such-thing", 404, "no-store"),
@@ -97,5 +100,14 @@ async def test_writes_and_refusals_are_never_stored(
 def test_pages_outside_the_api_are_left_alone() -> None:
     assert cache_control("GET", "/", 200) is None
     assert cache_control("GET", "/admin/", 200) is None
-    assert cache_control("GET", "/api/v1/courses", 200) is None  # /courses sets its own
     assert cache_control("GET", "/api/v1/courses", 422) == "no-store"
+
+
+async def test_a_304_says_what_its_200_says(item: Item) -> None:
+    first = await call("/api/v1/courses")
+    etag = first.header("ETag")
+    assert first.status == 200
+    assert etag is not None
+    again = await call("/api/v1/courses", headers=[(b"if-none-match", etag)])
+    assert again.status == 304
+    assert again.header("Cache-Control") == first.header("Cache-Control") == IN_FRONT.encode()

@@ -1,5 +1,5 @@
 """The route table (`edge.routes`) and Django answer alike: for the documented inputs of
-`/courses`, item detail, `/rates/{base}/{quote}` and `/convert` (GET and POST), drawn by
+`/courses`, item detail, candles, `/rates/{base}/{quote}` and `/convert` (GET and POST), drawn by
 hypothesis, both entrances give the same status, headers (but the request id) and bytes, HEAD
 included; and the route table is Django's own."""
 
@@ -21,13 +21,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from config.asgi import http_app
+from edge.caching import IN_FRONT
 from edge.routes import ROUTES
 from edge.tests.asgi import Answer, DjangoCalls, both, call, counting
 from items.models import Item
 from rates.courses import courses_cache
 from rates.detail import item_details
 from rates.exceptions import PairNotPriced, ProvidersUnavailable
-from rates.models import CurrentRate
+from rates.models import CurrentRate, Rate
 from rates.ondemand import PairRate, on_demand
 from rates.snapshot import RatesSnapshot, snapshot
 
@@ -60,6 +61,7 @@ def test_every_route_of_the_table_is_one_of_django_s() -> None:
     kwargs: dict[str, dict[str, Any]] = {
         "get_item": {"item_id": 1},
         "pair_rate": {"base": "BTC", "quote": "USD"},
+        "list_candles": {"item_id": 1},
     }
     for name, method in ROUTES:
         path = reverse(name, kwargs=kwargs.get(name.split(":")[1]))
@@ -155,7 +157,7 @@ async def test_headers_with_underscores_are_ignored_on_both_entrances() -> None:
 async def test_the_answer_is_the_seed_format_with_mixed_and_stale() -> None:
     answer = await call(COURSES)
     assert answer.status == 200
-    assert answer.header(b"Cache-Control") == b"max-age=1"
+    assert answer.header(b"Cache-Control") == IN_FRONT.encode()
     assert answer.header(b"Content-Length") == str(len(answer.body)).encode()
     assert answer.json() == {
         "exchanger": "mixed",
@@ -539,6 +541,98 @@ async def test_convert_by_body_is_the_same_on_both_entrances(
     fast, slow = await both(CONVERT, b"", headers, method="POST", body=body)
     assert fast.comparable() == slow.comparable()
     assert fast.status in (200, 400, 404, 415, 422, 503)
+
+
+# --- candles -----------------------------------------------------------------------------------
+@pytest.fixture
+def history(rated: dict[str, Item], frozen: datetime) -> dict[str, Item]:
+    """BTC-USD's history in the last minutes: binance's rows at bucket edges and bybit's and a
+    cross rate's beside them (never mixed into binance's candles)."""
+    minute = frozen.replace(second=0, microsecond=0)
+    rows = [
+        ("binance", minute - timedelta(minutes=3), "100"),
+        ("binance", minute - timedelta(minutes=3) + timedelta(seconds=30), "105.5"),
+        ("binance", minute - timedelta(minutes=2), "54000.000000000000000123"),
+        ("binance", minute - timedelta(minutes=2), "7"),
+        ("binance", minute - timedelta(seconds=1), "99.000000000000000001"),
+        ("bybit", minute - timedelta(minutes=2, seconds=-10), "1"),
+        ("binance+cbr", minute - timedelta(minutes=1), "2"),
+    ]
+    for provider, at, value in rows:
+        Rate.objects.create(
+            item=rated["BTC-USD"],
+            provider=provider,
+            value=Decimal(value),
+            source_time=at,
+            received_at=at,
+        )
+    return rated
+
+
+TIMES = st.sampled_from(
+    [
+        *("", "2026-03-14T00:00:00Z", "2026-03-14T00:00:00", "0001-01-01T00:00:00Z"),
+        *("9999-12-31T23:59:59Z", "0.5", "yesterday", "2026-13-01T00:00:00Z"),
+    ]
+)
+CANDLE_FIELDS = st.lists(
+    st.one_of(
+        st.tuples(st.just("interval"), st.sampled_from(["1m", "5m", "1h", "1d", "", "2m", "1M"])),
+        st.tuples(st.sampled_from(["since", "until"]), TIMES),
+        st.tuples(
+            st.just("provider"),
+            st.sampled_from(["", "binance", "bybit", "binance+cbr", "binance%2Bcbr", "BAD!"]),
+        ),
+        st.tuples(st.just("x"), st.just("1")),
+    ),
+    max_size=4,
+)
+
+
+@pytest.mark.django_db(transaction=True)
+@examples
+@given(
+    pick=st.one_of(
+        st.sampled_from(["BTC-USD", "ETH-USD"]), st.sampled_from(["0", "999999", "9" * 20])
+    ),
+    fields=CANDLE_FIELDS,
+    method=st.sampled_from(["GET", "HEAD"]),
+)
+async def test_candles_are_the_same_on_both_entrances(
+    history: dict[str, Item], pick: str, fields: list[tuple[str, str]], method: str
+) -> None:
+    item = str(history[pick].id) if pick in history else pick
+    fast, slow = await both(f"/api/v1/items/{item}/candles", query_of(fields), method=method)
+    assert fast.comparable() == slow.comparable()
+    assert fast.status in (200, 404, 422)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_candles_are_answered_by_the_route_table_with_their_provider(
+    history: dict[str, Item], frozen: datetime
+) -> None:
+    path = f"/api/v1/items/{history['BTC-USD'].id}/candles"
+    with counting() as django:
+        fast = await call(path)
+        by_bybit = await call(path, b"provider=bybit&interval=5m")
+    assert django.count == 0
+    assert fast.status == 200
+    assert fast.header("Kurs-Provider") == b"binance"
+    assert fast.header("Cache-Control") == b"max-age=1"
+    minute = frozen.replace(second=0, microsecond=0)
+    got = [(c["t"], c["open"], c["high"], c["low"], c["close"], c["n"]) for c in fast.json()]
+    assert got == [
+        (iso(minute - timedelta(minutes=3)), 100, Decimal("105.5"), 100, Decimal("105.5"), 2),
+        (iso(minute - timedelta(minutes=2)), Decimal("54000.000000000000000123"),
+         Decimal("54000.000000000000000123"), 7, 7, 2),
+        (iso(minute - timedelta(minutes=1)), *[Decimal("99.000000000000000001")] * 4, 1),
+    ]  # fmt: skip
+    assert by_bybit.header("Kurs-Provider") == b"bybit"
+    assert [c["n"] for c in by_bybit.json()] == [1]
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 @pytest.mark.django_db(transaction=True)

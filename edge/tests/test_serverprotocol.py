@@ -4,6 +4,8 @@ The server's transport is wrapped, below the protocol, in a recorder that counts
 reaching the socket: an answer must leave in one, a streamed body chunk by chunk as it is made,
 and a WebSocket must get the plain transport.
 
+`KursCycle` writes each response head as uvicorn's own cycle does, byte for byte (hypothesis).
+
 The request-read limits run with an injected clock (`FrozenClock`): the protocol's timer still
 fires on the loop (every 50 ms here), but whether a deadline has passed is the test's decision,
 so no assertion depends on how fast this machine is.
@@ -22,10 +24,13 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from websockets.asyncio.client import connect as ws_connect
 
-from edge.serverprotocol import FLUSH_AT, CoalescingTransport, KursHttpProtocol
+from edge.serverprotocol import FLUSH_AT, CoalescingTransport, KursCycle, KursHttpProtocol
 from tests.services import free_port, wait_for_port
 
 BODY = b'{"courses":[]}'
@@ -464,3 +469,78 @@ async def test_a_large_body_read_with_its_head_is_not_taken_for_a_large_head(
     client.writer.write(head % len(body) + body)  # one write: the server reads both at once
     _head, answer = await read_response(client.reader)
     assert answer == str(len(body)).encode()
+
+
+# --- the response head, as uvicorn writes it -----------------------------------------------------
+class Written:
+    """A transport that keeps what is written."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def cycle(kind: type[RequestResponseCycle], method: str, keep_alive: bool) -> Any:
+    transport = Written()
+    return kind(
+        scope={"method": method},  # type: ignore[typeddict-item]  # what `send` reads of it
+        transport=transport,  # type: ignore[arg-type]  # a duck-typed Transport
+        flow=FlowControl(transport),  # type: ignore[arg-type]  # likewise
+        logger=logging.getLogger("test"),
+        access_logger=logging.getLogger("test.access"),
+        access_log=False,
+        default_headers=[(b"server", b"uvicorn"), (b"date", b"Mon, 07 Dec 2026 01:00:00 GMT")],
+        message_event=asyncio.Event(),
+        expect_100_continue=False,
+        keep_alive=keep_alive,
+        on_response=lambda: None,
+    )
+
+
+HEADER_NAMES = st.sampled_from(
+    [b"Content-Type", b"ETag", b"Content-Length", b"content-length", b"Transfer-Encoding",
+     b"Connection", b"X-Request-ID", b"Bad Name", b"X(1)", b""]
+)  # fmt: skip
+HEADER_VALUES = st.sampled_from(
+    [b"application/json", b"3", b"0", b"chunked", b"Chunked", b"close", b"keep-alive, Close",
+     b"keep-alive", b"a\x00b", b"line\nbreak", b"tab\tok", b"\"etag\""]
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    headers=st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=6),
+    method=st.sampled_from(["GET", "HEAD"]),
+    status=st.sampled_from([200, 204, 304, 404]),
+    keep_alive=st.booleans(),
+    body=st.sampled_from([b"", b"abc"]),
+)
+def test_kurs_cycle_writes_what_uvicorn_writes(
+    headers: list[tuple[bytes, bytes]], method: str, status: int, keep_alive: bool, body: bytes
+) -> None:
+    """Byte for byte, state for state, error for error; twice, the second from the memo."""
+
+    async def answer(kind: type[RequestResponseCycle]) -> tuple[Any, ...]:
+        one = cycle(kind, method, keep_alive)
+        outcome: Any = None
+        try:
+            await one.send({"type": "http.response.start", "status": status, "headers": headers})
+            await one.send({"type": "http.response.body", "body": body})
+        except (RuntimeError, ValueError) as exc:  # an invalid header; a length not a number
+            outcome = repr(exc)
+        state = (one.keep_alive, one.chunked_encoding, one.expected_content_length)
+        return one.transport.data, state, one.response_complete, outcome
+
+    async def both() -> None:
+        for _ in range(2):
+            assert await answer(KursCycle) == await answer(RequestResponseCycle)
+
+    asyncio.run(both())
