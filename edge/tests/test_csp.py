@@ -27,10 +27,15 @@ async def test_the_dashboard_page_has_no_inline_script_or_style() -> None:
     assert "<style" not in html
     assert " style=" not in html
     scripts = html.split("<script")[1:]
-    # The configuration (JSON, never executed) and the static script; nothing inline to run.
-    assert len(scripts) == 2
+    # The configuration (JSON, never executed) and static scripts; nothing inline to run.
     assert 'type="application/json"' in scripts[0]
-    assert scripts[1].startswith(' src="/static/realtime/dashboard.js"></script>')
+    sources = [script.split('"')[1] for script in scripts[1:]]
+    assert sources == [
+        "/static/realtime/vendor/lightweight-charts.standalone.production.js",
+        "/static/realtime/dashboard.js",
+        "/static/realtime/chart.js",
+    ]
+    assert all(script.startswith(' src="') and '"></script>' in script for script in scripts[1:])
 
 
 async def test_the_dashboard_answers_head_like_get_and_refuses_writes() -> None:
