@@ -334,6 +334,8 @@ class Fetcher:
         board = services.get_board()
         loaded = await sync_to_async(services.board_load)()
         board.guard = lease.held
+        # What the previous owner committed but never got onto the stream goes first.
+        nats.relay_undelivered()
         metrics.OWNER_LEASE_HELD.set(1)
         logger.info("owner: live rates loaded for %d pairs (epoch %s)", loaded, lease.epoch)
         lost = asyncio.Event()

@@ -87,6 +87,8 @@ def test_good_defaults_start() -> None:
         ("KURS_METRICS_PORT", "metrics"),
         ("KURS_METRICS_PORT", "70000"),
         ("KURS_NATS_PREFIX", "kurs.>"),
+        ("KURS_NATS_REPLICAS", "0"),
+        ("KURS_NATS_REPLICAS", "7"),
         ("KURS_USD_PROXY", "US DT"),
         ("KURS_ASSET_ALIASES", "USDTTRC=USDT"),
         ("NATS_URL", "http://127.0.0.1:4222"),

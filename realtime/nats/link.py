@@ -40,6 +40,9 @@ T = TypeVar("T")
 logger = logging.getLogger("realtime.nats")
 
 STREAM_MAX_AGE_S = 24 * 3600
+# How long the stream remembers a `Nats-Msg-Id` to drop a re-sent event (the relay's re-sends
+# after a reconnection or a take-over): docs/events.md#no-lost-event.
+STREAM_DUPLICATE_WINDOW_S = 10 * 60
 # Reconnect back-off: doubling from RECONNECT_BASE_S up to RECONNECT_MAX_S, with jitter so that
 # many processes do not hammer a restarted server in step.
 RECONNECT_BASE_S = 0.1
@@ -83,6 +86,23 @@ class Part:
     def status(self) -> dict[str, Any]:
         """Fields this part adds to the health check's NATS status."""
         return {}
+
+
+def stream_config(prefix: str) -> StreamConfig:
+    """The replay stream as Kurs wants it: reconciled on every connection (docs/events.md#nats)."""
+    return StreamConfig(
+        name=stream_name(prefix),
+        subjects=event_subjects(prefix),
+        max_age=STREAM_MAX_AGE_S,
+        num_replicas=settings.KURS_NATS_REPLICAS,
+        duplicate_window=STREAM_DUPLICATE_WINDOW_S,
+    )
+
+
+def stream_differences(have: StreamConfig, want: StreamConfig) -> list[str]:
+    """The fields Kurs sets that differ between the server's stream and `want`."""
+    fields = ("subjects", "max_age", "num_replicas", "duplicate_window")
+    return [name for name in fields if getattr(have, name) != getattr(want, name)]
 
 
 def _reconnect_delay(attempts: int) -> float:
@@ -387,9 +407,7 @@ class NatsConnection:
         if client is None or not client.is_connected:
             return
         name = stream_name(self._prefix)
-        config = StreamConfig(
-            name=name, subjects=event_subjects(self._prefix), max_age=STREAM_MAX_AGE_S
-        )
+        config = stream_config(self._prefix)
         js = client.jetstream(timeout=JETSTREAM_TIMEOUT_S)
         try:
             try:
@@ -398,9 +416,10 @@ class NatsConnection:
                 await js.add_stream(config)
                 logger.info("nats: JetStream stream %s created on %s.>", name, self._prefix)
             else:
-                if info.config.subjects != config.subjects or info.config.max_age != config.max_age:
+                changed = stream_differences(info.config, config)
+                if changed:
                     await js.update_stream(config)
-                    logger.info("nats: JetStream stream %s updated", name)
+                    logger.info("nats: JetStream stream %s updated (%s)", name, ", ".join(changed))
             self._jetstream = True
         except (NoRespondersError, ServiceUnavailableError, NatsTimeoutError, TimeoutError):
             self._jetstream = False
