@@ -70,6 +70,14 @@ def write(version: int) -> str:
         return str(OutboxEvent.objects.order_by("-id").values_list("event_id", flat=True)[0])
 
 
+async def written_and_acked(acks: Acks, versions: range) -> list[str]:
+    """Connected, `versions` written one transaction each and acknowledged: their event ids."""
+    assert await asyncio.to_thread(realtime_nats.wait_connected, 15)
+    sent = [await sync_to_async(write)(v) for v in versions]
+    await asyncio.to_thread(acks.wait_for, sent)
+    return sent
+
+
 async def wait_until(check: Callable[[], bool], what: str, within: float = 15.0) -> None:
     deadline = time.monotonic() + within
     while not await sync_to_async(check)():
@@ -127,9 +135,7 @@ async def test_a_rolled_back_change_leaves_no_event(own_jetstream: NatsServer) -
 async def test_what_was_written_while_nats_was_down_reaches_the_stream_first_in_order(
     own_jetstream: NatsServer, acks: Acks, prefix: str
 ) -> None:
-    assert await asyncio.to_thread(realtime_nats.wait_connected, 15)
-    before = [await sync_to_async(write)(v) for v in range(1, 4)]
-    await asyncio.to_thread(acks.wait_for, before)
+    before = await written_and_acked(acks, range(1, 4))
     await asyncio.to_thread(own_jetstream.stop)
     assert await asyncio.to_thread(connection.disconnected.wait, 15)
     during = [await sync_to_async(write)(v) for v in range(4, 24)]
@@ -149,9 +155,7 @@ async def test_what_was_written_while_nats_was_down_reaches_the_stream_first_in_
 async def test_a_relay_of_what_the_stream_already_holds_stores_nothing_twice(
     own_jetstream: NatsServer, acks: Acks, prefix: str
 ) -> None:
-    assert await asyncio.to_thread(realtime_nats.wait_connected, 15)
-    sent = [await sync_to_async(write)(v) for v in range(1, 6)]
-    await asyncio.to_thread(acks.wait_for, sent)
+    sent = await written_and_acked(acks, range(1, 6))
     # As if the acks had been lost: the rows are undelivered again, and a new owner relays.
     await sync_to_async(OutboxEvent.objects.update)(delivered_at=None)
     first = dict(acks.seqs)
