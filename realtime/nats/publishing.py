@@ -91,6 +91,7 @@ class Outbox(Part):
         self._pruned_at = 0.0
         self._relay_due = False
         self._relay_after = 0.0  # time.monotonic() before which a failed relay is not retried
+        self._relayed_any = False  # then this process keeps the books of what it relayed
         link.add_part(self)
 
     def publish(self, subject: str, payload: bytes, event_id: str | None = None) -> None:
@@ -274,8 +275,8 @@ class Outbox(Part):
                 logger.exception("nats: ack callback %r failed for %s", callback, event_id)
 
     def _book(self, event_id: str) -> None:
-        if not outbox_rows.recorded_here():
-            return  # this process wrote no outbox row: nothing of its own to mark
+        if not (self._relayed_any or outbox_rows.recorded_here()):
+            return  # this process neither wrote nor relayed outbox rows: nothing to mark
         self._acked.append(event_id)
         if self._books_due is not None:
             self._books_due.set()
@@ -336,6 +337,7 @@ class Outbox(Part):
                 self._relay_later()
                 self._link.note_error(f"outbox relay cannot read the database: {exc}")
                 return
+            self._relayed_any = self._relayed_any or bool(rows)
             for position, event_id, subject, payload in rows:
                 headers = {ORIGIN_HEADER: settings.KURS_INSTANCE, MSG_ID_HEADER: event_id}
                 if not await self._send(subject, payload.encode(), headers):
