@@ -74,6 +74,8 @@ class Stack:
     redis_url: str | None = None
     prefix: str = field(default_factory=lambda: f"kurse2e{uuid.uuid4().hex[:8]}")
     processes: list[Process] = field(default_factory=list)
+    # The checkout the processes run from (a bench's baseline may run another one).
+    root: Path = ROOT
 
     @property
     def database(self) -> Path:
@@ -114,7 +116,7 @@ class Stack:
     def manage(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "manage.py", *args],
-            cwd=ROOT,
+            cwd=self.root,
             env=self.env("manage"),
             capture_output=True,
             text=True,
@@ -170,7 +172,7 @@ class Stack:
         log = self.folder / f"{name}.log"
         popen = subprocess.Popen(
             args,
-            cwd=ROOT,
+            cwd=self.root,
             env=self.env(name),
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
