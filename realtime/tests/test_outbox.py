@@ -92,7 +92,7 @@ async def stream_rates(server: NatsServer, prefix: str) -> list[tuple[int, str, 
         js = client.jetstream()
         last = (await js.stream_info(stream_name(prefix))).state.last_seq
         sub = await js.subscribe(f"{prefix}.rates.>", ordered_consumer=True)
-        got = []
+        got: list[tuple[int, str, int]] = []
         while not got or got[-1][0] < last:
             msg = await sub.next_msg(timeout=5)
             body = json.loads(msg.data)
