@@ -58,6 +58,9 @@ PRUNE_EVERY_S = 60.0
 # database unreachable) it is tried again no sooner than this.
 RELAY_BATCH = 500
 RELAY_RETRY_S = 5.0
+# An event JetStream has neither acknowledged nor refused after this long (a stream leader lost
+# mid-flight) is taken as not stored: a relay follows.
+ACK_TIMEOUT_S = 5.0
 
 # Told `(event id, stream sequence)` for every event JetStream acknowledged (a duplicate too,
 # with the sequence the stream first stored it under). Runs on the connection's loop: be quick.
@@ -88,6 +91,8 @@ class Outbox(Part):
         self._acked: list[str] = []
         self._books_due: asyncio.Event | None = None
         self._books_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._in_flight: dict[str, float] = {}  # event id -> time.monotonic() it was sent
         self._pruned_at = 0.0
         self._relay_due = False
         self._relay_after = 0.0  # time.monotonic() before which a failed relay is not retried
@@ -138,8 +143,10 @@ class Outbox(Part):
         self._pump_task = loop.create_task(self._pump())
         self._books_due = asyncio.Event()
         self._books_task = loop.create_task(self._keep_books())
+        self._watch_task = loop.create_task(self._watch_acks())
         self._ack_client = None
         self._acked = []
+        self._in_flight = {}
 
     async def connected(self) -> None:
         client = self._link.client
@@ -160,8 +167,9 @@ class Outbox(Part):
         await self._flush()
         if self._pump_task is not None:
             self._pump_task.cancel()
-        if self._books_task is not None:
-            self._books_task.cancel()
+        for task in (self._books_task, self._watch_task):
+            if task is not None:
+                task.cancel()
         await self._write_books(final=True)
 
     async def closed(self) -> None:
@@ -184,6 +192,7 @@ class Outbox(Part):
         self._acked = []
         self._ack_client = None
         self._relay_due = False
+        self._in_flight = {}
 
     def status(self) -> dict[str, Any]:
         return {
@@ -243,6 +252,8 @@ class Outbox(Part):
             return False
         self._counts["nats"] += 1
         metrics.NATS_PUBLISHES.labels(path="nats").inc()
+        if stream and len(self._in_flight) < OUTBOX_LIMIT:
+            self._in_flight[event_id] = time.monotonic()
         if event_id and not stream and self._link.jetstream is False:
             # A server without JetStream acknowledges nothing and keeps nothing to replay: sent
             # is as delivered as it gets (at most once).
@@ -252,6 +263,7 @@ class Outbox(Part):
     # --- acks, the books and the relay ---------------------------------------------------------
     async def _on_ack(self, msg: Msg) -> None:
         event_id = msg.subject.rsplit(".", 1)[-1]
+        self._in_flight.pop(event_id, None)
         try:
             answer = json.loads(msg.data)
             if "error" in answer:
@@ -319,6 +331,19 @@ class Outbox(Part):
             except DatabaseError as exc:
                 self._link.note_error(f"outbox pruning failed: {exc}")
 
+    async def _watch_acks(self) -> None:
+        """Every ACK_TIMEOUT_S: events sent that long ago with no answer call for a relay."""
+        while True:
+            await asyncio.sleep(ACK_TIMEOUT_S)
+            cutoff = time.monotonic() - ACK_TIMEOUT_S
+            late = [event_id for event_id, sent in self._in_flight.items() if sent < cutoff]
+            for event_id in late:
+                del self._in_flight[event_id]
+            if late and (self._relayed_any or outbox_rows.recorded_here()):
+                self._link.note_error(f"no JetStream ack for {len(late)} events in time")
+                self._relay_due = True
+                self._kick()
+
     def _relay_later(self) -> None:
         """A relay in `RELAY_RETRY_S`, or with the next event after that (on the loop)."""
         self._relay_due = True
@@ -326,7 +351,9 @@ class Outbox(Part):
         asyncio.get_running_loop().call_later(RELAY_RETRY_S, self._kick)
 
     async def _relay(self) -> None:
-        if time.monotonic() < self._relay_after:
+        wait = self._relay_after - time.monotonic()
+        if wait > 0:
+            asyncio.get_running_loop().call_later(wait, self._kick)  # not before, not never
             return
         self._relay_due = False
         after, relayed = 0, 0

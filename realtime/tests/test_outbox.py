@@ -9,6 +9,7 @@ reconciled with Kurs's configuration at start-up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -51,12 +52,20 @@ class Acks:
             return {event_id: self.seqs[event_id] for event_id in ids}
 
 
-@pytest.fixture
-def acks() -> Iterator[Acks]:
+@contextlib.contextmanager
+def listening_acks() -> Iterator[Acks]:
     seen = Acks()
     realtime_nats.on_acked(seen)
-    yield seen
-    realtime_nats.outbox.remove_ack_callback(seen)
+    try:
+        yield seen
+    finally:
+        realtime_nats.outbox.remove_ack_callback(seen)
+
+
+@pytest.fixture
+def acks() -> Iterator[Acks]:
+    with listening_acks() as seen:
+        yield seen
 
 
 def rate(version: int) -> dict[str, object]:
