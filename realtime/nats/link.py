@@ -450,7 +450,7 @@ class NatsConnection:
         relayed), and the check is tried again shortly."""
         if not self._jetstream:
             self._jetstream = False
-        self.note_error(f"JetStream stream {name} not reachable now: {exc or 'timeout'}")
+        self.note_error(f"JetStream stream {name} not reachable now: {str(exc) or 'timeout'}")
         self._recheck_stream_later()
 
     def _recheck_stream_later(self) -> None:
