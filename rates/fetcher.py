@@ -335,6 +335,8 @@ class Fetcher:
         loaded = await sync_to_async(services.board_load)()
         await sync_to_async(peg_monitor.get_monitor().load)(now=timezone.now())
         board.guard = lease.held
+        # What the previous owner committed but never got onto the stream goes first.
+        nats.relay_undelivered()
         metrics.OWNER_LEASE_HELD.set(1)
         logger.info("owner: live rates loaded for %d pairs (epoch %s)", loaded, lease.epoch)
         lost = asyncio.Event()

@@ -1,8 +1,10 @@
 """The one way every event leaves Kurs: an envelope, a subject, a publish.
 
 `publish()` builds the envelope of docs/events.md and hands it to the process's transport.
-Writers use `publish_on_commit()`: the event leaves once the write is durable, never
-mid-transaction, and a rolled-back write publishes nothing.
+Writers use `publish_on_commit()`: the event is written to the outbox in the writer's own
+transaction and leaves once the write is durable, never mid-transaction; a rolled-back write
+publishes nothing, and a committed one is published even when this process dies before it
+could send it (the relay, docs/events.md#no-lost-event).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+
+from config.jsonenc import dumps
+from realtime import outbox_rows
 
 logger = logging.getLogger(__name__)
 
@@ -65,29 +70,47 @@ def remove_transport(transport: Transport) -> None:
         _transports.remove(transport)
 
 
-def publish(event_type: str, data: dict[str, Any]) -> Envelope:
-    """Build the envelope and hand it to every registered transport; never raises.
-
-    Callable from sync code in any thread and from async code: transports only queue the
-    envelope (see `realtime.nats`), so the caller never waits on the network.
-    """
-    envelope = make_envelope(event_type, data)
+def _subject_or_none(event_type: str, data: dict[str, Any]) -> str | None:
     try:
-        subject = subject_for(event_type, data)
+        return subject_for(event_type, data)
     except (ValueError, KeyError, TypeError):
         # A malformed event is a bug in its producer; the write that produced it still stands.
         logger.exception("event %s not published: no subject for %r", event_type, data)
-        return envelope
-    logger.debug("event %s on %s", event_type, subject, extra={"event_id": envelope["id"]})
+        return None
+
+
+def _hand_over(subject: str, envelope: Envelope) -> None:
+    logger.debug("event %s on %s", envelope["type"], subject, extra={"event_id": envelope["id"]})
     for transport in list(_transports):
         try:
             transport(subject, envelope)
         except Exception:
             # A broken transport must not break the write that produced the event.
             logger.exception("event transport %r failed for %s", transport, subject)
+
+
+def publish(event_type: str, data: dict[str, Any]) -> Envelope:
+    """Build the envelope and hand it to every registered transport; never raises.
+
+    Callable from sync code in any thread and from async code: transports only queue the
+    envelope (see `realtime.nats`), so the caller never waits on the network. At most once:
+    what announces no database write (`fetch.completed`, `provider.state`) goes this way.
+    """
+    envelope = make_envelope(event_type, data)
+    subject = _subject_or_none(event_type, data)
+    if subject is not None:
+        _hand_over(subject, envelope)
     return envelope
 
 
 def publish_on_commit(event_type: str, data: dict[str, Any]) -> None:
-    """`publish` once the current transaction commits (at once when none is open)."""
-    transaction.on_commit(lambda: publish(event_type, data))
+    """Write the event to the outbox in the current transaction, `publish` it once that commits.
+
+    Outside a transaction the row is written at once (autocommit) and the event leaves at once.
+    """
+    envelope = make_envelope(event_type, data)
+    subject = _subject_or_none(event_type, data)
+    if subject is None:
+        return
+    outbox_rows.record(envelope["id"], subject, dumps(envelope))
+    transaction.on_commit(lambda: _hand_over(subject, envelope))

@@ -76,6 +76,8 @@ class Stack:
     processes: list[Process] = field(default_factory=list)
     # More settings for every process (KURS_PEGS, ...), over the stack's own.
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The checkout the processes run from (a bench's baseline may run another one).
+    root: Path = ROOT
 
     @property
     def database(self) -> Path:
@@ -117,7 +119,7 @@ class Stack:
     def manage(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "manage.py", *args],
-            cwd=ROOT,
+            cwd=self.root,
             env=self.env("manage"),
             capture_output=True,
             text=True,
@@ -173,7 +175,7 @@ class Stack:
         log = self.folder / f"{name}.log"
         popen = subprocess.Popen(
             args,
-            cwd=ROOT,
+            cwd=self.root,
             env=self.env(name),
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,

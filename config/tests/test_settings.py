@@ -88,6 +88,8 @@ def test_good_defaults_start() -> None:
         ("KURS_METRICS_PORT", "metrics"),
         ("KURS_METRICS_PORT", "70000"),
         ("KURS_NATS_PREFIX", "kurs.>"),
+        ("KURS_NATS_REPLICAS", "0"),
+        ("KURS_NATS_REPLICAS", "7"),
         ("KURS_USD_PROXY", "US DT"),
         ("KURS_PEGS", "USDT:USD"),
         ("KURS_PEGS", "USDT:USD:2"),

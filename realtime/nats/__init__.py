@@ -2,7 +2,8 @@
 
 - `link`: the connection (its thread and loop, reconnection, plain subscriptions, the stream
   ensured) and the small surface the rest uses.
-- `publishing`: the outbox `realtime.events.publish` fills (`transport`) and the fallback bus.
+- `publishing`: the send queue `realtime.events.publish` fills (`transport`), JetStream's acks
+  (`on_acked`), the relay of the database outbox (`relay_undelivered`) and the fallback bus.
 - `stream`: the bridge's ordered consumer and the resuming client's `StreamCursor`.
 - `rpc`: `serve` and `request` (the live owner's control subject).
 - `subjects`: the names (subjects, stream, header, fallback group).
@@ -17,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from realtime.nats.link import NatsConnection, StreamUnavailable, connection
-from realtime.nats.publishing import outbox, transport
+from realtime.nats.publishing import AckCallback, on_acked, outbox, relay_undelivered, transport
 from realtime.nats.rpc import Responder, request, serve
 from realtime.nats.stream import StoredMessage, StreamCursor, stream_consumer
 from realtime.nats.subjects import (
@@ -34,6 +35,7 @@ __all__ = [
     "FALLBACK_MESSAGE_TYPE",
     "ORIGIN_HEADER",
     "SEED_SUBJECT",
+    "AckCallback",
     "NatsConnection",
     "Responder",
     "StoredMessage",
@@ -43,7 +45,9 @@ __all__ = [
     "control_prefix",
     "event_subjects",
     "fallback_group",
+    "on_acked",
     "outbox",
+    "relay_undelivered",
     "request",
     "serve",
     "shutdown",

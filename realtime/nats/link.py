@@ -40,6 +40,14 @@ T = TypeVar("T")
 logger = logging.getLogger("realtime.nats")
 
 STREAM_MAX_AGE_S = 24 * 3600
+# How long the stream remembers a `Nats-Msg-Id` to drop a re-sent event (the relay's re-sends
+# after a reconnection or a take-over): docs/events.md#no-lost-event.
+STREAM_DUPLICATE_WINDOW_S = 10 * 60
+# A stream check that timed out (a cluster electing its JetStream leaders after losing a node)
+# is tried again this often while connected.
+STREAM_RECHECK_S = 2.0
+# JetStream's "not enabled" error codes (the server or the account has none).
+JS_NOT_ENABLED = {10039, 10076}
 # Reconnect back-off: doubling from RECONNECT_BASE_S up to RECONNECT_MAX_S, with jitter so that
 # many processes do not hammer a restarted server in step.
 RECONNECT_BASE_S = 0.1
@@ -85,6 +93,23 @@ class Part:
         return {}
 
 
+def stream_config(prefix: str) -> StreamConfig:
+    """The replay stream as Kurs wants it: reconciled on every connection (docs/events.md#nats)."""
+    return StreamConfig(
+        name=stream_name(prefix),
+        subjects=event_subjects(prefix),
+        max_age=STREAM_MAX_AGE_S,
+        num_replicas=settings.KURS_NATS_REPLICAS,
+        duplicate_window=STREAM_DUPLICATE_WINDOW_S,
+    )
+
+
+def stream_differences(have: StreamConfig, want: StreamConfig) -> list[str]:
+    """The fields Kurs sets that differ between the server's stream and `want`."""
+    fields = ("subjects", "max_age", "num_replicas", "duplicate_window")
+    return [name for name in fields if getattr(have, name) != getattr(want, name)]
+
+
 def _reconnect_delay(attempts: int) -> float:
     ceiling = min(RECONNECT_MAX_S, RECONNECT_BASE_S * (2 ** min(attempts, 16)))
     return float(ceiling * random.uniform(0.5, 1.0))
@@ -111,6 +136,8 @@ class NatsConnection:
         self._last_logged_error: str | None = None
         self._errors = 0
         self._sub_lock: asyncio.Lock | None = None
+        self._recheck: asyncio.TimerHandle | None = None
+        self._recheck_task: asyncio.Task[None] | None = None
         self._first_attempt: asyncio.Event | None = None
         self._started_at = 0.0
         # Set while connected with every registered subscription applied.
@@ -387,9 +414,7 @@ class NatsConnection:
         if client is None or not client.is_connected:
             return
         name = stream_name(self._prefix)
-        config = StreamConfig(
-            name=name, subjects=event_subjects(self._prefix), max_age=STREAM_MAX_AGE_S
-        )
+        config = stream_config(self._prefix)
         js = client.jetstream(timeout=JETSTREAM_TIMEOUT_S)
         try:
             try:
@@ -398,17 +423,48 @@ class NatsConnection:
                 await js.add_stream(config)
                 logger.info("nats: JetStream stream %s created on %s.>", name, self._prefix)
             else:
-                if info.config.subjects != config.subjects or info.config.max_age != config.max_age:
+                changed = stream_differences(info.config, config)
+                if changed:
                     await js.update_stream(config)
-                    logger.info("nats: JetStream stream %s updated", name)
+                    logger.info("nats: JetStream stream %s updated (%s)", name, ", ".join(changed))
             self._jetstream = True
-        except (NoRespondersError, ServiceUnavailableError, NatsTimeoutError, TimeoutError):
-            self._jetstream = False
-            logger.info("nats: server has no JetStream; stream %s not ensured", name)
+        except (NoRespondersError, ServiceUnavailableError) as exc:
+            # A bare 503 (no responders) or "not enabled": no JetStream. Another 503 of its API
+            # (no leader yet, say) is JetStream there but not ready.
+            err_code = exc.err_code if isinstance(exc, ServiceUnavailableError) else None
+            if err_code is not None and err_code not in JS_NOT_ENABLED:
+                self._stream_unreachable(name, exc)
+            else:
+                self._jetstream = False  # a server without JetStream (for this account)
+                logger.info("nats: server has no JetStream; stream %s not ensured", name)
+        except (NatsTimeoutError, TimeoutError) as exc:
+            self._stream_unreachable(name, exc)
         except Exception as exc:
             self._jetstream = False
             self.note_error(f"JetStream stream {name}: {exc}")
         self.stream_checked.set()
+
+    def _stream_unreachable(self, name: str, exc: Exception) -> None:
+        """JetStream is there but not answering now (a cluster electing its leaders): a stream
+        known to exist is still taken to exist (its events still get their acks, or are
+        relayed), and the check is tried again shortly."""
+        if not self._jetstream:
+            self._jetstream = False
+        self.note_error(f"JetStream stream {name} not reachable now: {str(exc) or 'timeout'}")
+        self._recheck_stream_later()
+
+    def _recheck_stream_later(self) -> None:
+        loop = self._loop
+        if loop is None or (self._recheck is not None and not self._recheck.cancelled()):
+            return
+
+        def recheck() -> None:
+            self._recheck = None
+            if self.is_connected():
+                # Kept, or the loop could drop the task before it ran.
+                self._recheck_task = loop.create_task(self._became_connected())
+
+        self._recheck = loop.call_later(STREAM_RECHECK_S, recheck)
 
     # --- plain subscriptions --------------------------------------------------------------
     def subscribe(self, subject: str, callback: MessageCallback) -> tuple[int, Future[None]]:

@@ -1,32 +1,45 @@
-"""Publishing: the outbox that `realtime.events.publish` fills, and the fallback bus.
+"""Publishing: the send queue `realtime.events.publish` fills, its acks, the relay, the fallback.
 
-`publish()` only appends to an in-memory outbox and wakes the connection's loop, so a caller in
-any thread, sync or async, never waits for the network. The loop's pump sends the outbox on
+`publish()` only appends to an in-memory send queue and wakes the connection's loop, so a caller
+in any thread, sync or async, never waits for the network. The loop's pump sends the queue on
 NATS while connected; when the connection is down, each event goes to the fallback bus instead:
 a channel-layer group that every web process's bridge listens on (channels-redis), or, with the
-in-memory layer (one process, no Redis), straight to this process's bridge. Events published
-during an outage are not replayed on NATS later: the database keeps the truth, NATS is a live
-feed (at most once).
+in-memory layer (one process, no Redis), straight to this process's bridge.
 
-Where the server has JetStream, a plain publish on an event subject is also stored in the stream
-(the stream captures its subjects): nothing here knows about it.
+Where the server has JetStream, every event is published with a reply subject of this
+connection's ack inbox, so the stream's acknowledgement (`PubAck`: stream sequence, duplicate)
+comes back without anyone waiting for it. An acknowledged event that came from the database's
+outbox (`realtime.outbox`, written in its change's transaction) is marked delivered in batches,
+off the publishing path; `on_acked` callbacks hear `(event id, seq)`. What is left undelivered
+(published during an outage, or by a process killed between its commit and its publish) is sent
+again by the relay, in order and before any newer event: after a reconnection, or when a new
+owner of live state takes over (`relay_undelivered`). The stream drops a re-sent event it holds
+already (`Nats-Msg-Id` within its duplicate window). docs/events.md#no-lost-event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from channels.layers import InMemoryChannelLayer, channel_layers
 from django.conf import settings
+from django.db import DatabaseError
+from nats.aio.msg import Msg
+from nats.js.api import PubAck
 
 from config.jsonenc import dumps
-from realtime import metrics
+from realtime import metrics, outbox_rows
 from realtime.nats.link import NatsConnection, Part, connection
 from realtime.nats.subjects import FALLBACK_MESSAGE_TYPE, ORIGIN_HEADER, fallback_group
+
+T = TypeVar("T")
 
 logger = logging.getLogger("realtime.nats")
 
@@ -36,10 +49,32 @@ OUTBOX_LIMIT = 10_000
 # fallback bus: a one-shot command or a fresh worker publishes right after start-up, and its
 # in-memory fallback would reach no one.
 FIRST_CONNECT_GRACE_S = 2.0
+MSG_ID_HEADER = "Nats-Msg-Id"
+# Acknowledged events are marked delivered in one UPDATE per this period (bookkeeping, never on
+# the publishing path); delivered rows are pruned at most this often.
+BOOKKEEPING_EVERY_S = 1.0
+PRUNE_EVERY_S = 60.0
+# The relay reads the undelivered rows in batches of this many; after a failed read (the
+# database unreachable) it is tried again no sooner than this.
+RELAY_BATCH = 500
+RELAY_RETRY_S = 5.0
+# An event JetStream has neither acknowledged nor refused after this long (a stream leader lost
+# mid-flight) is taken as not stored: a relay follows.
+ACK_TIMEOUT_S = 5.0
+
+# Told `(event id, stream sequence)` for every event JetStream acknowledged (a duplicate too,
+# with the sequence the stream first stored it under). Runs on the connection's loop: be quick.
+AckCallback = Callable[[str, int], None]
+
+
+async def _database(work: Callable[[], T]) -> T:
+    """`work` (sync ORM) in a worker thread, its connection closed after it."""
+    return await asyncio.to_thread(outbox_rows.in_worker_thread, work)
 
 
 class Outbox(Part):
-    """Queued events and the pump that sends them, over NATS or the fallback bus."""
+    """Queued events and the pump that sends them, over NATS or the fallback bus; their acks,
+    the books of the database outbox, and the relay of what it holds undelivered."""
 
     def __init__(self, link: NatsConnection) -> None:
         self._link = link
@@ -49,7 +84,19 @@ class Outbox(Part):
         self._pump_task: asyncio.Task[None] | None = None
         self._local_fallback: Callable[[str, bytes], None] | None = None
         self._layer: Any = None
-        self._counts = {"nats": 0, "fallback": 0, "dropped": 0}
+        self._counts = {"nats": 0, "fallback": 0, "dropped": 0, "acked": 0, "relayed": 0}
+        self._ack_callbacks: list[AckCallback] = []
+        self._ack_client: Any = None
+        self._ack_inbox = ""
+        self._acked: list[str] = []
+        self._books_due: asyncio.Event | None = None
+        self._books_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._in_flight: dict[str, float] = {}  # event id -> time.monotonic() it was sent
+        self._pruned_at = 0.0
+        self._relay_due = False
+        self._relay_after = 0.0  # time.monotonic() before which a failed relay is not retried
+        self._relayed_any = False  # then this process keeps the books of what it relayed
         link.add_part(self)
 
     def publish(self, subject: str, payload: bytes, event_id: str | None = None) -> None:
@@ -58,7 +105,7 @@ class Outbox(Part):
         headers = {ORIGIN_HEADER: settings.KURS_INSTANCE}
         if event_id:
             # JetStream drops a duplicate of the same id inside its window.
-            headers["Nats-Msg-Id"] = event_id
+            headers[MSG_ID_HEADER] = event_id
         if len(self._queue) >= OUTBOX_LIMIT:
             self._queue.popleft()
             self._counts["dropped"] += 1
@@ -70,6 +117,21 @@ class Outbox(Part):
             self._wakeup_pending = True
             self._link.call_soon(self._kick)
 
+    def add_ack_callback(self, callback: AckCallback) -> None:
+        if callback not in self._ack_callbacks:
+            self._ack_callbacks.append(callback)
+
+    def remove_ack_callback(self, callback: AckCallback) -> None:
+        if callback in self._ack_callbacks:
+            self._ack_callbacks.remove(callback)
+
+    def request_relay(self) -> None:
+        """Send what the database outbox holds undelivered, before any newer event."""
+        self._link.start()
+        self._relay_due = True
+        self._relay_after = 0.0
+        self._link.call_soon(self._kick)
+
     def set_local_fallback(self, deliver: Callable[[str, bytes], None] | None) -> None:
         """Where fallback events go with the in-memory channel layer (this process's bridge)."""
         self._local_fallback = deliver
@@ -79,6 +141,24 @@ class Outbox(Part):
         self._counts = dict.fromkeys(self._counts, 0)
         self._wake = asyncio.Event()
         self._pump_task = loop.create_task(self._pump())
+        self._books_due = asyncio.Event()
+        self._books_task = loop.create_task(self._keep_books())
+        self._watch_task = loop.create_task(self._watch_acks())
+        self._ack_client = None
+        self._acked = []
+        self._in_flight = {}
+
+    async def connected(self) -> None:
+        client = self._link.client
+        if client is not None and client is not self._ack_client:
+            # One wildcard subscription per client; nats-py keeps it across reconnections.
+            inbox = client.new_inbox()
+            await client.subscribe(f"{inbox}.*", cb=self._on_ack)
+            self._ack_client, self._ack_inbox = client, inbox
+        if outbox_rows.recorded_here():
+            # Whatever this process sent while the server was away (or whose ack it lost) goes
+            # again, before anything newer: the stream drops what it has already.
+            self._relay_due = True
 
     def ready(self) -> None:
         self._kick()
@@ -87,26 +167,38 @@ class Outbox(Part):
         await self._flush()
         if self._pump_task is not None:
             self._pump_task.cancel()
+        for task in (self._books_task, self._watch_task):
+            if task is not None:
+                task.cancel()
+        await self._write_books(final=True)
 
     async def closed(self) -> None:
         if self._layer is not None and hasattr(self._layer, "close_pools"):
             await self._layer.close_pools()
         self._layer = None
         logger.info(
-            "nats: closed (published %d, fallback %d, dropped %d, errors %d)",
+            "nats: closed (published %d, fallback %d, dropped %d, acked %d, relayed %d, errors %d)",
             self._counts["nats"],
             self._counts["fallback"],
             self._counts["dropped"],
+            self._counts["acked"],
+            self._counts["relayed"],
             self._link.errors,
         )
 
     def forget_after_fork(self) -> None:
         self._queue.clear()
         self._wakeup_pending = False
+        self._acked = []
+        self._ack_client = None
+        self._relay_due = False
+        self._in_flight = {}
 
     def status(self) -> dict[str, Any]:
         return {
             "published": self._counts["nats"],
+            "acked": self._counts["acked"],
+            "relayed": self._counts["relayed"],
             "fallback": self._counts["fallback"],
             "dropped": self._counts["dropped"],
             "outbox": len(self._queue),
@@ -128,18 +220,162 @@ class Outbox(Part):
         self._wakeup_pending = False
         await self._link.wait_first_attempt(FIRST_CONNECT_GRACE_S)
         queue = self._queue
-        while queue:
+        while True:
+            if self._relay_due and self._link.is_connected():
+                # Before the next event: the stream keeps each pair's events in their order.
+                await self._relay()
+            if not queue:
+                return
             subject, payload, headers = queue.popleft()
-            client = self._link.client
-            if client is not None and client.is_connected:
-                try:
-                    await client.publish(subject, payload, headers=headers)
-                    self._counts["nats"] += 1
-                    metrics.NATS_PUBLISHES.labels(path="nats").inc()
-                    continue
-                except Exception as exc:
-                    self._link.note_error(f"publish on {subject} failed: {exc}")
+            if await self._send(subject, payload, headers):
+                continue
+            if outbox_rows.recorded_here():
+                self._relay_due = True  # it may be a stored event: the stream gets it later
             await self._publish_fallback(subject, payload)
+
+    async def _send(self, subject: str, payload: bytes, headers: dict[str, str]) -> bool:
+        """Publish on NATS, asking JetStream for its ack; False when not connected or failed."""
+        client = self._link.client
+        if client is None or not client.is_connected:
+            return False
+        event_id = headers.get(MSG_ID_HEADER, "")
+        stream = bool(self._link.jetstream and self._ack_inbox and event_id)
+        try:
+            await client.publish(
+                subject,
+                payload,
+                reply=f"{self._ack_inbox}.{event_id}" if stream else "",
+                headers=headers,
+            )
+        except Exception as exc:
+            self._link.note_error(f"publish on {subject} failed: {exc}")
+            return False
+        self._counts["nats"] += 1
+        metrics.NATS_PUBLISHES.labels(path="nats").inc()
+        if stream and len(self._in_flight) < OUTBOX_LIMIT:
+            self._in_flight[event_id] = time.monotonic()
+        if event_id and not stream and self._link.jetstream is False:
+            # A server without JetStream acknowledges nothing and keeps nothing to replay: sent
+            # is as delivered as it gets (at most once).
+            self._book(event_id)
+        return True
+
+    # --- acks, the books and the relay ---------------------------------------------------------
+    async def _on_ack(self, msg: Msg) -> None:
+        event_id = msg.subject.rsplit(".", 1)[-1]
+        self._in_flight.pop(event_id, None)
+        try:
+            answer = json.loads(msg.data)
+            if "error" in answer:
+                raise ValueError(answer["error"])
+            ack = PubAck.from_response(answer)
+        except (ValueError, TypeError, KeyError):
+            # No JSON (a no-responders status: no stream took the subject, JetStream not ready
+            # yet) or an error answer: not stored. Sent again by a relay a little later (after
+            # newer events, then: the one case where a pair's events reach the stream out of
+            # version order; the snapshot and clients order them by `version`).
+            self._link.note_error(f"no JetStream ack for {event_id}: {msg.data[:200]!r}")
+            if outbox_rows.recorded_here():
+                self._relay_later()
+            return
+        self._counts["acked"] += 1
+        self._book(event_id)
+        for callback in list(self._ack_callbacks):
+            try:
+                callback(event_id, ack.seq)
+            except Exception:
+                logger.exception("nats: ack callback %r failed for %s", callback, event_id)
+
+    def _book(self, event_id: str) -> None:
+        if not (self._relayed_any or outbox_rows.recorded_here()):
+            return  # this process neither wrote nor relayed outbox rows: nothing to mark
+        self._acked.append(event_id)
+        if self._books_due is not None:
+            self._books_due.set()
+
+    async def _keep_books(self) -> None:
+        assert self._books_due is not None
+        while True:
+            await self._books_due.wait()
+            # Batched: one UPDATE for every ack of the period.
+            await asyncio.sleep(BOOKKEEPING_EVERY_S)
+            self._books_due.clear()
+            await self._write_books()
+
+    async def _write_books(self, *, final: bool = False) -> None:
+        acked, self._acked = self._acked, []
+        prune = time.monotonic() - self._pruned_at >= PRUNE_EVERY_S
+        if not acked:
+            return
+        if final:
+            try:
+                await _database(partial(outbox_rows.mark_delivered, acked))
+            except Exception as exc:
+                # At interpreter exit the worker threads (or a test's database) may be gone:
+                # these rows are sent again by the next relay, and the stream drops them.
+                logger.debug("nats: outbox books not written at shutdown: %s", exc)
+            return
+        try:
+            await _database(partial(outbox_rows.mark_delivered, acked))
+        except DatabaseError as exc:
+            # Tried again with the next batch (a row left unmarked would only be sent again by
+            # a later relay, and dropped by the stream within its duplicate window).
+            self._link.note_error(f"outbox bookkeeping failed: {exc}")
+            if len(self._acked) < OUTBOX_LIMIT:
+                self._acked[:0] = acked
+            return
+        if prune:
+            self._pruned_at = time.monotonic()
+            try:
+                await _database(outbox_rows.prune)
+            except DatabaseError as exc:
+                self._link.note_error(f"outbox pruning failed: {exc}")
+
+    async def _watch_acks(self) -> None:
+        """Every ACK_TIMEOUT_S: events sent that long ago with no answer call for a relay."""
+        while True:
+            await asyncio.sleep(ACK_TIMEOUT_S)
+            cutoff = time.monotonic() - ACK_TIMEOUT_S
+            late = [event_id for event_id, sent in self._in_flight.items() if sent < cutoff]
+            for event_id in late:
+                del self._in_flight[event_id]
+            if late and (self._relayed_any or outbox_rows.recorded_here()):
+                self._link.note_error(f"no JetStream ack for {len(late)} events in time")
+                self._relay_due = True
+                self._kick()
+
+    def _relay_later(self) -> None:
+        """A relay in `RELAY_RETRY_S`, or with the next event after that (on the loop)."""
+        self._relay_due = True
+        self._relay_after = time.monotonic() + RELAY_RETRY_S
+        asyncio.get_running_loop().call_later(RELAY_RETRY_S, self._kick)
+
+    async def _relay(self) -> None:
+        wait = self._relay_after - time.monotonic()
+        if wait > 0:
+            asyncio.get_running_loop().call_later(wait, self._kick)  # not before, not never
+            return
+        self._relay_due = False
+        after, relayed = 0, 0
+        while True:
+            try:
+                rows = await _database(partial(outbox_rows.undelivered, after, RELAY_BATCH))
+            except DatabaseError as exc:
+                self._relay_later()
+                self._link.note_error(f"outbox relay cannot read the database: {exc}")
+                return
+            self._relayed_any = self._relayed_any or bool(rows)
+            for position, event_id, subject, payload in rows:
+                headers = {ORIGIN_HEADER: settings.KURS_INSTANCE, MSG_ID_HEADER: event_id}
+                if not await self._send(subject, payload.encode(), headers):
+                    self._relay_due = True  # cut off again: the rest on the next connection
+                    return
+                after, relayed = position, relayed + 1
+            if len(rows) < RELAY_BATCH:
+                break
+        if relayed:
+            self._counts["relayed"] += relayed
+            logger.info("nats: relayed %d undelivered outbox events", relayed)
 
     async def _publish_fallback(self, subject: str, payload: bytes) -> None:
         # Counted before the hand-over: the event may reach a socket before this line resumes.
@@ -167,6 +403,20 @@ class Outbox(Part):
 
 
 outbox = Outbox(connection)
+
+
+def on_acked(callback: AckCallback) -> None:
+    """Call `callback(event_id, seq)` for every event JetStream acknowledges to this process.
+
+    `seq` is the event's stream sequence (the `seq` clients see). It runs on the NATS thread's
+    loop and must not block: hand the pair to your own queue or thread.
+    """
+    outbox.add_ack_callback(callback)
+
+
+def relay_undelivered() -> None:
+    """Send the database outbox's undelivered events, in order (a new owner of live state)."""
+    outbox.request_relay()
 
 
 def transport(subject: str, envelope: dict[str, Any]) -> None:

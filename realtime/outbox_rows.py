@@ -1,0 +1,74 @@
+"""The transactional outbox's rows: written with the change, read by the relay, marked, pruned.
+
+`record()` runs inside the writer's transaction (`realtime.events.publish_on_commit`); the
+others run in the NATS connection's worker threads (`realtime.nats.publishing`), each closing
+its database connection when done. docs/events.md#no-lost-event describes the guarantees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+from typing import TypeVar
+
+from django.db import close_old_connections, connections
+from django.utils import timezone
+
+from realtime.models import OutboxEvent
+
+T = TypeVar("T")
+
+# Delivered rows are kept this long (what was sent recently, for an operator to look at), then
+# deleted; undelivered rows are never deleted here.
+RETENTION = timedelta(minutes=10)
+
+_recorded = False
+
+
+def record(event_id: str, subject: str, payload: str) -> None:
+    """Write one event in the current transaction (called by `publish_on_commit`)."""
+    global _recorded
+    OutboxEvent.objects.create(event_id=event_id, subject=subject, payload=payload)
+    _recorded = True
+
+
+def recorded_here() -> bool:
+    """Has this process written outbox rows (so that it keeps their books and relays)?"""
+    return _recorded
+
+
+def undelivered(after: int, limit: int) -> list[tuple[int, str, str, str]]:
+    """Up to `limit` undelivered rows after position `after`, oldest first:
+    `(position, event_id, subject, payload)`."""
+    rows = (
+        OutboxEvent.objects.filter(delivered_at__isnull=True, id__gt=after)
+        .order_by("id")
+        .values_list("id", "event_id", "subject", "payload")[:limit]
+    )
+    return [(pk, str(event_id), subject, payload) for pk, event_id, subject, payload in rows]
+
+
+def mark_delivered(event_ids: Iterable[str]) -> int:
+    ids = list(event_ids)
+    if not ids:
+        return 0
+    return OutboxEvent.objects.filter(event_id__in=ids, delivered_at__isnull=True).update(
+        delivered_at=timezone.now()
+    )
+
+
+def prune() -> int:
+    """Delete the rows delivered more than `RETENTION` ago; how many."""
+    cutoff = timezone.now() - RETENTION
+    deleted, _ = OutboxEvent.objects.filter(delivered_at__lt=cutoff).delete()
+    return deleted
+
+
+def in_worker_thread(work: Callable[[], T]) -> T:
+    """Run `work` (in a thread of its own, not a request's) and close the thread's database
+    connection after it, so that no idle connection is left behind in a pool thread."""
+    close_old_connections()
+    try:
+        return work()
+    finally:
+        connections.close_all()

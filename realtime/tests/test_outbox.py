@@ -1,0 +1,213 @@
+"""The transactional outbox (docs/events.md#no-lost-event), against a real JetStream.
+
+An event is written in its change's transaction, published after the commit with its id as
+`Nats-Msg-Id`, marked delivered once JetStream acknowledged it; what could not be sent (NATS
+down) reaches the stream, in order, before anything newer once NATS is back; the stream is
+reconciled with Kurs's configuration at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import nats
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import transaction
+from nats.js.api import StreamConfig
+
+from realtime import events
+from realtime import nats as realtime_nats
+from realtime.models import OutboxEvent
+from realtime.nats import connection, stream_name
+from realtime.nats.link import STREAM_DUPLICATE_WINDOW_S, STREAM_MAX_AGE_S
+from tests.services import NatsServer
+
+pytestmark = [pytest.mark.nats, pytest.mark.django_db(transaction=True)]
+
+
+class Acks:
+    """What `on_acked` told this test: event id -> stream sequence."""
+
+    def __init__(self) -> None:
+        self.seqs: dict[str, int] = {}
+        self._changed = threading.Condition()
+
+    def __call__(self, event_id: str, seq: int) -> None:
+        with self._changed:
+            self.seqs[event_id] = seq
+            self._changed.notify_all()
+
+    def wait_for(self, ids: list[str], within: float = 15.0) -> dict[str, int]:
+        with self._changed:
+            assert self._changed.wait_for(lambda: set(ids) <= set(self.seqs), within), (
+                f"not acknowledged: {set(ids) - set(self.seqs)}"
+            )
+            return {event_id: self.seqs[event_id] for event_id in ids}
+
+
+@contextlib.contextmanager
+def listening_acks() -> Iterator[Acks]:
+    seen = Acks()
+    realtime_nats.on_acked(seen)
+    try:
+        yield seen
+    finally:
+        realtime_nats.outbox.remove_ack_callback(seen)
+
+
+@pytest.fixture
+def acks() -> Iterator[Acks]:
+    with listening_acks() as seen:
+        yield seen
+
+
+def rate(version: int) -> dict[str, object]:
+    return {"direction": "BTC-USD", "value": 100 + version, "version": version}
+
+
+def write(version: int) -> str:
+    """One change and its event, in one transaction: the event's id."""
+    with transaction.atomic():
+        events.publish_on_commit("rate.updated", rate(version))
+        return str(OutboxEvent.objects.order_by("-id").values_list("event_id", flat=True)[0])
+
+
+async def written_and_acked(acks: Acks, versions: range) -> list[str]:
+    """Connected, `versions` written one transaction each and acknowledged: their event ids."""
+    assert await asyncio.to_thread(realtime_nats.wait_connected, 15)
+    sent = [await sync_to_async(write)(v) for v in versions]
+    await asyncio.to_thread(acks.wait_for, sent)
+    return sent
+
+
+async def wait_until(check: Callable[[], bool], what: str, within: float = 15.0) -> None:
+    deadline = time.monotonic() + within
+    while not await sync_to_async(check)():
+        assert time.monotonic() < deadline, f"{what}: not within {within:g}s"
+        await asyncio.sleep(0.05)
+
+
+async def stream_rates(server: NatsServer, prefix: str) -> list[tuple[int, str, int]]:
+    """Every rate event the stream holds: (seq, event id, version)."""
+    client = await nats.connect(server.url)
+    try:
+        js = client.jetstream()
+        last = (await js.stream_info(stream_name(prefix))).state.last_seq
+        sub = await js.subscribe(f"{prefix}.rates.>", ordered_consumer=True)
+        got: list[tuple[int, str, int]] = []
+        while not got or got[-1][0] < last:
+            msg = await sub.next_msg(timeout=5)
+            body = json.loads(msg.data)
+            got.append((msg.metadata.sequence.stream, body["id"], body["data"]["version"]))
+        await sub.unsubscribe()
+        return got
+    finally:
+        await client.close()
+
+
+def undelivered() -> int:
+    return OutboxEvent.objects.filter(delivered_at__isnull=True).count()
+
+
+async def test_an_event_is_written_with_its_change_and_marked_delivered_once_acknowledged(
+    own_jetstream: NatsServer, acks: Acks, prefix: str
+) -> None:
+    assert await asyncio.to_thread(realtime_nats.wait_connected, 15)
+    event_id = await sync_to_async(write)(1)
+    seq = (await asyncio.to_thread(acks.wait_for, [event_id]))[event_id]
+    stored = await stream_rates(own_jetstream, prefix)
+    assert stored == [(seq, event_id, 1)]
+    await wait_until(lambda: undelivered() == 0, "the row marked delivered")
+    row = await sync_to_async(OutboxEvent.objects.get)(event_id=event_id)
+    assert json.loads(row.payload)["id"] == event_id
+    assert row.subject == f"{prefix}.rates.BTC-USD"
+
+
+async def test_a_rolled_back_change_leaves_no_event(own_jetstream: NatsServer) -> None:
+    def change_that_fails() -> None:
+        with transaction.atomic():
+            events.publish_on_commit("rate.updated", rate(1))
+            raise RuntimeError("the change failed")
+
+    with pytest.raises(RuntimeError):
+        await sync_to_async(change_that_fails)()
+    assert await sync_to_async(OutboxEvent.objects.count)() == 0
+
+
+async def test_what_was_written_while_nats_was_down_reaches_the_stream_first_in_order(
+    own_jetstream: NatsServer, acks: Acks, prefix: str
+) -> None:
+    before = await written_and_acked(acks, range(1, 4))
+    await asyncio.to_thread(own_jetstream.stop)
+    assert await asyncio.to_thread(connection.disconnected.wait, 15)
+    during = [await sync_to_async(write)(v) for v in range(4, 24)]
+    assert realtime_nats.status()["fallback"] >= len(during)
+    await asyncio.to_thread(own_jetstream.start)
+    assert await asyncio.to_thread(connection.connected.wait, 20)
+    after = [await sync_to_async(write)(v) for v in range(24, 27)]
+    await asyncio.to_thread(acks.wait_for, before + during + after)
+    stored = await stream_rates(own_jetstream, prefix)
+    # Every version once, in order: the relay went before the first event after the return.
+    assert [version for _, _, version in stored] == list(range(1, 27))
+    assert [event_id for _, event_id, _ in stored] == before + during + after
+    assert realtime_nats.status()["relayed"] >= len(during)
+    await wait_until(lambda: undelivered() == 0, "every row marked delivered")
+
+
+async def test_a_relay_of_what_the_stream_already_holds_stores_nothing_twice(
+    own_jetstream: NatsServer, acks: Acks, prefix: str
+) -> None:
+    sent = await written_and_acked(acks, range(1, 6))
+    # As if the acks had been lost: the rows are undelivered again, and a new owner relays.
+    await sync_to_async(OutboxEvent.objects.update)(delivered_at=None)
+    first = dict(acks.seqs)
+    acks.seqs.clear()
+    realtime_nats.relay_undelivered()
+    again = await asyncio.to_thread(acks.wait_for, sent)
+    assert again == first  # each duplicate acknowledged with the sequence it was stored under
+    assert [version for _, _, version in await stream_rates(own_jetstream, prefix)] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
+    await wait_until(lambda: undelivered() == 0, "every row marked delivered")
+
+
+async def test_the_stream_is_reconciled_with_the_configuration_at_start_up(
+    own_jetstream: NatsServer, prefix: str
+) -> None:
+    client = await nats.connect(own_jetstream.url)
+    js = client.jetstream()
+    name = stream_name(prefix)
+    await js.add_stream(
+        StreamConfig(name=name, subjects=[f"{prefix}.rates.>"], max_age=60, duplicate_window=5)
+    )
+    assert await asyncio.to_thread(realtime_nats.wait_connected, 15)
+    info = await js.stream_info(name)
+    await client.close()
+    config: Any = info.config
+    assert (config.max_age, config.duplicate_window, config.num_replicas) == (
+        STREAM_MAX_AGE_S,
+        STREAM_DUPLICATE_WINDOW_S,
+        1,
+    )
+    assert len(config.subjects) == 4
+
+
+async def test_more_replicas_than_the_server_has_leave_it_without_stream_and_say_so(
+    own_jetstream: NatsServer, settings: Any
+) -> None:
+    settings.KURS_NATS_REPLICAS = 3
+    assert await asyncio.to_thread(realtime_nats.wait_connected, 15)
+    status = realtime_nats.status()
+    assert status["jetstream"] is False
+    assert "JetStream stream" in (status["last_error"] or "")
