@@ -16,7 +16,7 @@ from typing import Any
 from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
 
-from rates import services
+from rates import servedlog, services
 from rates.fetcher import (
     MAX_ROUND_SECONDS,
     CycleReport,
@@ -53,6 +53,7 @@ async def fetch_once(*, provider_names: Sequence[str] | None = None) -> CycleRep
     try:
         await sync_to_async(services.board_load)()
         nats.relay_undelivered()  # what a dead owner committed and never sent, first
+        servedlog.follow_acks()
         return await _cycle_here(provider_names)
     finally:
         board.guard = no_writes

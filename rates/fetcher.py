@@ -31,7 +31,7 @@ from django.utils import timezone
 from nats.aio.msg import Msg
 
 from config.jsonenc import dumps
-from rates import metrics, peg_monitor, policy, provider_health, services
+from rates import metrics, peg_monitor, policy, provider_health, servedlog, services
 from rates.board import Entry
 from rates.lease import RENEW_EVERY, Lease, lease_holder
 from rates.provider_health import ProviderMonitor, monitor_for
@@ -337,6 +337,7 @@ class Fetcher:
         board.guard = lease.held
         # What the previous owner committed but never got onto the stream goes first.
         nats.relay_undelivered()
+        servedlog.follow_acks()
         metrics.OWNER_LEASE_HELD.set(1)
         logger.info("owner: live rates loaded for %d pairs (epoch %s)", loaded, lease.epoch)
         lost = asyncio.Event()

@@ -41,6 +41,7 @@ from rates import policy
 from rates.exceptions import InvalidQuery, NotServedAt
 from rates.models import CURRENT_FIELDS, Rate, ServedRate
 from rates.snapshot import Course, route_from_db
+from realtime import nats
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,12 @@ class SeqRecorder:
 
 # The process's recorder: the publisher's ack callback (docs/api.md#point-in-time).
 seq_recorder = SeqRecorder()
+
+
+def follow_acks() -> None:
+    """From now on, each JetStream ack of an event this process sent gives its version its
+    `seq` (an owner's start; registering again changes nothing)."""
+    nats.on_acked(seq_recorder.ack)
 
 
 def prune(cutoff: datetime) -> int:

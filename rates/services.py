@@ -523,8 +523,8 @@ def _persist(item_id: int, decision: Decision, *, now: datetime, board: QuoteBoa
                     _store_history(item_id, pair, entry, current, now=now, board=board) or stored
                 )
             if current is not None:
-                _write_current(item_id, current)
-                events.publish_on_commit("rate.updated", rate_event(pair, current))
+                event_id = events.publish_on_commit("rate.updated", rate_event(pair, current))
+                _write_current(item_id, current, event_id=event_id)
                 for source in decision.excluded:
                     events.publish_on_commit(
                         "quote.excluded", excluded_event(pair, current, source)
@@ -621,14 +621,15 @@ def _history_evidence(entry: Entry, current: Current | None) -> dict[str, Any]:
     }
 
 
-def _write_current(item_id: int, current: Current) -> None:
+def _write_current(item_id: int, current: Current, *, event_id: str | None = None) -> None:
     fields = {name: getattr(current, name) for name in CURRENT_FIELDS}
     fields["route"] = _route_to_db(current.route)
     fields["sources"] = sources_to_db(current.sources)
     # One UPDATE in the common case (the row exists), an INSERT for a pair's first rate.
     if not CurrentRate.objects.filter(item_id=item_id).update(**fields):
         CurrentRate.objects.create(item_id=item_id, **fields)
-    servedlog.record(item_id, fields)  # the same transaction: the log is what was served
+    # The same transaction: the log is what was served, named by the event that announced it.
+    servedlog.record(item_id, fields, event_id=event_id)
 
 
 def _route_to_db(route: Iterable[dict[str, Any]]) -> list[dict[str, str]]:

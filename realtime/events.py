@@ -103,14 +103,16 @@ def publish(event_type: str, data: dict[str, Any]) -> Envelope:
     return envelope
 
 
-def publish_on_commit(event_type: str, data: dict[str, Any]) -> None:
-    """Write the event to the outbox in the current transaction, `publish` it once that commits.
+def publish_on_commit(event_type: str, data: dict[str, Any]) -> str | None:
+    """Write the event to the outbox in the current transaction, `publish` it once that commits;
+    returns the event's id (None for a type without a subject: nothing is written).
 
     Outside a transaction the row is written at once (autocommit) and the event leaves at once.
     """
     envelope = make_envelope(event_type, data)
     subject = _subject_or_none(event_type, data)
     if subject is None:
-        return
+        return None
     outbox_rows.record(envelope["id"], subject, dumps(envelope))
     transaction.on_commit(lambda: _hand_over(subject, envelope))
+    return str(envelope["id"])
