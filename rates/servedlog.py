@@ -40,7 +40,7 @@ from items.models import Item
 from rates import policy
 from rates.exceptions import InvalidQuery, NotServedAt
 from rates.models import CURRENT_FIELDS, Rate, ServedRate
-from rates.snapshot import Course, route_from_db
+from rates.snapshot import course_from_row
 from realtime import nats
 
 logger = logging.getLogger(__name__)
@@ -175,19 +175,7 @@ class ServedVersion:
     def course(self, code: str) -> dict[str, Any]:
         """The version as a snapshot course of `code`, judged at `at`, with the point-in-time
         fields (docs/api.md#point-in-time)."""
-        row = self.row
-        course = Course(
-            direction=code,
-            value=row.value,
-            provider=row.provider,
-            source_time=row.source_time,
-            checked_at=row.checked_at,
-            status=row.status,
-            derived=row.derived,
-            version=row.version,
-            route=route_from_db(row.route),
-        ).to_dict(self.at)
-        return {**course, **self.fields()}
+        return {**course_from_row(code, self.row).to_dict(self.at), **self.fields()}
 
     def fields(self) -> dict[str, Any]:
         """What an answer about an instant adds: when the version was served, and its event."""

@@ -222,7 +222,8 @@ def course_from_event(data: dict[str, Any]) -> Course:
         raise ValueError(f"malformed rate.updated data: {exc}") from None
 
 
-def course_from_row(code: str, row: CurrentRate) -> Course:
+def course_from_row(code: str, row: CurrentRate | ServedRate) -> Course:
+    """A current-rate row (or a served-log version) as a snapshot course."""
     return Course(
         direction=code,
         value=row.value,

@@ -236,7 +236,8 @@ def history(settings: Any) -> Iterator[dict[str, Item]]:
     settings.KURS_PROVIDERS = ["binance", "bybit", "coingecko", "cbr"]
     settings.KURS_API_KEYS_REQUIRED = False
     btc = item("BTC-USD")
-    served(btc, T0, 1, bid=Decimal("100.5"), ask=Decimal("101.5"))
+    evidence = {"mode": "consensus", "n_sources": 3, "dispersion_bps": Decimal("4.5")}
+    served(btc, T0, 1, bid=Decimal("100.5"), ask=Decimal("101.5"), **evidence)
     served(btc, T0 + timedelta(seconds=60), 2)
     CurrentRate.objects.create(
         item=btc,
@@ -355,6 +356,8 @@ async def test_a_pair_and_a_conversion_at_an_instant_on_both_entrances(
         False,
     )
     assert pair["valid_until"] == iso(T0 + timedelta(seconds=60))
+    # The evidence the version was served with, not today's.
+    assert (pair["mode"], pair["n_sources"], pair["dispersion_bps"]) == ("consensus", 3, 4.5)
     assert fast.header("Cache-Control") == IMMUTABLE.encode()
 
     expanded = await call("/api/v1/rates/BTC/USD", moment + b"&expand=sources")
