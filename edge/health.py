@@ -14,6 +14,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -26,6 +27,7 @@ from django.utils import timezone
 from ninja import Router
 from ninja.responses import Status
 
+from rates import exclusions
 from rates.lease import lease_holder
 from rates.peg_monitor import peg_statuses
 from rates.provider_health import provider_statuses
@@ -97,12 +99,30 @@ def _owner() -> dict[str, Any] | None:
     return {"holder": holder.holder, "epoch": holder.epoch, "expires_at": holder.expires_at}
 
 
+def _long_excluded(statuses: list[dict[str, Any]]) -> str | None:
+    """Who a consensus has left out for longer than `exclusions.DEGRADED_AFTER`, and of which
+    pairs (docs/rates.md#consensus-pricing); None when nobody."""
+    now = timezone.now()
+    named = [
+        f"{status['name']} ({', '.join(excluded['pairs'])})"
+        for status in statuses
+        if (excluded := status["excluded"])
+        and exclusions.overdue(datetime.fromisoformat(excluded["since"]), now=now)
+    ]
+    if not named:
+        return None
+    minutes = exclusions.DEGRADED_AFTER.total_seconds() / 60
+    return f"excluded by consensus for over {minutes:g} min: {'; '.join(named)}"
+
+
 async def check_providers() -> Check:
-    """The owner's breakers, and who the owner is (None: no live fetcher holds the lease)."""
+    """The owner's breakers, who the owner is (None: no live fetcher holds the lease), and any
+    provider a consensus has left out for long."""
     statuses = await sync_to_async(provider_statuses)()
     owner = await sync_to_async(_owner)()
     states = {status["name"]: status["state"] for status in statuses}
     usable = [name for name, state in states.items() if state != "open"]
+    excluded = _long_excluded(statuses)
     if not usable:
         return {
             "status": "degraded",
@@ -110,8 +130,11 @@ async def check_providers() -> Check:
             "states": states,
             "owner": owner,
         }
-    status = "ok" if len(usable) == len(states) else "degraded"
-    return {"status": status, "states": states, "owner": owner}
+    status = "ok" if len(usable) == len(states) and excluded is None else "degraded"
+    check: Check = {"status": status, "states": states, "owner": owner}
+    if excluded is not None:
+        check["detail"] = excluded
+    return check
 
 
 def _freshness() -> Check:

@@ -67,6 +67,13 @@ QUOTES_EXCLUDED = Counter(
     "(counted when the exclusion starts).",
     ["provider", "reason"],
 )
+PROVIDER_EXCLUDED = Gauge(
+    "kurs_provider_excluded_seconds",
+    "How long a consensus has left each provider out of at least one pair without interruption, "
+    "as the owner observes it (0: included everywhere).",
+    ["provider"],
+    multiprocess_mode="livemax",
+)
 FAILOVERS = Counter(
     "kurs_failovers_total",
     "Times a pair went to failover, by pair and the lower-priority provider that took it over.",

@@ -5,6 +5,10 @@ errors, stream state); it takes the provider's pairs down and up (`services.prov
 and publishes `provider.state` on every breaker transition. The owner saves a status snapshot in
 the "shared" cache (Redis with REDIS_URL, files under var/ otherwise), where
 `GET /api/v1/providers` in any web process reads it (`provider_statuses`).
+
+The status also says whether a consensus leaves the provider out, since when and of which pairs
+(`observe_exclusions`, the rule in `rates.exclusions`): health calls a provider excluded for
+longer than `exclusions.DEGRADED_AFTER` `degraded` (docs/rates.md#consensus-pricing).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from django.conf import settings
 from django.core.cache import caches
 from django.utils import timezone
 
-from rates import metrics, services
+from rates import exclusions, metrics, policy, services
 from rates.breaker import CLOSED, OPEN, CircuitBreaker
 from rates.notices import OutageNotice
 from rates.providers import ProviderRateLimited
@@ -64,8 +68,11 @@ class ProviderMonitor:
         # are DEBUG, so that a provider down for an hour (or a `make run` with no network)
         # does not log every poll.
         self.outage: tuple[float, int] | None = None
+        # Since when a consensus has left it out of some pair, and of which (None: of none).
+        self.excluded: exclusions.Exclusion | None = None
         self.dirty = True
         metrics.CIRCUIT_STATE.labels(name).set(0)
+        metrics.PROVIDER_EXCLUDED.labels(name).set(0)
 
     def _on_breaker_change(self, name: str, state: str, reason: str) -> None:
         # Within an outage already said (or its end, said by `succeeded`), a circuit move is
@@ -171,6 +178,15 @@ class ProviderMonitor:
         self.last_success = timezone.now()
         self.stream_quote_at = time.monotonic()
 
+    def excluded_from(self, pairs: tuple[str, ...], *, now: datetime) -> None:
+        """The pairs whose current version leaves this provider out at `now`."""
+        excluded = exclusions.track(self.excluded, pairs, now=now)
+        if excluded != self.excluded:
+            self.excluded = excluded
+            self.save()
+        seconds = (now - excluded.since).total_seconds() if excluded else 0.0
+        metrics.PROVIDER_EXCLUDED.labels(self.name).set(max(0.0, seconds))
+
     def status(self, *, priority: int) -> dict[str, Any]:
         cutoff = time.time() - ERROR_WINDOW
         while self.errors and self.errors[0] < cutoff:
@@ -184,6 +200,11 @@ class ProviderMonitor:
             "last_error_at": _iso(self.last_error_at),
             "error_times": list(self.errors),
             "streaming": self.streaming,
+            "excluded": (
+                {"since": _iso(self.excluded.since), "pairs": list(self.excluded.pairs)}
+                if self.excluded
+                else None
+            ),
         }
 
     def save(self) -> None:
@@ -238,8 +259,31 @@ def monitor_for(name: str) -> ProviderMonitor:
     return _monitors[name]
 
 
-def flush_statuses() -> None:
-    """Save every changed provider status (sync; the owner calls it off its event loop)."""
+def observe_exclusions(*, now: datetime) -> None:
+    """Tell each provider's monitor which pairs a consensus leaves it out of now: those whose
+    current version (not `stale`: a stale version rests on no source) excludes it. A cross
+    rate's exclusion counts against each of its providers: there is no telling which leg is off.
+    """
+    board = services.get_board()
+    excluded: dict[str, set[str]] = {}
+    for pair in list(board.items):
+        current = board.get_current(pair)
+        if current is not None and current.status != policy.STALE:
+            excluded[pair] = {
+                name
+                for source in current.excluded_providers
+                for name in source.split(policy.DERIVED_SEPARATOR)
+            }
+    pairs = exclusions.by_provider(excluded)
+    for name in set(settings.KURS_PROVIDERS) | set(_monitors) | set(pairs):
+        monitor_for(name).excluded_from(pairs.get(name, ()), now=now)
+
+
+def flush_statuses(*, now: datetime | None = None) -> None:
+    """Save every changed provider status (sync; the owner calls it off its event loop), the
+    exclusions observed at `now` included."""
+    if services.get_board().writable():
+        observe_exclusions(now=now or timezone.now())
     for monitor in list(_monitors.values()):
         monitor.flush()
 
@@ -278,6 +322,7 @@ def provider_statuses() -> list[dict[str, Any]]:
                 "last_error_at": status.get("last_error_at"),
                 "errors_5m": sum(1 for at in status.get("error_times", ()) if at >= cutoff),
                 "streaming": bool(status.get("streaming", False)),
+                "excluded": status.get("excluded"),
             }
         )
     return statuses

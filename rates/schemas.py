@@ -190,6 +190,14 @@ class TaskRunOut(Schema):
     duration_ms: int
 
 
+class ExclusionOut(Schema):
+    """Since when a consensus has left the provider out of some pair without interruption, and
+    the pairs it is out of now (docs/api.md#get-apiv1providers)."""
+
+    since: datetime
+    pairs: list[str]
+
+
 class ProviderOut(Schema):
     name: str
     priority: int
@@ -199,6 +207,7 @@ class ProviderOut(Schema):
     last_error_at: datetime | None
     errors_5m: int
     streaming: bool
+    excluded: ExclusionOut | None
 
 
 class PegEvidenceOut(Schema):

@@ -74,6 +74,7 @@ def test_it_alerts_on_what_an_operator_must_know() -> None:
         "KursHighErrorRatio",
         "KursWebEventLag",
         "KursPegBroken",
+        "KursProviderExcluded",
     ]
 
 

@@ -209,6 +209,7 @@ def test_providers_lists_each_configured_provider_in_priority_order(client: Clie
             "last_error_at": None,
             "errors_5m": 0,
             "streaming": False,
+            "excluded": None,
         }
         for priority, name in enumerate(["binance", "bybit", "coingecko", "cbr"])
     ]
