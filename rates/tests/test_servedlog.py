@@ -236,7 +236,11 @@ def history(settings: Any) -> Iterator[dict[str, Item]]:
     settings.KURS_PROVIDERS = ["binance", "bybit", "coingecko", "cbr"]
     settings.KURS_API_KEYS_REQUIRED = False
     btc = item("BTC-USD")
-    evidence = {"mode": "consensus", "n_sources": 3, "dispersion_bps": Decimal("4.5")}
+    evidence: dict[str, Any] = {
+        "mode": "consensus",
+        "n_sources": 3,
+        "dispersion_bps": Decimal("4.5"),
+    }
     served(btc, T0, 1, bid=Decimal("100.5"), ask=Decimal("101.5"), **evidence)
     served(btc, T0 + timedelta(seconds=60), 2)
     CurrentRate.objects.create(
