@@ -478,7 +478,7 @@ def test_a_failed_current_write_rolls_back_the_row_and_the_next_write_stores_it(
     the row goes with the transaction, and the same value quoted again must bring it back."""
     item("BTC-USD")
 
-    def dropped(item_id: int, current: Any) -> None:
+    def dropped(item_id: int, current: Any, **named: Any) -> None:
         raise OperationalError("terminating connection due to administrator command")
 
     with monkeypatch.context() as patched:
@@ -504,7 +504,7 @@ def test_a_value_decided_again_with_another_providers_quote_brings_its_own_row(
     btc = item("BTC-USD")
     accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
 
-    def dropped(item_id: int, current: Any) -> None:
+    def dropped(item_id: int, current: Any, **named: Any) -> None:
         raise OperationalError("terminating connection due to administrator command")
 
     with monkeypatch.context() as patched:
