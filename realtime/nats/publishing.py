@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -54,9 +55,11 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 # the publishing path); delivered rows are pruned at most this often.
 BOOKKEEPING_EVERY_S = 1.0
 PRUNE_EVERY_S = 60.0
-# The relay reads the undelivered rows in batches of this many; after a failed read (the
-# database unreachable) it is tried again no sooner than this.
+# The relay reads the undelivered rows in batches of this many. After a failed read (a locked
+# table, the database unreachable) it is tried again after RELAY_RETRY_FIRST_S, doubling up to
+# RELAY_RETRY_S; an event JetStream refused is relayed RELAY_RETRY_S later.
 RELAY_BATCH = 500
+RELAY_RETRY_FIRST_S = 0.05
 RELAY_RETRY_S = 5.0
 # An event JetStream has neither acknowledged nor refused after this long (a stream leader lost
 # mid-flight) is taken as not stored: a relay follows.
@@ -96,7 +99,14 @@ class Outbox(Part):
         self._pruned_at = 0.0
         self._relay_due = False
         self._relay_after = 0.0  # time.monotonic() before which a failed relay is not retried
+        # The relay's last read of the database failed: until one succeeds, newer events take
+        # the fallback bus (live) and reach the stream through the relay, after the older ones.
+        self._relay_unreadable = False
+        self._relay_backoff = 0.0
         self._relayed_any = False  # then this process keeps the books of what it relayed
+        self._books_failing = False  # the bookkeeping's failure was logged (once per outage)
+        self._flushing = False
+        self._idle = threading.Condition()
         link.add_part(self)
 
     def publish(self, subject: str, payload: bytes, event_id: str | None = None) -> None:
@@ -132,6 +142,16 @@ class Outbox(Part):
         self._relay_after = 0.0
         self._link.call_soon(self._kick)
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until every queued event was sent or took the fallback bus, and no relay that
+        could run is left to do; False when `timeout` passed first (tests, benchmarks)."""
+        with self._idle:
+            return self._idle.wait_for(self._is_idle, timeout)
+
+    def _is_idle(self) -> bool:
+        relay_pending = self._relay_due and self._link.connected.is_set()
+        return not (self._queue or self._flushing or relay_pending)
+
     def set_local_fallback(self, deliver: Callable[[str, bytes], None] | None) -> None:
         """Where fallback events go with the in-memory channel layer (this process's bridge)."""
         self._local_fallback = deliver
@@ -155,10 +175,12 @@ class Outbox(Part):
             inbox = client.new_inbox()
             await client.subscribe(f"{inbox}.*", cb=self._on_ack)
             self._ack_client, self._ack_inbox = client, inbox
-        if outbox_rows.recorded_here():
+        if self._relayed_any or outbox_rows.recorded_here():
             # Whatever this process sent while the server was away (or whose ack it lost) goes
-            # again, before anything newer: the stream drops what it has already.
+            # again, before anything newer: the stream drops what it has already. At once: a
+            # retry planned on the previous connection must not let newer events go first.
             self._relay_due = True
+            self._relay_after = 0.0
 
     def ready(self) -> None:
         self._kick()
@@ -192,6 +214,9 @@ class Outbox(Part):
         self._acked = []
         self._ack_client = None
         self._relay_due = False
+        self._relay_unreadable = False
+        self._flushing = False
+        self._idle = threading.Condition()
         self._in_flight = {}
 
     def status(self) -> dict[str, Any]:
@@ -218,25 +243,40 @@ class Outbox(Part):
 
     async def _flush(self) -> None:
         self._wakeup_pending = False
-        await self._link.wait_first_attempt(FIRST_CONNECT_GRACE_S)
+        self._flushing = True
+        try:
+            await self._link.wait_first_attempt(FIRST_CONNECT_GRACE_S)
+            await self._drain()
+        finally:
+            with self._idle:
+                self._flushing = False
+                self._idle.notify_all()
+
+    async def _drain(self) -> None:
         queue = self._queue
         while True:
-            if self._relay_due and self._link.is_connected():
+            if self._relay_due and self._link.connected.is_set():
                 # Before the next event: the stream keeps each pair's events in their order.
                 await self._relay()
             if not queue:
                 return
             subject, payload, headers = queue.popleft()
-            if await self._send(subject, payload, headers):
+            # Behind a relay that cannot read the database, a newer event must not reach the
+            # stream first: it goes live over the fallback, and to the stream with the relay.
+            if not self._relay_unreadable and await self._send(subject, payload, headers):
                 continue
             if outbox_rows.recorded_here():
                 self._relay_due = True  # it may be a stored event: the stream gets it later
             await self._publish_fallback(subject, payload)
 
     async def _send(self, subject: str, payload: bytes, headers: dict[str, str]) -> bool:
-        """Publish on NATS, asking JetStream for its ack; False when not connected or failed."""
+        """Publish on NATS, asking JetStream for its ack; False when not connected or failed.
+
+        Not before the connection's parts heard `connected` (the stream ensured, a relay
+        planned): in between, nats-py is connected but the relay has not run yet.
+        """
         client = self._link.client
-        if client is None or not client.is_connected:
+        if client is None or not client.is_connected or not self._link.connected.is_set():
             return False
         event_id = headers.get(MSG_ID_HEADER, "")
         stream = bool(self._link.jetstream and self._ack_inbox and event_id)
@@ -300,7 +340,13 @@ class Outbox(Part):
             # Batched: one UPDATE for every ack of the period.
             await asyncio.sleep(BOOKKEEPING_EVERY_S)
             self._books_due.clear()
-            await self._write_books()
+            try:
+                await self._write_books()
+            except Exception:
+                # A bug, not the database: logged, and the books are kept on.
+                logger.exception("nats: outbox bookkeeping failed")
+            if self._acked:
+                self._books_due.set()  # not written this round: the next round tries again
 
     async def _write_books(self, *, final: bool = False) -> None:
         acked, self._acked = self._acked, []
@@ -317,19 +363,27 @@ class Outbox(Part):
             return
         try:
             await _database(partial(outbox_rows.mark_delivered, acked))
+            if prune:
+                self._pruned_at = time.monotonic()
+                await _database(outbox_rows.prune)
         except DatabaseError as exc:
-            # Tried again with the next batch (a row left unmarked would only be sent again by
-            # a later relay, and dropped by the stream within its duplicate window).
-            self._link.note_error(f"outbox bookkeeping failed: {exc}")
+            # Tried again next round (a row left unmarked would only be sent again by a later
+            # relay, and dropped by the stream within its duplicate window).
+            self._books_failed(exc)
             if len(self._acked) < OUTBOX_LIMIT:
                 self._acked[:0] = acked
             return
-        if prune:
-            self._pruned_at = time.monotonic()
-            try:
-                await _database(outbox_rows.prune)
-            except DatabaseError as exc:
-                self._link.note_error(f"outbox pruning failed: {exc}")
+        if self._books_failing:
+            self._books_failing = False
+            logger.info("nats: outbox bookkeeping written again")
+
+    def _books_failed(self, exc: DatabaseError) -> None:
+        """Logged once per outage (a locked table, the database away); debug while it lasts."""
+        if self._books_failing:
+            logger.debug("nats: outbox bookkeeping failed again: %s", exc)
+            return
+        self._books_failing = True
+        self._link.note_error(f"outbox bookkeeping failed, tried again each second: {exc}")
 
     async def _watch_acks(self) -> None:
         """Every ACK_TIMEOUT_S: events sent that long ago with no answer call for a relay."""
@@ -344,11 +398,11 @@ class Outbox(Part):
                 self._relay_due = True
                 self._kick()
 
-    def _relay_later(self) -> None:
-        """A relay in `RELAY_RETRY_S`, or with the next event after that (on the loop)."""
+    def _relay_later(self, delay: float = RELAY_RETRY_S) -> None:
+        """A relay in `delay` seconds, or with the next event after that (on the loop)."""
         self._relay_due = True
-        self._relay_after = time.monotonic() + RELAY_RETRY_S
-        asyncio.get_running_loop().call_later(RELAY_RETRY_S, self._kick)
+        self._relay_after = time.monotonic() + delay
+        asyncio.get_running_loop().call_later(delay, self._kick)
 
     async def _relay(self) -> None:
         wait = self._relay_after - time.monotonic()
@@ -361,9 +415,14 @@ class Outbox(Part):
             try:
                 rows = await _database(partial(outbox_rows.undelivered, after, RELAY_BATCH))
             except DatabaseError as exc:
-                self._relay_later()
+                self._relay_unreadable = True
+                self._relay_backoff = min(
+                    RELAY_RETRY_S, max(RELAY_RETRY_FIRST_S, self._relay_backoff * 2)
+                )
+                self._relay_later(self._relay_backoff)
                 self._link.note_error(f"outbox relay cannot read the database: {exc}")
                 return
+            self._relay_unreadable, self._relay_backoff = False, 0.0
             self._relayed_any = self._relayed_any or bool(rows)
             for position, event_id, subject, payload in rows:
                 headers = {ORIGIN_HEADER: settings.KURS_INSTANCE, MSG_ID_HEADER: event_id}

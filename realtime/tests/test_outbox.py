@@ -149,6 +149,8 @@ async def test_what_was_written_while_nats_was_down_reaches_the_stream_first_in_
     await asyncio.to_thread(own_jetstream.stop)
     assert await asyncio.to_thread(connection.disconnected.wait, 15)
     during = [await sync_to_async(write)(v) for v in range(4, 24)]
+    # `publish` only queues: once the pump is idle, every one of them took the fallback bus.
+    assert await asyncio.to_thread(realtime_nats.outbox.wait_idle, 15)
     assert realtime_nats.status()["fallback"] >= len(during)
     await asyncio.to_thread(own_jetstream.start)
     assert await asyncio.to_thread(connection.connected.wait, 20)
