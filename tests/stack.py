@@ -309,9 +309,16 @@ class Watchers:
             await client.subscribe(f"{self.stack.prefix}.rates.{self.pair}", cb=queue.put)
             await client.flush()
             self._ready["nats"].set()
+            last = 0
             while True:
                 msg = await queue.get()
                 data = json.loads(msg.data)["data"]
+                # A new owner relays what its predecessor sent without an ack recorded: a plain
+                # subscriber may hear an old version again and drops it, as every client does
+                # (docs/events.md#no-lost-event).
+                if int(data.get("version") or 0) <= last:
+                    continue
+                last = int(data["version"])
                 self.arrivals.append(time.monotonic())
                 self.events.append(data)
                 self._saw("nats", data["provider"], data["status"])
