@@ -6,7 +6,14 @@ See README.md in this package for the paths, the fault switches and the control 
 from __future__ import annotations
 
 from rates.emulator.app import EmulatorApp
-from rates.emulator.market import MODES, PROVIDERS, Fault, Market, parse_fault_flag
+from rates.emulator.market import (
+    MODES,
+    PROVIDERS,
+    Fault,
+    Market,
+    parse_depeg,
+    parse_fault_flag,
+)
 from rates.emulator.server import EmulatorServer, run_emulator_server
 
 __all__ = [
@@ -16,6 +23,7 @@ __all__ = [
     "EmulatorServer",
     "Fault",
     "Market",
+    "parse_depeg",
     "parse_fault_flag",
     "run_emulator_server",
 ]

@@ -16,7 +16,15 @@ from urllib.parse import parse_qs
 
 from rates.emulator import exchanges as fmt
 from rates.emulator.exchanges import HttpResponse, json_response
-from rates.emulator.market import MODES, PROVIDERS, Fault, Market, PriceChange, now_ms
+from rates.emulator.market import (
+    MODES,
+    PROVIDERS,
+    Fault,
+    Market,
+    PriceChange,
+    now_ms,
+    parse_depeg,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +189,11 @@ class EmulatorApp:
             },
             "tick": self.market.tick,
             "modes": list(MODES),
+            "depeg": self.depeg_state(),
         }
+
+    def depeg_state(self) -> dict[str, Any]:
+        return {"usdt_usd": str(self.market.usdt_usd), "active": self.market.usdt_usd != 1}
 
     def control(self, method: str, route: str, query: Query, body: bytes) -> HttpResponse:
         parts = route.split("/") if route else []
@@ -196,7 +208,18 @@ class EmulatorApp:
                 return json_response(self.state())
             case "POST", ["reset"]:
                 self.market.set_fault("all", Fault())
+                self.market.set_depeg(Decimal(1))
                 return json_response(self.state())
+            case "GET", ["depeg"]:
+                return json_response(self.depeg_state())
+            case "POST", ["depeg"]:
+                try:
+                    price = parse_depeg(data.get("price", "1"))
+                except ValueError as exc:
+                    return json_response({"detail": str(exc)}, 422)
+                self.market.set_depeg(price)
+                logger.info("emulator: USDT trades at %s USD", price)
+                return json_response(self.depeg_state())
             case "GET", ["requests"]:
                 wanted = query.get("provider", [None])[0]
                 rows = [r.to_json() for r in self.market.requests if wanted in (None, r.provider)]

@@ -79,7 +79,12 @@ def garbage_text_response() -> HttpResponse:
 
 
 def factor_of(fault: Fault) -> Decimal:
-    return fault.factor if fault.mode == "absurd" else Decimal(1)
+    return fault.price_factor
+
+
+def times(value: Decimal, factor: Decimal, tick: Decimal) -> Decimal:
+    """``value × factor`` at the exchange's tick size (a skewed price looks like a real one)."""
+    return value if factor == 1 else (value * factor).quantize(tick)
 
 
 def quantum(book: Book, symbol: str) -> Decimal:
@@ -241,23 +246,24 @@ def binance_garbage_frame(stream: str) -> str:
 def bybit_ticker(book: Book, symbol: str, factor: Decimal, *, rest: bool) -> dict[str, str]:
     price = book.prices[symbol]
     q = quantum(book, symbol)
+    last = str(times(price, factor, q))
     ticker = {
         "symbol": symbol,
-        "lastPrice": str(price * factor),
-        "prevPrice24h": str(price * factor),
+        "lastPrice": last,
+        "prevPrice24h": last,
         "price24hPcnt": "0.0000",
-        "highPrice24h": str(price * factor),
-        "lowPrice24h": str(price * factor),
+        "highPrice24h": last,
+        "lowPrice24h": last,
         "turnover24h": str((price * factor * 1000).quantize(q)),
         "volume24h": "1000.000000",
-        "usdIndexPrice": str(price * factor),
+        "usdIndexPrice": last,
     }
     if rest:
         bid, ask = bid_ask(book, symbol, price)
         ticker |= {
-            "bid1Price": str(bid * factor),
+            "bid1Price": str(times(bid, factor, q)),
             "bid1Size": "2",
-            "ask1Price": str(ask * factor),
+            "ask1Price": str(times(ask, factor, q)),
             "ask1Size": "1.862172",
         }
     return ticker
@@ -390,7 +396,7 @@ def cbr_daily(book: Book, published_ms: int, fault: Fault) -> HttpResponse:
             "CharCode": code,
             "Nominal": nominal,
             "Name": name,
-            "Value": book.prices[code] * factor,
+            "Value": times(book.prices[code], factor, quantum(book, code)),
             "Previous": Decimal(start),
         }
     body = {

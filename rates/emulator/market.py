@@ -18,7 +18,17 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 PROVIDERS = ("binance", "bybit", "coingecko", "cbr")
-MODES = ("ok", "slow", "down", "rate_limited", "garbage", "absurd", "drop_stream", "stale")
+MODES = (
+    "ok",
+    "slow",
+    "down",
+    "rate_limited",
+    "garbage",
+    "absurd",
+    "skew",
+    "drop_stream",
+    "stale",
+)
 GARBAGE_VARIANTS = ("text", "shape")
 
 # Crypto markets shared by Binance and Bybit: symbol → (start price, decimals).
@@ -74,6 +84,12 @@ CBR_IDS: Mapping[str, tuple[str, str]] = {
 }
 # Relative standard deviation of one random-walk step.
 VOLATILITY = 0.0005
+# The `depeg` scenario: the books quoted in USDT on the exchanges, and the CoinGecko ids of USDT.
+USDT_QUOTED = "USDT"
+TETHER_PREFIX = "tether."
+# Bounds of the USDT price a depeg may set, and of a `skew` in percent: a fault stays plausible.
+DEPEG_RANGE = (Decimal("0.01"), Decimal(100))
+SKEW_LIMIT = Decimal(50)
 
 
 def _scaled(prices: Mapping[str, tuple[str, int]], factor: Decimal) -> dict[str, tuple[str, int]]:
@@ -104,6 +120,8 @@ class Fault:
     retry_after: float | None = 2.0
     status: int | None = None
     factor: Decimal = Decimal(1000)
+    # `skew`: every price off by this many percent (well-formed, plausible, steady).
+    percent: Decimal = Decimal(2)
     variant: str = "text"
     # `stale`: when the provider froze (ms); its REST answers carry this time, its streams
     # stay open but silent, and its prices stop moving.
@@ -116,13 +134,15 @@ class Fault:
             "retry_after": self.retry_after,
             "status": self.status,
             "factor": str(self.factor),
+            "percent": str(self.percent),
             "variant": self.variant,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Fault:
         """Validate a control request body; raises ValueError naming the bad field."""
-        unknown = set(data) - {"mode", "delay", "retry_after", "status", "factor", "variant"}
+        known = {"mode", "delay", "retry_after", "status", "factor", "percent", "variant"}
+        unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
         fault = cls()
@@ -141,15 +161,48 @@ class Fault:
                 raise ValueError(f"status: expected an HTTP error status, got {status!r}")
             fault.status = status
         if "factor" in data:
-            try:
-                fault.factor = Decimal(str(data["factor"]))
-            except InvalidOperation:
-                raise ValueError(f"factor: expected a number, got {data['factor']!r}") from None
+            fault.factor = _decimal(data["factor"], "factor")
+        if "percent" in data:
+            fault.percent = _decimal(data["percent"], "percent")
+            if abs(fault.percent) > SKEW_LIMIT:
+                raise ValueError(
+                    f"percent: expected -{SKEW_LIMIT} to {SKEW_LIMIT}, got {data['percent']!r}"
+                )
         if "variant" in data:
             if data["variant"] not in GARBAGE_VARIANTS:
                 raise ValueError(f"variant: expected one of {', '.join(GARBAGE_VARIANTS)}")
             fault.variant = data["variant"]
         return fault
+
+    @property
+    def price_factor(self) -> Decimal:
+        """What every price this provider serves is multiplied by (`absurd`, `skew`)."""
+        if self.mode == "absurd":
+            return self.factor
+        if self.mode == "skew":
+            return 1 + self.percent / 100
+        return Decimal(1)
+
+
+def _decimal(raw: object, name: str) -> Decimal:
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str | Decimal):
+        raise ValueError(f"{name}: expected a number, got {raw!r}")
+    try:
+        value = Decimal(str(raw))
+    except InvalidOperation:
+        raise ValueError(f"{name}: expected a number, got {raw!r}") from None
+    if not value.is_finite():
+        raise ValueError(f"{name}: expected a finite number, got {raw!r}")
+    return value
+
+
+def parse_depeg(raw: object) -> Decimal:
+    """The USD price of USDT for the `depeg` scenario; raises ValueError naming the bound."""
+    price = _decimal(raw, "price")
+    low, high = DEPEG_RANGE
+    if not low <= price <= high:
+        raise ValueError(f"price: expected a USD price of USDT from {low} to {high}, got {raw!r}")
+    return price
 
 
 def _non_negative(raw: object, name: str) -> float:
@@ -202,6 +255,10 @@ class Book:
                 queue.get_nowait()
             queue.put_nowait(change)
         return change
+
+    def rounded(self, symbol: str, price: Decimal) -> Decimal:
+        """``price`` to the symbol's tick size (how the exchange would print it)."""
+        return price.quantize(Decimal(1).scaleb(-self.decimals[symbol]))
 
     def walk(self, rng: random.Random) -> None:
         if not self.walks:
@@ -275,6 +332,8 @@ class Market:
         self.requests = deque(maxlen=1000)
         self.request_counts = Counter()
         self.started_ms = now_ms()
+        # The `depeg` scenario: what one USDT is worth in USD on every exchange and on CoinGecko.
+        self.usdt_usd = Decimal(1)
         # Binance's request weight in the current clock minute: (minute, weight used).
         self._binance_weight = (0, 0)
 
@@ -285,6 +344,19 @@ class Market:
             self.faults[name] = dataclasses.replace(fault, frozen_ms=frozen)
             # Stream connections re-read their switch at once (drop_stream closes them).
             self.books[name].wake()
+
+    def set_depeg(self, usdt_usd: Decimal) -> None:
+        """USDT trades at ``usdt_usd`` dollars everywhere: every USDT-quoted exchange price scales
+        by 1/price (a coin costs more USDT), CoinGecko's tether prices by price, and its true USD
+        prices (bitcoin.usd) stay. ``1`` restores the peg. The change is pushed on the streams."""
+        ratio = self.usdt_usd / usdt_usd
+        self.usdt_usd = usdt_usd
+        for name, book in self.books.items():
+            for symbol, price in list(book.prices.items()):
+                if name in ("binance", "bybit") and symbol.endswith(USDT_QUOTED):
+                    book.set(symbol, book.rounded(symbol, price * ratio))
+                elif name == "coingecko" and symbol.startswith(TETHER_PREFIX):
+                    book.set(symbol, book.rounded(symbol, price / ratio))
 
     def log_request(self, provider: str, method: str, path: str, query: str) -> None:
         self.requests.append(LoggedRequest(provider, method, path, query, now_ms()))

@@ -7,13 +7,14 @@ import socket
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 import uvicorn
 
 from edge._uvicorn_compat import WebSocketsSansIOProtocol
 from rates.emulator.app import EmulatorApp
-from rates.emulator.market import Fault, Market
+from rates.emulator.market import Fault, Market, parse_depeg
 
 if TYPE_CHECKING:
     from edge._uvicorn_compat import ASGISendEvent
@@ -65,6 +66,10 @@ class EmulatorServer:
         """In-process shortcut for ``POST /_control/<provider>``."""
         self.market.set_fault(provider, Fault.from_json({"mode": mode, **options}))
 
+    def set_depeg(self, usdt_usd: Decimal | str) -> None:
+        """In-process shortcut for ``POST /_control/depeg``; ``1`` restores the peg."""
+        self.market.set_depeg(parse_depeg(usdt_usd))
+
 
 def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -87,12 +92,15 @@ async def run_emulator_server(
     tick: float = 1.0,
     seed: int | None = None,
     faults: Mapping[str, Fault] | None = None,
+    depeg: Decimal | None = None,
     log_level: str = "warning",
 ) -> AsyncIterator[EmulatorServer]:
     """Run the emulator on ``host:port`` (0: a free port) for the duration of the block."""
     market = Market(tick=tick, seed=seed)
     for provider, fault in (faults or {}).items():
         market.set_fault(provider, fault)
+    if depeg is not None:
+        market.set_depeg(depeg)
     app = EmulatorApp(market)
     sock = bind_socket(host, port)
     config = uvicorn.Config(

@@ -6,11 +6,12 @@ import asyncio
 import logging
 import signal
 import time
+from decimal import Decimal
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from rates.emulator import PROVIDERS, Fault, parse_fault_flag, run_emulator_server
+from rates.emulator import PROVIDERS, Fault, parse_depeg, parse_fault_flag, run_emulator_server
 
 logger = logging.getLogger("rates.emulator")
 
@@ -36,6 +37,12 @@ class Command(BaseCommand):
             help="start with a fault, e.g. binance=down, bybit=slow:delay=2, all=drop_stream "
             "(repeatable)",
         )
+        parser.add_argument(
+            "--depeg",
+            default=None,
+            metavar="PRICE",
+            help="start with USDT trading at PRICE USD on every exchange and on CoinGecko",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if not 0 <= options["port"] <= 65535:
@@ -51,10 +58,21 @@ class Command(BaseCommand):
             faults.update(
                 dict.fromkeys(PROVIDERS, fault) if provider == "all" else {provider: fault}
             )
+        depeg = None
+        if options["depeg"] is not None:
+            try:
+                depeg = parse_depeg(options["depeg"])
+            except ValueError as exc:
+                raise CommandError(f"--depeg: {exc}") from None
         try:
             asyncio.run(
                 self.serve(
-                    options["host"], options["port"], options["tick"], options["seed"], faults
+                    options["host"],
+                    options["port"],
+                    options["tick"],
+                    options["seed"],
+                    faults,
+                    depeg,
                 )
             )
         except OSError as exc:
@@ -63,7 +81,13 @@ class Command(BaseCommand):
             ) from None
 
     async def serve(
-        self, host: str, port: int, tick: float, seed: int | None, faults: dict[str, Fault]
+        self,
+        host: str,
+        port: int,
+        tick: float,
+        seed: int | None,
+        faults: dict[str, Fault],
+        depeg: Decimal | None,
     ) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -71,7 +95,7 @@ class Command(BaseCommand):
             loop.add_signal_handler(signum, stop.set)
         started = time.monotonic()
         async with run_emulator_server(
-            host=host, port=port, tick=tick, seed=seed, faults=faults
+            host=host, port=port, tick=tick, seed=seed, faults=faults, depeg=depeg
         ) as emulator:
             self.stdout.write(f"Exchange emulator on {emulator.base_url}")
             for provider in PROVIDERS:
@@ -84,6 +108,8 @@ class Command(BaseCommand):
             self.stdout.write(f"  control: {emulator.base_url}/_control   (Ctrl-C to stop)")
             for provider, fault in faults.items():
                 self.stdout.write(f"  {provider}: {fault.mode}")
+            if depeg is not None:
+                self.stdout.write(f"  depeg: USDT trades at {depeg} USD")
             await stop.wait()
             app = emulator.app
         logger.info(

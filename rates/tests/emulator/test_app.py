@@ -166,6 +166,8 @@ def test_fault_flags_parse_like_the_control_api() -> None:
         with pytest.raises(ValueError, match="expected"):
             parse_fault_flag(bad)
     assert Fault.from_json({"mode": "absurd", "factor": "0"}).factor == 0
+    skew = parse_fault_flag("coingecko=skew:percent=-2.5")[1]
+    assert (skew.mode, skew.price_factor) == ("skew", Decimal("0.975"))
 
 
 @pytest.mark.parametrize(("mode", "status"), [("down", 503), ("rate_limited", 429)])
@@ -179,3 +181,103 @@ async def test_a_refused_stream_gets_its_http_status_and_the_server_logs_no_erro
     assert refused.value.response.status_code == status
     # uvicorn logged (or not) before the client could read the answer: same loop, one step.
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_skew_moves_every_price_by_the_percentage_on_rest_and_streams(
+    emulator: EmulatorServer, emulator_client: httpx.AsyncClient
+) -> None:
+    response = await emulator_client.post(
+        f"{emulator.base_url}/_control/bybit", json={"mode": "skew", "percent": "-3"}
+    )
+    assert response.json()["fault"]["percent"] == "-3"
+    emulator.set_fault("binance", "skew", percent=2)
+    binance = await emulator_client.get(
+        f"{emulator.base_url}/binance/api/v3/ticker/price", params={"symbol": "BTCUSDT"}
+    )
+    assert binance.json() == {"symbol": "BTCUSDT", "price": "91800.00000000"}
+    bybit = await emulator_client.get(
+        f"{emulator.base_url}/bybit/v5/market/tickers",
+        params={"category": "spot", "symbol": "BTCUSDT"},
+    )
+    ticker = bybit.json()["result"]["list"][0]
+    # Bybit's book starts at 90,018.00; -3 % at its tick size, bid below ask: a plausible quote.
+    assert ticker["lastPrice"] == "87317.46"
+    assert (
+        Decimal(ticker["bid1Price"]) < Decimal(ticker["lastPrice"]) < Decimal(ticker["ask1Price"])
+    )
+    async with connect(f"{emulator.ws_url('binance')}/stream?streams=btcusdt@ticker") as ws:
+        first = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+        assert first["data"]["c"] == "91800.00000000"
+        emulator.market.books["binance"].set("BTCUSDT", Decimal("100000"))
+        pushed = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+        assert pushed["data"]["c"] == "102000.00000000"
+    emulator.set_fault("cbr", "skew", percent="1.5")
+    daily = await emulator_client.get(f"{emulator.base_url}/cbr/daily_json.js")
+    assert json.loads(daily.text, parse_float=Decimal)["Valute"]["USD"]["Value"] == Decimal(
+        "81.2000"
+    )
+
+
+@pytest.mark.parametrize("percent", ["51", "nan", "ten", True])
+async def test_a_skew_beyond_plausible_is_refused(
+    emulator: EmulatorServer, emulator_client: httpx.AsyncClient, percent: object
+) -> None:
+    response = await emulator_client.post(
+        f"{emulator.base_url}/_control/binance", json={"mode": "skew", "percent": percent}
+    )
+    assert response.status_code == 422
+    assert "percent" in response.json()["detail"]
+
+
+async def test_depeg_prices_usdt_at_the_given_dollar_price_everywhere(
+    emulator: EmulatorServer, emulator_client: httpx.AsyncClient
+) -> None:
+    base = emulator.base_url
+    bitcoin_usd = emulator.market.books["coingecko"].prices["bitcoin.usd"]
+    async with connect(f"{emulator.ws_url('binance')}/stream?streams=btcusdt@ticker") as ws:
+        first = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+        assert first["data"]["c"] == "90000.00000000"
+        response = await emulator_client.post(f"{base}/_control/depeg", json={"price": "0.97"})
+        assert response.json() == {"usdt_usd": "0.97", "active": True}
+        pushed = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+        # 90,000 USD of bitcoin costs 90,000 / 0.97 USDT, at Binance's tick size.
+        assert pushed["data"]["c"] == "92783.51000000"
+    binance = await emulator_client.get(f"{base}/binance/api/v3/ticker/price")
+    prices = {row["symbol"]: Decimal(row["price"]) for row in binance.json()}
+    assert prices["ETHUSDT"] == Decimal("3092.78")
+    assert prices["ETHBTC"] == Decimal("0.03333")  # no USDT leg: unchanged
+    bybit = await emulator_client.get(
+        f"{base}/bybit/v5/market/tickers", params={"category": "spot", "symbol": "BTCUSDT"}
+    )
+    assert Decimal(bybit.json()["result"]["list"][0]["lastPrice"]) == Decimal("92802.06")
+    gecko = await emulator_client.get(
+        f"{base}/coingecko/api/v3/simple/price",
+        params={"ids": "bitcoin,tether", "vs_currencies": "usd"},
+    )
+    quotes = json.loads(gecko.text, parse_float=Decimal)
+    assert quotes["tether"]["usd"] == Decimal("0.970303")  # 1.000312 × 0.97
+    assert quotes["bitcoin"]["usd"] == bitcoin_usd  # the true USD price stays
+    state = (await emulator_client.get(f"{base}/_control")).json()
+    assert state["depeg"] == {"usdt_usd": "0.97", "active": True}
+    await emulator_client.post(f"{base}/_control/reset")
+    assert emulator.market.books["binance"].prices["BTCUSDT"] == Decimal("90000.00")
+    assert (await emulator_client.get(f"{base}/_control/depeg")).json()["active"] is False
+
+
+@pytest.mark.parametrize("price", ["0", "-1", "101", "abc", None])
+async def test_a_depeg_price_out_of_range_is_refused(
+    emulator: EmulatorServer, emulator_client: httpx.AsyncClient, price: object
+) -> None:
+    response = await emulator_client.post(
+        f"{emulator.base_url}/_control/depeg", json={"price": price}
+    )
+    assert response.status_code == 422
+    assert "price" in response.json()["detail"]
+    assert emulator.market.usdt_usd == 1
+
+
+async def test_an_emulator_can_start_depegged() -> None:
+    async with run_emulator_server(tick=3600, depeg=Decimal("0.5")) as emulator:
+        assert emulator.market.books["bybit"].prices["USDCUSDT"] == Decimal("2.0006")
+        emulator.set_depeg("1")
+        assert emulator.market.books["bybit"].prices["USDCUSDT"] == Decimal("1.0003")

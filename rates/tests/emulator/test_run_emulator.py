@@ -12,6 +12,8 @@ from django.core.management.base import CommandError
         (["--fault", "kraken=down"], "--fault"),
         (["--port", "70000"], "--port"),
         (["--tick", "0"], "--tick"),
+        (["--depeg", "0"], "--depeg: price"),
+        (["--fault", "bybit=skew:percent=80"], "--fault: percent"),
     ],
 )
 def test_it_refuses_bad_flags_before_serving(args: list[str], message: str) -> None:
