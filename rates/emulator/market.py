@@ -82,8 +82,22 @@ CBR_IDS: Mapping[str, tuple[str, str]] = {
     "KZT": ("R01335", "398"),
     "AMD": ("R01060", "051"),
 }
-# Relative standard deviation of one random-walk step.
+# Relative standard deviation of one random-walk step of an asset's market (BTC, ETH, ...): one
+# step per asset and tick, shared by every book that lists it, as arbitrage keeps real exchanges
+# together. Each book adds its own noise around it, which does not accumulate (a basis point), so
+# two providers' prices of one coin stay a few basis points apart however long the walk runs.
 VOLATILITY = 0.0005
+BOOK_NOISE = 0.0001
+# Assets that do not walk (fiat and the stablecoins, at their pegs).
+STEADY_ASSETS = frozenset({"USD", "USDT", "USDC", "EUR", "RUB"})
+COINGECKO_ASSETS: Mapping[str, str] = {
+    "bitcoin": "BTC",
+    "ethereum": "ETH",
+    "tether": "USDT",
+    "usd-coin": "USDC",
+    "solana": "SOL",
+}
+EXCHANGE_QUOTES = ("USDT", "BTC", "EUR")
 # The `depeg` scenario: the books quoted in USDT on the exchanges, and the CoinGecko ids of USDT.
 USDT_QUOTED = "USDT"
 TETHER_PREFIX = "tether."
@@ -97,6 +111,17 @@ def _scaled(prices: Mapping[str, tuple[str, int]], factor: Decimal) -> dict[str,
         symbol: (str((Decimal(price) * factor).quantize(Decimal(1).scaleb(-decimals))), decimals)
         for symbol, (price, decimals) in prices.items()
     }
+
+
+def symbol_assets(symbol: str) -> tuple[str, str]:
+    """(base, quote) assets of a book symbol: ``BTCUSDT``, ``bitcoin.usd``, CBR's ``USD`` (RUB)."""
+    coin, dot, vs = symbol.partition(".")
+    if dot:
+        return COINGECKO_ASSETS.get(coin, coin.upper()), vs.upper()
+    for quote in EXCHANGE_QUOTES:
+        if symbol.endswith(quote) and symbol != quote:
+            return symbol.removesuffix(quote), quote
+    return symbol, "RUB"
 
 
 def now_ms() -> int:
@@ -242,6 +267,9 @@ class Book:
         self.prices = {symbol: Decimal(price) for symbol, (price, _) in prices.items()}
         self.changed_ms = dict.fromkeys(prices, stamp)
         self.walks = walks
+        self.assets = {symbol: symbol_assets(symbol) for symbol in prices}
+        # Each symbol's own noise around its assets' common walk (see BOOK_NOISE).
+        self.noise = dict.fromkeys(prices, 0.0)
         # None in a queue is a wake-up: the connection re-reads its fault switch.
         self.subscribers: set[asyncio.Queue[PriceChange | None]] = set()
 
@@ -260,13 +288,17 @@ class Book:
         """``price`` to the symbol's tick size (how the exchange would print it)."""
         return price.quantize(Decimal(1).scaleb(-self.decimals[symbol]))
 
-    def walk(self, rng: random.Random) -> None:
+    def walk(self, rng: random.Random, steps: Mapping[str, float]) -> None:
+        """One tick: each symbol follows its assets' common ``steps`` and redraws its noise."""
         if not self.walks:
             return
         for symbol, price in list(self.prices.items()):
-            step = Decimal(str(rng.gauss(0, VOLATILITY)))
-            quantum = Decimal(1).scaleb(-self.decimals[symbol])
-            moved = (price * (1 + step)).quantize(quantum)
+            base, quote = self.assets[symbol]
+            noise = rng.gauss(0, BOOK_NOISE)
+            move = (1 + steps.get(base, 0.0)) / (1 + steps.get(quote, 0.0))
+            factor = move * (1 + noise) / (1 + self.noise[symbol])
+            self.noise[symbol] = noise
+            moved = self.rounded(symbol, price * Decimal(str(factor)))
             if moved > 0:
                 self.set(symbol, moved)
 
@@ -377,6 +409,18 @@ class Market:
     async def run_walk(self) -> None:
         while True:
             await asyncio.sleep(self.tick)
-            for name, book in self.books.items():
-                if self.faults[name].mode != "stale":
-                    book.walk(self.rng)
+            self.walk()
+
+    def walk(self) -> None:
+        """One tick of every book (a stale provider's prices stand still)."""
+        assets = {
+            asset for book in self.books.values() for pair in book.assets.values() for asset in pair
+        }
+        steps = {
+            asset: self.rng.gauss(0, VOLATILITY)
+            for asset in sorted(assets)
+            if asset not in STEADY_ASSETS
+        }
+        for name, book in self.books.items():
+            if self.faults[name].mode != "stale":
+                book.walk(self.rng, steps)

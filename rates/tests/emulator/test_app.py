@@ -10,7 +10,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from rates.emulator import EmulatorServer, Fault, parse_fault_flag, run_emulator_server
+from rates.emulator import EmulatorServer, Fault, Market, parse_fault_flag, run_emulator_server
 
 WAIT = 3.0
 
@@ -281,3 +281,19 @@ async def test_an_emulator_can_start_depegged() -> None:
         assert emulator.market.books["bybit"].prices["USDCUSDT"] == Decimal("2.0006")
         emulator.set_depeg("1")
         assert emulator.market.books["bybit"].prices["USDCUSDT"] == Decimal("1.0003")
+
+
+def test_providers_walk_together_as_arbitrage_keeps_real_exchanges() -> None:
+    market = Market(tick=1, seed=3)
+    for _ in range(1000):  # a quarter of an hour of one-second ticks
+        market.walk()
+    binance, bybit = market.books["binance"].prices, market.books["bybit"].prices
+    gecko = market.books["coingecko"].prices
+    # The common walk moved BTC, yet the exchanges stay within basis points of each other
+    # (Bybit starts 2 bp higher), and the stablecoins at their pegs.
+    assert binance["BTCUSDT"] != Decimal("90000")
+    assert binance["ETHUSDT"] != Decimal("3000")
+    assert abs(bybit["BTCUSDT"] / binance["BTCUSDT"] - 1) < Decimal("0.001")
+    assert abs(gecko["bitcoin.usd"] / binance["BTCUSDT"] - 1) < Decimal("0.001")
+    assert abs(gecko["tether.usd"] - 1) < Decimal("0.002")
+    assert abs(binance["ETHBTC"] - binance["ETHUSDT"] / binance["BTCUSDT"]) < Decimal("0.0001")
