@@ -52,6 +52,8 @@ class EmulatorApp:
         # Set when a client sends an application-level ping (Bybit's {"op": "ping"}).
         self.pinged: dict[str, asyncio.Event] = {name: asyncio.Event() for name in PROVIDERS}
         self.client_pings: dict[str, int] = dict.fromkeys(PROVIDERS, 0)
+        # Stream frames sent, by provider (what a scale benchmark compares with quotes accepted).
+        self.frames_sent: dict[str, int] = dict.fromkeys(PROVIDERS, 0)
         self._walker: asyncio.Task[None] | None = None
         books = market.books
         self.rest: dict[tuple[str, str], RestHandler] = {
@@ -184,6 +186,7 @@ class EmulatorApp:
                     **self.market.faults[name].to_json(),
                     "connections": self.connections[name],
                     "client_pings": self.client_pings[name],
+                    "frames_sent": self.frames_sent[name],
                 }
                 for name in PROVIDERS
             },
@@ -386,6 +389,7 @@ class StreamSession:
             # "text": a frame torn in half (invalid JSON); "shape": valid JSON, wrong layout.
             frame = frame[: len(frame) // 2] if fault.variant == "text" else self.garbage(symbol)
         await self.send_text(frame)
+        self.app.frames_sent[self.provider] += 1
 
     def factor(self) -> Decimal:
         return fmt.factor_of(self.fault)
@@ -414,6 +418,13 @@ class BinanceSession(StreamSession):
     def __init__(self, app: EmulatorApp, send: Send, streams: list[tuple[str, str, str]]) -> None:
         super().__init__(app, send)
         self.streams = streams
+        self.index_streams()
+
+    def index_streams(self) -> None:
+        """Each symbol's streams, so a price change finds its frames without a scan of them all."""
+        self.by_symbol: dict[str, list[tuple[str, str]]] = {}
+        for stream, symbol, kind in self.streams:
+            self.by_symbol.setdefault(symbol, []).append((stream, kind))
 
     async def send_initial(self) -> None:
         # Real Binance sends the first ticker within a second; sending it at once keeps tests fast.
@@ -425,8 +436,8 @@ class BinanceSession(StreamSession):
     def frames(self, change: PriceChange, only: str | None = None) -> list[str]:
         return [
             fmt.binance_frame(stream, fmt.binance_event(self.book, change, kind, self.factor()))
-            for stream, symbol, kind in self.streams
-            if symbol == change.symbol and only in (None, stream)
+            for stream, kind in self.by_symbol.get(change.symbol, ())
+            if only in (None, stream)
         ]
 
     def garbage(self, symbol: str) -> str:
@@ -446,9 +457,11 @@ class BinanceSession(StreamSession):
             for name in fmt.binance_stream_names("/".join(params)):
                 if name[0] not in known:
                     self.streams.append(name)
+            self.index_streams()
             await self.send_text(json.dumps({"result": None, "id": request_id}))
         elif method == "UNSUBSCRIBE":
             self.streams = [s for s in self.streams if s[0] not in set(params)]
+            self.index_streams()
             await self.send_text(json.dumps({"result": None, "id": request_id}))
         elif method == "LIST_SUBSCRIPTIONS":
             result = [stream for stream, _, _ in self.streams]

@@ -104,6 +104,30 @@ TETHER_PREFIX = "tether."
 # Bounds of the USDT price a depeg may set, and of a `skew` in percent: a fault stays plausible.
 DEPEG_RANGE = (Decimal("0.01"), Decimal(100))
 SKEW_LIMIT = Decimal(50)
+# `synthetic_pairs`: N made-up coins SYN0001..SYNnnnn listed on every crypto provider (a scale
+# benchmark's load): USDT books on the exchanges, `usd` on CoinGecko (CBR lists fiat only).
+SYNTHETIC_PREFIX = "SYN"
+SYNTHETIC_LIMIT = 9999
+# Synthetic listings are drawn from their own seeded generator: the same N coins at the same
+# start prices in every run, whatever the walk's seed.
+SYNTHETIC_SEED = 20
+
+
+def synthetic_listing(count: int) -> dict[str, tuple[str, int]]:
+    """``{"SYN0001": (start price, decimals), ...}``: plausible prices from 0.01 to 10,000 (log-
+    uniform), each to about six significant digits, as an exchange's tick size would print it."""
+    if not 0 <= count <= SYNTHETIC_LIMIT:
+        raise ValueError(f"synthetic pairs: expected 0 to {SYNTHETIC_LIMIT}, got {count}")
+    rng = random.Random(SYNTHETIC_SEED)
+    listing = {}
+    for number in range(1, count + 1):
+        price = Decimal(str(10 ** rng.uniform(-2, 4)))
+        decimals = max(0, 5 - price.adjusted())
+        listing[f"{SYNTHETIC_PREFIX}{number:04d}"] = (
+            str(price.quantize(Decimal(1).scaleb(-decimals))),
+            decimals,
+        )
+    return listing
 
 
 def _scaled(prices: Mapping[str, tuple[str, int]], factor: Decimal) -> dict[str, tuple[str, int]]:
@@ -309,7 +333,9 @@ class Book:
             queue.put_nowait(None)
 
     def subscribe(self) -> asyncio.Queue[PriceChange | None]:
-        queue: asyncio.Queue[PriceChange | None] = asyncio.Queue(maxsize=1000)
+        # Room for a few ticks of every symbol (a thousand synthetic pairs move at once).
+        size = max(1000, 4 * len(self.prices))
+        queue: asyncio.Queue[PriceChange | None] = asyncio.Queue(maxsize=size)
         self.subscribers.add(queue)
         return queue
 
@@ -341,6 +367,7 @@ class Market:
 
     tick: float = 1.0
     seed: int | None = None
+    synthetic_pairs: int = 0
     books: dict[str, Book] = field(init=False)
     faults: dict[str, Fault] = field(init=False)
     requests: deque[LoggedRequest] = field(init=False)
@@ -350,11 +377,20 @@ class Market:
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
+        synthetic = synthetic_listing(self.synthetic_pairs)
+        exchange = {
+            **EXCHANGE_MARKETS,
+            **{f"{coin}USDT": start for coin, start in synthetic.items()},
+        }
+        coingecko = {
+            **COINGECKO_PRICES,
+            **{f"{coin.lower()}.usd": (p, d + 2) for coin, (p, d) in synthetic.items()},
+        }
         self.books = {
-            "binance": Book(EXCHANGE_MARKETS),
+            "binance": Book(exchange),
             # Bybit's book starts a hair above Binance's so failover is visible in the data.
-            "bybit": Book(_scaled(EXCHANGE_MARKETS, Decimal("1.0002"))),
-            "coingecko": Book(COINGECKO_PRICES),
+            "bybit": Book(_scaled(exchange, Decimal("1.0002"))),
+            "coingecko": Book(coingecko),
             # Official daily rates do not move within the day; only control calls change them.
             "cbr": Book(
                 {code: (value, 4) for code, (value, _, _) in CBR_TABLE.items()}, walks=False

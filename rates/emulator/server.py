@@ -93,10 +93,12 @@ async def run_emulator_server(
     seed: int | None = None,
     faults: Mapping[str, Fault] | None = None,
     depeg: Decimal | None = None,
+    synthetic_pairs: int = 0,
     log_level: str = "warning",
 ) -> AsyncIterator[EmulatorServer]:
-    """Run the emulator on ``host:port`` (0: a free port) for the duration of the block."""
-    market = Market(tick=tick, seed=seed)
+    """Run the emulator on ``host:port`` (0: a free port) for the duration of the block;
+    ``synthetic_pairs`` more coins (SYN0001...) listed on every crypto provider."""
+    market = Market(tick=tick, seed=seed, synthetic_pairs=synthetic_pairs)
     for provider, fault in (faults or {}).items():
         market.set_fault(provider, fault)
     if depeg is not None:

@@ -42,6 +42,10 @@ UNLISTED_RETRY_AFTER = 3600.0
 # Header of the request weight the IP used in the current minute (provider-formats, section 1).
 WEIGHT_HEADER = "X-MBX-USED-WEIGHT-1M"
 TICKER_PATHS = ("/api/v3/ticker/price", "/api/v3/ticker/bookTicker")
+# Streams named in the connection URL; the rest are asked for with SUBSCRIBE messages of this many
+# each, so a thousand pairs do not make a 19 KB request line (servers refuse lines over 8 KB).
+# Binance allows 1,024 streams per connection and 5 incoming messages per second.
+STREAMS_PER_REQUEST = 200
 
 
 class BinanceProvider(Provider):
@@ -145,9 +149,17 @@ class BinanceProvider(Provider):
         # `<symbol>@ticker` (1 s) is the one per-symbol stream that carries the last price (`c`),
         # an event time (`E`) and the best bid/ask (`b`/`a`): miniTicker has no bid/ask, and
         # bookTicker has neither a last price nor an event time.
-        streams = "/".join(f"{symbol.lower()}@ticker" for symbol in sorted(wanted))
-        url = f"{self.ws_url}/stream?streams={streams}"
-        async with aclosing(self.ws_messages(url)) as messages:
+        streams = [f"{symbol.lower()}@ticker" for symbol in sorted(wanted)]
+        chunks = [
+            streams[i : i + STREAMS_PER_REQUEST]
+            for i in range(0, len(streams), STREAMS_PER_REQUEST)
+        ]
+        url = f"{self.ws_url}/stream?streams={'/'.join(chunks[0])}"
+        subscribe = [
+            json.dumps({"method": "SUBSCRIBE", "params": chunk, "id": number})
+            for number, chunk in enumerate(chunks[1:], start=1)
+        ]
+        async with aclosing(self.ws_messages(url, subscribe=subscribe)) as messages:
             async for raw in messages:
                 quotes = parse_stream_message(raw, wanted)
                 if quotes is None:

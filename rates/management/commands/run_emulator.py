@@ -12,6 +12,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from rates.emulator import PROVIDERS, Fault, parse_depeg, parse_fault_flag, run_emulator_server
+from rates.emulator.market import SYNTHETIC_LIMIT, SYNTHETIC_PREFIX
 
 logger = logging.getLogger("rates.emulator")
 
@@ -43,12 +44,25 @@ class Command(BaseCommand):
             metavar="PRICE",
             help="start with USDT trading at PRICE USD on every exchange and on CoinGecko",
         )
+        parser.add_argument(
+            "--synthetic-pairs",
+            type=int,
+            default=0,
+            metavar="N",
+            help="also list N made-up coins SYN0001..SYNnnnn (USDT books on Binance and Bybit, "
+            "usd on CoinGecko), each walking with the rest (a scale benchmark's load)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if not 0 <= options["port"] <= 65535:
             raise CommandError(f"--port: expected 0-65535, got {options['port']}")
         if not options["tick"] > 0:
             raise CommandError(f"--tick: expected seconds > 0, got {options['tick']}")
+        synthetic = options["synthetic_pairs"]
+        if not 0 <= synthetic <= SYNTHETIC_LIMIT:
+            raise CommandError(
+                f"--synthetic-pairs: expected 0 to {SYNTHETIC_LIMIT}, got {synthetic}"
+            )
         faults: dict[str, Fault] = {}
         for flag in options["fault"]:
             try:
@@ -73,6 +87,7 @@ class Command(BaseCommand):
                     options["seed"],
                     faults,
                     depeg,
+                    synthetic,
                 )
             )
         except OSError as exc:
@@ -88,6 +103,7 @@ class Command(BaseCommand):
         seed: int | None,
         faults: dict[str, Fault],
         depeg: Decimal | None,
+        synthetic_pairs: int,
     ) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -95,7 +111,13 @@ class Command(BaseCommand):
             loop.add_signal_handler(signum, stop.set)
         started = time.monotonic()
         async with run_emulator_server(
-            host=host, port=port, tick=tick, seed=seed, faults=faults, depeg=depeg
+            host=host,
+            port=port,
+            tick=tick,
+            seed=seed,
+            faults=faults,
+            depeg=depeg,
+            synthetic_pairs=synthetic_pairs,
         ) as emulator:
             self.stdout.write(f"Exchange emulator on {emulator.base_url}")
             for provider in PROVIDERS:
@@ -110,6 +132,9 @@ class Command(BaseCommand):
                 self.stdout.write(f"  {provider}: {fault.mode}")
             if depeg is not None:
                 self.stdout.write(f"  depeg: USDT trades at {depeg} USD")
+            if synthetic_pairs:
+                last = f"{SYNTHETIC_PREFIX}{synthetic_pairs:04d}"
+                self.stdout.write(f"  synthetic pairs: {SYNTHETIC_PREFIX}0001..{last}")
             await stop.wait()
             app = emulator.app
         logger.info(

@@ -10,7 +10,7 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
-from rates.emulator import EmulatorServer
+from rates.emulator import EmulatorServer, run_emulator_server
 from rates.providers import (
     BinanceProvider,
     Pair,
@@ -20,7 +20,7 @@ from rates.providers import (
     ProviderRateLimited,
     ProviderTimeout,
 )
-from rates.providers.binance import parse_rest, parse_stream_message
+from rates.providers.binance import STREAMS_PER_REQUEST, parse_rest, parse_stream_message
 from rates.tests.conftest_emulator import make_provider
 from rates.tests.providers.helpers import closed_port, next_quote
 
@@ -296,3 +296,21 @@ async def test_an_unlisted_symbol_does_not_cost_the_other_pairs_their_quotes(
     asked = [r for r in emulator.market.requests if r.path.endswith("ticker/price")]
     assert len(asked) == 1
     assert parse_qs(asked[0].query)["symbols"] == ['["BTCUSDT"]']
+
+
+async def test_its_stream_asks_for_a_thousand_pairs_in_subscribe_messages(
+    emulator_client: httpx.AsyncClient,
+) -> None:
+    # A 1,000-stream URL would be a 19 KB request line: servers refuse lines over 8 KB.
+    # A subscribed stream's first ticker comes with the next tick, as on Binance (1 s).
+    async with run_emulator_server(tick=0.5, synthetic_pairs=1000) as emulator:
+        provider = binance(emulator, emulator_client)
+        pairs = [Pair(f"SYN{n:04d}", "USDT") for n in range(1, 1001)]
+        seen: set[str] = set()
+        async with aclosing(provider.stream(pairs)) as quotes:
+            while len(seen) < len(pairs):
+                seen.add((await next_quote(quotes)).pair)
+        opened = [r.query for r in emulator.market.requests if r.method == "WS"]
+    assert len(opened) == 1
+    assert opened[0].count("@ticker") == STREAMS_PER_REQUEST
+    assert len(opened[0]) < 8192
