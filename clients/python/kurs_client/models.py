@@ -264,7 +264,7 @@ class Item(Model):
     updated_at: datetime
     latest: CurrentRate | None = None
     pricing: str | None = None
-    markup_bps: int | None = None
+    markup_bps: Decimal | None = None
 
     nested: ClassVar[Mapping[str, Callable[[Any], Any]]] = {"latest": CurrentRate.from_json}
 
@@ -296,6 +296,14 @@ class Courses(Model):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Exclusion(Model):
+    """Since when a consensus has left a provider out, and of which pairs."""
+
+    since: datetime
+    pairs: list[str]
+
+
+@dataclass(frozen=True, kw_only=True)
 class Provider(Model):
     name: str
     priority: int
@@ -305,6 +313,9 @@ class Provider(Model):
     errors_5m: int
     streaming: bool
     last_error_at: datetime | None = None
+    excluded: Exclusion | None = None
+
+    nested: ClassVar[Mapping[str, Callable[[Any], Any]]] = {"excluded": Exclusion.from_json}
 
 
 @dataclass(frozen=True, kw_only=True)
