@@ -90,12 +90,12 @@ test: install browser prod-tools
 
 test-sqlite: install
 	@echo "== tests on SQLite =="
-	env -u DATABASE_URL $(BIN)/pytest $(PYTEST_ARGS)
+	env -u DATABASE_URL KURS_SUITE_RUN=sqlite $(BIN)/pytest $(PYTEST_ARGS)
 
 test-postgres: install
 	@echo "== tests on PostgreSQL ($(TEST_POSTGRES_URL)) =="
 	@if $(BIN)/python scripts/port_open.py 127.0.0.1 5432; then \
-		DATABASE_URL=$(TEST_POSTGRES_URL) KURS_TEST_REDIS_URL=redis://127.0.0.1:6379/1 \
+		DATABASE_URL=$(TEST_POSTGRES_URL) KURS_SUITE_RUN=postgres KURS_TEST_REDIS_URL=redis://127.0.0.1:6379/1 \
 		KURS_TEST_REDIS_REALTIME_URL=redis://127.0.0.1:6379/6 $(BIN)/pytest $(PYTEST_ARGS); \
 	elif [ "$$CI" = true ]; then echo "PostgreSQL is not reachable and CI=true: failing"; exit 1; \
 	else echo "SKIPPED: PostgreSQL is not reachable on 127.0.0.1:5432 (the SQLite run above still counts)"; fi
