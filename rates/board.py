@@ -144,6 +144,10 @@ class QuoteBoard:
     # rates.services when older than its TTL.
     items: dict[str, int] = field(default_factory=dict)
     pricing: dict[str, str | None] = field(default_factory=dict)
+    # The cross routes of the active items by leg, built by rates.services when first asked
+    # after the set of items changed (None: to build): (the USD proxy it was built for, leg code
+    # -> [(item code, first leg, second leg)]).
+    routes_by_leg: tuple[str, dict[str, list[tuple[str, Any, Any]]]] | None = None
     items_loaded_at: float | None = None
     # May this board write and publish? The owner's lease check; None: always (tests, benches).
     guard: Callable[[], bool] | None = None
@@ -190,6 +194,7 @@ class QuoteBoard:
                 table.clear()
             self.down.clear()
             self.items_loaded_at = None
+            self.routes_by_leg = None
 
     # --- quotes ----------------------------------------------------------------------------
     def offer(self, pair: str, entry: Entry) -> None:
@@ -394,6 +399,8 @@ class QuoteBoard:
         """The active items as (code, id, pricing)."""
         with self._lock:
             rows = list(items)
+            if {code for code, _, _ in rows} != self.items.keys():
+                self.routes_by_leg = None
             self.items = {code: item_id for code, item_id, _ in rows}
             self.pricing = {code: pricing for code, _, pricing in rows}
             self.items_loaded_at = time.monotonic()

@@ -125,13 +125,20 @@ def wanted_pairs(item_codes: Iterable[str]) -> list[Pair]:
     return list(pairs)
 
 
-def _dependants(leg: str, item_codes: Iterable[str]) -> list[tuple[str, Pair, Pair]]:
-    found = []
-    for code in item_codes:
-        for first, second in policy.cross_routes(Pair.parse(code)):
-            if leg in (first.code, second.code):
-                found.append((code, first, second))
-    return found
+def _dependants(leg: str, board: QuoteBoard) -> list[tuple[str, Pair, Pair]]:
+    """The cross routes of active items that use `leg`, in item order: from an index the board
+    keeps until its items (or the USD proxy) change, not a scan of every item per quote
+    (docs/scaling.md#the-owner)."""
+    proxy = settings.KURS_USD_PROXY
+    built = board.routes_by_leg
+    if built is None or built[0] != proxy:
+        index: dict[str, list[tuple[str, Pair, Pair]]] = {}
+        for code in list(board.items):
+            for first, second in policy.cross_routes(Pair.parse(code)):
+                for one in dict.fromkeys((first.code, second.code)):
+                    index.setdefault(one, []).append((code, first, second))
+        built = board.routes_by_leg = (proxy, index)
+    return built[1].get(leg, [])
 
 
 # --- Ownership: the board starts from the read model --------------------------------------------
@@ -669,7 +676,7 @@ def _cross_quotes(
     """Cross rates of tracked items that use `leg`, from the best fresh direct quote of each leg
     (`leg`'s from its state as just decided, the other's from the board)."""
     crosses = []
-    for code, first, second in _dependants(leg, board.items):
+    for code, first, second in _dependants(leg, board):
         one, two = (
             state.best(direct_only=True)
             if pair.code == leg

@@ -623,3 +623,26 @@ def test_a_quote_for_an_item_deleted_meanwhile_is_a_one_line_warning(
     assert all(r.exc_info is None for r in caplog.records)
     assert rate_events(published_events) == []
     assert not CurrentRate.objects.exists()
+
+
+def test_the_cross_routes_by_leg_follow_the_items_and_the_proxy(settings: Any) -> None:
+    """`_dependants` reads an index the board keeps until its items (or the proxy) change."""
+    settings.KURS_USD_PROXY = "USDT"
+    board = QuoteBoard()
+    board.set_items([("BTC-RUB", 1, None)])
+    routes = services._dependants("USD-RUB", board)
+    assert [(code, first.code, second.code) for code, first, second in routes] == [
+        ("BTC-RUB", "BTC-USD", "USD-RUB")
+    ]
+    assert services._dependants("ETH-USD", board) == []
+    board.set_items([("BTC-RUB", 1, None), ("ETH-RUB", 2, None)])
+    assert [code for code, _, _ in services._dependants("USD-RUB", board)] == [
+        "BTC-RUB",
+        "ETH-RUB",
+    ]
+    assert services._dependants("USDC-RUB", board) == []
+    settings.KURS_USD_PROXY = "USDC"  # a third route through the new proxy, for both items
+    assert [code for code, _, _ in services._dependants("USDC-RUB", board)] == [
+        "BTC-RUB",
+        "ETH-RUB",
+    ]
