@@ -32,6 +32,12 @@ def record(event_id: str, subject: str, payload: str) -> None:
     _recorded = True
 
 
+def forget_recorded() -> None:
+    """As if this process had written no row yet (a test starting as a fresh process)."""
+    global _recorded
+    _recorded = False
+
+
 def recorded_here() -> bool:
     """Has this process written outbox rows (so that it keeps their books and relays)?"""
     return _recorded

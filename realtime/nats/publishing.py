@@ -208,6 +208,15 @@ class Outbox(Part):
             self._link.errors,
         )
 
+    def reset(self) -> None:
+        """Forget everything this process sent, relayed or wrote (with the connection closed):
+        a test starts as a fresh process would, not behind an earlier test's relay."""
+        self.forget_after_fork()
+        self._relayed_any = False
+        self._relay_after = 0.0
+        self._relay_backoff = 0.0
+        outbox_rows.forget_recorded()
+
     def forget_after_fork(self) -> None:
         self._queue.clear()
         self._wakeup_pending = False

@@ -30,7 +30,7 @@ from nats.js.errors import NotFoundError
 from rates.snapshot import snapshot
 from realtime.bridge import bridge
 from realtime.hub import hub
-from realtime.nats import connection, stream_name
+from realtime.nats import connection, outbox, stream_name
 from tests.services import (
     NATS_URL,
     NatsServer,
@@ -54,6 +54,7 @@ async def realtime_isolated(settings: LazySettings, prefix: str) -> AsyncIterato
     # servers of their settings: start every realtime test from none.
     await bridge.stop()
     await asyncio.to_thread(connection.shutdown)
+    outbox.reset()  # an earlier test's outbox rows must not hold this one's events back
     settings.KURS_NATS_PREFIX = prefix
     settings.NATS_SERVERS = [f"nats://127.0.0.1:{free_port()}"]  # nobody listens there
     settings.KURS_INSTANCE = f"test-{prefix}"
