@@ -62,6 +62,7 @@ def front_conf(tmp: Path, name: str, port: int, upstream: int, cache: bool) -> l
             "KURS_NGINX_LISTEN": f"127.0.0.1:{port}",
             "KURS_WEB_UPSTREAM": [f"127.0.0.1:{upstream}"],
             "KURS_NGINX_API_RATE": RATE,
+            "KURS_NGINX_API_BURST": "100000",
             "KURS_NGINX_CACHE_DIR": str(folder / "cache"),
         },
     )

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from datetime import timedelta
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
+from django.apps import apps
 from django.db import close_old_connections, connections
 from django.utils import timezone
 
-from realtime.models import OutboxEvent
+if TYPE_CHECKING:
+    from realtime.models import OutboxEvent
 
 T = TypeVar("T")
 
@@ -25,10 +27,17 @@ RETENTION = timedelta(minutes=10)
 _recorded = False
 
 
+def _rows() -> type[OutboxEvent]:
+    """The model, looked up when first used: `realtime.nats` (which imports this module) is
+    imported by scripts before Django's apps are ready (tests/prod_stack.py, bench/)."""
+    model: type[OutboxEvent] = apps.get_model("realtime", "OutboxEvent")
+    return model
+
+
 def record(event_id: str, subject: str, payload: str) -> None:
     """Write one event in the current transaction (called by `publish_on_commit`)."""
     global _recorded
-    OutboxEvent.objects.create(event_id=event_id, subject=subject, payload=payload)
+    _rows().objects.create(event_id=event_id, subject=subject, payload=payload)
     _recorded = True
 
 
@@ -47,7 +56,8 @@ def undelivered(after: int, limit: int) -> list[tuple[int, str, str, str]]:
     """Up to `limit` undelivered rows after position `after`, oldest first:
     `(position, event_id, subject, payload)`."""
     rows = (
-        OutboxEvent.objects.filter(delivered_at__isnull=True, id__gt=after)
+        _rows()
+        .objects.filter(delivered_at__isnull=True, id__gt=after)
         .order_by("id")
         .values_list("id", "event_id", "subject", "payload")[:limit]
     )
@@ -58,15 +68,17 @@ def mark_delivered(event_ids: Iterable[str]) -> int:
     ids = list(event_ids)
     if not ids:
         return 0
-    return OutboxEvent.objects.filter(event_id__in=ids, delivered_at__isnull=True).update(
-        delivered_at=timezone.now()
+    return (
+        _rows()
+        .objects.filter(event_id__in=ids, delivered_at__isnull=True)
+        .update(delivered_at=timezone.now())
     )
 
 
 def prune() -> int:
     """Delete the rows delivered more than `RETENTION` ago; how many."""
     cutoff = timezone.now() - RETENTION
-    deleted, _ = OutboxEvent.objects.filter(delivered_at__lt=cutoff).delete()
+    deleted, _ = _rows().objects.filter(delivered_at__lt=cutoff).delete()
     return deleted
 
 

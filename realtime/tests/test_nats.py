@@ -324,3 +324,12 @@ async def test_an_ordered_consumer_leaves_no_task_behind(
     await asyncio.to_thread(connection.shutdown)
     assert loop.is_closed()
     assert not asyncio.all_tasks(loop)
+
+
+def test_the_nats_package_imports_before_django_is_set_up() -> None:
+    """Scripts import `realtime.nats` before Django's apps are ready (tests/prod_stack.py,
+    bench/bench_replay.py for `stream_name`): the outbox's model is looked up when first used."""
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    code = "import realtime.nats as n; print(n.stream_name.__module__)"
+    done = run_python(["-c", code], env)
+    assert (done.returncode, done.stdout.strip()) == (0, "realtime.nats.subjects"), done.stderr
