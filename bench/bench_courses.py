@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_courses.py [--duration 4] [--repeats 3] [--connections 64]
     .venv/bin/python bench/bench_courses.py --servers    # the server choice, measured
+    .venv/bin/python bench/bench_courses.py --floor      # the floor: a bare app, same server
 
 The web server is the production one (`scripts/serve.sh`'s uvicorn with uvloop and Kurs's HTTP
 protocol, `edge/serverprotocol.py`: uvicorn's httptools protocol sending each answer in one write)
@@ -26,6 +27,11 @@ its own (on a loaded machine every process gets an equal share, and req/s ratios
 protocol, on stock uvicorn (httptools) and on granian: the
 measurement behind the server `make run` uses (README, "Serving").
 
+`--floor` measures `/courses` with 1 and 2 workers against the floor of the server it runs on: a
+bare ASGI app (`bench/floor_app.py`: no edge, no Django, no log) answering the same bytes with
+the same headers on the same uvicorn and Kurs's protocol, and on stock uvicorn, each beside
+FastAPI in the same run. What the floor costs per request, any app on that server pays.
+
 wrk, the servers and every other session on this machine share its cores: the load average and
 the busiest other processes are printed with the figures.
 """
@@ -33,6 +39,7 @@ the busiest other processes are printed with the figures.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -46,7 +53,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -196,6 +203,7 @@ def server_env(tmp: Path, nats_port: int, log_level: str = "INFO") -> dict[str, 
         KURS_SHARED_CACHE_DIR=str(tmp / "cache"),
         KURS_BENCH_ITEM_BODY=str(tmp / "item.json"),
         KURS_BENCH_COURSES_BODY=str(tmp / "www" / "api" / "v1" / "courses"),
+        KURS_BENCH_COURSES_HEADERS=str(tmp / "courses-headers.json"),
         PYTHONPATH=str(REPO),
     )
     return env
@@ -348,6 +356,10 @@ def capture_bodies(tmp: Path, env: dict[str, str]) -> tuple[bytes, str]:
             status, _, body = get(origin + path)
             assert status == 200, (path, body)
     (tmp / "www" / "api" / "v1" / "courses").write_bytes(courses)
+    # The app's own headers, for the floor (the server adds `date` and `server` itself; urllib
+    # asked for `connection: close`).
+    own = [(n, v) for n, v in headers.items() if n not in ("date", "server", "connection")]
+    (tmp / "courses-headers.json").write_text(json.dumps(own))
     (tmp / "item.json").write_bytes(item)
     # nginx's workers may run as another user: the files must be readable by anyone.
     for written in [tmp, *tmp.rglob("*")]:
@@ -465,10 +477,65 @@ def compare_servers(args: argparse.Namespace, env: dict[str, str]) -> None:
         )
 
 
+def floor(args: argparse.Namespace, env: dict[str, str], courses: bytes) -> None:
+    """`/courses` with the access log on and off against the floor of its server
+    (`bench/floor_app.py`) and FastAPI."""
+    results: dict[str, Figure] = {}
+    floor_app = "bench.floor_app:app"
+    quiet = {**env, "KURS_LOG_LEVEL": "WARNING"}
+    for workers in (1, 2):
+        ports = [free_port() for _ in range(5)]
+        servers = (
+            ("kurs", kurs_cmd("config.asgi:application", ports[0], workers), env),
+            ("quiet", kurs_cmd("config.asgi:application", ports[1], workers), quiet),
+            ("floor", kurs_cmd(floor_app, ports[2], workers), env),
+            ("stock", uvicorn_cmd(floor_app, ports[3], workers), env),
+            ("fastapi", uvicorn_cmd("bench.fastapi_app:app", ports[4], workers), env),
+        )
+        with ExitStack() as stack:
+            origins = {
+                name: stack.enter_context(running(cmd, server_env, port, COURSES))
+                for (name, cmd, server_env), port in zip(servers, ports, strict=True)
+            }
+            for origin in origins.values():
+                warm(origin, COURSES, workers)
+                assert get(origin + COURSES)[2] == courses, f"{origin} serves other bytes"
+            heads = {name: get(origin + COURSES)[1] for name, origin in origins.items()}
+            assert heads["floor"].keys() == heads["kurs"].keys(), heads
+            got = measure({name: (o + COURSES, None) for name, o in origins.items()}, args)
+            results.update({f"{name}{workers}": figure for name, figure in got.items()})
+    print(
+        f"wrk -t1 -c{args.connections}, {args.repeats} x {args.duration:g} s each, medians; "
+        f"Kurs KURS_LOG_LEVEL={args.log_level} (log off: WARNING); the floor: "
+        "bench/floor_app.py, the same bytes and headers, no edge, no log"
+    )
+    header_line()
+    for w in (1, 2):
+        n = f"{w} worker{'s' if w > 1 else ''}"
+        fastapi = f"FastAPI+uvicorn, {n}"
+        for key, label in (
+            ("floor", "floor, uvicorn+Kurs protocol"),
+            ("stock", "floor, stock uvicorn"),
+            ("quiet", "/courses, access log off"),
+            ("kurs", "/courses"),
+        ):
+            target = ">= 3x" if key == "kurs" and w == 2 else ""
+            row(f"{label}, {n}", results[f"{key}{w}"], fastapi, results[f"fastapi{w}"], target)
+        row(f"/courses, {n}", results[f"kurs{w}"], f"floor, {n}", results[f"floor{w}"])
+        row(
+            f"/courses, access log off, {n}",
+            results[f"quiet{w}"],
+            f"floor, {n}",
+            results[f"floor{w}"],
+        )
+
+
 def run(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> None:
     courses, etag = capture_bodies(tmp, env)
     if args.servers:
         compare_servers(args, env)
+    elif args.floor:
+        floor(args, env, courses)
     else:
         bench(args, tmp, env, courses, etag)
 
@@ -479,6 +546,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--servers", action="store_true", help="compare uvicorn and granian")
+    parser.add_argument(
+        "--floor", action="store_true", help="/courses against a bare app on the same server"
+    )
     parser.add_argument(
         "--log-level",
         default="INFO",
