@@ -23,11 +23,12 @@ def iso_utc(created: float) -> str:
     """`2026-11-30T18:24:36.657Z`: what log shippers parse without guessing a zone."""
     seconds = int(created)
     millis = int((created - seconds) * 1000)
-    return f"{_utc_second(seconds)}.{millis:03d}Z"
+    return f"{iso_second(seconds)}.{millis:03d}Z"
 
 
 @functools.lru_cache(maxsize=4)
-def _utc_second(seconds: int) -> str:
+def iso_second(seconds: int) -> str:
+    """`2026-11-30T18:24:36`: the second of `iso_utc`."""
     # Lines come many to a second (the access log): the second's text is made once.
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 

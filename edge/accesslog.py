@@ -5,17 +5,17 @@
   of the request (`config.logs.request_id`, a context variable).
 - One access line per request (`kurs.access`), whichever entrance answered: the servers' own
   access logs are off in `LOGGING`, so nothing is logged twice.
-- The lines are written as nginx's `access_log ... buffer= flush=` writes them:
-  `BufferedStreamHandler` (the `access` handler in `LOGGING`) keeps the requests' fields and
-  formats and writes them together, when CAPACITY lines are waiting or every FLUSH_S, and at
-  exit, with the configured formatter (console or JSON, `config.logs`). A request pays for a
-  tuple and a list append; `Logger.log` made a full LogRecord (the caller's file, thread and
-  process looked up) and the handler formatted and wrote each line at once: together most of a
-  `/courses` answer's cost (`bench/bench_edge_inprocess.py --log-level INFO` against `WARNING`).
-- The console format's line is written by one f-string when the configured formatter gives the
-  same text for a probe line (`BufferedStreamHandler.setFormatter` checks): a record and the
-  stdlib formatter cost 6.1 us a line, the f-string 1.6 us (docs/decisions.md). Any other
-  formatter (JSON, a changed format) formats AccessRecords as usual.
+- The lines are written as nginx's `access_log ... buffer= flush=` writes them: `log_access`
+  appends a tuple of the request's fields to one list (`_AccessChannel`), and the lines are
+  made and written together, when CAPACITY lines are waiting or every FLUSH_S (a thread per
+  process), and at exit, by each of `kurs.access`'s handlers (`BufferedStreamHandler`, the
+  `access` handler in `LOGGING`) with its formatter and level. A request pays for a level
+  check, a tuple and a list append: no LogRecord, no handler call. Any other handler, or a
+  filter on the logger, gets the lines as logged records (`Logger.handle`).
+- With the console format a batch's lines are made by one `%` format each, in C, the second's
+  text once per second (`console_lines`), but only when the configured formatter gives the same
+  text for a probe line (`BufferedStreamHandler.setFormatter` checks); any other formatter
+  (JSON, a changed format) formats AccessRecords as usual (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import time
 import uuid
 from typing import IO, Any, cast
 
-from config.logs import iso_utc
+from config.logs import iso_second
 
 access_logger = logging.getLogger("kurs.access")
 
@@ -144,11 +144,30 @@ def _as_record(item: logging.LogRecord | Entry) -> logging.LogRecord:
 def console_line(entry: Entry) -> str:
     """The line `config.logs.ConsoleFormatter` makes of an access record with Kurs's console
     format (`LOGGING["formatters"]["console"]`), made directly."""
-    created, level, method, full_path, _, status, duration_ms, _, request_id = entry
-    return (
-        f"{iso_utc(created)} {_LEVEL_NAMES[level]:<7} kurs.access: "
-        f"{method} {full_path} {status:d} {duration_ms:.1f}ms [request_id={request_id}]"
-    )
+    return console_lines([entry])[:-1]
+
+
+# `iso_utc`, the level name padded to 7 (`%(levelname)-7s`), the logger and the message, in one
+# format: a batch's lines are made by one `%` each, in C, the second's text once per second.
+_CONSOLE = "%s.%03dZ %-7s kurs.access: %s %s %d %.1fms [request_id=%s]\n"
+
+
+def console_lines(entries: list[Entry]) -> str:
+    """`console_line` of each entry, each ending in a newline: a batch's text."""
+    lines = []
+    second = -1
+    stamp = ""
+    for created, level, method, full_path, _, status, duration_ms, _, request_id in entries:
+        whole = int(created)
+        if whole != second:
+            second, stamp = whole, iso_second(whole)
+        # %03d truncates the milliseconds as iso_utc's int() does.
+        millis = (created - whole) * 1000
+        name = _LEVEL_NAMES[level]
+        lines.append(
+            _CONSOLE % (stamp, millis, name, method, full_path, status, duration_ms, request_id)
+        )
+    return "".join(lines)
 
 
 def log_access(
@@ -160,7 +179,11 @@ def log_access(
     client: str | None,
     request_id: str,
 ) -> None:
-    """The one access line of a request, when its level is on."""
+    """The one access line of a request, when its level is on.
+
+    The hot path is a level check, a tuple and an append to the channel's list
+    (`_AccessChannel`); the lines are made and written later, in batches.
+    """
     level = logging.WARNING if status >= 500 else logging.INFO
     if not access_logger.isEnabledFor(level):
         return
@@ -175,33 +198,83 @@ def log_access(
         client,
         request_id,
     )
-    buffered = _buffered.of(access_logger.handlers)
-    if buffered is None or access_logger.filters:
-        access_logger.handle(access_record(entry))  # as logged: filters and other handlers
+    channel = _channel
+    if access_logger.handlers != channel.handlers or access_logger.filters:
+        channel.route(entry)  # the handlers changed, or not all are buffered, or a filter
         return
-    for handler in buffered:
-        handler.add(entry)
+    entries = channel.entries
+    entries.append(entry)
+    if len(entries) >= channel.capacity:
+        channel.flush()
+    elif channel.pid != _PROCESS.pid:
+        channel.start()
 
 
-class _Buffered:
-    """The logger's handlers when every one is a BufferedStreamHandler (else None), worked out
-    again only when the handlers change: a list compared with its copy by identity per request,
-    not a type check per handler."""
+class _AccessChannel:
+    """The access lines waiting for `kurs.access`'s handlers, when every one of them is a
+    BufferedStreamHandler (as `LOGGING` configures it).
+
+    One list for all of them, appended to by `log_access`; written out (`flush`) when the
+    smallest of the handlers' capacities is reached, every smallest `flush_s` by a thread of
+    this process, and at exit: each handler formats the batch as its formatter and level say.
+    Worked out again when the logger's handlers change (a list compared with its copy per
+    request); while they are anything else, or the logger has a filter, a line is logged as
+    any record (`Logger.handle`).
+    """
 
     def __init__(self) -> None:
-        self._seen: list[logging.Handler] = []
-        self._buffered: tuple[BufferedStreamHandler, ...] | None = ()
+        # Never equal to a logger's handler list until `route` has looked at one.
+        self.handlers: list[logging.Handler] | None = None
+        self.buffered: tuple[BufferedStreamHandler, ...] = ()
+        self.entries: list[Entry] = []
+        self.capacity = CAPACITY
+        self.flush_s = FLUSH_S
+        self.pid = 0  # the process whose flusher runs
+        self.lock = threading.Lock()
+        self._wake = threading.Event()
+        atexit.register(self.flush)
 
-    def of(self, handlers: list[logging.Handler]) -> tuple[BufferedStreamHandler, ...] | None:
-        if handlers != self._seen:
-            self._seen = list(handlers)
-            every = all(type(h) is BufferedStreamHandler for h in handlers)
+    def route(self, entry: Entry) -> None:
+        handlers = access_logger.handlers
+        if all(type(h) is BufferedStreamHandler for h in handlers) and handlers:
             buffered = tuple(cast(BufferedStreamHandler, h) for h in handlers)
-            self._buffered = buffered if every else None
-        return self._buffered
+            if buffered != self.buffered:
+                self.flush()  # what is waiting goes to the handlers it was logged for
+                self.buffered = buffered
+                self.capacity = min(h.capacity for h in buffered)
+                self.flush_s = min(h.flush_s for h in buffered)
+                self._wake.set()  # the flusher waits the new flush_s from now
+            self.handlers = list(handlers)
+        else:
+            self.flush()
+            self.handlers, self.buffered = None, ()
+        if self.handlers is None or access_logger.filters:
+            access_logger.handle(access_record(entry))  # as logged: filters, other handlers
+            return
+        self.entries.append(entry)
+        if len(self.entries) >= self.capacity:
+            self.flush()
+        elif self.pid != _PROCESS.pid:
+            self.start()
 
+    def flush(self) -> None:
+        with self.lock:
+            entries, self.entries = self.entries, []
+            if entries:
+                for handler in self.buffered:
+                    handler.write_entries(entries)
 
-_buffered = _Buffered()
+    def start(self) -> None:
+        # One per process (a forked worker starts its own).
+        self.pid = _PROCESS.pid
+        threading.Thread(target=self._run, name="access-log", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            if self._wake.wait(self.flush_s):
+                self._wake.clear()  # woken by a new flush_s: wait that long first
+            else:
+                self.flush()
 
 
 CAPACITY = 256
@@ -210,7 +283,11 @@ FLUSH_S = 0.5
 
 # typeshed makes StreamHandler generic in its stream; subscripting it fails at run time.
 class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A StreamHandler that writes its lines in batches (see the module's docstring)."""
+    """A StreamHandler that writes its lines in batches (see the module's docstring).
+
+    `log_access`'s lines come in batches from `_AccessChannel` (`write_entries`); records
+    logged the usual way (`handle`, `emit`) and entries handed to `add` wait in its own list.
+    """
 
     def __init__(
         self, stream: IO[str] | None = None, capacity: int = CAPACITY, flush_s: float = FLUSH_S
@@ -233,7 +310,7 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.add(record)
 
     def add(self, item: logging.LogRecord | Entry) -> None:
-        """Keep a record, or a request's fields from `log_access`, for the next write."""
+        """Keep a record, or a request's fields, for the next write."""
         self._records.append(item)
         if len(self._records) >= self.capacity:
             self.flush()
@@ -254,12 +331,32 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
                     lines.append(line + self.terminator)
                 except Exception:  # as StreamHandler: a bad record must not stop the others
                     self.handleError(_as_record(item))
-            if lines:
-                try:
-                    self.stream.write("".join(lines))
-                    self.stream.flush()
-                except Exception:
-                    self.handleError(_as_record(records[-1]))
+            self._write("".join(lines), records)
+
+    def write_entries(self, entries: list[Entry]) -> None:
+        """Write a batch of `log_access`'s entries (those at or above the handler's level)."""
+        if self._console and not self.filters and self.terminator == "\n":
+            if self.level > logging.INFO:
+                entries = [entry for entry in entries if entry[1] >= self.level]
+            try:
+                text = console_lines(entries)
+            except Exception:  # as StreamHandler: a bad line must not stop the others
+                self.handleError(access_record(entries[-1]))
+                return
+            with self.lock:  # type: ignore[union-attr]
+                self._write(text, entries)
+            return
+        with self.lock:  # type: ignore[union-attr]
+            self._records.extend(entries)
+            self.flush()
+
+    def _write(self, text: str, items: list[logging.LogRecord | Entry] | list[Entry]) -> None:
+        if text:
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except Exception:
+                self.handleError(_as_record(items[-1]))
 
     def _record_of(self, item: logging.LogRecord | Entry) -> logging.LogRecord | str | None:
         """What to format (or the line itself), or None when the handler drops it."""
@@ -288,7 +385,11 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().close()
 
 
+_channel = _AccessChannel()
+
+
 def flush_access_log(**_: Any) -> None:
     """Write every waiting access line now (tests read them at once)."""
+    _channel.flush()
     for handler in access_logger.handlers:
         handler.flush()

@@ -484,6 +484,61 @@ async def test_a_read_that_fails_twice_is_a_json_503_with_retry_after(
     assert answer.header("Cache-Control") == b"no-store"
 
 
+def test_log_access_writes_through_the_loggers_handlers_in_batches() -> None:
+    """One list for the buffered handlers; the lines as the console formatter makes them, in
+    one write per batch; the handler's level; any other handler gets records as logged."""
+    from logging.config import DictConfigurator
+
+    from django.conf import settings
+
+    from edge.accesslog import access_record, console_line, flush_access_log, log_access
+
+    logger = logging.getLogger("kurs.access")
+    saved, level = list(logger.handlers), logger.level
+    stream = io.StringIO()
+    writes: list[str] = []
+    original = stream.write
+
+    def counted(text: str) -> int:
+        writes.append(text)
+        return original(text)
+
+    stream.write = counted  # type: ignore[method-assign]
+    handler = BufferedStreamHandler(stream, capacity=2, flush_s=3600)
+    handler.setFormatter(
+        DictConfigurator({}).configure_formatter(dict(settings.LOGGING["formatters"]["console"]))
+    )
+    records = Records()
+    try:
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.INFO)
+        log_access("GET", "/a?x=1", "/a", 200, 1.26, "1.2.3.4", "r" * 8)
+        assert writes == []  # waiting for the batch
+        log_access("POST", "/b", "/b", 503, 2.5, None, "s" * 8)
+        assert len(writes) == 1
+        first, second = writes[0].splitlines()
+        assert first.endswith(" INFO    kurs.access: GET /a?x=1 200 1.3ms [request_id=rrrrrrrr]")
+        assert second.endswith(" WARNING kurs.access: POST /b 503 2.5ms [request_id=ssssssss]")
+        entry = (1.5, logging.INFO, "GET", "/c", "/c", 200, 0.5, None, "t" * 8)
+        assert console_line(entry) == handler.format(access_record(entry))
+
+        handler.setLevel(logging.WARNING)
+        log_access("GET", "/c", "/c", 200, 0.5, None, "t" * 8)
+        log_access("GET", "/d", "/d", 500, 0.5, None, "u" * 8)
+        assert writes[1].endswith(" WARNING kurs.access: GET /d 500 0.5ms [request_id=uuuuuuuu]\n")
+        assert "/c" not in writes[1]
+
+        logger.handlers[:] = [handler, records]  # not every handler buffered: logged as records
+        log_access("GET", "/e", "/e", 500, 0.5, None, "v" * 8)
+        assert [r.getMessage() for r in records.records] == ["GET /e 500 0.5ms"]
+        flush_access_log()
+        assert writes[2].endswith(" kurs.access: GET /e 500 0.5ms [request_id=vvvvvvvv]\n")
+    finally:
+        logger.handlers[:] = saved
+        logger.setLevel(level)
+        flush_access_log()
+
+
 @pytest.mark.parametrize(("failures", "status"), [(1, 200), (2, 503)])
 async def test_the_route_table_reads_again_once_too(
     item: Item, monkeypatch: pytest.MonkeyPatch, failures: int, status: int
