@@ -1080,6 +1080,8 @@ def main() -> None:
         profile_dir = Path(args.profile).resolve()
         profile_dir.mkdir(parents=True, exist_ok=True)
     processes = Processes(profile_dir)
+    # Other processes share the cores: the wall-clock rows follow their load, so it is printed.
+    print(f"cores: {os.cpu_count()}; load average {load_average()} at start", flush=True)
     with tempfile.TemporaryDirectory(prefix="kurs-bench-") as workdir:
         try:
             asyncio.run(run(args, Path(workdir), processes))
@@ -1088,6 +1090,11 @@ def main() -> None:
 
             realtime_nats.shutdown()
             processes.stop_all()
+            print(f"load average {load_average()} at end")
+
+
+def load_average() -> str:
+    return " / ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
 if __name__ == "__main__":

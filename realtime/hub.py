@@ -34,13 +34,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import types
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable
 from decimal import Decimal
 from typing import Any, Protocol
 
 from realtime import metrics
+from realtime.byhand import resume_suspended
 
 logger = logging.getLogger(__name__)
 
@@ -122,30 +122,6 @@ class DeliveryPolicy:
             timer.cancel()
         self.timers.clear()
         self.pending.clear()
-
-
-@types.coroutine
-def resume_suspended(coro: Coroutine[Any, Any, None], awaiting: Any) -> Generator[Any, Any, None]:
-    """The rest of `coro`, already run by hand until it suspended on `awaiting`, as an awaitable
-    a task can run: what `yield from` does, from the middle. Each value the coroutine yields
-    (the future it waits on) goes up to the task, and each result or exception comes back down.
-    """
-    while True:
-        try:
-            sent = yield awaiting
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as exc:  # cancellation included: the coroutine sees it as thrown
-            try:
-                awaiting = coro.throw(exc)
-            except StopIteration:
-                return
-        else:
-            try:
-                awaiting = coro.send(sent)
-            except StopIteration:
-                return
 
 
 class Writes:
