@@ -973,7 +973,7 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
     )
     wait_for_port(emulator_port, 30.0)
     emulator = f"http://127.0.0.1:{emulator_port}/binance"
-    processes.start(
+    fetcher = processes.start(
         [PYTHON, "manage.py", "run_fetch", "--watch", "--provider", "binance"],
         {
             **env,
@@ -988,13 +988,17 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
     full, bare = [], []
     bus_part: list[float] = []
     bare_part: list[float] = []
+    fetcher_cpu: list[float] = []
     for run in range(args.repeat):
         async with bare_beside(emulator_port) as beside:
+            cpu = cpu_seconds(fetcher.pid)
             full.append(
                 await full_path_latency(
                     web_port, emulator_port, args.full_path_ticks, bus_part, beside, bare_part
                 )
             )
+            # Per tick, with what the fetcher does between ticks (little: it waits on the stream).
+            fetcher_cpu.append((cpu_seconds(fetcher.pid) - cpu) / (args.full_path_ticks + 3))
         start = Decimal(95000 + 1000 * run)
         bare.append(await bare_stream_latency(emulator_port, args.full_path_ticks, start))
     full_p50 = statistics.median(statistics.median(r) for r in full) * 1000
@@ -1011,6 +1015,10 @@ async def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> 
             "    of which tick -> on NATS        median "
             f"{statistics.median(bus_part) * 1000:.1f} ms (the fetcher's share)"
         )
+    print(
+        "    fetcher CPU per tick            "
+        f"{statistics.median(fetcher_cpu) * 1000:.2f} ms (load-independent; 10 ms clock ticks)"
+    )
     print(f"  baseline (bare client on stream)  median {bare_p50:.1f} ms, p99 {bare_p99:.1f} ms")
     print(
         f"  ratio                             {full_p50 / bare_p50:.1f}x median "
