@@ -127,8 +127,9 @@ class DirectWrite:
     """Whole frames (`text_frame`) written straight to one uvicorn WebSocket's transport.
 
     The fan-out frames each event once and writes the same bytes to every socket; uvicorn's
-    send encodes and frames the text again for each socket, and its coroutine, websockets' frame
-    and the join cost more than the write itself (docs/benchmarks.md#realtime-direct-writes).
+    send encodes and frames the text again for each socket, and its coroutine, websockets'
+    frame and the join cost more than the write itself
+    (docs/benchmarks.md#realtime-direct-writes-2026-12-07).
     `ready()` says whether uvicorn's send would write at once; when it would not (the client
     stopped reading, a close was sent, the connection is gone) the caller uses the ASGI send,
     which waits or raises as uvicorn decides. Data frames carry no state in websockets' protocol

@@ -251,7 +251,7 @@ class Outbox(Part):
 
         This is the path of every event while connected: one callback, where the pump took a
         task's wake-up and its awaits (the hand-over to this thread was a sixth of the
-        fetcher's time per tick: docs/benchmarks.md#tick-to-socket-the-hand-over-to-nats).
+        fetcher's time per tick: docs/benchmarks.md#realtime-direct-writes-2026-12-07).
         """
         self._wakeup_pending = False
         queue = self._queue
