@@ -21,7 +21,8 @@ Kludex/uvicorn pull request #3138, open.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import (
     HEADER_RE,
@@ -32,6 +33,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import Server
+from websockets.frames import Frame, Opcode
 
 if TYPE_CHECKING:
     # The message type of the protocols' `send`, which an override must accept whole (asgiref's
@@ -96,6 +98,11 @@ UNDOCUMENTED: dict[type, tuple[str, ...]] = {
         "send_receive_event_to_app",  # overridden: invalid UTF-8 closed with one log line
         "handle_parser_exception",  # called: closes the connection after a protocol error
         "send",  # overridden by the emulator (uvicorn PR #3138)
+        # `DirectWrite` (the hub's fan-out) writes pre-framed frames to the transport when
+        # these say uvicorn's own send would write at once: the socket's write buffer is below
+        # its high-water mark, no close was sent, the connection is not lost.
+        "writable",  # an asyncio.Event, cleared by pause_writing
+        "disconnected",
     ),
     Server: (
         "startup",  # the emulator runs the server without `serve()`'s signal handlers,
@@ -109,6 +116,61 @@ UNDOCUMENTED: dict[type, tuple[str, ...]] = {
 # The module's names `KursCycle.send` uses as uvicorn's own send does.
 HEAD_NAMES = ("HEADER_RE", "HEADER_VALUE_RE", "STATUS_LINE")
 
+
+def text_frame(text: str) -> bytes:
+    """`text` as one unfragmented, unmasked WebSocket text frame on the wire (RFC 6455): the
+    bytes uvicorn's send writes for it on a connection without extensions, for any client."""
+    return bytes(Frame(Opcode.TEXT, text.encode()).serialize(mask=False))
+
+
+class DirectWrite:
+    """Whole frames (`text_frame`) written straight to one uvicorn WebSocket's transport.
+
+    The fan-out frames each event once and writes the same bytes to every socket; uvicorn's
+    send encodes and frames the text again for each socket, and its coroutine, websockets'
+    frame and the join cost more than the write itself
+    (docs/benchmarks.md#realtime-direct-writes-2026-12-07).
+    `ready()` says whether uvicorn's send would write at once; when it would not (the client
+    stopped reading, a close was sent, the connection is gone) the caller uses the ASGI send,
+    which waits or raises as uvicorn decides. Data frames carry no state in websockets' protocol
+    beyond its state (open, closing), which `close_sent` and the transport's closing follow.
+    """
+
+    __slots__ = ("_protocol", "_transport", "_writable")
+
+    frame = staticmethod(text_frame)
+
+    def __init__(self, protocol: WebSocketsSansIOProtocol) -> None:
+        self._protocol = protocol
+        self._transport = protocol.transport
+        self._writable = protocol.writable
+
+    def ready(self) -> bool:
+        return (
+            self._writable.is_set()
+            and not self._protocol.close_sent
+            and not self._protocol.disconnected
+            and not self._transport.is_closing()
+        )
+
+    def write(self, data: bytes) -> None:
+        self._transport.write(data)
+
+
+def direct_write(send: Callable[..., Any]) -> DirectWrite | None:
+    """A `DirectWrite` for the socket an ASGI `send` belongs to, once its handshake completed;
+    None unless that is uvicorn's websockets sans-I/O protocol with no extension negotiated
+    (a compressed connection frames each message with its own state) and the send unwrapped."""
+    protocol = getattr(send, "__self__", None)
+    if not isinstance(protocol, WebSocketsSansIOProtocol):
+        return None
+    if getattr(send, "__func__", None) is not WebSocketsSansIOProtocol.send:
+        return None  # a subclass's own send (the emulator's) may write otherwise
+    if not protocol.handshake_complete or protocol.conn.extensions:
+        return None
+    return DirectWrite(protocol)
+
+
 __all__ = [
     "HEADER_RE",
     "HEADER_VALUE_RE",
@@ -117,8 +179,11 @@ __all__ = [
     "STATUS_LINE",
     "UNDOCUMENTED",
     "WRITTEN_AGAINST",
+    "DirectWrite",
     "HttpToolsProtocol",
     "RequestResponseCycle",
     "Server",
     "WebSocketsSansIOProtocol",
+    "direct_write",
+    "text_frame",
 ]

@@ -27,6 +27,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from config.jsonenc import dumps
+from edge._uvicorn_compat import direct_write
 from rates.snapshot import snapshot
 from realtime import metrics, resume
 from realtime.bridge import bridge
@@ -109,6 +110,8 @@ class ItemsConsumer(AsyncWebsocketConsumer):
             pairs=pairs,
             policy=policy,
             prelude=None if replay is None else resume.replay(start, lambda: queue.pairs, replay),
+            # Under uvicorn, the fan-out writes each event's frame bytes, made once, directly.
+            direct=direct_write(self.base_send),
         )
         self.queue = queue
         queue.expand = expand

@@ -3,13 +3,16 @@
 The bridge hands every event to the hub once, as the JSON text frame already serialised. The hub
 puts that same string into the bounded queue of each socket it concerns (rate events by pair,
 everything else to all) and returns at once: it never waits for a socket. One callback at the
-end of the loop's turn (`Writes`) then writes each socket's waiting frames, a socket at a time:
-the server's send completes without suspending while the client reads, so it is run by hand
-(`SocketQueue._pump`) and no task wakes per socket and event (those wake-ups were a fifth of
-the fan-out's time: docs/benchmarks.md#realtime-one-write-pass-per-loop-turn-2026-12-07). A
-send that does suspend (the client stopped reading and the server's buffer is full) hands the
-socket to a task of its own, which finishes that send, drains what came meanwhile and hands the
-socket back.
+end of the loop's turn (`Writes`) then writes each socket's waiting frames, a socket at a time,
+and no task wakes per socket and event (those wake-ups were a fifth of the fan-out's time:
+docs/benchmarks.md#realtime-one-write-pass-per-loop-turn-2026-12-07). Under uvicorn, with no
+extension negotiated, a frame's bytes on the wire are made once per pass and each socket's
+waiting frames go to its transport in one write (`DirectWriter`; uvicorn's send framed the
+text again for each socket and cost more than the write itself); otherwise, and whenever the
+socket's write buffer is full, the server's send is used: it completes without suspending
+while the client reads, so it is run by hand (`SocketQueue._pump`). A send that does suspend
+(the client stopped reading and the server's buffer is full) hands the socket to a task of its
+own, which finishes that send, drains what came meanwhile and hands the socket back.
 While a socket is behind (its send blocked, or a quarter of its queue waiting), a newer rate
 update for a pair replaces the older one still unsent (the latest wins); it takes its own place
 at the end of the queue, so frames still leave in stream order and a client's last `seq` is a
@@ -31,13 +34,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import types
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from realtime import metrics
+from realtime.byhand import resume_suspended
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,18 @@ Close = Callable[[int], Coroutine[Any, Any, None]]
 Prelude = AsyncIterator[tuple[str | None, int | None]]
 # What a delivery policy looks at in a rate update: (value, provider, status).
 RateFacts = tuple[Any, Any, Any]
+
+
+class DirectWriter(Protocol):
+    """Writes whole WebSocket frames (`frame()` of a text: the same bytes for every socket)
+    straight to one socket, when `ready()` says the server's send would write at once
+    (`edge._uvicorn_compat.DirectWrite`)."""
+
+    def frame(self, text: str) -> bytes: ...
+
+    def ready(self) -> bool: ...
+
+    def write(self, data: bytes) -> None: ...
 
 
 class DeliveryPolicy:
@@ -109,30 +124,6 @@ class DeliveryPolicy:
         self.pending.clear()
 
 
-@types.coroutine
-def resume_suspended(coro: Coroutine[Any, Any, None], awaiting: Any) -> Generator[Any, Any, None]:
-    """The rest of `coro`, already run by hand until it suspended on `awaiting`, as an awaitable
-    a task can run: what `yield from` does, from the middle. Each value the coroutine yields
-    (the future it waits on) goes up to the task, and each result or exception comes back down.
-    """
-    while True:
-        try:
-            sent = yield awaiting
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as exc:  # cancellation included: the coroutine sees it as thrown
-            try:
-                awaiting = coro.throw(exc)
-            except StopIteration:
-                return
-        else:
-            try:
-                awaiting = coro.send(sent)
-            except StopIteration:
-                return
-
-
 class Writes:
     """The sockets with frames waiting, written once per turn of the event loop.
 
@@ -146,6 +137,9 @@ class Writes:
         self._due: list[SocketQueue] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
+        # Each frame's bytes on the wire, made once per pass for all the sockets written
+        # directly (a text is hashed once: the same string object comes from every queue).
+        self.wire: dict[str, bytes] = {}
 
     def add(self, socket: SocketQueue, loop: asyncio.AbstractEventLoop) -> None:
         if loop is not self._loop:  # the first use, or another loop (only tests run several)
@@ -157,8 +151,11 @@ class Writes:
 
     def _flush(self) -> None:
         due, self._due, self._scheduled = self._due, [], False
-        for socket in due:
-            socket.write_due()
+        try:
+            for socket in due:
+                socket.write_due()
+        finally:
+            self.wire.clear()
 
 
 writes = Writes()
@@ -180,8 +177,12 @@ class SocketQueue:
         send_timeout: float | None = None,
         prelude: Prelude | None = None,
         policy: DeliveryPolicy | None = None,
+        direct: DirectWriter | None = None,
     ) -> None:
         self._send = send
+        # With `direct`, the write pass writes the waiting frames' bytes straight to the socket,
+        # all in one write, while it is ready; `send` then serves only when it is not.
+        self._direct = direct
         self._close = close
         self.pairs = pairs  # None: every active pair
         # Read at creation, not at import: tests and benchmarks tune the module values.
@@ -213,6 +214,10 @@ class SocketQueue:
         self.policy = policy if policy is not None and policy.active else None
         # `expand=sources`: this subscriber's rate updates keep their `sources`.
         self.expand = False
+
+    @property
+    def writes_directly(self) -> bool:
+        return self._direct is not None
 
     def start(self) -> None:
         """Frames put before now leave now (a resume's replay first, in a task)."""
@@ -365,6 +370,14 @@ class SocketQueue:
             return None
         return self._rates.pop(entry[0])[0]
 
+    def _frames(self) -> Generator[str, None, None]:
+        """Every frame waiting, taken from the queue (superseded entries skipped)."""
+        queue = self._queue
+        while queue:
+            frame = self._next_frame()
+            if frame is not None:
+                yield frame
+
     def _wake(self) -> None:
         """Frames wait: to be written at the end of this turn, unless a task owns the writes."""
         if not self._busy and not self._due and self._queue:
@@ -379,14 +392,29 @@ class SocketQueue:
     def _pump(self) -> None:
         """Send what waits, here and now, while each send completes without suspending.
 
-        The server's send is a coroutine that only suspends when the client stopped reading;
-        run by hand, it costs a call, not a task's wake-up. One that suspends is finished by a
-        task (`_drain`), which owns the socket's writes until the queue is empty.
+        With a direct writer that is ready, every waiting frame's bytes (made once per pass for
+        all sockets) go in one write. Otherwise through the server's send: a coroutine that only
+        suspends when the client stopped reading; run by hand, it costs a call, not a task's
+        wake-up. One that suspends is finished by a task (`_drain`), which owns the socket's
+        writes until the queue is empty.
         """
         if self._busy or self.kicked:
             return  # not started, replaying, a task is sending, this very pump, or closed
-        self._busy = True
         queue = self._queue
+        direct = self._direct
+        if direct is not None and direct.ready():
+            cache = writes.wire
+            data = []
+            for text in self._frames():
+                wire = cache.get(text)
+                if wire is None:
+                    wire = cache[text] = direct.frame(text)
+                data.append(wire)
+            if data:
+                direct.write(data[0] if len(data) == 1 else b"".join(data))
+                self.sent += len(data)
+            return
+        self._busy = True
         while queue:
             frame = self._next_frame()
             if frame is None:

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
+from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -177,3 +178,44 @@ async def test_a_slow_client_is_coalesced_then_closed_while_a_fast_one_keeps_up(
             reader.cancel()
         slow.close()
         await fast.close()
+
+
+async def test_frames_written_directly_are_the_frames_uvicorn_sends(server: int) -> None:
+    """A socket with no extension gets each event's frame bytes, made once, written directly; one
+    with permessage-deflate goes through uvicorn's send; both read the same messages."""
+    url, origin = f"ws://127.0.0.1:{server}/ws/items?pairs={PAIR}", f"http://127.0.0.1:{server}"
+    plain = await ws_connect(url, origin=Origin(origin), compression=None)
+    deflated = await ws_connect(url, origin=Origin(origin))
+    try:
+        assert deflated.protocol.extensions, "permessage-deflate was not negotiated"
+        for client in (plain, deflated):
+            assert json.loads(await client.recv())["type"] == "snapshot"
+        assert sorted(q.writes_directly for q in hub.hub.sockets()) == [False, True]
+        assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
+        for value in range(20):
+            events.publish(
+                "rate.updated",
+                {
+                    "direction": PAIR,
+                    "value": value,
+                    "provider": "binance",
+                    "source_time": "2026-11-23T06:00:00Z",
+                    "derived": False,
+                    # Frames of every length form (7-bit, 16-bit), not all ASCII.
+                    "pad": "é" * value * 9,
+                },
+            )
+
+        async def read(client: Any) -> list[str]:
+            frames: list[str] = []
+            while not frames or json.loads(frames[-1])["data"]["value"] != 19:
+                frames.append(str(await client.recv()))
+            return frames
+
+        async with asyncio.timeout(10):
+            received = [await read(plain), await read(deflated)]
+        assert received[0] == received[1]
+        assert [json.loads(f)["data"]["value"] for f in received[0]] == list(range(20))
+    finally:
+        await plain.close()
+        await deflated.close()
