@@ -1,11 +1,8 @@
 """Publishing: the send queue `realtime.events.publish` fills, its acks, the relay, the fallback.
 
 `publish()` only appends to an in-memory send queue and wakes the connection's loop, so a caller
-in any thread, sync or async, never waits for the network. Woken, the loop hands what waits to
-nats-py there and then, when nothing must go first (connected, no relay due, the pump idle):
-nats-py's publish is run by hand, no task wakes (`_send_queued`). Otherwise the loop's pump
-sends the queue on NATS while connected; when the connection is down, each event goes to the
-fallback bus instead:
+in any thread, sync or async, never waits for the network. The loop's pump sends the queue on
+NATS while connected; when the connection is down, each event goes to the fallback bus instead:
 a channel-layer group that every web process's bridge listens on (channels-redis), or, with the
 in-memory layer (one process, no Redis), straight to this process's bridge.
 
@@ -28,20 +25,18 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
 
 from channels.layers import InMemoryChannelLayer, channel_layers
 from django.conf import settings
 from django.db import DatabaseError
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import PubAck
 
 from config.jsonenc import dumps
 from realtime import metrics, outbox_rows
-from realtime.byhand import resume_suspended
 from realtime.nats.link import NatsConnection, Part, connection
 from realtime.nats.subjects import FALLBACK_MESSAGE_TYPE, ORIGIN_HEADER, fallback_group
 
@@ -111,7 +106,6 @@ class Outbox(Part):
         self._relayed_any = False  # then this process keeps the books of what it relayed
         self._books_failing = False  # the bookkeeping's failure was logged (once per outage)
         self._flushing = False
-        self._finishing: set[asyncio.Task[None]] = set()
         self._idle = threading.Condition()
         link.add_part(self)
 
@@ -127,11 +121,11 @@ class Outbox(Part):
             self._counts["dropped"] += 1
             logger.warning("nats: outbox full (%d), dropped the oldest event", OUTBOX_LIMIT)
         self._queue.append((subject, payload, headers))
-        # The flag is cleared on the loop before the queue is drained, and set here after the
-        # append: a wake-up is never lost, and a burst of publishes costs one self-pipe write.
+        # The flag is cleared by the pump before it drains, and set here after the append: a
+        # wake-up is never lost, and a burst of publishes costs one self-pipe write.
         if not self._wakeup_pending:
             self._wakeup_pending = True
-            self._link.call_soon(self._send_queued)
+            self._link.call_soon(self._kick)
 
     def add_ack_callback(self, callback: AckCallback) -> None:
         if callback not in self._ack_callbacks:
@@ -245,59 +239,6 @@ class Outbox(Part):
         }
 
     # --- the pump ------------------------------------------------------------------------------
-    def _send_queued(self) -> None:
-        """`publish()`'s wake-up, on the loop: the queue goes to nats-py at once when nothing
-        must go before it; otherwise, and for whatever cannot go at once, the pump is woken.
-
-        This is the path of every event while connected: one callback, where the pump took a
-        task's wake-up and its awaits (the hand-over to this thread was a sixth of the
-        fetcher's time per tick: docs/benchmarks.md#realtime-direct-writes-2026-12-07).
-        """
-        self._wakeup_pending = False
-        queue = self._queue
-        if self._flushing or self._relay_due or self._relay_unreadable or not queue:
-            self._kick()  # the pump drains in order, relay first; or it is draining now
-            return
-        link, client = self._link, self._link.client
-        if client is None or not client.is_connected or not link.connected.is_set():
-            self._kick()  # not connected: the pump waits for the first attempt, or falls back
-            return
-        while queue:
-            subject, payload, headers = queue[0]
-            publish = self._publish_call(client, subject, payload, headers)
-            try:
-                awaiting = publish.send(None)
-            except StopIteration:
-                queue.popleft()
-                self._sent(headers)
-                continue
-            except Exception:
-                break  # not sent: the pump tries again, notes the error and falls back
-            # nats-py waits for a forced flush (its buffer over its limit): the message is in
-            # its buffer, in order; the rest of that publish runs in a task, the rest of the
-            # queue in the pump, which awaits each publish.
-            queue.popleft()
-            self._sent(headers)
-            task = asyncio.get_running_loop().create_task(
-                self._finish(subject, resume_suspended(publish, awaiting))
-            )
-            self._finishing.add(task)  # the loop holds tasks weakly
-            task.add_done_callback(self._finishing.discard)
-            break
-        if queue:
-            self._kick()
-            return
-        with self._idle:
-            self._idle.notify_all()
-
-    async def _finish(self, subject: str, publish: Awaitable[None]) -> None:
-        try:
-            await publish
-        except Exception as exc:
-            # The message was buffered; if it never reaches the stream, its ack does not come
-            # and the relay sends it again (`_watch_acks`).
-            self._link.note_error(f"publish on {subject} failed: {exc}")
-
     def _kick(self) -> None:
         if self._wake is not None:
             self._wake.set()
@@ -346,27 +287,18 @@ class Outbox(Part):
         client = self._link.client
         if client is None or not client.is_connected or not self._link.connected.is_set():
             return False
+        event_id = headers.get(MSG_ID_HEADER, "")
+        stream = bool(self._link.jetstream and self._ack_inbox and event_id)
         try:
-            await self._publish_call(client, subject, payload, headers)
+            await client.publish(
+                subject,
+                payload,
+                reply=f"{self._ack_inbox}.{event_id}" if stream else "",
+                headers=headers,
+            )
         except Exception as exc:
             self._link.note_error(f"publish on {subject} failed: {exc}")
             return False
-        self._sent(headers)
-        return True
-
-    def _publish_call(
-        self, client: Client, subject: str, payload: bytes, headers: dict[str, str]
-    ) -> Coroutine[Any, Any, None]:
-        """nats-py's publish of one event, with JetStream's ack asked for where there is one."""
-        event_id = headers.get(MSG_ID_HEADER, "")
-        stream = bool(self._link.jetstream and self._ack_inbox and event_id)
-        reply = f"{self._ack_inbox}.{event_id}" if stream else ""
-        return client.publish(subject, payload, reply=reply, headers=headers)
-
-    def _sent(self, headers: dict[str, str]) -> None:
-        """An event is in nats-py's buffer: counted, and watched for its ack."""
-        event_id = headers.get(MSG_ID_HEADER, "")
-        stream = bool(self._link.jetstream and self._ack_inbox and event_id)
         self._counts["nats"] += 1
         metrics.NATS_PUBLISHES.labels(path="nats").inc()
         if stream and len(self._in_flight) < OUTBOX_LIMIT:
@@ -375,6 +307,7 @@ class Outbox(Part):
             # A server without JetStream acknowledges nothing and keeps nothing to replay: sent
             # is as delivered as it gets (at most once).
             self._book(event_id)
+        return True
 
     # --- acks, the books and the relay ---------------------------------------------------------
     async def _on_ack(self, msg: Msg) -> None:
