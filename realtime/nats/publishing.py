@@ -103,6 +103,11 @@ class Outbox(Part):
         self._books_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._in_flight: dict[str, float] = {}  # event id -> time.monotonic() it was sent
+        # Subject -> the event id in flight on it: the next event of a subject (a pair) waits for
+        # the previous one's answer, so that one lost without an answer (its stream leader
+        # killed) cannot be overtaken by the next; acks take a millisecond.
+        self._busy: dict[str, str] = {}
+        self._busy_subject: dict[str, str] = {}  # event id -> its subject, while in `_busy`
         self._pruned_at = 0.0
         self._relay_due = False
         self._relay_after = 0.0  # time.monotonic() before which a failed relay is not retried
@@ -186,6 +191,8 @@ class Outbox(Part):
         self._ack_client = None
         self._acked = []
         self._in_flight = {}
+        self._busy = {}
+        self._busy_subject = {}
 
     async def connected(self) -> None:
         client = self._link.client
@@ -250,6 +257,8 @@ class Outbox(Part):
         self._flushing = False
         self._idle = threading.Condition()
         self._in_flight = {}
+        self._busy = {}
+        self._busy_subject = {}
 
     def status(self) -> dict[str, Any]:
         return {
@@ -290,7 +299,7 @@ class Outbox(Part):
             if self._relay_due and self._link.connected.is_set():
                 # Before the next event: the stream keeps each pair's events in their order.
                 await self._relay()
-            if not queue or self._holding():
+            if not queue or self._holding() or self._waits_for_ack(queue[0][0]):
                 return
             subject, payload, headers = queue.popleft()
             # Behind a relay that cannot read the database, a newer event must not reach the
@@ -327,6 +336,8 @@ class Outbox(Part):
         if stream and len(self._in_flight) < OUTBOX_LIMIT:
             self._in_flight.pop(event_id, None)  # a re-sent event goes to the end: oldest first
             self._in_flight[event_id] = time.monotonic()
+            self._busy[subject] = event_id
+            self._busy_subject[event_id] = subject
         if event_id and not stream and self._link.jetstream is False:
             # A server without JetStream acknowledges nothing and keeps nothing to replay: sent
             # is as delivered as it gets (at most once).
@@ -336,7 +347,7 @@ class Outbox(Part):
     # --- acks, the books and the relay ---------------------------------------------------------
     async def _on_ack(self, msg: Msg) -> None:
         event_id = msg.subject.rsplit(".", 1)[-1]
-        self._in_flight.pop(event_id, None)
+        self._answered(event_id)
         try:
             answer = json.loads(msg.data)
             if "error" in answer:
@@ -431,13 +442,27 @@ class Outbox(Part):
                     break
                 late.append(event_id)
             for event_id in late:
-                del self._in_flight[event_id]
+                self._answered(event_id)
             if late and (self._relayed_any or outbox_rows.recorded_here()):
                 self._link.note_error(f"no JetStream ack for {len(late)} events in time")
                 self._held = True
                 self._relay_due = True
                 self._relay_after = 0.0
                 self._kick()
+
+    def _waits_for_ack(self, subject: str) -> bool:
+        """The subject's previous event is still unanswered (only while connected: cut off,
+        events take the fallback bus and no answer is coming)."""
+        return subject in self._busy and self._link.connected.is_set()
+
+    def _answered(self, event_id: str) -> None:
+        """Acknowledged, refused or given up on: its subject may send its next event."""
+        self._in_flight.pop(event_id, None)
+        subject = self._busy_subject.pop(event_id, None)
+        if subject is not None and self._busy.get(subject) == event_id:
+            del self._busy[subject]
+            if self._queue and self._queue[0][0] == subject:
+                self._kick()  # the pump waits for this one
 
     def _refused(self) -> None:
         """JetStream refused an event (no stream leader now): hold newer events back and relay,

@@ -114,6 +114,12 @@ async def jetstream_ready(urls: list[str], within: float = 30.0) -> None:
         await client.close()
 
 
+async def stream_ensured() -> None:
+    """Kurs has its stream: a cluster whose nodes are still joining cannot place three replicas
+    yet (Kurs tries again every 2 s)."""
+    await wait_until(lambda: realtime_nats.status()["jetstream"] is True, "the stream made", 30)
+
+
 async def stored_versions(urls: list[str], prefix: str, within: float = 60.0) -> list[int]:
     """The versions of the stream's rate events, read from `urls` in stream order; retried
     while the cluster is still settling after a node's loss (its API times out then)."""
@@ -143,7 +149,7 @@ async def test_a_replicated_stream_survives_the_loss_of_the_node_kurs_is_connect
 ) -> None:
     await jetstream_ready([node.url for node in cluster])
     assert await asyncio.to_thread(realtime_nats.wait_connected, 30)
-    assert realtime_nats.status()["jetstream"] is True
+    await stream_ensured()
     before = [await sync_to_async(write)(v) for v in range(1, 11)]
     await asyncio.to_thread(acks.wait_for, before)
 
@@ -439,8 +445,9 @@ async def test_a_stream_leader_change_loses_nothing_on_any_path(
     urls = [node.url for node in cluster]
     await jetstream_ready(urls)
     assert await asyncio.to_thread(realtime_nats.wait_connected, 30)
+    await stream_ensured()
     await bridge.ensure_started()
-    assert stream_consumer.consuming_stream
+    await wait_until(lambda: stream_consumer.consuming_stream, "the ordered consumer made")
     name = stream_name(prefix)
     # The owner of live state answers control requests on a connection of its own.
     owner = NatsConnection()
