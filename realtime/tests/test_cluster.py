@@ -29,6 +29,7 @@ from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import LazySettings
 from django.db import transaction
+from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import StreamInfo
 from nats.js.client import JetStreamContext
@@ -206,12 +207,13 @@ async def stream_info(js: JetStreamContext, name: str, within: float = HEAL_WITH
             await asyncio.sleep(0.1)
 
 
-async def move_leader(js: JetStreamContext, name: str, to: str) -> None:
+async def move_leader(admin: Client, name: str, to: str) -> None:
     """Make `to` the stream's leader (a stepdown with a preferred placement)."""
+    js = admin.jetstream(timeout=2)
     async with asyncio.timeout(HEAL_WITHIN_S):
         while (await stream_info(js, name)).cluster.leader != to:  # type: ignore[union-attr]
             with contextlib.suppress(NatsTimeoutError):
-                await js._nc.request(
+                await admin.request(
                     f"$JS.API.STREAM.LEADER.STEPDOWN.{name}",
                     json.dumps({"placement": {"preferred": to}}).encode(),
                     timeout=2,
@@ -325,23 +327,24 @@ async def one_round(
     n: int,
     kind: str,
     cluster: list[ClusterNode],
-    js: JetStreamContext,
+    admin: Client,
     name: str,
     traffic: Traffic,
     acks: Acks,
 ) -> Heal:
     """Kill one node (`kind`, see ROUNDS) while events flow; how long each path took to heal;
     then restart it and wait until it caught up."""
+    js = admin.jetstream(timeout=2)
     assert await asyncio.to_thread(connection.connected.wait, HEAL_WITHIN_S)
     ours = kurs_node(cluster)
     info = await stream_info(js, name)
     assert info.cluster is not None
     if kind == "away":
         if info.cluster.leader == ours.name:
-            await move_leader(js, name, next(n.name for n in cluster if n is not ours))
+            await move_leader(admin, name, next(n.name for n in cluster if n is not ours))
         victim = node_of(cluster, (await stream_info(js, name)).cluster.leader)  # type: ignore[union-attr,arg-type]
     elif kind == "kurs":
-        await move_leader(js, name, ours.name)
+        await move_leader(admin, name, ours.name)
         victim = ours
     else:
         followers = [node for node in cluster if node.name != info.cluster.leader]
@@ -454,7 +457,7 @@ async def test_a_stream_leader_change_loses_nothing_on_any_path(
         ]
         heals = []
         for n, kind in enumerate(ROUNDS):
-            heals.append(await one_round(n, kind, cluster, js, name, traffic, acks))
+            heals.append(await one_round(n, kind, cluster, admin, name, traffic, acks))
         stop.set()
         await asyncio.gather(*tasks[::2])
         ids = [event_id for _, _, event_id in traffic.written]
