@@ -201,6 +201,10 @@ class Outbox(Part):
             inbox = client.new_inbox()
             await client.subscribe(f"{inbox}.*", cb=self._on_ack)
             self._ack_client, self._ack_inbox = client, inbox
+        # Answers to what was in flight on the old connection may never come: no subject waits
+        # for them (the relay below sends those events again first, for a process keeping books).
+        self._busy.clear()
+        self._busy_subject.clear()
         if self._relayed_any or outbox_rows.recorded_here():
             # Whatever this process sent while the server was away (or whose ack it lost) goes
             # again, before anything newer: the stream drops what it has already. At once: a
