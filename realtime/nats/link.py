@@ -31,7 +31,7 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import StreamConfig
-from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from realtime import metrics
 from realtime.nats.subjects import event_subjects, stream_name
@@ -48,6 +48,9 @@ STREAM_DUPLICATE_WINDOW_S = 10 * 60
 STREAM_RECHECK_S = 2.0
 # JetStream's "not enabled" error codes (the server or the account has none).
 JS_NOT_ENABLED = {10039, 10076}
+# "No suitable peers for placement": a cluster whose nodes have not all joined yet (or are
+# down) cannot place the replicas asked for now; tried again like a check that timed out.
+JS_NO_PEERS_YET = 10005
 # Reconnect back-off: doubling from RECONNECT_BASE_S up to RECONNECT_MAX_S, with jitter so that
 # many processes do not hammer a restarted server in step.
 RECONNECT_BASE_S = 0.1
@@ -439,6 +442,12 @@ class NatsConnection:
                 logger.info("nats: server has no JetStream; stream %s not ensured", name)
         except (NatsTimeoutError, TimeoutError) as exc:
             self._stream_unreachable(name, exc)
+        except APIError as exc:
+            if exc.err_code != JS_NO_PEERS_YET:
+                self._jetstream = False
+                self.note_error(f"JetStream stream {name}: {exc}")
+            else:
+                self._stream_unreachable(name, exc)
         except Exception as exc:
             self._jetstream = False
             self.note_error(f"JetStream stream {name}: {exc}")
@@ -447,9 +456,9 @@ class NatsConnection:
     def _stream_unreachable(self, name: str, exc: Exception) -> None:
         """JetStream is there but not answering now (a cluster electing its leaders): a stream
         known to exist is still taken to exist (its events still get their acks, or are
-        relayed), and the check is tried again shortly."""
-        if not self._jetstream:
-            self._jetstream = False
+        relayed), and the check is tried again shortly. Not yet known stays unknown (None),
+        not "no JetStream": events sent meanwhile are not taken as delivered, and go to the
+        stream with the relay once the check succeeds."""
         self.note_error(f"JetStream stream {name} not reachable now: {str(exc) or 'timeout'}")
         self._recheck_stream_later()
 

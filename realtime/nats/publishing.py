@@ -57,13 +57,20 @@ BOOKKEEPING_EVERY_S = 1.0
 PRUNE_EVERY_S = 60.0
 # The relay reads the undelivered rows in batches of this many. After a failed read (a locked
 # table, the database unreachable) it is tried again after RELAY_RETRY_FIRST_S, doubling up to
-# RELAY_RETRY_S; an event JetStream refused is relayed RELAY_RETRY_S later.
+# RELAY_RETRY_S. After JetStream refused an event (a stream electing its leader) the relay runs
+# again after REFUSED_RETRY_FIRST_S, doubling up to REFUSED_RETRY_MAX_S while it is refused
+# again: newer events wait for it, so it follows a new leader closely.
 RELAY_BATCH = 500
 RELAY_RETRY_FIRST_S = 0.05
 RELAY_RETRY_S = 5.0
+REFUSED_RETRY_FIRST_S = 0.25
+REFUSED_RETRY_MAX_S = 1.0
 # An event JetStream has neither acknowledged nor refused after this long (a stream leader lost
-# mid-flight) is taken as not stored: a relay follows.
-ACK_TIMEOUT_S = 5.0
+# mid-flight) is taken as not stored: newer events are held back and a relay follows. Short, so
+# that a new leader (elected in about 4 s) gets nothing newer before it: acks normally take a
+# millisecond. Checked this often.
+ACK_TIMEOUT_S = 1.0
+ACK_CHECK_S = 0.25
 
 # Told `(event id, stream sequence)` for every event JetStream acknowledged (a duplicate too,
 # with the sequence the stream first stored it under). Runs on the connection's loop: be quick.
@@ -96,6 +103,11 @@ class Outbox(Part):
         self._books_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._in_flight: dict[str, float] = {}  # event id -> time.monotonic() it was sent
+        # Subject -> the event id in flight on it: the next event of a subject (a pair) waits for
+        # the previous one's answer, so that one lost without an answer (its stream leader
+        # killed) cannot be overtaken by the next; acks take a millisecond.
+        self._busy: dict[str, str] = {}
+        self._busy_subject: dict[str, str] = {}  # event id -> its subject, while in `_busy`
         self._pruned_at = 0.0
         self._relay_due = False
         self._relay_after = 0.0  # time.monotonic() before which a failed relay is not retried
@@ -103,6 +115,13 @@ class Outbox(Part):
         # the fallback bus (live) and reach the stream through the relay, after the older ones.
         self._relay_unreadable = False
         self._relay_backoff = 0.0
+        # JetStream refused (or never answered) an event this process keeps the books of: newer
+        # events wait in the queue, while connected, until a relay's events are all acknowledged,
+        # so that the stream keeps the order they were written in (docs/events.md#the-stream).
+        self._held = False
+        self._refused_backoff = 0.0
+        self._relaying = False
+        self._relayed_unacked: set[str] = set()
         self._relayed_any = False  # then this process keeps the books of what it relayed
         self._books_failing = False  # the bookkeeping's failure was logged (once per outage)
         self._flushing = False
@@ -152,6 +171,11 @@ class Outbox(Part):
         relay_pending = self._relay_due and self._link.connected.is_set()
         return not (self._queue or self._flushing or relay_pending)
 
+    def _holding(self) -> bool:
+        """Newer events wait for the relay (see `_held`); not while cut off from NATS, when
+        they take the fallback bus live and reach the stream with the relay."""
+        return self._held and self._link.connected.is_set()
+
     def set_local_fallback(self, deliver: Callable[[str, bytes], None] | None) -> None:
         """Where fallback events go with the in-memory channel layer (this process's bridge)."""
         self._local_fallback = deliver
@@ -167,6 +191,8 @@ class Outbox(Part):
         self._ack_client = None
         self._acked = []
         self._in_flight = {}
+        self._busy = {}
+        self._busy_subject = {}
 
     async def connected(self) -> None:
         client = self._link.client
@@ -175,6 +201,10 @@ class Outbox(Part):
             inbox = client.new_inbox()
             await client.subscribe(f"{inbox}.*", cb=self._on_ack)
             self._ack_client, self._ack_inbox = client, inbox
+        # Answers to what was in flight on the old connection may never come: no subject waits
+        # for them (the relay below sends those events again first, for a process keeping books).
+        self._busy.clear()
+        self._busy_subject.clear()
         if self._relayed_any or outbox_rows.recorded_here():
             # Whatever this process sent while the server was away (or whose ack it lost) goes
             # again, before anything newer: the stream drops what it has already. At once: a
@@ -215,6 +245,7 @@ class Outbox(Part):
         self._relayed_any = False
         self._relay_after = 0.0
         self._relay_backoff = 0.0
+        self._refused_backoff = 0.0
         outbox_rows.forget_recorded()
 
     def forget_after_fork(self) -> None:
@@ -224,9 +255,14 @@ class Outbox(Part):
         self._ack_client = None
         self._relay_due = False
         self._relay_unreadable = False
+        self._held = False
+        self._relaying = False
+        self._relayed_unacked = set()
         self._flushing = False
         self._idle = threading.Condition()
         self._in_flight = {}
+        self._busy = {}
+        self._busy_subject = {}
 
     def status(self) -> dict[str, Any]:
         return {
@@ -267,7 +303,7 @@ class Outbox(Part):
             if self._relay_due and self._link.connected.is_set():
                 # Before the next event: the stream keeps each pair's events in their order.
                 await self._relay()
-            if not queue:
+            if not queue or self._holding() or self._waits_for_ack(queue[0][0]):
                 return
             subject, payload, headers = queue.popleft()
             # Behind a relay that cannot read the database, a newer event must not reach the
@@ -302,7 +338,10 @@ class Outbox(Part):
         self._counts["nats"] += 1
         metrics.NATS_PUBLISHES.labels(path="nats").inc()
         if stream and len(self._in_flight) < OUTBOX_LIMIT:
+            self._in_flight.pop(event_id, None)  # a re-sent event goes to the end: oldest first
             self._in_flight[event_id] = time.monotonic()
+            self._busy[subject] = event_id
+            self._busy_subject[event_id] = subject
         if event_id and not stream and self._link.jetstream is False:
             # A server without JetStream acknowledges nothing and keeps nothing to replay: sent
             # is as delivered as it gets (at most once).
@@ -312,7 +351,7 @@ class Outbox(Part):
     # --- acks, the books and the relay ---------------------------------------------------------
     async def _on_ack(self, msg: Msg) -> None:
         event_id = msg.subject.rsplit(".", 1)[-1]
-        self._in_flight.pop(event_id, None)
+        self._answered(event_id)
         try:
             answer = json.loads(msg.data)
             if "error" in answer:
@@ -324,11 +363,13 @@ class Outbox(Part):
             # newer events, then: the one case where a pair's events reach the stream out of
             # version order; the snapshot and clients order them by `version`).
             self._link.note_error(f"no JetStream ack for {event_id}: {msg.data[:200]!r}")
-            if outbox_rows.recorded_here():
-                self._relay_later()
+            if self._relayed_any or outbox_rows.recorded_here():
+                self._refused()
             return
         self._counts["acked"] += 1
         self._book(event_id)
+        self._relayed_unacked.discard(event_id)
+        self._release_if_relayed()
         for callback in list(self._ack_callbacks):
             try:
                 callback(event_id, ack.seq)
@@ -395,17 +436,58 @@ class Outbox(Part):
         self._link.note_error(f"outbox bookkeeping failed, tried again each second: {exc}")
 
     async def _watch_acks(self) -> None:
-        """Every ACK_TIMEOUT_S: events sent that long ago with no answer call for a relay."""
+        """Every ACK_CHECK_S: events sent ACK_TIMEOUT_S ago with no answer call for a relay."""
         while True:
-            await asyncio.sleep(ACK_TIMEOUT_S)
+            await asyncio.sleep(ACK_CHECK_S)
             cutoff = time.monotonic() - ACK_TIMEOUT_S
-            late = [event_id for event_id, sent in self._in_flight.items() if sent < cutoff]
+            late = []
+            for event_id, sent in self._in_flight.items():  # oldest first
+                if sent >= cutoff:
+                    break
+                late.append(event_id)
             for event_id in late:
-                del self._in_flight[event_id]
+                self._answered(event_id)
             if late and (self._relayed_any or outbox_rows.recorded_here()):
                 self._link.note_error(f"no JetStream ack for {len(late)} events in time")
+                self._held = True
                 self._relay_due = True
+                self._relay_after = 0.0
                 self._kick()
+
+    def _waits_for_ack(self, subject: str) -> bool:
+        """The subject's previous event is still unanswered (only while connected: cut off,
+        events take the fallback bus and no answer is coming)."""
+        return subject in self._busy and self._link.connected.is_set()
+
+    def _answered(self, event_id: str) -> None:
+        """Acknowledged, refused or given up on: its subject may send its next event."""
+        self._in_flight.pop(event_id, None)
+        subject = self._busy_subject.pop(event_id, None)
+        if subject is not None and self._busy.get(subject) == event_id:
+            del self._busy[subject]
+            if self._queue and self._queue[0][0] == subject:
+                self._kick()  # the pump waits for this one
+
+    def _refused(self) -> None:
+        """JetStream refused an event (no stream leader now): hold newer events back and relay,
+        sooner at first, then less often while it keeps refusing."""
+        if not self._held:
+            logger.info("nats: JetStream refused an event; newer events wait for the relay")
+        self._held = True
+        if self._relay_due:
+            return  # one relay is planned already: one back-off step per relay, not per event
+        self._refused_backoff = min(
+            REFUSED_RETRY_MAX_S, max(REFUSED_RETRY_FIRST_S, self._refused_backoff * 2)
+        )
+        self._relay_later(self._refused_backoff)
+
+    def _release_if_relayed(self) -> None:
+        """Every event of the last relay acknowledged: newer events may go again."""
+        if self._held and not (self._relaying or self._relay_due or self._relayed_unacked):
+            self._held = False
+            self._refused_backoff = 0.0
+            logger.info("nats: JetStream acknowledges again; held events go on")
+            self._kick()
 
     def _relay_later(self, delay: float = RELAY_RETRY_S) -> None:
         """A relay in `delay` seconds, or with the next event after that (on the loop)."""
@@ -419,6 +501,15 @@ class Outbox(Part):
             asyncio.get_running_loop().call_later(wait, self._kick)  # not before, not never
             return
         self._relay_due = False
+        self._relaying = True
+        self._relayed_unacked = set()
+        try:
+            await self._relay_rows()
+        finally:
+            self._relaying = False
+        self._release_if_relayed()
+
+    async def _relay_rows(self) -> None:
         after, relayed = 0, 0
         while True:
             try:
@@ -435,6 +526,12 @@ class Outbox(Part):
             self._relayed_any = self._relayed_any or bool(rows)
             for position, event_id, subject, payload in rows:
                 headers = {ORIGIN_HEADER: settings.KURS_INSTANCE, MSG_ID_HEADER: event_id}
+                if self._link.jetstream:
+                    # Newer events wait until JetStream acknowledged every relayed one: a
+                    # relayed event it refuses (no leader yet) must not land after them. Noted
+                    # before the send: its ack may come back while the relay is still sending.
+                    self._held = True
+                    self._relayed_unacked.add(event_id)
                 if not await self._send(subject, payload.encode(), headers):
                     self._relay_due = True  # cut off again: the rest on the next connection
                     return

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -36,15 +36,24 @@ from realtime.nats.link import (
 )
 from realtime.nats.subjects import event_subjects, stream_name
 
+T = TypeVar("T")
 logger = logging.getLogger("realtime.nats")
 
-# The ordered consumer's idle heartbeat: nats-py re-creates it after two missed ones.
-CONSUMER_HEARTBEAT_S = 2.0
+# The ordered consumer's idle heartbeat: nats-py re-creates it after two missed ones (its node
+# lost: within 2-4 s, then every 2 s until the stream's new leader takes it).
+CONSUMER_HEARTBEAT_S = 1.0
+# An ordered consumer that could not be made (no stream leader) is tried again this often.
+CONSUMER_RETRY_S = 1.0
 # A replay reads the stream in batches of this many messages.
 REPLAY_BATCH = 256
 REPLAY_FETCH_TIMEOUT_S = 2.0
 # An abandoned replay consumer (its reader gone with the process) disappears after this.
 REPLAY_INACTIVE_S = 30.0
+# A stream that cannot be read now (a cluster electing the stream's leader, in about 4 s; the
+# node holding the replay's consumer lost) is tried again every REPLAY_RETRY_S, from the last
+# sequence read, for up to REPLAY_WAIT_S before the replay gives up (the client gets `gap`).
+REPLAY_WAIT_S = 10.0
+REPLAY_RETRY_S = 0.25
 
 # A message of the consumed subject and its stream sequence (None: plain subscription).
 StreamCallback = Callable[[Msg, "int | None"], Awaitable[None]]
@@ -88,6 +97,7 @@ class StreamConsumer(Part):
         self._subs: list[Any] = []
         self._ordered = False
         self._lock: asyncio.Lock | None = None
+        self._retry: asyncio.Task[None] | None = None
         link.add_part(self)
 
     def consume(
@@ -123,12 +133,16 @@ class StreamConsumer(Part):
     # --- the connection's lifecycle ----------------------------------------------------------
     def loop_started(self, loop: asyncio.AbstractEventLoop) -> None:
         self._lock = asyncio.Lock()
+        self._retry = None
 
     async def connected(self) -> None:
         # Re-made from the last sequence the bridge handled: a restarted server lost the old one.
         await self._apply()
 
     async def closing(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         subs, self._subs = self._subs, []
         self._ordered = False
         for sub in subs:
@@ -136,6 +150,7 @@ class StreamConsumer(Part):
 
     def forget_after_fork(self) -> None:
         self._consumer = None
+        self._retry = None
         self._subs = []
         self._ordered = False
 
@@ -160,8 +175,12 @@ class StreamConsumer(Part):
                 try:
                     await self._subscribe_ordered(client, consumer, stored)
                 except Exception as exc:
+                    # The stream is there but cannot be read now (a cluster electing its
+                    # leader): its events are not taken from the plain subscription meanwhile
+                    # (unnumbered, then again numbered), the consumer is tried again shortly
+                    # from the last sequence handled, and skips nothing.
                     self._link.note_error(f"ordered consumer on {consumer.subject}: {exc}")
-                    stored = []
+                    self._retry_later()
             # The rest of the subject (everything without JetStream; with it, what the stream
             # does not keep: foreign messages) by a plain subscription, without sequences.
             prefixes = tuple(pattern.removesuffix(">") for pattern in stored)
@@ -173,6 +192,19 @@ class StreamConsumer(Part):
 
             self._subs.append(await client.subscribe(consumer.subject, cb=plain))
             await client.flush(timeout=CONNECT_TIMEOUT_S)
+
+    def _retry_later(self) -> None:
+        loop = self._link.loop
+        if loop is None or (self._retry is not None and not self._retry.done()):
+            return
+
+        async def retry() -> None:
+            await asyncio.sleep(CONSUMER_RETRY_S)
+            self._retry = None
+            if not self._ordered:
+                await self._apply()
+
+        self._retry = loop.create_task(retry())
 
     async def _subscribe_ordered(
         self, client: Client, consumer: _Consumer, subjects: list[str]
@@ -225,17 +257,38 @@ class StreamCursor:
         self._sub: Any = None
         self._js: Any = None
         self._name = ""
-        # Named here, so that `close()` can delete it by the name it was made with.
-        self._consumer_name = f"kurs-replay-{uuid.uuid4().hex}"
+        self._opened = False
+        # Named when made, so that `close()` can delete it by the name it was made with.
+        self._consumer_name = ""
 
     async def open(self) -> None:
-        """Read the stream's bounds; StreamUnavailable when it cannot be read now."""
-        await self._link.on_loop(self._open())
+        """Read the stream's bounds; StreamUnavailable when it cannot be read within
+        REPLAY_WAIT_S (not connected, or the stream has no leader that long)."""
+        await self._link.on_loop(self._patiently(self._open))
 
     async def batch(self) -> list[StoredMessage]:
+        """The next messages; a consumer lost with its node is made again from the last
+        sequence read (StreamUnavailable when that fails for REPLAY_WAIT_S)."""
         if self.done:
             return []
-        return list(await self._link.on_loop(self._batch()))
+        return list(await self._link.on_loop(self._patiently(self._batch)))
+
+    async def _patiently(self, step: Callable[[], Awaitable[T]]) -> T:
+        """`step()`, tried again from where the read stands while the stream is unreadable."""
+        deadline = asyncio.get_running_loop().time() + REPLAY_WAIT_S
+        while True:
+            try:
+                return await step()
+            except StreamUnavailable:
+                client = self._link.client
+                if (
+                    asyncio.get_running_loop().time() + REPLAY_RETRY_S > deadline
+                    or client is None
+                    or not self._link.jetstream
+                ):
+                    raise
+            await self._close()  # a consumer on a lost node: made again from `since`
+            await asyncio.sleep(REPLAY_RETRY_S)
 
     async def close(self) -> None:
         if self._sub is not None:
@@ -253,10 +306,15 @@ class StreamCursor:
             state = (await self._js.stream_info(self._name)).state
         except Exception as exc:
             raise StreamUnavailable(f"stream {self._name}: {exc}") from exc
-        self.first_seq, self.last_seq = state.first_seq, state.last_seq
+        if not self._opened:
+            # The bounds of the read are fixed by the first open; a re-open goes on from `since`.
+            self.first_seq, self.last_seq = state.first_seq, state.last_seq
+            self._opened = True
         if self.since >= self.last_seq:
             self.done = True
             return
+        # A name of its own each time: a consumer lost with its node may linger under the old one.
+        self._consumer_name = f"kurs-replay-{uuid.uuid4().hex}"
         config = ConsumerConfig(
             name=self._consumer_name,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
@@ -276,11 +334,18 @@ class StreamCursor:
             raise StreamUnavailable(f"replay consumer: {exc}") from exc
 
     async def _batch(self) -> list[StoredMessage]:
+        if self._sub is None:
+            await self._open()  # made again after a failed read
+            if self.done:
+                return []
         try:
             msgs = await self._sub.fetch(REPLAY_BATCH, timeout=REPLAY_FETCH_TIMEOUT_S)
         except (NatsTimeoutError, TimeoutError):
             # Nothing came: fine only if nothing is left (messages removed since `open`).
-            info = await self._sub.consumer_info()
+            try:
+                info = await self._sub.consumer_info()
+            except Exception as exc:
+                raise StreamUnavailable(f"replay: {exc}") from exc
             if info.num_pending == 0:
                 self.done = True
                 return []
@@ -295,6 +360,7 @@ class StreamCursor:
                 self.done = True  # past the end fixed at open(): live delivery has those
                 break
             stored.append(StoredMessage(seq, msg.subject, msg.headers, msg.data))
+            self.since = seq  # where a consumer made again goes on from
             if seq == self.last_seq or meta.num_pending == 0:
                 self.done = True
                 break
