@@ -57,7 +57,7 @@ BOOKKEEPING_EVERY_S = 1.0
 PRUNE_EVERY_S = 60.0
 # The relay reads the undelivered rows in batches of this many. After a failed read (a locked
 # table, the database unreachable) it is tried again after RELAY_RETRY_FIRST_S, doubling up to
-# RELAY_RETRY_S; an event JetStream refused is relayed RELAY_RETRY_S later.
+# RELAY_RETRY_S; an event JetStream refused is relayed the same way, newer ones held behind it.
 RELAY_BATCH = 500
 RELAY_RETRY_FIRST_S = 0.05
 RELAY_RETRY_S = 5.0
@@ -103,6 +103,11 @@ class Outbox(Part):
         # the fallback bus (live) and reach the stream through the relay, after the older ones.
         self._relay_unreadable = False
         self._relay_backoff = 0.0
+        # JetStream refused an event (no stream leader: one lost, the next not yet elected):
+        # until the stream acknowledges again, newer events go live over the fallback and to the
+        # stream through the relay, behind the refused one (a pair's versions stay in order).
+        self._stream_refused = False
+        self._refused_backoff = 0.0
         self._relayed_any = False  # then this process keeps the books of what it relayed
         self._books_failing = False  # the bookkeeping's failure was logged (once per outage)
         self._flushing = False
@@ -224,6 +229,7 @@ class Outbox(Part):
         self._ack_client = None
         self._relay_due = False
         self._relay_unreadable = False
+        self._stream_refused = False
         self._flushing = False
         self._idle = threading.Condition()
         self._in_flight = {}
@@ -272,7 +278,8 @@ class Outbox(Part):
             subject, payload, headers = queue.popleft()
             # Behind a relay that cannot read the database, a newer event must not reach the
             # stream first: it goes live over the fallback, and to the stream with the relay.
-            if not self._relay_unreadable and await self._send(subject, payload, headers):
+            held = self._relay_unreadable or self._stream_refused
+            if not held and await self._send(subject, payload, headers):
                 continue
             if outbox_rows.recorded_here():
                 self._relay_due = True  # it may be a stored event: the stream gets it later
@@ -319,15 +326,16 @@ class Outbox(Part):
                 raise ValueError(answer["error"])
             ack = PubAck.from_response(answer)
         except (ValueError, TypeError, KeyError):
-            # No JSON (a no-responders status: no stream took the subject, JetStream not ready
-            # yet) or an error answer: not stored. Sent again by a relay a little later (after
-            # newer events, then: the one case where a pair's events reach the stream out of
-            # version order; the snapshot and clients order them by `version`).
+            # No JSON (a no-responders status: no stream took the subject, a replicated stream
+            # between leaders, JetStream not ready yet) or an error answer: not stored. Newer
+            # events are held behind it until a relay, tried again with a growing delay, is
+            # acknowledged: a client would drop a version stored after a newer one.
             self._link.note_error(f"no JetStream ack for {event_id}: {msg.data[:200]!r}")
             if outbox_rows.recorded_here():
-                self._relay_later()
+                self._refused()
             return
         self._counts["acked"] += 1
+        self._stream_refused, self._refused_backoff = False, 0.0
         self._book(event_id)
         for callback in list(self._ack_callbacks):
             try:
@@ -406,6 +414,16 @@ class Outbox(Part):
                 self._link.note_error(f"no JetStream ack for {len(late)} events in time")
                 self._relay_due = True
                 self._kick()
+
+    def _refused(self) -> None:
+        """Hold newer events behind a relay in a moment (one delay per refused round)."""
+        if self._stream_refused and self._relay_due and self._relay_after > time.monotonic():
+            return  # a relay is planned already: the rest of the round was refused with it
+        self._stream_refused = True
+        self._refused_backoff = min(
+            RELAY_RETRY_S, max(RELAY_RETRY_FIRST_S, self._refused_backoff * 2)
+        )
+        self._relay_later(self._refused_backoff)
 
     def _relay_later(self, delay: float = RELAY_RETRY_S) -> None:
         """A relay in `delay` seconds, or with the next event after that (on the loop)."""
