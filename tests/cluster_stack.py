@@ -293,6 +293,15 @@ class ClusterStack(ProdStack):
                 raise Failed(f"{name} does not listen:\n{self.proc(name).tail()}") from None
         return started
 
+    def spawn(
+        self, name: str, args: list[str], env: dict[str, str], *, group_signal: bool = True
+    ) -> Proc:
+        # A restarted process logs to a file of its own: the killed one's log is the evidence.
+        for run, old in enumerate((p for p in self.processes if p.name == name), 1):
+            if old.log.name == f"{name}.log":
+                old.log = old.log.rename(old.log.with_name(f"{name}-{run}.log"))
+        return super().spawn(name, args, env, group_signal=group_signal)
+
     def proc(self, name: str) -> Proc:
         """The latest process of that name (a restarted one replaces the killed one)."""
         return [p for p in self.processes if p.name == name][-1]

@@ -64,6 +64,12 @@ RELAY_RETRY_S = 5.0
 # An event JetStream has neither acknowledged nor refused after this long (a stream leader lost
 # mid-flight) is taken as not stored: a relay follows.
 ACK_TIMEOUT_S = 5.0
+ACK_WATCH_EVERY_S = 1.0
+# An event sent while an earlier one has waited this long for its ack waits in the queue: a
+# replicated stream between leaders drops what it is sent without an answer, and would store a
+# newer event (once a leader is elected) before the relay of the older one. Acks take
+# milliseconds; a slow one only delays what follows it.
+ACK_STALL_S = 0.5
 
 # Told `(event id, stream sequence)` for every event JetStream acknowledged (a duplicate too,
 # with the sequence the stream first stored it under). Runs on the connection's loop: be quick.
@@ -103,10 +109,14 @@ class Outbox(Part):
         # the fallback bus (live) and reach the stream through the relay, after the older ones.
         self._relay_unreadable = False
         self._relay_backoff = 0.0
-        # JetStream refused an event (no stream leader: one lost, the next not yet elected):
-        # until the stream acknowledges again, newer events go live over the fallback and to the
-        # stream through the relay, behind the refused one (a pair's versions stay in order).
-        self._stream_refused = False
+        # JetStream refused an event (no stream leader: one lost, the next not yet elected), or
+        # a relay's events are not all acknowledged yet (sent while the stream was between
+        # leaders, they may be lost without an answer): newer events wait in the queue until the
+        # stream has acknowledged the relay, so each pair's versions are stored, and reach
+        # clients, in order (a client drops a version that comes after a newer one; over the
+        # fallback a newer one would overtake those the relay still has to store).
+        self._behind_relay = False
+        self._relay_unacked: set[str] = set()
         self._refused_backoff = 0.0
         self._relayed_any = False  # then this process keeps the books of what it relayed
         self._books_failing = False  # the bookkeeping's failure was logged (once per outage)
@@ -229,7 +239,8 @@ class Outbox(Part):
         self._ack_client = None
         self._relay_due = False
         self._relay_unreadable = False
-        self._stream_refused = False
+        self._behind_relay = False
+        self._relay_unacked = set()
         self._flushing = False
         self._idle = threading.Condition()
         self._in_flight = {}
@@ -275,15 +286,21 @@ class Outbox(Part):
                 await self._relay()
             if not queue:
                 return
+            if (self._behind_relay or self._stalled()) and self._link.connected.is_set():
+                return  # held: `_on_ack` or the ack watch wakes the pump
             subject, payload, headers = queue.popleft()
             # Behind a relay that cannot read the database, a newer event must not reach the
             # stream first: it goes live over the fallback, and to the stream with the relay.
-            held = self._relay_unreadable or self._stream_refused
-            if not held and await self._send(subject, payload, headers):
+            if not self._relay_unreadable and await self._send(subject, payload, headers):
                 continue
             if outbox_rows.recorded_here():
                 self._relay_due = True  # it may be a stored event: the stream gets it later
             await self._publish_fallback(subject, payload)
+
+    def _stalled(self) -> bool:
+        """An event sent on the stream has waited longer than ACK_STALL_S for its ack."""
+        oldest = next(iter(self._in_flight.values()), None)  # sent first, first in the dict
+        return oldest is not None and time.monotonic() - oldest > ACK_STALL_S
 
     async def _send(self, subject: str, payload: bytes, headers: dict[str, str]) -> bool:
         """Publish on NATS, asking JetStream for its ack; False when not connected or failed.
@@ -328,14 +345,21 @@ class Outbox(Part):
         except (ValueError, TypeError, KeyError):
             # No JSON (a no-responders status: no stream took the subject, a replicated stream
             # between leaders, JetStream not ready yet) or an error answer: not stored. Newer
-            # events are held behind it until a relay, tried again with a growing delay, is
+            # events wait behind it until a relay, tried again with a growing delay, is
             # acknowledged: a client would drop a version stored after a newer one.
             self._link.note_error(f"no JetStream ack for {event_id}: {msg.data[:200]!r}")
             if outbox_rows.recorded_here():
                 self._refused()
             return
         self._counts["acked"] += 1
-        self._stream_refused, self._refused_backoff = False, 0.0
+        if self._queue:
+            self._kick()  # what waited behind a slow ack
+        self._relay_unacked.discard(event_id)
+        if self._behind_relay and not self._relay_unacked:
+            # The stream holds every relayed event: newer ones may go straight to it again,
+            # after a relay of those held meanwhile.
+            self._behind_relay, self._refused_backoff = False, 0.0
+            self._kick()
         self._book(event_id)
         for callback in list(self._ack_callbacks):
             try:
@@ -403,9 +427,9 @@ class Outbox(Part):
         self._link.note_error(f"outbox bookkeeping failed, tried again each second: {exc}")
 
     async def _watch_acks(self) -> None:
-        """Every ACK_TIMEOUT_S: events sent that long ago with no answer call for a relay."""
+        """Every ACK_WATCH_EVERY_S: events sent ACK_TIMEOUT_S ago, unanswered, call for a relay."""
         while True:
-            await asyncio.sleep(ACK_TIMEOUT_S)
+            await asyncio.sleep(ACK_WATCH_EVERY_S)
             cutoff = time.monotonic() - ACK_TIMEOUT_S
             late = [event_id for event_id, sent in self._in_flight.items() if sent < cutoff]
             for event_id in late:
@@ -413,13 +437,14 @@ class Outbox(Part):
             if late and (self._relayed_any or outbox_rows.recorded_here()):
                 self._link.note_error(f"no JetStream ack for {len(late)} events in time")
                 self._relay_due = True
+            if late:
                 self._kick()
 
     def _refused(self) -> None:
         """Hold newer events behind a relay in a moment (one delay per refused round)."""
-        if self._stream_refused and self._relay_due and self._relay_after > time.monotonic():
+        if self._behind_relay and self._relay_due and self._relay_after > time.monotonic():
             return  # a relay is planned already: the rest of the round was refused with it
-        self._stream_refused = True
+        self._behind_relay = True
         self._refused_backoff = min(
             RELAY_RETRY_S, max(RELAY_RETRY_FIRST_S, self._refused_backoff * 2)
         )
@@ -437,6 +462,7 @@ class Outbox(Part):
             asyncio.get_running_loop().call_later(wait, self._kick)  # not before, not never
             return
         self._relay_due = False
+        self._relay_unacked = set()
         after, relayed = 0, 0
         while True:
             try:
@@ -453,12 +479,14 @@ class Outbox(Part):
             self._relayed_any = self._relayed_any or bool(rows)
             for position, event_id, subject, payload in rows:
                 headers = {ORIGIN_HEADER: settings.KURS_INSTANCE, MSG_ID_HEADER: event_id}
+                self._relay_unacked.add(event_id)  # before the send: its ack may come first
                 if not await self._send(subject, payload.encode(), headers):
                     self._relay_due = True  # cut off again: the rest on the next connection
                     return
                 after, relayed = position, relayed + 1
             if len(rows) < RELAY_BATCH:
                 break
+        self._behind_relay = bool(self._relay_unacked)
         if relayed:
             self._counts["relayed"] += relayed
             logger.info("nats: relayed %d undelivered outbox events", relayed)

@@ -221,8 +221,8 @@ async def test_an_event_the_stream_refused_reaches_it_before_any_newer_one(
 ) -> None:
     """As when a replicated stream loses its leader: publishes are refused (no responders)
     until another is elected, then accepted. What was refused goes first; what is written
-    meanwhile goes live over the fallback and to the stream behind it (make test-cluster found
-    clients missing versions a relay stored after newer ones)."""
+    meanwhile waits behind it (make test-cluster found clients missing versions a relay stored
+    after newer ones)."""
     await written_and_acked(acks, range(1, 3))
     # Booked delivered first: a relay would store them again in the stream made anew below.
     await wait_until(lambda: undelivered() == 0, "the first rows marked delivered")
