@@ -51,7 +51,7 @@ from typing import Any
 import httpx
 import nats
 import psycopg
-from kurs_client.models import Snapshot
+from kurs_client.models import RateUpdate, Snapshot
 from kurs_client.stream import SSE, WEBSOCKET, Backoff, EventStream
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, NoStreamResponseError
@@ -140,12 +140,10 @@ class Client:
                 self.gaps += 1
             elif isinstance(event.data, Snapshot) and not self.first:
                 self.first = {c.direction: c.version for c in event.data.courses}
-            elif event.type == "rate.updated":
-                data = event.data
-                version = int(data.version)  # type: ignore[union-attr]
-                direction = str(data.direction)  # type: ignore[union-attr]
-                self.versions.setdefault(direction, []).append(version)
-                self.seen.add(direction, version)
+            elif isinstance(event.data, RateUpdate):
+                pair, version = event.data.direction, event.data.version
+                self.versions.setdefault(pair, []).append(version)
+                self.seen.add(pair, version)
 
 
 @dataclass
@@ -577,8 +575,8 @@ async def exercise(stack: ClusterStack) -> Run:
         )
     finally:
         stop.set()
-        for client in clients:
-            await client.stream.aclose()
+        for each in clients:
+            await each.stream.aclose()
         for task in tasks:
             task.cancel()
         failures = [
