@@ -97,6 +97,15 @@ def lease_holder(*, name: str = LIVE_RATES) -> LeaseInfo | None:
     return LeaseInfo(lease.holder, lease.epoch, lease.expires_at)
 
 
+def live_count(*, prefix: str, forget_after: timedelta = timedelta(minutes=1)) -> int:
+    """How many leases named `prefix...` are live now (by the database's clock); those expired
+    longer than `forget_after` ago are deleted on the way."""
+    now = _db_now()
+    rows = OwnerLease.objects.filter(name__startswith=prefix)
+    rows.filter(expires_at__lt=now - forget_after).delete()
+    return rows.filter(expires_at__gte=now).count()
+
+
 class Lease:
     """This process's hold on the lease: `held()` is the cheap check before every write."""
 
