@@ -343,7 +343,8 @@ class Fetcher:
         # What the previous owner committed but never got onto the stream goes first.
         nats.relay_undelivered()
         servedlog.follow_acks()
-        metrics.OWNER_LEASE_HELD.set(len(owned))
+        metrics.OWNER_LEASE_HELD.set(1)
+        metrics.OWNER_SHARDS_HELD.set(len(owned))
         if held.sharded:
             logger.info(
                 "owner: live rates loaded for %d pairs of %s (epochs %s)",
@@ -370,6 +371,7 @@ class Fetcher:
                 await keeper
             board.guard = no_writes
             metrics.OWNER_LEASE_HELD.set(0)
+            metrics.OWNER_SHARDS_HELD.set(0)
             if lost.is_set() and not stop.is_set():
                 logger.error("owner: lease lost; stopped writing, waiting to take it again")
             elif grown.is_set() and not stop.is_set():

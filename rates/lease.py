@@ -97,13 +97,13 @@ def lease_holder(*, name: str = LIVE_RATES) -> LeaseInfo | None:
     return LeaseInfo(lease.holder, lease.epoch, lease.expires_at)
 
 
-def live_count(*, prefix: str, forget_after: timedelta = timedelta(minutes=1)) -> int:
-    """How many leases named `prefix...` are live now (by the database's clock); those expired
-    longer than `forget_after` ago are deleted on the way."""
+def live_names(*, prefix: str, forget: str, after: timedelta = timedelta(minutes=1)) -> list[str]:
+    """The names of the leases under `prefix` that are live now (by the database's clock);
+    those under `forget` expired longer than `after` ago are deleted on the way."""
     now = _db_now()
-    rows = OwnerLease.objects.filter(name__startswith=prefix)
-    rows.filter(expires_at__lt=now - forget_after).delete()
-    return rows.filter(expires_at__gte=now).count()
+    OwnerLease.objects.filter(name__startswith=forget, expires_at__lt=now - after).delete()
+    rows = OwnerLease.objects.filter(name__startswith=prefix, expires_at__gte=now)
+    return list(rows.values_list("name", flat=True))
 
 
 class Lease:

@@ -15,6 +15,7 @@ answers as if shards did not exist.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 import zlib
@@ -31,9 +32,12 @@ from rates.lease import (
     lease_holder,
     lease_release,
     lease_try_acquire,
-    live_count,
+    live_names,
 )
 from realtime import nats
+
+# The fetching process logs under one name, whichever of its modules speaks.
+logger = logging.getLogger("rates.fetcher")
 
 # The shard whose holder does the global duties: it always exists, whatever N.
 GLOBAL_SHARD = 0
@@ -107,6 +111,7 @@ class Shards:
         self._presence = f"{PRESENCE}{uuid.uuid4().hex[:12]}"
         self._free_since: dict[int, float] = {}
         self.fair = self.count
+        self._foreign_logged = False
 
     @property
     def sharded(self) -> bool:
@@ -123,7 +128,10 @@ class Shards:
             if lease.epoch is not None and lease.try_acquire():
                 held.add(shard)
         if self.sharded and not greedy:
-            self.fair = -(-self.count // self._present())
+            present = self._present()
+            if present is None:
+                return frozenset(held)
+            self.fair = -(-self.count // present)
         for shard, lease in enumerate(self.leases):
             if shard in held:
                 continue
@@ -142,13 +150,29 @@ class Shards:
             return frozenset()
         return frozenset(sorted(owned, key=lambda shard: (shard == GLOBAL_SHARD, -shard))[:extra])
 
-    def _present(self) -> int:
-        """Renew this process's presence row; how many processes' rows are live (at least 1)."""
+    def _present(self) -> int | None:
+        """Renew this process's presence row; how many processes' rows are live (at least 1).
+        None, to take no new shard: the database is away, or a lease of another shard count is
+        live (fetchers with another KURS_OWNER_SHARDS would own the same pairs)."""
         try:
             lease_try_acquire(holder=self.holder, name=self._presence)
-            return max(1, live_count(prefix=PRESENCE))
+            names = live_names(prefix=LIVE_RATES, forget=PRESENCE)
         except DatabaseError:
-            return self.count // max(1, self.fair)  # the last figure, while the database is away
+            return None
+        mine = {lease.name for lease in self.leases}
+        foreign = sorted(n for n in names if n not in mine and not n.startswith(PRESENCE))
+        if foreign:
+            if not self._foreign_logged:
+                logger.error(
+                    "KURS_OWNER_SHARDS is %d here, but %s is held: fetchers with another shard "
+                    "count own live state; this one takes no shard until they stop",
+                    self.count,
+                    ", ".join(foreign),
+                )
+                self._foreign_logged = True
+            return None
+        self._foreign_logged = False
+        return max(1, sum(1 for n in names if n.startswith(PRESENCE)))
 
     def _free_long_enough(self, shard: int) -> bool:
         try:

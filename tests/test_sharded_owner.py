@@ -175,9 +175,16 @@ async def test_two_owners_share_the_pairs_and_one_takes_the_other_s_shard_after_
             what="every pair written again after the take-over",
         )
         print(f"shard 1 taken over {took:.1f}s after the SIGKILL")
-        after_kill = [(pair, origin) for pair, version, origin in heard if version > before[pair]]
-        assert {pair for pair, _ in after_kill} >= set(MOVING)
-        assert {origin for _, origin in after_kill} == {survivor}
+
+        def after_kill() -> list[tuple[str, str]]:
+            return [(pair, origin) for pair, version, origin in heard if version > before[pair]]
+
+        await wait_until(
+            lambda: {pair for pair, _ in after_kill()} >= set(MOVING),
+            within=10,
+            what="every moving pair's new versions on NATS",
+        )
+        assert {origin for _, origin in after_kill()} == {survivor}
     finally:
         await client.close()
 

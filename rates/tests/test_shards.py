@@ -141,3 +141,13 @@ def test_only_the_global_shard_s_owner_does_the_global_duties(fresh_board: Quote
     assert fresh_board.global_writable()
     fresh_board.guard = lambda: False
     assert not fresh_board.global_writable()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_no_shard_is_taken_while_fetchers_with_another_shard_count_own_live_state() -> None:
+    one = shards.Shards(count=1, holder="old")
+    assert one.take() == {0}  # a fetcher of before the change: every pair
+    two = shards.Shards(count=2, holder="new")
+    assert two.take() == set()
+    one.release()
+    assert two.take() == {0, 1}
