@@ -121,6 +121,7 @@ class Fetcher:
         # Set when an item event arrives (`ItemListener`): the owner reads the pairs at once.
         self._items_changed = asyncio.Event()
         self._reached = False  # has any provider answered this process yet?
+        self._holding: frozenset[int] = frozenset()  # with shards: the shards held now
         self._offline_hinted = False
 
     async def pairs(self) -> list[Pair]:
@@ -307,10 +308,18 @@ class Fetcher:
         held = held or shards.Shards()
         board = services.get_board()
         waiting_logged = False
+        # With shards the leases are renewed (and taken) by a task of their own for the whole
+        # watch, not by each ownership: a change of shards (the board reloaded, the streams
+        # restarted, the writes in flight drained) can outlast a lease's TTL at 1,000 pairs.
+        self._holding = frozenset()
+        renewer = asyncio.create_task(self._renew(held, stop)) if held.sharded else None
         try:
             while not stop.is_set():
                 try:
-                    owned = await sync_to_async(held.take, thread_sensitive=False)()
+                    if renewer is None:
+                        owned = await sync_to_async(held.take, thread_sensitive=False)()
+                    else:
+                        owned = self._holding
                     if owned:
                         waiting_logged = False
                         await self._own(held, owned, stop)
@@ -330,9 +339,25 @@ class Fetcher:
                 with suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), STANDBY_RETRY)
         finally:
+            if renewer is not None:
+                renewer.cancel()
+                with suppress(asyncio.CancelledError):
+                    await renewer
             board.guard = no_writes
             shards.disown(board)
             await sync_to_async(held.release)()
+
+    async def _renew(self, held: shards.Shards, stop: asyncio.Event) -> None:
+        """With shards: every RENEW_EVERY, renew the leases held and take free ones
+        (`Shards.take`); `_holding` is what is held now, `_keep` compares it with what is owned."""
+        while not stop.is_set():
+            try:
+                self._holding = await sync_to_async(held.take, thread_sensitive=False)()
+            except DatabaseError as exc:
+                logger.warning("owner: database unavailable (%s); retrying", exc)
+                await sync_to_async(close_old_connections, thread_sensitive=False)()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RENEW_EVERY)
 
     async def _own(self, held: shards.Shards, owned: frozenset[int], stop: asyncio.Event) -> None:
         board = services.get_board()
@@ -377,14 +402,14 @@ class Fetcher:
             elif grown.is_set() and not stop.is_set():
                 await self._reshape(held, owned)
 
-    @staticmethod
-    async def _reshape(held: shards.Shards, owned: frozenset[int]) -> None:
+    async def _reshape(self, held: shards.Shards, owned: frozenset[int]) -> None:
         """The set of shards changes: a free one was taken, or this owner holds more than its
         fair share and gives the surplus up, once no write of its is in flight (the release
         queues behind them in the writes' thread), so that a successor never writes beside it."""
         surplus = held.surplus(owned)
         if surplus:
             await sync_to_async(held.release)(surplus)
+            self._holding = self._holding - surplus
             logger.info(
                 "owner: gave up %s for a fetcher with fewer",
                 shards.describe(surplus, held.count),
@@ -408,7 +433,7 @@ class Fetcher:
                 await asyncio.wait_for(stop.wait(), TICK)
             if time.monotonic() - renewed >= RENEW_EVERY:
                 if held.sharded:
-                    now_held = await sync_to_async(held.take, thread_sensitive=False)()
+                    now_held = self._holding  # renewed by `_renew`
                 else:
                     renew = sync_to_async(held.renew, thread_sensitive=False)
                     now_held = owned if await renew(owned) else frozenset()
