@@ -51,6 +51,7 @@ ONE_RUN = {
     "tests/test_client.py": "postgres",  # the Python client against tests/stack.py on SQLite
     "tests/test_pegs_live.py": "postgres",  # tests/stack.py on SQLite
     "tests/test_no_lost_event.py": "postgres",  # tests/stack.py on SQLite
+    "tests/test_sharded_owner.py": "postgres",  # tests/stack.py on SQLite and on its own database
 }
 
 

@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_scale.py [--pairs 8,100,1000] [--repeats 2] [--window 20]
         [--fanout 1000,5000] [--database-url postgres://postgres@127.0.0.1:5432/kurs_scale20]
         [--profile DIR]      # py-spy the owner during each largest-scale window (folded stacks)
+        [--owners 2 --shards 2]  # sharded ownership: M owner processes, KURS_OWNER_SHARDS=N
 
 Real processes, as in production, started anew for each scale and run: the exchange emulator
 (`run_emulator --synthetic-pairs N`: N coins SYN0001.. on Binance and Bybit, every book moving
@@ -28,6 +29,10 @@ In each run, over --window seconds once every pair has a rate:
 Every figure is printed beside the smallest scale's (the in-run baseline) as a ratio, medians of
 --repeats runs. Sockets that follow every pair, by the thousand, at 1,000 pairs would be a million
 frames a second: not measured (see docs/scaling.md).
+
+With --owners M and --shards N (KURS_OWNER_SHARDS, docs/architecture.md#sharded-ownership), M
+owner processes share the N shards; the owner's figures (quotes accepted, events published, CPU)
+are summed over them, and the shards each holds are printed before each window.
 
 The machine's cores are shared with everything else running: the load average and the busiest
 other processes are printed; absolute figures are low and noisy, prefer the ratios.
@@ -109,6 +114,7 @@ def stack_env(args: argparse.Namespace, nats_port: int, emulator_port: int) -> d
         NATS_URL=f"nats://127.0.0.1:{nats_port}",
         KURS_NATS_PREFIX=f"scale{uuid.uuid4().hex[:8]}",
         KURS_PROVIDERS="binance,bybit",
+        KURS_OWNER_SHARDS=str(args.shards),
         KURS_LOG_LEVEL="WARNING",
         KURS_WS_HEARTBEAT="3600",
         KURS_RATE_LIMIT="",
@@ -297,26 +303,42 @@ async def settle(web: str, pairs: int) -> int:
     return valued
 
 
-def rate_events(metrics_url: str) -> float:
-    """`rate.updated` events the owner published so far: every event it published, less one
+def rate_events(metrics_urls: list[str]) -> float:
+    """`rate.updated` events the owners published so far: every event they published, less one
     `fetch.completed` per REST cycle (a rare `provider.state` aside)."""
-    text = get_bytes(metrics_url).decode()
-    return metric(text, "kurs_nats_publishes_total") - metric(text, "kurs_fetch_cycles_total")
+    total = 0.0
+    for url in metrics_urls:
+        text = get_bytes(url).decode()
+        total += metric(text, "kurs_nats_publishes_total")
+        total -= metric(text, "kurs_fetch_cycles_total")
+    return total
 
 
-def counters(emulator: str, metrics_url: str, owner_pid: int) -> dict[str, float]:
+def counters(emulator: str, owners: list[tuple[str, int]]) -> dict[str, float]:
+    """The emulator's frames, and the owners' counters and CPU summed: (metrics URL, pid) each."""
     state = get_json(emulator + "/_control")["providers"]
-    text = get_bytes(metrics_url).decode()
+    texts = [get_bytes(url).decode() for url, _ in owners]
     return {
         "binance_frames": state["binance"]["frames_sent"],
         "bybit_frames": state["bybit"]["frames_sent"],
-        "accepted": metric(text, "kurs_quotes_accepted_total"),
-        "rejected": metric(text, "kurs_quotes_rejected_total"),
-        "published": metric(text, "kurs_nats_publishes_total")
-        - metric(text, "kurs_fetch_cycles_total"),  # as rate_events()
-        "cpu": cpu_seconds(owner_pid),
+        "accepted": sum(metric(text, "kurs_quotes_accepted_total") for text in texts),
+        "rejected": sum(metric(text, "kurs_quotes_rejected_total") for text in texts),
+        "published": rate_events([url for url, _ in owners]),
+        "cpu": sum(cpu_seconds(pid) for _, pid in owners),
         "time": time.monotonic(),
     }
+
+
+def shard_holders(database_url: str) -> str:
+    """Who holds which lease now (with shards: which owner serves which shard)."""
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as db:
+        rows = db.execute(
+            "SELECT name, holder FROM rates_ownerlease WHERE expires_at > now()"
+            " AND name NOT LIKE 'live-rates/seen/%' ORDER BY name"
+        ).fetchall()
+    return ", ".join(f"{name} <- {holder.split(':')[0]}" for name, holder in rows)
 
 
 def delivered(
@@ -336,7 +358,8 @@ def delivered(
 async def one_run(
     args: argparse.Namespace, pairs: int, nats_port: int, workdir: Path, profile: Path | None
 ) -> dict[str, float]:
-    emulator_port, web_port, metrics_port = free_port(), free_port(), free_port()
+    emulator_port, web_port = free_port(), free_port()
+    metrics_ports = [free_port() for _ in range(args.owners)]
     env = stack_env(args, nats_port, emulator_port)
     await asyncio.to_thread(empty_database, args.database_url, pairs, env)
     processes = Processes()
@@ -350,15 +373,23 @@ async def one_run(
             env, workdir / f"emulator-{pairs}.log",
         )  # fmt: skip
         await asyncio.to_thread(wait_for_port, emulator_port, 60.0)
-        owner = processes.start(
-            [PYTHON, "manage.py", "run_fetch", "--watch"],
-            {**env, "KURS_METRICS_PORT": str(metrics_port)},
-            workdir / f"owner-{pairs}.log",
-        )
+        owners = [
+            processes.start(
+                [PYTHON, "manage.py", "run_fetch", "--watch"],
+                {**env, "KURS_METRICS_PORT": str(port), "KURS_INSTANCE": f"owner{index}"},
+                workdir / f"owner{index}-{pairs}.log",
+            )
+            for index, port in enumerate(metrics_ports)
+        ]
+        owner = owners[0]
         processes.start(serve_cmd(web_port), env, workdir / f"web-{pairs}.log")
         await asyncio.to_thread(wait_for_port, web_port, 60.0)
-        await asyncio.to_thread(wait_for_port, metrics_port, 60.0)
+        for port in metrics_ports:
+            await asyncio.to_thread(wait_for_port, port, 60.0)
         rated = await settle(web, pairs)
+        if args.owners > 1 or args.shards > 1:
+            holding = await asyncio.to_thread(shard_holders, args.database_url)
+            print(f"  {pairs} pairs, leases: {holding}", flush=True)
 
         bare = BareBinance(emulator_port, pairs)
         tasks.append(asyncio.create_task(bare.run()))
@@ -367,13 +398,14 @@ async def one_run(
         await asyncio.sleep(EDGE)  # the bare client's subscriptions, the socket's snapshot
 
         profiler = None if profile is None else py_spy(owner.pid, args.window, profile)
-        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        metrics_urls = [f"http://127.0.0.1:{port}/metrics" for port in metrics_ports]
+        measured = [(url, process.pid) for url, process in zip(metrics_urls, owners, strict=True)]
         bare.recording = every.recording = True
         bare_before = bare.frames
-        before = await asyncio.to_thread(counters, emulator, metrics_url, owner.pid)
+        before = await asyncio.to_thread(counters, emulator, measured)
         started = time.time()
         await asyncio.sleep(args.window)
-        after = await asyncio.to_thread(counters, emulator, metrics_url, owner.pid)
+        after = await asyncio.to_thread(counters, emulator, measured)
         ended = time.time()
         bare.recording = False
         bare_frames = bare.frames - bare_before
@@ -413,7 +445,7 @@ async def one_run(
         }
         result.update(await asyncio.to_thread(web_figures, args, web, web_port))
         for sockets in args.fanout:
-            result.update(await fanout(args, web_port, pairs, sockets, metrics_url))
+            result.update(await fanout(args, web_port, pairs, sockets, metrics_urls))
         return result
     finally:
         for task in tasks:
@@ -436,7 +468,7 @@ def web_figures(args: argparse.Namespace, web: str, web_port: int) -> dict[str, 
 
 
 async def fanout(
-    args: argparse.Namespace, web_port: int, pairs: int, sockets: int, metrics_url: str
+    args: argparse.Namespace, web_port: int, pairs: int, sockets: int, metrics_urls: list[str]
 ) -> dict[str, float]:
     """`sockets` clients of one pair each (round robin): deliveries/s, their share of what was
     published for those pairs, and tick -> socket p99 of every 10th client."""
@@ -449,10 +481,10 @@ async def fanout(
         print(f"  fan-out {sockets} sockets at {pairs} pairs: could not open them all ({exc!r})")
         return {f"fanout{sockets}_rps": nan, f"fanout{sockets}_p99": nan}
     await asyncio.sleep(EDGE)
-    before = await asyncio.to_thread(rate_events, metrics_url)
+    before = await asyncio.to_thread(rate_events, metrics_urls)
     group.recording, started = True, time.monotonic()
     await asyncio.sleep(args.window)
-    published = await asyncio.to_thread(rate_events, metrics_url) - before
+    published = await asyncio.to_thread(rate_events, metrics_urls) - before
     group.recording, seconds = False, time.monotonic() - started
     group.close()
     # Every pair moves alike: each gets its share of the events, for each of its followers.
@@ -503,7 +535,8 @@ def report(results: dict[int, list[dict[str, float]]], args: argparse.Namespace)
         ]  # fmt: skip
     print(
         f"{args.repeats} run(s) per scale, medians; {args.window:g} s windows; web: uvicorn "
-        f"{WEB_WORKERS} workers (scripts/serve.sh); owner: run_fetch --watch (Binance + Bybit); "
+        f"{WEB_WORKERS} workers (scripts/serve.sh); owner: run_fetch --watch (Binance + Bybit)"
+        f" x {args.owners}, KURS_OWNER_SHARDS={args.shards}; "
         f"PostgreSQL; ratio = figure / the {base}-pair figure of the same bench"
     )
     head = f"{'figure':<44}" + "".join(f"{f'{n} pairs':>22}" for n in scales) + "   target"
@@ -611,6 +644,8 @@ def main() -> None:
     parser.add_argument("--fanout", type=numbers, default=[1000, 5000], help="'' for none")
     parser.add_argument("--database-url", default=DATABASE_URL)
     parser.add_argument("--profile", type=Path, default=None, help="folder for py-spy's stacks")
+    parser.add_argument("--owners", type=int, default=1, help="owner processes (run_fetch)")
+    parser.add_argument("--shards", type=int, default=1, help="KURS_OWNER_SHARDS")
     parser.add_argument("--keep-logs", type=Path, default=None, help="copy the logs here")
     args = parser.parse_args()
     if args.profile is not None:

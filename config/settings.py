@@ -186,6 +186,11 @@ if KURS_NATS_REPLICAS > 5:
     raise ConfigError(
         f"KURS_NATS_REPLICAS: at most 5 (JetStream's limit), got {KURS_NATS_REPLICAS}"
     )
+# Live state split by pair across this many owner leases, one per shard
+# (docs/architecture.md#sharded-ownership); 1: one owner of every pair, as before shards.
+KURS_OWNER_SHARDS = env.positive_int("KURS_OWNER_SHARDS", 1)
+if KURS_OWNER_SHARDS > 64:
+    raise ConfigError(f"KURS_OWNER_SHARDS: at most 64, got {KURS_OWNER_SHARDS}")
 # Names this process in the `Kurs-Origin` header, so that it can recognise its own messages.
 KURS_INSTANCE = env.raw("KURS_INSTANCE") or f"{socket.gethostname()}-{os.getpid()}"
 

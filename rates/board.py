@@ -151,11 +151,24 @@ class QuoteBoard:
     items_loaded_at: float | None = None
     # May this board write and publish? The owner's lease check; None: always (tests, benches).
     guard: Callable[[], bool] | None = None
+    # With sharded ownership (rates.shards): is an item's pair in this owner's shards (its items
+    # are the only ones it writes), and does it do the global duties (pegs, provider statuses)?
+    # None: every pair, and the global duties with any write (one shard).
+    owns: Callable[[str], bool] | None = None
+    duty: Callable[[], bool] | None = None
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     # --- ownership ---------------------------------------------------------------------------
     def writable(self) -> bool:
         return self.guard is None or self.guard()
+
+    def owned(self, pair: str) -> bool:
+        return self.owns is None or self.owns(pair)
+
+    def global_writable(self) -> bool:
+        """May this board publish and save what is not about one pair (peg states, provider
+        statuses)? Its owner holds the global shard (rates.shards.GLOBAL_SHARD)."""
+        return self.writable() and (self.duty is None or self.duty())
 
     def load(self, rows: Iterable[tuple[str, Current]]) -> None:
         """Start from the stored current rates: each serves on, and is the jump reference."""
@@ -396,9 +409,9 @@ class QuoteBoard:
             self.items_loaded_at = None
 
     def set_items(self, items: Iterable[tuple[str, int, str | None]]) -> None:
-        """The active items as (code, id, pricing)."""
+        """The active items as (code, id, pricing); with shards, those of this owner's."""
         with self._lock:
-            rows = list(items)
+            rows = [row for row in items if self.owned(row[0])]
             if {code for code, _, _ in rows} != self.items.keys():
                 self.routes_by_leg = None
             self.items = {code: item_id for code, item_id, _ in rows}

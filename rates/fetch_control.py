@@ -7,6 +7,7 @@ the safety net, only while nobody owns live state; `fetch_read_only` quotes with
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from typing import Any
 from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
 
-from rates import servedlog, services
+from rates import servedlog, services, shards
 from rates.fetcher import (
     MAX_ROUND_SECONDS,
     CycleReport,
@@ -25,7 +26,6 @@ from rates.fetcher import (
     http_client,
     no_writes,
 )
-from rates.lease import Lease
 from rates.provider_health import provider_statuses
 from rates.providers import build_providers
 from realtime import nats
@@ -43,13 +43,16 @@ async def fetch_once(*, provider_names: Sequence[str] | None = None) -> CycleRep
     """One REST cycle now, as the safety net: only when no live owner holds the lease.
 
     Takes the lease for the cycle (starting from the stored current rates) and gives it back.
-    Returns None, having fetched nothing, while another process owns live state.
+    Returns None, having fetched nothing, while another process owns live state. With shards,
+    it takes every shard nobody owns and cycles for their pairs alone.
     """
-    lease = Lease()
-    if not await sync_to_async(lease.try_acquire)():
+    held = shards.Shards()
+    owned = await sync_to_async(held.take)(greedy=True)
+    if not owned:
         return None
     board = services.get_board()
-    board.guard = lease.held
+    shards.own(board, held, owned)
+    board.guard = lambda: held.held(owned)
     try:
         await sync_to_async(services.board_load)()
         nats.relay_undelivered()  # what a dead owner committed and never sent, first
@@ -57,7 +60,8 @@ async def fetch_once(*, provider_names: Sequence[str] | None = None) -> CycleRep
         return await _cycle_here(provider_names)
     finally:
         board.guard = no_writes
-        await sync_to_async(lease.release)()
+        shards.disown(board)
+        await sync_to_async(held.release)(owned)
 
 
 async def fetch_read_only(*, provider_names: Sequence[str] | None = None) -> CycleReport:
@@ -86,13 +90,43 @@ def fetch_rates() -> dict[str, Any]:
 
 
 async def request_cycle() -> dict[str, Any] | None:
-    """Ask the live owner for a cycle; its report, or None when no owner answered in time."""
-    reply = await nats.request(control_subject(), b"{}", within=CONTROL_TIMEOUT)
+    """Ask the live owner for a cycle; its report, or None when no owner answered in time.
+
+    With shards, every shard's owner is asked at once and their answers merged
+    (`merge_reports`): the report of the owners that answered; None when none did."""
+    count = shards.shard_count()
+    if count == 1:
+        return await _ask(control_subject())
+    answers = await asyncio.gather(*(_ask(control_subject(shard)) for shard in range(count)))
+    return merge_reports([answer for answer in answers if answer is not None])
+
+
+async def _ask(subject: str) -> dict[str, Any] | None:
+    reply = await nats.request(subject, b"{}", within=CONTROL_TIMEOUT)
     if reply is None:
         return None
     try:
         report = json.loads(reply, parse_float=Decimal)
     except ValueError:
-        logger.warning("the owner's answer on %s is not JSON", control_subject())
+        logger.warning("the owner's answer on %s is not JSON", subject)
         return None
     return report if isinstance(report, dict) else None
+
+
+def merge_reports(answers: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Shard owners' answers as one report: each owner counted once (one that holds several
+    shards answers for each), `stored` summed, the longest `duration_ms`, and each provider
+    `ok` only if it was ok for every owner (else the first error)."""
+    by_owner = {answer.get("owner"): answer for answer in answers}
+    if not by_owner:
+        return None
+    providers: dict[str, str] = {}
+    for answer in by_owner.values():
+        for name, status in (answer.get("providers") or {}).items():
+            if providers.get(name, "ok") == "ok":
+                providers[name] = status
+    return {
+        "stored": sum(int(answer.get("stored") or 0) for answer in by_owner.values()),
+        "providers": providers,
+        "duration_ms": max(int(answer.get("duration_ms") or 0) for answer in by_owner.values()),
+    }

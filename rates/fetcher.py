@@ -31,9 +31,9 @@ from django.utils import timezone
 from nats.aio.msg import Msg
 
 from config.jsonenc import dumps
-from rates import metrics, peg_monitor, policy, provider_health, servedlog, services
+from rates import metrics, peg_monitor, policy, provider_health, servedlog, services, shards
 from rates.board import Entry
-from rates.lease import RENEW_EVERY, Lease, lease_holder
+from rates.lease import RENEW_EVERY, lease_holder
 from rates.provider_health import ProviderMonitor, monitor_for
 from rates.providers import (
     Pair,
@@ -121,6 +121,7 @@ class Fetcher:
         # Set when an item event arrives (`ItemListener`): the owner reads the pairs at once.
         self._items_changed = asyncio.Event()
         self._reached = False  # has any provider answered this process yet?
+        self._holding: frozenset[int] = frozenset()  # with shards: the shards held now
         self._offline_hinted = False
 
     async def pairs(self) -> list[Pair]:
@@ -295,25 +296,36 @@ class Fetcher:
         return ProviderRound(monitor.name, f"error: {reason}", stored=stored, reached=reached)
 
     # --- the live owner ----------------------------------------------------------------------
-    async def watch(self, stop: asyncio.Event, *, lease: Lease | None = None) -> None:
+    async def watch(self, stop: asyncio.Event, *, held: shards.Shards | None = None) -> None:
         """Own live state until stopped: wait for the lease, then stream and poll while held.
 
         A second fetcher waits as a standby and takes over within the lease's TTL when the owner
         dies; an owner that loses its lease (a database outage longer than the TTL) stops writing
-        at once and goes back to waiting.
+        at once and goes back to waiting. With shards (`rates.shards`), each shard's lease is
+        such a lease: the fetcher owns the shards it holds, and owns again (`_own`) whenever
+        that set changes (a shard lost, or a free one taken).
         """
-        lease = lease or Lease()
+        held = held or shards.Shards()
         board = services.get_board()
         waiting_logged = False
+        # With shards the leases are renewed (and taken) by a task of their own for the whole
+        # watch, not by each ownership: a change of shards (the board reloaded, the streams
+        # restarted, the writes in flight drained) can outlast a lease's TTL at 1,000 pairs.
+        self._holding = frozenset()
+        renewer = asyncio.create_task(self._renew(held, stop)) if held.sharded else None
         try:
             while not stop.is_set():
                 try:
-                    if await sync_to_async(lease.try_acquire, thread_sensitive=False)():
+                    if renewer is None:
+                        owned = await sync_to_async(held.take, thread_sensitive=False)()
+                    else:
+                        owned = self._holding
+                    if owned:
                         waiting_logged = False
-                        await self._own(lease, stop)
+                        await self._own(held, owned, stop)
                         continue
                     if not waiting_logged:
-                        holder = await sync_to_async(lease_holder)()
+                        holder = await sync_to_async(lease_holder)(name=held.leases[0].name)
                         logger.info(
                             "standby: live rates are owned by %s; taking over if it stops",
                             holder.holder if holder else "another process",
@@ -327,45 +339,109 @@ class Fetcher:
                 with suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), STANDBY_RETRY)
         finally:
+            if renewer is not None:
+                renewer.cancel()
+                with suppress(asyncio.CancelledError):
+                    await renewer
             board.guard = no_writes
-            await sync_to_async(lease.release)()
+            shards.disown(board)
+            await sync_to_async(held.release)()
 
-    async def _own(self, lease: Lease, stop: asyncio.Event) -> None:
+    async def _renew(self, held: shards.Shards, stop: asyncio.Event) -> None:
+        """With shards: every RENEW_EVERY, renew the leases held and take free ones
+        (`Shards.take`); `_holding` is what is held now, `_keep` compares it with what is owned."""
+        while not stop.is_set():
+            try:
+                self._holding = await sync_to_async(held.take, thread_sensitive=False)()
+            except DatabaseError as exc:
+                logger.warning("owner: database unavailable (%s); retrying", exc)
+                await sync_to_async(close_old_connections, thread_sensitive=False)()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RENEW_EVERY)
+
+    async def _own(self, held: shards.Shards, owned: frozenset[int], stop: asyncio.Event) -> None:
         board = services.get_board()
+        shards.own(board, held, owned)
         loaded = await sync_to_async(services.board_load)()
         await sync_to_async(peg_monitor.get_monitor().load)(now=timezone.now())
-        board.guard = lease.held
+        board.guard = lambda: held.held(owned)
         # What the previous owner committed but never got onto the stream goes first.
         nats.relay_undelivered()
         servedlog.follow_acks()
         metrics.OWNER_LEASE_HELD.set(1)
-        logger.info("owner: live rates loaded for %d pairs (epoch %s)", loaded, lease.epoch)
-        lost = asyncio.Event()
-        keeper = asyncio.create_task(self._keep(lease, lost, stop))
-        responder = serve_fetch_requests(self)
+        metrics.OWNER_SHARDS_HELD.set(len(owned))
+        if held.sharded:
+            logger.info(
+                "owner: live rates loaded for %d pairs of %s (epochs %s)",
+                loaded,
+                shards.describe(owned, held.count),
+                held.epochs(owned),
+            )
+        else:
+            logger.info(
+                "owner: live rates loaded for %d pairs (epoch %s)", loaded, held.leases[0].epoch
+            )
+        lost, grown = asyncio.Event(), asyncio.Event()
+        keeper = asyncio.create_task(self._keep(held, owned, lost, grown, stop))
+        responders = serve_fetch_requests(self, held, owned)
         items = ItemListener(self._items_changed)
         try:
-            await self._run(stop, lost)
+            await self._run(stop, lost, grown)
         finally:
             items.close()
-            responder.close()
+            for responder in responders:
+                responder.close()
             keeper.cancel()
             with suppress(asyncio.CancelledError):
                 await keeper
             board.guard = no_writes
             metrics.OWNER_LEASE_HELD.set(0)
+            metrics.OWNER_SHARDS_HELD.set(0)
             if lost.is_set() and not stop.is_set():
                 logger.error("owner: lease lost; stopped writing, waiting to take it again")
+            elif grown.is_set() and not stop.is_set():
+                await self._reshape(held, owned)
 
-    async def _keep(self, lease: Lease, lost: asyncio.Event, stop: asyncio.Event) -> None:
-        """Every TICK: renew the lease when due, re-decide pairs (time passes), save statuses."""
+    async def _reshape(self, held: shards.Shards, owned: frozenset[int]) -> None:
+        """The set of shards changes: a free one was taken, or this owner holds more than its
+        fair share and gives the surplus up, once no write of its is in flight (the release
+        queues behind them in the writes' thread), so that a successor never writes beside it."""
+        surplus = held.surplus(owned)
+        if surplus:
+            await sync_to_async(held.release)(surplus)
+            self._holding = self._holding - surplus
+            logger.info(
+                "owner: gave up %s for a fetcher with fewer",
+                shards.describe(surplus, held.count),
+            )
+        else:
+            logger.info("owner: took a free shard; owning again with it")
+
+    async def _keep(
+        self,
+        held: shards.Shards,
+        owned: frozenset[int],
+        lost: asyncio.Event,
+        grown: asyncio.Event,
+        stop: asyncio.Event,
+    ) -> None:
+        """Every TICK: renew the leases when due (and, with shards, take a free one: `grown`),
+        re-decide pairs (time passes), save statuses."""
         renewed = time.monotonic()
         while not stop.is_set():
             with suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), TICK)
             if time.monotonic() - renewed >= RENEW_EVERY:
-                if not await sync_to_async(lease.try_acquire, thread_sensitive=False)():
+                if held.sharded:
+                    now_held = self._holding  # renewed by `_renew`
+                else:
+                    renew = sync_to_async(held.renew, thread_sensitive=False)
+                    now_held = owned if await renew(owned) else frozenset()
+                if not owned <= now_held:
                     lost.set()
+                    return
+                if now_held != owned or held.surplus(owned):
+                    grown.set()  # own again with what is held now, less any surplus
                     return
                 renewed = time.monotonic()
             try:
@@ -373,7 +449,7 @@ class Fetcher:
             except Exception:
                 logger.exception("owner: re-evaluating the current rates failed")
 
-    async def _run(self, stop: asyncio.Event, lost: asyncio.Event) -> None:
+    async def _run(self, stop: asyncio.Event, *ends: asyncio.Event) -> None:
         """Streams from every streaming provider plus a REST cycle every poll interval.
 
         The set of pairs is re-read each cycle, and at once when an item event arrives: a new
@@ -382,7 +458,7 @@ class Fetcher:
         streams: list[asyncio.Task[None]] = []
         stream_stop = asyncio.Event()
         streamed: list[Pair] = []
-        ended = asyncio.create_task(_first_of(stop, lost))
+        ended = asyncio.create_task(_first_of(stop, *ends))
         last_started = due = time.monotonic()
         try:
             while not ended.done():
@@ -579,8 +655,10 @@ def http_client(timeout: float) -> httpx.AsyncClient:
 
 
 # --- POST /tasks/run through the owner -------------------------------------------------------
-def control_subject() -> str:
-    return f"{settings.KURS_NATS_PREFIX}.ctl.fetch"
+def control_subject(shard: int | None = None) -> str:
+    """`<prefix>.ctl.fetch`; with shards, `<prefix>.ctl.fetch.<shard>`, answered by its owner."""
+    base = f"{settings.KURS_NATS_PREFIX}.ctl.fetch"
+    return base if shard is None else f"{base}.{shard}"
 
 
 class ItemListener:
@@ -600,13 +678,22 @@ class ItemListener:
         nats.connection.unsubscribe(self._sub_id)
 
 
-def serve_fetch_requests(fetcher: Fetcher) -> Responder:
-    """Answer `kurs.ctl.fetch` with a cycle of this owner's, for as long as it owns."""
+def serve_fetch_requests(
+    fetcher: Fetcher, held: shards.Shards, owned: frozenset[int]
+) -> list[Responder]:
+    """Answer `kurs.ctl.fetch` with a cycle of this owner's, for as long as it owns; with shards,
+    the subject of each shard owned, the answer naming this owner (`owner`), so that the asker
+    counts once an owner that answers for several shards (`rates.fetch_control`)."""
     loop = asyncio.get_running_loop()
 
     async def handle(payload: bytes) -> bytes:
         future = asyncio.run_coroutine_threadsafe(fetcher.cycle_now(), loop)
         report = await asyncio.wrap_future(future)
-        return dumps(report.event()).encode()
+        answer = report.event()
+        if held.sharded:
+            answer = {**answer, "owner": held.holder, "shards": sorted(owned)}
+        return dumps(answer).encode()
 
-    return nats.serve(control_subject(), handle)
+    if not held.sharded:
+        return [nats.serve(control_subject(), handle)]
+    return [nats.serve(control_subject(shard), handle) for shard in sorted(owned)]

@@ -97,6 +97,15 @@ def lease_holder(*, name: str = LIVE_RATES) -> LeaseInfo | None:
     return LeaseInfo(lease.holder, lease.epoch, lease.expires_at)
 
 
+def live_names(*, prefix: str, forget: str, after: timedelta = timedelta(minutes=1)) -> list[str]:
+    """The names of the leases under `prefix` that are live now (by the database's clock);
+    those under `forget` expired longer than `after` ago are deleted on the way."""
+    now = _db_now()
+    OwnerLease.objects.filter(name__startswith=forget, expires_at__lt=now - after).delete()
+    rows = OwnerLease.objects.filter(name__startswith=prefix, expires_at__gte=now)
+    return list(rows.values_list("name", flat=True))
+
+
 class Lease:
     """This process's hold on the lease: `held()` is the cheap check before every write."""
 

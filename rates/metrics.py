@@ -85,6 +85,12 @@ OWNER_LEASE_HELD = Gauge(
     # Summed over live processes: 1 when one owner runs, 0 when none (the alert's case).
     multiprocess_mode="livesum",
 )
+OWNER_SHARDS_HELD = Gauge(
+    "kurs_owner_shards_held",
+    "Shards of live state this process owns (KURS_OWNER_SHARDS; 1 while it owns, with one shard).",
+    # Summed over live processes: KURS_OWNER_SHARDS when every shard has its owner.
+    multiprocess_mode="livesum",
+)
 
 PEG_STATE = Gauge(
     "kurs_peg_state",

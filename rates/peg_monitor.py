@@ -42,10 +42,18 @@ class PegMonitor:
         self._lock = threading.Lock()
         self._proxy: pegs.PegState | None = None
         self.dirty = True
+        self._followed = -READ_EVERY  # time.monotonic() of the last `follow`
 
     def evaluate(self, board: QuoteBoard, *, now: datetime) -> list[str]:
-        """Measure every peg from the board; publish and log each change; the events sent."""
+        """Measure every peg from the board; publish and log each change; the events sent.
+
+        An owner of some shards but not the global one measures nothing: it follows the states
+        the global shard's owner saved (`follow`), so that every owner converts through the
+        same peg state, measured from one board."""
         if not self.states:
+            return []
+        if board.writable() and not board.global_writable():
+            self.follow(now=now)
             return []
         accepted = {pair: dict(entries) for pair, entries in list(board.accepted.items())}
         sent = []
@@ -59,7 +67,7 @@ class PegMonitor:
                 self.dirty = True
             if current.state != previous.state or current.value != previous.value:
                 self._export(current)
-            if change is not None and board.writable():
+            if change is not None and board.global_writable():
                 log = logger.warning if change == "peg.broken" else logger.info
                 log(
                     "%s: %s is worth %s %s (band %s)",
@@ -87,7 +95,7 @@ class PegMonitor:
 
     def flush(self, board: QuoteBoard) -> None:
         """Save the states to the shared cache if they changed (sync: blocking I/O)."""
-        if not self.dirty or not board.writable():
+        if not self.dirty or not board.global_writable():
             return
         self.dirty = False
         with self._lock:
@@ -99,6 +107,16 @@ class PegMonitor:
             saving.failed(exc)
         else:
             saving.worked()
+
+    def follow(self, *, now: datetime) -> None:
+        """The states the global owner saved, read at most every READ_EVERY seconds."""
+        if time.monotonic() - self._followed < READ_EVERY:
+            return
+        self._followed = time.monotonic()
+        self.load(now=now)
+        self.dirty = False  # read, not measured: nothing of this process's to save
+        for state in list(self.states.values()):
+            self._export(state)
 
     def load(self, *, now: datetime) -> None:
         """A new owner's start: the states the last owner saved, so that a peg broken before a

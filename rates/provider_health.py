@@ -80,7 +80,7 @@ class ProviderMonitor:
         level = logging.DEBUG if self.outage is not None or state == CLOSED else logging.INFO
         logger.log(level, "%s circuit %s: %s", name, state, reason, extra={"provider": name})
         metrics.CIRCUIT_STATE.labels(name).set(metrics.CIRCUIT_VALUES[state])
-        if services.get_board().writable():
+        if services.get_board().global_writable():
             events.publish("provider.state", {"name": name, "state": state, "reason": reason})
         self.save()
 
@@ -212,7 +212,7 @@ class ProviderMonitor:
 
     def flush(self) -> None:
         """Write the status to the shared cache if it changed (sync: blocking I/O)."""
-        if not self.dirty or not services.get_board().writable():
+        if not self.dirty or not services.get_board().global_writable():
             return
         self.dirty = False
         order = settings.KURS_PROVIDERS
@@ -282,7 +282,7 @@ def observe_exclusions(*, now: datetime) -> None:
 def flush_statuses(*, now: datetime | None = None) -> None:
     """Save every changed provider status (sync; the owner calls it off its event loop), the
     exclusions observed at `now` included."""
-    if services.get_board().writable():
+    if services.get_board().global_writable():
         observe_exclusions(now=now or timezone.now())
     for monitor in list(_monitors.values()):
         monitor.flush()

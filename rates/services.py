@@ -153,7 +153,7 @@ def board_load(*, board: QuoteBoard | None = None) -> int:
     """A new owner's start: forget this process's view, load every stored current rate."""
     board = board or _board
     rows = CurrentRate.objects.select_related("item").filter(item__is_active=True)
-    loaded = [(row.item.code, current_from_row(row)) for row in rows]
+    loaded = [(row.item.code, current_from_row(row)) for row in rows if board.owned(row.item.code)]
     board.clear()
     board.load(loaded)
     for pair, current in loaded:  # the owner's gauges from its first moment, not its first write

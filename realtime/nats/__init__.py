@@ -18,7 +18,14 @@ from __future__ import annotations
 from typing import Any
 
 from realtime.nats.link import NatsConnection, StreamUnavailable, connection
-from realtime.nats.publishing import AckCallback, on_acked, outbox, relay_undelivered, transport
+from realtime.nats.publishing import (
+    AckCallback,
+    on_acked,
+    outbox,
+    relay_only,
+    relay_undelivered,
+    transport,
+)
 from realtime.nats.rpc import Responder, request, serve
 from realtime.nats.stream import StoredMessage, StreamCursor, stream_consumer
 from realtime.nats.subjects import (
@@ -47,6 +54,7 @@ __all__ = [
     "fallback_group",
     "on_acked",
     "outbox",
+    "relay_only",
     "relay_undelivered",
     "request",
     "serve",

@@ -123,6 +123,9 @@ class Outbox(Part):
         self._relaying = False
         self._relayed_unacked: set[str] = set()
         self._relayed_any = False  # then this process keeps the books of what it relayed
+        # (subject, payload) -> relay this row? Set by an owner of some shards (rates.shards):
+        # it relays only its shards' events. None: every row.
+        self.relay_filter: Callable[[str, str], bool] | None = None
         self._books_failing = False  # the bookkeeping's failure was logged (once per outage)
         self._flushing = False
         self._idle = threading.Condition()
@@ -524,7 +527,11 @@ class Outbox(Part):
                 return
             self._relay_unreadable, self._relay_backoff = False, 0.0
             self._relayed_any = self._relayed_any or bool(rows)
+            wanted = self.relay_filter
             for position, event_id, subject, payload in rows:
+                if wanted is not None and not wanted(subject, payload):
+                    after = position  # another shard's owner relays it
+                    continue
                 headers = {ORIGIN_HEADER: settings.KURS_INSTANCE, MSG_ID_HEADER: event_id}
                 if self._link.jetstream:
                     # Newer events wait until JetStream acknowledged every relayed one: a
@@ -582,6 +589,11 @@ def on_acked(callback: AckCallback) -> None:
 def relay_undelivered() -> None:
     """Send the database outbox's undelivered events, in order (a new owner of live state)."""
     outbox.request_relay()
+
+
+def relay_only(wanted: Callable[[str, str], bool] | None) -> None:
+    """Relay only the undelivered rows `wanted(subject, payload)` accepts (None: every row)."""
+    outbox.relay_filter = wanted
 
 
 def transport(subject: str, envelope: dict[str, Any]) -> None:
