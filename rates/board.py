@@ -370,6 +370,14 @@ class QuoteBoard:
         with self._lock:
             self.current[pair] = replace(current, written=time.monotonic())
 
+    def restore_current(self, pair: str, current: Current | None) -> None:
+        """Put back what a rolled-back write replaced (`rates.services.Writes`)."""
+        with self._lock:
+            if current is None:
+                self.current.pop(pair, None)
+            else:
+                self.current[pair] = current
+
     def drop_current(self, pair: str) -> None:
         """Forget a pair whose item is gone (a new item of the same code starts afresh)."""
         with self._lock:

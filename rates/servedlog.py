@@ -1,7 +1,7 @@
 """The served log and point-in-time reads (docs/api.md#point-in-time).
 
 Every version of a pair's current rate is a `ServedRate` row, written by `record` inside the
-transaction that writes the `CurrentRate` row (`rates.services._write_current`), so the log
+transaction that writes the `CurrentRate` row (`rates.services.Writes`), so the log
 holds exactly what clients were served. A version is served from its `served_at` until the next
 version of the same item (`valid_until`, null while it is current).
 
@@ -66,9 +66,22 @@ def record(
 
     Called inside the transaction that writes that row (sync); a failure rolls both back.
     """
-    kept = {name: fields[name] for name in SERVED_FIELDS if name in fields}
-    ServedRate.objects.create(
-        item_id=item_id, served_at=served_at or timezone.now(), event_id=event_id, **kept
+    record_all([(item_id, fields, event_id, served_at or timezone.now())])
+
+
+def record_all(versions: Iterable[tuple[int, Mapping[str, Any], str | None, datetime]]) -> None:
+    """`record` for versions `(item_id, fields, event_id, served_at)`, in one insert (a burst of
+    writes, `rates.services`)."""
+    ServedRate.objects.bulk_create(
+        [
+            ServedRate(
+                item_id=item_id,
+                served_at=served_at,
+                event_id=event_id,
+                **{name: fields[name] for name in SERVED_FIELDS if name in fields},
+            )
+            for item_id, fields, event_id, served_at in versions
+        ]
     )
 
 
