@@ -933,18 +933,39 @@ def reevaluate(
     items = active_items(board=board)
     burst = writes or Writes(board)
     changed = 0
-    for pair in list(pairs) if pairs is not None else board.pairs():
+    # A sweep of every pair (the owner's tick) skips the pairs found quiet until later: at
+    # 1,000 pairs deciding each anew every tick was a third of the owner's time
+    # (docs/scaling.md#the-owner).
+    sweep = pairs is None
+    generation = (board.generation, peg_monitor.get_monitor().conversion())
+    for pair in board.pairs() if sweep else list(pairs or ()):
         item_id = items.get(pair)
-        if item_id is None:
+        if item_id is None or (sweep and board.is_quiet(pair, now, generation)):
             continue
         state = board.state(pair, now=now)
         decision = decide(pair, state, now=now, monotonic=time.monotonic())
         if decision.current is not None:
             burst.add(item_id, decision, now=now)
             changed += 1
+        elif sweep:
+            board.set_quiet(pair, _quiet_until(state, now=now), generation)
     if writes is None:
         burst.flush()
     return changed
+
+
+def _quiet_until(state: PairState, *, now: datetime) -> datetime:
+    """Until when deciding the pair again without news cannot change its decision: time alone
+    moves it when a usable entry's freshness window ends, or its heartbeat falls due (a first
+    round waits for the clock: never quiet)."""
+    if state.awaited:
+        return now
+    ends = [entry.fresh_until for entry in state.usable]
+    current = state.current
+    if current is not None:
+        due = current.written + policy.heartbeat_seconds() - time.monotonic()
+        ends.append(now + timedelta(seconds=max(0.0, due)))
+    return min(ends, default=now + timedelta(days=1))
 
 
 def provider_set_down(name: str, down: bool, *, board: QuoteBoard | None = None) -> bool:

@@ -4,6 +4,7 @@ but itself, with no half-written row (docs/scaling.md#the-owner)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -182,3 +183,20 @@ def test_an_item_deleted_mid_burst_drops_its_rate_alone(
     assert written("ETH-USD") == (1, 1, 1, 1)
     assert not Rate.objects.exclude(item__code="ETH-USD").exists()
     assert [event["direction"] for event in rate_events(published_events)] == ["ETH-USD"]
+
+
+def test_a_sweep_decides_a_quiet_pair_again_once_its_quote_goes_stale(
+    django_capture_on_commit_callbacks: Any, published_events: Events
+) -> None:
+    """The owner's tick skips a pair whose decision time alone cannot change yet, and not a
+    moment longer: the quote's freshness window ending makes it `stale` at that sweep."""
+    items("BTC-USD")
+    quote = make_quote("binance", "BTC-USD", "100")
+    burst(["BTC-USD"], "100", django_capture_on_commit_callbacks)
+    board = services.get_board()
+    fresh_until = board.state("BTC-USD", now=quote.source_time).usable[0].fresh_until
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.reevaluate(now=quote.source_time) == 0  # found quiet...
+        assert services.reevaluate(now=quote.source_time) == 0  # ...and skipped
+        assert services.reevaluate(now=fresh_until + timedelta(seconds=1)) == 1
+    assert [e["status"] for e in rate_events(published_events)] == ["live", "stale"]
