@@ -169,13 +169,17 @@ def empty_database(database_url: str, pairs: int, env: dict[str, str]) -> None:
     subprocess.run([PYTHON, "manage.py", "shell", "-c", script], cwd=REPO, env=env, check=True)
 
 
+# An overloaded owner (or emulator) at 1,000 pairs on shared cores can take seconds to answer.
+HTTP_TIMEOUT = 60
+
+
 def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as response:
+    with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT) as response:
         return json.loads(response.read())
 
 
 def get_bytes(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=10) as response:
+    with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT) as response:
         return bytes(response.read())
 
 
