@@ -247,6 +247,10 @@ def _accept(
     metrics.RATE_AGE.labels(quote.pair).set(max(0.0, (now - entry.source_time).total_seconds()))
     decision = decide(quote.pair, state, now=now, incoming=entry, monotonic=time.monotonic())
     write = writes.add(item_id, decision, now=now)
+    # Decided just now: the owner's next sweep need not decide it again before time moves it
+    # (a pair that ticks every second is decided by its quotes, not by every tick too).
+    written = decision.current is not None and write is not None
+    board.set_quiet(quote.pair, _quiet_until(state, now=now, written=written), _generation(board))
     result = Acceptance(
         quote,
         accepted=True,
@@ -937,7 +941,7 @@ def reevaluate(
     # 1,000 pairs deciding each anew every tick was a third of the owner's time
     # (docs/scaling.md#the-owner).
     sweep = pairs is None
-    generation = (board.generation, peg_monitor.get_monitor().conversion())
+    generation = _generation(board)
     for pair in board.pairs() if sweep else list(pairs or ()):
         item_id = items.get(pair)
         if item_id is None or (sweep and board.is_quiet(pair, now, generation)):
@@ -954,15 +958,24 @@ def reevaluate(
     return changed
 
 
-def _quiet_until(state: PairState, *, now: datetime) -> datetime:
-    """Until when deciding the pair again without news cannot change its decision: time alone
-    moves it when a usable entry's freshness window ends, or its heartbeat falls due (a first
-    round waits for the clock: never quiet)."""
+def _generation(board: QuoteBoard) -> tuple[int, Any]:
+    """What every pair's decision rests on besides its own entries: the board's generation and
+    the proxy's peg conversion."""
+    return board.generation, peg_monitor.get_monitor().conversion()
+
+
+def _quiet_until(state: PairState, *, now: datetime, written: bool = False) -> datetime:
+    """Until when deciding the pair again without news cannot change its decision (`written`:
+    the decision just made wrote a new current rate): time alone moves it when a usable
+    entry's freshness window ends, or its heartbeat falls due (a first round waits for the
+    clock: never quiet)."""
     if state.awaited:
         return now
     ends = [entry.fresh_until for entry in state.usable]
     current = state.current
-    if current is not None:
+    if written:
+        ends.append(now + timedelta(seconds=policy.heartbeat_seconds()))
+    elif current is not None:
         due = current.written + policy.heartbeat_seconds() - time.monotonic()
         ends.append(now + timedelta(seconds=max(0.0, due)))
     return min(ends, default=now + timedelta(days=1))
