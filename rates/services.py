@@ -975,7 +975,9 @@ def _quiet_until(state: PairState, *, now: datetime, written: bool = False) -> d
     current = state.current
     if written:
         ends.append(now + timedelta(seconds=policy.heartbeat_seconds()))
-    elif current is not None:
+    elif current is not None and any(e.checked_at > current.checked_at for e in state.usable):
+        # Something to confirm: the heartbeat writes it once due. (Nothing newer: only a new
+        # quote, which wakes the pair, can bring a confirmation.)
         due = current.written + policy.heartbeat_seconds() - time.monotonic()
         ends.append(now + timedelta(seconds=max(0.0, due)))
     return min(ends, default=now + timedelta(days=1))
