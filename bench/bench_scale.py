@@ -411,7 +411,11 @@ async def one_run(
             "latency_p99": percentile(latencies, 99) if latencies else float("nan"),
             # Every rate event on the socket during the window: arrival minus its source_time
             # (a REST round's quote carries its receipt time): how far behind the owner runs.
-            "age_p99": percentile([(a - at / 1000) * 1000 for _, at, a in every.arrivals], 99),
+            "age_p99": (
+                percentile([(a - at / 1000) * 1000 for _, at, a in every.arrivals], 99)
+                if every.arrivals
+                else float("nan")  # an owner so far behind that nothing arrived in the window
+            ),
             "bare_median": statistics.median(bare_latencies),
             "bare_p99": percentile(bare_latencies, 99),
         }
