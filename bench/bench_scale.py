@@ -175,13 +175,17 @@ def empty_database(database_url: str, pairs: int, env: dict[str, str]) -> None:
     subprocess.run([PYTHON, "manage.py", "shell", "-c", script], cwd=REPO, env=env, check=True)
 
 
+# An overloaded owner (or emulator) at 1,000 pairs on shared cores can take seconds to answer.
+HTTP_TIMEOUT = 60
+
+
 def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as response:
+    with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT) as response:
         return json.loads(response.read())
 
 
 def get_bytes(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=10) as response:
+    with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT) as response:
         return bytes(response.read())
 
 
@@ -439,7 +443,11 @@ async def one_run(
             "latency_p99": percentile(latencies, 99) if latencies else float("nan"),
             # Every rate event on the socket during the window: arrival minus its source_time
             # (a REST round's quote carries its receipt time): how far behind the owner runs.
-            "age_p99": percentile([(a - at / 1000) * 1000 for _, at, a in every.arrivals], 99),
+            "age_p99": (
+                percentile([(a - at / 1000) * 1000 for _, at, a in every.arrivals], 99)
+                if every.arrivals
+                else float("nan")  # an owner so far behind that nothing arrived in the window
+            ),
             "bare_median": statistics.median(bare_latencies),
             "bare_p99": percentile(bare_latencies, 99),
         }

@@ -149,6 +149,12 @@ class QuoteBoard:
     # -> [(item code, first leg, second leg)]).
     routes_by_leg: tuple[str, dict[str, list[tuple[str, Any, Any]]]] | None = None
     items_loaded_at: float | None = None
+    # The owner's sweep (`rates.services.reevaluate`): pair -> (the instant before which
+    # deciding it again without news cannot change anything, the `generation` that held then).
+    # A pair's own news (a quote, a write) forgets its entry; anything that may move every
+    # pair (a provider down, the items, a first round) starts a new generation.
+    quiet: dict[str, tuple[datetime, Any]] = field(default_factory=dict)
+    generation: int = 0
     # May this board write and publish? The owner's lease check; None: always (tests, benches).
     guard: Callable[[], bool] | None = None
     # With sharded ownership (rates.shards): is an item's pair in this owner's shards (its items
@@ -173,6 +179,7 @@ class QuoteBoard:
     def load(self, rows: Iterable[tuple[str, Current]]) -> None:
         """Start from the stored current rates: each serves on, and is the jump reference."""
         with self._lock:
+            self.generation += 1
             for pair, current in rows:
                 self.current[pair] = current
                 self.references[pair] = current.value
@@ -194,6 +201,8 @@ class QuoteBoard:
     def clear(self) -> None:
         """Forget everything (before loading as a new owner)."""
         with self._lock:
+            self.generation += 1
+            self.quiet.clear()
             for table in (
                 self.candidates,
                 self.accepted,
@@ -213,10 +222,12 @@ class QuoteBoard:
     def offer(self, pair: str, entry: Entry) -> None:
         """A plausible quote (valid apart from the jump guard): it may confirm other providers."""
         with self._lock:
+            self.quiet.pop(pair, None)
             self.candidates.setdefault(pair, {})[entry.provider] = entry
 
     def accept(self, pair: str, entry: Entry) -> None:
         with self._lock:
+            self.quiet.pop(pair, None)
             self.accepted.setdefault(pair, {})[entry.provider] = entry
             self.references[pair] = entry.value
 
@@ -258,6 +269,7 @@ class QuoteBoard:
     def withdraw(self, pair: str, provider: str) -> bool:
         """Drop a provider's accepted quote for a pair (it just sent an invalid one)."""
         with self._lock:
+            self.quiet.pop(pair, None)
             return self.accepted.get(pair, {}).pop(provider, None) is not None
 
     # --- who serves ---------------------------------------------------------------------------
@@ -330,6 +342,8 @@ class QuoteBoard:
 
     def set_best_possible(self, priorities: dict[str, tuple[int, ...]]) -> None:
         with self._lock:
+            if priorities != self.best_possible:
+                self.generation += 1
             self.best_possible = dict(priorities)
 
     # --- a new pair's first round -------------------------------------------------------------
@@ -341,6 +355,7 @@ class QuoteBoard:
         only a `live` decision is news for the pair (see `awaits_better`). A second provider's
         stream answering first must not publish a `failover` that the next moment corrects."""
         with self._lock:
+            self.generation += 1
             for pair, awaited in providers.items():
                 self.first_round[pair] = {name: (rank, until) for name, rank in awaited.items()}
 
@@ -348,6 +363,7 @@ class QuoteBoard:
         """`provider`'s round over `pairs` ended; the pairs that were waiting for it."""
         ended = []
         with self._lock:
+            self.generation += 1
             for pair in pairs:
                 awaited = self.first_round.get(pair)
                 if awaited is None or awaited.pop(provider, None) is None:
@@ -364,6 +380,16 @@ class QuoteBoard:
             awaited = self._awaited(pair, time.monotonic())
         return bool(awaited) and (priority is None or any(rank < priority for rank in awaited))
 
+    def is_quiet(self, pair: str, now: datetime, generation: Any) -> bool:
+        """Was `pair` found quiet past `now` in this generation (`quiet`)?"""
+        with self._lock:
+            found = self.quiet.get(pair)
+        return found is not None and found[1] == generation and now < found[0]
+
+    def set_quiet(self, pair: str, until: datetime, generation: Any) -> None:
+        with self._lock:
+            self.quiet[pair] = (until, generation)
+
     def pairs(self) -> list[str]:
         """Every pair the board has a current rate or a quote for."""
         with self._lock:
@@ -377,15 +403,27 @@ class QuoteBoard:
         """A stored current rate this owner has not loaded (an item activated again): later
         writes continue its `version`, so readers that know it take them as newer."""
         with self._lock:
+            self.quiet.pop(pair, None)
             self.current.setdefault(pair, current)
 
     def set_current(self, pair: str, current: Current) -> None:
         with self._lock:
+            self.quiet.pop(pair, None)
             self.current[pair] = replace(current, written=time.monotonic())
+
+    def restore_current(self, pair: str, current: Current | None) -> None:
+        """Put back what a rolled-back write replaced (`rates.services.Writes`)."""
+        with self._lock:
+            self.quiet.pop(pair, None)
+            if current is None:
+                self.current.pop(pair, None)
+            else:
+                self.current[pair] = current
 
     def drop_current(self, pair: str) -> None:
         """Forget a pair whose item is gone (a new item of the same code starts afresh)."""
         with self._lock:
+            self.quiet.pop(pair, None)
             self.current.pop(pair, None)
             for key in [key for key in self.last_stored if key[0] == pair]:
                 del self.last_stored[key]
@@ -397,6 +435,7 @@ class QuoteBoard:
         with self._lock:
             if down == (provider in self.down):
                 return False
+            self.generation += 1
             if down:
                 self.down.add(provider)
             else:
@@ -414,6 +453,8 @@ class QuoteBoard:
             rows = [row for row in items if self.owned(row[0])]
             if {code for code, _, _ in rows} != self.items.keys():
                 self.routes_by_leg = None
+            if {code: pricing for code, _, pricing in rows} != self.pricing:
+                self.generation += 1
             self.items = {code: item_id for code, item_id, _ in rows}
             self.pricing = {code: pricing for code, _, pricing in rows}
             self.items_loaded_at = time.monotonic()

@@ -123,13 +123,18 @@ class Fetcher:
         self._reached = False  # has any provider answered this process yet?
         self._holding: frozenset[int] = frozenset()  # with shards: the shards held now
         self._offline_hinted = False
+        # The streams' quotes waiting for the owner's next burst (`_accept_streamed`); bounded,
+        # so that an owner that falls behind slows the streams' reading, not its own memory.
+        self._streamed: asyncio.Queue[tuple[ProviderMonitor, Quote]] = asyncio.Queue(STREAM_BACKLOG)
+        # (provider, pair) -> time.monotonic() of its last quote accepted from a stream.
+        self._stream_heard: dict[tuple[str, str], float] = {}
 
     async def pairs(self) -> list[Pair]:
         """The pairs to quote now, read afresh. A pair new since the last read (an item created
         or activated again) starts its first round: its first status waits for every provider
         of this fetcher that can quote it (`QuoteBoard.start_first_round`), and each of them is
         asked for it in the next cycle."""
-        pairs = await sync_to_async(_wanted_pairs)()
+        pairs = await sync_to_async(_wanted_pairs)(self.quotable)
         board = services.get_board()
         board.set_best_possible(
             {
@@ -158,6 +163,10 @@ class Fetcher:
             self._new_pairs.update(new)
         self._pairs = pairs
         return pairs
+
+    def quotable(self, pair: Pair) -> bool:
+        """Can one of this fetcher's providers quote the pair directly?"""
+        return any(provider.supports(pair) for provider in self.providers)
 
     def due(self, provider: Provider) -> bool:
         """Is a paced provider's data old enough to ask again (see PACE_FRACTION)?"""
@@ -270,8 +279,20 @@ class Fetcher:
             # what `/providers` and the dashboard show is bounded plain text.
             logger.exception("%s: fetch crashed", name)
             return self._failed(monitor, crash_reason(exc), "crash")
-        results = await sync_to_async(services.accept_quotes)(quotes)
-        valid = sum(result.accepted for result in results)
+        # A pair whose stream delivered within the poll is already confirmed: its REST quote
+        # adds nothing (docs/scaling.md#the-owner); it counts as valid, as it is.
+        heard = time.monotonic() - self.poll_interval
+        fresh = [
+            quote
+            for quote in quotes
+            if self._stream_heard.get((quote.provider, quote.pair), 0.0) < heard
+        ]
+        results = []
+        accept = sync_to_async(services.accept_quotes)
+        # In bursts of at most BURST_MAX: the streams' bursts take their turn in between.
+        for start in range(0, len(fresh), BURST_MAX):
+            results += await accept(fresh[start : start + BURST_MAX])
+        valid = sum(result.accepted for result in results) + len(quotes) - len(fresh)
         stored = sum(result.stored_count for result in results)
         if quotes and not valid:
             reasons = sorted({result.reason or "" for result in results})
@@ -459,6 +480,8 @@ class Fetcher:
         stream_stop = asyncio.Event()
         streamed: list[Pair] = []
         ended = asyncio.create_task(_first_of(stop, *ends))
+        self._streamed = asyncio.Queue(STREAM_BACKLOG)  # this loop's: none left from the last
+        accepting = asyncio.create_task(self._accept_streamed())
         last_started = due = time.monotonic()
         try:
             while not ended.done():
@@ -503,6 +526,9 @@ class Fetcher:
         finally:
             ended.cancel()
             await _stop_streams(streams, stream_stop)
+            accepting.cancel()
+            with suppress(asyncio.CancelledError):
+                await accepting
 
     async def _wait(self, ended: asyncio.Task[None], until: float, *, wake: bool = True) -> bool:
         """Wait until the monotonic time `until`, or the end; True when an item event (with
@@ -524,15 +550,34 @@ class Fetcher:
             return True
         return False
 
+    async def _accept_streamed(self) -> None:
+        """The streams' quotes, a burst at a time: whatever arrived while the last burst was
+        being written (no waiting to fill one: a lone tick is a burst of one), decided in turn
+        and written in one transaction (`services.accept_quotes`)."""
+        accept = sync_to_async(services.accept_quotes)
+        queue = self._streamed
+        while True:
+            burst = [await queue.get()]
+            while len(burst) < BURST_MAX and not queue.empty():
+                burst.append(queue.get_nowait())
+            try:
+                results = await accept([quote for _, quote in burst])
+            except Exception:
+                # A bug: the burst is lost, the streams (and the next burst) go on.
+                logger.exception("cannot accept a burst of %d streamed quotes", len(burst))
+                continue
+            now = time.monotonic()
+            for (monitor, quote), result in zip(burst, results, strict=True):
+                if result.accepted:  # a stream of rejected quotes (absurd prices) is no source
+                    monitor.stream_quote()
+                    self._stream_heard[(quote.provider, quote.pair)] = now
+                self.stored += result.stored_count
+
     async def _stream(self, provider: Provider, pairs: list[Pair], stop: asyncio.Event) -> None:
         monitor = monitor_for(provider.name)
-        accept = sync_to_async(services.accept_quote)
 
         async def on_quote(quote: Quote) -> None:
-            result = await accept(quote)
-            if result.accepted:  # a stream of rejected quotes (absurd prices) is no source
-                monitor.stream_quote()
-            self.stored += result.stored_count
+            await self._streamed.put((monitor, quote))
 
         try:
             await stream_forever(
@@ -570,6 +615,11 @@ class Fetcher:
 
 
 STANDBY_RETRY = 1.0
+# The most quotes one burst writes in one transaction (streamed quotes, a REST round's share):
+# a REST round of 1,000 pairs must not hold the streams' ticks for the whole of its write.
+BURST_MAX = 200
+# Streamed quotes that may wait for the owner before the streams stop reading.
+STREAM_BACKLOG = 5 * BURST_MAX
 # The least time between the starts of two cycles when an item event asks for one early.
 WAKE_GAP = 0.5
 # The owner's clock: lease renewal when due, pairs decided again (a quote outlives its window, a
@@ -599,14 +649,14 @@ async def _stop_streams(streams: list[asyncio.Task[None]], stop: asyncio.Event) 
         await asyncio.gather(*streams, return_exceptions=True)
 
 
-def _wanted_pairs() -> list[Pair]:
+def _wanted_pairs(quotable: Callable[[Pair], bool]) -> list[Pair]:
     # A long-running fetcher outlives database restarts: drop a broken (or, with CONN_MAX_AGE
     # 0, any) connection once per cycle, as Django does between requests, so the next query
     # reconnects instead of failing forever.
     close_old_connections()
     # Read afresh, not from the items cache: a new item is quoted in the cycle that follows.
     services.get_board().forget_items()
-    return services.wanted_pairs(services.active_items())
+    return services.wanted_pairs(services.active_items(), quotable=quotable)
 
 
 def _after_cycle() -> None:

@@ -88,6 +88,13 @@ class PegMonitor:
             proxy = self._proxy
         return pegs.through(pair, entry, status, proxy)
 
+    def conversion(self) -> Decimal | None:
+        """What `through` converts proxied entries with now (None: they serve as they are): a
+        sweep's decisions hold while it does not change (`rates.services.reevaluate`)."""
+        with self._lock:
+            peg = pegs.broken(self._proxy)
+        return None if peg is None else peg.value
+
     def _export(self, state: pegs.PegState) -> None:
         metrics.PEG_STATE.labels(state.peg.pair).set(metrics.PEG_VALUES[state.state])
         deviation = state.deviation

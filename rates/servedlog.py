@@ -1,7 +1,7 @@
 """The served log and point-in-time reads (docs/api.md#point-in-time).
 
 Every version of a pair's current rate is a `ServedRate` row, written by `record` inside the
-transaction that writes the `CurrentRate` row (`rates.services._write_current`), so the log
+transaction that writes the `CurrentRate` row (`rates.services.Writes`), so the log
 holds exactly what clients were served. A version is served from its `served_at` until the next
 version of the same item (`valid_until`, null while it is current).
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -31,8 +32,8 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections, connection, transaction
-from django.db.models import Max, OuterRef, Subquery
+from django.db import DatabaseError, close_old_connections, connection
+from django.db.models import Case, Max, OuterRef, Subquery, Value, When
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -66,9 +67,22 @@ def record(
 
     Called inside the transaction that writes that row (sync); a failure rolls both back.
     """
-    kept = {name: fields[name] for name in SERVED_FIELDS if name in fields}
-    ServedRate.objects.create(
-        item_id=item_id, served_at=served_at or timezone.now(), event_id=event_id, **kept
+    record_all([(item_id, fields, event_id, served_at or timezone.now())])
+
+
+def record_all(versions: Iterable[tuple[int, Mapping[str, Any], str | None, datetime]]) -> None:
+    """`record` for versions `(item_id, fields, event_id, served_at)`, in one insert (a burst of
+    writes, `rates.services`)."""
+    ServedRate.objects.bulk_create(
+        [
+            ServedRate(
+                item_id=item_id,
+                served_at=served_at,
+                event_id=event_id,
+                **{name: fields[name] for name in SERVED_FIELDS if name in fields},
+            )
+            for item_id, fields, event_id, served_at in versions
+        ]
     )
 
 
@@ -79,9 +93,16 @@ def record_seq(event_id: str, seq: int) -> int:
 
 
 def record_seqs(acks: Iterable[tuple[str, int]]) -> int:
-    """`record_seq` for a batch of acks, in one transaction."""
-    with transaction.atomic():
-        return sum(record_seq(event_id, seq) for event_id, seq in acks)
+    """`record_seq` for a batch of acks, in one statement (one UPDATE per ack kept the
+    recorder's thread busy at 1,000 pairs: docs/scaling.md#the-owner)."""
+    seqs = dict(acks)
+    if not seqs:
+        return 0
+    named = Case(
+        *(When(event_id=event_id, then=Value(seq)) for event_id, seq in seqs.items()),
+        output_field=ServedRate._meta.get_field("seq"),
+    )
+    return ServedRate.objects.filter(event_id__in=list(seqs), seq__isnull=True).update(seq=named)
 
 
 class SeqRecorder:
@@ -114,9 +135,12 @@ class SeqRecorder:
     def _run(self) -> None:
         while True:
             batch = [self._queue.get()]
-            while len(batch) < self._batch:
+            # The acks of the next moment join it: one statement (and one connection, closed
+            # after it) for a tenth of a second's acks, not one per ack.
+            until = time.monotonic() + ACK_LINGER
+            while len(batch) < self._batch and (left := until - time.monotonic()) > 0:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    batch.append(self._queue.get(timeout=left))
                 except queue.Empty:
                     break
             try:
@@ -130,6 +154,9 @@ class SeqRecorder:
                     self._idle.notify_all()
 
 
+# How long the recorder gathers acks before writing them (a version's `seq` is bookkeeping:
+# null until written, like wherever JetStream is unavailable).
+ACK_LINGER = 0.1
 # The process's recorder: the publisher's ack callback (docs/api.md#point-in-time).
 seq_recorder = SeqRecorder()
 

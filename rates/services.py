@@ -19,11 +19,13 @@ One quote, one straight path (docs/architecture.md#the-quote-pipeline), each ste
    until every provider that can quote it has answered or failed once: meanwhile only a `live`
    answer is news, so its first published status is the true one, and a pair never served
    counts no failover.
-3. `_persist` (one transaction): the history row when due (an accepted quote of a tracked item
-   whose value differs from the last row of that item and provider, or whose last row is 60 s
-   old; every provider's quotes are kept, cross rates only while they serve) and the
-   `CurrentRate` row, with `version` + 1.
-4. `publish_on_commit`: `rate.updated` with the new current rate, after the commit.
+3. `Writes.add`: the history row when due (an accepted quote of a tracked item whose value
+   differs from the last row of that item and provider, or whose last row is 60 s old; every
+   provider's quotes are kept, cross rates only while they serve) and the `CurrentRate` row,
+   with `version` + 1, its served version and its `rate.updated` outbox row; `Writes.flush`
+   writes a burst of such decisions (the quotes the streams delivered meanwhile: `accept_quotes`)
+   in one transaction.
+4. `publish_all_on_commit`: `rate.updated` with each new current rate, after the commit.
 
 Only a board whose `guard` allows it (the owner's lease) persists and publishes: a process that
 does not own live state may quote (the one-shot `run_fetch` table) but never writes.
@@ -40,7 +42,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import localcontext
@@ -112,16 +114,24 @@ def active_items(*, board: QuoteBoard | None = None) -> dict[str, int]:
     return board.items
 
 
-def wanted_pairs(item_codes: Iterable[str]) -> list[Pair]:
-    """The tracked pairs and every cross-rate leg they need, each once, items first."""
+def wanted_pairs(
+    item_codes: Iterable[str], *, quotable: Callable[[Pair], bool] | None = None
+) -> list[Pair]:
+    """The tracked pairs and the cross-rate legs they need, each once, items first.
+
+    With `quotable` (can a provider quote this pair directly?), a route is needed only when
+    both its legs can be quoted: SYN-USD, the USD leg of SYN-USDT, is not asked for (nor
+    accepted) where no provider quotes USD-USDT (docs/scaling.md#the-owner).
+    """
     pairs: dict[Pair, None] = {}
     items = [Pair.parse(code) for code in item_codes]
     for pair in items:
         pairs[pair] = None
     for pair in items:
         for first, second in policy.cross_routes(pair):
-            pairs[first] = None
-            pairs[second] = None
+            if quotable is None or (quotable(first) and quotable(second)):
+                pairs[first] = None
+                pairs[second] = None
     return list(pairs)
 
 
@@ -184,35 +194,50 @@ def accept_quote(
     board = board or _board
     now = now or timezone.now()
     active_items(board=board)  # the items (and their pricing) are current for what follows
-    result, state = _accept(quote, cross=None, now=now, board=board)
-    if state is not None:
-        for cross in _cross_quotes(quote.pair, state, now=now, board=board):
-            result.derived.append(_accept(cross.quote, cross=cross, now=now, board=board)[0])
+    writes = Writes(board)
+    result = _accept_quote(quote, now=now, board=board, writes=writes)
+    writes.flush()
     return result
 
 
 def accept_quotes(quotes: Iterable[Quote], *, board: QuoteBoard | None = None) -> list[Acceptance]:
-    """`accept_quote` for each quote of a REST round; one failing quote spares the others."""
+    """`accept_quote` for a burst of quotes (what the streams delivered meanwhile, a REST
+    round): each decided in turn, all their rows written in one transaction (`Writes`); one
+    failing quote (a bug) spares the others."""
+    board = board or _board
+    now = timezone.now()
+    active_items(board=board)
+    writes = Writes(board)
     results = []
     for quote in quotes:
         try:
-            results.append(accept_quote(quote, board=board))
+            results.append(_accept_quote(quote, now=now, board=board, writes=writes))
         except Exception:
-            # A bug: log it with the quote, keep the round going.
+            # A bug: log it with the quote, keep the burst going.
             logger.exception("cannot accept %s quote for %s", quote.provider, quote.pair)
             results.append(Acceptance(quote, accepted=False, reason="error"))
+    writes.flush()
     return results
 
 
+def _accept_quote(quote: Quote, *, now: datetime, board: QuoteBoard, writes: Writes) -> Acceptance:
+    result, state = _accept(quote, cross=None, now=now, board=board, writes=writes)
+    if state is not None:
+        for cross in _cross_quotes(quote.pair, state, now=now, board=board):
+            derived, _ = _accept(cross.quote, cross=cross, now=now, board=board, writes=writes)
+            result.derived.append(derived)
+    return result
+
+
 def _accept(
-    quote: Quote, *, cross: CrossQuote | None, now: datetime, board: QuoteBoard
+    quote: Quote, *, cross: CrossQuote | None, now: datetime, board: QuoteBoard, writes: Writes
 ) -> tuple[Acceptance, PairState | None]:
     """One quote through validate, decide and persist; with the pair's state as decided (the
     cross-rate step reads its best direct entry from it, not from the board again)."""
     try:
         entry = _validate(quote, cross=cross, now=now, board=board)
     except validation.QuoteRejected as exc:
-        return _reject(quote, exc, now=now, board=board), None
+        return _reject(quote, exc, now=now, board=board, writes=writes), None
     board.accept(quote.pair, entry)
     metrics.QUOTES_ACCEPTED.labels(entry.provider).inc()
     state = board.state(quote.pair, now=now)
@@ -221,10 +246,20 @@ def _accept(
         return Acceptance(quote, accepted=True), state
     metrics.RATE_AGE.labels(quote.pair).set(max(0.0, (now - entry.source_time).total_seconds()))
     decision = decide(quote.pair, state, now=now, incoming=entry, monotonic=time.monotonic())
-    stored = _persist(item_id, decision, now=now, board=board)
-    return Acceptance(
-        quote, accepted=True, stored=stored, published=decision.current is not None
-    ), state
+    write = writes.add(item_id, decision, now=now)
+    # Decided just now: the owner's next sweep need not decide it again before time moves it
+    # (a pair that ticks every second is decided by its quotes, not by every tick too).
+    written = decision.current is not None and write is not None
+    board.set_quiet(quote.pair, _quiet_until(state, now=now, written=written), _generation(board))
+    result = Acceptance(
+        quote,
+        accepted=True,
+        stored=write is not None and bool(write.history),
+        published=decision.current is not None,
+    )
+    if write is not None:
+        write.results.append(result)
+    return result, state
 
 
 def _validate(quote: Quote, *, cross: CrossQuote | None, now: datetime, board: QuoteBoard) -> Entry:
@@ -269,7 +304,7 @@ def _validate(quote: Quote, *, cross: CrossQuote | None, now: datetime, board: Q
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """What `decide` made of one pair at one moment: `_persist` and publishing only read it.
+    """What `decide` made of one pair at one moment: `Writes` and publishing only read it.
 
     `current` is the pair's new current rate when it is news (to write and publish), else None;
     `history` the entries whose history rows are due for storing when due (the quote that led
@@ -310,7 +345,7 @@ def decide(
     if incoming is not None and (not incoming.derived or incoming == serving):
         history.append(incoming)
     # The entry that serves the new current rate is stored with it when due, whichever quote
-    # led to the decision (see `_persist`).
+    # led to the decision (see `Writes`).
     if current is not None and serving is not None and serving not in history:
         history.append(serving)
     previous = state.current
@@ -507,55 +542,213 @@ def _priced_by_consensus(
     ), serving
 
 
-def _persist(item_id: int, decision: Decision, *, now: datetime, board: QuoteBoard) -> bool:
-    """One transaction: the history rows when due, the CurrentRate row; the events on commit.
+@dataclass(eq=False)
+class Write:
+    """One decision's rows, as `Writes` collects them: the history rows due (each with its
+    `board.last_stored` key), and when the current rate is news its columns, the time it is
+    served from, and its events (`rate.updated` first)."""
 
-    The entry that serves the new current rate is stored with it when due (`decide` lists it),
-    whichever quote led to the decision: a quote whose own write failed earlier (a terminated
-    connection) and is decided again with another provider's quote, or a cross rate that starts
-    serving on a tick, so that no current rate is ever without its history row.
+    item_id: int
+    decision: Decision
+    history: list[tuple[tuple[str, str], Rate]]
+    fields: dict[str, Any] | None = None
+    served_at: datetime | None = None
+    envelopes: list[events.Envelope] = field(default_factory=list)
+    # What said this write stored a row: told otherwise if it fails.
+    results: list[Acceptance] = field(default_factory=list)
 
-    Returns whether a history row was written. The board learns the new current rate only once
-    it is committed, so a failed write is simply decided again with the next quote.
+    @property
+    def pair(self) -> str:
+        return self.decision.pair
+
+
+class Writes:
+    """The writes of a burst of decisions (the quotes the streams delivered meanwhile, a REST
+    round, a re-evaluation), in order; `flush` writes them all in one transaction, one commit,
+    then their events leave (docs/scaling.md#the-owner).
+
+    Each decision is applied to the board when added (the next one in the burst builds on it:
+    the next `version`, whether a history row is due). When the transaction fails, `flush`
+    restores what the board held before the burst, then writes each decision in a transaction
+    of its own, as before bursts: the write that fails, fails alone (its pair's later versions
+    in the burst with it: the owner's next tick decides the pair again), the others are kept.
+    No row of a failed write remains (the history row, the current rate, its served version and
+    its outbox row go together) and the board learns only what was committed, so a failed write
+    is simply decided again.
     """
-    pair, current, entries = decision.pair, decision.current, decision.history
-    subject = current or (entries[0] if entries else None)  # what a failure is reported under
-    if subject is None or not board.writable():
-        return False
-    try:
-        with transaction.atomic():
-            stored = False
-            for entry in entries:
-                stored = (
-                    _store_history(item_id, pair, entry, current, now=now, board=board) or stored
+
+    def __init__(self, board: QuoteBoard) -> None:
+        self.board = board
+        self.pending: list[Write] = []
+        self._current_before: dict[str, Current | None] = {}
+        self._stored_before: dict[tuple[str, str], tuple[Any, datetime] | None] = {}
+
+    def add(self, item_id: int, decision: Decision, *, now: datetime) -> Write | None:
+        """Collect the rows of one decision (none when nothing is due, or this board may not
+        write) and apply it to the board."""
+        board, pair, current = self.board, decision.pair, decision.current
+        if (current is None and not decision.history) or not board.writable():
+            return None
+        write = Write(item_id, decision, [])
+        try:
+            for entry in decision.history:
+                row = self._history_row(item_id, pair, entry, current, now=now)
+                if row is not None:
+                    write.history.append(((pair, entry.provider), row))
+        except DatabaseError as exc:
+            # The last history row could not be read: nothing of this decision is written,
+            # the next one (the owner's tick at the latest) decides the pair again.
+            logger.error("cannot read the last history row of %s: %s", pair, exc)
+            close_old_connections()
+            return None
+        if current is not None:
+            write.fields = _current_columns(current)
+            write.served_at = timezone.now()
+            write.envelopes.append(events.make_envelope("rate.updated", rate_event(pair, current)))
+            write.envelopes.extend(
+                events.make_envelope("quote.excluded", excluded_event(pair, current, source))
+                for source in decision.excluded
+            )
+            if pair not in self._current_before:
+                self._current_before[pair] = board.get_current(pair)
+        elif not write.history:
+            return None
+        self._apply(write)
+        self.pending.append(write)
+        return write
+
+    def _history_row(
+        self, item_id: int, pair: str, entry: Entry, current: Current | None, *, now: datetime
+    ) -> Rate | None:
+        """`entry`'s history row when due; a consensus row keeps its evidence (from `current`)."""
+        key = (pair, entry.provider)
+        last = self.board.last_stored.get(key)
+        if last is None:  # once per pair and provider per owner: later rows are remembered
+            last = (
+                Rate.objects.filter(item_id=item_id, provider=entry.provider)
+                .order_by("-received_at", "-id")
+                .values_list("value", "received_at")
+                .first()
+            )
+        if last is not None and last[0] == entry.value and now - last[1] < STORE_EVERY:
+            return None
+        if key not in self._stored_before:
+            self._stored_before[key] = self.board.last_stored.get(key)
+        return Rate(
+            item_id=item_id,
+            provider=entry.provider,
+            value=entry.value,
+            bid=entry.bid,
+            ask=entry.ask,
+            source_time=entry.source_time,
+            received_at=now,
+            derived=entry.derived,
+            **_history_evidence(entry, current),
+        )
+
+    def _apply(self, write: Write) -> None:
+        for key, row in write.history:
+            self.board.last_stored[key] = (row.value, row.received_at)
+        if write.decision.current is not None:
+            self.board.set_current(write.pair, write.decision.current)
+
+    def _restore(self) -> None:
+        """The board as before the burst (its writes were rolled back)."""
+        for pair, current in self._current_before.items():
+            self.board.restore_current(pair, current)
+        for key, stored in self._stored_before.items():
+            if stored is None:
+                self.board.last_stored.pop(key, None)
+            else:
+                self.board.last_stored[key] = stored
+
+    def flush(self) -> None:
+        """Write what was collected: one transaction; each write alone if that one fails."""
+        pending, self.pending = self.pending, []
+        try:
+            if not pending:
+                return
+            try:
+                with transaction.atomic():
+                    _write_rows(pending)
+            except DatabaseError as exc:
+                self._restore()
+                if len(pending) == 1:
+                    self._failed(pending[0], exc)
+                    return
+                logger.warning(
+                    "a burst of %d writes failed (%s); writing each alone", len(pending), exc
                 )
-            if current is not None:
-                event_id = events.publish_on_commit("rate.updated", rate_event(pair, current))
-                _write_current(item_id, current, event_id=event_id)
-                for source in decision.excluded:
-                    events.publish_on_commit(
-                        "quote.excluded", excluded_event(pair, current, source)
-                    )
-    except IntegrityError:
-        # The item was deleted while a quote for it was in flight: a normal race, not a fault.
-        logger.warning("%s was deleted while being quoted; its rate is dropped", pair)
-        board.forget_items()
-        board.drop_current(pair)
-        return False
-    except DatabaseError as exc:
+                self._one_by_one(pending)
+                return
+            for write in pending:
+                _observe(write)
+        finally:
+            self._current_before.clear()
+            self._stored_before.clear()
+
+    def _one_by_one(self, pending: list[Write]) -> None:
+        failed: set[str] = set()
+        for write in pending:
+            if write.pair in failed:
+                # Its version follows the one that failed: decided again on the next tick.
+                for result in write.results:
+                    result.stored = False
+                continue
+            try:
+                with transaction.atomic():
+                    _write_rows([write])
+            except DatabaseError as exc:
+                failed.add(write.pair)
+                self._failed(write, exc)
+                continue
+            self._apply(write)
+            _observe(write)
+
+    def _failed(self, write: Write, exc: DatabaseError) -> None:
+        pair = write.pair
+        for result in write.results:
+            result.stored = False
+        if isinstance(exc, IntegrityError):
+            # The item was deleted while a quote for it was in flight: a normal race, not a fault.
+            logger.warning("%s was deleted while being quoted; its rate is dropped", pair)
+            self.board.forget_items()
+            self.board.drop_current(pair)
+            return
         # The quote is still valid and still served; a broken connection is dropped so that
-        # the next quote reconnects (streams never pause). A history row written before the
-        # failure was rolled back with it: forget it, or the next write of the same value
-        # would skip its row and leave a current rate without history.
-        for entry in entries:
-            board.last_stored.pop((pair, entry.provider), None)
+        # the next write reconnects (streams never pause).
+        decision = write.decision
+        subject = decision.current or decision.history[0]
         logger.error("cannot store the %s rate of %s: %s", subject.provider, pair, exc)
         close_old_connections()
-        return False
+
+
+def _write_rows(writes: Sequence[Write]) -> None:
+    """The rows of `writes`, in the current transaction: the history rows, each item's current
+    rate (its last version in the burst), every served version, and their outbox rows (events
+    published in order on commit): an insert (or upsert) each, whatever the burst's size."""
+    rows = [row for write in writes for _, row in write.history]
+    if rows:
+        Rate.objects.bulk_create(rows)
+    versions = [(write, write.fields) for write in writes if write.fields is not None]
+    if not versions:
+        return
+    _write_currents({write.item_id: fields for write, fields in versions})
+    # The same transaction: the log is what was served, named by the event that announced it.
+    servedlog.record_all(
+        (write.item_id, fields, write.envelopes[0]["id"], write.served_at or timezone.now())
+        for write, fields in versions
+    )
+    events.publish_all_on_commit([e for write, _ in versions for e in write.envelopes])
+
+
+def _observe(write: Write) -> None:
+    """A committed write's metrics."""
+    for _, row in write.history:
+        metrics.RATES_STORED.labels(row.provider).inc()
+    current = write.decision.current
     if current is not None:
-        _observe_current(pair, decision, current)
-        board.set_current(pair, current)
-    return stored
+        _observe_current(write.pair, write.decision, current)
 
 
 def _export_current(pair: str, current: Current) -> None:
@@ -580,44 +773,6 @@ def _observe_current(pair: str, decision: Decision, current: Current) -> None:
         metrics.FAILOVERS.labels(pair, current.provider).inc()
 
 
-def _store_history(
-    item_id: int,
-    pair: str,
-    entry: Entry,
-    current: Current | None,
-    *,
-    now: datetime,
-    board: QuoteBoard,
-) -> bool:
-    """`entry`'s history row when due; a consensus row keeps its evidence (from `current`)."""
-    key = (pair, entry.provider)
-    last = board.last_stored.get(key)
-    if last is None:  # once per pair and provider per owner: later rows are remembered
-        last = (
-            Rate.objects.filter(item_id=item_id, provider=entry.provider)
-            .order_by("-received_at", "-id")
-            .values_list("value", "received_at")
-            .first()
-        )
-    if last is not None and last[0] == entry.value and now - last[1] < STORE_EVERY:
-        return False
-    Rate.objects.create(
-        item_id=item_id,
-        provider=entry.provider,
-        value=entry.value,
-        bid=entry.bid,
-        ask=entry.ask,
-        source_time=entry.source_time,
-        received_at=now,
-        derived=entry.derived,
-        **_history_evidence(entry, current),
-    )
-    # Remembered at once; `_persist` forgets it again when the transaction fails.
-    board.last_stored[key] = (entry.value, now)
-    metrics.RATES_STORED.labels(entry.provider).inc()
-    return True
-
-
 def _history_evidence(entry: Entry, current: Current | None) -> dict[str, Any]:
     if entry.provider != policy.CONSENSUS_PROVIDER or current is None:
         return {}  # one provider's quote: the model's defaults (priority, one source)
@@ -628,15 +783,27 @@ def _history_evidence(entry: Entry, current: Current | None) -> dict[str, Any]:
     }
 
 
-def _write_current(item_id: int, current: Current, *, event_id: str | None = None) -> None:
+def _current_columns(current: Current) -> dict[str, Any]:
+    """The CurrentRate row's columns (and the served version's: `rates.servedlog`)."""
     fields = {name: getattr(current, name) for name in CURRENT_FIELDS}
     fields["route"] = _route_to_db(current.route)
     fields["sources"] = sources_to_db(current.sources)
-    # One UPDATE in the common case (the row exists), an INSERT for a pair's first rate.
-    if not CurrentRate.objects.filter(item_id=item_id).update(**fields):
-        CurrentRate.objects.create(item_id=item_id, **fields)
-    # The same transaction: the log is what was served, named by the event that announced it.
-    servedlog.record(item_id, fields, event_id=event_id)
+    return fields
+
+
+# Every column of a CurrentRate row but its key, rewritten by each new version.
+_CURRENT_COLUMNS = [*CURRENT_FIELDS, "route", "sources"]
+
+
+def _write_currents(rows: dict[int, dict[str, Any]]) -> None:
+    """item id -> columns: one upsert (an UPDATE in the common case, an INSERT for a pair's
+    first rate)."""
+    CurrentRate.objects.bulk_create(
+        [CurrentRate(item_id=item_id, **fields) for item_id, fields in rows.items()],
+        update_conflicts=True,
+        unique_fields=["item"],
+        update_fields=_CURRENT_COLUMNS,
+    )
 
 
 def _route_to_db(route: Iterable[dict[str, Any]]) -> list[dict[str, str]]:
@@ -652,7 +819,12 @@ def _route_to_db(route: Iterable[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 def _reject(
-    quote: Quote, rejection: validation.QuoteRejected, *, now: datetime, board: QuoteBoard
+    quote: Quote,
+    rejection: validation.QuoteRejected,
+    *,
+    now: datetime,
+    board: QuoteBoard,
+    writes: Writes,
 ) -> Acceptance:
     metrics.QUOTES_REJECTED.labels(quote.provider, rejection.reason).inc()
     logger.warning(
@@ -666,7 +838,7 @@ def _reject(
     # What the provider says now is wrong, so its earlier quote no longer speaks for the pair.
     # A stale quote is only late (a replayed or slow frame): its fresher one still stands.
     if rejection.reason != "stale" and board.withdraw(quote.pair, quote.provider):
-        reevaluate(pairs=[quote.pair], now=now, board=board)
+        reevaluate(pairs=[quote.pair], now=now, board=board, writes=writes)
     return Acceptance(quote, accepted=False, reason=rejection.reason)
 
 
@@ -752,26 +924,63 @@ def reevaluate(
     pairs: Iterable[str] | None = None,
     now: datetime | None = None,
     board: QuoteBoard | None = None,
+    writes: Writes | None = None,
 ) -> int:
     """Decide every (or the given) pair again without a new quote; returns how many changed.
 
     Time alone changes who serves: a quote outlives its freshness window, so the next provider
     (or `stale`) must show without waiting for another quote. The owner calls this every second.
+    What changed is written in one transaction (or with `writes`, the burst being decided).
     """
     board = board or _board
     now = now or timezone.now()
     items = active_items(board=board)
+    burst = writes or Writes(board)
     changed = 0
-    for pair in list(pairs) if pairs is not None else board.pairs():
+    # A sweep of every pair (the owner's tick) skips the pairs found quiet until later: at
+    # 1,000 pairs deciding each anew every tick was a third of the owner's time
+    # (docs/scaling.md#the-owner).
+    sweep = pairs is None
+    generation = _generation(board)
+    for pair in board.pairs() if sweep else list(pairs or ()):
         item_id = items.get(pair)
-        if item_id is None:
+        if item_id is None or (sweep and board.is_quiet(pair, now, generation)):
             continue
         state = board.state(pair, now=now)
         decision = decide(pair, state, now=now, monotonic=time.monotonic())
         if decision.current is not None:
-            _persist(item_id, decision, now=now, board=board)
+            burst.add(item_id, decision, now=now)
             changed += 1
+        elif sweep:
+            board.set_quiet(pair, _quiet_until(state, now=now), generation)
+    if writes is None:
+        burst.flush()
     return changed
+
+
+def _generation(board: QuoteBoard) -> tuple[int, Any]:
+    """What every pair's decision rests on besides its own entries: the board's generation and
+    the proxy's peg conversion."""
+    return board.generation, peg_monitor.get_monitor().conversion()
+
+
+def _quiet_until(state: PairState, *, now: datetime, written: bool = False) -> datetime:
+    """Until when deciding the pair again without news cannot change its decision (`written`:
+    the decision just made wrote a new current rate): time alone moves it when a usable
+    entry's freshness window ends, or its heartbeat falls due (a first round waits for the
+    clock: never quiet)."""
+    if state.awaited:
+        return now
+    ends = [entry.fresh_until for entry in state.usable]
+    current = state.current
+    if written:
+        ends.append(now + timedelta(seconds=policy.heartbeat_seconds()))
+    elif current is not None and any(e.checked_at > current.checked_at for e in state.usable):
+        # Something to confirm: the heartbeat writes it once due. (Nothing newer: only a new
+        # quote, which wakes the pair, can bring a confirmation.)
+        due = current.written + policy.heartbeat_seconds() - time.monotonic()
+        ends.append(now + timedelta(seconds=max(0.0, due)))
+    return min(ends, default=now + timedelta(days=1))
 
 
 def provider_set_down(name: str, down: bool, *, board: QuoteBoard | None = None) -> bool:

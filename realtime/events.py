@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -110,9 +110,25 @@ def publish_on_commit(event_type: str, data: dict[str, Any]) -> str | None:
     Outside a transaction the row is written at once (autocommit) and the event leaves at once.
     """
     envelope = make_envelope(event_type, data)
-    subject = _subject_or_none(event_type, data)
-    if subject is None:
-        return None
-    outbox_rows.record(envelope["id"], subject, dumps(envelope))
-    transaction.on_commit(lambda: _hand_over(subject, envelope))
-    return str(envelope["id"])
+    return envelope["id"] if publish_all_on_commit([envelope]) else None
+
+
+def publish_all_on_commit(envelopes: Sequence[Envelope]) -> int:
+    """`publish_on_commit` for envelopes made by `make_envelope` (their ids already named in the
+    rows they announce): one insert into the outbox, published in order once the transaction
+    commits; returns how many were written (an envelope without a subject is not)."""
+    ready = [
+        (subject, envelope)
+        for envelope in envelopes
+        if (subject := _subject_or_none(envelope["type"], envelope["data"])) is not None
+    ]
+    if not ready:
+        return 0
+    outbox_rows.record((envelope["id"], subject, dumps(envelope)) for subject, envelope in ready)
+
+    def hand_over() -> None:
+        for subject, envelope in ready:
+            _hand_over(subject, envelope)
+
+    transaction.on_commit(hand_over)
+    return len(ready)

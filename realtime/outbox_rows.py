@@ -34,10 +34,17 @@ def _rows() -> type[OutboxEvent]:
     return model
 
 
-def record(event_id: str, subject: str, payload: str) -> None:
-    """Write one event in the current transaction (called by `publish_on_commit`)."""
+def record(rows: Iterable[tuple[str, str, str]]) -> None:
+    """Write events `(event_id, subject, payload)` in the current transaction, in one insert and
+    in their order (the relay's order; called by `publish_on_commit`)."""
     global _recorded
-    _rows().objects.create(event_id=event_id, subject=subject, payload=payload)
+    model = _rows()
+    model.objects.bulk_create(
+        [
+            model(event_id=event_id, subject=subject, payload=payload)
+            for event_id, subject, payload in rows
+        ]
+    )
     _recorded = True
 
 

@@ -303,8 +303,9 @@ async def test_absurd_prices_are_rejected_and_counted(
     before = REGISTRY.get_sample_value("kurs_quotes_rejected_total", labels) or 0.0
     emulator.set_fault("binance", "absurd")
     report = await watcher.cycle()
-    # One per quote: ETH-USD and ETH-USDT (the leg of ETH-USD's cross rate), both from ETHUSDT.
-    assert REGISTRY.get_sample_value("kurs_quotes_rejected_total", labels) == before + 2
+    # One per quote: ETH-USD alone (ETH-USDT, the leg of a cross rate through USDT-USD, is not
+    # asked for: neither exchange quotes USDT-USD).
+    assert REGISTRY.get_sample_value("kurs_quotes_rejected_total", labels) == before + 1
     assert "rejected (jump)" in report.providers["binance"]
     # Compared in Python: SQLite keeps exact decimals as text, which orders as text.
     values = await sync_to_async(lambda: list(Rate.objects.values_list("value", flat=True)))()
@@ -386,6 +387,33 @@ async def test_watch_streams_prices_and_reconnects_after_a_dropped_stream(
         stop.set()
         await asyncio.wait_for(task, 5)
     assert watcher.cycles == 1
+
+
+async def test_a_rest_round_skips_the_pairs_the_stream_delivered_within_the_poll(
+    emulator: EmulatorServer, client: httpx.AsyncClient, published_events: Events
+) -> None:
+    """The stream confirmed BTC-USD moments ago: the round's BTC-USD quote adds nothing and is
+    not accepted again (docs/scaling.md#the-owner); the round is still a good one."""
+    await track("BTC-USD")
+    watcher = Fetcher(providers(emulator, client, "binance"), poll_interval=60)
+    stop = asyncio.Event()
+    task = asyncio.create_task(watcher.watch(stop))
+    labels = {"provider": "binance"}
+    try:
+        await until(lambda: monitor_for("binance").streaming and watcher.cycles == 1)
+        emulator.market.books["binance"].set("BTCUSDT", Decimal("91000.5"))
+        await until(
+            lambda: any(e["value"] == Decimal("91000.5") for e in rate_events(published_events))
+        )
+        before = REGISTRY.get_sample_value("kurs_quotes_accepted_total", labels)
+        report = await watcher.cycle_now()
+        after = REGISTRY.get_sample_value("kurs_quotes_accepted_total", labels)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert report.providers == {"binance": "ok"}
+    assert report.valid == 1
+    assert after == before
 
 
 async def test_watch_fails_over_within_two_poll_periods_when_binance_goes_down(

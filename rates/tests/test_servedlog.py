@@ -113,7 +113,7 @@ def test_a_failed_log_write_rolls_back_the_current_rate_with_it(
         raise OperationalError("terminating connection due to administrator command")
 
     with monkeypatch.context() as patched:
-        patched.setattr(servedlog, "record", dropped)
+        patched.setattr(servedlog, "record_all", dropped)
         accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
     assert not CurrentRate.objects.exists()
     assert not Rate.objects.exists()

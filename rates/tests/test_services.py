@@ -447,11 +447,11 @@ def test_a_database_error_loses_the_row_not_the_rate(
 ) -> None:
     item("BTC-USD")
 
-    def locked(**fields: Any) -> Rate:
+    def locked(*args: Any, **kwargs: Any) -> list[Rate]:
         raise OperationalError("database is locked")
 
     with monkeypatch.context() as patched:
-        patched.setattr(Rate.objects, "create", locked)
+        patched.setattr(Rate.objects, "bulk_create", locked)
         result = accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
     assert result.accepted
     assert not result.stored
@@ -478,11 +478,11 @@ def test_a_failed_current_write_rolls_back_the_row_and_the_next_write_stores_it(
     the row goes with the transaction, and the same value quoted again must bring it back."""
     item("BTC-USD")
 
-    def dropped(item_id: int, current: Any, **named: Any) -> None:
+    def dropped(rows: Any) -> None:
         raise OperationalError("terminating connection due to administrator command")
 
     with monkeypatch.context() as patched:
-        patched.setattr(services, "_write_current", dropped)
+        patched.setattr(services, "_write_currents", dropped)
         result = accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
     assert not result.stored
     assert not Rate.objects.exists()
@@ -504,11 +504,11 @@ def test_a_value_decided_again_with_another_providers_quote_brings_its_own_row(
     btc = item("BTC-USD")
     accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
 
-    def dropped(item_id: int, current: Any, **named: Any) -> None:
+    def dropped(rows: Any) -> None:
         raise OperationalError("terminating connection due to administrator command")
 
     with monkeypatch.context() as patched:
-        patched.setattr(services, "_write_current", dropped)
+        patched.setattr(services, "_write_currents", dropped)
         accept(make_quote("binance", "BTC-USD", "101"), django_capture_on_commit_callbacks)
     accept(make_quote("bybit", "BTC-USD", "100.5"), django_capture_on_commit_callbacks)
     current = CurrentRate.objects.get(item=btc)
@@ -539,14 +539,14 @@ def test_one_failing_quote_does_not_stop_the_rest_of_a_round(
 ) -> None:
     item("BTC-USD")
     item("ETH-USD")
-    real = services.accept_quote
+    real = services._accept_quote
 
     def flaky(quote: Any, **kwargs: Any) -> services.Acceptance:
         if quote.pair == "BTC-USD":
-            raise OperationalError("connection lost")
+            raise RuntimeError("a bug")
         return real(quote, **kwargs)
 
-    monkeypatch.setattr(services, "accept_quote", flaky)
+    monkeypatch.setattr(services, "_accept_quote", flaky)
     results = services.accept_quotes(
         [make_quote("binance", "BTC-USD", "100"), make_quote("binance", "ETH-USD", "3000")]
     )
