@@ -152,7 +152,7 @@ def write_named(name: str, *, hand_over: bool = True) -> str:
             return event_id
         envelope = events.make_envelope("provider.state", data)
         subject = events.subject_for("provider.state", data)
-        outbox_rows.record(envelope["id"], subject, dumps(envelope))
+        outbox_rows.record([(str(envelope["id"]), subject, dumps(envelope))])
         return str(envelope["id"])
 
 
