@@ -12,6 +12,7 @@ rendered template with Debian's nginx), and Prometheus scraping every process th
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import re
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -28,12 +30,13 @@ from typing import Any
 
 import httpx
 import jsonschema
+import nats
 import pytest
 import yaml
 
 from edge.caching import IN_FRONT, NO_STORE
 from tests.prod_stack import nginx_cmd, nginx_main_conf, render_template
-from tests.services import ROOT, free_port, in_ci, wait_for_port
+from tests.services import ROOT, NatsServer, free_port, in_ci, jetstream_ready, wait_for_port
 
 COMPOSE = ROOT / "docker-compose.yml"
 NGINX = ROOT / "deploy" / "nginx.conf"
@@ -475,3 +478,57 @@ def test_nginx_caches_courses_by_query_and_never_an_error(tmp_path: Path) -> Non
         nginx.wait(10)
         upstream.close()
         shutil.rmtree(shared, ignore_errors=True)
+
+
+@dataclass
+class ComposeNatsNode(NatsServer):
+    """A node of the compose file's `nats-cluster` profile, run natively with its own command:
+    only the hosts are mapped to loopback ports (`nats-2:6222` -> `127.0.0.1:<port>`)."""
+
+    command: tuple[str, ...] = ()
+
+    def arguments(self) -> list[str]:
+        return [*self.command, "-a", "127.0.0.1", "-p", str(self.port)]
+
+
+def test_the_nats_cluster_profile_forms_one_jetstream_cluster_of_three(tmp_path: Path) -> None:
+    nodes = {name: services()[name] for name in ("nats-1", "nats-2", "nats-3")}
+    assert all(node["profiles"] == ["nats-cluster"] for node in nodes.values())
+    assert "nats-cluster" not in services()["nats"].get("profiles", [])  # the default stays one
+    route_ports = {name: free_port() for name in nodes}
+    mapped = {
+        f"nats://{name}:6222": f"nats://127.0.0.1:{port}" for name, port in route_ports.items()
+    }
+    running: list[ComposeNatsNode] = []
+    try:
+        for name, node in nodes.items():
+            assert node["volumes"] == [f"{name}:/data"]  # a store of its own
+            command = list(node["command"])
+            command[command.index("/data")] = str(tmp_path / name)
+            command[command.index("8222")] = str(free_port())
+            command[command.index("nats://0.0.0.0:6222")] = mapped[f"nats://{name}:6222"]
+            routes = command.index("--routes") + 1
+            peers = command[routes].split(",")
+            assert sorted(peers) == sorted(r for r in mapped if r != f"nats://{name}:6222")
+            command[routes] = ",".join(mapped[peer] for peer in peers)
+            server = ComposeNatsNode(port=free_port(), command=tuple(command))
+            server.start()
+            running.append(server)
+        # A JetStream meta leader is elected only when the three are one cluster.
+        asyncio.run(jetstream_ready([server.url for server in running], within=30.0))
+        asyncio.run(_placed_with_three_replicas([server.url for server in running]))
+    finally:
+        for server in running:
+            server.kill()
+
+
+async def _placed_with_three_replicas(urls: list[str]) -> None:
+    client = await nats.connect(urls)
+    try:
+        js = client.jetstream(timeout=5)
+        info = await js.add_stream(name="PROFILECHECK", subjects=["profilecheck.>"], num_replicas=3)
+        assert info.config.num_replicas == 3
+        assert info.cluster is not None
+        assert len(info.cluster.replicas or []) == 2  # and the leader
+    finally:
+        await client.close()
