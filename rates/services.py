@@ -60,8 +60,6 @@ from realtime import events
 
 logger = logging.getLogger(__name__)
 
-# docs/rates.md#history: a rate is stored when its value changed or the last stored one is this old.
-STORE_EVERY = timedelta(seconds=60)
 # A jump no other provider can confirm or contradict (a pair with one source, e.g. USD-RUB from
 # cbr) is accepted once that source has held the new level this long: a real crash must not
 # freeze such a pair forever, while a glitch rarely repeats itself for minutes.
@@ -599,7 +597,7 @@ def _store_history(
             .values_list("value", "received_at")
             .first()
         )
-    if last is not None and last[0] == entry.value and now - last[1] < STORE_EVERY:
+    if last is not None and last[0] == entry.value and now - last[1] < policy.STORE_EVERY:
         return False
     Rate.objects.create(
         item_id=item_id,
