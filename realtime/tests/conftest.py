@@ -30,7 +30,7 @@ from nats.js.errors import NotFoundError
 from rates.snapshot import snapshot
 from realtime.bridge import bridge
 from realtime.hub import hub
-from realtime.nats import connection, outbox, stream_name
+from realtime.nats import connection, stream_name
 from tests.services import (
     NATS_URL,
     NatsServer,
@@ -53,8 +53,8 @@ async def realtime_isolated(settings: LazySettings, prefix: str) -> AsyncIterato
     # A connection left by tests of other apps (a fetch publishes events) still points at the
     # servers of their settings: start every realtime test from none.
     await bridge.stop()
+    # Also forgets the outbox's past: an earlier test's rows do not hold this one's events back.
     await asyncio.to_thread(connection.shutdown)
-    outbox.reset()  # an earlier test's outbox rows must not hold this one's events back
     settings.KURS_NATS_PREFIX = prefix
     settings.NATS_SERVERS = [f"nats://127.0.0.1:{free_port()}"]  # nobody listens there
     settings.KURS_INSTANCE = f"test-{prefix}"
