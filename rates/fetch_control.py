@@ -7,9 +7,11 @@ the safety net, only while nobody owns live state; `fetch_read_only` quotes with
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Sequence
+from contextlib import suppress
 from decimal import Decimal
 from typing import Any
 
@@ -25,7 +27,7 @@ from rates.fetcher import (
     http_client,
     no_writes,
 )
-from rates.lease import Lease
+from rates.lease import RENEW_EVERY, Lease
 from rates.provider_health import provider_statuses
 from rates.providers import build_providers
 from realtime import nats
@@ -50,14 +52,28 @@ async def fetch_once(*, provider_names: Sequence[str] | None = None) -> CycleRep
         return None
     board = services.get_board()
     board.guard = lease.held
+    keeper = asyncio.create_task(_keep(lease))
     try:
         await sync_to_async(services.board_load)()
         nats.relay_undelivered()  # what a dead owner committed and never sent, first
         servedlog.follow_acks()
         return await _cycle_here(provider_names)
     finally:
+        keeper.cancel()
+        with suppress(asyncio.CancelledError):
+            await keeper
         board.guard = no_writes
         await sync_to_async(lease.release)()
+
+
+async def _keep(lease: Lease) -> None:
+    """Renew the safety net's lease while its cycle runs, as the owner renews its own: a cycle
+    can outlast the lease (a round may take MAX_ROUND_SECONDS), and a lease that lapsed
+    mid-cycle would silently drop the writes after it. A lost renewal ends the writes."""
+    while True:
+        await asyncio.sleep(RENEW_EVERY)  # the renewal's cadence
+        if not await sync_to_async(lease.try_acquire, thread_sensitive=False)():
+            return
 
 
 async def fetch_read_only(*, provider_names: Sequence[str] | None = None) -> CycleReport:
