@@ -31,7 +31,7 @@ import psycopg
 from websockets.asyncio.client import connect as ws_connect
 
 from rates.emulator import EmulatorServer
-from tests.services import NATS_URL, ROOT, free_port, wait_for_port
+from tests.services import NATS_URL, ROOT, START_TIMEOUT, free_port, wait_for_port
 
 SECRET = "kurs-test-secret-key-not-for-production"
 
@@ -116,7 +116,9 @@ class Stack:
             env[f"KURS_{name.upper()}_WS_URL"] = self.emulator.ws_url(name)
         return env
 
-    def manage(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def manage(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """`manage.py args` to its end: waited for generously (on two shared cores `migrate`
+        alone has taken over two minutes); a command that fails raises at once."""
         return subprocess.run(
             [sys.executable, "manage.py", *args],
             cwd=self.root,
@@ -195,9 +197,9 @@ class Stack:
         args += ["--http", "edge.serverprotocol:KursHttpProtocol"]  # as scripts/serve.sh
         process = self.spawn(name, [*args, "--lifespan", "on", "--no-access-log"], port=port)
         try:
-            wait_for_port(port, 30.0)
-        except TimeoutError:
-            raise AssertionError(f"{name} did not start:\n{process.text()}") from None
+            wait_for_port(port, START_TIMEOUT, process.popen)
+        except TimeoutError as exc:
+            raise AssertionError(f"{name}: {exc}:\n{process.text()}") from None
         return process
 
     def stop(self) -> None:
