@@ -50,9 +50,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_python(
-    args: list[str], env: dict[str, str], timeout: float = 60
+    args: list[str], env: dict[str, str], timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python ARGS` from the project root in a fresh interpreter (settings read anew)."""
+    """Run `python ARGS` from the project root in a fresh interpreter (settings read anew), to
+    its end: a fresh interpreter setting Django up has needed over 60 s on two shared cores."""
     return subprocess.run(
         [sys.executable, *args],
         cwd=ROOT,
