@@ -10,9 +10,10 @@ prices go `--skew` % off (the emulator's `skew` fault: well-formed, inside KURS_
 - the **error** of the served value against the true price (the median of the three books
   before the skew) is read on REST one poll after the skew starts (the target under consensus:
   at most 0.1 %), and its maximum over the poll that follows;
-- under consensus, the seconds until each surface shows Binance **excluded**: REST
-  `latest?expand=sources`, the WebSocket and the SSE stream with `expand=sources`, and NATS
-  (`quote.excluded`); the bound is one poll plus a second. The in-run baseline is NATS, the bus.
+- under consensus, the seconds until each surface shows Binance **excluded** in the sources of
+  the rate it shows: REST `latest?expand=sources`, the WebSocket and the SSE stream with
+  `expand=sources`, and NATS (`rate.updated`, with the `quote.excluded` of the same version); the
+  bound is one poll plus a second. The in-run baseline is NATS, the bus.
 
 Then the fault is reset and the next run waits until Binance agrees again. Last, in this
 process, the cost of the decide step per accepted quote (three fresh sources on the board):
@@ -25,14 +26,12 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import json
 import os
 import random
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -43,12 +42,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 os.environ.setdefault("DJANGO_DEBUG", "true")
 
-import httpx  # noqa: E402
-import nats  # noqa: E402
-from websockets.asyncio.client import connect as ws_connect  # noqa: E402
 
 from rates.emulator import run_emulator_server  # noqa: E402
-from tests.stack import Process, Stack, wait_until  # noqa: E402
+from tests.stack import Stack, Watchers, wait_until, watching  # noqa: E402
 
 PAIR = "BTC-USD"
 SURFACES = ("rest", "ws", "sse", "nats")
@@ -64,89 +60,22 @@ def truth(emulator: Any) -> Decimal:
     return sorted(values)[1]
 
 
-class Watch:
-    """The pair on REST (latest, expanded), WebSocket and SSE (expanded) and NATS: the last
-    payload each showed, and when each first showed Binance excluded."""
+class Exclusions:
+    """When each surface first showed Binance excluded (from the sources of what it showed),
+    while armed: a listener of the pair's `Watchers`."""
 
-    def __init__(self, stack: Stack, web: Process) -> None:
-        self.stack, self.web = stack, web
-        self.latest: dict[str, Any] = {}
-        self.excluded_at: dict[str, float] = {}
+    def __init__(self) -> None:
+        self.at: dict[str, float] = {}
         self.armed = False
-        self._tasks: list[asyncio.Task[None]] = []
 
-    def _saw(self, surface: str, data: dict[str, Any]) -> None:
-        self.latest[surface] = data
-        sources = data.get("sources") or []
+    def __call__(self, surface: str, payload: dict[str, Any]) -> None:
+        sources = payload.get("sources") or []
         if self.armed and any(s["provider"] == "binance" and s["excluded"] for s in sources):
-            self.excluded_at.setdefault(surface, time.monotonic())
-
-    def _envelope(self, surface: str, message: dict[str, Any]) -> None:
-        if message["type"] == "snapshot":
-            for course in message["data"]["courses"]:
-                self._saw(surface, course)
-        elif message["type"] == "rate.updated":
-            self._saw(surface, message["data"])
-
-    async def _rest(self) -> None:
-        item = self.stack.item_id(PAIR)
-        url = f"http://127.0.0.1:{self.web.port}/api/v1/items/{item}/rates/latest?expand=sources"
-        async with httpx.AsyncClient(timeout=5) as client:
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    response = await client.get(url)
-                    if response.status_code == 200:
-                        self._saw("rest", response.json())
-                await asyncio.sleep(0.05)
-
-    async def _ws(self) -> None:
-        url = f"ws://127.0.0.1:{self.web.port}/ws/items?pairs={PAIR}&expand=sources"
-        async with ws_connect(url) as ws:
-            async for raw in ws:
-                self._envelope("ws", json.loads(raw))
-
-    async def _sse(self) -> None:
-        url = f"http://127.0.0.1:{self.web.port}/api/v1/stream?pairs={PAIR}&expand=sources"
-        async with (
-            httpx.AsyncClient(timeout=httpx.Timeout(5, read=None)) as client,
-            client.stream("GET", url) as response,
-        ):
-            async for line in response.aiter_lines():
-                if line.startswith("data: "):
-                    self._envelope("sse", json.loads(line.removeprefix("data: ")))
-
-    async def _nats(self) -> None:
-        client = await nats.connect(self.stack.nats_url)
-        try:
-            queue: asyncio.Queue[Any] = asyncio.Queue()
-            await client.subscribe(f"{self.stack.prefix}.quotes.excluded", cb=queue.put)
-            await client.subscribe(f"{self.stack.prefix}.rates.{PAIR}", cb=queue.put)
-            await client.flush()
-            while True:
-                msg = await queue.get()
-                envelope = json.loads(msg.data)
-                data = envelope["data"]
-                if envelope["type"] == "quote.excluded":
-                    if self.armed and data["provider"] == "binance":
-                        self.excluded_at.setdefault("nats", time.monotonic())
-                else:
-                    self.latest["nats"] = data
-        finally:
-            await client.close()
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[Watch]:
-        self._tasks = [asyncio.create_task(getattr(self, f"_{s}")()) for s in SURFACES]
-        try:
-            yield self
-        finally:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self.at.setdefault(surface, time.monotonic())
 
 
-def served(watch: Watch) -> Decimal | None:
-    latest = watch.latest.get("rest")
+def served(watch: Watchers) -> Decimal | None:
+    latest = watch.payloads.get("rest")
     return None if latest is None else Decimal(str(latest["value"]))
 
 
@@ -168,10 +97,12 @@ async def measure(pricing: str, runs: int, poll: float, skew: float) -> list[dic
         web = stack.web()
         results: list[dict[str, float]] = []
         try:
-            async with Watch(stack, web).running() as watch:
+            async with watching(stack, web, PAIR, SURFACES, expand="sources") as watch:
+                excluded = Exclusions()
+                watch.listeners.append(excluded)
 
                 def agreed() -> bool:
-                    latest = watch.latest.get("rest")
+                    latest = watch.payloads.get("rest")
                     if latest is None:
                         return False
                     if pricing == "priority":
@@ -182,8 +113,8 @@ async def measure(pricing: str, runs: int, poll: float, skew: float) -> list[dic
                 for _ in range(runs):
                     await asyncio.sleep(random.uniform(0, poll))
                     true = truth(emulator)
-                    watch.excluded_at.clear()
-                    watch.armed = True
+                    excluded.at.clear()
+                    excluded.armed = True
                     started = time.monotonic()
                     emulator.set_fault("binance", "skew", percent=skew)
                     await asyncio.sleep(poll)
@@ -196,14 +127,14 @@ async def measure(pricing: str, runs: int, poll: float, skew: float) -> list[dic
                     if pricing == "consensus":
                         with contextlib.suppress(AssertionError):
                             await wait_until(
-                                lambda: len(watch.excluded_at) == len(SURFACES),
+                                lambda: len(excluded.at) == len(SURFACES),
                                 within=poll + 5,
                                 what="binance excluded everywhere",
                             )
                         for surface in SURFACES:
-                            at = watch.excluded_at.get(surface)
+                            at = excluded.at.get(surface)
                             row[surface] = float("nan") if at is None else at - started
-                    watch.armed = False
+                    excluded.armed = False
                     emulator.set_fault("binance", "ok")
                     await wait_until(agreed, within=60, what=f"{pricing}: agreement again")
                     results.append(row)

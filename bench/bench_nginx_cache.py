@@ -15,12 +15,8 @@ each set used per request (nginx's and Kurs's together, for the proxied ones).
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,23 +25,20 @@ sys.path.insert(0, str(REPO))
 from bench_courses import (  # noqa: E402
     COURSES,
     GROUPS,
-    VENV_BIN,
     Figure,
     capture_bodies,
-    cpu_times,
     get,
     group_cpu,
     kurs_cmd,
-    neighbours,
     nginx_cmd,
     prepare,
     running,
     warm,
-    wrk,
 )
+from wrk import bench_run, wrk  # noqa: E402
 
 from tests.prod_stack import nginx_main_conf, render_template  # noqa: E402
-from tests.services import free_port, wait_for_port  # noqa: E402
+from tests.services import free_port  # noqa: E402
 
 TEMPLATE = REPO / "deploy" / "nginx.conf"
 RATE = "100000r/s"  # the template's per-client limit stays in the path, out of the way
@@ -84,24 +77,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
     args = parser.parse_args()
-    for tool in ("wrk", "nginx"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"bench: `{tool}` is missing: apt-get install {tool}")
-    before = cpu_times()
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="kurs-bench-nginx-") as name:
-        tmp = Path(name)
-        nats_port = free_port()
-        nats_cmd = [str(VENV_BIN / "nats-server"), "-a", "127.0.0.1", "-p", str(nats_port)]
-        nats = subprocess.Popen(nats_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_for_port(nats_port, 10.0)
-            env = prepare(tmp, nats_port, "INFO")
-            run(args, tmp, env)
-        finally:
-            nats.terminate()
-            nats.wait(10)
-    print(neighbours(before, time.monotonic() - started))
+    with bench_run("kurs-bench-nginx-", ("wrk", "nginx")) as (tmp, nats_port):
+        run(args, tmp, prepare(tmp, nats_port, "INFO"))
 
 
 def run(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> None:

@@ -62,9 +62,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_courses import cpu_times, neighbours, wrk  # noqa: E402
 from bench_realtime import Client, Processes, percentile  # noqa: E402
 from rss_sample import rss_kib, web_processes  # noqa: E402
+from wrk import cpu_times, neighbours, wrk  # noqa: E402
 
 from tests.services import free_port, wait_for_port  # noqa: E402
 

@@ -23,7 +23,6 @@ import argparse
 import statistics
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from datetime import UTC, datetime
@@ -34,16 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_courses import (
     PYTHON,
     REPO,
-    VENV_BIN,
-    cpu_times,
     get,
     kurs_cmd,
-    neighbours,
     running,
     server_env,
 )
+from wrk import bench_run
 
-from tests.services import free_port, wait_for_port
+from tests.services import free_port
 
 DAY = 86400
 # The day ends at a whole minute an hour ago: the bench's reads do not depend on when it runs.
@@ -109,8 +106,6 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    before = cpu_times()
-    started = time.monotonic()
     thousand = END - 1000 * 60
     paths = {
         "udf history 1, a day (1,440 bars)": (
@@ -126,44 +121,34 @@ def main() -> None:
             f"/api/v1/udf/history?symbol=BTC-USD&resolution=15&from={START}&to={END}"
         ),
     }
-    with tempfile.TemporaryDirectory(prefix="kurs-bench-udf-") as name:
-        tmp = Path(name)
-        nats_port = free_port()
-        nats_cmd = [str(VENV_BIN / "nats-server"), "-a", "127.0.0.1", "-p", str(nats_port)]
-        nats = subprocess.Popen(nats_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_for_port(nats_port, 10.0)
-            env = server_env(tmp, nats_port, "WARNING")
-            (tmp / "item.json").write_bytes(b"{}")
-            migrate = ["manage.py", "migrate", "--no-input", "-v", "0"]
-            subprocess.run([PYTHON, *migrate], cwd=REPO, env=env, check=True, timeout=300)
-            seeded = subprocess.run(
-                [PYTHON, "manage.py", "shell", "-c", SEED],
-                cwd=REPO, env=env, check=True, timeout=300, capture_output=True, text=True,
-            )  # fmt: skip
-            item_id = seeded.stdout.split()[-1]
-            paths = {label: path.replace("{id}", item_id) for label, path in paths.items()}
-            port = free_port()
-            app = "config.asgi:application"
-            with running(kurs_cmd(app, port, 1), env, port, "/api/v1/udf/config") as origin:
-                for label, path in paths.items():
-                    status, _, body = get(origin + path)
-                    assert status == 200, (label, body[:300])
-                    took = time.perf_counter()
-                    get(origin + path)
-                    took = time.perf_counter() - took
-                    print(f"{label}: {len(body):,} bytes, one request alone {took * 1000:.0f} ms")
-                figures = measure({k: origin + v for k, v in paths.items()}, args)
-        finally:
-            nats.terminate()
-            nats.wait(10)
-    base_label = "candles 1m, 1,000 candles"
-    base = figures[base_label]
-    print(f"{'figure':<36} {'req/s':>7} {'p99 ms':>8}   ratio to {base_label} (same run)")
-    for label in paths:
-        rps, p99 = figures[label]
-        print(f"{label:<36} {rps:>7.2f} {p99:>8.0f}   {rps / base[0]:.2f}x")
-    print(neighbours(before, time.monotonic() - started))
+    with bench_run("kurs-bench-udf-") as (tmp, nats_port):
+        env = server_env(tmp, nats_port, "WARNING")
+        (tmp / "item.json").write_bytes(b"{}")
+        migrate = ["manage.py", "migrate", "--no-input", "-v", "0"]
+        subprocess.run([PYTHON, *migrate], cwd=REPO, env=env, check=True, timeout=300)
+        seeded = subprocess.run(
+            [PYTHON, "manage.py", "shell", "-c", SEED],
+            cwd=REPO, env=env, check=True, timeout=300, capture_output=True, text=True,
+        )  # fmt: skip
+        item_id = seeded.stdout.split()[-1]
+        paths = {label: path.replace("{id}", item_id) for label, path in paths.items()}
+        port = free_port()
+        app = "config.asgi:application"
+        with running(kurs_cmd(app, port, 1), env, port, "/api/v1/udf/config") as origin:
+            for label, path in paths.items():
+                status, _, body = get(origin + path)
+                assert status == 200, (label, body[:300])
+                took = time.perf_counter()
+                get(origin + path)
+                took = time.perf_counter() - took
+                print(f"{label}: {len(body):,} bytes, one request alone {took * 1000:.0f} ms")
+            figures = measure({k: origin + v for k, v in paths.items()}, args)
+        base_label = "candles 1m, 1,000 candles"
+        base = figures[base_label]
+        print(f"{'figure':<36} {'req/s':>7} {'p99 ms':>8}   ratio to {base_label} (same run)")
+        for label in paths:
+            rps, p99 = figures[label]
+            print(f"{label:<36} {rps:>7.2f} {p99:>8.0f}   {rps / base[0]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Sequence
+from contextlib import suppress
 from decimal import Decimal
 from typing import Any
 
@@ -26,6 +27,7 @@ from rates.fetcher import (
     http_client,
     no_writes,
 )
+from rates.lease import RENEW_EVERY
 from rates.provider_health import provider_statuses
 from rates.providers import build_providers
 from realtime import nats
@@ -53,15 +55,29 @@ async def fetch_once(*, provider_names: Sequence[str] | None = None) -> CycleRep
     board = services.get_board()
     shards.own(board, held, owned)
     board.guard = lambda: held.held(owned)
+    keeper = asyncio.create_task(_keep(held, owned))
     try:
         await sync_to_async(services.board_load)()
         nats.relay_undelivered()  # what a dead owner committed and never sent, first
         servedlog.follow_acks()
         return await _cycle_here(provider_names)
     finally:
+        keeper.cancel()
+        with suppress(asyncio.CancelledError):
+            await keeper
         board.guard = no_writes
         shards.disown(board)
         await sync_to_async(held.release)(owned)
+
+
+async def _keep(held: shards.Shards, owned: frozenset[int]) -> None:
+    """Renew the safety net's leases while its cycle runs, as the owner renews its own: a cycle
+    can outlast a lease (a round may take MAX_ROUND_SECONDS), and a lease that lapsed
+    mid-cycle would silently drop the writes after it. A lost renewal ends the writes."""
+    while True:
+        await asyncio.sleep(RENEW_EVERY)  # the renewal's cadence
+        if not await sync_to_async(held.renew, thread_sensitive=False)(owned):
+            return
 
 
 async def fetch_read_only(*, provider_names: Sequence[str] | None = None) -> CycleReport:

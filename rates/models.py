@@ -57,18 +57,11 @@ CURRENT_FIELDS = (
 )
 
 
-class CurrentRate(models.Model):
-    """The read model (docs/api.md#json-shapes): the rate Kurs stands behind now, one row per item.
+class ServedValue(models.Model):
+    """A pair's rate as Kurs serves it, with its evidence: the columns the read model
+    (`CurrentRate`) and the served log (`ServedRate`) share, so a version is logged with exactly
+    what the read model held."""
 
-    Written only by the live owner (`rates.services`), in the same transaction as any history
-    row of the same quote; every reader (REST `latest`, the web snapshot, health) reads it, so
-    all surfaces agree on who serves a pair. `status` is the status when written; readers apply
-    `rates.policy.read_status` to `checked_at` to see `stale`.
-    """
-
-    item = models.OneToOneField(
-        Item, on_delete=models.CASCADE, primary_key=True, related_name="current_rate"
-    )
     provider = models.CharField(max_length=65)
     value = ExactDecimalField(max_digits=38, decimal_places=18)
     bid = ExactDecimalField(max_digits=38, decimal_places=18, null=True, blank=True)
@@ -81,14 +74,31 @@ class CurrentRate(models.Model):
     derived = models.BooleanField(default=False)
     route = models.JSONField(default=list, blank=True)
     status = models.CharField(max_length=16)
-    # +1 on every published change of the pair: readers apply events in this order.
-    version = models.PositiveBigIntegerField(default=0)
     # The evidence (docs/rates.md#consensus-pricing): how the value was priced, how many sources
     # it rests on, how far they disagree, and each source considered (JSON, as `route`).
     mode = models.CharField(max_length=16, default="priority")
     n_sources = models.PositiveSmallIntegerField(default=1)
     dispersion_bps = models.DecimalField(max_digits=12, decimal_places=2, null=True, blank=True)
     sources = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        abstract = True
+
+
+class CurrentRate(ServedValue):
+    """The read model (docs/api.md#json-shapes): the rate Kurs stands behind now, one row per item.
+
+    Written only by the live owner (`rates.services`), in the same transaction as any history
+    row of the same quote; every reader (REST `latest`, the web snapshot, health) reads it, so
+    all surfaces agree on who serves a pair. `status` is the status when written; readers apply
+    `rates.policy.read_status` to `checked_at` to see `stale`.
+    """
+
+    item = models.OneToOneField(
+        Item, on_delete=models.CASCADE, primary_key=True, related_name="current_rate"
+    )
+    # +1 on every published change of the pair: readers apply events in this order.
+    version = models.PositiveBigIntegerField(default=0)
 
     def __str__(self) -> str:
         return f"{self.item_id} {self.provider} {self.value} v{self.version}"
@@ -114,7 +124,7 @@ class OwnerLease(models.Model):
         return f"{self.name} held by {self.holder} until {self.expires_at}"
 
 
-class ServedRate(models.Model):
+class ServedRate(ServedValue):
     """The served log (docs/api.md#point-in-time): every version of a pair's current rate, as
     clients received it, from `served_at` until the next version of the same item.
 
@@ -130,22 +140,8 @@ class ServedRate(models.Model):
         Item, on_delete=models.CASCADE, related_name="served_rates", db_index=False
     )
     served_at = models.DateTimeField()
-    provider = models.CharField(max_length=65)
-    value = ExactDecimalField(max_digits=38, decimal_places=18)
-    bid = ExactDecimalField(max_digits=38, decimal_places=18, null=True, blank=True)
-    ask = ExactDecimalField(max_digits=38, decimal_places=18, null=True, blank=True)
-    source_time = models.DateTimeField()
-    checked_at = models.DateTimeField()
-    received_at = models.DateTimeField()
-    derived = models.BooleanField(default=False)
-    route = models.JSONField(default=list, blank=True)
-    status = models.CharField(max_length=16)
+    # The CurrentRate version this row copies.
     version = models.PositiveBigIntegerField()
-    # The version's evidence (docs/rates.md#consensus-pricing), as CurrentRate keeps it.
-    mode = models.CharField(max_length=16, default="priority")
-    n_sources = models.PositiveSmallIntegerField(default=1)
-    dispersion_bps = models.DecimalField(max_digits=12, decimal_places=2, null=True, blank=True)
-    sources = models.JSONField(default=list, blank=True)
     # Null where the announcing event's id is not known when the version is written.
     event_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001 - see above
     seq = models.PositiveBigIntegerField(null=True, blank=True)

@@ -29,6 +29,11 @@ CONSENSUS = "consensus"
 # The provider a consensus-priced rate is served under (CurrentRate, history, /courses).
 CONSENSUS_PROVIDER = "consensus"
 
+# docs/rates.md#history: a provider's quote is stored when its value changed or the last stored
+# one is this old, so a history row vouches for its value that long after `received_at`
+# (the owner's writes and the served log's point-in-time sources both read it here).
+STORE_EVERY = timedelta(seconds=60)
+
 Priority = tuple[int, ...]
 
 

@@ -46,13 +46,9 @@ from realtime import nats
 
 logger = logging.getLogger(__name__)
 
-# What a served version keeps of the current rate it copies: the read model's columns, its
-# route, and the consensus evidence once the current rate carries it (absent keys stay null).
-EVIDENCE_FIELDS = ("mode", "n_sources", "dispersion_bps", "sources")
-SERVED_FIELDS = (*CURRENT_FIELDS, "route", *EVIDENCE_FIELDS)
-# A history row is written at least this often while a provider's value holds
-# (docs/rates.md#history: `rates.services.STORE_EVERY`), so a quote counts as fresh that longer.
-HISTORY_EVERY = timedelta(seconds=60)
+# What a served version keeps of the current rate it copies: every column the two models share
+# (`rates.models.ServedValue`) and the version; a key absent from `fields` takes its default.
+SERVED_FIELDS = (*CURRENT_FIELDS, "route", "sources")
 
 
 # --- Writes ------------------------------------------------------------------------------------
@@ -302,7 +298,7 @@ def sources_at(item_id: int, at: datetime, *, serving: str) -> list[dict[str, An
         )
         if rate is None:
             continue
-        stale = policy.is_stale(name, rate.received_at + HISTORY_EVERY, now=at)
+        stale = policy.is_stale(name, rate.received_at + policy.STORE_EVERY, now=at)
         found.append(
             {
                 "provider": name,

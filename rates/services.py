@@ -62,8 +62,6 @@ from realtime import events
 
 logger = logging.getLogger(__name__)
 
-# docs/rates.md#history: a rate is stored when its value changed or the last stored one is this old.
-STORE_EVERY = timedelta(seconds=60)
 # A jump no other provider can confirm or contradict (a pair with one source, e.g. USD-RUB from
 # cbr) is accepted once that source has held the new level this long: a real crash must not
 # freeze such a pair forever, while a glitch rarely repeats itself for minutes.
@@ -630,7 +628,7 @@ class Writes:
                 .values_list("value", "received_at")
                 .first()
             )
-        if last is not None and last[0] == entry.value and now - last[1] < STORE_EVERY:
+        if last is not None and last[0] == entry.value and now - last[1] < policy.STORE_EVERY:
             return None
         if key not in self._stored_before:
             self._stored_before[key] = self.board.last_stored.get(key)

@@ -54,9 +54,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_python(
-    args: list[str], env: dict[str, str], timeout: float = 60
+    args: list[str], env: dict[str, str], timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python ARGS` from the project root in a fresh interpreter (settings read anew)."""
+    """Run `python ARGS` from the project root in a fresh interpreter (settings read anew), to
+    its end: a fresh interpreter setting Django up has needed over 60 s on two shared cores."""
     return subprocess.run(
         [sys.executable, *args],
         cwd=ROOT,
@@ -97,12 +98,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float) -> None:
-    """Block until 127.0.0.1:port accepts connections; TimeoutError after `timeout` seconds."""
+# How long a server process of a test's own may take to listen. Generous: on two cores shared by
+# several suites, a uvicorn process importing Django has needed more than 30 s; one that fails
+# exits, and `wait_for_port` given the process says so at once instead of waiting this out.
+START_TIMEOUT = 90.0
+
+
+def wait_for_port(
+    port: int, timeout: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Block until 127.0.0.1:port accepts connections; TimeoutError after `timeout` seconds, or
+    as soon as `process` (the server expected there) has exited."""
     deadline = time.monotonic() + timeout
     while not port_open("127.0.0.1", port, timeout=0.2):
+        if process is not None and process.poll() is not None:
+            raise TimeoutError(f"exited with {process.returncode} before listening on {port}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+            raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s")
         time.sleep(0.02)
 
 

@@ -31,7 +31,7 @@ import psycopg
 from websockets.asyncio.client import connect as ws_connect
 
 from rates.emulator import EmulatorServer
-from tests.services import NATS_URL, ROOT, free_port, wait_for_port
+from tests.services import NATS_URL, ROOT, START_TIMEOUT, free_port, wait_for_port
 
 SECRET = "kurs-test-secret-key-not-for-production"
 
@@ -116,7 +116,9 @@ class Stack:
             env[f"KURS_{name.upper()}_WS_URL"] = self.emulator.ws_url(name)
         return env
 
-    def manage(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def manage(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """`manage.py args` to its end: waited for generously (on two shared cores `migrate`
+        alone has taken over two minutes); a command that fails raises at once."""
         return subprocess.run(
             [sys.executable, "manage.py", *args],
             cwd=self.root,
@@ -195,9 +197,9 @@ class Stack:
         args += ["--http", "edge.serverprotocol:KursHttpProtocol"]  # as scripts/serve.sh
         process = self.spawn(name, [*args, "--lifespan", "on", "--no-access-log"], port=port)
         try:
-            wait_for_port(port, 30.0)
-        except TimeoutError:
-            raise AssertionError(f"{name} did not start:\n{process.text()}") from None
+            wait_for_port(port, START_TIMEOUT, process.popen)
+        except TimeoutError as exc:
+            raise AssertionError(f"{name}: {exc}:\n{process.text()}") from None
         return process
 
     def stop(self) -> None:
@@ -221,15 +223,30 @@ SURFACES = ("rest", "ws", "nats")
 EVERY_SURFACE = ("rest", "courses", "ws", "sse", "nats")
 
 
+# Told `(surface, payload)` for every payload a surface shows (REST's body, a course of a
+# snapshot or of `/courses`, an event's data).
+Listener = Callable[[str, dict[str, Any]], None]
+
+
 class Watchers:
     """REST, WebSocket and NATS views of one pair (and, when asked, `/courses` and the SSE
-    stream), each remembering what it last showed."""
+    stream), each remembering what it last showed; `expand` goes to REST `latest`, the WebSocket
+    and the stream (`sources`: each shows the evidence, as NATS always does)."""
 
     def __init__(
-        self, stack: Stack, web: Process, pair: str, surfaces: tuple[str, ...] = SURFACES
+        self,
+        stack: Stack,
+        web: Process,
+        pair: str,
+        surfaces: tuple[str, ...] = SURFACES,
+        *,
+        expand: str | None = None,
     ) -> None:
         self.stack, self.web, self.pair = stack, web, pair
+        self.expand = f"&expand={expand}" if expand else ""  # a query's last parameter
         self.latest: dict[str, tuple[str, str | None] | None] = dict.fromkeys(surfaces)
+        self.payloads: dict[str, dict[str, Any]] = {}
+        self.listeners: list[Listener] = []
         self.waiting: list[Sighting] = []
         # Every (surface, provider, status) shown, in order: flips too brief for `latest`.
         self.shown: list[tuple[str, str, str | None]] = []
@@ -241,8 +258,13 @@ class Watchers:
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = {name: asyncio.Event() for name in self.latest}
 
-    def _saw(self, surface: str, provider: str, status: str | None) -> None:
+    def _saw(
+        self, surface: str, payload: dict[str, Any], provider: str, status: str | None
+    ) -> None:
         """`status` None: the surface shows no status (`/courses`), the provider alone counts."""
+        self.payloads[surface] = payload
+        for listener in self.listeners:
+            listener(surface, payload)
         self.latest[surface] = (provider, status)
         self.shown.append((surface, provider, status))
         self._ready[surface].set()
@@ -257,19 +279,20 @@ class Watchers:
         self.heard.setdefault(message["type"], {}).setdefault(surface, time.monotonic())
         if message["type"] == "snapshot":
             for course in message["data"]["courses"]:
-                self._saw(surface, course["provider"], course["status"])
+                self._saw(surface, course, course["provider"], course["status"])
         elif message["type"] == "rate.updated":
-            self._saw(surface, message["data"]["provider"], message["data"]["status"])
+            data = message["data"]
+            self._saw(surface, data, data["provider"], data["status"])
 
     async def _rest(self) -> None:
         url = f"http://127.0.0.1:{self.web.port}/api/v1/items/{self.stack.item_id(self.pair)}"
         async with httpx.AsyncClient(timeout=5) as client:
             while True:
                 with contextlib.suppress(httpx.HTTPError):
-                    response = await client.get(f"{url}/rates/latest")
+                    response = await client.get(f"{url}/rates/latest?{self.expand[1:]}")
                     if response.status_code == 200:
                         body = response.json()
-                        self._saw("rest", body["provider"], body["status"])
+                        self._saw("rest", body, body["provider"], body["status"])
                 await asyncio.sleep(0.05)
 
     async def _courses(self) -> None:
@@ -283,17 +306,17 @@ class Watchers:
                         course = body["courses"][0] if body["courses"] else {}
                         provider = course.get("exchanger", body["exchanger"])
                         if provider and not course.get("stale"):
-                            self._saw("courses", provider, None)
+                            self._saw("courses", course, provider, None)
                 await asyncio.sleep(0.05)
 
     async def _ws(self) -> None:
-        url = f"ws://127.0.0.1:{self.web.port}/ws/items?pairs={self.pair}"
+        url = f"ws://127.0.0.1:{self.web.port}/ws/items?pairs={self.pair}{self.expand}"
         async with ws_connect(url) as ws:
             async for raw in ws:
                 self._saw_envelope("ws", json.loads(raw))
 
     async def _sse(self) -> None:
-        url = f"http://127.0.0.1:{self.web.port}/api/v1/stream?pairs={self.pair}"
+        url = f"http://127.0.0.1:{self.web.port}/api/v1/stream?pairs={self.pair}{self.expand}"
         async with (
             httpx.AsyncClient(timeout=httpx.Timeout(5, read=None)) as client,
             client.stream("GET", url) as response,
@@ -321,7 +344,7 @@ class Watchers:
                 last = int(data["version"])
                 self.arrivals.append(time.monotonic())
                 self.events.append(data)
-                self._saw("nats", data["provider"], data["status"])
+                self._saw("nats", data, data["provider"], data["status"])
         finally:
             await client.close()
 
@@ -358,9 +381,14 @@ class Watchers:
 
 @contextlib.asynccontextmanager
 async def watching(
-    stack: Stack, web: Process, pair: str, surfaces: tuple[str, ...] = SURFACES
+    stack: Stack,
+    web: Process,
+    pair: str,
+    surfaces: tuple[str, ...] = SURFACES,
+    *,
+    expand: str | None = None,
 ) -> AsyncIterator[Watchers]:
-    watchers = Watchers(stack, web, pair, surfaces)
+    watchers = Watchers(stack, web, pair, surfaces, expand=expand)
     await watchers.start()
     try:
         yield watchers

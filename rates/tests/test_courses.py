@@ -307,13 +307,14 @@ def test_a_real_snapshot_course_turns_stale_in_the_cached_body_on_time(
     cache = CoursesCache(snapshot, providers=lambda: PROVIDERS, max_reuse_s=3600)
     assert b"stale" not in cache.answer([], None, None).body
     version = snapshot.version
-    deadline = quoted_at + timedelta(seconds=3)
+    # Waited for generously (a loaded machine may not run this thread for seconds), yet far
+    # inside the hour the body would be reused for without the flip deadline.
+    deadline = quoted_at + timedelta(seconds=60)
     while b"stale" not in cache.answer([], None, None).body:
         assert datetime.now(UTC) < deadline, "the body never showed the course as stale"
         time.sleep(0.005)
-    turned = datetime.now(UTC) - quoted_at
-    # Never early; and soon after (without the deadline it would be reused for an hour).
-    assert timedelta(seconds=0.4) < turned < timedelta(seconds=1.5)
+    # Never early (how late is the machine's load: the bound is the deadline above).
+    assert datetime.now(UTC) - quoted_at > timedelta(seconds=0.4)
     assert snapshot.version == version  # no event: time alone made it stale
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from datetime import timedelta
@@ -10,7 +11,7 @@ import pytest
 from django.db import DatabaseError, connection, connections
 from django.utils import timezone
 
-from rates import lease
+from rates import fetch_control, lease, services
 from rates.lease import Lease, lease_holder, lease_release, lease_try_acquire
 from rates.models import OwnerLease
 
@@ -110,3 +111,23 @@ def test_two_leases_of_one_process_are_two_holders() -> None:
     assert first.holder != second.holder
     assert first.try_acquire()
     assert not second.try_acquire()
+
+
+async def test_the_safety_nets_cycle_keeps_its_lease_however_long_it_takes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`POST /tasks/run` with no owner: the cycle may outlast one lease (a round may take
+    MAX_ROUND_SECONDS, a loaded machine longer); its writes at the end are still made."""
+    monkeypatch.setattr(lease, "TTL", lease.SAFETY + 0.3)  # the holder believes 0.3 s at a time
+    monkeypatch.setattr(fetch_control, "RENEW_EVERY", 0.05)
+
+    writable: list[bool] = []
+
+    async def slow_cycle(provider_names: object) -> None:
+        await asyncio.sleep(1.0)  # the cycle's own work: three lease lengths and more
+        writable.append(services.get_board().writable())
+
+    monkeypatch.setattr(fetch_control, "_cycle_here", slow_cycle)
+    await fetch_control.fetch_once()
+    assert writable == [True]
+    assert not services.get_board().writable()  # and none after it

@@ -88,6 +88,10 @@ class Part:
     async def closed(self) -> None:
         """Shutdown, after the connection drained."""
 
+    def stopped(self) -> None:
+        """`shutdown()` ended (or found nothing started), in the caller's thread: forget what
+        this process did, so that a later `start()` begins as a fresh process's would."""
+
     def forget_after_fork(self) -> None:
         """In a forked child: drop what belonged to the parent's connection."""
 
@@ -273,26 +277,33 @@ class NatsConnection:
             loop.close()
 
     def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
-        """Flush the outbox, drain the connection and stop the thread (atexit, lifespan, tests)."""
+        """Flush the outbox, drain the connection and stop the thread (atexit, lifespan, tests);
+        then the parts forget this process's past (`Part.stopped`), started or not."""
         with self._lock:
             loop, thread = self._loop, self._thread
-            if loop is None or thread is None:
-                return
-            try:
-                future = asyncio.run_coroutine_threadsafe(self._close(), loop)
-                future.result(timeout)
-            except Exception:
-                logger.warning("nats: shutdown did not finish within %.1fs", timeout)
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout)
-            self._loop = None
-            self._thread = None
-            self._client = None
-            self._live_subs.clear()
-            self.connected.clear()
-            metrics.NATS_DISCONNECTED.set(0)  # stopped on purpose: not cut off
-            self._state = "closed"
+            if loop is not None and thread is not None:
+                self._stop(loop, thread, timeout)
+            for part in self._parts:
+                part.stopped()
         atexit.unregister(self.shutdown)
+
+    def _stop(
+        self, loop: asyncio.AbstractEventLoop, thread: threading.Thread, timeout: float
+    ) -> None:
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._close(), loop)
+            future.result(timeout)
+        except Exception:
+            logger.warning("nats: shutdown did not finish within %.1fs", timeout)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+        self._loop = None
+        self._thread = None
+        self._client = None
+        self._live_subs.clear()
+        self.connected.clear()
+        metrics.NATS_DISCONNECTED.set(0)  # stopped on purpose: not cut off
+        self._state = "closed"
 
     def forget_after_fork(self) -> None:
         # A forked child (django-q2 workers) inherits this object but not the thread: start anew.

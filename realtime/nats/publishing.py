@@ -241,9 +241,9 @@ class Outbox(Part):
             self._link.errors,
         )
 
-    def reset(self) -> None:
-        """Forget everything this process sent, relayed or wrote (with the connection closed):
-        a test starts as a fresh process would, not behind an earlier test's relay."""
+    def stopped(self) -> None:
+        # Forget everything this process sent, relayed or wrote: a restarted connection (the
+        # next test, a second lifespan) is not held behind rows of an earlier life's relay.
         self.forget_after_fork()
         self._relayed_any = False
         self._relay_after = 0.0

@@ -30,9 +30,10 @@ from nats.js.errors import NotFoundError
 from rates.snapshot import snapshot
 from realtime.bridge import bridge
 from realtime.hub import hub
-from realtime.nats import connection, outbox, stream_name
+from realtime.nats import connection, stream_name
 from tests.services import (
     NATS_URL,
+    START_TIMEOUT,
     NatsServer,
     free_port,
     require,
@@ -53,8 +54,8 @@ async def realtime_isolated(settings: LazySettings, prefix: str) -> AsyncIterato
     # A connection left by tests of other apps (a fetch publishes events) still points at the
     # servers of their settings: start every realtime test from none.
     await bridge.stop()
+    # Also forgets the outbox's past: an earlier test's rows do not hold this one's events back.
     await asyncio.to_thread(connection.shutdown)
-    outbox.reset()  # an earlier test's outbox rows must not hold this one's events back
     settings.KURS_NATS_PREFIX = prefix
     settings.NATS_SERVERS = [f"nats://127.0.0.1:{free_port()}"]  # nobody listens there
     settings.KURS_INSTANCE = f"test-{prefix}"
@@ -172,6 +173,15 @@ async def receive_until(
 REDIS_TEST_URL = os.environ.get("KURS_TEST_REDIS_REALTIME_URL", "redis://127.0.0.1:6379/5")
 
 
+# The time limit of a test that starts web processes (pytest.mark.timeout), the migration of the
+# web database included for the first of them: on two cores shared with other suites `migrate`
+# alone has taken over two minutes, and each uvicorn process importing Django more than 30 s.
+# Every step waits on its condition (the command's end, the port), so only a stuck one waits
+# this out.
+WEB_TEST_TIMEOUT = 480
+MIGRATE_TIMEOUT = 300.0
+
+
 @pytest.fixture(scope="session")
 def web_database(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A migrated SQLite file that the web subprocesses share (their snapshot reads it)."""
@@ -183,7 +193,7 @@ def web_database(tmp_path_factory: pytest.TempPathFactory) -> str:
         cwd=REPO,
         env=env,
         check=True,
-        timeout=120,
+        timeout=MIGRATE_TIMEOUT,
     )
     return url
 
@@ -254,9 +264,9 @@ def web_processes(
             batch.append(web)
         for web in batch:
             try:
-                wait_for_port(web.port, 30.0)
-            except TimeoutError:
-                raise AssertionError(f"web process did not start:\n{web.log.read_text()}") from None
+                wait_for_port(web.port, START_TIMEOUT, web.process)
+            except TimeoutError as exc:
+                raise AssertionError(f"web process: {exc}:\n{web.log.read_text()}") from None
         return batch
 
     yield start

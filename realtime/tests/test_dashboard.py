@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import shutil
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -26,13 +27,16 @@ import pytest
 from edge import csp
 from realtime import events
 from realtime import nats as realtime_nats
-from realtime.tests.conftest import REPO, WebProcess
+from realtime.tests.conftest import MIGRATE_TIMEOUT, REPO, WEB_TEST_TIMEOUT, WebProcess
 from tests.services import NatsServer, in_ci, real_settings_environment, run_python
 
 if TYPE_CHECKING:
-    from playwright.async_api import Page
+    from playwright.async_api import Locator, Page
 
-pytestmark = pytest.mark.nats
+# A web process, a browser and this test share two cores with other suites: every wait below is
+# on a condition (an element's state, a connection), given WAIT_S before it fails.
+pytestmark = [pytest.mark.nats, pytest.mark.timeout(WEB_TEST_TIMEOUT)]
+WAIT_S = 30.0
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -102,7 +106,8 @@ def seed(web_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
     def write(history: bool, extra: str = "") -> None:
         environment = real_settings_environment(database_url=web_database, shared_cache_dir=cache)
-        result = run_python(["-c", SEED.format(history=history) + extra], environment)
+        code = SEED.format(history=history) + extra
+        result = run_python(["-c", code], environment, timeout=MIGRATE_TIMEOUT)
         assert result.returncode == 0, result.stderr
 
     return write
@@ -160,8 +165,9 @@ def console_errors(page: Page) -> list[str]:
 @contextlib.asynccontextmanager
 async def browser_page(chromium: Path, **options: Any) -> AsyncIterator[tuple[Page, list[str]]]:
     """A page of a fresh headless Chromium, recording console errors and CSP violations."""
-    from playwright.async_api import async_playwright
+    from playwright.async_api import async_playwright, expect
 
+    expect.set_options(timeout=WAIT_S * 1000)
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(
             executable_path=str(chromium), args=CHROMIUM_ARGS
@@ -172,6 +178,22 @@ async def browser_page(chromium: Path, **options: Any) -> AsyncIterator[tuple[Pa
             yield page, console_errors(page)
         finally:
             await browser.close()
+
+
+async def expect_age(
+    locator: Locator, text: str, age_s: float, published: float, unit_s: float = 1.0
+) -> None:
+    """`locator` reads `text` with a number of `unit_s` for `{}`: the age of something that was
+    `age_s` old at `published` (time.monotonic()) or later, so at least `age_s` and at most as
+    old as it is now, however long the page took to show it."""
+    from playwright.async_api import expect
+
+    pattern = "^" + re.escape(text).replace(r"\{\}", r"([0-9]+)") + "$"
+    await expect(locator).to_have_text(re.compile(pattern))
+    shown = re.match(pattern, await locator.text_content() or "")
+    oldest = (age_s + time.monotonic() - published) / unit_s + 1  # the page rounds down
+    assert shown is not None
+    assert age_s / unit_s - 1 <= int(shown[1]) <= oldest, (shown[0], oldest)
 
 
 async def csp_violations(page: Page) -> list[str]:
@@ -227,6 +249,7 @@ async def test_the_dashboard_says_nothing_is_quoted_yet_and_dates_provider_error
 ) -> None:
     from playwright.async_api import expect
 
+    seeded = time.monotonic()  # bybit's error is 12 minutes old a little after this
     web = start_web(False)
     async with browser_page(chromium) as (page, errors):
         response = await page.goto(f"http://127.0.0.1:{web.port}/")
@@ -241,7 +264,8 @@ async def test_the_dashboard_says_nothing_is_quoted_yet_and_dates_provider_error
 
         # An old error beside a closed circuit is dated and greyed; an open one is current.
         bybit = page.locator('tr[data-provider="bybit"] td.error')
-        await expect(bybit).to_have_text("last error 12 min ago: HTTP 503 from /v5/market/tickers")
+        error = "last error {} min ago: HTTP 503 from /v5/market/tickers"
+        await expect_age(bybit, error, 12 * 60, seeded, unit_s=60)
         await expect(bybit).to_have_class("error past")
         await expect(page.locator('tr[data-provider="bybit"] td.state')).to_have_text("closed")
         coingecko = page.locator('tr[data-provider="coingecko"] td.error')
@@ -251,17 +275,18 @@ async def test_the_dashboard_says_nothing_is_quoted_yet_and_dates_provider_error
 
         # The badge says the socket is open but nothing is quoted.
         badge = page.locator("#status")
-        await expect(badge).to_have_text("no rates yet", timeout=10_000)
+        await expect(badge).to_have_text("no rates yet")
         await expect(badge).to_have_attribute("data-socket", "open")
         await expect(badge).to_have_class("stale")
 
         # The first rate replaces the empty state, read grouped and rounded, exact in its title.
-        assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
+        assert await asyncio.to_thread(realtime_nats.wait_connected, WAIT_S)
+        published = time.monotonic()
         events.publish("rate.updated", rate("BTC-USD", "54321.5", "binance"))
         value = page.locator('tr[data-pair="BTC-USD"] td.value')
         await expect(value).to_have_text("54,321.50")
         await expect(value).to_have_attribute("title", "54321.5")
-        await expect(badge).to_have_text(re.compile(r"^live · [0-9] s ago$"))
+        await expect_age(badge, "live · {} s ago", 1, published)
         await expect(badge).to_have_class("open")
         assert await empty.count() == 0
         assert errors == []
@@ -276,7 +301,7 @@ async def test_the_dashboard_shows_statuses_and_charts_from_candles_extended_liv
     from playwright.async_api import expect
 
     web = start_web(True)
-    assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
+    assert await asyncio.to_thread(realtime_nats.wait_connected, WAIT_S)
     async with browser_page(chromium, viewport={"width": 1200, "height": 620}) as (page, errors):
         await page.goto(f"http://127.0.0.1:{web.port}/")
         await expect(page.locator("#status")).to_have_attribute("data-socket", "open")
@@ -290,7 +315,7 @@ async def test_the_dashboard_shows_statuses_and_charts_from_candles_extended_liv
         events.publish("fetch.completed", {"stored": 4, "providers": {}, "duration_ms": 38})
 
         btc = page.locator('tr[data-pair="BTC-USD"] td.value')
-        await expect(btc).to_have_text("54,321.00", timeout=10_000)
+        await expect(btc).to_have_text("54,321.00")
         await expect(btc).to_have_attribute("data-exact", "54321.000123")
         await expect(page.locator('tr[data-pair="ETH-RUB"] td.value')).to_have_text("278,000.10")
         # A stale value looks stale, and the badge counts it.
@@ -302,7 +327,7 @@ async def test_the_dashboard_shows_statuses_and_charts_from_candles_extended_liv
             re.compile(r"\bstale\b")
         )
         await expect(page.locator("#status")).to_have_text(
-            re.compile(r"^live · [0-9] s ago · 1 stale$")
+            re.compile(r"^live · [0-9]+ s ago · 1 stale$")  # how many: the machine's load
         )
         await expect(page.locator("#status")).to_have_class("partial")
         await expect(page.locator('tr[data-pair="ETH-RUB"] .tag.derived')).to_be_visible()
@@ -327,7 +352,7 @@ async def test_the_dashboard_shows_statuses_and_charts_from_candles_extended_liv
 
         # A change of the same pair updates the row in place.
         events.publish("rate.updated", rate("BTC-USD", "54400.5", "binance", version=2))
-        await expect(btc).to_have_text("54,400.50", timeout=10_000)
+        await expect(btc).to_have_text("54,400.50")
         await expect(btc_chart).to_have_attribute("data-points", "42")
         line = await btc_chart.locator("polyline").get_attribute("points")
         assert line is not None
@@ -369,7 +394,7 @@ async def test_the_pair_chart_draws_candles_extends_live_and_looks_up_a_point_in
     from playwright.async_api import expect
 
     web = start_web(True)
-    assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
+    assert await asyncio.to_thread(realtime_nats.wait_connected, WAIT_S)
     viewport = {"width": 1200, "height": 900}
     async with browser_page(chromium, viewport=viewport) as (page, errors):
         await page.goto(f"http://127.0.0.1:{web.port}/")
@@ -377,16 +402,16 @@ async def test_the_pair_chart_draws_candles_extends_live_and_looks_up_a_point_in
         events.publish("rate.updated", rate("BTC-USD", "54321.5", "binance"))
         chart = page.locator("#chart")
         await expect(page.locator("#chart-panel")).to_have_attribute("data-pair", "BTC-USD")
-        await expect(chart).to_have_attribute("data-loaded", "candles", timeout=10_000)
+        await expect(chart).to_have_attribute("data-loaded", "candles")
         await expect(chart).to_have_attribute("data-bars", "41")
         await expect(page.locator("#chart-pair")).to_have_value("BTC-USD")
         assert await chart.locator("canvas").count() > 0
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(WAIT_S):
             while await page.evaluate(CANDLE_PIXELS) < 100:  # noqa: ASYNC110 - drawn by frames
                 await asyncio.sleep(0.05)
         # The same minute's next rate moves the live bar, not a new one.
         events.publish("rate.updated", rate("BTC-USD", "54400.25", "binance", version=2))
-        await expect(chart).to_have_attribute("data-close", "54400.25", timeout=10_000)
+        await expect(chart).to_have_attribute("data-close", "54400.25")
         await expect(chart).to_have_attribute("data-bars", "41")
 
         # A click on a bar asks what was served at the end of its minute.
@@ -481,18 +506,19 @@ async def test_the_badge_says_how_old_the_rates_are_when_the_socket_is_gone(
     from playwright.async_api import expect
 
     web = start_web(False)
-    assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
+    assert await asyncio.to_thread(realtime_nats.wait_connected, WAIT_S)
     async with browser_page(chromium) as (page, _errors):
         await page.goto(f"http://127.0.0.1:{web.port}/")
         badge = page.locator("#status")
-        await expect(badge).to_have_attribute("data-socket", "open", timeout=10_000)
+        await expect(badge).to_have_attribute("data-socket", "open")
+        published = time.monotonic()
         events.publish("rate.updated", rate("BTC-USD", "54321.5", "binance", age_s=20))
-        await expect(badge).to_have_text(re.compile(r"^live · 2[0-9] s ago$"), timeout=10_000)
+        await expect_age(badge, "live · {} s ago", 20, published)
 
         # The server goes away (the page's reconnect attempts are console errors, not checked):
         # the badge no longer says "live", but how old the rates it still shows are.
         await asyncio.to_thread(web.stop)
-        await expect(badge).to_have_text(re.compile(r"^reconnecting… · rates [2-9][0-9] s old$"))
+        await expect_age(badge, "reconnecting… · rates {} s old", 20, published)
         await expect(badge).to_have_class("closed")
         await expect(badge).to_have_attribute("data-socket", "closed")
 
@@ -504,7 +530,7 @@ async def test_a_slow_providers_answer_does_not_undo_a_newer_provider_event(
     from playwright.async_api import Route, expect
 
     web = start_web(False)
-    assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
+    assert await asyncio.to_thread(realtime_nats.wait_connected, WAIT_S)
     release = asyncio.Event()
     held: list[Route] = []
 
@@ -517,13 +543,13 @@ async def test_a_slow_providers_answer_does_not_undo_a_newer_provider_event(
         await page.route("**/api/v1/providers", hold)
         await page.goto(f"http://127.0.0.1:{web.port}/")
         await expect(page.locator("#status")).to_have_attribute("data-socket", "open")
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(WAIT_S):
             while not held:  # noqa: ASYNC110 - the page's first request, routed above
                 await asyncio.sleep(0.01)
         # bybit opens while the page's /providers request (answering "closed") is on its way.
         events.publish("provider.state", {"name": "bybit", "state": "open", "reason": "HTTP 503"})
         state = page.locator('tr[data-provider="bybit"] td.state')
-        await expect(state).to_have_text("open", timeout=10_000)
+        await expect(state).to_have_text("open")
         async with page.expect_response("**/api/v1/providers"):
             release.set()
         # The answer arrived and was applied to the other providers, not to bybit.
@@ -568,16 +594,14 @@ async def test_the_dashboard_fits_and_summarises_errors_with_a_provider_down(
             async with browser_page(chromium, viewport=viewport) as (page, errors):
                 await page.goto(f"{url}/")
                 binance = page.locator('tr[data-provider="binance"] td.error')
-                await expect(binance).to_contain_text("HTTP 503 from 127.0.0.1", timeout=30_000)
+                await expect(binance).to_contain_text("HTTP 503 from 127.0.0.1")
                 await expect(binance).to_contain_text("Service Temporarily Unavailable")
                 await expect(page.locator("#courses tr[data-pair]")).to_have_count(
-                    len(DEFAULT_PAIRS), timeout=30_000
+                    len(DEFAULT_PAIRS)
                 )
-                await expect(page.locator('tr[data-pair="BTC-USD"] .tag.failover')).to_be_visible(
-                    timeout=30_000
-                )
+                await expect(page.locator('tr[data-pair="BTC-USD"] .tag.failover')).to_be_visible()
                 await expect(page.locator("#status")).to_have_text(
-                    re.compile(r"^live · [0-9]+ s ago"), timeout=10_000
+                    re.compile(r"^live · [0-9]+ s ago")
                 )
                 for error in await page.locator("#providers td.error").all_text_contents():
                     assert "<" not in error
@@ -590,7 +614,7 @@ async def test_the_dashboard_fits_and_summarises_errors_with_a_provider_down(
                 # Bybit's stream moves BTC-USD every tick: a few points make the chart a line.
                 btc = page.locator('tr[data-pair="BTC-USD"]')
                 await expect(btc.locator("svg.spark")).to_have_attribute(
-                    "data-points", re.compile(r"^([5-9]|[1-9][0-9]+)$"), timeout=30_000
+                    "data-points", re.compile(r"^([5-9]|[1-9][0-9]+)$")
                 )
 
                 widths = {}

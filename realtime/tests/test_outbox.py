@@ -22,7 +22,7 @@ from asgiref.sync import sync_to_async
 from django.db import transaction
 from nats.js.api import StreamConfig
 
-from realtime import events
+from realtime import events, outbox_rows
 from realtime import nats as realtime_nats
 from realtime.models import OutboxEvent
 from realtime.nats import connection, stream_name
@@ -140,6 +140,16 @@ async def test_a_rolled_back_change_leaves_no_event(own_jetstream: NatsServer) -
     with pytest.raises(RuntimeError):
         await sync_to_async(change_that_fails)()
     assert await sync_to_async(OutboxEvent.objects.count)() == 0
+
+
+async def test_a_shutdown_forgets_the_rows_this_process_wrote() -> None:
+    # A restarted connection (the next lifespan, the next test) begins as a fresh process's: it
+    # keeps no books of, and relays nothing for, the rows of its earlier life.
+    await sync_to_async(write)(1)
+    assert outbox_rows.recorded_here()
+    await asyncio.to_thread(connection.shutdown)
+    assert not outbox_rows.recorded_here()
+    assert realtime_nats.outbox.status()["outbox"] == 0
 
 
 async def test_what_was_written_while_nats_was_down_reaches_the_stream_first_in_order(

@@ -20,10 +20,10 @@ from websockets.typing import Origin
 from realtime import events
 from realtime import nats as realtime_nats
 from realtime.nats import connection
-from realtime.tests.conftest import REDIS_TEST_URL, WebProcess
+from realtime.tests.conftest import REDIS_TEST_URL, WEB_TEST_TIMEOUT, WebProcess
 from tests.services import NatsServer, require
 
-pytestmark = [pytest.mark.nats, pytest.mark.redis]
+pytestmark = [pytest.mark.nats, pytest.mark.redis, pytest.mark.timeout(WEB_TEST_TIMEOUT)]
 
 EVENTS = 100
 SOCKETS_PER_PROCESS = 2

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from datetime import datetime
 from decimal import Decimal
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 import httpx
 
@@ -21,52 +21,70 @@ from kurs_client.errors import TransportError, Unauthorized
 from kurs_client.stream import Backoff, EventStream, stream_options
 
 T = TypeVar("T")
+P = ParamSpec("P")
 DEFAULT_TIMEOUT = 10.0
 
 
-def _headers(api_key: str | None) -> dict[str, str]:
-    headers = {"Accept": "application/json", "User-Agent": "kurs-client/0.1"}
-    if api_key:
-        headers["X-API-Key"] = api_key
-    return headers
+class _Base:
+    """What both clients share: the server, the key, and the stream of the server's events."""
+
+    def __init__(self, base_url: str, api_key: str | None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.headers = {"Accept": "application/json", "User-Agent": "kurs-client/0.1"}
+        if api_key:
+            self.headers["X-API-Key"] = api_key
+
+    def _check_key(self, call: Call[Any]) -> None:
+        if call.write and not self.api_key:
+            raise Unauthorized(401, f"{call.method} {call.path} needs an API key (api_key=...)")
+
+    def _events(
+        self,
+        pairs: Sequence[str] | None = None,
+        *,
+        since: int | None = None,
+        min_interval_ms: int | None = None,
+        min_change: Decimal | str | None = None,
+        expand: str | None = None,
+        transport: str | None = None,
+        backoff: Backoff | None = None,
+        idle_timeout: float = 45.0,
+    ) -> EventStream:
+        """Events of `pairs` (None: every active pair) from now, or after `since`; see
+        `EventStream`: `async for` over `AsyncClient.stream`, `for` over `Client.stream`. Close
+        it (or use `async with` / `with`) to disconnect."""
+        return EventStream(
+            self.base_url,
+            pairs=pairs,
+            since=since,
+            options=stream_options(min_interval_ms, min_change, expand),
+            transport=transport,
+            backoff=backoff,
+            idle_timeout=idle_timeout,
+        )
 
 
-def _check_key(call: Call[Any], api_key: str | None) -> None:
-    if call.write and not api_key:
-        raise Unauthorized(401, f"{call.method} {call.path} needs an API key (api_key=...)")
+def _blocking(
+    events: Callable[Concatenate[_Base, P], EventStream],
+) -> Callable[Concatenate[_Base, P], Stream]:
+    """`events` with the same parameters, run on a thread of its own as a blocking `Stream`."""
+
+    def stream(client: _Base, /, *args: P.args, **kwargs: P.kwargs) -> Stream:
+        return Stream(events(client, *args, **kwargs))
+
+    stream.__doc__ = events.__doc__
+    return stream
 
 
-def _stream(
-    base_url: str,
-    pairs: Sequence[str] | None,
-    since: int | None,
-    min_interval_ms: int | None,
-    min_change: Decimal | str | None,
-    expand: str | None,
-    transport: str | None,
-    backoff: Backoff | None,
-    idle_timeout: float,
-) -> EventStream:
-    return EventStream(
-        base_url,
-        pairs=pairs,
-        since=since,
-        options=stream_options(min_interval_ms, min_change, expand),
-        transport=transport,
-        backoff=backoff,
-        idle_timeout=idle_timeout,
-    )
-
-
-class Client:
+class Client(_Base):
     """Blocking client: `Client("http://127.0.0.1:8000").rate("BTC", "USD").value`."""
 
     def __init__(
         self, base_url: str, *, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key
-        self.http = httpx.Client(base_url=self.base_url, headers=_headers(api_key), timeout=timeout)
+        super().__init__(base_url, api_key)
+        self.http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout)
 
     def __enter__(self) -> Self:
         return self
@@ -80,7 +98,7 @@ class Client:
         self.http.close()
 
     def send(self, call: Call[T]) -> T:
-        _check_key(call, self.api_key)
+        self._check_key(call)
         try:
             response = self.http.request(call.method, call.path, params=call.params, json=call.body)
         except httpx.HTTPError as exc:
@@ -166,33 +184,7 @@ class Client:
     def run_fetch(self) -> models.FetchReport:
         return self.send(calls.run_fetch())
 
-    def stream(
-        self,
-        pairs: Sequence[str] | None = None,
-        *,
-        since: int | None = None,
-        min_interval_ms: int | None = None,
-        min_change: Decimal | str | None = None,
-        expand: str | None = None,
-        transport: str | None = None,
-        backoff: Backoff | None = None,
-        idle_timeout: float = 45.0,
-    ) -> Stream:
-        """Events of `pairs` (None: every active pair) from now, or after `since`; see
-        `EventStream`. Close it (or use `with`) to disconnect."""
-        return Stream(
-            _stream(
-                self.base_url,
-                pairs,
-                since,
-                min_interval_ms,
-                min_change,
-                expand,
-                transport,
-                backoff,
-                idle_timeout,
-            )
-        )
+    stream = _blocking(_Base._events)
 
 
 class Stream(Iterator[models.Event]):
@@ -253,17 +245,14 @@ class Stream(Iterator[models.Event]):
         self.close()
 
 
-class AsyncClient:
+class AsyncClient(_Base):
     """The asyncio twin of `Client`: the same calls, awaited, and `async for` over `stream()`."""
 
     def __init__(
         self, base_url: str, *, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key
-        self.http = httpx.AsyncClient(
-            base_url=self.base_url, headers=_headers(api_key), timeout=timeout
-        )
+        super().__init__(base_url, api_key)
+        self.http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=timeout)
 
     async def __aenter__(self) -> Self:
         return self
@@ -277,7 +266,7 @@ class AsyncClient:
         await self.http.aclose()
 
     async def send(self, call: Call[T]) -> T:
-        _check_key(call, self.api_key)
+        self._check_key(call)
         try:
             response = await self.http.request(
                 call.method, call.path, params=call.params, json=call.body
@@ -365,30 +354,7 @@ class AsyncClient:
     async def run_fetch(self) -> models.FetchReport:
         return await self.send(calls.run_fetch())
 
-    def stream(
-        self,
-        pairs: Sequence[str] | None = None,
-        *,
-        since: int | None = None,
-        min_interval_ms: int | None = None,
-        min_change: Decimal | str | None = None,
-        expand: str | None = None,
-        transport: str | None = None,
-        backoff: Backoff | None = None,
-        idle_timeout: float = 45.0,
-    ) -> EventStream:
-        """`async for event in client.stream(["BTC-USD"])`: see `EventStream`."""
-        return _stream(
-            self.base_url,
-            pairs,
-            since,
-            min_interval_ms,
-            min_change,
-            expand,
-            transport,
-            backoff,
-            idle_timeout,
-        )
+    stream = _Base._events
 
 
 __all__ = ["AsyncClient", "Client", "Stream"]
