@@ -41,7 +41,7 @@ async def test_a_served_version_gets_the_seq_of_the_event_that_announced_it(
         row = await sync_to_async(serve)()
         assert row.event_id is not None
         seq = (await asyncio.to_thread(acks.wait_for, [row.event_id]))[row.event_id]
-        assert await asyncio.to_thread(servedlog.seq_recorder.wait_idle, 15)
+        assert await asyncio.to_thread(servedlog.seq_recorder.wait_idle, 60)
         await sync_to_async(row.refresh_from_db)()
         assert (row.version, row.seq) == (1, seq)
     finally:
