@@ -43,6 +43,9 @@ class PegMonitor:
         self._proxy: pegs.PegState | None = None
         self.dirty = True
         self._followed = -READ_EVERY  # time.monotonic() of the last `follow`
+        # The board's pairs, proxy and aliases `_used` was computed for; the pairs pegs use.
+        self._used_for: tuple[Any, ...] | None = None
+        self._used: frozenset[str] = frozenset()
 
     def evaluate(self, board: QuoteBoard, *, now: datetime) -> list[str]:
         """Measure every peg from the board; publish and log each change; the events sent.
@@ -55,7 +58,7 @@ class PegMonitor:
         if board.writable() and not board.global_writable():
             self.follow(now=now)
             return []
-        accepted = {pair: dict(entries) for pair, entries in list(board.accepted.items())}
+        accepted = self._accepted(board)
         sent = []
         for key, previous in list(self.states.items()):
             evidence = pegs.observe(previous.peg, accepted, now=now, proxy=settings.KURS_USD_PROXY)
@@ -82,6 +85,24 @@ class PegMonitor:
         with self._lock:
             self._proxy = pegs.proxy_peg(self.states.values(), settings.KURS_USD_PROXY)
         return sent
+
+    def _accepted(self, board: QuoteBoard) -> dict[str, dict[str, Entry]]:
+        """A copy of the board's accepted quotes of the pairs some peg uses (`pegs.used_pairs`,
+        recomputed when the board's pairs change): only those are copied and scanned."""
+        proxy = settings.KURS_USD_PROXY
+        aliases = frozenset(settings.KURS_ASSET_ALIASES.items())
+        key = (frozenset(list(board.accepted)), proxy, aliases)
+        if key != self._used_for:
+            used: set[str] = set()
+            for peg in self.pegs:
+                used |= pegs.used_pairs(peg, key[0], proxy=proxy)
+            self._used_for, self._used = key, frozenset(used)
+        accepted = board.accepted
+        return {
+            pair: dict(entries)
+            for pair in self._used
+            if (entries := accepted.get(pair)) is not None
+        }
 
     def through(self, pair: str, entry: Entry, status: str) -> tuple[Entry, str]:
         with self._lock:

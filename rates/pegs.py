@@ -163,6 +163,31 @@ def observe(
     return found
 
 
+def used_pairs(peg: Peg, pairs: Iterable[str], *, proxy: str) -> frozenset[str]:
+    """The pairs among `pairs` that `observe` can draw `peg`'s evidence from (whether an entry
+    of theirs counts is `observe`'s to say): the direct pairs, and both quotes of each coin
+    quoted in the reference and in the asset. The owner measures from these alone: the rest of
+    a board of a thousand pairs is never copied or scanned."""
+    asset, reference = peg.asset, peg.reference
+    proxied_is_asset = reference == "USD" and policy.canonical_asset(proxy) == asset
+    used: set[str] = set()
+    in_reference: dict[str, list[str]] = {}
+    in_asset: dict[str, list[str]] = {}
+    for pair in pairs:
+        base, quote = _assets(pair)
+        if (base, quote) in ((asset, reference), (reference, asset)):
+            used.add(pair)
+            continue
+        if quote == reference:
+            in_reference.setdefault(base, []).append(pair)
+        if quote == asset or (quote == reference and proxied_is_asset):
+            in_asset.setdefault(base, []).append(pair)
+    for coin, quoted in in_asset.items():
+        if coin in in_reference and coin not in (asset, reference):
+            used.update(quoted, in_reference[coin])
+    return frozenset(used)
+
+
 def measure(observations: Sequence[Observation]) -> Decimal | None:
     """The median observation, to PLACES; None without evidence."""
     if not observations:

@@ -580,6 +580,10 @@ class Writes:
         self.pending: list[Write] = []
         self._current_before: dict[str, Current | None] = {}
         self._stored_before: dict[tuple[str, str], tuple[Any, datetime] | None] = {}
+        # The last history row of every pair and provider stored within STORE_EVERY, read in
+        # one query at the burst's first pair the board has no row of (a new owner's first
+        # burst: one query, not one per pair and provider).
+        self._recent: tuple[set[int], dict[tuple[int, str], tuple[Any, datetime]]] | None = None
 
     def add(self, item_id: int, decision: Decision, *, now: datetime) -> Write | None:
         """Collect the rows of one decision (none when nothing is due, or this board may not
@@ -622,12 +626,18 @@ class Writes:
         key = (pair, entry.provider)
         last = self.board.last_stored.get(key)
         if last is None:  # once per pair and provider per owner: later rows are remembered
-            last = (
-                Rate.objects.filter(item_id=item_id, provider=entry.provider)
-                .order_by("-received_at", "-id")
-                .values_list("value", "received_at")
-                .first()
-            )
+            if self._recent is None:
+                self._recent = _recent_history(set(self.board.items.values()), now=now)
+            covered, recent = self._recent
+            if item_id in covered:
+                last = recent.get((item_id, entry.provider))
+            else:  # an item the board did not list (yet): its own query
+                last = (
+                    Rate.objects.filter(item_id=item_id, provider=entry.provider)
+                    .order_by("-received_at", "-id")
+                    .values_list("value", "received_at")
+                    .first()
+                )
         if last is not None and last[0] == entry.value and now - last[1] < policy.STORE_EVERY:
             return None
         if key not in self._stored_before:
@@ -684,6 +694,7 @@ class Writes:
         finally:
             self._current_before.clear()
             self._stored_before.clear()
+            self._recent = None
 
     def _one_by_one(self, pending: list[Write]) -> None:
         failed: set[str] = set()
@@ -719,6 +730,26 @@ class Writes:
         subject = decision.current or decision.history[0]
         logger.error("cannot store the %s rate of %s: %s", subject.provider, pair, exc)
         close_old_connections()
+
+
+def _recent_history(
+    item_ids: set[int], *, now: datetime
+) -> tuple[set[int], dict[tuple[int, str], tuple[Any, datetime]]]:
+    """`item_ids`, and (item id, provider) -> (value, received_at) of the last history row of
+    each stored within STORE_EVERY: an older last row, or none, makes a row due alike."""
+    rows = (
+        # By time alone (the `rate_received` index): no list of a thousand ids in the query.
+        Rate.objects.filter(received_at__gt=now - policy.STORE_EVERY)
+        .order_by("received_at", "id")
+        .values_list("item_id", "provider", "value", "received_at")
+    )
+    # Oldest first: each key keeps its last row.
+    recent = {
+        (item_id, provider): (value, at)
+        for item_id, provider, value, at in rows
+        if item_id in item_ids
+    }
+    return item_ids, recent
 
 
 def _write_rows(writes: Sequence[Write]) -> None:

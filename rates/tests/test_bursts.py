@@ -200,3 +200,25 @@ def test_a_sweep_decides_a_quiet_pair_again_once_its_quote_goes_stale(
         assert services.reevaluate(now=quote.source_time) == 0  # ...and skipped
         assert services.reevaluate(now=fresh_until + timedelta(seconds=1)) == 1
     assert [e["status"] for e in rate_events(published_events)] == ["live", "stale"]
+
+
+def test_a_new_owner_reads_the_last_history_rows_in_one_query(
+    django_capture_on_commit_callbacks: Any, published_events: Events
+) -> None:
+    pairs = [f"{coin}-USD" for coin in COINS]
+    items(*pairs)
+    burst(pairs, "100", django_capture_on_commit_callbacks)
+    services.get_board().last_stored.clear()  # what a new owner's board remembers
+    with CaptureQueriesContext(connection) as queries:
+        burst(pairs, "101", django_capture_on_commit_callbacks)
+    history_reads = [
+        query["sql"]
+        for query in queries
+        if query["sql"].startswith("SELECT") and Rate._meta.db_table in query["sql"]
+    ]
+    assert len(history_reads) == 1  # not one per pair and provider
+    assert [written(pair)[0] for pair in pairs] == [2] * len(pairs)
+    # Remembered again: an unchanged value within STORE_EVERY stores no row.
+    services.get_board().last_stored.clear()
+    burst(pairs, "101", django_capture_on_commit_callbacks)
+    assert [written(pair)[0] for pair in pairs] == [2] * len(pairs)

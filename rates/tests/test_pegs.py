@@ -85,6 +85,32 @@ def test_without_the_usd_proxy_a_usd_quote_is_true_not_tether() -> None:
     assert found[0].value == Decimal("1.00005556")  # the median true price over binance's
 
 
+@pytest.mark.parametrize("proxy", ["USDT", ""])
+def test_the_pairs_a_peg_uses_are_all_its_evidence_comes_from(proxy: str) -> None:
+    quotes = board(
+        USDT_USD={"coingecko": entry("coingecko", "0.9703")},
+        USD_USDT={"kraken": entry("kraken", "1.03")},
+        BTC_USD={
+            "binance": entry("binance", "92800", proxied=True),
+            "coingecko": entry("coingecko", "90016"),
+        },
+        BTC_USDT={"binance": entry("binance", "92800")},
+        ETH_USDT={"binance": entry("binance", "3100")},  # no true ETH-USD: no evidence
+        # No SOL in USDT: none either (through the proxy, a USD pair may hold both quotes).
+        SOL_USD={"coingecko": entry("coingecko", "140")},
+        BTC_EUR={"kraken": entry("kraken", "85000")},
+    )
+    used = pegs.used_pairs(USDT, quotes, proxy=proxy)
+    assert used == {"USDT-USD", "USD-USDT", "BTC-USD", "BTC-USDT"} | (
+        {"SOL-USD"} if proxy else set()
+    )
+    subset = {pair: quotes[pair] for pair in used}
+    assert pegs.observe(USDT, subset, now=T0, proxy=proxy) == pegs.observe(
+        USDT, quotes, now=T0, proxy=proxy
+    )
+    assert len(pegs.observe(USDT, quotes, now=T0, proxy=proxy)) >= 3
+
+
 # --- the state machine -------------------------------------------------------------------------
 def run(values: list[str | None], *, every: float = 1.0) -> list[PegState]:
     state, states = PegState(USDT), []
