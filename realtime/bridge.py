@@ -46,6 +46,7 @@ from realtime.hub import RateFacts, hub
 from realtime.nats import (
     FALLBACK_MESSAGE_TYPE,
     ORIGIN_HEADER,
+    REPLAY_WAIT_S,
     SEED_SUBJECT,
     StreamCursor,
     StreamUnavailable,
@@ -140,6 +141,9 @@ class Bridge:
         # The last stream sequence handed to the hub (the loop's) and received (NATS thread's).
         self.last_seq: int | None = None
         self._received: int | None = None
+        # Set (on the loop) once the ordered consumer has started: from then on every event
+        # after `_received` reaches the hub, in order; before, a replay cannot end (see replay).
+        self._live: asyncio.Event | None = None
 
     @property
     def running(self) -> bool:
@@ -153,6 +157,7 @@ class Bridge:
                 # Only tests run several loops in one process: forget the previous one's state.
                 await self.stop()
             self._loop = loop
+            self._live = asyncio.Event()
             self._start_task = loop.create_task(self._start())
         assert self._start_task is not None
         await asyncio.shield(self._start_task)
@@ -200,6 +205,7 @@ class Bridge:
         stream_consumer.stop_consuming()
         self.last_seq = None
         self._received = None
+        self._live = None
         outbox.set_local_fallback(None)
         for task in (self._listener, self._start_task):
             if task is not None and not task.done():
@@ -260,7 +266,28 @@ class Bridge:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(setattr, self, "last_seq", seq)
+                loop.call_soon_threadsafe(self._live_from, seq)
+
+    def _live_from(self, seq: int) -> None:
+        self.last_seq = seq
+        if self._live is not None:
+            self._live.set()
+
+    async def _live_position(self) -> int | None:
+        """The sequence after which the live consumer delivers every event to the hub, once it
+        has started (None: it did not start within REPLAY_WAIT_S).
+
+        Read from the NATS thread's `_received`: it may be ahead of what the hub has been handed
+        (hand-offs on their way), which only makes a replay cover more; those frames are then
+        dropped as covered when they arrive."""
+        live = self._live
+        if live is None:
+            return None
+        try:
+            await asyncio.wait_for(live.wait(), REPLAY_WAIT_S)
+        except TimeoutError:
+            return None
+        return self._received
 
     def _advance(self, seq: int) -> None:
         if self.last_seq is None or seq > self.last_seq:
@@ -341,42 +368,48 @@ class Bridge:
         holds (or newer than it: the stream was reset) yields a `gap` and a fresh snapshot; so
         does a stream that cannot be read now, with `first_available` null.
         """
-        cursor = StreamCursor(since)
-        try:
+        covered = since
+        while True:
+            cursor = StreamCursor(covered)
             try:
                 await cursor.open()
+                if covered + 1 < cursor.first_seq or covered > cursor.last_seq:
+                    # Older than the stream holds, or newer (the stream was made anew).
+                    for item in self._gap(since, cursor.first_seq, pairs()):
+                        yield item
+                    return
+                while not cursor.done:
+                    batch = await cursor.batch()
+                    wanted = pairs()
+                    for stored in batch:
+                        try:
+                            event = decode(
+                                stored.subject, origin_of(stored.headers), stored.data, stored.seq
+                            )
+                        except Dropped:
+                            continue
+                        if event.pair is None or wanted is None or event.pair in wanted:
+                            yield event.frame, stored.seq
+                covered = cursor.last_seq
+                # The live feed must take over where the read ends. A consumer that started
+                # after the read opened (a web process's first one, made late because the
+                # stream was electing its leader) delivers only what follows its start: the
+                # events in between are read too, or they would reach the client by neither.
+                live = await self._live_position()
+                if live is None:
+                    raise StreamUnavailable("no live consumer to hand over to")
             except StreamUnavailable as exc:
-                logger.info("bridge: cannot replay after %d: %s", since, exc)
+                logger.warning("bridge: replay after %d broke off: %s", since, exc)
                 for item in self._gap(since, None, pairs()):
                     yield item
                 return
-            if since + 1 < cursor.first_seq or since > cursor.last_seq:
-                for item in self._gap(since, cursor.first_seq, pairs()):
-                    yield item
-                return
-            while not cursor.done:
-                try:
-                    batch = await cursor.batch()
-                except StreamUnavailable as exc:
-                    logger.warning("bridge: replay after %d broke off: %s", since, exc)
-                    for item in self._gap(since, None, pairs()):
-                        yield item
-                    return
-                wanted = pairs()
-                for stored in batch:
-                    try:
-                        event = decode(
-                            stored.subject, origin_of(stored.headers), stored.data, stored.seq
-                        )
-                    except Dropped:
-                        continue
-                    if event.pair is None or wanted is None or event.pair in wanted:
-                        yield event.frame, stored.seq
-            # Everything up to the stream's end at open() was read: held live frames up to
-            # there are duplicates.
-            yield None, cursor.last_seq
-        finally:
-            await cursor.close()
+            finally:
+                await cursor.close()
+            if live <= covered:
+                break
+        # Everything up to where the live feed starts was read: held live frames up to there
+        # are duplicates.
+        yield None, covered
 
     def _gap(
         self, since: int, first_available: int | None, pairs: set[str] | None

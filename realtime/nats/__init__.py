@@ -27,7 +27,7 @@ from realtime.nats.publishing import (
     transport,
 )
 from realtime.nats.rpc import Responder, request, serve
-from realtime.nats.stream import StoredMessage, StreamCursor, stream_consumer
+from realtime.nats.stream import REPLAY_WAIT_S, StoredMessage, StreamCursor, stream_consumer
 from realtime.nats.subjects import (
     FALLBACK_MESSAGE_TYPE,
     ORIGIN_HEADER,
@@ -41,6 +41,7 @@ from realtime.nats.subjects import (
 __all__ = [
     "FALLBACK_MESSAGE_TYPE",
     "ORIGIN_HEADER",
+    "REPLAY_WAIT_S",
     "SEED_SUBJECT",
     "AckCallback",
     "NatsConnection",

@@ -24,6 +24,7 @@ from realtime import events
 from realtime import nats as realtime_nats
 from realtime.bridge import bridge
 from realtime.nats import connection, stream_consumer, stream_name
+from realtime.nats.stream import StreamConsumer
 from realtime.tests.conftest import connect, receive, receive_until
 from tests.services import NatsServer
 
@@ -236,6 +237,60 @@ async def test_a_client_that_comes_back_through_a_nats_restart_gets_exactly_what
     publish_marker("after")
     await resume_and_check(last_seq, sent, ["before-restart", "after-restart"])
     assert realtime_nats.status()["jetstream"] is True
+
+
+async def test_a_client_resuming_before_the_live_consumer_exists_loses_nothing(
+    machine_nats: str, eight_pairs: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A web process whose ordered consumer is made late (in a cluster, the stream electing
+    its leader: nothing a single server can be made to do, so the refusal is injected) serves
+    a resuming client meanwhile. The consumer then starts from the stream's end at that later
+    moment; the client must still get the events between its replay's end and that start."""
+    await started()
+    last_seq = await read_some_then_leave(eight_pairs)
+    await bridge.stop()
+    refusing = threading.Event()
+    refusing.set()
+    make = StreamConsumer._subscribe_ordered
+
+    async def no_leader_yet(self: StreamConsumer, *args: Any) -> None:
+        if refusing.is_set():
+            raise RuntimeError("no stream leader (injected)")
+        await make(self, *args)
+
+    monkeypatch.setattr(StreamConsumer, "_subscribe_ordered", no_leader_yet)
+    await bridge.ensure_started()
+    assert not stream_consumer.consuming_stream
+    sent = publish_rates(40, start=100)
+    publish_marker("replayed")
+    assert await asyncio.to_thread(realtime_nats.outbox.wait_idle, 15)
+    ws = await connect(f"/ws/items?pairs={','.join(MINE)}&since={last_seq}")
+    frames = await until_marker(ws, "replayed")
+    # Written after the replay's read: in the stream, seen by no live consumer yet.
+    sent += publish_rates(40, start=200)
+    assert await asyncio.to_thread(realtime_nats.outbox.wait_idle, 15)
+    assert not stream_consumer.consuming_stream
+    refusing.clear()  # the leader is elected: the consumer is made, from the stream's end
+    assert await wait_for_consumer()
+    publish_marker("after")
+    frames += await until_marker(ws, "after")
+    assert [f["data"]["name"] for f in frames if f["type"] == "provider.state"] == [
+        "replayed",
+        "after",
+    ]
+    assert rates_of(frames) == mine(sent)
+    assert_in_order_once(frames)
+    await ws.disconnect()
+
+
+async def wait_for_consumer(within: float = 15.0) -> bool:
+    """The bridge's ordered consumer made (it is retried every CONSUMER_RETRY_S)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not stream_consumer.consuming_stream:
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
 
 
 async def test_a_since_older_than_the_stream_gets_a_gap_and_a_fresh_snapshot(
