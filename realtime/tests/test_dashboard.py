@@ -350,9 +350,20 @@ async def test_the_dashboard_shows_statuses_and_charts_from_candles_extended_liv
         eth_chart = page.locator('tr[data-pair="ETH-USD"] svg.spark')
         await expect(eth_chart).to_have_attribute("data-points", "1")
 
-        # A change of the same pair updates the row in place.
-        events.publish("rate.updated", rate("BTC-USD", "54400.5", "binance", version=2))
+        # A change of the same pair updates the row in place, its sources too (the socket
+        # asks for `expand=sources`).
+        update = rate("BTC-USD", "54400.5", "binance", version=2)
+        when = update["checked_at"]
+        update["sources"] = [
+            {"provider": "binance", "value": Decimal("54400.5"), "source_time": when},
+            {"provider": "bybit", "value": Decimal("54390"), "source_time": when},
+        ]
+        update["sources"][1] |= {"excluded": True, "reason": "priority"}
+        events.publish("rate.updated", update)
         await expect(btc).to_have_text("54,400.50")
+        sources = page.locator('tr[data-pair="BTC-USD"] td.sources')
+        await expect(sources).to_have_text("binance 54,400.50bybit 54,390.00")
+        await expect(sources.locator(".source.excluded.priority")).to_have_text("bybit 54,390.00")
         await expect(btc_chart).to_have_attribute("data-points", "42")
         line = await btc_chart.locator("polyline").get_attribute("points")
         assert line is not None

@@ -351,9 +351,9 @@
         break;
       case "rate.updated": {
         const d = message.data;
-        const course = { direction: d.direction, value: String(d.value), provider: d.provider,
-                         source_time: d.source_time, checked_at: d.checked_at,
-                         status: d.status, derived: d.derived };
+        // Every field the event carries (with `expand=sources`: the sources and dispersion the
+        // table shows), as the snapshot gives them; the value as a string, as there.
+        const course = { ...d, value: String(d.value) };
         const previous = courses.get(d.direction);
         courses.set(d.direction, course);
         renderRow(course, previous);
