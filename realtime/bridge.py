@@ -144,6 +144,7 @@ class Bridge:
         # Set (on the loop) once the ordered consumer has started: from then on every event
         # after `_received` reaches the hub, in order; before, a replay cannot end (see replay).
         self._live: asyncio.Event | None = None
+        self._live_start: int | None = None
 
     @property
     def running(self) -> bool:
@@ -206,6 +207,7 @@ class Bridge:
         self.last_seq = None
         self._received = None
         self._live = None
+        self._live_start = None
         outbox.set_local_fallback(None)
         for task in (self._listener, self._start_task):
             if task is not None and not task.done():
@@ -270,16 +272,14 @@ class Bridge:
 
     def _live_from(self, seq: int) -> None:
         self.last_seq = seq
+        self._live_start = seq
         if self._live is not None:
             self._live.set()
 
-    async def _live_position(self) -> int | None:
-        """The sequence after which the live consumer delivers every event to the hub, once it
-        has started (None: it did not start within REPLAY_WAIT_S).
-
-        Read from the NATS thread's `_received`: it may be ahead of what the hub has been handed
-        (hand-offs on their way), which only makes a replay cover more; those frames are then
-        dropped as covered when they arrive."""
+    async def _live_start_seq(self) -> int | None:
+        """The sequence the live consumer started after (from then on it hands every event to
+        the hub, in order: a consumer re-made on reconnection goes on from the last one seen);
+        None when it has not started within REPLAY_WAIT_S."""
         live = self._live
         if live is None:
             return None
@@ -287,7 +287,7 @@ class Bridge:
             await asyncio.wait_for(live.wait(), REPLAY_WAIT_S)
         except TimeoutError:
             return None
-        return self._received
+        return self._live_start
 
     def _advance(self, seq: int) -> None:
         if self.last_seq is None or seq > self.last_seq:
@@ -394,9 +394,10 @@ class Bridge:
                 # The live feed must take over where the read ends. A consumer that started
                 # after the read opened (a web process's first one, made late because the
                 # stream was electing its leader) delivers only what follows its start: the
-                # events in between are read too, or they would reach the client by neither.
-                live = await self._live_position()
-                if live is None:
+                # events up to there are read too (one more round: the start does not move), or
+                # they would reach the client by neither path.
+                start = await self._live_start_seq()
+                if start is None:
                     raise StreamUnavailable("no live consumer to hand over to")
             except StreamUnavailable as exc:
                 logger.warning("bridge: replay after %d broke off: %s", since, exc)
@@ -405,7 +406,7 @@ class Bridge:
                 return
             finally:
                 await cursor.close()
-            if live <= covered:
+            if start <= covered:
                 break
         # Everything up to where the live feed starts was read: held live frames up to there
         # are duplicates.
