@@ -22,6 +22,11 @@ In each run, over --window seconds once every pair has a rate:
   percent at 8 pairs, with a round every 5 s);
 - tick -> socket: the socket's arrival time minus the tick's time (the emulator's `E`, same
   clock), median and p99, beside the bare client's own tick -> arrival on the emulator's stream;
+- where the CPU went in the window: the emulator, the owner(s), the web server (its workers
+  included), nats-server and PostgreSQL (every process of that name on the machine), this
+  bench's own clients, everything else, and all together (the machine's 2 cores are 200 %):
+  whether the set fits the machine at all. Processes that start and end within the window
+  are not seen (the load average still shows them);
 - `/courses` (every pair): wrk req/s (`-t1 -c64`) and the body's size;
 - snapshot memory: the RSS of each web worker (mean), as a delta over the 8-pair run's;
 - fan-out: --fanout sockets, each following one pair (round robin), deliveries/s against what the
@@ -204,6 +209,50 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def parents() -> dict[int, int]:
+    """{pid: parent pid} of every process now."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        found[int(stat.parent.name)] = int(text[text.rindex(")") + 2 :].split()[1])
+    return found
+
+
+def cpu_by_part(
+    before: dict[int, tuple[str, float]],
+    after: dict[int, tuple[str, float]],
+    roots: dict[str, list[int]],
+    seconds: float,
+) -> dict[str, float]:
+    """CPU over the window (% of one core) of each part of the set (a process and its
+    children: the web server's workers), PostgreSQL's and nats-server's processes by name, this
+    bench, and everything else; `cpu_total` of all (the machine: 100 per core)."""
+    tree = parents()
+    owner_of = {pid: part for part, pids in roots.items() for pid in pids}
+
+    def root_part(pid: int) -> str | None:
+        while pid and pid not in owner_of:
+            pid = tree.get(pid, 0)
+        return owner_of.get(pid)
+
+    used = dict.fromkeys([*roots, "postgres", "nats-server", "bench", "other"], 0.0)
+    for pid, (name, total) in after.items():
+        if pid == os.getpid():
+            part = "bench"
+        elif name in ("postgres", "nats-server"):
+            part = name
+        else:
+            part = root_part(pid) or "other"
+        # A process that started within the window counts from zero.
+        used[part] += max(total - before.get(pid, (name, 0.0))[1], 0.0)
+    figures = {f"cpu_{part}": 100 * value / seconds for part, value in used.items()}
+    figures["cpu_total"] = 100 * sum(used.values()) / seconds
+    return figures
+
+
 def source_ms(iso: str) -> int:
     return round(datetime.fromisoformat(iso).timestamp() * 1000)
 
@@ -371,7 +420,7 @@ async def one_run(
     web = f"http://127.0.0.1:{web_port}"
     tasks: list[asyncio.Task[None]] = []
     try:
-        processes.start(
+        emulator_process = processes.start(
             [PYTHON, "manage.py", "run_emulator", "--port", str(emulator_port),
              "--synthetic-pairs", str(pairs)],
             env, workdir / f"emulator-{pairs}.log",
@@ -386,7 +435,7 @@ async def one_run(
             for index, port in enumerate(metrics_ports)
         ]
         owner = owners[0]
-        processes.start(serve_cmd(web_port), env, workdir / f"web-{pairs}.log")
+        web_process = processes.start(serve_cmd(web_port), env, workdir / f"web-{pairs}.log")
         await asyncio.to_thread(wait_for_port, web_port, 60.0)
         for port in metrics_ports:
             await asyncio.to_thread(wait_for_port, port, 60.0)
@@ -407,9 +456,11 @@ async def one_run(
         bare.recording = every.recording = True
         bare_before = bare.frames
         before = await asyncio.to_thread(counters, emulator, measured)
+        cpu_before = await asyncio.to_thread(cpu_times)
         started = time.time()
         await asyncio.sleep(args.window)
         after = await asyncio.to_thread(counters, emulator, measured)
+        cpu_after = await asyncio.to_thread(cpu_times)
         ended = time.time()
         bare.recording = False
         bare_frames = bare.frames - bare_before
@@ -451,6 +502,12 @@ async def one_run(
             "bare_median": statistics.median(bare_latencies),
             "bare_p99": percentile(bare_latencies, 99),
         }
+        parts = {
+            "emulator": [emulator_process.pid],
+            "owner": [process.pid for process in owners],
+            "web": [web_process.pid],
+        }
+        result.update(cpu_by_part(cpu_before, cpu_after, parts, seconds))
         result.update(await asyncio.to_thread(web_figures, args, web, web_port))
         for sockets in args.fanout:
             result.update(await fanout(args, web_port, pairs, sockets, metrics_urls))
@@ -520,6 +577,14 @@ FIGURES = (
     ("age_p99", "every event on the socket: age p99, ms", "{:,.0f}", ""),
     ("bare_median", "tick -> bare client median, ms", "{:,.0f}", ""),
     ("bare_p99", "tick -> bare client p99, ms", "{:,.0f}", ""),
+    ("cpu_emulator", "CPU in the window, % of a core: the emulator", "{:,.0f}", ""),
+    ("cpu_owner", "  the owner(s)", "{:,.0f}", ""),
+    ("cpu_web", "  the web server (2 workers)", "{:,.0f}", ""),
+    ("cpu_nats-server", "  nats-server (the machine's too)", "{:,.0f}", ""),
+    ("cpu_postgres", "  PostgreSQL (every backend)", "{:,.0f}", ""),
+    ("cpu_bench", "  this bench (its clients)", "{:,.0f}", ""),
+    ("cpu_other", "  everything else", "{:,.0f}", ""),
+    ("cpu_total", "  all (the machine has 2 cores: 200)", "{:,.0f}", ""),
     ("courses_rps", "/courses (every pair) req/s", "{:,.0f}", ">= 5,000"),
     ("courses_bytes", "/courses body, bytes", "{:,.0f}", ""),
     ("worker_rss_mib", "web worker RSS, MiB", "{:,.1f}", ""),
