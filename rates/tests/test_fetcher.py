@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
@@ -31,7 +30,7 @@ from rates.snapshot import RatesSnapshot
 from rates.tests.conftest_emulator import make_provider
 from rates.tests.support import rate_events, store_current
 from realtime import nats
-from tests.services import NATS_URL, require
+from tests.services import NATS_URL, free_port, require
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -317,9 +316,7 @@ async def test_an_unreachable_exchange_is_reported_never_fatal(
     client: httpx.AsyncClient, emulator: EmulatorServer
 ) -> None:
     await track("BTC-USD")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed = sock.getsockname()[1]
+    closed = free_port()  # reserved: nothing listens there
     dead = make_provider("binance", emulator, client, rest_url=f"http://127.0.0.1:{closed}")
     report = await Fetcher([dead, *providers(emulator, client, "bybit")]).cycle()
     assert report.providers["binance"].startswith("error: cannot reach")
@@ -708,9 +705,7 @@ async def test_with_no_provider_reachable_it_suggests_the_emulator_once(
     settings.KURS_PROVIDERS = ["binance", "bybit", "cbr"]
     caplog.set_level(logging.DEBUG, logger="rates")
     await track("BTC-USD", "USD-RUB")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed = sock.getsockname()[1]
+    closed = free_port()  # reserved: nothing listens there
     nowhere = f"127.0.0.1:{closed}"
     dead = [
         make_provider(
