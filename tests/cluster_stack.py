@@ -286,7 +286,7 @@ class ClusterStack(ProdStack):
         self.spawn("nginx", nginx_cmd(conf, self.folder), dict(os.environ))
         for name in ("emulator", "nginx", *WEBS):
             try:
-                wait_for_port(self.ports[name], START_TIMEOUT)
+                wait_for_port(self.ports[name], START_TIMEOUT, self.proc(name).popen)
             except TimeoutError:
                 raise Failed(f"{name} does not listen:\n{self.proc(name).tail()}") from None
         return started

@@ -370,7 +370,7 @@ class ProdStack:
         self.spawn("nginx", nginx_cmd(conf, self.folder), dict(os.environ))
         for name in ("emulator", "web1", "web2", "nginx", "fetcher", "qcluster"):
             try:
-                wait_for_port(self.ports[name], START_TIMEOUT)
+                wait_for_port(self.ports[name], START_TIMEOUT, self.proc(name).popen)
             except TimeoutError:
                 proc = self.proc(name)
                 raise Failed(

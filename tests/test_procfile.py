@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.procs import Honcho, plain_env
-from tests.services import ROOT, free_port, wait_for_port
+from tests.services import ROOT, START_TIMEOUT, free_port, wait_for_port
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 HONCHO_GRACE = 5.0  # honcho's KILL_WAIT: SIGKILL after this many seconds
@@ -70,7 +70,7 @@ def test_the_web_process_logs_each_request_once_in_json_with_iso_utc_ts_and_requ
     port = free_port()
     web = Honcho(["web"], {**env, "KURS_PORT": str(port), "KURS_LOG_FORMAT": "json"})
     honchos.append(web)
-    wait_for_port(port, 30)
+    wait_for_port(port, START_TIMEOUT, web.process)
 
     status, headers = get(
         f"http://127.0.0.1:{port}/api/v1/no-such-thing", {"X-Request-ID": "newcomer-0001"}

@@ -18,7 +18,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.typing import Origin
 
-from tests.services import ROOT, NatsServer, free_port, wait_for_port
+from tests.services import ROOT, START_TIMEOUT, NatsServer, free_port, wait_for_port
 
 WORKERS = 2  # scripts/serve.sh's default
 SHUTDOWN_BOUND_S = 12.0  # uvicorn's --timeout-graceful-shutdown 10, plus the lifespan's drain
@@ -74,7 +74,7 @@ def server(tmp_path: Path, nats_url: str) -> Iterator[tuple[subprocess.Popen[byt
             stderr=subprocess.STDOUT,
         )
     try:
-        wait_for_port(port, 60.0)
+        wait_for_port(port, START_TIMEOUT, process)
         yield process, port, log
     finally:
         if process.poll() is None:

@@ -35,7 +35,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.services import ROOT, NatsServer, free_port, wait_for_port
+from tests.services import ROOT, START_TIMEOUT, NatsServer, free_port, wait_for_port
 
 pytestmark = pytest.mark.nats
 
@@ -123,7 +123,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                 stderr=subprocess.STDOUT,
             )
         served = Server(process, port, log, env["NATS_URL"], prefix)
-        wait_for_port(port, 60.0)
+        wait_for_port(port, START_TIMEOUT, process)
         # Reading the stream (it exists then: published events get a seq).
         wait_for_log(served, "ordered consumer on", 30.0)
         yield served
