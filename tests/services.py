@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, ClassVar
+from typing import IO, Any, ClassVar
 
 import nats
 import pytest
@@ -159,9 +159,7 @@ def free_port() -> int:
 START_TIMEOUT = 90.0
 
 
-def wait_for_port(
-    port: int, timeout: float, process: subprocess.Popen[bytes] | None = None
-) -> None:
+def wait_for_port(port: int, timeout: float, process: subprocess.Popen[Any] | None = None) -> None:
     """Block until 127.0.0.1:port accepts connections; TimeoutError after `timeout` seconds, or
     as soon as `process` (the server expected there) has exited."""
     deadline = time.monotonic() + timeout
