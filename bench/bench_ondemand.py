@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,31 +46,13 @@ from rates.ondemand import listing_interval  # noqa: E402
 from rates.providers import PROVIDER_CLASSES, CBRProvider  # noqa: E402
 from rates.providers.base import FIAT_CODES  # noqa: E402
 from rates.providers.coingecko import COIN_IDS  # noqa: E402
+from tests.services import free_port, wait_for_port  # noqa: E402
 
 PYTHON = sys.executable
 # What clients ask for: listed coins, fiat currencies, and codes no provider knows.
 CRYPTO = [*COIN_IDS, "USDTTRC", "USDTERC", "ADA"]
 FIAT = ["USD", "RUB", *sorted(FIAT_CODES & CBRProvider.CURRENCIES - {"USD"})[:14]]
 UNKNOWN = [f"ZQ{n}" for n in range(6)]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(port: int, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
-        with socket.socket() as sock:
-            sock.settimeout(0.2)
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def random_pairs(count: int, seed: int) -> list[tuple[str, str]]:
@@ -180,8 +161,8 @@ def main() -> None:
         ),
     ]
     try:
-        wait_for(emu_port, procs[0])
-        wait_for(web_port, procs[1])
+        wait_for_port(emu_port, 60.0, procs[0])
+        wait_for_port(web_port, 60.0, procs[1])
         httpx.delete(f"{emulator}/_control/requests").raise_for_status()
         pairs = random_pairs(args.pairs, args.seed)
         started = time.perf_counter()

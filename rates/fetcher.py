@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
@@ -285,7 +286,9 @@ class Fetcher:
         fresh = [
             quote
             for quote in quotes
-            if self._stream_heard.get((quote.provider, quote.pair), 0.0) < heard
+            # Never heard: -inf, not 0.0 (monotonic time counts from boot: within `poll` of
+            # it, 0.0 would pass for "heard within the poll" and drop every REST quote).
+            if self._stream_heard.get((quote.provider, quote.pair), -math.inf) < heard
         ]
         results = []
         accept = sync_to_async(services.accept_quotes)

@@ -38,7 +38,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -66,6 +65,7 @@ from tests.prod_stack import (
     check,
     nginx_cmd,
     nginx_main_conf,
+    refused,
     render_template,
 )
 from tests.services import (
@@ -74,7 +74,6 @@ from tests.services import (
     ClusterNode,
     cluster_nodes,
     free_port,
-    in_ci,
     jetstream_ready,
     port_open,
     wait_for_port,
@@ -286,7 +285,7 @@ class ClusterStack(ProdStack):
         self.spawn("nginx", nginx_cmd(conf, self.folder), dict(os.environ))
         for name in ("emulator", "nginx", *WEBS):
             try:
-                wait_for_port(self.ports[name], START_TIMEOUT)
+                wait_for_port(self.ports[name], START_TIMEOUT, self.proc(name).popen)
             except TimeoutError:
                 raise Failed(f"{name} does not listen:\n{self.proc(name).tail()}") from None
         return started
@@ -687,14 +686,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database", default=f"kurs_cluster_{os.getpid()}")
     parser.add_argument("--port-base", type=int, default=None, help="ports from N on (else free)")
     args = parser.parse_args(argv)
-    reason = unavailable()
-    if reason:
-        if in_ci():
-            print(f"test-cluster: FAILED: {reason} (CI=true)")
-            return 1
-        print(f"test-cluster: SKIPPED: {reason}")
-        return 0
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"test-cluster: signal {signum}"))
+    code = refused("test-cluster", unavailable())
+    if code is not None:
+        return code
     began = time.monotonic()
     folder = Path(tempfile.mkdtemp(prefix="kurs-cluster-"))
     stack = ClusterStack(folder, database=args.database, port_base=args.port_base)

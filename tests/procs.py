@@ -108,14 +108,13 @@ class Honcho:
                     raise AssertionError(f"no line matching {pattern!r}; output:\n{output}")
                 self._changed.wait(min(left, 0.2))
 
-    def ctrl_c(self, timeout: float = 15) -> float:
-        """SIGINT to honcho, as a terminal's Ctrl-C; the seconds until it has exited."""
-        started = time.monotonic()
+    def ctrl_c(self, timeout: float = 60) -> None:
+        """SIGINT to honcho, as a terminal's Ctrl-C, and wait for it to exit (`timeout`: a bound
+        on the wait; whether its processes stopped in time, honcho's grace says: it SIGKILLs
+        them after KILL_WAIT, and says so)."""
         self.process.send_signal(signal.SIGINT)
         self.process.wait(timeout)
-        elapsed = time.monotonic() - started
         self._reader.join(5)
-        return elapsed
 
     def close(self) -> None:
         """Never leave processes behind, whatever the test did."""

@@ -370,7 +370,7 @@ class ProdStack:
         self.spawn("nginx", nginx_cmd(conf, self.folder), dict(os.environ))
         for name in ("emulator", "web1", "web2", "nginx", "fetcher", "qcluster"):
             try:
-                wait_for_port(self.ports[name], START_TIMEOUT)
+                wait_for_port(self.ports[name], START_TIMEOUT, self.proc(name).popen)
             except TimeoutError:
                 proc = self.proc(name)
                 raise Failed(
@@ -791,19 +791,27 @@ def unavailable() -> str | None:
     return None
 
 
+def refused(run: str, reason: str | None) -> int | None:
+    """Before a stack's run (`test-prod`, `test-cluster`): the exit code when something it needs
+    is missing (`reason`): a skip, or a failure under CI=true; else None, and from then on a
+    SIGTERM (a CI timeout, kill) unwinds like Ctrl-C: the processes started are stopped."""
+    if reason:
+        if in_ci():
+            print(f"{run}: FAILED: {reason} (CI=true)")
+            return 1
+        print(f"{run}: SKIPPED: {reason}")
+        return 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"{run}: signal {signum}"))
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep-logs", action="store_true", help="keep the logs folder")
     args = parser.parse_args(argv)
-    reason = unavailable()
-    if reason:
-        if in_ci():
-            print(f"test-prod: FAILED: {reason} (CI=true)")
-            return 1
-        print(f"test-prod: SKIPPED: {reason}")
-        return 0
-    # A SIGTERM (a CI timeout, kill) unwinds like Ctrl-C: the processes started are stopped.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"test-prod: signal {signum}"))
+    code = refused("test-prod", unavailable())
+    if code is not None:
+        return code
     began = time.monotonic()
     folder = Path(tempfile.mkdtemp(prefix="kurs-prod-"))
     stack = ProdStack(folder)

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import IO, Any, ClassVar
 
 import nats
 import pytest
@@ -91,11 +95,62 @@ def real_settings_environment(*, database_url: str, shared_cache_dir: Path) -> d
     return environment
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
+# The ports servers of the tests' own listen on. A port taken by binding port 0 and closed again
+# is free only for a moment: the other suite beside this one (`make test` runs two), or another
+# run on the machine, could be handed it before our server binds it. So they come from below
+# Linux's ephemeral range (32768-60999: the OS never hands out one of these for a bind to port 0
+# or an outgoing connection), and each is reserved for this process's life by a lock on a file
+# of its own that every run takes before using it (and checks it can bind, for anything else
+# listening there). Each suite starts in its own half of the range, so they rarely even meet.
+PORT_RANGE = range(20000, 32768)
+PORT_LOCKS = Path(tempfile.gettempdir()) / "kurs-test-ports"
+_reserved: dict[int, IO[bytes]] = {}  # port -> its locked file, open until this process ends
+_port_lock = threading.Lock()
+
+
+def _first_port() -> int:
+    half = len(PORT_RANGE) // 2
+    suite = os.environ.get("KURS_SUITE_RUN")
+    offset = {"sqlite": 0, "postgres": half}.get(suite or "", random.randrange(len(PORT_RANGE)))
+    return offset + (os.getpid() % half if suite else 0)
+
+
+_next_port = _first_port()
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 reserved for this process: nothing listens there, and no other
+    caller of `free_port` (in this process or any other on the machine) gets it while this
+    process lives. Every server port of the tests and benches comes from here."""
+    global _next_port
+    PORT_LOCKS.mkdir(exist_ok=True)
+    with _port_lock:
+        for _ in range(len(PORT_RANGE)):
+            port = PORT_RANGE[_next_port % len(PORT_RANGE)]
+            _next_port += 1
+            if port in _reserved:
+                continue
+            lock = (PORT_LOCKS / str(port)).open("ab")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                continue
+            if not _bindable(port):
+                lock.close()  # the lock goes with it
+                continue
+            _reserved[port] = lock
+            return port
+    raise RuntimeError(f"no free port left in {PORT_RANGE}")
 
 
 # How long a server process of a test's own may take to listen. Generous: on two cores shared by
@@ -104,9 +159,7 @@ def free_port() -> int:
 START_TIMEOUT = 90.0
 
 
-def wait_for_port(
-    port: int, timeout: float, process: subprocess.Popen[bytes] | None = None
-) -> None:
+def wait_for_port(port: int, timeout: float, process: subprocess.Popen[Any] | None = None) -> None:
     """Block until 127.0.0.1:port accepts connections; TimeoutError after `timeout` seconds, or
     as soon as `process` (the server expected there) has exited."""
     deadline = time.monotonic() + timeout
@@ -150,7 +203,7 @@ class ServerProcess:
             stderr=subprocess.DEVNULL,
         )
         try:
-            wait_for_port(self.port, 10.0)
+            wait_for_port(self.port, START_TIMEOUT, self.process)
         except TimeoutError:
             self.kill()
             raise

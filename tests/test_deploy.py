@@ -36,7 +36,15 @@ import yaml
 
 from edge.caching import IN_FRONT, NO_STORE
 from tests.prod_stack import nginx_cmd, nginx_main_conf, render_template
-from tests.services import ROOT, NatsServer, free_port, in_ci, jetstream_ready, wait_for_port
+from tests.services import (
+    ROOT,
+    START_TIMEOUT,
+    NatsServer,
+    free_port,
+    in_ci,
+    jetstream_ready,
+    wait_for_port,
+)
 
 COMPOSE = ROOT / "docker-compose.yml"
 NGINX = ROOT / "deploy" / "nginx.conf"
@@ -443,7 +451,7 @@ def test_nginx_caches_courses_by_query_and_never_an_error(tmp_path: Path) -> Non
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for_port(port, 10)
+        wait_for_port(port, START_TIMEOUT, nginx)
         origin = f"http://127.0.0.1:{port}/api/v1/courses"
         with httpx.Client(timeout=5) as client:
             first = client.get(origin)

@@ -222,33 +222,34 @@ async def test_a_created_item_is_quoted_at_once_with_its_true_first_status(
 ) -> None:
     """Items created over the API while the owner runs: SOL-USD is first published `live` from
     Binance though Bybit answers first (Binance is slow), and CNY-RUB, which only CBR (polled
-    hourly) quotes, reaches `/courses`; both well within one poll of their creation."""
+    hourly) quotes, reaches `/courses`; both from the item events, not a poll: none comes while
+    the test runs, so an owner deaf to item events fails the waits (bounded, not timed)."""
     stack.providers = "binance,bybit,cbr"
-    stack.poll = 6.0  # what "at the next poll" would cost
+    stack.poll = 3600.0  # one poll, at the start: every later quote is the item events' doing
     emulator.set_fault("binance", "slow", delay=0.3)
     # BTC-RUB's leg USD-RUB is CBR's: CBR answers the first cycle and is not asked for an hour.
     stack.query("UPDATE items_item SET is_active = true WHERE code = ?", "BTC-RUB")
-    stack.fetcher()
-    web = stack.web()
-    await wait_until(lambda: stack.lease() is not None, within=30, what="a lease")
-    key = (await asyncio.to_thread(stack.manage, "create_api_key", "e2e")).stdout.split()[-1]
-    heard: list[tuple[float, dict[str, Any]]] = []
+    heard: list[dict[str, Any]] = []
     client = await nats.connect(NATS_URL)
-    base_url = f"http://127.0.0.1:{web.port}/api/v1"
     try:
 
         async def record(msg: Msg) -> None:
-            heard.append((time.monotonic(), json.loads(msg.data)))
+            heard.append(json.loads(msg.data))
 
+        # Listening before the owner starts: its first cycle is the only one it runs.
         await client.subscribe(f"{stack.prefix}.>", cb=record)
         await client.flush()
+        stack.fetcher()
+        web = stack.web()
+        base_url = f"http://127.0.0.1:{web.port}/api/v1"
+        await wait_until(lambda: stack.lease() is not None, within=30, what="a lease")
+        key = (await asyncio.to_thread(stack.manage, "create_api_key", "e2e")).stdout.split()[-1]
         await wait_until(
-            lambda: any(event["type"] == "fetch.completed" for _, event in heard),
+            lambda: any(event["type"] == "fetch.completed" for event in heard),
             within=30,
             what="the owner's first cycle",
         )
         async with httpx.AsyncClient(timeout=10) as http:
-            created = {}
             for base, quote in (("SOL", "USD"), ("CNY", "RUB")):
                 response = await http.post(
                     f"{base_url}/items",
@@ -256,36 +257,28 @@ async def test_a_created_item_is_quoted_at_once_with_its_true_first_status(
                     headers={"X-API-Key": key},
                 )
                 assert response.status_code == 201, response.text
-                created[f"{base}-{quote}"] = time.monotonic()
 
             async def on_courses() -> bool:
                 response = await http.get(f"{base_url}/courses?direction=CNY-RUB")
                 body = response.json() if response.status_code == 200 else {}
                 return body.get("exchanger") == "cbr" and bool(body["courses"])
 
+            deadline = time.monotonic() + 60  # a bound on the wait, far short of the next poll
             while not await on_courses():
-                assert time.monotonic() - created["CNY-RUB"] < stack.poll, "CNY-RUB not shown"
+                assert time.monotonic() < deadline, "CNY-RUB not shown on /courses"
                 await asyncio.sleep(0.05)
-            courses_after = time.monotonic() - created["CNY-RUB"]
 
-        def published(pair: str) -> list[tuple[float, dict[str, Any]]]:
+        def published(pair: str) -> list[dict[str, Any]]:
             return [
-                (at, event["data"])
-                for at, event in heard
+                event["data"]
+                for event in heard
                 if event["type"] == "rate.updated" and event["data"]["direction"] == pair
             ]
 
-        await wait_until(lambda: bool(published("SOL-USD")), within=stack.poll, what="SOL-USD")
-        sol_at, sol = published("SOL-USD")[0]
-        cny_at, cny = published("CNY-RUB")[0]
+        await wait_until(lambda: bool(published("SOL-USD")), within=60, what="SOL-USD")
+        sol = published("SOL-USD")[0]
+        cny = published("CNY-RUB")[0]
     finally:
         await client.close()
     assert (sol["provider"], sol["status"], sol["version"]) == ("binance", "live", 1)
     assert (cny["provider"], cny["status"]) == ("cbr", "live")
-    latencies = {
-        "SOL-USD rate.updated": sol_at - created["SOL-USD"],
-        "CNY-RUB rate.updated": cny_at - created["CNY-RUB"],
-        "CNY-RUB /courses": courses_after,
-    }
-    assert all(seconds < stack.poll / 2 for seconds in latencies.values()), latencies
-    print({name: round(seconds, 3) for name, seconds in latencies.items()})

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.services import ROOT, free_port, wait_for_port
+from tests.services import ROOT, START_TIMEOUT, free_port, wait_for_port
 
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -155,7 +155,7 @@ def uvicorn_two_workers(tmp_path: Path) -> Iterator[int]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for_port(port, timeout=30)
+        wait_for_port(port, START_TIMEOUT, process)
         yield port
     finally:
         process.terminate()
@@ -187,7 +187,7 @@ def test_it_samples_a_single_process_server_as_web(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for_port(port, timeout=30)
+        wait_for_port(port, START_TIMEOUT, server)
         sampler = rss_sample.Sampler(port, interval=0.05)
         sampler.start()
         sampler.stop()

@@ -20,10 +20,9 @@ from pathlib import Path
 import pytest
 
 from tests.procs import Honcho, plain_env
-from tests.services import ROOT, free_port, wait_for_port
+from tests.services import ROOT, START_TIMEOUT, free_port, wait_for_port
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-HONCHO_GRACE = 5.0  # honcho's KILL_WAIT: SIGKILL after this many seconds
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +69,7 @@ def test_the_web_process_logs_each_request_once_in_json_with_iso_utc_ts_and_requ
     port = free_port()
     web = Honcho(["web"], {**env, "KURS_PORT": str(port), "KURS_LOG_FORMAT": "json"})
     honchos.append(web)
-    wait_for_port(port, 30)
+    wait_for_port(port, START_TIMEOUT, web.process)
 
     status, headers = get(
         f"http://127.0.0.1:{port}/api/v1/no-such-thing", {"X-Request-ID": "newcomer-0001"}
@@ -100,11 +99,11 @@ def test_qcluster_stops_within_honchos_grace_on_ctrl_c(
     honchos.append(qcluster)
     qcluster.wait_for_line(r"Q Cluster \S+ \[\S+\] running", 60)
 
-    elapsed = qcluster.ctrl_c()
+    qcluster.ctrl_c()
 
     output = "\n".join(qcluster.lines)
-    assert elapsed < HONCHO_GRACE, output
-    assert "SIGKILL" not in output
+    # Not timed here: honcho itself sends SIGKILL (and says so) once its grace has passed.
+    assert "SIGKILL" not in output, output
     assert re.search(r"Q Cluster \S+ has stopped", output), output
     assert "qcluster.1 stopped (rc=0)" in output
 

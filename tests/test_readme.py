@@ -238,17 +238,17 @@ class Background:
                 pytest.fail(f"{self.command!r} not up after {timeout:g}s:\n{self.output()}")
             time.sleep(0.1)
 
-    def ctrl_c(self, timeout: float) -> float:
-        """SIGINT to the whole group, as a terminal's Ctrl-C; seconds until the command exited."""
-        started = time.monotonic()
+    def ctrl_c(self, timeout: float) -> bool:
+        """SIGINT to the whole group, as a terminal's Ctrl-C: did the command exit (`timeout`
+        bounds the wait; after it, the group is SIGKILLed)?"""
         os.killpg(self.process.pid, signal.SIGINT)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
-            return float("inf")
-        return time.monotonic() - started
+            return False
+        return True
 
     def kill(self) -> None:
         """Whatever the test did: the command, and everything it started, is gone."""
@@ -384,7 +384,8 @@ def test_every_readme_command_works_as_typed_in_a_fresh_copy(
 
     # Long-running ones stop cleanly: make run's one Ctrl-C within honcho's grace.
     for process in reversed(background):
-        elapsed = process.ctrl_c(timeout=15)
+        stopped = process.ctrl_c(timeout=60)
         output = process.output()
-        assert elapsed < 15, f"{process.command!r} did not stop:\n{output}"
+        assert stopped, f"{process.command!r} did not stop:\n{output}"
+        # Within honcho's grace: after it, honcho SIGKILLs what is left, and says so.
         assert "SIGKILL" not in output, output

@@ -28,7 +28,7 @@ import psycopg
 import pytest
 
 from rates.tests.support import emulator_env, emulator_in_thread
-from tests.services import ROOT, free_port, run_python, wait_for_port
+from tests.services import ROOT, START_TIMEOUT, free_port, run_python, wait_for_port
 
 pytestmark = [pytest.mark.timeout(240)]
 
@@ -103,7 +103,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                 stderr=subprocess.STDOUT,
             )
         try:
-            wait_for_port(port, 30)
+            wait_for_port(port, START_TIMEOUT, process)
             url = f"http://127.0.0.1:{port}"
             # One fetch cycle, so that latest, history and candles have rows to answer with.
             cycle = httpx.post(f"{url}/api/v1/tasks/run", headers={"X-API-Key": key}, timeout=30)

@@ -18,10 +18,12 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.typing import Origin
 
-from tests.services import ROOT, NatsServer, free_port, wait_for_port
+from tests.services import ROOT, START_TIMEOUT, NatsServer, free_port, wait_for_port
 
 WORKERS = 2  # scripts/serve.sh's default
-SHUTDOWN_BOUND_S = 12.0  # uvicorn's --timeout-graceful-shutdown 10, plus the lifespan's drain
+# A bound on waiting for the shutdown, not its measure: whether it kept within uvicorn's
+# --timeout-graceful-shutdown (10 s), uvicorn says (it logs the tasks it had to cancel).
+SHUTDOWN_WAIT_S = 60.0
 
 
 def wait_for_log(log: Path, text: str, count: int, timeout: float) -> None:
@@ -74,7 +76,7 @@ def server(tmp_path: Path, nats_url: str) -> Iterator[tuple[subprocess.Popen[byt
             stderr=subprocess.STDOUT,
         )
     try:
-        wait_for_port(port, 60.0)
+        wait_for_port(port, START_TIMEOUT, process)
         yield process, port, log
     finally:
         if process.poll() is None:
@@ -123,13 +125,13 @@ async def test_it_serves_http_and_websockets_starts_the_bridge_and_stops_cleanly
     first = json.loads(await asyncio.wait_for(ws.recv(), 10))
     assert first["type"] == "snapshot"
 
-    stopped_at = time.monotonic()
     process.send_signal(signal.SIGTERM)
     # The socket is told the service restarts (1012), so clients reconnect, not a dropped line.
-    await asyncio.wait_for(ws.wait_closed(), SHUTDOWN_BOUND_S)
+    await asyncio.wait_for(ws.wait_closed(), SHUTDOWN_WAIT_S)
     assert ws.close_code == 1012
-    code = await asyncio.to_thread(process.wait, SHUTDOWN_BOUND_S)
+    code = await asyncio.to_thread(process.wait, SHUTDOWN_WAIT_S)
     assert code == 0
-    assert time.monotonic() - stopped_at < SHUTDOWN_BOUND_S
+    # Within the graceful shutdown: nothing was left running for uvicorn to cancel.
+    assert "graceful shutdown exceeded" not in log.read_text()
     # Lifespan shutdown ran in every worker: the NATS connection was drained and closed.
     assert log.read_text().count("nats: closed") == WORKERS

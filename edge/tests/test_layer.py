@@ -135,7 +135,9 @@ def test_json_logs_carry_an_iso_8601_utc_ts_and_extra_fields() -> None:
     assert "color_message" not in line
 
 
-def test_the_access_handler_writes_its_lines_together() -> None:
+@pytest.fixture
+def counted_writes() -> tuple[io.StringIO, list[str]]:
+    """A text stream, and each write it gets (counted by replacing its method)."""
     stream = io.StringIO()
     writes: list[str] = []
     original = stream.write
@@ -144,8 +146,14 @@ def test_the_access_handler_writes_its_lines_together() -> None:
         writes.append(text)
         return original(text)
 
-    # Counting the stream's writes by replacing its method.
     stream.write = counted  # type: ignore[method-assign]
+    return stream, writes
+
+
+def test_the_access_handler_writes_its_lines_together(
+    counted_writes: tuple[io.StringIO, list[str]],
+) -> None:
+    stream, writes = counted_writes
     handler = BufferedStreamHandler(stream, capacity=3, flush_s=3600)
     handler.setFormatter(logging.Formatter("%(message)s"))
     for n in range(4):
@@ -484,7 +492,9 @@ async def test_a_read_that_fails_twice_is_a_json_503_with_retry_after(
     assert answer.header("Cache-Control") == b"no-store"
 
 
-def test_log_access_writes_through_the_loggers_handlers_in_batches() -> None:
+def test_log_access_writes_through_the_loggers_handlers_in_batches(
+    counted_writes: tuple[io.StringIO, list[str]],
+) -> None:
     """One list for the buffered handlers; the lines as the console formatter makes them, in
     one write per batch; the handler's level; any other handler gets records as logged."""
     from logging.config import DictConfigurator
@@ -495,15 +505,7 @@ def test_log_access_writes_through_the_loggers_handlers_in_batches() -> None:
 
     logger = logging.getLogger("kurs.access")
     saved, level = list(logger.handlers), logger.level
-    stream = io.StringIO()
-    writes: list[str] = []
-    original = stream.write
-
-    def counted(text: str) -> int:
-        writes.append(text)
-        return original(text)
-
-    stream.write = counted  # type: ignore[method-assign]
+    stream, writes = counted_writes
     handler = BufferedStreamHandler(stream, capacity=2, flush_s=3600)
     handler.setFormatter(
         DictConfigurator({}).configure_formatter(dict(settings.LOGGING["formatters"]["console"]))

@@ -1,5 +1,5 @@
 """A deliberately slow client over real TCP (uvicorn in this process): its rate updates coalesce,
-then it is closed with 1013, while a fast client on the same pair keeps its latency.
+then it is closed with 1013, while a fast client on the same pair keeps receiving.
 """
 
 from __future__ import annotations
@@ -130,18 +130,29 @@ async def test_a_slow_client_is_coalesced_then_closed_while_a_fast_one_keeps_up(
     slow = SlowClient(server)
     reader: asyncio.Task[None] | None = None
     try:
-        await slow.connect()
         assert json.loads(await fast.recv())["type"] == "snapshot"
+        (fast_queue,) = hub.hub.sockets()
+        await slow.connect()
+        async with asyncio.timeout(10):  # the slow client's end of the hub, once registered
+            while len(hub.hub.sockets()) < 2:  # noqa: ASYNC110 (the hub has no event for it)
+                await asyncio.sleep(0.01)
+        (slow_queue,) = set(hub.hub.sockets()) - {fast_queue}
         assert await asyncio.to_thread(realtime_nats.wait_connected, 10)
         latencies: list[float] = []
         values: list[int] = []
+        # Updates the fast client got while a send to the slow one was blocked (it reads
+        # nothing), before the hub closed it: were the slow send holding the others up, none.
+        while_slow_blocked = 0
         last = asyncio.Event()
 
         async def read_fast() -> None:
+            nonlocal while_slow_blocked
             async for raw in fast:
                 message = json.loads(raw)
                 if message["type"] != "rate.updated":
                     continue
+                if slow_queue._sending_since is not None and not slow_queue.kicked:
+                    while_slow_blocked += 1
                 sent = datetime.fromisoformat(message["ts"]).timestamp()
                 latencies.append(time.time() - sent)
                 values.append(message["data"]["value"])
@@ -155,10 +166,15 @@ async def test_a_slow_client_is_coalesced_then_closed_while_a_fast_one_keeps_up(
             await last.wait()
         publisher.join()
 
-        # The fast client got the latest value quickly; coalescing may skip values, never reorder.
+        # The fast client got the latest value, and updates all the while the slow one's send
+        # was blocked; coalescing may skip values, never reorder. Its latency is printed, not
+        # bounded: on a loaded CI machine a latency bound measures the machine.
         assert values == sorted(values)
+        assert while_slow_blocked > 0, "the fast client got nothing while the slow one blocked"
         p99 = statistics.quantiles(latencies, n=100)[98]
-        assert p99 < 0.25, f"fast client p99 latency {p99 * 1000:.0f} ms"
+        print(
+            f"fast client: {while_slow_blocked} updates while the slow one blocked; p99 {p99:.3f} s"
+        )
 
         # Now the slow client reads what reached it: coalesced updates, then the 1013 close.
         async with asyncio.timeout(20):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator, Callable
 
 from rates.providers import Quote
@@ -23,10 +22,3 @@ async def next_quote(
         raise AssertionError("stream ended before the expected quote")
 
     return await asyncio.wait_for(scan(), WAIT)
-
-
-def closed_port() -> int:
-    """A loopback port with nothing listening (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

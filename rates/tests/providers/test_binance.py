@@ -22,7 +22,8 @@ from rates.providers import (
 )
 from rates.providers.binance import STREAMS_PER_REQUEST, parse_rest, parse_stream_message
 from rates.tests.conftest_emulator import make_provider
-from rates.tests.providers.helpers import closed_port, next_quote
+from rates.tests.providers.helpers import next_quote
+from tests.services import free_port
 
 PAIRS = [Pair("BTC", "USD"), Pair("ETH", "USDT"), Pair("USDTTRC", "RUB"), Pair("BTC", "RUB")]
 
@@ -173,7 +174,7 @@ async def test_it_times_out_on_a_slow_exchange(emulator: EmulatorServer) -> None
 
 async def test_it_reports_a_refused_connection(emulator_client: httpx.AsyncClient) -> None:
     provider = BinanceProvider(
-        rest_url=f"http://127.0.0.1:{closed_port()}", ws_url=None, client=emulator_client
+        rest_url=f"http://127.0.0.1:{free_port()}", ws_url=None, client=emulator_client
     )
     with pytest.raises(ProviderConnectionError, match="cannot reach"):
         await provider.fetch([Pair("BTC", "USDT")])
