@@ -102,7 +102,7 @@ def record_seqs(acks: Iterable[tuple[str, int]]) -> int:
         return 0
     quote = connection.ops.quote_name
     table = quote(ServedRate._meta.db_table)
-    event_id, seq = quote("event_id"), quote("seq")
+    event_column, seq_column = quote("event_id"), quote("seq")
     # The first row's casts type the columns (the others follow them), so the statement also
     # stands where parameters are bound on the server. UPDATE ... FROM: PostgreSQL, and SQLite
     # since 3.33 (rates.tests.test_servedlog runs it on the SQLite this Python has). A plain
@@ -113,8 +113,8 @@ def record_seqs(acks: Iterable[tuple[str, int]]) -> int:
         + ["SELECT %s, %s"] * (len(seqs) - 1)
     )
     sql = (
-        f"UPDATE {table} SET {seq} = acked.seq FROM ({rows}) AS acked "
-        f"WHERE {table}.{event_id} = acked.event_id AND {table}.{seq} IS NULL"
+        f"UPDATE {table} SET {seq_column} = acked.seq FROM ({rows}) AS acked "
+        f"WHERE {table}.{event_column} = acked.event_id AND {table}.{seq_column} IS NULL"
     )
     params = [value for pair in seqs.items() for value in pair]
     with connection.cursor() as cursor:
