@@ -230,6 +230,28 @@ async def test_more_replicas_than_the_server_has_leave_it_without_stream_and_say
     assert "JetStream stream" in (status["last_error"] or "")
 
 
+@contextlib.asynccontextmanager
+async def a_full_stream(server: NatsServer, prefix: str) -> AsyncIterator[None]:
+    """The stream made again by hand holding one message at most, discarding new ones, and
+    full (a `provider.state` named "filler"): JetStream refuses every event, for a reason the
+    outbox cannot mend, until the stream takes any number again on leaving the block."""
+    client = await nats.connect(server.url)
+    try:
+        js = client.jetstream()
+        name = stream_name(prefix)
+        config = (await js.stream_info(name)).config
+        await js.delete_stream(name)
+        config.max_msgs, config.discard = 1, DiscardPolicy.NEW
+        await js.add_stream(config)
+        filler = json.dumps({"data": {"name": "filler"}}).encode()
+        await js.publish(f"{prefix}.provider.state", filler)
+        yield
+        config.max_msgs = -1
+        await js.update_stream(config)
+    finally:
+        await client.close()
+
+
 async def test_an_event_the_stream_refused_reaches_it_before_any_newer_one(
     own_jetstream: NatsServer, acks: Acks, prefix: str
 ) -> None:
@@ -241,21 +263,12 @@ async def test_an_event_the_stream_refused_reaches_it_before_any_newer_one(
     await written_and_acked(acks, range(1, 3))
     # Booked delivered first: a relay would store them again in the stream made anew below.
     await wait_until(lambda: undelivered() == 0, "the first rows marked delivered")
-    client = await nats.connect(own_jetstream.url)
-    js = client.jetstream()
-    name = stream_name(prefix)
-    config = (await js.stream_info(name)).config
-    await js.delete_stream(name)
-    config.max_msgs, config.discard = 1, DiscardPolicy.NEW
-    await js.add_stream(config)
-    await js.publish(f"{prefix}.provider.state", b"{}")  # full now
-    refused = [await sync_to_async(write)(v) for v in (3, 4)]
-    await wait_until(
-        lambda: refused[-1] in (realtime_nats.status()["last_error"] or ""), "a refused ack"
-    )
-    config.max_msgs = -1
-    await js.update_stream(config)  # a leader again
-    await client.close()
+    async with a_full_stream(own_jetstream, prefix):
+        refused = [await sync_to_async(write)(v) for v in (3, 4)]
+        await wait_until(
+            lambda: refused[-1] in (realtime_nats.status()["last_error"] or ""), "a refused ack"
+        )
+    # It takes events again, as a stream with a new leader does.
     newer = [await sync_to_async(write)(v) for v in (5, 6)]
     await asyncio.to_thread(acks.wait_for, refused + newer)
     stored = await stream_rates(own_jetstream, prefix)
@@ -369,23 +382,12 @@ async def test_events_held_past_the_limit_go_live_and_reach_the_stream_in_order_
     in the order written."""
     monkeypatch.setattr(publishing, "HOLD_LIMIT_S", 1.0)
     async with reading_socket() as frames:
-        client = await nats.connect(own_jetstream.url)
-        js = client.jetstream()
-        name = stream_name(prefix)
-        full = (await js.stream_info(name)).config
-        await js.delete_stream(name)
-        full.max_msgs, full.discard = 1, DiscardPolicy.NEW
-        await js.add_stream(full)
-        filler = json.dumps({"data": {"name": "filler"}}).encode()
-        await js.publish(f"{prefix}.provider.state", filler)  # full now
         names = [f"a{n}" for n in range(40)]
-        after = await write_every(names)
-        # Live over the fallback bus (unnumbered), in the order written, while refused.
-        await wait_until(lambda: frames.names() == names, "every event live")
-        assert not acks.seqs.keys() & set(after)
-        full.max_msgs = -1
-        await js.update_stream(full)
-        await client.close()
+        async with a_full_stream(own_jetstream, prefix):
+            after = await write_every(names)
+            # Live over the fallback bus (unnumbered), in the order written, while refused.
+            await wait_until(lambda: frames.names() == names, "every event live")
+            assert not acks.seqs.keys() & set(after)
         await asyncio.to_thread(acks.wait_for, after, 30)
         assert await stream_names(own_jetstream, prefix) == ["filler", *names]
         # New events go on NATS again, from the stream (numbered).
