@@ -467,7 +467,13 @@ class NatsConnection:
             self._jetstream = True
         except Exception as exc:
             if refused:
-                self.note_error(f"JetStream stream {name} not reconciled after a refusal: {exc}")
+                # No answer (a stream electing its leader) is what the refusal was: not news.
+                electing = isinstance(
+                    exc, NatsTimeoutError | TimeoutError | ServiceUnavailableError
+                )
+                self.note_error(
+                    f"JetStream stream {name} not reconciled after a refusal: {exc}", quiet=electing
+                )
             else:
                 self._stream_failed(name, exc)
         self.stream_checked.set()

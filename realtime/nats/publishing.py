@@ -226,6 +226,11 @@ class Outbox(Part):
             # retry planned on the previous connection must not let newer events go first.
             self._relay_due = True
             self._relay_after = 0.0
+        if self._held:
+            # A hold from before the connection was lost: its time limit starts again with
+            # this connection's relay, which JetStream normally takes at once.
+            self._held = False
+            self._hold()
 
     def ready(self) -> None:
         self._kick()
@@ -594,6 +599,7 @@ class Outbox(Part):
 
     async def _relay_rows(self) -> None:
         after, relayed = 0, 0
+        acked = set(self._acked) if self._held_too_long else set()
         while True:
             try:
                 rows = await _database(partial(outbox_rows.undelivered, after, RELAY_BATCH))
@@ -624,7 +630,8 @@ class Outbox(Part):
                     return
                 if self._held_too_long and event_id not in self._live_only:
                     self._live_only.add(event_id)
-                    await self._publish_fallback(subject, payload.encode())
+                    if event_id not in acked:  # stored already, its books not written yet
+                        await self._publish_fallback(subject, payload.encode())
                 after, relayed = position, relayed + 1
             if len(rows) < RELAY_BATCH:
                 break
