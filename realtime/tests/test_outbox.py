@@ -351,25 +351,28 @@ async def test_a_deleted_stream_is_made_again_and_live_events_resume_numbered(
     own_jetstream: NatsServer, acks: Acks, prefix: str
 ) -> None:
     """An operator deletes the stream (as a NATS restarted with an empty store would lose it)
-    under a running outbox: JetStream refuses every event. The outbox makes the stream again
-    and relays what it refused; the bridge's consumer reads the new stream from its start. The
-    socket gets the events live again, from the stream, and the stream holds every event
-    written since the deletion once, in the order written."""
+    while the outbox publishes an event every 50 ms: JetStream refuses or drops what follows.
+    The outbox makes the stream again and relays what it had not seen acknowledged; the
+    bridge's consumer reads the new stream from its start. The socket gets every event, in the
+    order written, all from the stream (numbered: the held ones waited for the new stream), and
+    the new stream holds, once and in order, every event from the first one the old stream's
+    loss left unbooked (at the latest the first written after the deletion) to the last."""
+    names = [f"e{n}" for n in range(80)]
     async with reading_socket() as frames:
-        before = await write_every([f"b{n}" for n in range(3)])
-        await asyncio.to_thread(acks.wait_for, before)
-        await wait_until(lambda: undelivered() == 0, "the first rows marked delivered")
-        await wait_until(lambda: frames.names(numbered=True) == ["b0", "b1", "b2"], "b0-b2")
+        writing = asyncio.create_task(write_every(names))
+        await wait_until(lambda: len(frames.names()) >= 15, "15 events on the socket")
         client = await nats.connect(own_jetstream.url)
         await client.jetstream().delete_stream(stream_name(prefix))
         await client.close()
-        names = [f"a{n}" for n in range(60)]
-        after = await write_every(names)
-        await asyncio.to_thread(acks.wait_for, after)
-        await wait_until(lambda: frames.names(numbered=True)[3:] == names, "every event live")
-    # Numbered: the held events waited for the new stream, none took the fallback bus.
-    assert frames.names() == ["b0", "b1", "b2", *names]
-    assert await stream_names(own_jetstream, prefix) == names
+        deleted_after = len(frames.names())
+        ids = await writing
+        await asyncio.to_thread(acks.wait_for, ids)
+        await wait_until(lambda: list(dict.fromkeys(frames.names())) == names, "every event live")
+    assert frames.names(numbered=True) == frames.names()  # none over the fallback bus
+    stored = await stream_names(own_jetstream, prefix)
+    first = names.index(stored[0])
+    assert stored == names[first:], "a contiguous run of the events, each once, in order"
+    assert first <= deleted_after, "every event written after the deletion is in the new stream"
     await wait_until(lambda: undelivered() == 0, "every row marked delivered")
 
 
