@@ -162,6 +162,8 @@ class QuoteBoard:
     # None: every pair, and the global duties with any write (one shard).
     owns: Callable[[str], bool] | None = None
     duty: Callable[[], bool] | None = None
+    # ... and which shards those are (None: one shard, or not an owner of shards).
+    shards: frozenset[int] | None = None
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     # --- ownership ---------------------------------------------------------------------------

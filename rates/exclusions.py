@@ -3,7 +3,8 @@
 The owner observes, at every tick, which providers the current version of each consensus-priced
 pair excludes (`rates.provider_health`); `track` keeps, per provider, since when it has been
 excluded from at least one pair without interruption, and from which pairs. `/providers`, health
-and `kurs_provider_excluded_seconds` show it (docs/rates.md#consensus-pricing).
+and `kurs_provider_excluded_seconds` show it (docs/rates.md#consensus-pricing). With sharded
+owners each tracks its own shards' pairs, and `/providers` shows them `merged`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,16 @@ def track(previous: Exclusion | None, pairs: Iterable[str], *, now: datetime) ->
     if not current:
         return None
     return Exclusion(since=previous.since if previous else now, pairs=current)
+
+
+def merged(parts: Iterable[Exclusion | None]) -> Exclusion | None:
+    """One provider's exclusions from several owners (one per shard of pairs) as one: the pairs
+    of all, since the earliest start (excluded from some pair all along since then)."""
+    found = [part for part in parts if part is not None]
+    if not found:
+        return None
+    pairs = sorted({pair for part in found for pair in part.pairs})
+    return Exclusion(since=min(part.since for part in found), pairs=tuple(pairs))
 
 
 def overdue(since: datetime, *, now: datetime, after: timedelta = DEGRADED_AFTER) -> bool:

@@ -213,8 +213,13 @@ class Fetcher:
         self.stored += report.stored
         metrics.FETCH_CYCLES.labels("ok" if report.ok else "failed").inc()
         metrics.FETCH_DURATION.observe(duration)
-        if services.get_board().writable():
-            events.publish("fetch.completed", report.event())
+        board = services.get_board()
+        if board.writable():
+            event = report.event()
+            if board.shards is not None:
+                # One event per owner: which shards' pairs this one was (docs/events.md).
+                event["shards"] = sorted(board.shards)
+            events.publish("fetch.completed", event)
         self._hint_if_offline(rounds)
         return report
 

@@ -8,7 +8,9 @@ the "shared" cache (Redis with REDIS_URL, files under var/ otherwise), where
 
 The status also says whether a consensus leaves the provider out, since when and of which pairs
 (`observe_exclusions`, the rule in `rates.exclusions`): health calls a provider excluded for
-longer than `exclusions.DEGRADED_AFTER` `degraded` (docs/rates.md#consensus-pricing).
+longer than `exclusions.DEGRADED_AFTER` `degraded` (docs/rates.md#consensus-pricing). With
+sharded owners every owner observes its own shards' pairs and saves one exclusion per provider
+and shard (`EXCLUDED_KEY`), which `provider_statuses` merges.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from django.conf import settings
 from django.core.cache import caches
 from django.utils import timezone
 
-from rates import exclusions, metrics, policy, services
+from rates import exclusions, metrics, policy, services, shards
 from rates.breaker import CLOSED, OPEN, CircuitBreaker
 from rates.notices import OutageNotice
 from rates.providers import ProviderRateLimited
@@ -34,6 +36,8 @@ from realtime import events
 logger = logging.getLogger("rates.fetcher")
 
 STATUS_KEY = "rates:provider:{name}"
+# With sharded owners: each shard's owner saves which of its pairs exclude the provider here.
+EXCLUDED_KEY = "rates:provider:{name}:excluded:{shard}of{count}"
 ERROR_WINDOW = 300.0  # errors_5m
 
 
@@ -71,6 +75,9 @@ class ProviderMonitor:
         # Since when a consensus has left it out of some pair, and of which (None: of none).
         self.excluded: exclusions.Exclusion | None = None
         self.dirty = True
+        # With sharded owners: the same per shard this process owns, and those not saved yet.
+        self.excluded_in: dict[int, exclusions.Exclusion | None] = {}
+        self.shards_dirty: set[int] = set()
         metrics.CIRCUIT_STATE.labels(name).set(0)
         metrics.PROVIDER_EXCLUDED.labels(name).set(0)
 
@@ -187,6 +194,23 @@ class ProviderMonitor:
         seconds = (now - excluded.since).total_seconds() if excluded else 0.0
         metrics.PROVIDER_EXCLUDED.labels(self.name).set(max(0.0, seconds))
 
+    def excluded_in_shards(
+        self, owned: frozenset[int], count: int, pairs: tuple[str, ...], *, now: datetime
+    ) -> None:
+        """With sharded owners: the pairs of each owned shard that leave it out at `now`. A
+        shard this process did not track yet is saved at once (over what an earlier owner
+        saved); one it no longer owns is forgotten (its new owner saves it)."""
+        for shard in set(self.excluded_in) - owned:
+            del self.excluded_in[shard]
+            self.shards_dirty.discard(shard)
+        for shard in owned:
+            mine = [pair for pair in pairs if shards.shard_of(pair, count) == shard]
+            previous = self.excluded_in.get(shard)
+            excluded = exclusions.track(previous, mine, now=now)
+            if shard not in self.excluded_in or excluded != previous:
+                self.excluded_in[shard] = excluded
+                self.shards_dirty.add(shard)
+
     def status(self, *, priority: int) -> dict[str, Any]:
         cutoff = time.time() - ERROR_WINDOW
         while self.errors and self.errors[0] < cutoff:
@@ -200,11 +224,7 @@ class ProviderMonitor:
             "last_error_at": _iso(self.last_error_at),
             "error_times": list(self.errors),
             "streaming": self.streaming,
-            "excluded": (
-                {"since": _iso(self.excluded.since), "pairs": list(self.excluded.pairs)}
-                if self.excluded
-                else None
-            ),
+            "excluded": _exclusion_json(self.excluded),
         }
 
     def save(self) -> None:
@@ -212,7 +232,10 @@ class ProviderMonitor:
 
     def flush(self) -> None:
         """Write the status to the shared cache if it changed (sync: blocking I/O)."""
-        if not self.dirty or not services.get_board().global_writable():
+        board = services.get_board()
+        if self.shards_dirty and board.writable():
+            self._flush_shards()
+        if not self.dirty or not board.global_writable():
             return
         self.dirty = False
         order = settings.KURS_PROVIDERS
@@ -227,6 +250,35 @@ class ProviderMonitor:
             status_saving.failed(exc)
         else:
             status_saving.worked()
+
+    def _flush_shards(self) -> None:
+        dirty, self.shards_dirty = self.shards_dirty, set()
+        count = shards.shard_count()
+        values = {
+            EXCLUDED_KEY.format(name=self.name, shard=shard, count=count): _exclusion_json(
+                self.excluded_in.get(shard)
+            )
+            for shard in dirty
+        }
+        try:
+            caches["shared"].set_many(values, None)
+        except Exception as exc:
+            self.shards_dirty |= dirty
+            status_saving.failed(exc)
+
+
+def _exclusion_json(excluded: exclusions.Exclusion | None) -> dict[str, Any] | None:
+    if excluded is None:
+        return None
+    return {"since": _iso(excluded.since), "pairs": list(excluded.pairs)}
+
+
+def _exclusion_of(saved: Any) -> exclusions.Exclusion | None:
+    if not saved:
+        return None
+    return exclusions.Exclusion(
+        since=datetime.fromisoformat(saved["since"]), pairs=tuple(saved["pairs"])
+    )
 
 
 def status_saving_notice() -> OutageNotice:
@@ -267,6 +319,8 @@ def observe_exclusions(*, now: datetime) -> None:
     board = services.get_board()
     excluded: dict[str, set[str]] = {}
     for pair in list(board.items):
+        if not board.owned(pair):
+            continue  # another shard's owner observes it
         current = board.get_current(pair)
         if current is not None and current.status != policy.STALE:
             excluded[pair] = {
@@ -276,13 +330,17 @@ def observe_exclusions(*, now: datetime) -> None:
             }
     pairs = exclusions.by_provider(excluded)
     for name in set(settings.KURS_PROVIDERS) | set(_monitors) | set(pairs):
-        monitor_for(name).excluded_from(pairs.get(name, ()), now=now)
+        monitor = monitor_for(name)
+        monitor.excluded_from(pairs.get(name, ()), now=now)
+        if board.shards is not None:
+            count = shards.shard_count()
+            monitor.excluded_in_shards(board.shards, count, pairs.get(name, ()), now=now)
 
 
 def flush_statuses(*, now: datetime | None = None) -> None:
     """Save every changed provider status (sync; the owner calls it off its event loop), the
-    exclusions observed at `now` included."""
-    if services.get_board().global_writable():
+    exclusions observed at `now` included: by every owner, of its own shards' pairs."""
+    if services.get_board().writable():
         observe_exclusions(now=now or timezone.now())
     for monitor in list(_monitors.values()):
         monitor.flush()
@@ -299,8 +357,16 @@ def provider_statuses() -> list[dict[str, Any]]:
     answered: an older view beats a 500 on `/providers` and a health that calls them all down.
     """
     names = list(settings.KURS_PROVIDERS)
+    count = shards.shard_count()
+    keys = [STATUS_KEY.format(name=name) for name in names]
+    if count > 1:
+        keys += [
+            EXCLUDED_KEY.format(name=name, shard=shard, count=count)
+            for name in names
+            for shard in range(count)
+        ]
     try:
-        saved = caches["shared"].get_many([STATUS_KEY.format(name=name) for name in names])
+        saved = caches["shared"].get_many(keys)
     except Exception as exc:
         status_reading.failed(exc)
         saved = dict(_last_read_statuses)
@@ -312,6 +378,15 @@ def provider_statuses() -> list[dict[str, Any]]:
     statuses = []
     for priority, name in enumerate(names):
         status = saved.get(STATUS_KEY.format(name=name)) or {}
+        excluded = status.get("excluded")
+        if count > 1:
+            # Each shard's owner saved its own pairs' exclusion of this provider.
+            excluded = _exclusion_json(
+                exclusions.merged(
+                    _exclusion_of(saved.get(EXCLUDED_KEY.format(name=name, shard=s, count=count)))
+                    for s in range(count)
+                )
+            )
         statuses.append(
             {
                 "name": name,
@@ -322,7 +397,7 @@ def provider_statuses() -> list[dict[str, Any]]:
                 "last_error_at": status.get("last_error_at"),
                 "errors_5m": sum(1 for at in status.get("error_times", ()) if at >= cutoff),
                 "streaming": bool(status.get("streaming", False)),
-                "excluded": status.get("excluded"),
+                "excluded": excluded,
             }
         )
     return statuses

@@ -5,8 +5,9 @@ of the item's code (`shard_of`: CRC-32 of the code, modulo N), and each shard ha
 row (`rates.lease`, the same TTL, renewal and safety rules). A `run_fetch --watch` process owns
 the shards whose leases it holds: it writes current rates, history, the served log and outbox
 rows only for their pairs, though it quotes every cross-rate leg they need, whichever shard the
-leg's own item belongs to. Shard 0's holder also does the global duties (peg events and states,
-provider statuses and `provider.state` events, exclusions).
+leg's own item belongs to, and tracks which providers a consensus leaves out of its pairs
+(`rates.provider_health`: one exclusion per provider and shard). Shard 0's holder also does the
+global duties (peg events and states, provider statuses and `provider.state` events).
 
 With N = 1 there is one lease, named as before shards (`live-rates`), and every check here
 answers as if shards did not exist.
@@ -216,6 +217,7 @@ def own(board: QuoteBoard, shards: Shards, owned: frozenset[int]) -> None:
     count = shards.count
     board.owns = lambda code: shard_of(code, count) in owned
     board.duty = lambda: GLOBAL_SHARD in owned
+    board.shards = owned
     nats.relay_only(lambda subject, payload: event_shard(subject, payload, count) in owned)
 
 
@@ -224,4 +226,5 @@ def disown(board: QuoteBoard) -> None:
     if board.owns is None and board.duty is None:
         return
     board.owns = board.duty = None
+    board.shards = None
     nats.relay_only(None)

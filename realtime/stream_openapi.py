@@ -160,7 +160,15 @@ EVENT_DATA: dict[str, Schema] = {
             "stored": {"type": "integer"},
             "providers": {"type": "object", "additionalProperties": {"type": "string"}},
             "duration_ms": {"type": "integer"},
-        }
+        },
+        "an owner's fetch cycle ended: one event per owner with sharded owners",
+        optional={
+            "shards": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0},
+                "description": "the shards whose pairs the cycle quoted (KURS_OWNER_SHARDS > 1)",
+            }
+        },
     ),
     "provider.state": _object(
         {

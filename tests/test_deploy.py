@@ -47,6 +47,7 @@ from tests.services import (
 )
 
 COMPOSE = ROOT / "docker-compose.yml"
+CLUSTER = ROOT / "docker-compose.cluster.yml"
 NGINX = ROOT / "deploy" / "nginx.conf"
 PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
 ENTRYPOINT = ROOT / "scripts" / "docker-entrypoint.sh"
@@ -60,6 +61,70 @@ def compose() -> dict[str, Any]:
 
 def services() -> dict[str, dict[str, Any]]:
     return compose()["services"]
+
+
+# --- several compose files, merged as `docker compose -f a -f b` does ------------------------
+@dataclass(frozen=True)
+class Tagged:
+    """A value with Compose's merge tag: `!reset` (remove) or `!override` (replace)."""
+
+    tag: str
+    value: Any
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading Compose's `!reset` and `!override` tags."""
+
+
+def _tagged(loader: yaml.SafeLoader, node: yaml.Node) -> Tagged:
+    if isinstance(node, yaml.MappingNode):
+        value: Any = loader.construct_mapping(node, deep=True)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_scalar(node)  # type: ignore[arg-type]
+    return Tagged(node.tag, value)
+
+
+for _tag in ("!reset", "!override"):
+    ComposeLoader.add_constructor(_tag, _tagged)
+
+# Attributes whose later value replaces the earlier one instead of being appended (the
+# Compose Specification's merge rules: "Shell commands").
+REPLACED = {"command", "entrypoint", "test"}
+
+
+def merged(base: Any, later: Any, key: str = "") -> Any:
+    """`later` merged over `base` by the Compose Specification's rules (mappings merged,
+    sequences appended, commands replaced, `!reset` removes, `!override` replaces)."""
+    if isinstance(later, Tagged):
+        return later.value
+    if isinstance(base, dict) and isinstance(later, dict):
+        out = dict(base)
+        for name, value in later.items():
+            if isinstance(value, Tagged) and value.tag == "!reset":
+                out.pop(name, None)
+            else:
+                out[name] = merged(out.get(name, {}), value, name)
+        return out
+    if isinstance(base, list) and isinstance(later, list) and key not in REPLACED:
+        return base + [value for value in later if value not in base]
+    return later
+
+
+@cache
+def cluster_compose() -> dict[str, Any]:
+    """docker-compose.yml with docker-compose.cluster.yml over it."""
+    return merged(compose(), yaml.load(CLUSTER.read_text(), Loader=ComposeLoader))
+
+
+def started(model: dict[str, Any], profiles: tuple[str, ...] = ()) -> set[str]:
+    """The services `docker compose up` starts with `profiles` active."""
+    return {
+        name
+        for name, service in model["services"].items()
+        if not service.get("profiles") or set(service["profiles"]) & set(profiles)
+    }
 
 
 def require_tool(name: str) -> str:
@@ -214,7 +279,7 @@ def test_dotenv_example_documents_the_production_secrets_and_every_compose_varia
     for secret in ("DJANGO_SECRET_KEY", "POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
         assert re.search(rf"^{secret}=$", example, re.M), f"{secret}= (empty, to be set)"
     names = set()
-    for ref in references(compose()):
+    for ref in references(compose()) + references(cluster_compose()):
         match = re.match(r"\$\{(\w+)", ref)
         assert match, f"not a variable reference: {ref}"
         names.add(match.group(1))
@@ -226,7 +291,7 @@ def test_dotenv_example_documents_the_production_secrets_and_every_compose_varia
 def test_every_image_is_pinned_by_digest_or_exact_version() -> None:
     # An exact release: x.y.z, or x.y for PostgreSQL (its releases have two parts since 10).
     exact = re.compile(r"@sha256:[0-9a-f]{64}$|:v?(\d+\.\d+\.\d+|(?<=postgres:)\d+\.\d+)(-\w+)?$")
-    for name, service in services().items():
+    for name, service in cluster_compose()["services"].items():  # every service of both files
         if "build" in service:
             continue  # the app image, built from this clone (its base is pinned: below)
         assert exact.search(service["image"]), f"{name}: {service['image']} is not pinned"
@@ -253,7 +318,7 @@ def test_the_app_image_is_slim_non_root_and_serves_with_serve_sh() -> None:
 
 # --- the process set ---------------------------------------------------------------------------
 def test_every_long_running_service_has_a_healthcheck() -> None:
-    for name, service in services().items():
+    for name, service in cluster_compose()["services"].items():  # every service of both files
         if service.get("restart") == "no":
             continue  # migrate: a one-shot job, its success gates the others
         test = service.get("healthcheck", {}).get("test")
@@ -490,7 +555,7 @@ def test_nginx_caches_courses_by_query_and_never_an_error(tmp_path: Path) -> Non
 
 @dataclass
 class ComposeNatsNode(NatsServer):
-    """A node of the compose file's `nats-cluster` profile, run natively with its own command:
+    """A node of `docker-compose.cluster.yml`, run natively with its own command:
     only the hosts are mapped to loopback ports (`nats-2:6222` -> `127.0.0.1:<port>`)."""
 
     command: tuple[str, ...] = ()
@@ -499,10 +564,53 @@ class ComposeNatsNode(NatsServer):
         return [*self.command, "-a", "127.0.0.1", "-p", str(self.port)]
 
 
-def test_the_nats_cluster_profile_forms_one_jetstream_cluster_of_three(tmp_path: Path) -> None:
-    nodes = {name: services()[name] for name in ("nats-1", "nats-2", "nats-3")}
-    assert all(node["profiles"] == ["nats-cluster"] for node in nodes.values())
-    assert "nats-cluster" not in services()["nats"].get("profiles", [])  # the default stays one
+def test_the_cluster_file_starts_three_nodes_not_the_single_one_and_kurs_waits_for_them() -> None:
+    single, cluster = compose(), cluster_compose()
+    assert "nats" in started(single)  # the default stays one server
+    assert not started(single) & {"nats-1", "nats-2", "nats-3"}
+    assert {"nats-1", "nats-2", "nats-3"} <= started(cluster)
+    assert "nats" not in started(cluster)  # no idle single server beside the cluster
+    for name in started(cluster):
+        needs = set(cluster["services"][name].get("depends_on", {}))
+        assert needs <= started(cluster), f"{name} waits for a service not started: {needs}"
+    env: dict[str, str] = {}
+    for name in ("web", "fetcher", "qcluster"):
+        service = resolved(cluster["services"][name], env)
+        assert service["depends_on"] == {
+            "migrate": {"condition": "service_completed_successfully"},
+            "redis": {"condition": "service_healthy"},
+            **{node: {"condition": "service_healthy"} for node in ("nats-1", "nats-2", "nats-3")},
+        }
+        assert service["environment"]["NATS_URL"] == ",".join(
+            f"nats://nats-{n}:4222" for n in (1, 2, 3)
+        )
+        assert service["environment"]["KURS_NATS_REPLICAS"] == "3"
+        assert service["environment"]["DJANGO_DEBUG"] == "false"  # the rest merged, not lost
+    assert resolved(cluster["services"]["migrate"], env)["depends_on"] == {
+        "postgres": {"condition": "service_healthy"}
+    }
+    errors = [f"{list(e.path)}: {e.message}" for e in compose_validator().iter_errors(cluster)]
+    assert errors == []
+
+
+def test_the_merge_follows_compose_s_rules() -> None:
+    base = {"a": {"x": 1, "y": [1]}, "command": ["a"], "b": 2}
+    later = {
+        "a": {"y": [2], "z": 3},
+        "command": ["b"],
+        "b": Tagged("!reset", None),
+        "c": Tagged("!override", {"q": 1}),
+    }
+    assert merged(base, later) == {
+        "a": {"x": 1, "y": [1, 2], "z": 3},
+        "command": ["b"],
+        "c": {"q": 1},
+    }
+    assert merged({"d": {"k": 1}}, {"d": Tagged("!override", {"j": 2})}) == {"d": {"j": 2}}
+
+
+def test_the_cluster_file_forms_one_jetstream_cluster_of_three(tmp_path: Path) -> None:
+    nodes = {name: cluster_compose()["services"][name] for name in ("nats-1", "nats-2", "nats-3")}
     route_ports = {name: free_port() for name in nodes}
     mapped = {
         f"nats://{name}:6222": f"nats://127.0.0.1:{port}" for name, port in route_ports.items()

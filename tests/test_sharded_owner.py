@@ -113,14 +113,20 @@ async def test_two_owners_share_the_pairs_and_one_takes_the_other_s_shard_after_
     stack: Stack,
 ) -> None:
     heard: list[tuple[str, int, str]] = []  # (pair, version, origin)
+    cycles: list[tuple[str, tuple[int, ...]]] = []  # fetch.completed: (origin, shards)
     client = await nats.connect(NATS_URL)
 
     async def record(msg: Msg) -> None:
         data = json.loads(msg.data)["data"]
         heard.append((data["direction"], data["version"], (msg.headers or {})["Kurs-Origin"]))
 
+    async def record_cycle(msg: Msg) -> None:
+        shards = tuple(json.loads(msg.data)["data"]["shards"])
+        cycles.append(((msg.headers or {})["Kurs-Origin"], shards))
+
     try:
         await client.subscribe(f"{stack.prefix}.rates.>", cb=record)
+        await client.subscribe(f"{stack.prefix}.fetch.completed", cb=record_cycle)
         await client.flush()
         fetchers = {name: stack.fetcher(name) for name in ("fetcher-a", "fetcher-b")}
         await wait_until(
@@ -157,6 +163,15 @@ async def test_two_owners_share_the_pairs_and_one_takes_the_other_s_shard_after_
         assert str(provider).endswith("+cbr"), provider
         for name, process in fetchers.items():
             assert f"of {SHARDS}" in process.text(), name
+        # Each owner announces its own cycles, naming its shards: one event per owner.
+        seen_from = len(cycles)
+        await wait_until(
+            lambda: {origin for origin, _ in cycles[seen_from:]} == set(owner_of.values()),
+            within=30,
+            what="each owner's fetch.completed",
+        )
+        for origin, shards in cycles[seen_from:]:
+            assert shards == tuple(s for s, o in sorted(owner_of.items()) if o == origin)
 
         # SIGKILL the owner of shard 1: the other owner takes it and serves every pair.
         victim = owner_of[1]

@@ -13,7 +13,8 @@ from django.utils import timezone
 from prometheus_client import REGISTRY
 
 from items.models import Item
-from rates import exclusions, provider_health, services
+from rates import exclusions, provider_health, services, shards
+from rates.board import QuoteBoard
 from rates.exclusions import Exclusion
 from rates.tests.support import make_quote
 
@@ -60,15 +61,17 @@ def accept(quote: Any, capture: Any) -> None:
         services.accept_quote(quote)
 
 
-def bybit_goes_off(capture: Any) -> None:
-    """BTC-USD by consensus of three providers, then Bybit 5 % off: excluded."""
+def bybit_goes_off(capture: Any, pair: str = "BTC-USD", price: int = 97000) -> None:
+    """`pair` by consensus of three providers, then Bybit 5 % off: excluded."""
+    base, quote = pair.split("-")
     Item.objects.update_or_create(
-        base="BTC", quote="USD", defaults={"is_active": True, "pricing": "consensus"}
+        base=base, quote=quote, defaults={"is_active": True, "pricing": "consensus"}
     )
-    for provider, value in (("binance", "97000"), ("bybit", "97010"), ("coingecko", "97020")):
-        accept(make_quote(provider, "BTC-USD", value), capture)
-    accept(make_quote("bybit", "BTC-USD", "101860.5"), capture)
-    current = services.get_board().get_current("BTC-USD")
+    services.get_board().forget_items()  # read with the new item's pricing
+    for n, provider in enumerate(("binance", "bybit", "coingecko")):
+        accept(make_quote(provider, pair, f"{price * (1 + n / 10_000):.2f}"), capture)
+    accept(make_quote("bybit", pair, f"{price * 1.05:.2f}"), capture)
+    current = services.get_board().get_current(pair)
     assert current is not None
     assert current.excluded_providers == {"bybit"}
 
@@ -149,3 +152,50 @@ def test_a_stale_pair_excludes_nobody(
     providers, health = web_view(client)
     assert providers["bybit"]["excluded"] is None
     assert "excluded" not in health.get("detail", "")
+
+
+def as_owner_of(board: QuoteBoard, owned: frozenset[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process plays the owner of `owned` (of two shards), with its own provider monitors,
+    as a `run_fetch --watch` process of its own would have (`rates.shards.own`)."""
+    board.owns = lambda code: shards.shard_of(code, 2) in owned
+    board.duty = lambda: shards.GLOBAL_SHARD in owned
+    board.shards = owned
+    monkeypatch.setattr(provider_health, "_monitors", {})
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("rate_settings")
+def test_every_shard_s_owner_saves_its_pairs_exclusions_and_providers_shows_them_merged(
+    client: Client,
+    django_capture_on_commit_callbacks: Any,
+    fresh_board: QuoteBoard,
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings.KURS_OWNER_SHARDS = 2
+    assert (shards.shard_of("BTC-USD", 2), shards.shard_of("ETH-USD", 2)) == (0, 1)
+    bybit_goes_off(django_capture_on_commit_callbacks, "BTC-USD", 97000)
+    bybit_goes_off(django_capture_on_commit_callbacks, "ETH-USD", 3000)
+    now = timezone.now()
+    # Shard 1's owner (no global duties) saw ETH-USD exclude Bybit 6 minutes ago, shard 0's
+    # owner BTC-USD 2 minutes ago.
+    as_owner_of(fresh_board, frozenset({1}), monkeypatch)
+    provider_health.flush_statuses(now=now - 6 * MINUTE)
+    as_owner_of(fresh_board, frozenset({0}), monkeypatch)
+    provider_health.flush_statuses(now=now - 2 * MINUTE)
+
+    providers, health = web_view(client)
+    assert providers["bybit"]["excluded"]["pairs"] == ["BTC-USD", "ETH-USD"]
+    assert datetime.fromisoformat(providers["bybit"]["excluded"]["since"]) == now - 6 * MINUTE
+    assert providers["binance"]["excluded"] is None
+    assert health["status"] == "degraded"
+    assert "bybit" in health["detail"]
+
+    # Bybit agrees on ETH-USD again: shard 1's owner clears its part, shard 0's stays.
+    as_owner_of(fresh_board, frozenset({1}), monkeypatch)
+    accept(make_quote("bybit", "ETH-USD", "3005"), django_capture_on_commit_callbacks)
+    provider_health.flush_statuses(now=now)
+    providers, health = web_view(client)
+    assert providers["bybit"]["excluded"]["pairs"] == ["BTC-USD"]
+    assert datetime.fromisoformat(providers["bybit"]["excluded"]["since"]) == now - 2 * MINUTE
+    assert health["status"] == "ok", health

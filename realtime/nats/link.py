@@ -145,6 +145,7 @@ class NatsConnection:
         self._sub_lock: asyncio.Lock | None = None
         self._recheck: asyncio.TimerHandle | None = None
         self._recheck_task: asyncio.Task[None] | None = None
+        self._reconciled_at = -STREAM_RECHECK_S  # loop time of the last check after a refusal
         self._first_attempt: asyncio.Event | None = None
         self._started_at = 0.0
         # Set while connected with every registered subscription applied.
@@ -218,13 +219,14 @@ class NatsConnection:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(first.wait(), max(0.0, remaining))
 
-    def note_error(self, message: str) -> None:
-        """Count an error, keep it for the health check, and log it when it is a new one."""
+    def note_error(self, message: str, *, quiet: bool = False) -> None:
+        """Count an error, keep it for the health check, and log it when it is a new one (at
+        DEBUG when `quiet`: a repeat the caller said already)."""
         self._last_error = message
         self._errors += 1
         metrics.NATS_ERRORS.inc()
         # While a server is down every attempt fails the same way: log the change, not the repeat.
-        if message != self._last_logged_error:
+        if message != self._last_logged_error and not quiet:
             self._last_logged_error = message
             logger.warning("nats: %s", message)
         else:
@@ -422,27 +424,64 @@ class NatsConnection:
         self.connected.clear()
         logger.info("nats: connection closed")
 
-    async def _ensure_stream(self) -> None:
-        """Ensure the replay stream where the server has JetStream; a plain server is fine too."""
+    async def reconcile_stream(self) -> bool:
+        """JetStream refused an event: the stream may be gone (deleted by an operator, a server
+        restarted with an empty store) or changed. Reconciled as on a connection, at most once
+        per STREAM_RECHECK_S; True when it was made again or updated (the refused events can
+        be relayed now). A check JetStream does not answer (no leader yet) changes nothing:
+        the relay's retries carry on (on the connection's loop)."""
+        client = self._client
+        now = asyncio.get_running_loop().time()
+        if client is None or not client.is_connected or not self._jetstream:
+            return False
+        if now - self._reconciled_at < STREAM_RECHECK_S:
+            return False
+        self._reconciled_at = now
+        return await self._ensure_stream(refused=True)
+
+    async def _ensure_stream(self, *, refused: bool = False) -> bool:
+        """Ensure the replay stream where the server has JetStream; a plain server is fine too.
+        True when it was made or updated. After a refusal (`refused`), a check that fails only
+        notes the error: the connection's own checks decide what JetStream there is."""
         client = self._client
         if client is None or not client.is_connected:
-            return
+            return False
         name = stream_name(self._prefix)
         config = stream_config(self._prefix)
         js = client.jetstream(timeout=JETSTREAM_TIMEOUT_S)
+        made = False
         try:
             try:
                 info = await js.stream_info(name)
             except NotFoundError:
                 await js.add_stream(config)
-                logger.info("nats: JetStream stream %s created on %s.>", name, self._prefix)
+                made = True
+                log = logger.warning if refused else logger.info
+                log("nats: JetStream stream %s created on %s.>", name, self._prefix)
             else:
                 changed = stream_differences(info.config, config)
                 if changed:
                     await js.update_stream(config)
+                    made = True
                     logger.info("nats: JetStream stream %s updated (%s)", name, ", ".join(changed))
             self._jetstream = True
-        except (NoRespondersError, ServiceUnavailableError) as exc:
+        except Exception as exc:
+            if refused:
+                # No answer (a stream electing its leader) is what the refusal was: not news.
+                electing = isinstance(
+                    exc, NatsTimeoutError | TimeoutError | ServiceUnavailableError
+                )
+                self.note_error(
+                    f"JetStream stream {name} not reconciled after a refusal: {exc}", quiet=electing
+                )
+            else:
+                self._stream_failed(name, exc)
+        self.stream_checked.set()
+        return made
+
+    def _stream_failed(self, name: str, exc: Exception) -> None:
+        """What a failed check on a connection says about JetStream here."""
+        if isinstance(exc, NoRespondersError | ServiceUnavailableError):
             # A bare 503 (no responders) or "not enabled": no JetStream. Another 503 of its API
             # (no leader yet, say) is JetStream there but not ready.
             err_code = exc.err_code if isinstance(exc, ServiceUnavailableError) else None
@@ -451,18 +490,13 @@ class NatsConnection:
             else:
                 self._jetstream = False  # a server without JetStream (for this account)
                 logger.info("nats: server has no JetStream; stream %s not ensured", name)
-        except (NatsTimeoutError, TimeoutError) as exc:
+        elif isinstance(exc, NatsTimeoutError | TimeoutError) or (
+            isinstance(exc, APIError) and exc.err_code == JS_NO_PEERS_YET
+        ):
             self._stream_unreachable(name, exc)
-        except APIError as exc:
-            if exc.err_code != JS_NO_PEERS_YET:
-                self._jetstream = False
-                self.note_error(f"JetStream stream {name}: {exc}")
-            else:
-                self._stream_unreachable(name, exc)
-        except Exception as exc:
+        else:
             self._jetstream = False
             self.note_error(f"JetStream stream {name}: {exc}")
-        self.stream_checked.set()
 
     def _stream_unreachable(self, name: str, exc: Exception) -> None:
         """JetStream is there but not answering now (a cluster electing its leaders): a stream

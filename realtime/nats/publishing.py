@@ -71,6 +71,14 @@ REFUSED_RETRY_MAX_S = 1.0
 # millisecond. Checked this often.
 ACK_TIMEOUT_S = 1.0
 ACK_CHECK_S = 0.25
+# Newer events wait for the relay at most this long (docs/events.md#the-stream). Longer than a
+# replicated stream's election: a follower waits 4-9 s (nats-server's Raft election timeout,
+# randomised) for a lost leader before it campaigns, and test_cluster has healed publishing in
+# up to 8.9 s under load; so a leader change keeps every event in the stream's order and
+# numbered. Beyond it JetStream is refusing for another reason (a stream it cannot make again,
+# a full one, no quorum) and liveness wins: events then go live over the fallback bus, as when
+# cut off, and reach the stream with the relay, after the older ones, once it accepts again.
+HOLD_LIMIT_S = 15.0
 
 # Told `(event id, stream sequence)` for every event JetStream acknowledged (a duplicate too,
 # with the sequence the stream first stored it under). Runs on the connection's loop: be quick.
@@ -119,6 +127,11 @@ class Outbox(Part):
         # events wait in the queue, while connected, until a relay's events are all acknowledged,
         # so that the stream keeps the order they were written in (docs/events.md#the-stream).
         self._held = False
+        self._held_since = 0.0  # time.monotonic() the hold began (see HOLD_LIMIT_S)
+        self._held_too_long = False  # past HOLD_LIMIT_S: newer events take the fallback bus
+        # The events of this hold that went live over the fallback bus (each goes once).
+        self._live_only: set[str] = set()
+        self._stream_check: asyncio.Task[None] | None = None
         self._refused_backoff = 0.0
         self._relaying = False
         self._relayed_unacked: set[str] = set()
@@ -214,6 +227,11 @@ class Outbox(Part):
             # retry planned on the previous connection must not let newer events go first.
             self._relay_due = True
             self._relay_after = 0.0
+        if self._held:
+            # A hold from before the connection was lost: its time limit starts again with
+            # this connection's relay, which JetStream normally takes at once.
+            self._held = False
+            self._hold()
 
     def ready(self) -> None:
         self._kick()
@@ -259,6 +277,10 @@ class Outbox(Part):
         self._relay_due = False
         self._relay_unreadable = False
         self._held = False
+        self._held_since = 0.0
+        self._held_too_long = False
+        self._live_only = set()
+        self._stream_check = None
         self._relaying = False
         self._relayed_unacked = set()
         self._flushing = False
@@ -306,7 +328,25 @@ class Outbox(Part):
             if self._relay_due and self._link.connected.is_set():
                 # Before the next event: the stream keeps each pair's events in their order.
                 await self._relay()
-            if not queue or self._holding() or self._waits_for_ack(queue[0][0]):
+            if not queue:
+                return
+            if self._holding():
+                if not self._held_too_long:
+                    if time.monotonic() - self._held_since < HOLD_LIMIT_S:
+                        return
+                    self._hold_expired()
+                    continue  # the relay first: the older events go live first
+                # Held past HOLD_LIMIT_S: live over the fallback bus rather than not at all. A
+                # stored event stays undelivered in the outbox, and the relay (still planned
+                # while JetStream refuses) brings it to the stream after the older ones.
+                subject, payload, headers = queue.popleft()
+                event_id = headers.get(MSG_ID_HEADER)
+                if event_id not in self._live_only:  # not sent live by a relay already
+                    if event_id:
+                        self._live_only.add(event_id)
+                    await self._publish_fallback(subject, payload)
+                continue
+            if self._waits_for_ack(queue[0][0]):
                 return
             subject, payload, headers = queue.popleft()
             # Behind a relay that cannot read the database, a newer event must not reach the
@@ -365,9 +405,13 @@ class Outbox(Part):
             # yet) or an error answer: not stored. Sent again by a relay a little later (after
             # newer events, then: the one case where a pair's events reach the stream out of
             # version order; the snapshot and clients order them by `version`).
-            self._link.note_error(f"no JetStream ack for {event_id}: {msg.data[:200]!r}")
+            # Logged once per hold: a relay of many rows, refused again, is one WARNING.
+            self._link.note_error(
+                f"no JetStream ack for {event_id}: {msg.data[:200]!r}", quiet=self._held
+            )
             if self._relayed_any or outbox_rows.recorded_here():
                 self._refused()
+                self._check_stream()
             return
         self._counts["acked"] += 1
         self._book(event_id)
@@ -452,10 +496,13 @@ class Outbox(Part):
                 self._answered(event_id)
             if late and (self._relayed_any or outbox_rows.recorded_here()):
                 self._link.note_error(f"no JetStream ack for {len(late)} events in time")
-                self._held = True
+                self._hold()
                 self._relay_due = True
                 self._relay_after = 0.0
                 self._kick()
+                # No answer at all is also what a deleted stream gives while this subject has
+                # other subscribers (a web process's own bridge): no "no responders" then.
+                self._check_stream()
 
     def _waits_for_ack(self, subject: str) -> bool:
         """The subject's previous event is still unanswered (only while connected: cut off,
@@ -476,7 +523,7 @@ class Outbox(Part):
         sooner at first, then less often while it keeps refusing."""
         if not self._held:
             logger.info("nats: JetStream refused an event; newer events wait for the relay")
-        self._held = True
+        self._hold()
         if self._relay_due:
             return  # one relay is planned already: one back-off step per relay, not per event
         self._refused_backoff = min(
@@ -484,10 +531,49 @@ class Outbox(Part):
         )
         self._relay_later(self._refused_backoff)
 
+    def _hold(self) -> None:
+        """Newer events wait for the relay (on the loop), for HOLD_LIMIT_S at most."""
+        if self._held:
+            return
+        self._held = True
+        self._held_since = time.monotonic()
+        self._held_too_long = False
+        asyncio.get_running_loop().call_later(HOLD_LIMIT_S, self._kick)
+
+    def _hold_expired(self) -> None:
+        """Held HOLD_LIMIT_S: from now until JetStream acknowledges the relay again, each
+        event goes live over the fallback bus once (the relay's own, at once, then the held
+        ones), and to the stream with the relay."""
+        self._held_too_long = True
+        self._relay_due = True
+        self._relay_after = 0.0
+        logger.warning(
+            "nats: JetStream has refused the relay for %.0fs; events go live over the fallback "
+            "bus and reach the stream with the relay once it accepts",
+            HOLD_LIMIT_S,
+        )
+
+    def _check_stream(self) -> None:
+        """A refusal, or no answer, may say the stream is gone (deleted, a server restarted
+        with an empty store): one check at a time (the connection's `reconcile_stream`, at
+        most every 2 s), and a relay at once when the stream was made again."""
+        if self._stream_check is not None and not self._stream_check.done():
+            return
+
+        async def check() -> None:
+            if await self._link.reconcile_stream():
+                self._relay_due = True
+                self._relay_after = 0.0
+                self._kick()
+
+        self._stream_check = asyncio.get_running_loop().create_task(check())
+
     def _release_if_relayed(self) -> None:
         """Every event of the last relay acknowledged: newer events may go again."""
         if self._held and not (self._relaying or self._relay_due or self._relayed_unacked):
             self._held = False
+            self._held_too_long = False
+            self._live_only = set()
             self._refused_backoff = 0.0
             logger.info("nats: JetStream acknowledges again; held events go on")
             self._kick()
@@ -514,6 +600,7 @@ class Outbox(Part):
 
     async def _relay_rows(self) -> None:
         after, relayed = 0, 0
+        acked = set(self._acked) if self._held_too_long else set()
         while True:
             try:
                 rows = await _database(partial(outbox_rows.undelivered, after, RELAY_BATCH))
@@ -537,11 +624,15 @@ class Outbox(Part):
                     # Newer events wait until JetStream acknowledged every relayed one: a
                     # relayed event it refuses (no leader yet) must not land after them. Noted
                     # before the send: its ack may come back while the relay is still sending.
-                    self._held = True
+                    self._hold()
                     self._relayed_unacked.add(event_id)
                 if not await self._send(subject, payload.encode(), headers):
                     self._relay_due = True  # cut off again: the rest on the next connection
                     return
+                if self._held_too_long and event_id not in self._live_only:
+                    self._live_only.add(event_id)
+                    if event_id not in acked:  # stored already, its books not written yet
+                        await self._publish_fallback(subject, payload.encode())
                 after, relayed = position, relayed + 1
             if len(rows) < RELAY_BATCH:
                 break

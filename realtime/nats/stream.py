@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 from nats.aio.client import Client
@@ -54,6 +55,11 @@ REPLAY_INACTIVE_S = 30.0
 # sequence read, for up to REPLAY_WAIT_S before the replay gives up (the client gets `gap`).
 REPLAY_WAIT_S = 10.0
 REPLAY_RETRY_S = 0.25
+
+# JetStream's advisories of a stream made or deleted (`<kind>.<stream>`): the consumer is made
+# again, from the start of a stream made anew (its sequences start again at 1).
+STREAM_ADVISORIES = "$JS.EVENT.ADVISORY.STREAM.*.{name}"
+REMADE_ADVISORIES = {"CREATED", "DELETED"}
 
 # A message of the consumed subject and its stream sequence (None: plain subscription).
 StreamCallback = Callable[[Msg, "int | None"], Awaitable[None]]
@@ -98,6 +104,11 @@ class StreamConsumer(Part):
         self._ordered = False
         self._lock: asyncio.Lock | None = None
         self._retry: asyncio.Task[None] | None = None
+        # When the stream read was made (JetStream's `created`): another one means it was made
+        # anew (deleted and made again, a server restarted with an empty store).
+        self._stream_created: datetime | None = None
+        self._advisory_client: Any = None
+        self._advisory_task: asyncio.Task[None] | None = None
         link.add_part(self)
 
     def consume(
@@ -121,6 +132,7 @@ class StreamConsumer(Part):
     def stop_consuming(self) -> Future[None] | None:
         """End the consumer; the future is done once its subscriptions are (None: not started)."""
         self._consumer = None
+        self._stream_created = None
         if self._link.loop is None:
             return None
         return self._link.submit(self._apply())
@@ -136,8 +148,28 @@ class StreamConsumer(Part):
         self._retry = None
 
     async def connected(self) -> None:
+        client = self._link.client
+        if client is not None and client is not self._advisory_client:
+            # One subscription per client; nats-py keeps it across reconnections.
+            name = stream_name(self._link.prefix)
+            await client.subscribe(STREAM_ADVISORIES.format(name=name), cb=self._on_advisory)
+            self._advisory_client = client
         # Re-made from the last sequence the bridge handled: a restarted server lost the old one.
         await self._apply()
+
+    async def _on_advisory(self, msg: Msg) -> None:
+        """The stream was deleted or made (by anyone: an operator, another Kurs process making
+        it again after a refusal): the ordered consumer is made again, from the start of the
+        new stream, or tried every second until there is one. A task of its own: `_apply` ends
+        subscriptions, and must not be cancelled with this callback's."""
+        kind = msg.subject.split(".")[-2]
+        if kind in REMADE_ADVISORIES and self._consumer is not None:
+            logger.info(
+                "nats: stream %s %s; the ordered consumer is made again",
+                msg.subject.split(".")[-1],
+                kind.lower(),
+            )
+            self._advisory_task = asyncio.get_running_loop().create_task(self._apply())
 
     async def closing(self) -> None:
         if self._retry is not None:
@@ -150,6 +182,9 @@ class StreamConsumer(Part):
 
     def forget_after_fork(self) -> None:
         self._consumer = None
+        self._stream_created = None
+        self._advisory_client = None
+        self._advisory_task = None
         self._retry = None
         self._subs = []
         self._ordered = False
@@ -212,10 +247,18 @@ class StreamConsumer(Part):
         js = client.jetstream(timeout=JETSTREAM_TIMEOUT_S)
         name = stream_name(self._link.prefix)
         start = consumer.position()
-        last = (await js.stream_info(name)).state.last_seq
-        if start is None or start > last:
-            # First start, or the stream was deleted and made again (its sequences restart):
-            # from its end, and the caller forgets positions of the old stream.
+        info = await js.stream_info(name)
+        last = info.state.last_seq
+        anew = self._stream_created is not None and info.created != self._stream_created
+        self._stream_created = info.created
+        if anew:
+            # Made anew since it was last read: every event in it was stored after what this
+            # process read of the old one (the relay's first), so from its start; the caller
+            # forgets positions of the old stream.
+            start = max(0, info.state.first_seq - 1)
+            consumer.on_start(start)
+        elif start is None or start > last:
+            # First start, or a stream made anew that was not read before: from its end.
             start = last
             consumer.on_start(start)
         callback = consumer.callback

@@ -13,21 +13,25 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats
 import pytest
 from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
 from django.db import transaction
-from nats.js.api import StreamConfig
+from nats.js.api import DiscardPolicy, StreamConfig
 
 from realtime import events, outbox_rows
 from realtime import nats as realtime_nats
+from realtime.bridge import bridge
 from realtime.models import OutboxEvent
-from realtime.nats import connection, stream_name
+from realtime.nats import connection, publishing, stream_consumer, stream_name
 from realtime.nats.link import STREAM_DUPLICATE_WINDOW_S, STREAM_MAX_AGE_S
 from realtime.nats.subjects import event_subjects
+from realtime.tests.conftest import connect, receive
 from tests.services import NatsServer
 
 pytestmark = [pytest.mark.nats, pytest.mark.django_db(transaction=True)]
@@ -226,29 +230,170 @@ async def test_more_replicas_than_the_server_has_leave_it_without_stream_and_say
     assert "JetStream stream" in (status["last_error"] or "")
 
 
+@contextlib.asynccontextmanager
+async def a_full_stream(server: NatsServer, prefix: str) -> AsyncIterator[None]:
+    """The stream made again by hand holding one message at most, discarding new ones, and
+    full (a `provider.state` named "filler"): JetStream refuses every event, for a reason the
+    outbox cannot mend, until the stream takes any number again on leaving the block."""
+    client = await nats.connect(server.url)
+    try:
+        js = client.jetstream()
+        name = stream_name(prefix)
+        config = (await js.stream_info(name)).config
+        await js.delete_stream(name)
+        config.max_msgs, config.discard = 1, DiscardPolicy.NEW
+        await js.add_stream(config)
+        filler = json.dumps({"data": {"name": "filler"}}).encode()
+        await js.publish(f"{prefix}.provider.state", filler)
+        yield
+        config.max_msgs = -1
+        await js.update_stream(config)
+    finally:
+        await client.close()
+
+
 async def test_an_event_the_stream_refused_reaches_it_before_any_newer_one(
     own_jetstream: NatsServer, acks: Acks, prefix: str
 ) -> None:
-    """As when a replicated stream loses its leader: publishes are refused (no responders)
-    until another is elected, then accepted. What was refused goes first; what is written
+    """As when a replicated stream loses its leader: publishes are refused until another is
+    elected, then accepted (here a stream that is full, discarding new messages, until it is
+    not: one the outbox cannot make again). What was refused goes first; what is written
     meanwhile waits behind it (make test-cluster found clients missing versions a relay stored
     after newer ones)."""
     await written_and_acked(acks, range(1, 3))
     # Booked delivered first: a relay would store them again in the stream made anew below.
     await wait_until(lambda: undelivered() == 0, "the first rows marked delivered")
-    client = await nats.connect(own_jetstream.url)
-    js = client.jetstream()
-    name = stream_name(prefix)
-    config = (await js.stream_info(name)).config
-    await js.delete_stream(name)
-    refused = [await sync_to_async(write)(v) for v in (3, 4)]
-    await wait_until(
-        lambda: refused[-1] in (realtime_nats.status()["last_error"] or ""), "a refused ack"
-    )
-    await js.add_stream(config)  # a leader again
-    await client.close()
+    async with a_full_stream(own_jetstream, prefix):
+        refused = [await sync_to_async(write)(v) for v in (3, 4)]
+        await wait_until(
+            lambda: refused[-1] in (realtime_nats.status()["last_error"] or ""), "a refused ack"
+        )
+    # It takes events again, as a stream with a new leader does.
     newer = [await sync_to_async(write)(v) for v in (5, 6)]
     await asyncio.to_thread(acks.wait_for, refused + newer)
     stored = await stream_rates(own_jetstream, prefix)
     assert [version for _, _, version in stored] == [3, 4, 5, 6]
+    await wait_until(lambda: undelivered() == 0, "every row marked delivered")
+
+
+def write_named(name: str) -> str:
+    """One stored event in its own transaction (a `provider.state` named `name`): its id.
+    Every socket gets it, and the bridge hands each one on (no version to drop it by)."""
+    with transaction.atomic():
+        event_id = events.publish_on_commit(
+            "provider.state", {"name": name, "state": "closed", "reason": ""}
+        )
+    assert event_id is not None
+    return event_id
+
+
+@dataclass
+class Frames:
+    """The `provider.state` frames a socket received: (seq, name); seq None: the fallback bus."""
+
+    got: list[tuple[int | None, str]] = field(default_factory=list)
+
+    async def read(self, ws: WebsocketCommunicator) -> None:
+        while True:
+            frame = json.loads(await ws.receive_from(60))
+            if frame["type"] == "provider.state":
+                self.got.append((frame.get("seq"), frame["data"]["name"]))
+
+    def names(self, *, numbered: bool = False) -> list[str]:
+        return [name for seq, name in self.got if seq is not None or not numbered]
+
+
+async def stream_names(server: NatsServer, prefix: str) -> list[str]:
+    """The names of the `provider.state` events the stream holds, in its order."""
+    client = await nats.connect(server.url)
+    try:
+        js = client.jetstream()
+        name = stream_name(prefix)
+        state = (await js.stream_info(name)).state
+        names = []
+        for seq in range(state.first_seq, state.last_seq + 1):
+            msg = await js.get_msg(name, seq)
+            if msg.subject == f"{prefix}.provider.state" and msg.data:
+                names.append(json.loads(msg.data)["data"]["name"])
+        return names
+    finally:
+        await client.close()
+
+
+@contextlib.asynccontextmanager
+async def reading_socket() -> AsyncIterator[Frames]:
+    """The bridge consuming the stream and a socket whose frames are read meanwhile."""
+    assert await asyncio.to_thread(realtime_nats.wait_connected, 15)
+    await bridge.ensure_started()
+    await wait_until(lambda: stream_consumer.consuming_stream, "the ordered consumer made")
+    ws = await connect("/ws/items")
+    frames = Frames()
+    reader = None
+    try:
+        assert (await receive(ws))["type"] == "snapshot"
+        reader = asyncio.create_task(frames.read(ws))
+        yield frames
+    finally:
+        if reader is not None:
+            reader.cancel()
+        await ws.disconnect()
+
+
+async def write_every(names: list[str], every: float = 0.05) -> list[str]:
+    ids = []
+    for name in names:
+        ids.append(await sync_to_async(write_named)(name))
+        await asyncio.sleep(every)
+    return ids
+
+
+async def test_a_deleted_stream_is_made_again_and_live_events_resume_numbered(
+    own_jetstream: NatsServer, acks: Acks, prefix: str
+) -> None:
+    """An operator deletes the stream (as a NATS restarted with an empty store would lose it)
+    while the outbox publishes an event every 50 ms: JetStream refuses or drops what follows.
+    The outbox makes the stream again and relays what it had not seen acknowledged; the
+    bridge's consumer reads the new stream from its start. The socket gets every event, in the
+    order written, all from the stream (numbered: the held ones waited for the new stream), and
+    the new stream holds, once and in order, every event from the first one the old stream's
+    loss left unbooked (at the latest the first written after the deletion) to the last."""
+    names = [f"e{n}" for n in range(80)]
+    async with reading_socket() as frames:
+        writing = asyncio.create_task(write_every(names))
+        await wait_until(lambda: len(frames.names()) >= 15, "15 events on the socket")
+        client = await nats.connect(own_jetstream.url)
+        await client.jetstream().delete_stream(stream_name(prefix))
+        await client.close()
+        deleted_after = len(frames.names())
+        ids = await writing
+        await asyncio.to_thread(acks.wait_for, ids)
+        await wait_until(lambda: list(dict.fromkeys(frames.names())) == names, "every event live")
+    assert frames.names(numbered=True) == frames.names()  # none over the fallback bus
+    stored = await stream_names(own_jetstream, prefix)
+    first = names.index(stored[0])
+    assert stored == names[first:], "a contiguous run of the events, each once, in order"
+    assert first <= deleted_after, "every event written after the deletion is in the new stream"
+    await wait_until(lambda: undelivered() == 0, "every row marked delivered")
+
+
+async def test_events_held_past_the_limit_go_live_and_reach_the_stream_in_order_later(
+    own_jetstream: NatsServer, acks: Acks, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JetStream refuses for a reason the outbox cannot mend (here a stream an operator made
+    full, discarding new messages): after HOLD_LIMIT_S newer events go live over the fallback
+    bus rather than wait; once the stream takes events again the relay stores every one, once,
+    in the order written."""
+    monkeypatch.setattr(publishing, "HOLD_LIMIT_S", 1.0)
+    async with reading_socket() as frames:
+        names = [f"a{n}" for n in range(40)]
+        async with a_full_stream(own_jetstream, prefix):
+            after = await write_every(names)
+            # Live over the fallback bus (unnumbered), in the order written, while refused.
+            await wait_until(lambda: frames.names() == names, "every event live")
+            assert not acks.seqs.keys() & set(after)
+        await asyncio.to_thread(acks.wait_for, after, 30)
+        assert await stream_names(own_jetstream, prefix) == ["filler", *names]
+        # New events go on NATS again, from the stream (numbered).
+        await asyncio.to_thread(acks.wait_for, await write_every(["z"]))
+        await wait_until(lambda: "z" in frames.names(numbered=True), "z from the stream")
     await wait_until(lambda: undelivered() == 0, "every row marked delivered")
