@@ -40,15 +40,11 @@ from django.utils.dateparse import parse_datetime
 from items.models import Item
 from rates import policy
 from rates.exceptions import InvalidQuery, NotServedAt
-from rates.models import CURRENT_FIELDS, Rate, ServedRate
+from rates.models import SERVED_FIELDS, SERVED_ROWS, Rate, ServedRate
 from rates.snapshot import course_from_row
 from realtime import nats
 
 logger = logging.getLogger(__name__)
-
-# What a served version keeps of the current rate it copies: every column the two models share
-# (`rates.models.ServedValue`) and the version; a key absent from `fields` takes its default.
-SERVED_FIELDS = (*CURRENT_FIELDS, "route", "sources")
 
 
 # --- Writes ------------------------------------------------------------------------------------
@@ -61,24 +57,21 @@ def record(
 ) -> None:
     """Log one version of an item's current rate: `fields` as written to its CurrentRate row.
 
-    Called inside the transaction that writes that row (sync); a failure rolls both back.
+    Called inside the transaction that writes that row (sync); a failure rolls both back. A
+    column absent from `fields` takes its default.
     """
-    record_all([(item_id, fields, event_id, served_at or timezone.now())])
+    meta = ServedRate._meta
+    whole = {name: meta.get_field(name).get_default() for name in SERVED_FIELDS} | dict(fields)
+    record_all([(item_id, whole, event_id, served_at or timezone.now())])
 
 
 def record_all(versions: Iterable[tuple[int, Mapping[str, Any], str | None, datetime]]) -> None:
-    """`record` for versions `(item_id, fields, event_id, served_at)`, in one insert (a burst of
-    writes, `rates.services`)."""
-    ServedRate.objects.bulk_create(
-        [
-            ServedRate(
-                item_id=item_id,
-                served_at=served_at,
-                event_id=event_id,
-                **{name: fields[name] for name in SERVED_FIELDS if name in fields},
-            )
-            for item_id, fields, event_id, served_at in versions
-        ]
+    """`record` for versions `(item_id, fields, event_id, served_at)`, `fields` every column of
+    SERVED_FIELDS, in one insert (a burst of writes, `rates.services`); `seq` comes with the
+    event's ack (`record_seqs`)."""
+    SERVED_ROWS.write(
+        {**fields, "item_id": item_id, "served_at": served_at, "event_id": event_id, "seq": None}
+        for item_id, fields, event_id, served_at in versions
     )
 
 

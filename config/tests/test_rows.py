@@ -1,0 +1,94 @@
+"""Prepared inserts (`config.rows`): every column of their model written, as the ORM would."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.db import connection
+
+from config import rows
+from items.models import Item
+from rates.models import CURRENT_ROWS, RATE_ROWS, CurrentRate, Rate, ServedRate
+from realtime.models import OutboxEvent
+
+
+def test_every_prepared_insert_writes_every_column_of_its_model() -> None:
+    """A field added to a model must be added to its insert: nothing leaves a column to chance."""
+    models = {insert.model for insert in rows.ALL}
+    assert {Rate, CurrentRate, ServedRate, OutboxEvent} <= models
+    for insert in rows.ALL:
+        assert insert.unwritten() == set(), insert.model.__name__
+        fields = {field.attname for field in insert.model._meta.concrete_fields}
+        assert set(insert.columns) <= fields, insert.model.__name__
+
+
+def history_row(item: Item, **changes: Any) -> dict[str, Any]:
+    at = datetime(2026, 12, 7, 9, 0, 0, 123456, tzinfo=UTC)
+    return {
+        "item_id": item.pk,
+        "provider": "binance",
+        "value": Decimal("54001.123456789012345678"),
+        "bid": Decimal("54001.1"),
+        "ask": None,
+        "source_time": at,
+        "received_at": at,
+        "derived": False,
+        "mode": "priority",
+        "n_sources": 1,
+        "dispersion_bps": None,
+        **changes,
+    }
+
+
+@pytest.mark.django_db
+def test_a_prepared_row_reads_back_as_the_orm_writes_it() -> None:
+    item = Item.objects.create(base="ZZA", quote="USD", code="ZZA-USD")
+    assert RATE_ROWS.write([history_row(item, provider="prepared")]) == 1
+    Rate.objects.create(**history_row(item, provider="orm"))
+    prepared, orm = (
+        Rate.objects.filter(provider=name).values().get() for name in ("prepared", "orm")
+    )
+    for row in (prepared, orm):
+        del row["id"], row["provider"]
+    assert prepared == orm
+
+
+@pytest.mark.django_db
+def test_a_prepared_upsert_rewrites_every_column_but_the_key() -> None:
+    item = Item.objects.create(base="ZZB", quote="USD", code="ZZB-USD")
+    at = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
+    current = {
+        "item_id": item.pk,
+        "provider": "binance",
+        "value": Decimal(1),
+        "bid": None,
+        "ask": None,
+        "source_time": at,
+        "checked_at": at,
+        "received_at": at,
+        "derived": False,
+        "status": "live",
+        "version": 1,
+        "mode": "priority",
+        "n_sources": 1,
+        "dispersion_bps": None,
+        "route": [],
+        "sources": [{"provider": "binance"}],
+    }
+    CURRENT_ROWS.write([current])
+    CURRENT_ROWS.write([{**current, "value": Decimal(2), "version": 2, "status": "failover"}])
+    row = CurrentRate.objects.get(item=item)
+    assert (row.value, row.version, row.status, row.sources) == (
+        Decimal(2),
+        2,
+        "failover",
+        [{"provider": "binance"}],
+    )
+
+
+def test_a_row_without_one_of_the_columns_is_refused() -> None:
+    with pytest.raises(KeyError):
+        RATE_ROWS.prepare({"item_id": 1}, connection)
