@@ -35,7 +35,7 @@ class Insert:
         self.model = model
         self.columns = tuple(columns)
         self.conflict = conflict
-        self._fields: tuple[tuple[str, Any], ...] | None = None
+        self._prepared: tuple[tuple[str, Any], ...] | None = None
         self._sql: dict[str, str] = {}  # connection vendor -> the statement
         ALL.append(self)
 
@@ -63,25 +63,28 @@ class Insert:
                 cursor.executemany(self._statement(connection), params)
         return len(params)
 
+    def _field(self, attname: str) -> models.Field[Any, Any]:
+        """The concrete field of a column (looked up when first written: the models are ready)."""
+        return next(f for f in self.model._meta.concrete_fields if f.attname == attname)
+
     def _prepares(self) -> tuple[tuple[str, Any], ...]:
-        if self._fields is None:
-            meta = self.model._meta
-            self._fields = tuple(
-                (name, meta.get_field(name).get_db_prep_save) for name in self.columns
+        if self._prepared is None:
+            self._prepared = tuple(
+                (name, self._field(name).get_db_prep_save) for name in self.columns
             )
-        return self._fields
+        return self._prepared
 
     def _statement(self, connection: BaseDatabaseWrapper) -> str:
         sql = self._sql.get(connection.vendor)
         if sql is None:
             quote = connection.ops.quote_name
-            names = [quote(self.model._meta.get_field(name).column) for name in self.columns]
+            names = [quote(self._field(name).column) for name in self.columns]
             sql = (
                 f"INSERT INTO {quote(self.model._meta.db_table)} ({', '.join(names)}) "
                 f"VALUES ({', '.join(['%s'] * len(names))})"
             )
             if self.conflict is not None:
-                key = quote(self.model._meta.get_field(self.conflict).column)
+                key = quote(self._field(self.conflict).column)
                 updated = [name for name in names if name != key]
                 sql += f" ON CONFLICT ({key}) DO UPDATE SET " + ", ".join(
                     f"{name} = EXCLUDED.{name}" for name in updated

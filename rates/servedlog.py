@@ -60,8 +60,8 @@ def record(
     Called inside the transaction that writes that row (sync); a failure rolls both back. A
     column absent from `fields` takes its default.
     """
-    meta = ServedRate._meta
-    whole = {name: meta.get_field(name).get_default() for name in SERVED_FIELDS} | dict(fields)
+    defaults = {f.attname: f.get_default() for f in ServedRate._meta.concrete_fields}
+    whole = {name: defaults[name] for name in SERVED_FIELDS} | dict(fields)
     record_all([(item_id, whole, event_id, served_at or timezone.now())])
 
 
