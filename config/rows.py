@@ -49,16 +49,28 @@ class Insert:
         }
         return every - set(self.columns)
 
-    def prepare(self, row: Row, connection: BaseDatabaseWrapper) -> tuple[Any, ...]:
+    def prepare(
+        self, row: Row, connection: BaseDatabaseWrapper, *, leading: tuple[Any, ...] = ()
+    ) -> tuple[Any, ...]:
         """One row's values as the database takes them, in `columns` order (a KeyError for a
-        column the row lacks: a model's new column is written on purpose, never by default)."""
-        return tuple(prep(row[name], connection) for name, prep in self._prepares())
+        column the row lacks: a model's new column is written on purpose, never by default).
+
+        `leading`: the first columns' values, prepared already (a row that copies another
+        insert's row with the same fields: the served log's version of a current rate)."""
+        prepares = self._prepares()[len(leading) :]
+        return leading + tuple(prep(row[name], connection) for name, prep in prepares)
 
     def write(self, rows: Iterable[Row], *, using: str = DEFAULT_DB_ALIAS) -> int:
         """Insert (or upsert) `rows` in one `executemany`, in the current transaction."""
         connection = connections[using]
-        params = [self.prepare(row, connection) for row in rows]
+        return self.write_prepared([self.prepare(row, connection) for row in rows], using=using)
+
+    def write_prepared(
+        self, params: Sequence[tuple[Any, ...]], *, using: str = DEFAULT_DB_ALIAS
+    ) -> int:
+        """`write` for rows `prepare`d already."""
         if params:
+            connection = connections[using]
             with connection.cursor() as cursor:
                 cursor.executemany(self._statement(connection), params)
         return len(params)

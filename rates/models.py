@@ -189,4 +189,6 @@ class ServedRate(ServedValue):
 
 
 # The served log's versions (`rates.servedlog.record_all`): every column; `seq` comes with the ack.
-SERVED_ROWS = Insert(ServedRate, ("item_id", "served_at", "event_id", "seq", *SERVED_FIELDS))
+# The leading columns are CURRENT_ROWS', from the same fields (`ServedValue`): a version's values
+# are prepared once for its current rate and its served version alike.
+SERVED_ROWS = Insert(ServedRate, (*CURRENT_ROWS.columns, "served_at", "event_id", "seq"))

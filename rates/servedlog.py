@@ -32,7 +32,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import DatabaseError, connection
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connection, connections
 from django.db.models import Max, OuterRef, Subquery
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -40,7 +40,7 @@ from django.utils.dateparse import parse_datetime
 from items.models import Item
 from rates import policy
 from rates.exceptions import InvalidQuery, NotServedAt
-from rates.models import SERVED_FIELDS, SERVED_ROWS, Rate, ServedRate
+from rates.models import CURRENT_ROWS, SERVED_FIELDS, SERVED_ROWS, Rate, ServedRate
 from rates.snapshot import course_from_row
 from realtime import nats
 
@@ -61,17 +61,26 @@ def record(
     column absent from `fields` takes its default.
     """
     defaults = {f.attname: f.get_default() for f in ServedRate._meta.concrete_fields}
-    whole = {name: defaults[name] for name in SERVED_FIELDS} | dict(fields)
-    record_all([(item_id, whole, event_id, served_at or timezone.now())])
+    row = {name: defaults[name] for name in SERVED_FIELDS} | dict(fields) | {"item_id": item_id}
+    values = CURRENT_ROWS.prepare(row, connections[DEFAULT_DB_ALIAS])
+    record_all([(values, event_id, served_at or timezone.now())])
 
 
-def record_all(versions: Iterable[tuple[int, Mapping[str, Any], str | None, datetime]]) -> None:
-    """`record` for versions `(item_id, fields, event_id, served_at)`, `fields` every column of
-    SERVED_FIELDS, in one insert (a burst of writes, `rates.services`); `seq` comes with the
-    event's ack (`record_seqs`)."""
-    SERVED_ROWS.write(
-        {**fields, "item_id": item_id, "served_at": served_at, "event_id": event_id, "seq": None}
-        for item_id, fields, event_id, served_at in versions
+def record_all(versions: Iterable[tuple[tuple[Any, ...], str | None, datetime]]) -> None:
+    """`record` for versions `(values, event_id, served_at)`, in one insert (a burst of writes,
+    `rates.services`): `values` is the version's CurrentRate row as prepared for its upsert
+    (`CURRENT_ROWS.prepare`), which the log copies; `seq` comes with the event's ack
+    (`record_seqs`)."""
+    connection = connections[DEFAULT_DB_ALIAS]
+    SERVED_ROWS.write_prepared(
+        [
+            SERVED_ROWS.prepare(
+                {"served_at": served_at, "event_id": event_id, "seq": None},
+                connection,
+                leading=values,
+            )
+            for values, event_id, served_at in versions
+        ]
     )
 
 

@@ -49,7 +49,14 @@ from decimal import localcontext
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, close_old_connections, transaction
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    DatabaseError,
+    IntegrityError,
+    close_old_connections,
+    connections,
+    transaction,
+)
 from django.utils import timezone
 
 from items.models import Item
@@ -759,14 +766,20 @@ def _write_rows(writes: Sequence[Write]) -> None:
     rate (its last version in the burst), every served version, and their outbox rows (events
     published in order on commit): an insert (or upsert) each, whatever the burst's size."""
     RATE_ROWS.write(row for write in writes for _, row in write.history)
-    versions = [(write, write.fields) for write in writes if write.fields is not None]
+    connection = connections[DEFAULT_DB_ALIAS]
+    # Each version's columns prepared once: its current rate and its served version hold them.
+    versions = [
+        (write, CURRENT_ROWS.prepare({"item_id": write.item_id, **write.fields}, connection))
+        for write in writes
+        if write.fields is not None
+    ]
     if not versions:
         return
-    _write_currents({write.item_id: fields for write, fields in versions})
+    _write_currents({write.item_id: values for write, values in versions})
     # The same transaction: the log is what was served, named by the event that announced it.
     servedlog.record_all(
-        (write.item_id, fields, write.envelopes[0]["id"], write.served_at or timezone.now())
-        for write, fields in versions
+        (values, write.envelopes[0]["id"], write.served_at or timezone.now())
+        for write, values in versions
     )
     events.publish_all_on_commit([e for write, _ in versions for e in write.envelopes])
 
@@ -824,10 +837,10 @@ def _current_columns(current: Current) -> dict[str, Any]:
     return fields
 
 
-def _write_currents(rows: dict[int, dict[str, Any]]) -> None:
-    """item id -> columns: one upsert (an UPDATE in the common case, an INSERT for a pair's
-    first rate)."""
-    CURRENT_ROWS.write({"item_id": item_id, **fields} for item_id, fields in rows.items())
+def _write_currents(rows: dict[int, tuple[Any, ...]]) -> None:
+    """item id -> its row, prepared (`CURRENT_ROWS.prepare`; the item's last version in the
+    burst): one upsert (an UPDATE in the common case, an INSERT for a pair's first rate)."""
+    CURRENT_ROWS.write_prepared(list(rows.values()))
 
 
 def _route_to_db(route: Iterable[dict[str, Any]]) -> list[dict[str, str]]:

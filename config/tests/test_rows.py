@@ -11,7 +11,7 @@ from django.db import connection
 
 from config import rows
 from items.models import Item
-from rates.models import CURRENT_ROWS, RATE_ROWS, CurrentRate, Rate, ServedRate
+from rates.models import CURRENT_ROWS, RATE_ROWS, SERVED_ROWS, CurrentRate, Rate, ServedRate
 from realtime.models import OutboxEvent
 
 
@@ -23,6 +23,29 @@ def test_every_prepared_insert_writes_every_column_of_its_model() -> None:
         assert insert.unwritten() == set(), insert.model.__name__
         fields = {field.attname for field in insert.model._meta.concrete_fields}
         assert set(insert.columns) <= fields, insert.model.__name__
+
+
+def test_a_served_version_is_prepared_by_the_fields_of_its_current_rate() -> None:
+    """The served log copies a current rate's prepared values (`rates.servedlog.record_all`):
+    its leading columns are the current rate's, and each is the same field (`ServedValue`)."""
+    shared = CURRENT_ROWS.columns
+    assert SERVED_ROWS.columns[: len(shared)] == shared
+    by_name = {
+        model: {field.attname: field for field in model._meta.concrete_fields}
+        for model in (CurrentRate, ServedRate)
+    }
+    for name in shared:
+        current, served = by_name[CurrentRate][name], by_name[ServedRate][name]
+        if name == "item_id":  # the key of one, a plain reference in the other: Item's id alike
+            assert current.target_field == served.target_field  # type: ignore[attr-defined]
+            continue
+        # The same type and options (a default, which preparing never reads, aside).
+        (_, path, args, options), (_, served_path, served_args, served_options) = (
+            field.deconstruct() for field in (current, served)
+        )
+        options.pop("default", None)
+        served_options.pop("default", None)
+        assert (path, args, options) == (served_path, served_args, served_options), name
 
 
 def history_row(item: Item, **changes: Any) -> dict[str, Any]:
