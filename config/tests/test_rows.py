@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -12,7 +13,7 @@ from django.db import connection
 from config import rows
 from items.models import Item
 from rates.models import CURRENT_ROWS, RATE_ROWS, SERVED_ROWS, CurrentRate, Rate, ServedRate
-from realtime.models import OutboxEvent
+from realtime.models import OUTBOX_ROWS, OutboxEvent
 
 
 def test_every_prepared_insert_writes_every_column_of_its_model() -> None:
@@ -115,3 +116,21 @@ def test_a_prepared_upsert_rewrites_every_column_but_the_key() -> None:
 def test_a_row_without_one_of_the_columns_is_refused() -> None:
     with pytest.raises(KeyError):
         RATE_ROWS.prepare({"item_id": 1}, connection)
+
+
+@pytest.mark.django_db
+def test_the_rows_keep_their_order_in_the_automatic_key() -> None:
+    """The outbox is relayed in `id` order: the order the events were written in."""
+    now = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
+    ids = [uuid.uuid4() for _ in range(50)]
+    OUTBOX_ROWS.write(
+        {
+            "event_id": event_id,
+            "subject": "kurs.test",
+            "payload": "{}",
+            "created_at": now,
+            "delivered_at": None,
+        }
+        for event_id in ids
+    )
+    assert list(OutboxEvent.objects.order_by("id").values_list("event_id", flat=True)) == ids
