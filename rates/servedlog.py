@@ -98,8 +98,8 @@ def record_seqs(acks: Iterable[tuple[str, int]]) -> int:
     (docs/scaling.md#the-owner): the acks go as one subquery joined to the rows instead. An
     event acked twice in the batch (relayed) keeps its first sequence, as across batches."""
     seqs: dict[str, int] = {}
-    for event_id, seq in acks:
-        seqs.setdefault(event_id, seq)
+    for acked, number in acks:
+        seqs.setdefault(acked, number)
     if not seqs:
         return 0
     quote = connection.ops.quote_name

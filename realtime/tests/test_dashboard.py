@@ -356,9 +356,14 @@ async def test_the_dashboard_shows_statuses_and_charts_from_candles_extended_liv
         when = update["checked_at"]
         update["sources"] = [
             {"provider": "binance", "value": Decimal("54400.5"), "source_time": when},
-            {"provider": "bybit", "value": Decimal("54390"), "source_time": when},
+            {
+                "provider": "bybit",
+                "value": Decimal("54390"),
+                "source_time": when,
+                "excluded": True,
+                "reason": "priority",
+            },
         ]
-        update["sources"][1] |= {"excluded": True, "reason": "priority"}
         events.publish("rate.updated", update)
         await expect(btc).to_have_text("54,400.50")
         sources = page.locator('tr[data-pair="BTC-USD"] td.sources')
