@@ -17,7 +17,7 @@ def published_events() -> Iterator[list[tuple[str, dict[str, Any]]]]:
 
     seen: list[tuple[str, dict[str, Any]]] = []
 
-    def probe(subject: str, envelope: dict[str, Any]) -> None:
+    def probe(subject: str, envelope: dict[str, Any], payload: str) -> None:
         seen.append((subject, envelope))
 
     events.add_transport(probe)

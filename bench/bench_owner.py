@@ -16,7 +16,10 @@ work on PostgreSQL is not in it). Printed per accepted quote, in µs, medians ov
 - pegs: `PegMonitor.evaluate` once per tick, spread over that tick's quotes;
 - owner: accept + pegs;
 - restart: accept for a new owner's first burst (the board remembers no history row: each
-  pair's last one is read from the database), once per run.
+  pair's last one is read from the database), once per run;
+- server (PostgreSQL on this host only): the CPU of the bench's server process (its backend,
+  read from /proc) during accept, per accepted quote: the database's share of the owner's
+  cost, on the same cores when it runs beside the owner.
 
 The machine's cores are shared: quote medians and the ratios, not single figures.
 """
@@ -96,6 +99,24 @@ def quotes(codes: list[str], provider: str, tick: int) -> list[Any]:
     ]
 
 
+def server_cpu() -> float | None:
+    """CPU seconds the connection's PostgreSQL backend has used (None: not PostgreSQL, or not a
+    process of this host)."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # utime and stime, fields 14 and 15 of the file (11 and 12 after the command's ")").
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def one_run(args: argparse.Namespace, profile: cProfile.Profile | None) -> dict[str, float]:
     from django.utils import timezone
 
@@ -103,7 +124,7 @@ def one_run(args: argparse.Namespace, profile: cProfile.Profile | None) -> dict[
     from rates.board import QuoteBoard
 
     codes = reset(args.pairs)
-    spent = {"board": 0.0, "accept": 0.0, "pegs": 0.0}
+    spent = {"board": 0.0, "accept": 0.0, "pegs": 0.0, "server": 0.0}
     accepted, restart = 0, 0.0
     floor = QuoteBoard()
     for tick in range(args.ticks + 2):
@@ -127,11 +148,15 @@ def one_run(args: argparse.Namespace, profile: cProfile.Profile | None) -> dict[
         board_cpu = time.process_time() - start
         if profile is not None and timed:
             profile.enable()
+        server_start = server_cpu()
         start = time.process_time()
         for burst in bursts:
             results = services.accept_quotes(burst)
             accepted += sum(r.accepted for r in results) if timed else 0
         accept_cpu = time.process_time() - start
+        server_end = server_cpu()
+        if server_start is not None and server_end is not None:
+            spent["server"] += (server_end - server_start) if timed else 0.0
         start = time.process_time()
         peg_monitor.get_monitor().evaluate(services.get_board(), now=timezone.now())
         pegs_cpu = time.process_time() - start
@@ -164,7 +189,10 @@ def main() -> None:
     print(f"{engine}, {args.pairs} pairs x {len(PROVIDERS)} providers, {args.ticks} ticks")
     print(f"load average: {os.getloadavg()[0]:.1f}")
     base = statistics.median(run["board"] for run in runs)
-    for name in ("board", "accept", "pegs", "owner", "restart"):
+    names = ["board", "accept", "pegs", "owner", "restart"]
+    if args.database_url:
+        names.append("server")
+    for name in names:
         value = statistics.median(run[name] for run in runs)
         print(f"{name:>7}: {value:8.1f} us/quote  x{value / base:6.1f} of board")
     if profile is not None:

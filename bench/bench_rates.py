@@ -161,7 +161,7 @@ async def pipeline(
     def on_row(sender: type[Rate], instance: Rate, created: bool, **kwargs: Any) -> None:
         row_at.setdefault(instance.value.normalize(), time.perf_counter())
 
-    def on_event(subject: str, envelope: dict[str, Any]) -> None:
+    def on_event(subject: str, envelope: dict[str, Any], payload: str) -> None:
         if envelope["type"] == "rate.updated" and envelope["data"]["direction"] == "BTC-USD":
             event_at.setdefault(Decimal(envelope["data"]["value"]).normalize(), time.perf_counter())
 
@@ -219,7 +219,7 @@ async def failover(
     seconds until `rate.updated` names bybit; then binance comes back and takes over again."""
     serving: list[tuple[float, str]] = []
 
-    def on_event(subject: str, envelope: dict[str, Any]) -> None:
+    def on_event(subject: str, envelope: dict[str, Any], payload: str) -> None:
         if envelope["type"] == "rate.updated" and envelope["data"]["direction"] == "BTC-USD":
             serving.append((time.perf_counter(), envelope["data"]["provider"]))
 

@@ -148,7 +148,7 @@ class ItemDetailCache:
         self._local_generation += 1
         self._entries.clear()
 
-    def on_event(self, subject: str, envelope: dict[str, Any]) -> None:
+    def on_event(self, subject: str, envelope: dict[str, Any], payload: str) -> None:
         """An `events` transport: an item event published here invalidates the cache."""
         if str(envelope.get("type", "")).startswith("item."):
             self.invalidate()

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from django.db import models
 
+from config.rows import Insert
 from items.models import Item
 from rates.fields import ExactDecimalField
 
@@ -38,6 +39,24 @@ class Rate(models.Model):
     def __str__(self) -> str:
         return f"{self.item_id} {self.provider} {self.value}"
 
+
+# The owner's history rows (`rates.services`): every column, without a model instance each.
+RATE_ROWS = Insert(
+    Rate,
+    (
+        "item_id",
+        "provider",
+        "value",
+        "bid",
+        "ask",
+        "source_time",
+        "received_at",
+        "derived",
+        "mode",
+        "n_sources",
+        "dispersion_bps",
+    ),
+)
 
 # The columns of a current rate besides `route` (stored as JSON text): one list for every copy.
 CURRENT_FIELDS = (
@@ -104,6 +123,12 @@ class CurrentRate(ServedValue):
         return f"{self.item_id} {self.provider} {self.value} v{self.version}"
 
 
+# The columns of a current rate (and of the version it logs): CURRENT_FIELDS and the JSON ones.
+SERVED_FIELDS = (*CURRENT_FIELDS, "route", "sources")
+# The owner's upsert of its pairs' current rates: every column rewritten but the key.
+CURRENT_ROWS = Insert(CurrentRate, ("item_id", *SERVED_FIELDS), conflict="item_id")
+
+
 class OwnerLease(models.Model):
     """Who owns live state (docs/architecture.md#one-owner-of-live-state): one row per lease name,
     held until `expires_at`.
@@ -161,3 +186,9 @@ class ServedRate(ServedValue):
 
     def __str__(self) -> str:
         return f"{self.item_id} v{self.version} {self.provider} {self.value} at {self.served_at}"
+
+
+# The served log's versions (`rates.servedlog.record_all`): every column; `seq` comes with the ack.
+# The leading columns are CURRENT_ROWS', from the same fields (`ServedValue`): a version's values
+# are prepared once for its current rate and its served version alike.
+SERVED_ROWS = Insert(ServedRate, (*CURRENT_ROWS.columns, "served_at", "event_id", "seq"))

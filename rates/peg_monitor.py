@@ -177,8 +177,8 @@ _monitor: PegMonitor | None = None
 def get_monitor() -> PegMonitor:
     """The process's monitor, for the pegs configured now (tests change KURS_PEGS)."""
     global _monitor
-    configured = pegs.configured(settings.KURS_PEGS)
-    if _monitor is None or _monitor.pegs != configured:
+    configured = _configured()
+    if _monitor is None or (_monitor.pegs is not configured and _monitor.pegs != configured):
         _monitor = PegMonitor(configured)
     return _monitor
 
@@ -202,8 +202,19 @@ async def proxy_peg() -> pegs.PegState | None:
     return state
 
 
+# KURS_PEGS as read last, and its pegs.
+_pegs: tuple[list[Any], tuple[pegs.Peg, ...]] | None = None
+
+
 def _configured() -> tuple[pegs.Peg, ...]:
-    return pegs.configured(settings.KURS_PEGS)
+    """KURS_PEGS as pegs, built again only when the setting's value changes (tests override
+    it): every decision asks (`get_monitor`), and building them each time was a cost per quote
+    at 1,000 pairs (docs/scaling.md#the-owner)."""
+    global _pegs
+    raw = settings.KURS_PEGS
+    if _pegs is None or _pegs[0] != raw:
+        _pegs = (list(raw), pegs.configured(raw))
+    return _pegs[1]
 
 
 def _loaded(row: dict[str, Any], peg: pegs.Peg, now: datetime | None = None) -> pegs.PegState:

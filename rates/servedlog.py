@@ -32,7 +32,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import DatabaseError, connection
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connection, connections
 from django.db.models import Max, OuterRef, Subquery
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -40,15 +40,11 @@ from django.utils.dateparse import parse_datetime
 from items.models import Item
 from rates import policy
 from rates.exceptions import InvalidQuery, NotServedAt
-from rates.models import CURRENT_FIELDS, Rate, ServedRate
+from rates.models import CURRENT_ROWS, SERVED_FIELDS, SERVED_ROWS, Rate, ServedRate
 from rates.snapshot import course_from_row
 from realtime import nats
 
 logger = logging.getLogger(__name__)
-
-# What a served version keeps of the current rate it copies: every column the two models share
-# (`rates.models.ServedValue`) and the version; a key absent from `fields` takes its default.
-SERVED_FIELDS = (*CURRENT_FIELDS, "route", "sources")
 
 
 # --- Writes ------------------------------------------------------------------------------------
@@ -61,23 +57,29 @@ def record(
 ) -> None:
     """Log one version of an item's current rate: `fields` as written to its CurrentRate row.
 
-    Called inside the transaction that writes that row (sync); a failure rolls both back.
+    Called inside the transaction that writes that row (sync); a failure rolls both back. A
+    column absent from `fields` takes its default.
     """
-    record_all([(item_id, fields, event_id, served_at or timezone.now())])
+    defaults = {f.attname: f.get_default() for f in ServedRate._meta.concrete_fields}
+    row = {name: defaults[name] for name in SERVED_FIELDS} | dict(fields) | {"item_id": item_id}
+    values = CURRENT_ROWS.prepare(row, connections[DEFAULT_DB_ALIAS])
+    record_all([(values, event_id, served_at or timezone.now())])
 
 
-def record_all(versions: Iterable[tuple[int, Mapping[str, Any], str | None, datetime]]) -> None:
-    """`record` for versions `(item_id, fields, event_id, served_at)`, in one insert (a burst of
-    writes, `rates.services`)."""
-    ServedRate.objects.bulk_create(
+def record_all(versions: Iterable[tuple[tuple[Any, ...], str | None, datetime]]) -> None:
+    """`record` for versions `(values, event_id, served_at)`, in one insert (a burst of writes,
+    `rates.services`): `values` is the version's CurrentRate row as prepared for its upsert
+    (`CURRENT_ROWS.prepare`), which the log copies; `seq` comes with the event's ack
+    (`record_seqs`)."""
+    connection = connections[DEFAULT_DB_ALIAS]
+    SERVED_ROWS.write_prepared(
         [
-            ServedRate(
-                item_id=item_id,
-                served_at=served_at,
-                event_id=event_id,
-                **{name: fields[name] for name in SERVED_FIELDS if name in fields},
+            SERVED_ROWS.prepare(
+                {"served_at": served_at, "event_id": event_id, "seq": None},
+                connection,
+                leading=values,
             )
-            for item_id, fields, event_id, served_at in versions
+            for values, event_id, served_at in versions
         ]
     )
 
@@ -96,8 +98,8 @@ def record_seqs(acks: Iterable[tuple[str, int]]) -> int:
     (docs/scaling.md#the-owner): the acks go as one subquery joined to the rows instead. An
     event acked twice in the batch (relayed) keeps its first sequence, as across batches."""
     seqs: dict[str, int] = {}
-    for event_id, seq in acks:
-        seqs.setdefault(event_id, seq)
+    for acked, number in acks:
+        seqs.setdefault(acked, number)
     if not seqs:
         return 0
     quote = connection.ops.quote_name

@@ -49,13 +49,20 @@ from decimal import localcontext
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, close_old_connections, transaction
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    DatabaseError,
+    IntegrityError,
+    close_old_connections,
+    connections,
+    transaction,
+)
 from django.utils import timezone
 
 from items.models import Item
 from rates import consensus, metrics, peg_monitor, pegs, policy, servedlog, validation
 from rates.board import Current, Entry, PairState, QuoteBoard
-from rates.models import CURRENT_FIELDS, CurrentRate, Rate
+from rates.models import CURRENT_FIELDS, CURRENT_ROWS, RATE_ROWS, CurrentRate, Rate
 from rates.providers import Pair, Quote
 from rates.snapshot import route_from_db, sources_from_db, sources_to_db
 from realtime import events
@@ -548,7 +555,8 @@ class Write:
 
     item_id: int
     decision: Decision
-    history: list[tuple[tuple[str, str], Rate]]
+    # (`board.last_stored` key, the row's columns: `rates.models.RATE_ROWS`)
+    history: list[tuple[tuple[str, str], dict[str, Any]]]
     fields: dict[str, Any] | None = None
     served_at: datetime | None = None
     envelopes: list[events.Envelope] = field(default_factory=list)
@@ -621,8 +629,9 @@ class Writes:
 
     def _history_row(
         self, item_id: int, pair: str, entry: Entry, current: Current | None, *, now: datetime
-    ) -> Rate | None:
-        """`entry`'s history row when due; a consensus row keeps its evidence (from `current`)."""
+    ) -> dict[str, Any] | None:
+        """`entry`'s history row when due, its columns (`RATE_ROWS`); a consensus row keeps its
+        evidence (from `current`)."""
         key = (pair, entry.provider)
         last = self.board.last_stored.get(key)
         if last is None:  # once per pair and provider per owner: later rows are remembered
@@ -642,21 +651,21 @@ class Writes:
             return None
         if key not in self._stored_before:
             self._stored_before[key] = self.board.last_stored.get(key)
-        return Rate(
-            item_id=item_id,
-            provider=entry.provider,
-            value=entry.value,
-            bid=entry.bid,
-            ask=entry.ask,
-            source_time=entry.source_time,
-            received_at=now,
-            derived=entry.derived,
+        return {
+            "item_id": item_id,
+            "provider": entry.provider,
+            "value": entry.value,
+            "bid": entry.bid,
+            "ask": entry.ask,
+            "source_time": entry.source_time,
+            "received_at": now,
+            "derived": entry.derived,
             **_history_evidence(entry, current),
-        )
+        }
 
     def _apply(self, write: Write) -> None:
         for key, row in write.history:
-            self.board.last_stored[key] = (row.value, row.received_at)
+            self.board.last_stored[key] = (row["value"], row["received_at"])
         if write.decision.current is not None:
             self.board.set_current(write.pair, write.decision.current)
 
@@ -756,17 +765,21 @@ def _write_rows(writes: Sequence[Write]) -> None:
     """The rows of `writes`, in the current transaction: the history rows, each item's current
     rate (its last version in the burst), every served version, and their outbox rows (events
     published in order on commit): an insert (or upsert) each, whatever the burst's size."""
-    rows = [row for write in writes for _, row in write.history]
-    if rows:
-        Rate.objects.bulk_create(rows)
-    versions = [(write, write.fields) for write in writes if write.fields is not None]
+    RATE_ROWS.write(row for write in writes for _, row in write.history)
+    connection = connections[DEFAULT_DB_ALIAS]
+    # Each version's columns prepared once: its current rate and its served version hold them.
+    versions = [
+        (write, CURRENT_ROWS.prepare({"item_id": write.item_id, **write.fields}, connection))
+        for write in writes
+        if write.fields is not None
+    ]
     if not versions:
         return
-    _write_currents({write.item_id: fields for write, fields in versions})
+    _write_currents({write.item_id: values for write, values in versions})
     # The same transaction: the log is what was served, named by the event that announced it.
     servedlog.record_all(
-        (write.item_id, fields, write.envelopes[0]["id"], write.served_at or timezone.now())
-        for write, fields in versions
+        (values, write.envelopes[0]["id"], write.served_at or timezone.now())
+        for write, values in versions
     )
     events.publish_all_on_commit([e for write, _ in versions for e in write.envelopes])
 
@@ -774,7 +787,7 @@ def _write_rows(writes: Sequence[Write]) -> None:
 def _observe(write: Write) -> None:
     """A committed write's metrics."""
     for _, row in write.history:
-        metrics.RATES_STORED.labels(row.provider).inc()
+        metrics.RATES_STORED.labels(row["provider"]).inc()
     current = write.decision.current
     if current is not None:
         _observe_current(write.pair, write.decision, current)
@@ -802,9 +815,13 @@ def _observe_current(pair: str, decision: Decision, current: Current) -> None:
         metrics.FAILOVERS.labels(pair, current.provider).inc()
 
 
+# A history row priced from one provider's quote (the columns' defaults, written explicitly).
+_ONE_SOURCE: dict[str, Any] = {"mode": policy.PRIORITY, "n_sources": 1, "dispersion_bps": None}
+
+
 def _history_evidence(entry: Entry, current: Current | None) -> dict[str, Any]:
     if entry.provider != policy.CONSENSUS_PROVIDER or current is None:
-        return {}  # one provider's quote: the model's defaults (priority, one source)
+        return _ONE_SOURCE  # one provider's quote
     return {
         "mode": current.mode,
         "n_sources": current.n_sources,
@@ -820,19 +837,10 @@ def _current_columns(current: Current) -> dict[str, Any]:
     return fields
 
 
-# Every column of a CurrentRate row but its key, rewritten by each new version.
-_CURRENT_COLUMNS = [*CURRENT_FIELDS, "route", "sources"]
-
-
-def _write_currents(rows: dict[int, dict[str, Any]]) -> None:
-    """item id -> columns: one upsert (an UPDATE in the common case, an INSERT for a pair's
-    first rate)."""
-    CurrentRate.objects.bulk_create(
-        [CurrentRate(item_id=item_id, **fields) for item_id, fields in rows.items()],
-        update_conflicts=True,
-        unique_fields=["item"],
-        update_fields=_CURRENT_COLUMNS,
-    )
+def _write_currents(rows: dict[int, tuple[Any, ...]]) -> None:
+    """item id -> its row, prepared (`CURRENT_ROWS.prepare`; the item's last version in the
+    burst): one upsert (an UPDATE in the common case, an INSERT for a pair's first rate)."""
+    CURRENT_ROWS.write_prepared(list(rows.values()))
 
 
 def _route_to_db(route: Iterable[dict[str, Any]]) -> list[dict[str, str]]:

@@ -24,7 +24,9 @@ from realtime import outbox_rows
 logger = logging.getLogger(__name__)
 
 Envelope = dict[str, Any]
-Transport = Callable[[str, Envelope], None]
+# (subject, envelope, payload): `payload` is the envelope as JSON (`dumps`), encoded once per
+# event; the outbox row stores these very bytes, and the NATS transport sends them.
+Transport = Callable[[str, Envelope, str], None]
 
 # type -> subject suffix below KURS_NATS_PREFIX (docs/events.md)
 _SUBJECTS = {
@@ -79,11 +81,11 @@ def _subject_or_none(event_type: str, data: dict[str, Any]) -> str | None:
         return None
 
 
-def _hand_over(subject: str, envelope: Envelope) -> None:
+def _hand_over(subject: str, envelope: Envelope, payload: str) -> None:
     logger.debug("event %s on %s", envelope["type"], subject, extra={"event_id": envelope["id"]})
     for transport in list(_transports):
         try:
-            transport(subject, envelope)
+            transport(subject, envelope, payload)
         except Exception:
             # A broken transport must not break the write that produced the event.
             logger.exception("event transport %r failed for %s", transport, subject)
@@ -99,7 +101,7 @@ def publish(event_type: str, data: dict[str, Any]) -> Envelope:
     envelope = make_envelope(event_type, data)
     subject = _subject_or_none(event_type, data)
     if subject is not None:
-        _hand_over(subject, envelope)
+        _hand_over(subject, envelope, dumps(envelope))
     return envelope
 
 
@@ -117,18 +119,19 @@ def publish_all_on_commit(envelopes: Sequence[Envelope]) -> int:
     """`publish_on_commit` for envelopes made by `make_envelope` (their ids already named in the
     rows they announce): one insert into the outbox, published in order once the transaction
     commits; returns how many were written (an envelope without a subject is not)."""
+    # Each envelope encoded once: the row stores the payload that is sent.
     ready = [
-        (subject, envelope)
+        (subject, envelope, dumps(envelope))
         for envelope in envelopes
         if (subject := _subject_or_none(envelope["type"], envelope["data"])) is not None
     ]
     if not ready:
         return 0
-    outbox_rows.record((envelope["id"], subject, dumps(envelope)) for subject, envelope in ready)
+    outbox_rows.record((envelope["id"], subject, payload) for subject, envelope, payload in ready)
 
     def hand_over() -> None:
-        for subject, envelope in ready:
-            _hand_over(subject, envelope)
+        for subject, envelope, payload in ready:
+            _hand_over(subject, envelope, payload)
 
     transaction.on_commit(hand_over)
     return len(ready)

@@ -12,6 +12,8 @@ from __future__ import annotations
 from django.db import models
 from django.utils import timezone
 
+from config.rows import Insert
+
 
 class OutboxEvent(models.Model):
     id = models.BigAutoField(primary_key=True)  # the relay's order: the order of the writes
@@ -26,3 +28,7 @@ class OutboxEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.subject} {self.event_id}"
+
+
+# The writers' outbox rows (`realtime.outbox_rows.record`): every column, no model instance each.
+OUTBOX_ROWS = Insert(OutboxEvent, ("event_id", "subject", "payload", "created_at", "delivered_at"))

@@ -38,12 +38,19 @@ def record(rows: Iterable[tuple[str, str, str]]) -> None:
     """Write events `(event_id, subject, payload)` in the current transaction, in one insert and
     in their order (the relay's order; called by `publish_on_commit`)."""
     global _recorded
-    model = _rows()
-    model.objects.bulk_create(
-        [
-            model(event_id=event_id, subject=subject, payload=payload)
-            for event_id, subject, payload in rows
-        ]
+    # Imported here, as `_rows` looks the model up: this module is imported before the apps.
+    from realtime.models import OUTBOX_ROWS
+
+    now = timezone.now()
+    OUTBOX_ROWS.write(
+        {
+            "event_id": event_id,
+            "subject": subject,
+            "payload": payload,
+            "created_at": now,
+            "delivered_at": None,
+        }
+        for event_id, subject, payload in rows
     )
     _recorded = True
 

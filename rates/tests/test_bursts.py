@@ -104,7 +104,7 @@ def test_a_write_failing_mid_burst_fails_alone_and_leaves_no_half_written_row(
     broken = rows["ETH-USD"].pk
     real = services._write_currents
 
-    def failing(currents: dict[int, dict[str, Any]]) -> None:
+    def failing(currents: dict[int, Any]) -> None:
         if broken in currents:  # the burst's write, then ETH-USD's own
             raise OperationalError("terminating connection due to administrator command")
         real(currents)
@@ -146,7 +146,7 @@ def test_a_pair_whose_write_fails_keeps_no_later_version_of_the_burst(
     real = services._write_currents
     calls = []
 
-    def failing(currents: dict[int, dict[str, Any]]) -> None:
+    def failing(currents: dict[int, Any]) -> None:
         calls.append(len(currents))
         if len(calls) <= 2:  # the burst's write, then BTC-USD's version 1
             raise OperationalError("terminating connection due to administrator command")

@@ -17,7 +17,7 @@ from edge.tests.asgi import both, call
 from items.models import Item
 from rates import servedlog, services
 from rates.exceptions import InvalidQuery, NotServedAt
-from rates.models import CurrentRate, Rate, ServedRate, ServedValue
+from rates.models import SERVED_FIELDS, CurrentRate, Rate, ServedRate, ServedValue
 from rates.snapshot import snapshot
 from rates.tests.support import make_quote, rate_events
 
@@ -62,7 +62,7 @@ def test_every_version_of_the_current_rate_is_logged_as_written(
     last = versions[-1]
     # Every column the read model shares with the log, and the version, is copied.
     shared = {field.name for field in ServedValue._meta.fields} | {"version"}
-    assert set(servedlog.SERVED_FIELDS) == shared
+    assert set(SERVED_FIELDS) == shared
     for name in shared:
         assert getattr(last, name) == getattr(current, name), name
     assert (last.mode, last.n_sources) == ("priority", 1)

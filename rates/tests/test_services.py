@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 from items.models import Item
 from rates import metrics, policy, services
 from rates.board import QuoteBoard
-from rates.models import CurrentRate, Rate
+from rates.models import RATE_ROWS, CurrentRate, Rate
 from rates.tests.support import make_quote, rate_events
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("rate_settings", "fresh_board")]
@@ -447,11 +447,11 @@ def test_a_database_error_loses_the_row_not_the_rate(
 ) -> None:
     item("BTC-USD")
 
-    def locked(*args: Any, **kwargs: Any) -> list[Rate]:
+    def locked(*args: Any, **kwargs: Any) -> int:
         raise OperationalError("database is locked")
 
     with monkeypatch.context() as patched:
-        patched.setattr(Rate.objects, "bulk_create", locked)
+        patched.setattr(RATE_ROWS, "write", locked)  # the history row's insert
         result = accept(make_quote("binance", "BTC-USD", "100"), django_capture_on_commit_callbacks)
     assert result.accepted
     assert not result.stored

@@ -35,7 +35,6 @@ from django.db import DatabaseError
 from nats.aio.msg import Msg
 from nats.js.api import PubAck
 
-from config.jsonenc import dumps
 from realtime import metrics, outbox_rows
 from realtime.nats.link import NatsConnection, Part, connection
 from realtime.nats.subjects import FALLBACK_MESSAGE_TYPE, ORIGIN_HEADER, fallback_group
@@ -687,6 +686,6 @@ def relay_only(wanted: Callable[[str, str], bool] | None) -> None:
     outbox.relay_filter = wanted
 
 
-def transport(subject: str, envelope: dict[str, Any]) -> None:
-    """The `realtime.events` transport: serialise in the caller's thread, queue, return."""
-    outbox.publish(subject, dumps(envelope).encode(), envelope.get("id"))
+def transport(subject: str, envelope: dict[str, Any], payload: str) -> None:
+    """The `realtime.events` transport: the payload as encoded once (the outbox row's), queued."""
+    outbox.publish(subject, payload.encode(), envelope.get("id"))

@@ -133,6 +133,13 @@ async def test_an_event_is_written_with_its_change_and_marked_delivered_once_ack
     row = await sync_to_async(OutboxEvent.objects.get)(event_id=event_id)
     assert json.loads(row.payload)["id"] == event_id
     assert row.subject == f"{prefix}.rates.BTC-USD"
+    # The envelope is encoded once: the stream holds the very bytes the row stores.
+    client = await nats.connect(own_jetstream.url)
+    try:
+        sent = await client.jetstream().get_msg(stream_name(prefix), seq)
+    finally:
+        await client.close()
+    assert sent.data == row.payload.encode()
 
 
 async def test_a_rolled_back_change_leaves_no_event(own_jetstream: NatsServer) -> None:
