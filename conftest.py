@@ -20,6 +20,14 @@ def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> Iterator[N
     from django.db import connections
 
     yield
+    # The threads that would connect again: the NATS connection's (its outbox relay writes its
+    # books each second), and the served log's seq recorder (it keeps its connection while acks
+    # keep coming, and closes it once they are written).
+    from rates.servedlog import seq_recorder
+    from realtime.nats import connection as nats_connection
+
+    nats_connection.shutdown()
+    seq_recorder.wait_idle(10)
     # Async tests read the database on asgiref's one sync thread (`sync_to_async`): from a loop of
     # its own in the main thread, outside any `async_to_sync`, `sync_to_async` runs there too.
     asyncio.run(sync_to_async(connections.close_all)())
