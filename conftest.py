@@ -2,12 +2,51 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
+    """pytest-django's test databases; before they are dropped, the sessions tests left open
+    outside the main thread (pytest-django closes only the main thread's), since PostgreSQL
+    refuses to drop a database with another session (a warning, and the database left)."""
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+
+    yield
+    # The threads that would connect again: the NATS connection's (its outbox relay writes its
+    # books each second), and the served log's seq recorder (it keeps its connection while acks
+    # keep coming, and closes it once they are written).
+    from rates.servedlog import seq_recorder
+    from realtime.nats import connection as nats_connection
+
+    nats_connection.shutdown()
+    seq_recorder.wait_idle(10)
+    # Async tests read the database on asgiref's one sync thread (`sync_to_async`): from a loop of
+    # its own in the main thread, outside any `async_to_sync`, `sync_to_async` runs there too.
+    asyncio.run(sync_to_async(connections.close_all)())
+    # The last resort, for sessions nobody can close any more: the owner's off-loop calls
+    # (`thread_sensitive=False`: lease renewals, shard takes) run in the pool threads of each
+    # async test's loop, which end with the test and leave their connections to the garbage
+    # collector (rates/tests/test_fetcher.py leaves a few). Whatever of this run is still
+    # connected to a test database now is ended by PostgreSQL.
+    with django_db_blocker.unblock():
+        for alias in connections:
+            database = connections[alias]
+            if database.vendor != "postgresql":
+                continue
+            with database.cursor() as cursor:
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            database.close()
 
 
 @pytest.fixture

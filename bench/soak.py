@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -82,7 +83,7 @@ class RemoteEmulator:
 class Client:
     kind: str
     messages: int = 0
-    last_at: float = 0.0
+    last_at: float = -math.inf  # time.monotonic() of the last message; never: -inf, not 0.0
     seq: int | None = None
     reconnects: int = 0
     gaps: int = 0

@@ -11,6 +11,7 @@ Sync code on several threads may use it (sync_to_async workers, the event loop),
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -81,8 +82,10 @@ class Current:
     n_sources: int = 1
     dispersion_bps: Decimal | None = None
     sources: tuple[dict[str, Any], ...] = ()
-    # time.monotonic() of the last write, for the confirmation throttle.
-    written: float = 0.0
+    # time.monotonic() of the last write, for the confirmation throttle; -inf: not written by
+    # this process (loaded), so a confirmation is due at once. Not 0.0: monotonic time counts
+    # from boot, and an owner started within a heartbeat of boot would hold it back.
+    written: float = -math.inf
 
     def same_rate(self, entry: Entry) -> bool:
         return self.provider == entry.provider and self.value == entry.value

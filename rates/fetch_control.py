@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from contextlib import suppress
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 from asgiref.sync import async_to_sync, sync_to_async
@@ -30,7 +31,7 @@ from rates.fetcher import (
 from rates.lease import RENEW_EVERY
 from rates.provider_health import provider_statuses
 from rates.providers import build_providers
-from realtime import nats
+from realtime import nats, outbox_rows
 
 # The fetching process logs under one name, whichever of its modules speaks.
 logger = logging.getLogger("rates.fetcher")
@@ -74,9 +75,14 @@ async def _keep(held: shards.Shards, owned: frozenset[int]) -> None:
     """Renew the safety net's leases while its cycle runs, as the owner renews its own: a cycle
     can outlast a lease (a round may take MAX_ROUND_SECONDS), and a lease that lapsed
     mid-cycle would silently drop the writes after it. A lost renewal ends the writes."""
+    # Off the sync thread (a renewal must not queue behind the cycle's writes), in a pool thread
+    # of this cycle's loop: each run of the safety net has a loop of its own (async_to_sync), whose
+    # threads end with it, so each renewal closes its connection, or every run would leave a
+    # PostgreSQL session behind until the garbage collector found it.
+    renew = sync_to_async(outbox_rows.in_worker_thread, thread_sensitive=False)
     while True:
         await asyncio.sleep(RENEW_EVERY)  # the renewal's cadence
-        if not await sync_to_async(held.renew, thread_sensitive=False)(owned):
+        if not await renew(partial(held.renew, owned)):
             return
 
 

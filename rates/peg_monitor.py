@@ -13,6 +13,7 @@ is broken is converted with the measured value and marked `depeg` (`rates.pegs.t
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from datetime import datetime
@@ -42,7 +43,8 @@ class PegMonitor:
         self._lock = threading.Lock()
         self._proxy: pegs.PegState | None = None
         self.dirty = True
-        self._followed = -READ_EVERY  # time.monotonic() of the last `follow`
+        # time.monotonic() of the last `follow`; never: -inf (the clock's origin is undefined).
+        self._followed = -math.inf
         # The board's pairs, proxy and aliases `_used` was computed for; the pairs pegs use.
         self._used_for: tuple[Any, ...] | None = None
         self._used: frozenset[str] = frozenset()

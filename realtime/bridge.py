@@ -28,6 +28,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -223,7 +224,7 @@ class Bridge:
         group = fallback_group()
         channel = await layer.new_channel()
         loop = asyncio.get_running_loop()
-        joined_at = -GROUP_REFRESH_S
+        joined_at = -math.inf  # never joined (loop.time()'s origin is undefined)
         try:
             while True:
                 try:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterable
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 from django.db import DatabaseError, connection, connections
 from django.utils import timezone
 
-from rates import fetch_control, lease, services
+from rates import fetch_control, lease, services, shards
 from rates.lease import Lease, lease_holder, lease_release, lease_try_acquire
 from rates.models import OwnerLease
+from rates.tests.support import FakeClock
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -117,17 +120,35 @@ async def test_the_safety_nets_cycle_keeps_its_lease_however_long_it_takes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`POST /tasks/run` with no owner: the cycle may outlast one lease (a round may take
-    MAX_ROUND_SECONDS, a loaded machine longer); its writes at the end are still made."""
-    monkeypatch.setattr(lease, "TTL", lease.SAFETY + 0.3)  # the holder believes 0.3 s at a time
-    monkeypatch.setattr(fetch_control, "RENEW_EVERY", 0.05)
+    MAX_ROUND_SECONDS, a loaded machine longer); its writes at the end are still made.
 
+    The holder's clock is the test's (the lease module's alone; asyncio keeps the real one):
+    the cycle outlasts its lease by that clock at once, then waits for a renewal that started
+    after it. No real time has to pass, so a thread stalled on a loaded machine cannot fail it."""
+    clock = FakeClock()
+    monkeypatch.setattr(lease, "time", SimpleNamespace(monotonic=clock))
+    monkeypatch.setattr(fetch_control, "RENEW_EVERY", 0.01)
+    outlasted = 10 * lease.TTL  # the holder's clock once the cycle's work is done
+    renewed_after = threading.Event()
+    renew = shards.Shards.renew
+
+    def noting_renew(self: shards.Shards, owned: Iterable[int]) -> bool:
+        started = clock()
+        held = renew(self, owned)
+        if held and started >= outlasted:
+            renewed_after.set()
+        return held
+
+    monkeypatch.setattr(shards.Shards, "renew", noting_renew)
     writable: list[bool] = []
 
     async def slow_cycle(provider_names: object) -> None:
-        await asyncio.sleep(1.0)  # the cycle's own work: three lease lengths and more
+        writable.append(services.get_board().writable())
+        clock.now = outlasted  # the cycle's own work: ten lease lengths
+        assert await asyncio.to_thread(renewed_after.wait, 30)
         writable.append(services.get_board().writable())
 
     monkeypatch.setattr(fetch_control, "_cycle_here", slow_cycle)
     await fetch_control.fetch_once()
-    assert writable == [True]
+    assert writable == [True, True]
     assert not services.get_board().writable()  # and none after it

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -13,7 +14,7 @@ from items.models import Item
 from rates import metrics, policy, services
 from rates.board import QuoteBoard
 from rates.models import RATE_ROWS, CurrentRate, Rate
-from rates.tests.support import make_quote, rate_events
+from rates.tests.support import make_quote, rate_events, store_current
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("rate_settings", "fresh_board")]
 
@@ -300,6 +301,28 @@ def test_a_new_owner_keeps_the_serving_provider_and_the_jump_reference(
     assert [(e["provider"], e["status"], e["version"]) for e in rate_events(published_events)][
         -2:
     ] == [("bybit", "stale", 3), ("bybit", "failover", 4)]
+
+
+def test_a_loaded_rate_is_confirmed_at_once_even_just_after_boot() -> None:
+    """A new owner has not written its loaded rates: their first confirmation is due at once,
+    however close to boot it starts (monotonic time counts from boot, so a "last write" of
+    0.0 held it back for up to a heartbeat after boot)."""
+    store_current(item("BTC-USD"), "binance", "100", checked_ago=10)
+    board = services.get_board()
+    assert services.board_load(board=board) == 1
+    now = timezone.now()
+    quote = make_quote("binance", "BTC-USD", "100", now=now)
+    board.accept("BTC-USD", services._validate(quote, cross=None, now=now, board=board))
+    state = board.state("BTC-USD", now=now)
+    just_after_boot = 1.0
+    decision = services.decide("BTC-USD", state, now=now, monotonic=just_after_boot)
+    assert decision.current is not None
+    assert decision.current.checked_at == now  # the confirmation, same value and provider
+    assert (decision.current.provider, decision.current.value) == ("binance", Decimal(100))
+    # Had this owner written it (half a second after boot), the heartbeat would hold it back.
+    assert state.current is not None
+    written = replace(state, current=replace(state.current, written=0.5))
+    assert services.decide("BTC-USD", written, now=now, monotonic=just_after_boot).current is None
 
 
 @pytest.mark.parametrize(

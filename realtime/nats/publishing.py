@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -115,7 +116,9 @@ class Outbox(Part):
         # killed) cannot be overtaken by the next; acks take a millisecond.
         self._busy: dict[str, str] = {}
         self._busy_subject: dict[str, str] = {}  # event id -> its subject, while in `_busy`
-        self._pruned_at = 0.0
+        # time.monotonic() of the last prune; never: -inf, so the first books written prune
+        # (0.0 would put it off until PRUNE_EVERY_S after boot: monotonic time counts from it).
+        self._pruned_at = -math.inf
         self._relay_due = False
         self._relay_after = 0.0  # time.monotonic() before which a failed relay is not retried
         # The relay's last read of the database failed: until one succeeds, newer events take
