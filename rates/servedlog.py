@@ -168,6 +168,11 @@ class SeqRecorder:
             except DatabaseError as exc:
                 failed = True
                 logger.warning("served log: %d acks not recorded: %s", len(batch), exc)
+            except Exception:
+                # Not the database's answer (a bug, or no database access in this process):
+                # the thread must outlive it, or every later ack would wait for nobody.
+                failed = True
+                logger.exception("served log: %d acks not recorded", len(batch))
             finally:
                 # The thread's connection is kept while acks keep coming (a new connection per
                 # tenth of a second cost the owner as much as the update itself), and closed

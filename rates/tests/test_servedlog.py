@@ -186,6 +186,35 @@ def test_acks_are_recorded_in_batches_off_the_callers_thread() -> None:
     assert ServedRate.objects.get(version=1).seq == 7
 
 
+@pytest.mark.django_db(transaction=True)
+def test_the_recorder_outlives_a_batch_that_fails_for_any_reason(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    btc = item("BTC-USD")
+    served(btc, timezone.now(), 1, event_id="e-1")
+    real = servedlog.record_seqs
+    calls: list[int] = []
+
+    def broken_once(acks: list[tuple[str, int]]) -> int:
+        calls.append(len(acks))
+        if len(calls) == 1:
+            raise RuntimeError("not a database error")
+        return real(acks)
+
+    monkeypatch.setattr(servedlog, "record_seqs", broken_once)
+    recorder = servedlog.SeqRecorder()
+    recorder.ack("lost", 1)
+    assert recorder.wait_idle(10)  # the failed batch is counted done, not left pending
+    recorder.ack("e-1", 5)
+    assert recorder.wait_idle(10)
+    assert (len(calls), ServedRate.objects.get(version=1).seq) == (2, 5)
+    # Logged by the recorder, which went on in the same thread (not a thread that died).
+    failed = [r for r in caplog.records if "acks not recorded" in r.getMessage()]
+    assert [(r.levelname, r.threadName, r.exc_info is not None) for r in failed] == [
+        ("ERROR", "served-seq", True)
+    ]
+
+
 # --- Reads at an instant -----------------------------------------------------------------------
 @pytest.mark.django_db
 def test_version_at_is_the_one_served_then_judged_then(settings: Any) -> None:
