@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from realtime.options import EPOCH_PATTERN
+
 Schema = dict[str, Any]
 
 _TIME: Schema = {"type": "string", "format": "date-time"}
@@ -207,6 +209,12 @@ ENVELOPE: Schema = {
             "type": "integer",
             "minimum": 1,
             "description": "the JetStream stream sequence: where to resume from",
+        },
+        "epoch": {
+            "type": "string",
+            "pattern": EPOCH_PATTERN,
+            "description": "on `snapshot` and `gap` only: the stream (its incarnation) `seq` and "
+            "`first_available` are sequences of; resume with it as `epoch` beside `since`",
         },
     },
     "allOf": [
