@@ -25,7 +25,7 @@ from realtime import events
 from realtime import nats as realtime_nats
 from realtime.bridge import bridge
 from realtime.nats import connection, stream_consumer, stream_name
-from realtime.nats.stream import StreamConsumer
+from realtime.nats.stream import StreamConsumer, StreamCursor, StreamMadeAnew
 from realtime.tests.conftest import connect, receive, receive_until
 from realtime.tests.test_sse import next_event, sse_events
 from tests.services import NatsServer
@@ -475,3 +475,30 @@ async def test_with_jetstream_foreign_messages_still_arrive_once_without_seq(
     assert "seq" not in inbound[f"{prefix}.weather"]
     assert frames[-1]["seq"] == inbound[f"{prefix}.provider.state"]["seq"] + 1
     await ws.disconnect()
+
+
+async def test_a_replay_whose_stream_is_made_anew_midway_breaks_off(
+    machine_nats: str, eight_pairs: None, prefix: str
+) -> None:
+    """A cursor that must open the stream again (its consumer gone with the old stream) finds
+    another incarnation: it gives up rather than read the new one's messages as the old's."""
+    await started()
+    publish_rates(8, start=1)
+    await observe_all("filled")
+    cursor = StreamCursor(0)
+    await cursor.open()
+    assert cursor.epoch is not None
+    client = await nats.connect(machine_nats)
+    js = client.jetstream()
+    config = (await js.stream_info(stream_name(prefix))).config
+    await js.delete_stream(stream_name(prefix))
+    await js.add_stream(config)
+    for n in range(12):
+        await js.publish(f"{prefix}.fetch.completed", f'{{"n": {n}}}'.encode())
+    await client.close()
+    try:
+        with pytest.raises(StreamMadeAnew):
+            while not cursor.done:
+                await cursor.batch()
+    finally:
+        await cursor.close()
