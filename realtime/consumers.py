@@ -4,8 +4,9 @@ hand frames to the hub.
 Every frame to the client, replies included, goes through this socket's queue in the hub, so the
 order is kept and only one task ever writes to the socket.
 
-`?since=<seq>` (with `&epoch=<epoch>`, the stream it was read in) resumes: instead of a snapshot, the socket's queue first replays the stream after
-that sequence (`bridge.replay`), then continues live; a `since` more than KURS_MAX_REPLAY_EVENTS
+`?since=<seq>` (with `&epoch=<epoch>`, the stream it was read in) resumes: instead of a
+snapshot, the socket's queue first replays the stream after that sequence (`bridge.replay`), then
+continues live; a `since` more than KURS_MAX_REPLAY_EVENTS
 behind gets `gap` and a snapshot instead (`realtime.resume`). `?min_interval_ms=` and
 `?min_change=` set the socket's delivery policy (also in a `subscribe` action).
 

@@ -16,11 +16,9 @@ from typing import Any
 from django.conf import settings
 
 from realtime.hub import DeliveryPolicy
+from realtime.stream_openapi import EPOCH_PATTERN
 
 MAX_INTERVAL_MS = 3_600_000
-# A stream epoch as frames carry it (`realtime.nats.stream.stream_epoch`: base 36), with room
-# to spare; anything else is a client's mistake, not an epoch of this server.
-EPOCH_PATTERN = r"^[0-9a-z]{1,16}$"
 
 
 class BadOption(ValueError):

@@ -34,14 +34,9 @@ from realtime import metrics, resume, stream_openapi
 from realtime.bridge import bridge
 from realtime.hub import DeliveryPolicy, SocketQueue, hub
 from realtime.limits import Lease, client_of_request
-from realtime.options import (
-    EPOCH_PATTERN,
-    BadOption,
-    delivery_policy,
-    pairs_from_values,
-    parse_since,
-)
+from realtime.options import BadOption, delivery_policy, pairs_from_values, parse_since
 from realtime.origin import origin_allowed
+from realtime.stream_openapi import EPOCH_PATTERN
 
 router = Router(tags=["stream"])
 
@@ -103,7 +98,9 @@ class StreamQuery(Schema):
         None, description="`sources`: rate payloads list the sources they considered"
     )
 
-    @field_validator("pairs", "since", "epoch", "min_interval_ms", "min_change", "expand", mode="before")
+    @field_validator(
+        "pairs", "since", "epoch", "min_interval_ms", "min_change", "expand", mode="before"
+    )
     @classmethod
     def _empty_is_absent(cls, value: Any) -> Any:
         # docs/api.md#query-parameters: `?since=&pairs=` mean absent.

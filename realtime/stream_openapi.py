@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from realtime.options import EPOCH_PATTERN
-
 Schema = dict[str, Any]
+
+# A stream epoch as frames carry it (`realtime.nats.stream.stream_epoch`: base 36), with room to
+# spare; what `epoch=` accepts (`realtime.options`), anything else being a client's mistake.
+EPOCH_PATTERN = r"^[0-9a-z]{1,16}$"
 
 _TIME: Schema = {"type": "string", "format": "date-time"}
 _NUMBER: Schema = {"type": "number"}

@@ -312,7 +312,8 @@ async def test_the_stream_resumes_in_the_epoch_it_read_and_a_stale_epoch_gets_a_
     async with kurs_client.AsyncClient(kurs.url).stream(["BTC-USD"]) as first:
         snapshot = await anext(first)
         assert snapshot.type == "snapshot"
-        assert first.last_seq is not None and first.epoch is not None
+        assert first.last_seq is not None
+        assert first.epoch is not None
         assert first.query()["epoch"] == first.epoch
         since, epoch = first.last_seq, first.epoch
         update = await anext(first)
@@ -322,12 +323,11 @@ async def test_the_stream_resumes_in_the_epoch_it_read_and_a_stale_epoch_gets_a_
     async with client.stream(["BTC-USD"], since=since, epoch=epoch) as same:
         replayed = await anext(same)
         assert replayed.type != "gap"
-        assert replayed.seq is not None and replayed.seq > since
+        assert replayed.seq is not None
+        assert replayed.seq > since
         assert same.epoch == epoch
     for transport in ("websocket", "sse"):
-        async with client.stream(
-            ["BTC-USD"], since=since, epoch="0", transport=transport
-        ) as stale:
+        async with client.stream(["BTC-USD"], since=since, epoch="0", transport=transport) as stale:
             gap = await anext(stale)
             assert gap.type == "gap", transport
             assert isinstance(gap.data, models.Gap)

@@ -93,7 +93,8 @@ def test_the_cursor_keeps_the_epoch_of_its_seq_and_the_stream_sends_both() -> No
     gap = {"type": "gap", "data": {"since": 1, "first_available": 1}, "epoch": "m2xyz"}
     assert cursor.accept(gap) is None
     event = cursor.accept({**snapshot, "seq": 90, "epoch": "m2xyz"})
-    assert event is not None and isinstance(event.data, models.Gap)
+    assert event is not None
+    assert isinstance(event.data, models.Gap)
     assert (event.seq, event.epoch) == (90, "m2xyz")
     assert (cursor.last_seq, cursor.epoch) == (90, "m2xyz")
     # A server without epochs: none is kept, none is sent.

@@ -412,7 +412,8 @@ async def test_a_seq_of_a_stream_made_anew_resumes_with_its_epoch_to_a_gap_not_o
     gap = await receive(resumed)
     assert (gap["type"], gap["data"]) == ("gap", {"since": last_seq, "first_available": 1})
     new_epoch = gap["epoch"]
-    assert isinstance(new_epoch, str) and new_epoch != old_epoch
+    assert isinstance(new_epoch, str)
+    assert new_epoch != old_epoch
     snapshot = await receive(resumed)
     assert snapshot["type"] == "snapshot"
     assert (snapshot["seq"], snapshot["epoch"]) == (end, new_epoch)
@@ -443,7 +444,8 @@ async def test_a_seq_of_a_stream_made_anew_resumes_with_its_epoch_to_a_gap_not_o
     # With the new stream's epoch, a `since` of it replays (the sequences are its own).
     again = await connect(f"/ws/items?pairs=BTC-USD&since={last_seq}&epoch={new_epoch}")
     replayed = await receive(again)
-    assert replayed["type"] == "rate.updated" and replayed["seq"] > last_seq
+    assert replayed["type"] == "rate.updated"
+    assert replayed["seq"] > last_seq
     await again.disconnect()
     # Without an epoch, `since` means a sequence of the current stream, as before epochs: a
     # client of the old stream that sends none is replayed the new stream after that number.
@@ -496,9 +498,13 @@ async def test_a_replay_whose_stream_is_made_anew_midway_breaks_off(
     for n in range(12):
         await js.publish(f"{prefix}.fetch.completed", f'{{"n": {n}}}'.encode())
     await client.close()
+
+    async def read_to_the_end() -> None:
+        while not cursor.done:
+            await cursor.batch()
+
     try:
         with pytest.raises(StreamMadeAnew):
-            while not cursor.done:
-                await cursor.batch()
+            await read_to_the_end()
     finally:
         await cursor.close()

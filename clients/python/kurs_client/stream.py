@@ -127,8 +127,9 @@ class EventSourceConnection:
 class EventStream:
     """An async iterator of `Event`s that survives disconnections (`AsyncClient.stream`).
 
-    `last_seq` is where it would resume, in the stream of `epoch`; `reconnects` counts the connections after the first;
-    `transport` is `websocket` or `sse`; `dropped` counts frames refused as not newer.
+    `last_seq` is where it would resume, in the stream of `epoch`; `reconnects` counts the
+    connections after the first; `transport` is `websocket` or `sse`; `dropped` counts frames
+    refused as not newer.
     """
 
     def __init__(
