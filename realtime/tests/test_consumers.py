@@ -353,15 +353,3 @@ async def test_options_in_the_query_string_and_bad_ones_answered(pairs: None) ->
     ack = await receive_until(bad, "snapshot")
     assert ack["data"]["pairs"] is None
     await bad.disconnect()
-
-
-async def test_a_bad_epoch_is_answered_and_the_socket_starts_with_a_snapshot(pairs: None) -> None:
-    # Not a resume then: a snapshot (the whole state), never a replay that could be of the
-    # wrong stream.
-    ws = await connect("/ws/items?pairs=BTC-USD&since=5&epoch=Not%20One")
-    assert (await receive(ws))["type"] == "snapshot"
-    assert await receive(ws) == {
-        "type": "error",
-        "detail": "epoch: expected a stream epoch (the epoch of a snapshot or gap frame)",
-    }
-    await ws.disconnect()

@@ -329,13 +329,21 @@ async def test_a_since_beyond_the_stream_or_malformed_is_answered_not_ignored(
     assert gap["type"] == "gap"
     assert (await receive(ahead))["type"] == "snapshot"
     await ahead.disconnect()
-    bad = await connect("/ws/items?since=yesterday")
-    assert (await receive(bad))["type"] == "snapshot"
-    assert await receive(bad) == {
-        "type": "error",
-        "detail": "since: expected a stream sequence (a whole number >= 0)",
-    }
-    await bad.disconnect()
+    publish_rates(8, start=1)
+    await observe_all("filled")
+    # Not a resume then: a snapshot (the whole state), never a replay that could be of another
+    # stream than the client's.
+    for query, detail in (
+        ("since=yesterday", "since: expected a stream sequence (a whole number >= 0)"),
+        (
+            "since=1&epoch=Not%20One",
+            "epoch: expected a stream epoch (the epoch of a snapshot or gap frame)",
+        ),
+    ):
+        bad = await connect(f"/ws/items?{query}")
+        assert (await receive(bad))["type"] == "snapshot"
+        assert await receive(bad) == {"type": "error", "detail": detail}
+        await bad.disconnect()
 
 
 async def test_without_jetstream_a_resume_says_so_and_frames_have_no_seq(
