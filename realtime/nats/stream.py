@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from nats.aio.client import Client
@@ -65,9 +65,10 @@ REPLAY_RETRY_S = 0.25
 STREAM_ADVISORIES = "$JS.EVENT.ADVISORY.STREAM.*.{name}"
 REMADE_ADVISORIES = {"CREATED", "DELETED"}
 
-# The epoch's digits: base 36 of the stream's creation time in microseconds (11 characters
-# until the year 2087); a client only compares it.
+# The epoch's digits: base 36 of the stream's creation time in microseconds (10 characters
+# until the year 2085); a client only compares it.
 EPOCH_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def stream_epoch(created: datetime | None) -> str | None:
@@ -76,7 +77,8 @@ def stream_epoch(created: datetime | None) -> str | None:
     another for a stream deleted and made again); None when the server did not say."""
     if created is None:
         return None
-    micros = int(created.timestamp()) * 1_000_000 + created.microsecond
+    # Integer arithmetic (a float timestamp could round a microsecond away).
+    micros = (created - UNIX_EPOCH) // timedelta(microseconds=1)
     digits = ""
     while True:
         micros, digit = divmod(micros, 36)
