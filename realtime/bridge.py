@@ -13,8 +13,8 @@ Where the server has JetStream, the events under `<prefix>` are read through one
 of the stream (see `realtime.nats.stream.StreamConsumer`), so each comes with its stream
 sequence: the bridge adds it to the frame as `seq`, drops a sequence it already handled (a
 consumer re-made after a reconnection may repeat a few), and remembers the last one (`last_seq`,
-the position a snapshot reflects). `replay()` reads the stream after a client's `since` for its
-resume.
+the position a snapshot reflects, with `epoch`, the stream's incarnation). `replay()` reads the
+stream after a client's `since` for its resume.
 
 The same handling serves the fallback bus: when a producer cannot reach NATS it sends the event
 to a channel-layer group that every bridge joins (or, with the in-memory layer, hands it to this
@@ -141,6 +141,8 @@ class Bridge:
         self._listener: asyncio.Task[None] | None = None
         # The last stream sequence handed to the hub (the loop's) and received (NATS thread's).
         self.last_seq: int | None = None
+        # The epoch of the stream `last_seq` is a sequence of (docs/events.md#resume-without-loss).
+        self.epoch: str | None = None
         self._received: int | None = None
         # Set (on the loop) once the ordered consumer has started: from then on every event
         # after `_received` reaches the hub, in order; before, a replay cannot end (see replay).
@@ -206,6 +208,7 @@ class Bridge:
         self._sub_ids.clear()
         stream_consumer.stop_consuming()
         self.last_seq = None
+        self.epoch = None
         self._received = None
         self._live = None
         self._live_start = None
@@ -262,17 +265,20 @@ class Bridge:
         stored_at = msg.metadata.timestamp.timestamp() if seq is not None else None
         self._call_in_loop(msg.subject, origin_of(msg.headers), msg.data, seq, stored_at)
 
-    def _on_stream_start(self, seq: int) -> None:
-        """The consumer starts after `seq`, the stream's end: the position a snapshot reflects
-        from now on (set, not advanced: a stream made anew starts its numbers again)."""
+    def _on_stream_start(self, seq: int, epoch: str | None) -> None:
+        """The consumer starts after `seq` of the stream of `epoch`: the position a snapshot
+        reflects from now on (set, not advanced: a stream made anew starts its numbers again)."""
         self._received = seq
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._live_from, seq)
+                # Queued behind the frames of the old stream and ahead of the new one's: the
+                # epoch changes on the loop exactly where its numbers do.
+                loop.call_soon_threadsafe(self._live_from, seq, epoch)
 
-    def _live_from(self, seq: int) -> None:
+    def _live_from(self, seq: int, epoch: str | None) -> None:
         self.last_seq = seq
+        self.epoch = epoch
         self._live_start = seq
         if self._live is not None:
             self._live.set()
@@ -359,24 +365,37 @@ class Bridge:
             snapshot.apply_item(event.kind, event.data)
         hub.publish(event.frame, seq)
 
+    def snapshot_frame(self, pairs: set[str] | None, *, expand: bool = False) -> str:
+        """The snapshot of `pairs` now, at this process's position (`last_seq`, `epoch`)."""
+        return snapshot_frame(pairs, self.last_seq, self.epoch, expand=expand)
+
     async def replay(
-        self, since: int, pairs: Callable[[], set[str] | None]
+        self, since: int, epoch: str | None, pairs: Callable[[], set[str] | None]
     ) -> AsyncIterator[tuple[str | None, int | None]]:
         """A resuming socket's prelude (see `realtime.hub`): the subscription's events after
         `since`, read from the stream, then a marker of how far that read covered.
 
         `pairs()` is the socket's subscription now (None: all). A `since` older than the stream
-        holds (or newer than it: the stream was reset) yields a `gap` and a fresh snapshot; so
-        does a stream that cannot be read now, with `first_available` null.
+        holds (or newer than it: the stream was reset), or of another `epoch` than the stream's
+        (None: the client did not say), yields a `gap` and a fresh snapshot; so does a stream
+        that cannot be read now, with `first_available` null.
         """
         covered = since
         while True:
             cursor = StreamCursor(covered)
             try:
                 await cursor.open()
+                if epoch is not None and cursor.epoch != epoch:
+                    # `since` numbers another stream's events (deleted and made again since):
+                    # the same numbers here are other events.
+                    for item in self._gap(since, cursor.first_seq, pairs(), cursor.epoch):
+                        yield item
+                    return
+                # A later round (the hand-over's) must read the same stream as this one.
+                epoch = cursor.epoch
                 if covered + 1 < cursor.first_seq or covered > cursor.last_seq:
                     # Older than the stream holds, or newer (the stream was made anew).
-                    for item in self._gap(since, cursor.first_seq, pairs()):
+                    for item in self._gap(since, cursor.first_seq, pairs(), cursor.epoch):
                         yield item
                     return
                 while not cursor.done:
@@ -414,10 +433,17 @@ class Bridge:
         yield None, covered
 
     def _gap(
-        self, since: int, first_available: int | None, pairs: set[str] | None
+        self,
+        since: int,
+        first_available: int | None,
+        pairs: set[str] | None,
+        epoch: str | None = None,
     ) -> list[tuple[str | None, int | None]]:
         seq = self.last_seq
-        return [(gap_frame(since, first_available), None), (snapshot_frame(pairs, seq), seq)]
+        return [
+            (gap_frame(since, first_available, epoch), None),
+            (self.snapshot_frame(pairs), seq),
+        ]
 
     def _drop(self, subject: str, why: str) -> None:
         metrics.NATS_INBOUND.labels(outcome="dropped").inc()

@@ -4,8 +4,9 @@ hand frames to the hub.
 Every frame to the client, replies included, goes through this socket's queue in the hub, so the
 order is kept and only one task ever writes to the socket.
 
-`?since=<seq>` resumes: instead of a snapshot, the socket's queue first replays the stream after
-that sequence (`bridge.replay`), then continues live; a `since` more than KURS_MAX_REPLAY_EVENTS
+`?since=<seq>` (with `&epoch=<epoch>`, the stream it was read in) resumes: instead of a
+snapshot, the socket's queue first replays the stream after that sequence (`bridge.replay`), then
+continues live; a `since` more than KURS_MAX_REPLAY_EVENTS
 behind gets `gap` and a snapshot instead (`realtime.resume`). `?min_interval_ms=` and
 `?min_change=` set the socket's delivery policy (also in a `subscribe` action).
 
@@ -32,13 +33,14 @@ from rates.snapshot import snapshot
 from realtime import metrics, resume
 from realtime.bridge import bridge
 from realtime.events import utc_now_iso
-from realtime.frames import error_frame, snapshot_frame
+from realtime.frames import error_frame
 from realtime.hub import CLOSE_TRY_AGAIN_LATER, DeliveryPolicy, SocketQueue, hub
 from realtime.limits import Lease, client_of_scope
 from realtime.options import (
     BadOption,
     delivery_policy,
     pairs_from_values,
+    parse_epoch,
     parse_expand,
     parse_since,
 )
@@ -79,8 +81,10 @@ class ItemsConsumer(AsyncWebsocketConsumer):
         errors = []
         try:
             since = parse_since(last_value(query, "since"))
+            epoch = parse_epoch(last_value(query, "epoch"))
         except BadOption as exc:
-            since, errors = None, [str(exc)]
+            # Not a resume then: the socket starts with a snapshot, never with a guess.
+            since, epoch, errors = None, None, [str(exc)]
         policy: DeliveryPolicy | None = None
         try:
             policy = delivery_policy(
@@ -92,7 +96,7 @@ class ItemsConsumer(AsyncWebsocketConsumer):
             expand = parse_expand(last_value(query, "expand"))
         except BadOption as exc:
             expand, errors = False, [*errors, str(exc)]
-        start = resume.plan(since)
+        start = resume.plan(since, epoch)
         try:
             connection, replay = resume.admit(client_of_scope(self.scope), start)
         except resume.Refused as refused:
@@ -184,7 +188,7 @@ class ItemsConsumer(AsyncWebsocketConsumer):
             self.queue.expand = expand
             if raw_pairs is None:
                 # Options alone: the subscription's pairs stay; its snapshot acknowledges.
-                return [snapshot_frame(self.queue.pairs, bridge.last_seq, expand=expand)]
+                return [bridge.snapshot_frame(self.queue.pairs, expand=expand)]
         if (
             not isinstance(raw_pairs, list)
             or not raw_pairs
@@ -207,7 +211,7 @@ class ItemsConsumer(AsyncWebsocketConsumer):
             new = (set(active) if current is None else current) - known
         hub.set_pairs(self.queue, new)
         # The new subscription's snapshot acknowledges the change and fills in added pairs.
-        frames.append(snapshot_frame(new, bridge.last_seq, expand=self.queue.expand))
+        frames.append(bridge.snapshot_frame(new, expand=self.queue.expand))
         return frames
 
     def _send_text(self, frame: str) -> Coroutine[Any, Any, None]:

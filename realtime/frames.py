@@ -20,9 +20,16 @@ def error_frame(detail: str) -> str:
     return dumps({"type": "error", "detail": detail})
 
 
-def snapshot_frame(pairs: Iterable[str] | None, seq: int | None, *, expand: bool = False) -> str:
-    """The latest course of each pair; `seq` is the last event it reflects (None: no stream);
-    with `expand`, each course lists its sources."""
+def snapshot_frame(
+    pairs: Iterable[str] | None,
+    seq: int | None,
+    epoch: str | None = None,
+    *,
+    expand: bool = False,
+) -> str:
+    """The latest course of each pair; `seq` is the last event it reflects (None: no stream) in
+    the stream of `epoch` (docs/events.md#resume-without-loss); with `expand`, each course lists
+    its sources."""
     pairs = None if pairs is None else sorted(pairs)
     frame: dict[str, Any] = {
         "type": "snapshot",
@@ -31,30 +38,30 @@ def snapshot_frame(pairs: Iterable[str] | None, seq: int | None, *, expand: bool
     }
     if seq is not None:
         frame["seq"] = seq
+        if epoch is not None:
+            frame["epoch"] = epoch
     return dumps(frame)
 
 
-def gap_frame(since: int, first_available: int | None) -> str:
-    """The events after `since` are gone (or, with None, cannot be read now): a snapshot follows."""
-    return dumps(
-        {
-            "type": "gap",
-            "data": {"since": since, "first_available": first_available},
-            "ts": utc_now_iso(),
-            "id": str(uuid.uuid4()),
-        }
-    )
+def gap_frame(since: int, first_available: int | None, epoch: str | None = None) -> str:
+    """The events after `since` are gone (or, with None, cannot be read now): a snapshot follows.
+    `epoch`: the stream `first_available` is of (None: not known)."""
+    return _frame("gap", {"since": since, "first_available": first_available}, epoch=epoch)
 
 
 def inbound_frame(subject: str, payload: Any, seq: int | None = None) -> str:
+    return _frame("nats.inbound", {"subject": subject, "payload": payload}, seq=seq)
+
+
+def _frame(kind: str, data: dict[str, Any], **marks: int | str | None) -> str:
+    """A frame Kurs makes itself (an id of its own), with the `marks` that are not None."""
     frame: dict[str, Any] = {
-        "type": "nats.inbound",
-        "data": {"subject": subject, "payload": payload},
+        "type": kind,
+        "data": data,
         "ts": utc_now_iso(),
         "id": str(uuid.uuid4()),
     }
-    if seq is not None:
-        frame["seq"] = seq
+    frame.update((name, value) for name, value in marks.items() if value is not None)
     return dumps(frame)
 
 

@@ -1,19 +1,22 @@
 """A subscription's options, from a query string or a `subscribe` action
 (docs/events.md#delivery-policy).
 
-`pairs`, `since` (resume after that stream sequence), `min_interval_ms` and `min_change` (the
+`pairs`, `since` (resume after that stream sequence), `epoch` (the stream that sequence was read
+in), `min_interval_ms` and `min_change` (the
 delivery policy). Shared by the WebSocket consumer and the SSE stream, so both read them alike.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
 
 from realtime.hub import DeliveryPolicy
+from realtime.stream_openapi import EPOCH_PATTERN
 
 MAX_INTERVAL_MS = 3_600_000
 
@@ -52,6 +55,15 @@ def parse_since(value: Any) -> int | None:
     if since < 0:
         raise BadOption("since: expected a stream sequence (a whole number >= 0)")
     return since
+
+
+def parse_epoch(value: Any) -> str | None:
+    """A stream epoch (the `epoch` of a snapshot or gap frame); None or "" when absent."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or re.fullmatch(EPOCH_PATTERN, value) is None:
+        raise BadOption("epoch: expected a stream epoch (the epoch of a snapshot or gap frame)")
+    return value
 
 
 def delivery_policy(min_interval_ms: Any, min_change: Any) -> DeliveryPolicy | None:

@@ -2,6 +2,9 @@
 
 Shared by `realtime.consumers` and `realtime.sse` so both doors bound a resume alike:
 - no `since`: the subscription's snapshot;
+- `since` with an `epoch` other than the stream's: `gap` and a snapshot (`bridge.replay` checks
+  it against the stream itself; a `since` without `epoch` is taken as a sequence of the current
+  stream, as before epochs);
 - `since` at most KURS_MAX_REPLAY_EVENTS stream events behind: the replay of what was missed
   (`bridge.replay`), holding one of the client's KURS_MAX_REPLAYS_PER_CLIENT replay slots until
   it has been read and sent;
@@ -20,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from realtime.bridge import bridge
-from realtime.frames import gap_frame, snapshot_frame
+from realtime.frames import gap_frame
 from realtime.hub import Prelude
 from realtime.limits import (
     CONNECTION_RETRY_AFTER_S,
@@ -36,6 +39,8 @@ from realtime.limits import (
 @dataclass(frozen=True, slots=True)
 class Start:
     since: int | None
+    # The stream `since` was read in (None: not given).
+    epoch: str | None = None
     # Set when a resume is too far behind to replay: the gap's `first_available`.
     gap_from: int | None = None
 
@@ -44,10 +49,10 @@ class Start:
         return self.since is not None and self.gap_from is None
 
 
-def plan(since: int | None) -> Start:
+def plan(since: int | None, epoch: str | None = None) -> Start:
     if since is None:
         return Start(None)
-    return Start(since, replay_bound(since, bridge.last_seq))
+    return Start(since, epoch, replay_bound(since, bridge.last_seq))
 
 
 class Refused(Exception):
@@ -79,16 +84,16 @@ def first_frames(start: Start, pairs: set[str] | None, *, expand: bool = False) 
     no await before `hub.add()`, so the snapshot's `seq` is exactly where live frames begin."""
     if start.replays:
         return []
-    snapshot = snapshot_frame(pairs, bridge.last_seq, expand=expand)
+    snapshot = bridge.snapshot_frame(pairs, expand=expand)
     if start.since is None:
         return [snapshot]
-    return [gap_frame(start.since, start.gap_from), snapshot]
+    return [gap_frame(start.since, start.gap_from, bridge.epoch), snapshot]
 
 
 def replay(start: Start, pairs: Callable[[], set[str] | None], slot: Lease) -> Prelude:
     """The replay the queue runs first (`start.replays`); it frees `slot` once it is over."""
     assert start.since is not None
-    return _leased(bridge.replay(start.since, pairs), slot)
+    return _leased(bridge.replay(start.since, start.epoch, pairs), slot)
 
 
 async def _leased(

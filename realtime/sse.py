@@ -11,7 +11,7 @@ Each client is a `SocketQueue` of the hub like a WebSocket, with the same pairs,
 coalescing and slow-client rule; its frames become events `id: <seq>`, `event: <type>`,
 `data: <envelope>`. A `: keep-alive` comment goes every `KURS_WS_HEARTBEAT` seconds, so proxies
 keep the connection and a client notices a dead one. `Last-Event-ID` (what `EventSource` sends
-when it reconnects) or `?since=` resumes from the stream.
+when it reconnects) or `?since=` resumes from the stream, in the stream of `?epoch=` when given.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from realtime.hub import DeliveryPolicy, SocketQueue, hub
 from realtime.limits import Lease, client_of_request
 from realtime.options import BadOption, delivery_policy, pairs_from_values, parse_since
 from realtime.origin import origin_allowed
+from realtime.stream_openapi import EPOCH_PATTERN
 
 router = Router(tags=["stream"])
 
@@ -53,10 +54,13 @@ event is the `snapshot` of the subscribed pairs; then every event of the subscri
 `: keep-alive` comment every `KURS_WS_HEARTBEAT` seconds.
 
 Resume: send `Last-Event-ID: <seq>` (browsers' `EventSource` does this by itself on reconnect)
-or `?since=<seq>`: the events after that sequence are replayed from the stream, in order, then
-the stream continues live. When the stream no longer holds them, or they are more than
-`KURS_MAX_REPLAY_EVENTS` (1,000) behind the stream's end, a `gap` event
-(`{"since", "first_available"}`) and a fresh `snapshot` come first.
+or `?since=<seq>`, and `?epoch=<epoch>` (the `epoch` of the last `snapshot` or `gap`: the stream
+that sequence belongs to): the events after that sequence are replayed from the stream, in
+order, then the stream continues live. When the stream no longer holds them, or they are more
+than `KURS_MAX_REPLAY_EVENTS` (1,000) behind the stream's end, or the stream was made anew since
+(`epoch` differs), a `gap` event (`{"since", "first_available"}`, with the stream's `epoch`) and a
+fresh `snapshot` come first. Without `epoch`, `since` is taken as a sequence of the current
+stream.
 
 Per client address and server process: at most `KURS_MAX_CONNECTIONS_PER_CLIENT` (50) open
 streams and WebSockets together, and `KURS_MAX_REPLAYS_PER_CLIENT` (2) resumes replaying at once;
@@ -73,6 +77,12 @@ class StreamQuery(Schema):
         None, description="comma-separated pair codes; all active pairs when absent"
     )
     since: int | None = Field(None, ge=0, description="resume after this stream sequence")
+    epoch: str | None = Field(
+        None,
+        pattern=EPOCH_PATTERN,
+        description="the stream `since` (or `Last-Event-ID`) was read in: the `epoch` of the "
+        "last snapshot or gap; another stream's gets a `gap` and a snapshot",
+    )
     min_interval_ms: int | None = Field(
         None, ge=0, le=3_600_000, description="at most one rate update per pair per N ms"
     )
@@ -88,7 +98,9 @@ class StreamQuery(Schema):
         None, description="`sources`: rate payloads list the sources they considered"
     )
 
-    @field_validator("pairs", "since", "min_interval_ms", "min_change", "expand", mode="before")
+    @field_validator(
+        "pairs", "since", "epoch", "min_interval_ms", "min_change", "expand", mode="before"
+    )
     @classmethod
     def _empty_is_absent(cls, value: Any) -> Any:
         # docs/api.md#query-parameters: `?since=&pairs=` mean absent.
@@ -243,7 +255,7 @@ async def stream(
         if unknown:
             raise HttpError(422, f"pairs: unknown pair(s): {', '.join(unknown)}")
         pairs = set(requested)
-    start = resume.plan(since)
+    start = resume.plan(since, query.epoch)
     try:
         connection, replay = resume.admit(client_of_request(request), start)
     except resume.Refused as refused:

@@ -18,6 +18,10 @@ from typing import Any
 
 Schema = dict[str, Any]
 
+# A stream epoch as frames carry it (`realtime.nats.stream.stream_epoch`: base 36), with room to
+# spare; what `epoch=` accepts (`realtime.options`), anything else being a client's mistake.
+EPOCH_PATTERN = r"^[0-9a-z]{1,16}$"
+
 _TIME: Schema = {"type": "string", "format": "date-time"}
 _NUMBER: Schema = {"type": "number"}
 _STATUS: Schema = {"type": "string", "enum": ["live", "failover", "stale", "thin", "depeg"]}
@@ -207,6 +211,12 @@ ENVELOPE: Schema = {
             "type": "integer",
             "minimum": 1,
             "description": "the JetStream stream sequence: where to resume from",
+        },
+        "epoch": {
+            "type": "string",
+            "pattern": EPOCH_PATTERN,
+            "description": "on `snapshot` and `gap` only: the stream (its incarnation) `seq` and "
+            "`first_available` are sequences of; resume with it as `epoch` beside `since`",
         },
     },
     "allOf": [

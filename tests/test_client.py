@@ -125,7 +125,7 @@ async def test_the_models_match_the_served_openapi_document(kurs: Kurs) -> None:
         check_model(model, schemas[name], name)
     stream = document["paths"]["/api/v1/stream"]["get"]["responses"]["200"]["content"]
     envelope = stream["text/event-stream"]["schema"]["properties"]["data"]["contentSchema"]
-    assert {"type", "data", "ts", "id", "seq"} == set(envelope["properties"])
+    assert {"type", "data", "ts", "id", "seq", "epoch"} == set(envelope["properties"])
     by_type = {
         rule["if"]["properties"]["type"]["const"]: rule["then"]["properties"]["data"]
         for rule in envelope["allOf"]
@@ -301,6 +301,40 @@ async def test_a_resume_beyond_the_stream_yields_a_gap_with_the_fresh_snapshot(
             after = await anext(stream)
         assert after.seq is not None
         assert after.seq > event.seq
+
+
+async def test_the_stream_resumes_in_the_epoch_it_read_and_a_stale_epoch_gets_a_gap(
+    kurs: Kurs,
+) -> None:
+    """The client keeps the stream's epoch with its seq and sends both on a resume: the same
+    epoch replays; another one (a stream deleted and made again since: realtime/tests/
+    test_resume.py makes one) is answered with a gap, and the client takes the new epoch."""
+    async with kurs_client.AsyncClient(kurs.url).stream(["BTC-USD"]) as first:
+        snapshot = await anext(first)
+        assert snapshot.type == "snapshot"
+        assert first.last_seq is not None
+        assert first.epoch is not None
+        assert first.query()["epoch"] == first.epoch
+        since, epoch = first.last_seq, first.epoch
+        update = await anext(first)
+        while update.type != "rate.updated":
+            update = await anext(first)
+    client = kurs_client.AsyncClient(kurs.url)
+    async with client.stream(["BTC-USD"], since=since, epoch=epoch) as same:
+        replayed = await anext(same)
+        assert replayed.type != "gap"
+        assert replayed.seq is not None
+        assert replayed.seq > since
+        assert same.epoch == epoch
+    for transport in ("websocket", "sse"):
+        async with client.stream(["BTC-USD"], since=since, epoch="0", transport=transport) as stale:
+            gap = await anext(stale)
+            assert gap.type == "gap", transport
+            assert isinstance(gap.data, models.Gap)
+            assert gap.data.since == since
+            assert gap.data.snapshot is not None
+            assert gap.epoch == epoch
+            assert (stale.last_seq, stale.epoch) == (gap.seq, epoch)
 
 
 async def test_the_blocking_stream_yields_the_same_events(kurs: Kurs) -> None:

@@ -73,6 +73,36 @@ def test_the_cursor_hands_a_gap_on_with_the_snapshot_that_follows_it() -> None:
     assert handed_on(cursor, [rate_frame("A-B", 7, 951), rate_frame("A-B", 8, 952)]) == [(8, 952)]
 
 
+def test_the_cursor_keeps_the_epoch_of_its_seq_and_the_stream_sends_both() -> None:
+    cursor = Cursor()
+    stream = kurs_client.EventStream("http://kurs.test")
+    stream.cursor = cursor
+    cursor.connected()
+    snapshot = {"type": "snapshot", "data": {"courses": [], "pairs": None}, "seq": 40}
+    cursor.accept({**snapshot, "epoch": "m1abc"})
+    assert (cursor.last_seq, cursor.epoch) == (40, "m1abc")
+    assert handed_on(cursor, [rate_frame("A-B", 1, 41)]) == [(1, 41)]
+    assert (stream.query()["since"], stream.query()["epoch"]) == ("41", "m1abc")
+    # The numbers start again under the connection: the new stream's epoch is not known yet, so
+    # the resume sends `since` alone (a sequence of the server's current stream).
+    assert handed_on(cursor, [rate_frame("A-B", 2, 1)]) == [(2, 1)]
+    assert (cursor.last_seq, cursor.epoch) == (1, None)
+    assert "epoch" not in stream.query()
+    # A gap names the stream the resume was answered from; its snapshot gives the position.
+    cursor.connected()
+    gap = {"type": "gap", "data": {"since": 1, "first_available": 1}, "epoch": "m2xyz"}
+    assert cursor.accept(gap) is None
+    event = cursor.accept({**snapshot, "seq": 90, "epoch": "m2xyz"})
+    assert event is not None
+    assert isinstance(event.data, models.Gap)
+    assert (event.seq, event.epoch) == (90, "m2xyz")
+    assert (cursor.last_seq, cursor.epoch) == (90, "m2xyz")
+    # A server without epochs: none is kept, none is sent.
+    cursor.accept({**snapshot, "seq": 91})
+    assert cursor.epoch is None
+    assert "epoch" not in stream.query()
+
+
 def test_models_keep_unknown_fields_and_never_use_floats() -> None:
     text = (
         '{"pair": "BTC-USD", "value": 54001.123456789012345678, "provider": "binance",'

@@ -8,6 +8,10 @@ subscription, unnumbered. On every (re)connection the consumer is made anew from
 after the last one the bridge saw: a NATS restart loses nothing the stream kept.
 
 `StreamCursor` reads the stream from a sequence for a client that resumes.
+
+A stream's *epoch* (`stream_epoch`) names its incarnation: a stream deleted and made again starts
+its sequences at 1 again, so a `seq` means something only with the epoch it was read in
+(docs/events.md#resume-without-loss).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from nats.aio.client import Client
@@ -61,8 +65,34 @@ REPLAY_RETRY_S = 0.25
 STREAM_ADVISORIES = "$JS.EVENT.ADVISORY.STREAM.*.{name}"
 REMADE_ADVISORIES = {"CREATED", "DELETED"}
 
+# The epoch's digits: base 36 of the stream's creation time in microseconds (10 characters
+# until the year 2085); a client only compares it.
+EPOCH_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def stream_epoch(created: datetime | None) -> str | None:
+    """The epoch of a stream made at `created` (JetStream's stream info `created`, which
+    nats-server keeps in the stream's metadata: the same on every replica and across restarts,
+    another for a stream deleted and made again); None when the server did not say."""
+    if created is None:
+        return None
+    # Integer arithmetic (a float timestamp could round a microsecond away).
+    micros = (created - UNIX_EPOCH) // timedelta(microseconds=1)
+    digits = ""
+    while True:
+        micros, digit = divmod(micros, 36)
+        digits = EPOCH_DIGITS[digit] + digits
+        if not micros:
+            return digits
+
+
 # A message of the consumed subject and its stream sequence (None: plain subscription).
 StreamCallback = Callable[[Msg, "int | None"], Awaitable[None]]
+
+
+class StreamMadeAnew(StreamUnavailable):
+    """The stream a replay reads was deleted and made again: trying again will not help."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +110,7 @@ class _Consumer:
     subject: str
     callback: StreamCallback
     position: Callable[[], int | None]
-    on_start: Callable[[int], None]
+    on_start: Callable[[int, str | None], None]
 
 
 async def _end_subscription(sub: Any) -> None:
@@ -117,14 +147,14 @@ class StreamConsumer(Part):
         callback: StreamCallback,
         *,
         position: Callable[[], int | None],
-        on_start: Callable[[int], None],
+        on_start: Callable[[int, str | None], None],
     ) -> Future[None]:
         """Read `subject` (under the prefix) in stream order, with sequences, from now on.
 
         Through an ordered JetStream consumer where the stream exists, else a plain subscription
         (sequence None); re-made on every reconnection, from `position() + 1` (the last sequence
         the caller handled) or, the first time or when the stream was made anew, from the end of
-        the stream (`on_start` is told that sequence).
+        the stream (`on_start` is told that sequence and the stream's epoch).
         """
         self._consumer = _Consumer(subject, callback, position, on_start)
         return self._link.submit(self._apply())
@@ -256,11 +286,11 @@ class StreamConsumer(Part):
             # process read of the old one (the relay's first), so from its start; the caller
             # forgets positions of the old stream.
             start = max(0, info.state.first_seq - 1)
-            consumer.on_start(start)
+            consumer.on_start(start, stream_epoch(info.created))
         elif start is None or start > last:
             # First start, or a stream made anew that was not read before: from its end.
             start = last
-            consumer.on_start(start)
+            consumer.on_start(start, stream_epoch(info.created))
         callback = consumer.callback
 
         async def ordered(msg: Msg) -> None:
@@ -295,6 +325,8 @@ class StreamCursor:
         self.since = since
         self.first_seq = 0
         self.last_seq = 0
+        # The stream's epoch at the first `open()`: the incarnation `first_seq`..`last_seq` are of.
+        self.epoch: str | None = None
         self.done = False
         self._link = link
         self._sub: Any = None
@@ -322,10 +354,11 @@ class StreamCursor:
         while True:
             try:
                 return await step()
-            except StreamUnavailable:
+            except StreamUnavailable as exc:
                 client = self._link.client
                 if (
-                    asyncio.get_running_loop().time() + REPLAY_RETRY_S > deadline
+                    isinstance(exc, StreamMadeAnew)
+                    or asyncio.get_running_loop().time() + REPLAY_RETRY_S > deadline
                     or client is None
                     or not self._link.jetstream
                 ):
@@ -346,13 +379,19 @@ class StreamCursor:
         self._name = stream_name(prefix)
         self._js = client.jetstream(timeout=JETSTREAM_TIMEOUT_S)
         try:
-            state = (await self._js.stream_info(self._name)).state
+            info = await self._js.stream_info(self._name)
         except Exception as exc:
             raise StreamUnavailable(f"stream {self._name}: {exc}") from exc
+        state, epoch = info.state, stream_epoch(info.created)
         if not self._opened:
             # The bounds of the read are fixed by the first open; a re-open goes on from `since`.
             self.first_seq, self.last_seq = state.first_seq, state.last_seq
+            self.epoch = epoch
             self._opened = True
+        elif epoch != self.epoch:
+            # Made anew since the first open: its numbers are not the ones being read. The read
+            # breaks off (the client gets `gap`) rather than going on in another stream.
+            raise StreamMadeAnew(f"stream {self._name} was made anew during the replay")
         if self.since >= self.last_seq:
             self.done = True
             return

@@ -247,7 +247,7 @@ async def replayed_completely(since: int) -> tuple[list[int], int] | None:
     """The bridge's replay after `since`: the sequences it yields and where it ends; None when
     it answered with a gap (the stream could not be read then)."""
     seqs: list[int] = []
-    async for frame, seq in bridge.replay(since, lambda: None):
+    async for frame, seq in bridge.replay(since, None, lambda: None):
         if frame is None:
             assert seq is not None
             return seqs, seq

@@ -293,7 +293,7 @@ async def test_an_ordered_consumer_leaves_no_task_behind(
 
     def consume() -> asyncio.Future[None]:
         future = stream_consumer.consume(
-            f"{prefix}.>", ignore, position=lambda: None, on_start=lambda seq: None
+            f"{prefix}.>", ignore, position=lambda: None, on_start=lambda seq, epoch: None
         )
         return asyncio.wrap_future(future)
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
 
 from realtime.hub import DeliveryPolicy, SocketQueue
-from realtime.options import delivery_policy
+from realtime.nats.stream import stream_epoch
+from realtime.options import BadOption, delivery_policy, parse_epoch
 from realtime.tests.test_hub import FakeSocket, queue_for
 from realtime.tests.virtual_clock import on_virtual_clock
 
@@ -189,3 +191,19 @@ async def test_a_socket_that_holds_too_much_during_a_replay_is_closed() -> None:
         await socket.closed.wait()
     go_on.set()
     await queue.stop()
+
+
+def test_an_epoch_is_what_the_stream_says_and_nothing_else() -> None:
+    """`epoch=` takes every epoch `stream_epoch` makes (streams a microsecond apart differ; the
+    far future still fits) and refuses anything else."""
+    made = datetime(2026, 12, 7, 9, 50, 1, 123456, tzinfo=UTC)
+    again = made.replace(microsecond=123457)
+    far = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    epochs = [stream_epoch(when) for when in (made, again, far)]
+    assert epochs[0] != epochs[1]
+    assert [parse_epoch(epoch) for epoch in epochs] == epochs
+    assert stream_epoch(None) is None
+    assert parse_epoch("") is None
+    for bad in ("Hourn6occg", "a b", "a" * 17, 42, "é"):
+        with pytest.raises(BadOption):
+            parse_epoch(bad)

@@ -14,6 +14,7 @@ import threading
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import nats
 import pytest
 from asgiref.sync import sync_to_async
@@ -24,8 +25,9 @@ from realtime import events
 from realtime import nats as realtime_nats
 from realtime.bridge import bridge
 from realtime.nats import connection, stream_consumer, stream_name
-from realtime.nats.stream import StreamConsumer
+from realtime.nats.stream import StreamConsumer, StreamCursor, StreamMadeAnew
 from realtime.tests.conftest import connect, receive, receive_until
+from realtime.tests.test_sse import next_event, sse_events
 from tests.services import NatsServer
 
 pytestmark = [pytest.mark.nats, pytest.mark.django_db(transaction=True)]
@@ -327,13 +329,21 @@ async def test_a_since_beyond_the_stream_or_malformed_is_answered_not_ignored(
     assert gap["type"] == "gap"
     assert (await receive(ahead))["type"] == "snapshot"
     await ahead.disconnect()
-    bad = await connect("/ws/items?since=yesterday")
-    assert (await receive(bad))["type"] == "snapshot"
-    assert await receive(bad) == {
-        "type": "error",
-        "detail": "since: expected a stream sequence (a whole number >= 0)",
-    }
-    await bad.disconnect()
+    publish_rates(8, start=1)
+    await observe_all("filled")
+    # Not a resume then: a snapshot (the whole state), never a replay that could be of another
+    # stream than the client's.
+    for query, detail in (
+        ("since=yesterday", "since: expected a stream sequence (a whole number >= 0)"),
+        (
+            "since=1&epoch=Not%20One",
+            "epoch: expected a stream epoch (the epoch of a snapshot or gap frame)",
+        ),
+    ):
+        bad = await connect(f"/ws/items?{query}")
+        assert (await receive(bad))["type"] == "snapshot"
+        assert await receive(bad) == {"type": "error", "detail": detail}
+        await bad.disconnect()
 
 
 async def test_without_jetstream_a_resume_says_so_and_frames_have_no_seq(
@@ -379,6 +389,80 @@ async def test_a_stream_made_anew_after_a_restart_is_followed_from_its_start(
     await ws.disconnect()
 
 
+async def test_a_seq_of_a_stream_made_anew_resumes_with_its_epoch_to_a_gap_not_other_events(
+    own_jetstream: NatsServer, eight_pairs: None, tmp_path: Any, asgi_server: int
+) -> None:
+    """The new stream's numbers pass the client's old `seq`: with the epoch it read it in, the
+    client gets `gap` and a snapshot (on the socket and the SSE stream); without, `since` keeps
+    its meaning, a sequence of the current stream (docs/events.md#resume-without-loss)."""
+    await started()
+    watch = await connect("/ws/items")  # stays across the restart: sees the new stream
+    await receive(watch)
+    ws = await connect("/ws/items?pairs=BTC-USD")
+    old_epoch = (await receive(ws))["epoch"]
+    assert isinstance(old_epoch, str)
+    publish_rates(16, start=1)
+    publish_marker("before")
+    last_seq = (await until_marker(ws, "before"))[-1]["seq"]
+    await ws.disconnect()
+    await asyncio.to_thread(own_jetstream.stop)
+    assert await wait_for(connection.disconnected)
+    own_jetstream.store_dir = tmp_path / "empty-store"  # the stream and its numbers are gone
+    await asyncio.to_thread(own_jetstream.start)
+    assert await wait_for(connection.connected, 20)
+    sent = publish_rates(last_seq + 8, start=1000)
+    publish_marker("after")
+    end = (await until_marker(watch, "after"))[-1]["seq"]
+    assert end > last_seq + 8  # the new stream holds other events under the client's numbers
+    btc = [value for pair, value in sent if pair == "BTC-USD"]
+
+    resumed = await connect(f"/ws/items?pairs=BTC-USD&since={last_seq}&epoch={old_epoch}")
+    gap = await receive(resumed)
+    assert (gap["type"], gap["data"]) == ("gap", {"since": last_seq, "first_available": 1})
+    new_epoch = gap["epoch"]
+    assert isinstance(new_epoch, str)
+    assert new_epoch != old_epoch
+    snapshot = await receive(resumed)
+    assert snapshot["type"] == "snapshot"
+    assert (snapshot["seq"], snapshot["epoch"]) == (end, new_epoch)
+    assert [c["value"] for c in snapshot["data"]["courses"]] == [btc[-1]]
+    publish_marker("resumed")
+    assert [f["type"] for f in await until_marker(resumed, "resumed")] == ["provider.state"]
+    await resumed.disconnect()
+
+    # The same on the SSE stream, the epoch beside Last-Event-ID.
+    async with (
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{asgi_server}", timeout=10) as http,
+        http.stream(
+            "GET",
+            f"/api/v1/stream?pairs=BTC-USD&epoch={old_epoch}",
+            headers={"Last-Event-ID": str(last_seq)},
+        ) as response,
+    ):
+        stream = sse_events(response)
+        sse_gap = (await next_event(stream, "gap")).json
+        assert (sse_gap["data"], sse_gap["epoch"]) == (
+            {"since": last_seq, "first_available": 1},
+            new_epoch,
+        )
+        sse_snapshot = await anext(stream)
+        assert (sse_snapshot.event, sse_snapshot.id) == ("snapshot", str(end + 1))
+        assert sse_snapshot.json["epoch"] == new_epoch
+
+    # With the new stream's epoch, a `since` of it replays (the sequences are its own).
+    again = await connect(f"/ws/items?pairs=BTC-USD&since={last_seq}&epoch={new_epoch}")
+    replayed = await receive(again)
+    assert replayed["type"] == "rate.updated"
+    assert replayed["seq"] > last_seq
+    await again.disconnect()
+    # Without an epoch, `since` means a sequence of the current stream, as before epochs: a
+    # client of the old stream that sends none is replayed the new stream after that number.
+    bare = await connect(f"/ws/items?pairs=BTC-USD&since={last_seq}")
+    assert (await receive(bare)) == replayed
+    await bare.disconnect()
+    await watch.disconnect()
+
+
 async def test_with_jetstream_foreign_messages_still_arrive_once_without_seq(
     machine_nats: str, eight_pairs: None, prefix: str
 ) -> None:
@@ -401,3 +485,34 @@ async def test_with_jetstream_foreign_messages_still_arrive_once_without_seq(
     assert "seq" not in inbound[f"{prefix}.weather"]
     assert frames[-1]["seq"] == inbound[f"{prefix}.provider.state"]["seq"] + 1
     await ws.disconnect()
+
+
+async def test_a_replay_whose_stream_is_made_anew_midway_breaks_off(
+    machine_nats: str, eight_pairs: None, prefix: str
+) -> None:
+    """A cursor that must open the stream again (its consumer gone with the old stream) finds
+    another incarnation: it gives up rather than read the new one's messages as the old's."""
+    await started()
+    publish_rates(8, start=1)
+    await observe_all("filled")
+    cursor = StreamCursor(0)
+    await cursor.open()
+    assert cursor.epoch is not None
+    client = await nats.connect(machine_nats)
+    js = client.jetstream()
+    config = (await js.stream_info(stream_name(prefix))).config
+    await js.delete_stream(stream_name(prefix))
+    await js.add_stream(config)
+    for n in range(12):
+        await js.publish(f"{prefix}.fetch.completed", f'{{"n": {n}}}'.encode())
+    await client.close()
+
+    async def read_to_the_end() -> None:
+        while not cursor.done:
+            await cursor.batch()
+
+    try:
+        with pytest.raises(StreamMadeAnew):
+            await read_to_the_end()
+    finally:
+        await cursor.close()

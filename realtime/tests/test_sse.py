@@ -190,6 +190,8 @@ async def test_clients_leaving_while_events_flow_free_every_subscription(
         ("min_change=2", {}, None),
         ("min_interval_ms=-1", {}, None),
         ("since=-3", {}, None),
+        ("since=3&epoch=Not-An-Epoch", {}, None),
+        ("since=3&epoch=" + "a" * 17, {}, None),
         ("", {"Last-Event-ID": "yesterday"}, None),
     ],
 )
@@ -205,7 +207,7 @@ async def test_bad_input_is_a_422_with_json(
 
 
 async def test_empty_parameters_mean_absent(pairs: None, client: httpx.AsyncClient) -> None:
-    path = "/api/v1/stream?pairs=&since=&min_interval_ms=&min_change="
+    path = "/api/v1/stream?pairs=&since=&epoch=&min_interval_ms=&min_change="
     async with client.stream("GET", path) as response:
         assert response.status_code == 200
         snapshot = await next_event(sse_events(response), "snapshot")
@@ -218,7 +220,7 @@ async def test_the_openapi_document_describes_the_stream(client: httpx.AsyncClie
     assert "text/event-stream" in operation["responses"]["200"]["content"]
     assert "Last-Event-ID" in operation["description"]
     names = {p["name"] for p in operation["parameters"]}
-    assert {"pairs", "since", "min_interval_ms", "min_change", "Last-Event-ID"} <= names
+    assert {"pairs", "since", "epoch", "min_interval_ms", "min_change", "Last-Event-ID"} <= names
 
 
 @pytest.mark.nats

@@ -44,6 +44,7 @@ class _Base:
         pairs: Sequence[str] | None = None,
         *,
         since: int | None = None,
+        epoch: str | None = None,
         min_interval_ms: int | None = None,
         min_change: Decimal | str | None = None,
         expand: str | None = None,
@@ -51,13 +52,15 @@ class _Base:
         backoff: Backoff | None = None,
         idle_timeout: float = 45.0,
     ) -> EventStream:
-        """Events of `pairs` (None: every active pair) from now, or after `since`; see
+        """Events of `pairs` (None: every active pair) from now, or after `since` (of the stream
+        of `epoch`, as `last_seq` and `epoch` of an earlier stream give them); see
         `EventStream`: `async for` over `AsyncClient.stream`, `for` over `Client.stream`. Close
         it (or use `async with` / `with`) to disconnect."""
         return EventStream(
             self.base_url,
             pairs=pairs,
             since=since,
+            epoch=epoch,
             options=stream_options(min_interval_ms, min_change, expand),
             transport=transport,
             backoff=backoff,
@@ -223,6 +226,10 @@ class Stream(Iterator[models.Event]):
     @property
     def last_seq(self) -> int | None:
         return self.stream.last_seq
+
+    @property
+    def epoch(self) -> str | None:
+        return self.stream.epoch
 
     @property
     def reconnects(self) -> int:

@@ -6,6 +6,12 @@ Pure rules, no I/O: the stream feeds every frame of every connection through one
   is a duplicate (a replay overlapping what was seen) and is dropped. A `seq` lower than the
   previous one *on the same connection* means the server's stream was made anew (its numbers
   start again): the cursor follows the new numbers.
+- `epoch` names the stream `seq` belongs to: taken from each snapshot (the server says it there
+  and on `gap`, not on every event) and sent back on a resume, so a `seq` of a stream deleted and
+  made again since is answered with `gap` and a snapshot, not with the new stream's events under
+  the same numbers. When the numbers start again under a live connection, the new stream's epoch
+  is not known until the next snapshot: the cursor forgets the old one, and the resume sends
+  `since` alone, which the server takes as a sequence of its current stream.
 - `version` orders each pair's rate updates: a `rate.updated` whose version is not newer than
   the last one handed on for its pair is dropped, whichever path brought it (a replay, the
   unnumbered fallback while NATS is down, two web processes).
@@ -36,6 +42,7 @@ class Dropped:
 @dataclass
 class Cursor:
     last_seq: int | None = None
+    epoch: str | None = None
     versions: dict[str, int] = field(default_factory=dict)
     dropped: Dropped = field(default_factory=Dropped)
     _connection_seq: int | None = None
@@ -74,7 +81,9 @@ class Cursor:
     def _new_seq(self, seq: int) -> bool:
         previous = self._connection_seq
         if previous is not None and seq < previous:
-            self.last_seq = None  # the stream was made anew: follow its numbers
+            # The stream was made anew: follow its numbers, whose epoch the server has not said.
+            self.last_seq = None
+            self.epoch = None
         elif seq == previous or (self.last_seq is not None and seq <= self.last_seq):
             return False
         self._connection_seq = seq
@@ -99,6 +108,8 @@ class Cursor:
         if seq is not None:
             self.last_seq = seq
             self._connection_seq = seq
+            # None from a server without epochs: a resume sends `since` alone, as before.
+            self.epoch = event.epoch
         gap, self._gap = self._gap, None
         if gap is None:
             return event
@@ -109,4 +120,5 @@ class Cursor:
             seq=seq,
             ts=event.ts,
             id=event.id,
+            epoch=event.epoch,
         )

@@ -328,11 +328,13 @@ class Health(Model):
 
 @dataclass(frozen=True, kw_only=True)
 class FetchReport(Model):
-    """`POST /tasks/run`, and the data of `fetch.completed`."""
+    """`POST /tasks/run`, and the data of `fetch.completed` (`shards`: the shards whose pairs
+    the cycle quoted, with sharded owners; None otherwise)."""
 
     stored: int
     providers: dict[str, str]
     duration_ms: int
+    shards: list[int] | None = None
 
 
 # --- Events (docs/events.md) -------------------------------------------------------------------
@@ -373,8 +375,9 @@ class Snapshot(Model):
 
 @dataclass(frozen=True, kw_only=True)
 class Gap(Model):
-    """A resume asked for events the server no longer holds: `snapshot` is the fresh state that
-    replaces them (the client attaches the snapshot that follows the server's `gap` frame)."""
+    """A resume asked for events the server no longer holds (or of a stream made anew since):
+    `snapshot` is the fresh state that replaces them (the client attaches the snapshot that
+    follows the server's `gap` frame)."""
 
     since: int
     first_available: int | None
@@ -456,13 +459,14 @@ EVENT_DATA: Mapping[str, Callable[[Any], EventData]] = {
 class Event:
     """One event of the stream: `type`, its typed `data` (a dict for types this version does
     not know, and for `error`: `{"detail": ...}`), and `seq`, the resume point (None for frames
-    the server did not number)."""
+    the server did not number); `epoch`, on a snapshot (and a gap), the stream `seq` belongs to."""
 
     type: str
     data: EventData
     seq: int | None = None
     ts: datetime | None = None
     id: str | None = None
+    epoch: str | None = None
 
     @classmethod
     def from_envelope(cls, envelope: Mapping[str, Any]) -> Event:
@@ -476,10 +480,12 @@ class Event:
         data: EventData = build(raw) if build is not None else dict(raw or {})
         seq = envelope.get("seq")
         ts = envelope.get("ts")
+        epoch = envelope.get("epoch")
         return cls(
             type=kind,
             data=data,
             seq=seq if isinstance(seq, int) else None,
             ts=timestamp(ts) if ts else None,
             id=envelope.get("id"),
+            epoch=epoch if isinstance(epoch, str) else None,
         )

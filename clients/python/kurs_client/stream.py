@@ -1,5 +1,6 @@
 """The event stream: `/ws/items`, or `/api/v1/stream` (SSE) when the socket cannot be opened,
-reconnecting with jittered back-off and resuming by `seq` (docs/events.md#resume-without-loss).
+reconnecting with jittered back-off and resuming by `seq` and the stream's `epoch`
+(docs/events.md#resume-without-loss).
 
 Every frame of every connection goes through one `Cursor` (kurs_client/cursor.py), which drops
 what is not newer, so the iterator never yields a duplicate or an out-of-order version of a pair.
@@ -126,8 +127,9 @@ class EventSourceConnection:
 class EventStream:
     """An async iterator of `Event`s that survives disconnections (`AsyncClient.stream`).
 
-    `last_seq` is where it would resume; `reconnects` counts the connections after the first;
-    `transport` is `websocket` or `sse`; `dropped` counts frames refused as not newer.
+    `last_seq` is where it would resume, in the stream of `epoch`; `reconnects` counts the
+    connections after the first; `transport` is `websocket` or `sse`; `dropped` counts frames
+    refused as not newer.
     """
 
     def __init__(
@@ -136,6 +138,7 @@ class EventStream:
         *,
         pairs: Sequence[str] | None = None,
         since: int | None = None,
+        epoch: str | None = None,
         options: dict[str, str] | None = None,
         transport: str | None = None,
         backoff: Backoff | None = None,
@@ -147,7 +150,7 @@ class EventStream:
         self.base_url = base_url.rstrip("/")
         self.pairs = list(pairs) if pairs is not None else None
         self.options = dict(options or {})
-        self.cursor = Cursor(last_seq=since)
+        self.cursor = Cursor(last_seq=since, epoch=epoch)
         self.backoff = backoff or Backoff()
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
@@ -161,6 +164,10 @@ class EventStream:
     @property
     def last_seq(self) -> int | None:
         return self.cursor.last_seq
+
+    @property
+    def epoch(self) -> str | None:
+        return self.cursor.epoch
 
     @property
     def dropped(self) -> int:
@@ -209,6 +216,8 @@ class EventStream:
             query["pairs"] = ",".join(self.pairs)
         if self.last_seq is not None:
             query["since"] = str(self.last_seq)
+            if self.epoch is not None:
+                query["epoch"] = self.epoch
         return query
 
     async def _connect(self) -> Connection:
