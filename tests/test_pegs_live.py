@@ -114,7 +114,8 @@ async def test_a_depeg_is_seen_everywhere_survives_a_new_owner_and_ends(
                 within=30,
                 what="a write by the new owner",
             )
-            assert ("binance", "live") not in [(p, s) for _, p, s in watch.shown[handed_over:]]
+            after = watch.shown[handed_over:]
+            assert ("binance", "live") not in [(p, s) for _, p, s in after], after
 
             await watch.until("binance", "live", lambda: emulator.set_depeg("1"), within=40)
             await wait_until(lambda: "peg.restored" in heard, within=10, what="peg.restored")
