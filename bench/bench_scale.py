@@ -89,7 +89,16 @@ GRACE = 10.0
 # A profiled thread whose samples end here is waiting for work (its event loop, its executor).
 IDLE = ("EpollSelector.select (", "_PollLikeSelector.select (", "_worker (thread.py:81)")
 # Tables emptied before each run (the schema is migrated once).
-TABLES = ("rates_rate", "rates_currentrate", "rates_ownerlease", "items_item")
+# Emptied before each run. The outbox and the served log too: undelivered events of an earlier
+# run (an owner stopped mid-burst) would be relayed by the next one.
+TABLES = (
+    "rates_rate",
+    "rates_currentrate",
+    "rates_servedrate",
+    "realtime_outboxevent",
+    "rates_ownerlease",
+    "items_item",
+)
 
 nan = float("nan")
 Tick = tuple[str, int, float]  # (pair, tick time in ms, arrival)
@@ -120,7 +129,7 @@ def stack_env(args: argparse.Namespace, nats_port: int, emulator_port: int) -> d
         KURS_NATS_PREFIX=f"scale{uuid.uuid4().hex[:8]}",
         KURS_PROVIDERS="binance,bybit",
         KURS_OWNER_SHARDS=str(args.shards),
-        KURS_LOG_LEVEL="WARNING",
+        KURS_LOG_LEVEL=os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
         KURS_WS_HEARTBEAT="3600",
         KURS_RATE_LIMIT="",
         KURS_MAX_CONNECTIONS_PER_CLIENT="100000",

@@ -66,12 +66,16 @@ def recorded_here() -> bool:
     return _recorded
 
 
-def undelivered(after: int, limit: int) -> list[tuple[int, str, str, str]]:
-    """Up to `limit` undelivered rows after position `after`, oldest first:
-    `(position, event_id, subject, payload)`."""
+def undelivered(after: int, limit: int, prefix: str) -> list[tuple[int, str, str, str]]:
+    """Up to `limit` undelivered rows of subjects under `prefix` after position `after`,
+    oldest first: `(position, event_id, subject, payload)`.
+
+    Only the prefix's own: a row written under another KURS_NATS_PREFIX (the setting changed,
+    or another deployment shares the database) can never be stored by this prefix's stream, and
+    relaying it again and again held every newer event behind its refusal."""
     rows = (
         _rows()
-        .objects.filter(delivered_at__isnull=True, id__gt=after)
+        .objects.filter(delivered_at__isnull=True, id__gt=after, subject__startswith=f"{prefix}.")
         .order_by("id")
         .values_list("id", "event_id", "subject", "payload")[:limit]
     )

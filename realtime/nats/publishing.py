@@ -605,7 +605,9 @@ class Outbox(Part):
         acked = set(self._acked) if self._held_too_long else set()
         while True:
             try:
-                rows = await _database(partial(outbox_rows.undelivered, after, RELAY_BATCH))
+                rows = await _database(
+                    partial(outbox_rows.undelivered, after, RELAY_BATCH, self._link.prefix)
+                )
             except DatabaseError as exc:
                 self._relay_unreadable = True
                 self._relay_backoff = min(

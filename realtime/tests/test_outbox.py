@@ -13,6 +13,7 @@ import contextlib
 import json
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -204,6 +205,31 @@ async def test_a_relay_of_what_the_stream_already_holds_stores_nothing_twice(
         5,
     ]
     await wait_until(lambda: undelivered() == 0, "every row marked delivered")
+
+
+async def test_undelivered_rows_of_another_prefix_are_not_relayed_and_hold_nothing(
+    own_jetstream: NatsServer, acks: Acks, prefix: str
+) -> None:
+    """Rows written under another KURS_NATS_PREFIX (changed since, or another deployment on
+    the same database) can never be stored by this prefix's stream: relaying them was refused
+    on every round, and held every newer event behind the refusal."""
+    foreign = [(uuid.uuid4().hex, f"other{prefix}.rates.updated.BTC-USD", "{}") for _ in range(3)]
+    await sync_to_async(outbox_rows.record)(foreign)
+    sent = await written_and_acked(acks, range(1, 4))
+    realtime_nats.relay_undelivered()
+    sent += await written_and_acked(acks, range(4, 6))
+    assert [version for _, _, version in await stream_rates(own_jetstream, prefix)] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
+    await wait_until(lambda: undelivered() == len(foreign), "this prefix's rows delivered")
+    assert not set(acks.seqs) & {event_id for event_id, _, _ in foreign}
+    # Never sent: nothing refused (their subjects are no stream's), nothing held, no fallback.
+    status = realtime_nats.status()
+    assert (status["last_error"], status["fallback"]) == (None, 0)
 
 
 async def test_the_stream_is_reconciled_with_the_configuration_at_start_up(
