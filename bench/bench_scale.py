@@ -7,9 +7,11 @@
 
 Real processes, as in production, started anew for each scale and run: the exchange emulator
 (`run_emulator --synthetic-pairs N`: N coins SYN0001.. on Binance and Bybit, every book moving
-once a second), a nats-server with JetStream, the owner (`run_fetch --watch`, Binance and Bybit
-streams plus its REST cadence) and the web server as scripts/serve.sh starts it (uvicorn, 2
-workers, uvloop, Kurs's HTTP and WebSocket protocols) on PostgreSQL (a database of the bench's
+once a second, spread over the second in --walk-slices slices as an exchange spreads its
+updates; `--walk-slices 1` moves them all at the same instant, the worst case), a
+nats-server with JetStream, the owner (`run_fetch --watch`, Binance and Bybit streams plus its
+REST cadence) and the web server as scripts/serve.sh starts it (uvicorn, 2 workers, uvloop,
+Kurs's HTTP and WebSocket protocols) on PostgreSQL (a database of the bench's
 own, emptied before each run). Kurs tracks exactly the N pairs `SYNnnnn-USDT`.
 
 In each run, over --window seconds once every pair has a rate:
@@ -431,7 +433,7 @@ async def one_run(
     try:
         emulator_process = processes.start(
             [PYTHON, "manage.py", "run_emulator", "--port", str(emulator_port),
-             "--synthetic-pairs", str(pairs)],
+             "--synthetic-pairs", str(pairs), "--walk-slices", str(args.walk_slices)],
             env, workdir / f"emulator-{pairs}.log",
         )  # fmt: skip
         await asyncio.to_thread(wait_for_port, emulator_port, 60.0)
@@ -618,8 +620,9 @@ def report(results: dict[int, list[dict[str, float]]], args: argparse.Namespace)
     print(
         f"{args.repeats} run(s) per scale, medians; {args.window:g} s windows; web: uvicorn "
         f"{WEB_WORKERS} workers (scripts/serve.sh); owner: run_fetch --watch (Binance + Bybit)"
-        f" x {args.owners}, KURS_OWNER_SHARDS={args.shards}; "
-        f"PostgreSQL; ratio = figure / the {base}-pair figure of the same bench"
+        f" x {args.owners}, KURS_OWNER_SHARDS={args.shards}; emulator moves in "
+        f"{args.walk_slices} slice(s) a second; PostgreSQL; "
+        f"ratio = figure / the {base}-pair figure of the same bench"
     )
     head = f"{'figure':<44}" + "".join(f"{f'{n} pairs':>22}" for n in scales) + "   target"
     print(head)
@@ -729,6 +732,12 @@ def main() -> None:
     parser.add_argument("--owners", type=int, default=1, help="owner processes (run_fetch)")
     parser.add_argument("--shards", type=int, default=1, help="KURS_OWNER_SHARDS")
     parser.add_argument("--keep-logs", type=Path, default=None, help="copy the logs here")
+    parser.add_argument(
+        "--walk-slices",
+        type=int,
+        default=10,
+        help="the emulator spreads each second's moves over this many slices (1: all at once)",
+    )
     args = parser.parse_args()
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)

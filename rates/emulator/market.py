@@ -312,11 +312,16 @@ class Book:
         """``price`` to the symbol's tick size (how the exchange would print it)."""
         return price.quantize(Decimal(1).scaleb(-self.decimals[symbol]))
 
-    def walk(self, rng: random.Random, steps: Mapping[str, float]) -> None:
-        """One tick: each symbol follows its assets' common ``steps`` and redraws its noise."""
+    def walk(
+        self, rng: random.Random, steps: Mapping[str, float], part: int = 0, parts: int = 1
+    ) -> None:
+        """One tick: each symbol follows its assets' common ``steps`` and redraws its noise;
+        with ``parts``, only the symbols of slice ``part`` (every ``parts``-th one)."""
         if not self.walks:
             return
-        for symbol, price in list(self.prices.items()):
+        for index, (symbol, price) in enumerate(list(self.prices.items())):
+            if index % parts != part:
+                continue
             base, quote = self.assets[symbol]
             noise = rng.gauss(0, BOOK_NOISE)
             move = (1 + steps.get(base, 0.0)) / (1 + steps.get(quote, 0.0))
@@ -341,6 +346,10 @@ class Book:
 
     def unsubscribe(self, queue: asyncio.Queue[PriceChange | None]) -> None:
         self.subscribers.discard(queue)
+
+
+# How many slices a tick's moves are spread over (Market.slices).
+WALK_SLICES = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,6 +377,11 @@ class Market:
     tick: float = 1.0
     seed: int | None = None
     synthetic_pairs: int = 0
+    # A tick's moves are spread over it in this many slices, each moving every `slices`-th
+    # symbol of each book, as an exchange's stream spreads its updates over time. 1: every
+    # symbol at the same instant (with a thousand pairs, two thousand quotes in one burst each
+    # second: a worst case, not what an exchange sends).
+    slices: int = WALK_SLICES
     books: dict[str, Book] = field(init=False)
     faults: dict[str, Fault] = field(init=False)
     requests: deque[LoggedRequest] = field(init=False)
@@ -443,20 +457,34 @@ class Market:
         return used
 
     async def run_walk(self) -> None:
+        """Every `tick`, each book's symbols move once, slice after slice (`slices`)."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
-            await asyncio.sleep(self.tick)
-            self.walk()
+            steps: Mapping[str, float] = {}
+            for part in range(self.slices):
+                due += self.tick / self.slices
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                if part == 0:
+                    steps = self.steps()
+                self.walk(steps, part, self.slices)
 
-    def walk(self) -> None:
-        """One tick of every book (a stale provider's prices stand still)."""
+    def steps(self) -> dict[str, float]:
+        """One tick's common move of every asset (its pairs follow it, with their own noise)."""
         assets = {
             asset for book in self.books.values() for pair in book.assets.values() for asset in pair
         }
-        steps = {
+        return {
             asset: self.rng.gauss(0, VOLATILITY)
             for asset in sorted(assets)
             if asset not in STEADY_ASSETS
         }
+
+    def walk(self, steps: Mapping[str, float] | None = None, part: int = 0, parts: int = 1) -> None:
+        """One tick of every book (a stale provider's prices stand still); with `parts`, of the
+        symbols of slice `part` only."""
+        if steps is None:
+            steps = self.steps()
         for name, book in self.books.items():
             if self.faults[name].mode != "stale":
-                book.walk(self.rng, steps)
+                book.walk(self.rng, steps, part, parts)

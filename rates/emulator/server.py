@@ -14,7 +14,7 @@ import uvicorn
 
 from edge._uvicorn_compat import WebSocketsSansIOProtocol
 from rates.emulator.app import EmulatorApp
-from rates.emulator.market import Fault, Market, parse_depeg
+from rates.emulator.market import WALK_SLICES, Fault, Market, parse_depeg
 
 if TYPE_CHECKING:
     from edge._uvicorn_compat import ASGISendEvent
@@ -95,10 +95,11 @@ async def run_emulator_server(
     depeg: Decimal | None = None,
     synthetic_pairs: int = 0,
     log_level: str = "warning",
+    slices: int = WALK_SLICES,
 ) -> AsyncIterator[EmulatorServer]:
     """Run the emulator on ``host:port`` (0: a free port) for the duration of the block;
     ``synthetic_pairs`` more coins (SYN0001...) listed on every crypto provider."""
-    market = Market(tick=tick, seed=seed, synthetic_pairs=synthetic_pairs)
+    market = Market(tick=tick, seed=seed, synthetic_pairs=synthetic_pairs, slices=slices)
     for provider, fault in (faults or {}).items():
         market.set_fault(provider, fault)
     if depeg is not None:

@@ -12,7 +12,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from rates.emulator import PROVIDERS, Fault, parse_depeg, parse_fault_flag, run_emulator_server
-from rates.emulator.market import SYNTHETIC_LIMIT, SYNTHETIC_PREFIX
+from rates.emulator.market import SYNTHETIC_LIMIT, SYNTHETIC_PREFIX, WALK_SLICES
 
 logger = logging.getLogger("rates.emulator")
 
@@ -52,6 +52,14 @@ class Command(BaseCommand):
             help="also list N made-up coins SYN0001..SYNnnnn (USDT books on Binance and Bybit, "
             "usd on CoinGecko), each walking with the rest (a scale benchmark's load)",
         )
+        parser.add_argument(
+            "--walk-slices",
+            type=int,
+            default=WALK_SLICES,
+            metavar="K",
+            help=f"spread each tick's moves over K slices of the tick (default {WALK_SLICES}, as "
+            "an exchange spreads its updates); 1 moves every price at the same instant",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if not 0 <= options["port"] <= 65535:
@@ -59,6 +67,8 @@ class Command(BaseCommand):
         if not options["tick"] > 0:
             raise CommandError(f"--tick: expected seconds > 0, got {options['tick']}")
         synthetic = options["synthetic_pairs"]
+        if options["walk_slices"] < 1:
+            raise CommandError(f"--walk-slices: expected 1 or more, got {options['walk_slices']}")
         if not 0 <= synthetic <= SYNTHETIC_LIMIT:
             raise CommandError(
                 f"--synthetic-pairs: expected 0 to {SYNTHETIC_LIMIT}, got {synthetic}"
@@ -88,6 +98,7 @@ class Command(BaseCommand):
                     faults,
                     depeg,
                     synthetic,
+                    options["walk_slices"],
                 )
             )
         except OSError as exc:
@@ -104,6 +115,7 @@ class Command(BaseCommand):
         faults: dict[str, Fault],
         depeg: Decimal | None,
         synthetic_pairs: int,
+        slices: int = WALK_SLICES,
     ) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -118,6 +130,7 @@ class Command(BaseCommand):
             faults=faults,
             depeg=depeg,
             synthetic_pairs=synthetic_pairs,
+            slices=slices,
         ) as emulator:
             self.stdout.write(f"Exchange emulator on {emulator.base_url}")
             for provider in PROVIDERS:

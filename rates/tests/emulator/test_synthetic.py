@@ -69,3 +69,22 @@ async def test_synthetic_pairs_are_served_in_every_format_and_each_ticks() -> No
 def test_the_command_refuses_a_listing_out_of_range() -> None:
     with pytest.raises(CommandError, match="--synthetic-pairs"):
         call_command("run_emulator", "--synthetic-pairs", "-1")
+
+
+def test_a_tick_spread_over_slices_moves_each_symbol_once_slice_by_slice() -> None:
+    market = Market(synthetic_pairs=6, seed=1, slices=3)
+    book = market.books["binance"]
+    changes = book.subscribe()
+    symbols = list(book.prices)
+    steps = market.steps()
+    moved: list[list[str]] = []
+    for part in range(market.slices):
+        market.walk(steps, part, market.slices)
+        batch = []
+        while not changes.empty():
+            change = changes.get_nowait()
+            assert change is not None
+            batch.append(change.symbol)
+        moved.append(batch)
+    # Each slice moved every third symbol, and the tick moved each symbol exactly once.
+    assert moved == [symbols[0::3], symbols[1::3], symbols[2::3]]
