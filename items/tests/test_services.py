@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
 from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
 
 from items import services
 from items.exceptions import InvalidItem, ItemAlreadyExists
@@ -122,3 +125,56 @@ def test_a_name_with_control_characters_is_refused_by_the_services(name: str) ->
     with pytest.raises(InvalidItem):
         services.item_update(item=item, name=name)
     assert not Item.objects.filter(code="SOL-EUR").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_delete_racing_the_owners_writes_of_rates_deletes_the_item() -> None:
+    """The owner keeps committing rates of the item while a DELETE runs: the delete succeeds
+    and takes every rate with the item; the owner's writes after it fail on the foreign key
+    (the owner's own failure, retried decision by decision in production). Before the item's
+    row was locked, a rate committed between the cascade and the item's deletion broke the
+    foreign key at the delete's commit: a 500 on DELETE (found by make test-prod)."""
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite runs one writer at a time")
+    outcomes: list[str] = []
+    for round_ in range(20):
+        item = services.item_create(base=f"ZZ{round_:02d}", quote="USD")
+        writing = threading.Event()
+        refused: list[Exception] = []
+
+        def owner(
+            item: Item = item,
+            writing: threading.Event = writing,
+            refused: list[Exception] = refused,
+        ) -> None:
+            try:
+                while True:
+                    now = timezone.now()
+                    try:
+                        with transaction.atomic():
+                            Rate.objects.create(
+                                item=item, provider="binance", value=1, source_time=now,
+                                received_at=now,
+                            )  # fmt: skip
+                    except IntegrityError as exc:
+                        refused.append(exc)  # the item is gone: the owner's write fails
+                        return
+                    writing.set()
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=owner)
+        thread.start()
+        assert writing.wait(30)
+        try:
+            services.item_delete(item=item)
+            outcomes.append("deleted")
+        except IntegrityError as exc:
+            outcomes.append(f"delete failed: {exc}")
+            Item.objects.filter(pk=item.pk).delete()  # the owner's loop ends with its item
+        thread.join(30)
+        assert not thread.is_alive()
+        assert len(refused) == 1, (outcomes, refused)
+        assert not Item.objects.filter(pk=item.pk).exists()
+        assert not Rate.objects.filter(item_id=item.pk).exists()
+    assert outcomes == ["deleted"] * 20
